@@ -1,0 +1,35 @@
+# The README's commands. Each target creates/reuses .venv itself.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.nmm-installed
+PYTHON ?= python3
+
+.PHONY: setup run test test-fast bench golden clean
+
+setup: $(STAMP)
+
+# torch first, from the local CPU wheel: an unpinned torch would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/nmm run workflows/quickstart.yaml
+
+test: $(STAMP)
+	$(VENV)/bin/pytest
+
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest -m "not slow"
+
+bench: $(STAMP)
+	$(PY) benchmarks/compile_speed.py
+
+golden: $(STAMP)
+	NMM_UPDATE_GOLDEN=1 $(VENV)/bin/pytest tests/unit/test_compile_golden.py
+
+clean:
+	rm -rf .nmm

@@ -1,0 +1,228 @@
+"""The `nmm` command line.
+
+    nmm validate FILE        check a pipeline YAML (exit 2 with one line per problem)
+    nmm compile FILE         print the Argo Workflow it compiles to
+    nmm run FILE             compile and run it here with the embedded local engine
+    nmm ui                   the MLflow UI on the local tracking store
+    nmm stage NAME …         a stage entrypoint (what Workflow steps run)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help=__doc__)
+stage_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Stage entrypoints (run inside Workflow steps).")
+app.add_typer(stage_app, name="stage")
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 120)
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+
+EXIT_BAD_INPUT = 2
+
+
+def _load_spec(path: Path):
+    """Read and validate a pipeline file; on any problem print it and exit 2."""
+    from nmm.spec import SpecError, parse_pipeline
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        err.print(f"[red]error[/]: {path}: cannot read: {getattr(exc, 'strerror', None) or exc}")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    try:
+        return parse_pipeline(text, str(path))
+    except SpecError as exc:
+        err.print(f"[red]error[/]: {path} is not a valid NMMPipeline ({len(exc.problems)} problem{'s' if len(exc.problems) != 1 else ''}):")
+        for line in exc.problems:
+            err.print(f"  {line}", markup=False)
+        raise typer.Exit(EXIT_BAD_INPUT)
+
+
+@app.command()
+def validate(file: Path = typer.Argument(..., help="Pipeline YAML")) -> None:
+    """Validate a pipeline YAML."""
+    spec = _load_spec(file)
+    out.print(f"{file}: valid NMMPipeline {spec.metadata.name!r} ({spec.spec.model.category}, fusion {spec.spec.model.fusion})")
+
+
+@app.command("compile")
+def compile_(
+    file: Path = typer.Argument(..., help="Pipeline YAML"),
+    image: Optional[str] = typer.Option(None, help="Platform image for every step"),
+    namespace: Optional[str] = typer.Option(None, help="Namespace of the Workflow"),
+    store: Optional[str] = typer.Option(None, help="Store URI (s3://bucket/prefix)"),
+    service_account: Optional[str] = typer.Option(None, help="Service account of workflow pods"),
+) -> None:
+    """Print the Argo Workflow (YAML) the pipeline compiles to."""
+    from dataclasses import replace
+
+    from nmm.compile import CompileSettings, compile_pipeline, to_yaml
+
+    spec = _load_spec(file)
+    settings = CompileSettings()
+    overrides = {k: v for k, v in {"image": image, "namespace": namespace, "store_uri": store, "service_account": service_account}.items() if v}
+    sys.stdout.write(to_yaml(compile_pipeline(spec, replace(settings, **overrides))))
+
+
+def _summary(result, spec) -> None:
+    from rich.table import Table
+
+    steps = result.steps
+    t = Table(title=f"{result.name}: {result.phase} in {result.wall_s:.1f}s", show_header=True)
+    t.add_column("step")
+    t.add_column("phase")
+    t.add_column("time", justify="right")
+    t.add_column("attempts", justify="right")
+    for name, s in steps.items():
+        t.add_row(name, s.phase, f"{s.duration:.1f}s" if s.started else "", str(s.attempts or ""))
+    out.print(t)
+    ev = steps.get("evaluate")
+    if ev and ev.outputs.get("metrics"):
+        metrics = json.loads(ev.outputs["metrics"])
+        gates = {g.metric: g for g in spec.spec.evaluation.parsed_gates}
+        m = Table(title=f"evaluation (gate: {ev.outputs.get('gate')})")
+        m.add_column("metric")
+        m.add_column("value", justify="right")
+        m.add_column("gate")
+        for k, v in sorted(metrics.items()):
+            g = gates.get(k)
+            m.add_row(k, f"{v:.4f}", f"{g} → {'pass' if g.passes(v) else 'FAIL'}" if g else "")
+        out.print(m)
+    cur = steps.get("curate")
+    if cur and cur.outputs:
+        out.print(f"dataset   {cur.outputs.get('dataset_uri')}  ({cur.outputs.get('cache')}, {cur.outputs.get('dataset_digest')})")
+    ro = steps.get("rollout")
+    if ro and ro.outputs:
+        out.print(f"model     {spec.spec.rollout.registeredModelName} version {ro.outputs.get('version')}: {ro.outputs.get('decision')}")
+    fin = steps.get("finalize")
+    from nmm import lineage
+
+    if fin and fin.outputs:
+        out.print(f"mlflow    {lineage.tracking_uri()}  run {fin.outputs.get('mlflow_run_id')}  (see: nmm ui)")
+    out.print(f"logs      {result.folder / 'logs'}")
+
+
+@app.command()
+def run(
+    file: Path = typer.Argument(..., help="Pipeline YAML"),
+    store: Optional[str] = typer.Option(None, help="Store URI; default .nmm/store, or s3://$NMM_S3_BUCKET when NMM_S3_ENDPOINT is set"),
+) -> None:
+    """Compile the pipeline and run the compiled Workflow here (embedded local engine)."""
+    spec = _load_spec(file)
+    from nmm import storage
+    from nmm.compile import CompileSettings, compile_pipeline
+    from nmm.engine import run_workflow
+    from nmm.engine.process import tail
+    from nmm.engine.progress import Progress
+    from nmm.engine.runner import _name, no_local_effect
+    from nmm.home import home_dir
+
+    workflow = compile_pipeline(spec, CompileSettings.local(store or storage.default_store_uri()))
+    ignored = no_local_effect(workflow)
+    if ignored:
+        err.print(f"[yellow]warning[/]: no local effect (cluster only): {', '.join(ignored)}")
+    name = _name(workflow["metadata"]["generateName"])
+    steps = [t["name"] for t in workflow["spec"]["templates"][0]["dag"]["tasks"]] + [workflow["spec"]["onExit"]]
+    with Progress(name, steps, err) as progress:
+        result = run_workflow(workflow, home_dir() / "runs", progress, name=name)
+    _summary(result, spec)
+    if result.phase != "Succeeded":
+        for s in result.steps.values():
+            if s.phase == "Failed":
+                err.print(f"[red]step {s.name} failed[/] ({s.message}); last lines of {s.logs[-1]}:")
+                sys.stderr.write(tail(s.logs[-1]) + "\n")
+        raise typer.Exit(1)
+
+
+@app.command()
+def ui(host: str = "127.0.0.1", port: int = 5000) -> None:
+    """Start the MLflow UI on the local tracking store (or $MLFLOW_TRACKING_URI)."""
+    import subprocess
+
+    from nmm import lineage
+
+    argv = lineage.ui_command(host, port)
+    err.print(f"MLflow UI on http://{host}:{port} ({lineage.tracking_uri()})")
+    raise typer.Exit(subprocess.call(argv))
+
+
+# --- stage entrypoints --------------------------------------------------------------------
+
+SpecOpt = typer.Option(..., "--spec", help="The pipeline spec as JSON (compiled into the step)")
+RunOpt = typer.Option(..., "--run-id", help="The pipeline run (the Workflow's name)")
+StoreOpt = typer.Option(..., "--store", help="Store URI")
+OutputsOpt = typer.Option(..., "--outputs", help="Folder for output parameters")
+
+
+def _stage(fn, spec: str, run_id: str, store: str, outputs: str, **kw) -> None:
+    """Run a stage; bad input exits 2 with a message (R17: configuration errors are 1–127)."""
+    from nmm.data.dataset import DatasetError
+    from nmm.spec import SpecError
+    from nmm.stages.context import StageContext
+    from nmm.stages.evaluate import ModelMissing
+    from nmm.storage import StorageError
+
+    try:
+        ctx = StageContext.create(spec, run_id, store, outputs)
+        code = fn(ctx, **kw)
+    except SpecError as exc:
+        err.print("error: invalid --spec:\n  " + "\n  ".join(exc.problems), markup=False)
+        raise typer.Exit(EXIT_BAD_INPUT)
+    except (DatasetError, ModelMissing) as exc:
+        err.print(f"error: {exc}", markup=False)
+        raise typer.Exit(EXIT_BAD_INPUT)
+    except StorageError as exc:  # object store unreachable or failing: retryable (R17)
+        err.print(f"error: {exc}", markup=False)
+        raise typer.Exit(129)
+    raise typer.Exit(code or 0)
+
+
+@stage_app.command("curate")
+def stage_curate(spec: str = SpecOpt, run_id: str = RunOpt, store: str = StoreOpt, outputs: str = OutputsOpt) -> None:
+    """Curate: sources → dedup → split → tokenizers → shards + manifest."""
+    from nmm.stages import curate
+
+    _stage(curate.run, spec, run_id, store, outputs)
+
+
+@stage_app.command("train")
+def stage_train(spec: str = SpecOpt, run_id: str = RunOpt, store: str = StoreOpt, outputs: str = OutputsOpt,
+                dataset_uri: str = typer.Option(..., "--dataset-uri")) -> None:
+    """Train the model (one process, or one of many under torchrun)."""
+    from nmm.stages import train
+
+    _stage(train.run, spec, run_id, store, outputs, dataset_uri=dataset_uri)
+
+
+@stage_app.command("evaluate")
+def stage_evaluate(spec: str = SpecOpt, run_id: str = RunOpt, store: str = StoreOpt, outputs: str = OutputsOpt,
+                   dataset_uri: str = typer.Option(..., "--dataset-uri"), model_uri: str = typer.Option(..., "--model-uri")) -> None:
+    """Evaluate the model on held-out data and decide the gates."""
+    from nmm.stages import evaluate
+
+    _stage(evaluate.run, spec, run_id, store, outputs, dataset_uri=dataset_uri, model_uri=model_uri)
+
+
+@stage_app.command("rollout")
+def stage_rollout(spec: str = SpecOpt, run_id: str = RunOpt, store: str = StoreOpt, outputs: str = OutputsOpt,
+                  model_uri: str = typer.Option(..., "--model-uri"), metrics: str = typer.Option(..., "--metrics"),
+                  gate: str = typer.Option(..., "--gate")) -> None:
+    """Register the model version; move `champion` when it earns it."""
+    from nmm.stages import rollout
+
+    _stage(rollout.run, spec, run_id, store, outputs, model_uri=model_uri, metrics_json=metrics, gate=gate)
+
+
+@stage_app.command("finalize")
+def stage_finalize(spec: str = SpecOpt, run_id: str = RunOpt, store: str = StoreOpt, outputs: str = OutputsOpt,
+                   status: str = typer.Option(..., "--status")) -> None:
+    """Close the pipeline's MLflow parent run (the Workflow's onExit handler)."""
+    from nmm.stages import finalize
+
+    _stage(finalize.run, spec, run_id, store, outputs, status=status)

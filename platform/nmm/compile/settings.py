@@ -1,0 +1,35 @@
+"""Everything the compiler needs besides the spec, passed explicitly (the compiler reads no env)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompileSettings:
+    # The platform image every step runs (pin by tag or digest; never `latest`).
+    image: str = "ghcr.io/nmm-dev/nmm:0.1.0"
+    image_pull_policy: str = "IfNotPresent"
+    namespace: str = "nmm"
+    # Workflow pods' service account: the Argo executor's minimum rights (+ create PyTorchJobs).
+    service_account: str = "nmm-workflow"
+    # Where stages publish outputs: s3://bucket/prefix on a cluster, file:///… locally.
+    store_uri: str = "s3://nmm"
+    # MLflow tracking server the stages log to; None leaves MLFLOW_TRACKING_URI unset.
+    mlflow_tracking_uri: str | None = "http://nmm-mlflow.nmm.svc:5000"
+    # MinIO/S3 endpoint and the Secret holding its credentials (keys accessKey, secretKey).
+    s3_endpoint: str | None = "http://minio.nmm.svc:9000"
+    s3_secret_name: str | None = "nmm-s3-credentials"
+    # Limits: per step attempt, per workflow, and retries of a failed step.
+    step_deadline_seconds: int = 6 * 3600
+    train_deadline_seconds: int = 48 * 3600
+    workflow_deadline_seconds: int = 72 * 3600
+    retry_limit: int = 2
+    ttl_after_success_seconds: int = 7 * 24 * 3600
+    ttl_after_failure_seconds: int = 14 * 24 * 3600
+    run_as_user: int = 1000
+
+    @classmethod
+    def local(cls, store_uri: str) -> "CompileSettings":
+        """Embedded defaults for `nmm run` on a laptop: a local store, MLflow from the env/default."""
+        return cls(store_uri=store_uri, mlflow_tracking_uri=None, s3_endpoint=None, s3_secret_name=None, namespace="default")

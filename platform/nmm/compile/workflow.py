@@ -1,0 +1,181 @@
+"""PipelineSpec + CompileSettings → Argo `Workflow` (argoproj.io/v1alpha1). Pure and deterministic.
+
+DAG: curate → train (a PyTorchJob resource) → evaluate → rollout (only when the gate passed);
+onExit: finalize (closes the MLflow parent run). Stages hand each other URIs as parameters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import yaml
+
+from nmm import __version__
+from nmm.compile import pods, pytorchjob
+from nmm.compile.settings import CompileSettings
+from nmm.spec import PipelineSpec
+
+DAG = "pipeline"
+EXIT = "finalize"
+
+
+def spec_json(spec: PipelineSpec) -> str:
+    """The canonical JSON of the spec that every stage receives."""
+    return json.dumps(spec.model_dump(mode="json", by_alias=True), sort_keys=True, separators=(",", ":"))
+
+
+def _param(name: str) -> dict:
+    return {"name": name}
+
+
+def _out(name: str) -> dict:
+    return {"name": name, "valueFrom": {"path": f"{pods.OUTPUTS_DIR}/{name}"}}
+
+
+def _arg(name: str, value: str) -> dict:
+    return {"name": name, "value": value}
+
+
+def _retry(s: CompileSettings) -> dict:
+    return {
+        "limit": str(s.retry_limit),
+        "retryPolicy": "OnFailure",
+        "backoff": {"duration": "30s", "factor": "2", "maxDuration": "30m"},
+    }
+
+
+def _container_template(name: str, extra_args: list[str], inputs: list[str], outputs: list[str], sj: str, s: CompileSettings) -> dict:
+    t = {
+        "name": name,
+        "retryStrategy": _retry(s),
+        "activeDeadlineSeconds": str(s.step_deadline_seconds),
+        "container": {
+            "name": "main",
+            "image": s.image,
+            "imagePullPolicy": s.image_pull_policy,
+            "command": ["nmm"],
+            "args": pods.stage_args(name, sj, s) + extra_args,
+            "env": pods.env(s),
+            "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "8Gi"}},
+            "securityContext": pods.container_security_context(),
+            "volumeMounts": [pods.tmp_mount()],
+        },
+    }
+    if inputs:
+        t["inputs"] = {"parameters": [_param(p) for p in inputs]}
+    if outputs:
+        t["outputs"] = {"parameters": [_out(p) for p in outputs]}
+    return t
+
+
+def _train_template(spec: PipelineSpec, sj: str, s: CompileSettings) -> dict:
+    job = pytorchjob.build(spec, sj, s)
+    return {
+        "name": "train",
+        "inputs": {"parameters": [_param("dataset_uri")]},
+        "retryStrategy": _retry(s),
+        "activeDeadlineSeconds": str(s.train_deadline_seconds),
+        "resource": {
+            "action": "create",
+            "setOwnerReference": True,
+            "successCondition": "status.replicaStatuses.Master.succeeded > 0",
+            "failureCondition": "status.replicaStatuses.Master.failed > 0",
+            "manifest": yaml.safe_dump(job, sort_keys=False, width=1 << 20),
+        },
+    }
+
+
+def _dag(spec: PipelineSpec, s: CompileSettings) -> dict:
+    model_uri = f"{s.store_uri}/runs/{spec.metadata.name}/{{{{workflow.name}}}}/train"
+    curate_out = "{{tasks.curate.outputs.parameters.dataset_uri}}"
+    gate = "{{tasks.evaluate.outputs.parameters.gate}}"
+    return {
+        "name": DAG,
+        "dag": {
+            "tasks": [
+                {"name": "curate", "template": "curate"},
+                {
+                    "name": "train",
+                    "template": "train",
+                    "dependencies": ["curate"],
+                    "arguments": {"parameters": [_arg("dataset_uri", curate_out)]},
+                },
+                {
+                    "name": "evaluate",
+                    "template": "evaluate",
+                    "dependencies": ["train"],
+                    "arguments": {"parameters": [_arg("dataset_uri", curate_out), _arg("model_uri", model_uri)]},
+                },
+                {
+                    "name": "rollout",
+                    "template": "rollout",
+                    "dependencies": ["evaluate"],
+                    "when": f"{gate} == pass",
+                    "arguments": {
+                        "parameters": [
+                            _arg("model_uri", model_uri),
+                            _arg("metrics", "{{tasks.evaluate.outputs.parameters.metrics}}"),
+                            _arg("gate", gate),
+                        ]
+                    },
+                },
+            ]
+        },
+    }
+
+
+def build(spec: PipelineSpec, s: CompileSettings) -> dict:
+    """The Workflow as plain data (camelCase keys), before the typed round-trip."""
+    sj = spec_json(spec)
+    name = spec.metadata.name
+    labels = {
+        "app.kubernetes.io/managed-by": "nmm",
+        "nmm.dev/pipeline": name,
+        **{k: v for k, v in sorted(spec.metadata.labels.items())},
+    }
+    templates = [
+        _dag(spec, s),
+        _container_template("curate", [], [], ["dataset_uri", "dataset_digest", "cache"], sj, s),
+        _train_template(spec, sj, s),
+        _container_template(
+            "evaluate",
+            ["--dataset-uri", "{{inputs.parameters.dataset_uri}}", "--model-uri", "{{inputs.parameters.model_uri}}"],
+            ["dataset_uri", "model_uri"], ["gate", "metrics"], sj, s,
+        ),
+        _container_template(
+            "rollout",
+            ["--model-uri", "{{inputs.parameters.model_uri}}", "--metrics", "{{inputs.parameters.metrics}}",
+             "--gate", "{{inputs.parameters.gate}}"],
+            ["model_uri", "metrics", "gate"], ["decision", "version"], sj, s,
+        ),
+        _container_template(EXIT, ["--status", "{{workflow.status}}"], [], ["mlflow_run_id"], sj, s),
+    ]
+    return {
+        "apiVersion": "argoproj.io/v1alpha1",
+        "kind": "Workflow",
+        "metadata": {
+            "generateName": f"{name}-",
+            "namespace": spec.metadata.namespace or s.namespace,
+            "labels": labels,
+            "annotations": {
+                "nmm.dev/spec-sha256": hashlib.sha256(sj.encode()).hexdigest(),
+                "nmm.dev/compiler-version": __version__,
+            },
+        },
+        "spec": {
+            "entrypoint": DAG,
+            "onExit": EXIT,
+            "serviceAccountName": s.service_account,
+            "activeDeadlineSeconds": s.workflow_deadline_seconds,
+            "podGC": {"strategy": "OnPodSuccess"},
+            "ttlStrategy": {
+                "secondsAfterSuccess": s.ttl_after_success_seconds,
+                "secondsAfterFailure": s.ttl_after_failure_seconds,
+            },
+            "securityContext": pods.pod_security_context(s),
+            "volumes": [pods.tmp_volume()],
+            "podMetadata": {"labels": {"nmm.dev/pipeline": name}},
+            "templates": templates,
+        },
+    }

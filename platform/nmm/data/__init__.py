@@ -1,0 +1,1 @@
+"""Data: sources, curation (dedup, split, tokenization on Ray Data), sequences and shards."""

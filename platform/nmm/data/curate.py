@@ -1,0 +1,44 @@
+"""Curation steps that need no cluster: exact dedup and a deterministic, content-hashed split."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from nmm.data.sources import SourceData
+
+
+def content_ids(images: np.ndarray) -> list[str]:
+    return [hashlib.sha256(np.ascontiguousarray(img).tobytes()).hexdigest() for img in images]
+
+
+def dedup_exact(data: SourceData) -> tuple[SourceData, int]:
+    """Drop byte-identical images (first one wins). Returns the data and how many were dropped."""
+    ids = content_ids(data.images)
+    seen: set[str] = set()
+    keep = []
+    for i, h in enumerate(ids):
+        if h not in seen:
+            seen.add(h)
+            keep.append(i)
+    idx = np.asarray(keep, dtype=np.int64)
+    out = SourceData(data.name, data.images[idx], data.labels[idx], [data.captions[i] for i in keep])
+    return out, len(ids) - len(keep)
+
+
+def split_of(content_id: str, train: float, val: float, salt: str = "") -> str:
+    """Assign a sample to train/val/test by a hash of its content: stable under reordering."""
+    u = int(hashlib.sha256((salt + content_id).encode()).hexdigest()[:12], 16) / float(1 << 48)
+    if u < train:
+        return "train"
+    if u < train + val:
+        return "val"
+    return "test"
+
+
+def split(data: SourceData, train: float, val: float) -> dict[str, np.ndarray]:
+    """Indices of each split."""
+    ids = content_ids(data.images)
+    names = np.array([split_of(h, train, val) for h in ids])
+    return {s: np.flatnonzero(names == s) for s in ("train", "val", "test")}

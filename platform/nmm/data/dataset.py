@@ -1,0 +1,68 @@
+"""Read a curated dataset back: its manifest, split shards, tokenizers and vocabulary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from nmm import storage
+from nmm.data.shards import decode_shard
+from nmm.tokenizers import PatchVQ, SharedVocab, TextTokenizer
+
+
+class DatasetError(RuntimeError):
+    """The dataset URI has no published manifest, or its files do not match it."""
+
+
+@dataclass
+class Split:
+    arrays: dict[str, np.ndarray]
+    captions: list[list[str]]
+    ids: list[str]
+
+
+@dataclass
+class Dataset:
+    uri: str
+    manifest: dict
+
+    @classmethod
+    def open(cls, uri: str) -> "Dataset":
+        manifest = storage.read_manifest(uri)
+        if manifest is None:
+            raise DatasetError(f"no dataset at {uri}: its manifest.json is missing")
+        return cls(uri, manifest)
+
+    @property
+    def digest(self) -> str:
+        return self.manifest["digest"]
+
+    @property
+    def vocab(self) -> SharedVocab:
+        v = self.manifest["vocab"]
+        return SharedVocab(text_size=v["text_size"], image_size=v["image_size"])
+
+    def text_tokenizer(self) -> TextTokenizer:
+        return TextTokenizer.from_bytes(storage.read_file(self.uri, self.manifest, "text_tokenizer.json"))
+
+    def image_tokenizer(self) -> PatchVQ:
+        return PatchVQ.from_bytes(storage.read_file(self.uri, self.manifest, "image_tokenizer.safetensors"))
+
+    def split(self, name: str) -> Split:
+        parts = [s for s in self.manifest["shards"] if s["split"] == name]
+        if not parts:
+            raise DatasetError(f"dataset {self.uri} has no {name!r} split")
+        arrays: dict[str, list[np.ndarray]] = {}
+        captions: list[list[str]] = []
+        ids: list[str] = []
+        offset = 0
+        for shard in parts:
+            a, meta = decode_shard(storage.read_file(self.uri, self.manifest, shard["file"]))
+            a["row_image"] = a["row_image"] + offset
+            offset += len(a["images"])
+            for k, v in a.items():
+                arrays.setdefault(k, []).append(v)
+            captions += meta["captions"]
+            ids += meta["ids"]
+        return Split({k: np.concatenate(v) for k, v in arrays.items()}, captions, ids)

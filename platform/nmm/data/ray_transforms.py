@@ -1,0 +1,61 @@
+"""Per-sample transforms on Ray Data: VQ-encode each image and tokenize its captions.
+
+`ray.init` is local by default; with `RAY_ADDRESS` set the same code runs on a (Kube)Ray cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import numpy as np
+
+
+def _init_ray():
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
+    else:
+        # A private local cluster for this process only: token auth protects shared clusters.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        tmp = os.path.join(tempfile.gettempdir(), "nmm-ray")
+        ray.init(num_cpus=os.cpu_count() or 2, _temp_dir=tmp, **kwargs)
+    return ray
+
+
+def tokenize_samples(images: np.ndarray, captions: list[list[str]], vq_bytes: bytes, text_bytes: bytes):
+    """Returns (codes (N, P) int32, per-image list of caption token-id lists)."""
+    ray = _init_ray()
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False
+
+    def transform(batch: dict) -> dict:
+        from nmm.tokenizers.image import PatchVQ
+        from nmm.tokenizers.text import TextTokenizer
+
+        vq = PatchVQ.from_bytes(vq_bytes)
+        text = TextTokenizer.from_bytes(text_bytes)
+        codes = vq.encode(batch["image"])
+        ids = [json.dumps([text.encode(c) for c in json.loads(caps)]) for caps in batch["captions"]]
+        return {"index": batch["index"], "codes": codes, "text": np.asarray(ids)}
+
+    items = [{"index": i, "image": images[i], "captions": json.dumps(captions[i])} for i in range(len(images))]
+    ds = ray.data.from_items(items).map_batches(transform, batch_format="numpy", batch_size=256)
+    rows = sorted(ds.take_all(), key=lambda r: int(r["index"]))
+    codes = np.stack([r["codes"] for r in rows]).astype(np.int32)
+    return codes, [json.loads(str(r["text"])) for r in rows]
+
+
+def shutdown():
+    import ray
+
+    if ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        ray.shutdown()

@@ -1,0 +1,212 @@
+"""Walk a compiled Workflow's DAG and run each step locally."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import string
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nmm.engine import process, pytorchjob
+from nmm.engine.params import substitute, substitute_all
+from nmm.engine.progress import Progress
+from nmm.engine.sandbox import Sandbox, container_env, resolve_command
+from nmm.engine.when import evaluate
+
+# Fields the local engine reads but that have no effect on this machine (warned about once).
+NO_LOCAL_EFFECT = (
+    "image", "imagePullPolicy", "resources", "securityContext", "serviceAccountName", "podGC", "ttlStrategy",
+    "podMetadata", "nodeSelector", "affinity", "tolerations", "backoff", "setOwnerReference", "runPolicy",
+    "automountServiceAccountToken", "secretKeyRef", "namespace", "activeDeadlineSeconds(workflow)",
+)
+
+
+@dataclass
+class StepResult:
+    name: str
+    phase: str = "Pending"  # Pending, Running, Succeeded, Failed, Skipped, Omitted, Error
+    attempts: int = 0
+    outputs: dict[str, str] = field(default_factory=dict)
+    logs: list[Path] = field(default_factory=list)
+    started: float | None = None
+    finished: float | None = None
+    message: str = ""
+
+    @property
+    def duration(self) -> float:
+        return (self.finished or time.time()) - (self.started or time.time())
+
+
+@dataclass
+class RunResult:
+    name: str
+    phase: str
+    folder: Path
+    steps: dict[str, StepResult]
+    wall_s: float
+    warnings: list[str]
+
+
+def _name(generate_name: str) -> str:
+    alphabet = string.ascii_lowercase + string.digits
+    return generate_name + "".join(secrets.choice(alphabet) for _ in range(5))
+
+
+def _present(obj, keys: set[str], found: set[str]) -> None:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k in keys:
+                found.add(k)
+            _present(v, keys, found)
+    elif isinstance(obj, list):
+        for x in obj:
+            _present(x, keys, found)
+
+
+def no_local_effect(workflow: dict) -> list[str]:
+    """Which fields of this Workflow have no local effect."""
+    found: set[str] = set()
+    _present(workflow, set(NO_LOCAL_EFFECT), found)
+    for t in workflow["spec"]["templates"]:
+        if "resource" in t:
+            import yaml
+
+            _present(yaml.safe_load(t["resource"]["manifest"]), set(NO_LOCAL_EFFECT), found)
+    return sorted(found)
+
+
+def topo_order(tasks: list[dict]) -> list[dict]:
+    by_name = {t["name"]: t for t in tasks}
+    order, state = [], {}
+
+    def visit(n: str) -> None:
+        if state.get(n) == "done":
+            return
+        if state.get(n) == "visiting":
+            raise ValueError(f"DAG has a cycle through {n!r}")
+        state[n] = "visiting"
+        for d in by_name[n].get("dependencies", []):
+            if d not in by_name:
+                raise ValueError(f"task {n!r} depends on unknown task {d!r}")
+            visit(d)
+        state[n] = "done"
+        order.append(by_name[n])
+
+    for t in tasks:
+        visit(t["name"])
+    return order
+
+
+class Engine:
+    def __init__(self, workflow: dict, runs_dir: Path, progress: Progress | None = None, name: str | None = None, cwd: str | None = None):
+        self.wf = workflow
+        self.templates = {t["name"]: t for t in workflow["spec"]["templates"]}
+        self.name = name or _name(workflow["metadata"]["generateName"])
+        self.folder = runs_dir / self.name
+        self.volumes = workflow["spec"].get("volumes", [])
+        self.cwd = cwd
+        self.progress = progress
+        self.steps: dict[str, StepResult] = {}
+        self.status: str | None = None
+
+    def _scope(self) -> dict[str, str]:
+        scope = {"workflow.name": self.name, "workflow.namespace": self.wf["metadata"].get("namespace", "default")}
+        if self.status:
+            scope["workflow.status"] = self.status
+        for s in self.steps.values():
+            for k, v in s.outputs.items():
+                scope[f"tasks.{s.name}.outputs.parameters.{k}"] = v
+        return scope
+
+    def _notify(self, step: str, **kw) -> None:
+        if self.progress:
+            self.progress.update(step, **kw)
+
+    def _attempt(self, task_name: str, template: dict, params: dict[str, str], attempt: int) -> tuple[int, list[Path], dict[str, str]]:
+        scope = self._scope() | {f"inputs.parameters.{k}": v for k, v in params.items()} | {"retries": str(attempt)}
+        step_dir = self.folder / "steps" / f"{task_name}-{attempt}"
+        log_dir = self.folder / "logs"
+        deadline = float(template.get("activeDeadlineSeconds", 0)) or None
+        if "resource" in template:
+            manifest = substitute(template["resource"]["manifest"], scope)
+            group, _ = pytorchjob.launch_job(manifest, step_dir, log_dir, f"{task_name}-{attempt}")
+            sandbox = None
+        else:
+            c = substitute_all(template["container"], scope)
+            sandbox = Sandbox.for_container(c, self.volumes, step_dir)
+            env = container_env(c, sandbox)
+            argv = resolve_command(sandbox.map_args(c.get("command", []) + c.get("args", [])))
+            group = [process.launch(task_name, argv, env, log_dir / f"{task_name}-{attempt}.log", cwd=self.cwd)]
+        logs = [p.log_path for p in group]
+        codes = process.wait_all(group, deadline, on_tick=lambda: self._notify(task_name, note=process.last_line(logs[0])))
+        code = next((c for c in codes.values() if c != 0), 0)
+        outputs = {}
+        if code == 0 and sandbox is not None:
+            for p in template.get("outputs", {}).get("parameters", []):
+                path = Path(sandbox.map_path(p["valueFrom"]["path"]))
+                if not path.is_file():
+                    return 1, logs, {"_error": f"output parameter {p['name']!r}: {p['valueFrom']['path']} was not written"}
+                outputs[p["name"]] = path.read_text()
+        return code, logs, outputs
+
+    def run_task(self, task: dict) -> StepResult:
+        name = task["name"]
+        template = self.templates[task["template"]]
+        result = self.steps.setdefault(name, StepResult(name))
+        scope = self._scope()
+        params = {p["name"]: substitute(p.get("value", ""), scope) for p in task.get("arguments", {}).get("parameters", [])}
+        limit = int(template.get("retryStrategy", {}).get("limit", 0))
+        result.started = time.time()
+        for attempt in range(limit + 1):
+            result.attempts = attempt + 1
+            self._notify(name, phase="Running", attempt=attempt + 1)
+            code, logs, outputs = self._attempt(name, template, params, attempt)
+            result.logs += logs
+            if code == 0:
+                result.outputs = outputs
+                result.phase = "Succeeded"
+                break
+            result.message = outputs.get("_error") or f"exit code {code}"
+            result.phase = "Failed"
+        result.finished = time.time()
+        self._notify(name, phase=result.phase, note=result.message if result.phase == "Failed" else "")
+        return result
+
+    def run(self) -> RunResult:
+        t0 = time.time()
+        entry = self.templates[self.wf["spec"]["entrypoint"]]
+        failed = False
+        for task in topo_order(entry["dag"]["tasks"]):
+            deps = [self.steps[d] for d in task.get("dependencies", [])]
+            if failed or any(d.phase in ("Failed", "Error", "Omitted") for d in deps):
+                self.steps[task["name"]] = StepResult(task["name"], phase="Omitted")
+                self._notify(task["name"], phase="Omitted")
+                continue
+            if "when" in task and not evaluate(substitute(task["when"], self._scope())):
+                self.steps[task["name"]] = StepResult(task["name"], phase="Skipped", message=f"when: {substitute(task['when'], self._scope())}")
+                self._notify(task["name"], phase="Skipped")
+                continue
+            if self.run_task(task).phase != "Succeeded":
+                failed = True
+        phase = "Failed" if failed else "Succeeded"
+        exit_name = self.wf["spec"].get("onExit")
+        if exit_name:
+            self.status = phase  # {{workflow.status}} is defined for the exit handler
+            self.run_task({"name": exit_name, "template": exit_name})
+        return RunResult(self.name, phase, self.folder, self.steps, time.time() - t0, no_local_effect(self.wf))
+
+
+def run_workflow(workflow: dict, runs_dir: Path, progress: Progress | None = None, name: str | None = None, cwd: str | None = None) -> RunResult:
+    engine = Engine(workflow, runs_dir, progress, name, cwd)
+    engine.folder.mkdir(parents=True, exist_ok=True)
+    import yaml
+
+    (engine.folder / "workflow.yaml").write_text(yaml.safe_dump(workflow, sort_keys=False, width=1 << 20))
+    result = engine.run()
+    (engine.folder / "status.json").write_text(json.dumps(
+        {"name": result.name, "phase": result.phase, "wall_s": round(result.wall_s, 2),
+         "steps": {k: {"phase": v.phase, "attempts": v.attempts, "outputs": v.outputs, "message": v.message} for k, v in result.steps.items()}},
+        indent=2))
+    return result

@@ -1,0 +1,1 @@
+"""Evaluation: suites per task category, independent judges, gates."""

@@ -1,0 +1,233 @@
+"""Pipeline and stage runs in MLflow: find-or-create by tags, log, finish."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from nmm.home import home_dir
+
+log = logging.getLogger(__name__)
+
+TAG_PIPELINE = "nmm.pipeline"
+TAG_RUN_ID = "nmm.run_id"
+TAG_STAGE = "nmm.stage"
+TAG_CODE = "nmm.code_version"
+TAG_CACHE = "nmm.cache_key"
+_FORBIDDEN_IN_PATHS = ("..", "#", ";")
+
+
+def tracking_uri() -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    home = home_dir()
+    home.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{home / 'mlflow.db'}"
+
+
+def _client():
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    for noisy in ("alembic", "mlflow.store.db.utils", "mlflow.tracking", "mlflow.models"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def _experiment_id(client, pipeline: str) -> str:
+    exp = client.get_experiment_by_name(pipeline)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if tracking_uri().startswith("sqlite:"):
+        location = (home_dir() / "mlartifacts" / pipeline).as_uri()
+    try:
+        return client.create_experiment(pipeline, artifact_location=location)
+    except Exception:  # created concurrently by another process
+        exp = client.get_experiment_by_name(pipeline)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def _find(client, exp_id: str, tags: dict[str, str]):
+    flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in sorted(tags.items()))
+    runs = client.search_runs([exp_id], filter_string=flt, max_results=5, order_by=["attributes.start_time ASC"])
+    return runs[0] if runs else None
+
+
+def _safe_artifact_path(path: str | None) -> str | None:
+    """S8: refuse artifact paths that could escape the run's folder."""
+    if path is None:
+        return None
+    if any(bad in path for bad in _FORBIDDEN_IN_PATHS) or path.startswith(("/", "file:")):
+        raise ValueError(f"refusing artifact path {path!r}: no '..', '#', ';' or absolute paths")
+    return path
+
+
+@dataclass
+class StageRun:
+    """The MLflow run of one stage of one pipeline run (rank 0 only)."""
+
+    client: object
+    run_id: str
+    parent_run_id: str
+    experiment_id: str
+
+    def log_params(self, params: dict) -> None:
+        existing = self.client.get_run(self.run_id).data.params
+        fresh = {k: str(v)[:6000] for k, v in params.items() if k not in existing}
+        if fresh:
+            from mlflow.entities import Param
+
+            self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in fresh.items()])
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def set_parent_tags(self, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.parent_run_id, k, str(v))
+
+    def log_bytes(self, data: bytes, name: str, artifact_path: str | None = None) -> None:
+        _safe_artifact_path(name)
+        _safe_artifact_path(artifact_path)
+        with tempfile.TemporaryDirectory() as tmp:
+            p = Path(tmp) / name
+            p.write_bytes(data)
+            self.client.log_artifact(self.run_id, str(p), artifact_path)
+
+    def log_dataset(self, name: str, digest: str, source_uri: str, context: str = "training") -> None:
+        """Log a curated dataset as an input of this run (and of the parent run)."""
+        import mlflow
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import InputTag
+
+        dataset = MetaDataset(source=_dataset_source(source_uri), name=name, digest=digest[-32:])
+        tags = [InputTag(key="mlflow.data.context", value=context)]
+        for run_id in (self.run_id, self.parent_run_id):
+            self.client.log_inputs(
+                run_id, datasets=[mlflow.entities.DatasetInput(dataset._to_mlflow_entity(), tags)]
+            )
+
+    def log_pyfunc_model(self, model_dir: str, loader_module: str, pip_requirements: list[str]) -> str:
+        """Log a folder as an MLflow pyfunc model served by `loader_module`; returns its URI."""
+        import mlflow
+
+        with mlflow.start_run(run_id=self.run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                loader_module=loader_module,
+                data_path=model_dir,
+                pip_requirements=pip_requirements,
+            )
+        # start_run's exit marked the run FINISHED; it is still being worked on.
+        self.client.update_run(self.run_id, status="RUNNING")
+        return info.model_uri
+
+
+def _dataset_source(uri: str):
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+
+    try:
+        return resolve_dataset_source(uri)
+    except Exception:  # no registered source understands this scheme
+        return HTTPDatasetSource(url=uri)
+
+
+def _parent(client, exp_id: str, pipeline: str, run_id: str, code_version: str):
+    parent = _find(client, exp_id, {TAG_RUN_ID: run_id, TAG_STAGE: "pipeline"})
+    if parent is None:
+        parent = client.create_run(
+            exp_id,
+            run_name=run_id,
+            tags={TAG_PIPELINE: pipeline, TAG_RUN_ID: run_id, TAG_STAGE: "pipeline", TAG_CODE: code_version},
+        )
+    return parent
+
+
+@contextlib.contextmanager
+def stage_run(
+    pipeline: str, run_id: str, stage: str, *, cache_key: str = "", code_version: str = ""
+) -> Iterator[StageRun]:
+    """Find or create the pipeline's parent run and this stage's child run; finish it on exit.
+
+    A retried step finds the same child run again (R13: no duplicate runs).
+    """
+    client = _client()
+    exp_id = _experiment_id(client, pipeline)
+    parent = _parent(client, exp_id, pipeline, run_id, code_version)
+    child = _find(client, exp_id, {TAG_RUN_ID: run_id, TAG_STAGE: stage})
+    tags = {
+        TAG_PIPELINE: pipeline,
+        TAG_RUN_ID: run_id,
+        TAG_STAGE: stage,
+        TAG_CODE: code_version,
+        TAG_CACHE: cache_key,
+        "mlflow.parentRunId": parent.info.run_id,
+    }
+    if child is None:
+        child = client.create_run(exp_id, run_name=f"{run_id}-{stage}", tags=tags)
+    else:
+        client.update_run(child.info.run_id, status="RUNNING")
+        for k, v in tags.items():
+            client.set_tag(child.info.run_id, k, v)
+    run = StageRun(client, child.info.run_id, parent.info.run_id, exp_id)
+    try:
+        yield run
+    except BaseException:
+        client.set_terminated(run.run_id, status="FAILED")
+        raise
+    client.set_terminated(run.run_id, status="FINISHED")
+
+
+def find_stage_run(pipeline: str, run_id: str, stage: str):
+    """The MLflow run entity of a stage, or None."""
+    client = _client()
+    exp = client.get_experiment_by_name(pipeline)
+    if exp is None:
+        return None
+    return _find(client, exp.experiment_id, {TAG_RUN_ID: run_id, TAG_STAGE: stage})
+
+
+def finish_pipeline_run(pipeline: str, run_id: str, status: str, code_version: str = "") -> str:
+    """Close the parent run with the workflow's final status (Succeeded/Failed/Error)."""
+    client = _client()
+    exp_id = _experiment_id(client, pipeline)
+    parent = _parent(client, exp_id, pipeline, run_id, code_version)
+    mlflow_status = "FINISHED" if status == "Succeeded" else "FAILED"
+    client.set_tag(parent.info.run_id, "nmm.workflow_status", status)
+    client.set_terminated(parent.info.run_id, status=mlflow_status)
+    return parent.info.run_id
+
+
+def ui_command(host: str, port: int) -> list[str]:
+    """The `mlflow ui` command line for the configured (or default) tracking store."""
+    import sys
+
+    argv = [sys.executable, "-m", "mlflow", "ui", "--host", host, "--port", str(port)]
+    uri = tracking_uri()
+    if uri.startswith("sqlite:"):
+        argv += ["--backend-store-uri", uri, "--default-artifact-root", (home_dir() / "mlartifacts").as_uri()]
+    else:
+        argv += ["--backend-store-uri", uri]
+    return argv

@@ -1,0 +1,38 @@
+"""MLflow pyfunc loader module (`loader_module="nmm.serve.pyfunc"`); imports no MLflow.
+
+`mlflow.pyfunc.load_model(uri).predict(rows)` with rows of `{"prompt": "a handwritten digit 3"}`
+(draw; returns image pixels) or `{"image_codes": [...]}` (caption; returns text).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from nmm.data.sequences import m2g_prompt, m2t_prompt
+from nmm.model.generate import generate
+from nmm.serve.model_dir import LoadedModel, load_from_dir
+from nmm.tokenizers.vocab import EOS
+
+
+class Predictor:
+    def __init__(self, loaded: LoadedModel):
+        self.m = loaded
+
+    def predict(self, model_input, params=None):
+        rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
+        out = []
+        v, m = self.m.vocab, self.m
+        for row in rows:
+            if row.get("prompt"):
+                ids = generate(m.model, [m2g_prompt(v, m.text.encode(row["prompt"]))], m.vq.tokens_per_image, v.image_range())[0]
+                img = m.vq.decode(np.asarray([[t - v.image_offset for t in ids]]))[0]
+                out.append({"image": img.tolist()})
+            else:
+                codes = np.asarray(row["image_codes"], dtype=np.int64)
+                ids = generate(m.model, [m2t_prompt(v, codes)], 16, v.text_range(), stop=EOS, extra_allowed=(EOS,))[0]
+                out.append({"text": m.text.decode([t - v.text_offset for t in ids])})
+        return out
+
+
+def _load_pyfunc(data_path: str) -> Predictor:
+    return Predictor(load_from_dir(data_path))

@@ -1,0 +1,23 @@
+"""The pipeline spec: pydantic models of `NMMPipeline` and their parser. No I/O."""
+
+from nmm.spec.models import (
+    API_VERSION,
+    KIND,
+    SUITES,
+    Gate,
+    PipelineSpec,
+    parse_gate,
+)
+from nmm.spec.parse import SpecError, parse_pipeline, parse_pipeline_document
+
+__all__ = [
+    "API_VERSION",
+    "KIND",
+    "SUITES",
+    "Gate",
+    "PipelineSpec",
+    "SpecError",
+    "parse_gate",
+    "parse_pipeline",
+    "parse_pipeline_document",
+]

@@ -1,0 +1,328 @@
+"""Pydantic models of an `NMMPipeline` (apiVersion nmm.dev/v1alpha1). No I/O here.
+
+Field names are camelCase in YAML (Kubernetes convention) and snake_case in Python.
+Unknown fields are errors everywhere (`extra="forbid"`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+API_VERSION = "nmm.dev/v1alpha1"
+KIND = "NMMPipeline"
+
+# DNS-1123 label, short enough that "<name>-<5 char suffix>-<step>" stays under 63 characters.
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+MAX_NAME_LENGTH = 40
+
+# A gate reads "<suite metric> <op> <threshold>", e.g. "m2t.digits.accuracy >= 0.9".
+GATE_PATTERN = re.compile(r"^\s*([a-z0-9_]+\.[a-z0-9_]+\.[a-z0-9_]+)\s*(>=|<=|>|<|==)\s*(-?[0-9]*\.?[0-9]+)\s*$")
+
+# What each evaluation suite measures, and the data source and task it needs.
+SUITES: dict[str, dict] = {
+    "m2t.digits": {"metrics": ["accuracy"], "source": "digits", "task": "m2t"},
+    "m2g.digits": {"metrics": ["accuracy"], "source": "digits", "task": "m2g"},
+}
+
+
+class Model(BaseModel):
+    """Base: camelCase aliases, unknown fields rejected, names usable from Python too."""
+
+    model_config = ConfigDict(
+        extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True
+    )
+
+
+# --- data -------------------------------------------------------------------------------
+
+
+class Source(Model):
+    """One raw-data source. `digits`: scikit-learn's 1,797 real handwritten digits;
+    `shapes`: procedural scenes of coloured shapes with templated captions."""
+
+    kind: Literal["digits", "shapes"]
+    limit: Annotated[int, Field(ge=10, le=10_000_000)] | None = Field(
+        default=None, description="Use at most this many samples (after dedup)."
+    )
+    samples: Annotated[int, Field(ge=10, le=1_000_000)] = Field(
+        default=2000, description="shapes only: how many scenes to render."
+    )
+    imageSize: Annotated[int, Field(ge=8, le=256)] = Field(
+        default=16, alias="imageSize", description="shapes only: side of the square image."
+    )
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
+
+
+class Split(Model):
+    train: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.7
+    val: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    test: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> "Split":
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must add up to 1.0, got {total:g}")
+        return self
+
+
+class Curation(Model):
+    dedup: Literal["exact", "none"] = "exact"
+
+
+class Data(Model):
+    sources: Annotated[list[Source], Field(min_length=1, max_length=16)]
+    split: Split = Split()
+    curation: Curation = Curation()
+    captionsPerImage: Annotated[int, Field(ge=1, le=8)] = 1
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_kinds(cls, sources: list[Source]) -> list[Source]:
+        kinds = [s.kind for s in sources]
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"each source kind may appear once, got {kinds}")
+        return sources
+
+
+# --- model ------------------------------------------------------------------------------
+
+
+class TextTokenizer(Model):
+    kind: Literal["bpe", "byte"] = "bpe"
+    vocabSize: Annotated[int, Field(ge=64, le=65_536)] = 128
+
+
+class ImageTokenizer(Model):
+    kind: Literal["patch-vq"] = "patch-vq"
+    patchSize: Annotated[int, Field(ge=1, le=32)] = 2
+    codebookSize: Annotated[int, Field(ge=2, le=65_536)] = 128
+
+
+class Tokenizers(Model):
+    text: TextTokenizer = TextTokenizer()
+    image: ImageTokenizer = ImageTokenizer()
+
+
+class Size(Model):
+    dim: Annotated[int, Field(ge=16, le=16_384)] = 128
+    layers: Annotated[int, Field(ge=1, le=256)] = 4
+    heads: Annotated[int, Field(ge=1, le=256)] = 4
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+
+    @model_validator(mode="after")
+    def _heads_divide_dim(self) -> "Size":
+        if self.dim % self.heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+        if (self.dim // self.heads) % 2:
+            raise ValueError("dim / heads must be even (rotary embeddings rotate pairs)")
+        return self
+
+
+class ModelSpec(Model):
+    fusion: Literal["early"] = Field(
+        default="early",
+        description="early: one shared vocabulary of text and image tokens in one transformer.",
+    )
+    tasks: Annotated[list[Literal["m2t", "m2g"]], Field(min_length=1, max_length=2)] = ["m2t", "m2g"]
+    modalities: Annotated[list[Literal["text", "image"]], Field(min_length=2, max_length=2)] = [
+        "text",
+        "image",
+    ]
+    size: Size = Size()
+    tokenizers: Tokenizers = Tokenizers()
+    zLoss: Annotated[float, Field(ge=0.0, le=1.0)] = 1e-4
+    qkNorm: bool = True
+
+    @property
+    def category(self) -> str:
+        """M2T, M2G, or M2M when one model does both."""
+        return "M2M" if set(self.tasks) == {"m2t", "m2g"} else self.tasks[0].upper()
+
+
+# --- training ---------------------------------------------------------------------------
+
+
+class Phase(Model):
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,30}$")] = "pretrain"
+    recipe: Literal["pretrain"] = "pretrain"
+    steps: Annotated[int, Field(ge=1, le=10_000_000)]
+    batchSize: Annotated[int, Field(ge=1, le=65_536)] = 32
+    lr: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-3
+    warmupSteps: Annotated[int, Field(ge=0, le=10_000_000)] = 0
+    weightDecay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
+    mixture: dict[Literal["m2t", "m2g"], Annotated[float, Field(gt=0.0, le=1.0)]] | None = None
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> "Phase":
+        if self.warmupSteps >= self.steps:
+            raise ValueError(
+                f"warmupSteps ({self.warmupSteps}) must be smaller than steps ({self.steps})"
+            )
+        return self
+
+
+class Resources(Model):
+    """What the training step asks for. On a cluster: PyTorchJob replicas and GPUs;
+    locally: processes on this machine (GPUs when present)."""
+
+    nodes: Annotated[int, Field(ge=1, le=1024)] = 1
+    processesPerNode: Annotated[int, Field(ge=1, le=64)] | None = None
+    gpusPerNode: Annotated[int, Field(ge=1, le=16)] | None = None
+    gpuProduct: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,62}$")] | None = None
+    gpuMemoryGiB: Annotated[int, Field(ge=1, le=1024)] | None = None
+    cpu: Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?m?$")] = "2"
+    memory: Annotated[str, Field(pattern=r"^[0-9]+(Ki|Mi|Gi|Ti)?$")] = "4Gi"
+
+    @model_validator(mode="after")
+    def _one_way_to_count(self) -> "Resources":
+        if self.processesPerNode and self.gpusPerNode:
+            raise ValueError("set processesPerNode (CPU) or gpusPerNode (GPU), not both")
+        if (self.gpuProduct or self.gpuMemoryGiB) and not self.gpusPerNode:
+            raise ValueError("gpuProduct / gpuMemoryGiB need gpusPerNode")
+        return self
+
+    @property
+    def procs_per_node(self) -> int:
+        return self.gpusPerNode or self.processesPerNode or 1
+
+
+class Checkpoint(Model):
+    intervalSteps: Annotated[int, Field(ge=1, le=10_000_000)] = 500
+    keepLatest: Annotated[int, Field(ge=1, le=100)] = 2
+
+
+class Training(Model):
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
+    phases: Annotated[list[Phase], Field(min_length=1, max_length=8)]
+    resources: Resources = Resources()
+    checkpoint: Checkpoint = Checkpoint()
+    maxRestarts: Annotated[int, Field(ge=0, le=100)] = 2
+
+    @field_validator("phases")
+    @classmethod
+    def _unique_names(cls, phases: list[Phase]) -> list[Phase]:
+        names = [p.name for p in phases]
+        if len(set(names)) != len(names):
+            raise ValueError(f"phase names must be unique, got {names}")
+        return phases
+
+
+# --- evaluation and rollout -------------------------------------------------------------
+
+
+class Gate(Model):
+    metric: str
+    op: Literal[">=", "<=", ">", "<", "=="]
+    threshold: float
+
+    def passes(self, value: float) -> bool:
+        return {
+            ">=": value >= self.threshold,
+            "<=": value <= self.threshold,
+            ">": value > self.threshold,
+            "<": value < self.threshold,
+            "==": value == self.threshold,
+        }[self.op]
+
+    def __str__(self) -> str:
+        return f"{self.metric} {self.op} {self.threshold:g}"
+
+
+def parse_gate(text: str) -> Gate:
+    m = GATE_PATTERN.match(text)
+    if not m:
+        raise ValueError(
+            f"gate {text!r} must read '<suite>.<dataset>.<metric> <op> <number>', "
+            "e.g. 'm2t.digits.accuracy >= 0.9'"
+        )
+    return Gate(metric=m.group(1), op=m.group(2), threshold=float(m.group(3)))
+
+
+class Evaluation(Model):
+    suites: Annotated[list[str], Field(min_length=1, max_length=32)]
+    gates: Annotated[list[str], Field(max_length=64)] = []
+    samples: Annotated[int, Field(ge=1, le=100_000)] = 300
+    generationsPerClass: Annotated[int, Field(ge=1, le=1000)] = 10
+    temperature: Annotated[float, Field(gt=0.0, le=5.0)] = 0.7
+
+    @field_validator("suites")
+    @classmethod
+    def _known_suites(cls, suites: list[str]) -> list[str]:
+        for s in suites:
+            if s not in SUITES:
+                raise ValueError(f"unknown suite {s!r}; expected one of {sorted(SUITES)}")
+        return suites
+
+    @field_validator("gates")
+    @classmethod
+    def _parse_gates(cls, gates: list[str]) -> list[str]:
+        for g in gates:
+            parse_gate(g)
+        return gates
+
+    @property
+    def parsed_gates(self) -> list[Gate]:
+        return [parse_gate(g) for g in self.gates]
+
+
+class Rollout(Model):
+    registeredModelName: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
+
+
+# --- the pipeline -----------------------------------------------------------------------
+
+
+class Metadata(Model):
+    name: Annotated[str, Field(min_length=1, max_length=MAX_NAME_LENGTH, pattern=NAME_PATTERN)]
+    namespace: Annotated[str, Field(max_length=63, pattern=NAME_PATTERN)] | None = None
+    labels: dict[str, Annotated[str, Field(max_length=63)]] = {}
+
+
+class PipelineBody(Model):
+    data: Data
+    model: ModelSpec = ModelSpec()
+    training: Training
+    evaluation: Evaluation
+    rollout: Rollout
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PipelineBody":
+        kinds = {s.kind for s in self.data.sources}
+        for suite in self.evaluation.suites:
+            need = SUITES[suite]
+            if need["source"] not in kinds:
+                raise ValueError(
+                    f"evaluation.suites: {suite!r} needs a data source of kind "
+                    f"{need['source']!r}; data.sources has {sorted(kinds)}"
+                )
+            if need["task"] not in self.model.tasks:
+                raise ValueError(
+                    f"evaluation.suites: {suite!r} evaluates task {need['task']!r} "
+                    f"but model.tasks is {self.model.tasks}"
+                )
+        measured = {f"{s}.{m}" for s in self.evaluation.suites for m in SUITES[s]["metrics"]}
+        for gate in self.evaluation.parsed_gates:
+            if gate.metric not in measured:
+                raise ValueError(
+                    f"evaluation.gates: {gate.metric!r} is not measured by the listed suites "
+                    f"(they measure {sorted(measured)})"
+                )
+        for phase in self.training.phases:
+            if phase.mixture and not set(phase.mixture) <= set(self.model.tasks):
+                raise ValueError(
+                    f"training.phases[{phase.name}].mixture names tasks {sorted(phase.mixture)} "
+                    f"outside model.tasks {self.model.tasks}"
+                )
+        return self
+
+
+class PipelineSpec(Model):
+    apiVersion: Literal["nmm.dev/v1alpha1"]
+    kind: Literal["NMMPipeline"]
+    metadata: Metadata
+    spec: PipelineBody

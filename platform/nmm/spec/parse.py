@@ -1,0 +1,127 @@
+"""Text → `PipelineSpec`, with every problem reported as `<field path>: <what was expected>`.
+
+No I/O: callers read the file and hand over its text.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from nmm.spec.models import PipelineSpec
+
+MAX_SPEC_BYTES = 1024 * 1024
+_RELATIVE_PATH = re.compile(r"^([A-Za-z][A-Za-z0-9_.\[\]-]*): (.*)$", re.S)
+
+
+class SpecError(ValueError):
+    """A pipeline spec that cannot be accepted; `problems` holds one line per problem."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys (PyYAML silently keeps the last one)."""
+
+
+def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: dict[Any, Any] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            mark = key_node.start_mark
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", mark
+            )
+        seen[key] = True
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates
+)
+
+
+def format_loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "<document>"
+
+
+def _describe(err: dict) -> tuple[str, str]:
+    """One pydantic error → (field path, message)."""
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    # Literal/union errors append the member tag to the loc; keep the field path only.
+    loc = tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p in {"constrained-int", "int", "float", "str", "none"})))
+    path = format_loc(loc)
+    kind = err["type"]
+    msg = err["msg"]
+    if kind == "extra_forbidden":
+        return path, "unknown field (not part of the NMMPipeline schema)"
+    if kind == "missing":
+        return path, "required field is missing"
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+        rel = _RELATIVE_PATH.match(msg)
+        if rel:
+            path = f"{path}.{rel.group(1)}" if path != "<document>" else rel.group(1)
+            msg = rel.group(2)
+        return path, msg
+    got = err.get("input")
+    if got is not None and not isinstance(got, (dict, list)):
+        text = repr(got)
+        msg = f"{msg[0].lower()}{msg[1:]} (got {text[:60]}{'…' if len(text) > 60 else ''})"
+    else:
+        msg = f"{msg[0].lower()}{msg[1:]}"
+    if msg.startswith("input should be "):
+        msg = "expected " + msg[len("input should be "):]
+    elif msg.startswith("string should match pattern"):
+        msg = "expected a string matching" + msg[len("string should match"):]
+    return path, msg
+
+
+def errors_of(exc: ValidationError) -> list[str]:
+    lines, seen = [], set()
+    for err in exc.errors(include_url=False):
+        path, msg = _describe(err)
+        line = f"{path}: {msg}"
+        if line not in seen:
+            seen.add(line)
+            lines.append(line)
+    return lines
+
+
+def parse_pipeline_document(doc: Any, source: str = "<spec>") -> PipelineSpec:
+    if not isinstance(doc, dict):
+        raise SpecError(source, [f"<document>: expected a mapping (an NMMPipeline), got {type(doc).__name__}"])
+    try:
+        return PipelineSpec.model_validate(doc)
+    except ValidationError as exc:
+        raise SpecError(source, errors_of(exc)) from None
+
+
+def parse_pipeline(text: str, source: str = "<spec>") -> PipelineSpec:
+    """Parse and validate a pipeline YAML text. Raises `SpecError`."""
+    if len(text.encode("utf-8", "replace")) > MAX_SPEC_BYTES:
+        raise SpecError(source, [f"<document>: expected at most {MAX_SPEC_BYTES} bytes of YAML"])
+    try:
+        docs = list(yaml.load_all(text, Loader=_StrictLoader))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "<document>"
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError(source, [f"{where}: invalid YAML: {problem}"]) from None
+    docs = [d for d in docs if d is not None]
+    if len(docs) != 1:
+        raise SpecError(source, [f"<document>: expected exactly one YAML document, got {len(docs)}"])
+    return parse_pipeline_document(docs[0], source)

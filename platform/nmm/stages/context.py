@@ -1,0 +1,56 @@
+"""What every stage gets from its command line: the spec, the run, the store, where outputs go."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from nmm import storage
+from nmm.spec import PipelineSpec, parse_pipeline_document
+from nmm.version import code_version
+
+
+@dataclass(frozen=True)
+class StageContext:
+    spec: PipelineSpec
+    run_id: str
+    store: str
+    outputs: Path
+
+    @classmethod
+    def create(cls, spec_json: str, run_id: str, store: str, outputs: str) -> "StageContext":
+        spec = parse_pipeline_document(json.loads(spec_json), "--spec")
+        return cls(spec, run_id, store.rstrip("/"), Path(outputs))
+
+    @property
+    def pipeline(self) -> str:
+        return self.spec.metadata.name
+
+    def stage_uri(self, stage: str) -> str:
+        """`<store>/runs/<pipeline>/<run-id>/<stage>`: where a stage publishes its outputs."""
+        return storage.join(self.store, "runs", self.pipeline, self.run_id, stage)
+
+    def write_outputs(self, values: dict[str, str]) -> None:
+        """Output parameters, one file each (what Argo's `valueFrom.path` reads)."""
+        self.outputs.mkdir(parents=True, exist_ok=True)
+        for name, value in values.items():
+            (self.outputs / name).write_text(value)
+
+
+def cache_key(*parts) -> str:
+    """hash(code version, canonical stage spec, input digests)."""
+    h = hashlib.sha256(code_version().encode())
+    for p in parts:
+        h.update(json.dumps(p, sort_keys=True, separators=(",", ":"), default=str).encode())
+    return h.hexdigest()[:32]
+
+
+def setup_logging() -> logging.Logger:
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
+    )
+    return logging.getLogger("nmm.stage")

@@ -1,0 +1,144 @@
+"""Curate: raw sources → deduplicated, split, tokenized sequences in shards + a manifest.
+
+Usage (in a pod, or as a local process of the embedded engine):
+    nmm stage curate --spec '<pipeline JSON>' --run-id RUN --store s3://bucket --outputs /tmp/outputs
+
+Output parameters: `dataset_uri`, `dataset_digest`, `cache` (hit|miss).
+The result is content-addressed: same spec, sources and code → the same cache key → the earlier
+dataset is reused (after checking it still exists) and nothing new is written.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from nmm import lineage, storage
+from nmm.data import curate, ray_transforms
+from nmm.data.sequences import TASKS, build, pack_rows
+from nmm.data.shards import encode_shard
+from nmm.data.sources import SourceData, load_digits, render_shapes
+from nmm.stages.context import StageContext, cache_key, setup_logging
+from nmm.tokenizers import PatchVQ, SharedVocab, TextTokenizer
+from nmm.version import code_version
+
+SHARD_IMAGES = 4096  # images per shard
+
+
+def _load(ctx: StageContext) -> SourceData:
+    data = ctx.spec.spec.data
+    src = data.sources[0]
+    if src.kind == "digits":
+        out = load_digits(data.captionsPerImage)
+    else:
+        out = render_shapes(src.samples, src.imageSize, src.seed, data.captionsPerImage)
+    return out
+
+
+def _key(ctx: StageContext) -> str:
+    import sklearn
+
+    spec = ctx.spec.spec
+    return cache_key(
+        "curate",
+        spec.data.model_dump(mode="json"),
+        spec.model.tokenizers.model_dump(mode="json"),
+        {"sklearn": sklearn.__version__},
+    )
+
+
+def _shards(split: str, data: SourceData, idx: np.ndarray, codes, caption_ids, vocab: SharedVocab) -> list[tuple[str, bytes, int]]:
+    out = []
+    ids = curate.content_ids(data.images[idx])
+    for start in range(0, len(idx), SHARD_IMAGES):
+        part = idx[start : start + SHARD_IMAGES]
+        rows, task, row_image = [], [], []
+        for j, i in enumerate(part):
+            for cap in caption_ids[i]:
+                for t, name in enumerate(TASKS):
+                    rows.append(build(vocab, codes[i], cap, name))
+                    task.append(t)
+                    row_image.append(j)
+        tokens, mask = pack_rows(rows)
+        arrays = {
+            "images": (data.images[part] * 255).round().astype(np.uint8),
+            "labels": data.labels[part],
+            "codes": codes[part],
+            "tokens": tokens,
+            "loss_mask": mask,
+            "task": np.asarray(task, np.int8),
+            "row_image": np.asarray(row_image, np.int64),
+        }
+        meta = {"captions": [data.captions[i] for i in part], "ids": ids[start : start + len(part)]}
+        blob = encode_shard(arrays, meta)
+        out.append((f"shards/{split}-{storage.sha256_hex(blob)[:16]}.safetensors", blob, len(part)))
+    return out
+
+
+def run(ctx: StageContext) -> None:
+    log = setup_logging()
+    key = _key(ctx)
+    index_uri = storage.join(ctx.store, "cache", "curate", f"{key}.json")
+    with lineage.stage_run(ctx.pipeline, ctx.run_id, "curate", cache_key=key, code_version=code_version()) as run:
+        if storage.exists(index_uri):
+            prior = storage.read_json(index_uri)["dataset_uri"]
+            manifest = storage.read_manifest(prior, verify=True)
+            if manifest is not None:
+                log.info("cache hit: %s (key %s)", prior, key)
+                run.set_tags({"nmm.cache": "hit"})
+                run.log_dataset(ctx.pipeline, manifest["digest"], prior)
+                ctx.write_outputs({"dataset_uri": prior, "dataset_digest": manifest["digest"], "cache": "hit"})
+                return
+            log.info("cache entry %s points at a dataset that is gone; curating again", key)
+        t0 = time.perf_counter()
+        spec = ctx.spec.spec
+        raw = _load(ctx)
+        log.info("loaded %d samples from %s", len(raw.images), raw.name)
+        dropped = 0
+        if spec.data.curation.dedup == "exact":
+            raw, dropped = curate.dedup_exact(raw)
+            log.info("exact dedup dropped %d duplicates", dropped)
+        limit = spec.data.sources[0].limit
+        if limit and len(raw.images) > limit:
+            keep = np.arange(limit)
+            raw = SourceData(raw.name, raw.images[keep], raw.labels[keep], raw.captions[:limit])
+        splits = curate.split(raw, spec.data.split.train, spec.data.split.val)
+        log.info("split: %s", {k: len(v) for k, v in splits.items()})
+        tok = spec.model.tokenizers
+        train_idx = splits["train"]
+        vq = PatchVQ.fit(raw.images[train_idx], tok.image.patchSize, tok.image.codebookSize, seed=0)
+        text = TextTokenizer.train(tok.text.kind, [c for i in train_idx for c in raw.captions[i]], tok.text.vocabSize)
+        vocab = SharedVocab(text_size=text.size, image_size=vq.size)
+        log.info("tokenizers: text %d, image codebook %d (fitted on train only); shared vocab %d", text.size, vq.size, vocab.size)
+        codes, caption_ids = ray_transforms.tokenize_samples(raw.images, raw.captions, vq.to_bytes(), text.to_bytes())
+        ray_transforms.shutdown()
+        files = {"text_tokenizer.json": text.to_bytes(), "image_tokenizer.safetensors": vq.to_bytes()}
+        shard_list = []
+        for name, idx in splits.items():
+            for fname, blob, count in _shards(name, raw, idx, codes, caption_ids, vocab):
+                files[fname] = blob
+                shard_list.append({"file": fname, "split": name, "images": count})
+        out_uri = ctx.stage_uri("curate")
+        stats = {"samples": int(len(raw.images)), "duplicates_dropped": int(dropped), **{f"{k}_images": int(len(v)) for k, v in splits.items()}}
+        manifest = storage.publish(
+            out_uri,
+            files,
+            {
+                "kind": "nmm.dataset",
+                "source": raw.name,
+                "cache_key": key,
+                "vocab": {"text_size": vocab.text_size, "image_size": vocab.image_size},
+                "tokens_per_image": vq.tokens_per_image,
+                "image_shape": list(vq.image_shape),
+                "shards": shard_list,
+                "stats": stats,
+            },
+        )
+        storage.write_json(index_uri, {"dataset_uri": out_uri, "digest": manifest["digest"]})
+        run.log_params({"data.source": raw.name, "data.dedup": spec.data.curation.dedup, "vocab.size": vocab.size})
+        run.log_metrics({f"data/{k}": v for k, v in stats.items()})
+        run.log_dataset(ctx.pipeline, manifest["digest"], out_uri)
+        run.set_tags({"nmm.cache": "miss"})
+        log.info("published %s (%s) in %.1fs", out_uri, manifest["digest"], time.perf_counter() - t0)
+        ctx.write_outputs({"dataset_uri": out_uri, "dataset_digest": manifest["digest"], "cache": "miss"})

@@ -1,0 +1,82 @@
+"""Evaluate: run the spec's suites on held-out data, judge, and decide the gates.
+
+Usage:
+    nmm stage evaluate --spec '<pipeline JSON>' --run-id RUN --store URI \
+        --dataset-uri URI --model-uri URI --outputs DIR
+
+Output parameters: `gate` (pass|fail), `metrics` (JSON object of every measured metric).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+
+from nmm import lineage, storage
+from nmm.data.dataset import Dataset
+from nmm.evaluate import digits, gates
+from nmm.evaluate.grid import png_grid
+from nmm.evaluate.judge import DigitJudge
+from nmm.serve.model_dir import FILES, load_from_files
+from nmm.stages.context import StageContext, cache_key, setup_logging
+from nmm.version import code_version
+
+
+class ModelMissing(RuntimeError):
+    """The model URI has no published manifest."""
+
+
+def _suite_digits(suites, loaded, ds: Dataset, ev, seed: int, run_) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    test = ds.split("test")
+    train = ds.split("train")
+    labels = test.arrays["labels"]
+    if "m2t.digits" in suites:
+        acc, captions = digits.m2t_accuracy(loaded.model, loaded.vocab, loaded.text, test.arrays["codes"], labels)
+        metrics["m2t.digits.accuracy"] = acc
+        examples = [{"label": int(y), "caption": c} for y, c in zip(labels[:20], captions[:20])]
+        run_.log_bytes(json.dumps(examples, indent=2).encode(), "m2t_digits_examples.json", "eval")
+    if "m2g.digits" in suites:
+        judge = DigitJudge(train.arrays["images"].astype(np.float32) / 255.0, train.arrays["labels"], seed=seed)
+        real = test.arrays["images"].astype(np.float32) / 255.0
+        metrics["m2g.digits.judge_accuracy_real"] = judge.accuracy(real, labels)
+        metrics["m2g.digits.judge_accuracy_tokenized"] = judge.accuracy(loaded.vq.decode(test.arrays["codes"]), labels)
+        images, wanted = digits.m2g_generate(
+            loaded.model, loaded.vocab, loaded.text, loaded.vq, ev.generationsPerClass, ev.temperature, seed
+        )
+        metrics["m2g.digits.accuracy"] = judge.accuracy(images, wanted)
+        order = np.argsort(wanted, kind="stable")
+        run_.log_bytes(png_grid(images[order], 10, ev.generationsPerClass), "m2g_digits_grid.png", "eval")
+    return metrics
+
+
+def run(ctx: StageContext, dataset_uri: str, model_uri: str) -> int:
+    log = setup_logging()
+    spec = ctx.spec.spec
+    ev = spec.evaluation
+    manifest = storage.read_manifest(model_uri, verify=True)
+    if manifest is None:
+        raise ModelMissing(f"no model published at {model_uri}")
+    ds = Dataset.open(dataset_uri)
+    key = cache_key("evaluate", ev.model_dump(mode="json"), manifest["digest"], ds.digest)
+    with lineage.stage_run(ctx.pipeline, ctx.run_id, "evaluate", cache_key=key, code_version=code_version()) as run_:
+        t0 = time.perf_counter()
+        loaded = load_from_files({name: storage.read_file(model_uri, manifest, name) for name in FILES})
+        run_.log_dataset(ctx.pipeline, ds.digest, dataset_uri, context="evaluation")
+        metrics = _suite_digits(set(ev.suites), loaded, ds, ev, spec.training.seed, run_)
+        ok, reasons = gates.check(ev.parsed_gates, metrics)
+        for line in reasons:
+            log.info("gate %s", line)
+        for name, value in sorted(metrics.items()):
+            log.info("%s = %.4f", name, value)
+        run_.log_metrics(metrics)
+        run_.log_metrics({"eval/wall_s": time.perf_counter() - t0})
+        run_.set_tags({"nmm.gate": "pass" if ok else "fail", "nmm.gate_reasons": "; ".join(reasons)})
+        run_.set_parent_tags({f"nmm.metric.{k}": f"{v:.4f}" for k, v in metrics.items()})
+        report = {"metrics": metrics, "gate": "pass" if ok else "fail", "reasons": reasons, "model_uri": model_uri}
+        storage.publish(ctx.stage_uri("evaluate"), {"report.json": json.dumps(report, indent=2, sort_keys=True).encode()},
+                        {"kind": "nmm.evaluation", "model_digest": manifest["digest"], "dataset_digest": ds.digest})
+        ctx.write_outputs({"gate": "pass" if ok else "fail", "metrics": json.dumps(metrics, sort_keys=True)})
+    return 0

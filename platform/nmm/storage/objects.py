@@ -1,0 +1,136 @@
+"""Read, write and test objects by URI, on a local folder or S3/MinIO."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import urlparse
+
+from nmm.home import home_dir
+
+
+class StorageError(RuntimeError):
+    """An object could not be read or written."""
+
+
+def default_store_uri(cwd: str | os.PathLike | None = None) -> str:
+    """`s3://$NMM_S3_BUCKET` when an S3 endpoint is configured, else `file://<cwd>/.nmm/store`."""
+    if os.environ.get("NMM_STORE"):
+        return os.environ["NMM_STORE"].rstrip("/")
+    if os.environ.get("NMM_S3_ENDPOINT"):
+        return f"s3://{os.environ.get('NMM_S3_BUCKET', 'nmm')}"
+    base = (Path(cwd).resolve() / ".nmm" if cwd else home_dir()) / "store"
+    return base.as_uri()
+
+
+def join(uri: str, *parts: str) -> str:
+    out = uri.rstrip("/")
+    for p in parts:
+        out += "/" + p.strip("/")
+    return out
+
+
+def _split(uri: str) -> tuple[str, str, str]:
+    u = urlparse(uri)
+    if u.scheme == "file":
+        return "file", "", u.path
+    if u.scheme == "s3":
+        return "s3", u.netloc, u.path.lstrip("/")
+    raise StorageError(f"unsupported storage URI {uri!r}: expected file:///… or s3://bucket/…")
+
+
+@lru_cache(maxsize=4)
+def _minio(endpoint: str, access: str, secret: str, secure: bool, region: str):
+    from minio import Minio
+
+    return Minio(endpoint, access_key=access, secret_key=secret, secure=secure, region=region)
+
+
+def s3_client():
+    endpoint = os.environ.get("NMM_S3_ENDPOINT")
+    if not endpoint:
+        raise StorageError("s3:// URIs need NMM_S3_ENDPOINT (host:port or URL of MinIO/S3)")
+    secure = endpoint.startswith("https://") or os.environ.get("NMM_S3_SECURE", "") == "true"
+    endpoint = endpoint.split("://", 1)[-1].rstrip("/")
+    access = os.environ.get("NMM_S3_ACCESS_KEY") or os.environ.get("AWS_ACCESS_KEY_ID", "")
+    secret = os.environ.get("NMM_S3_SECRET_KEY") or os.environ.get("AWS_SECRET_ACCESS_KEY", "")
+    region = os.environ.get("NMM_S3_REGION", "us-east-1")
+    return _minio(endpoint, access, secret, secure, region)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write one object atomically: readers see the old object or the whole new one."""
+    scheme, bucket, key = _split(uri)
+    if scheme == "file":
+        path = Path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return
+    client = s3_client()
+    try:
+        client.put_object(bucket, key, io.BytesIO(data), len(data))
+    except Exception as exc:  # minio raises S3Error, urllib3 errors, …
+        raise StorageError(f"cannot write {uri}: {exc}") from exc
+
+
+def read_bytes(uri: str) -> bytes:
+    scheme, bucket, key = _split(uri)
+    if scheme == "file":
+        try:
+            return Path(key).read_bytes()
+        except OSError as exc:
+            raise StorageError(f"cannot read {uri}: {exc.strerror}") from exc
+    client = s3_client()
+    try:
+        resp = client.get_object(bucket, key)
+        try:
+            return resp.read()
+        finally:
+            resp.close()
+            resp.release_conn()
+    except Exception as exc:
+        raise StorageError(f"cannot read {uri}: {exc}") from exc
+
+
+def exists(uri: str) -> bool:
+    scheme, bucket, key = _split(uri)
+    if scheme == "file":
+        return Path(key).is_file()
+    from minio.error import S3Error
+
+    try:
+        s3_client().stat_object(bucket, key)
+        return True
+    except S3Error as exc:
+        if exc.code in ("NoSuchKey", "NoSuchBucket", "NoSuchObject"):
+            return False
+        raise StorageError(f"cannot stat {uri}: {exc}") from exc
+
+
+def delete(uri: str) -> None:
+    scheme, bucket, key = _split(uri)
+    if scheme == "file":
+        Path(key).unlink(missing_ok=True)
+        return
+    s3_client().remove_object(bucket, key)
+
+
+def write_json(uri: str, obj) -> None:
+    write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+
+def read_json(uri: str):
+    return json.loads(read_bytes(uri))

@@ -1,0 +1,38 @@
+"""The one shared vocabulary of an early-fusion model: specials, then text, then image codes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SPECIALS = ("<pad>", "<bos>", "<eos>", "<boi>", "<eoi>")
+PAD, BOS, EOS, BOI, EOI = range(len(SPECIALS))
+
+
+@dataclass(frozen=True)
+class SharedVocab:
+    text_size: int
+    image_size: int
+
+    @property
+    def text_offset(self) -> int:
+        return len(SPECIALS)
+
+    @property
+    def image_offset(self) -> int:
+        return self.text_offset + self.text_size
+
+    @property
+    def size(self) -> int:
+        return self.image_offset + self.image_size
+
+    def text_ids(self, local: list[int]) -> list[int]:
+        return [self.text_offset + i for i in local]
+
+    def image_ids(self, codes):
+        return codes + self.image_offset
+
+    def text_range(self) -> tuple[int, int]:
+        return self.text_offset, self.image_offset
+
+    def image_range(self) -> tuple[int, int]:
+        return self.image_offset, self.size

@@ -1,0 +1,1 @@
+"""Training: loop, loss, checkpoints, distributed setup."""
