@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.nmm-installed
 PYTHON ?= python3
 
-.PHONY: setup run test test-fast bench golden clean
+.PHONY: setup run test test-fast golden clean
 
 setup: $(STAMP)
 
@@ -24,9 +24,6 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest -m "not slow"
-
-bench: $(STAMP)
-	$(PY) benchmarks/compile_speed.py
 
 golden: $(STAMP)
 	NMM_UPDATE_GOLDEN=1 $(VENV)/bin/pytest tests/unit/test_compile_golden.py

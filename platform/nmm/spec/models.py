@@ -312,10 +312,10 @@ class PipelineBody(Model):
                     f"evaluation.gates: {gate.metric!r} is not measured by the listed suites "
                     f"(they measure {sorted(measured)})"
                 )
-        for phase in self.training.phases:
+        for i, phase in enumerate(self.training.phases):
             if phase.mixture and not set(phase.mixture) <= set(self.model.tasks):
                 raise ValueError(
-                    f"training.phases[{phase.name}].mixture names tasks {sorted(phase.mixture)} "
+                    f"training.phases[{i}].mixture: names tasks {sorted(phase.mixture)} "
                     f"outside model.tasks {self.model.tasks}"
                 )
         return self

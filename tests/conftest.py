@@ -1,0 +1,98 @@
+"""Shared fixtures. Servers for integration tests start once per session and always stop."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKFLOWS = ROOT / "workflows"
+NMM = str(Path(sys.executable).parent / "nmm")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except Exception:
+            time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+@pytest.fixture
+def clean_env(monkeypatch, tmp_path):
+    """No MLflow/S3 settings leak in from the developer's shell; NMM_HOME under tmp_path."""
+    for var in ("MLFLOW_TRACKING_URI", "NMM_S3_ENDPOINT", "NMM_STORE", "NMM_S3_BUCKET", "RAY_ADDRESS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NMM_HOME", str(tmp_path / ".nmm"))
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on loopback, reached with the minio client as production reaches MinIO."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/moto-api/", 30, proc)
+        yield {"endpoint": f"127.0.0.1:{port}", "access_key": "testing-access", "secret_key": "testing-secret"}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory, s3_server):
+    """The real `mlflow server` (sqlite backend, artifacts proxied to the S3 stand-in)."""
+    from minio import Minio
+
+    client = Minio(s3_server["endpoint"], access_key=s3_server["access_key"], secret_key=s3_server["secret_key"], secure=False, region="us-east-1")
+    if not client.bucket_exists("mlflow"):
+        client.make_bucket("mlflow")
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    env = dict(os.environ)
+    env.update({
+        "MLFLOW_S3_ENDPOINT_URL": f"http://{s3_server['endpoint']}",
+        "AWS_ACCESS_KEY_ID": s3_server["access_key"],
+        "AWS_SECRET_ACCESS_KEY": s3_server["secret_key"],
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    })
+    log = open(root / "server.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", "s3://mlflow/artifacts", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=root,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", 90, proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()

@@ -1,0 +1,35 @@
+"""`make run`'s job: the quickstart end to end with embedded defaults (local store, sqlite MLflow),
+then the metrics read back from `.nmm/mlflow.db` on the evaluate run."""
+
+import os
+import subprocess
+
+import pytest
+
+from tests.conftest import NMM, WORKFLOWS
+
+pytestmark = pytest.mark.slow
+
+
+def test_quickstart_end_to_end_meets_its_gates_and_records_lineage(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "NMM_HOME", "NMM_STORE", "NMM_S3_ENDPOINT")}
+    r = subprocess.run([NMM, "run", str(WORKFLOWS / "quickstart.yaml")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "m2t.digits.accuracy" in r.stdout and "m2g.digits.accuracy" in r.stdout
+    assert "Succeeded" in r.stdout
+    db = tmp_path / ".nmm" / "mlflow.db"
+    assert db.exists()
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("quickstart")
+    (ev,) = client.search_runs([exp.experiment_id], filter_string="tags.`nmm.stage` = 'evaluate'")
+    m = ev.data.metrics
+    # The quickstart's own gates (m2t >= 0.9, m2g >= 0.8) decide rollout; both must hold.
+    assert m["m2t.digits.accuracy"] >= 0.90, m
+    assert m["m2g.digits.accuracy"] >= 0.80, m
+    assert ev.data.tags["nmm.gate"] == "pass"
+    champion = client.get_model_version_by_alias("nmm-quickstart", "champion")
+    assert champion.tags["nmm.rollout.decision"] == "promoted"
+    assert (tmp_path / ".nmm" / "store" / "runs" / "quickstart").is_dir()

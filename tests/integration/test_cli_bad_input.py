@@ -1,0 +1,37 @@
+"""`nmm validate` and `nmm run` on malformed pipelines: exit 2, the field path, no traceback,
+nothing written."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import NMM
+from tests.unit.test_spec import BAD, expected
+
+
+def nmm(args, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "NMM_HOME", "NMM_STORE")}
+    return subprocess.run([NMM, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+@pytest.mark.parametrize("path", BAD, ids=lambda p: p.name)
+def test_bad_pipeline_exits_2_with_field_path_and_writes_nothing(path, command, tmp_path):
+    before = sorted(tmp_path.rglob("*"))
+    r = nmm([command, str(path)], tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert expected(path) in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+    assert sorted(tmp_path.rglob("*")) == before  # no .nmm, no runs, no store
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    r = nmm(["validate", str(tmp_path / "nope.yaml")], tmp_path)
+    assert r.returncode == 2 and "cannot read" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_valid_pipeline_validates(tmp_path):
+    r = nmm(["validate", str(Path(__file__).parents[2] / "workflows" / "quickstart.yaml")], tmp_path)
+    assert r.returncode == 0 and "valid NMMPipeline 'quickstart'" in r.stdout

@@ -1,0 +1,183 @@
+"""The compiler: valid against upstream CRD schemas, deterministic, secure, R11-complete."""
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from nmm.compile import CompileSettings, compile_pipeline, to_yaml
+from nmm.spec import parse_pipeline
+from tests.conftest import WORKFLOWS
+from tests.schemas import ARGO_WORKFLOW, PYTORCHJOB, crd_errors
+
+GOLDEN = Path(__file__).parent.parent / "golden"
+EXAMPLES = sorted(WORKFLOWS.glob("*.yaml"))
+
+
+def compiled(path: Path, settings: CompileSettings | None = None) -> dict:
+    return compile_pipeline(parse_pipeline(path.read_text()), settings or CompileSettings())
+
+
+def pytorchjob_of(wf: dict) -> dict:
+    (t,) = [t for t in wf["spec"]["templates"] if "resource" in t]
+    return yaml.safe_load(t["resource"]["manifest"])
+
+
+def leaf_templates(wf: dict) -> list[dict]:
+    return [t for t in wf["spec"]["templates"] if "container" in t or "resource" in t]
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_workflow_validates_against_argo_v4_crd_schema(path):
+    assert crd_errors(ARGO_WORKFLOW, "v1alpha1", compiled(path)) == []
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_pytorchjob_validates_against_training_operator_crd_schema(path):
+    assert crd_errors(PYTORCHJOB, "v1", pytorchjob_of(compiled(path))) == []
+
+
+def test_schema_check_is_strict_about_unknown_fields():
+    wf = compiled(WORKFLOWS / "quickstart.yaml")
+    bad = copy.deepcopy(wf)
+    bad["spec"]["templates"][1]["container"]["imagePulPolicy"] = "Always"
+    assert any("imagePulPolicy" in e for e in crd_errors(ARGO_WORKFLOW, "v1alpha1", bad))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_two_compiles_are_byte_identical(path):
+    assert to_yaml(compiled(path)) == to_yaml(compiled(path))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_matches_golden_file(path):
+    golden = GOLDEN / f"{path.stem}.workflow.yaml"
+    text = to_yaml(compiled(path))
+    if os.environ.get("NMM_UPDATE_GOLDEN"):
+        golden.write_text(text)
+    assert golden.exists(), f"no golden file; run `make golden` to create {golden}"
+    assert text == golden.read_text(), "compiled output changed; if on purpose, run `make golden`"
+
+
+def test_dag_is_curate_train_evaluate_rollout_with_gate_and_exit_handler():
+    wf = compiled(WORKFLOWS / "quickstart.yaml")
+    dag = {t["name"]: t for t in wf["spec"]["templates"][0]["dag"]["tasks"]}
+    assert list(dag) == ["curate", "train", "evaluate", "rollout"]
+    assert dag["train"]["dependencies"] == ["curate"]
+    assert dag["evaluate"]["dependencies"] == ["train"]
+    assert dag["rollout"]["when"] == "{{tasks.evaluate.outputs.parameters.gate}} == pass"
+    assert wf["spec"]["onExit"] == "finalize"
+    train = next(t for t in wf["spec"]["templates"] if t["name"] == "train")
+    assert train["resource"]["action"] == "create"
+    assert train["resource"]["setOwnerReference"] is True
+    assert "succeeded" in train["resource"]["successCondition"]
+    assert "failed" in train["resource"]["failureCondition"]
+
+
+def test_stages_hand_each_other_uris_not_artifacts():
+    wf = compiled(WORKFLOWS / "quickstart.yaml")
+    for t in wf["spec"]["templates"]:
+        assert "artifacts" not in t.get("inputs", {}) and "artifacts" not in t.get("outputs", {})
+
+
+def test_every_pod_template_has_retry_and_deadline_r11():
+    wf = compiled(WORKFLOWS / "quickstart.yaml")
+    for t in leaf_templates(wf):
+        assert int(t["retryStrategy"]["limit"]) >= 1, t["name"]
+        assert int(t["activeDeadlineSeconds"]) > 0, t["name"]
+    assert wf["spec"]["podGC"]["strategy"]
+    assert wf["spec"]["ttlStrategy"]["secondsAfterSuccess"] > 0
+    assert wf["spec"]["serviceAccountName"] == "nmm-workflow"
+
+
+def _pods(wf: dict) -> list[dict]:
+    """Every pod the Workflow would create, as core/v1 Pods."""
+    pods = []
+    for t in wf["spec"]["templates"]:
+        if "container" in t:
+            pods.append({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": t["name"]},
+                         "spec": {"securityContext": wf["spec"]["securityContext"], "volumes": wf["spec"]["volumes"],
+                                  "containers": [t["container"]], "restartPolicy": "Never"}})
+    job = pytorchjob_of(wf)
+    for kind, rs in job["spec"]["pytorchReplicaSpecs"].items():
+        pods.append({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": kind.lower()}, "spec": rs["template"]["spec"]})
+    return pods
+
+
+def test_every_pod_is_valid_core_v1_and_meets_restricted_plus_read_only_root_s1():
+    wf = compiled(WORKFLOWS / "quickstart.yaml")
+    for pod in _pods(wf):
+        kubernetes_validate.validate(pod, "1.33", strict=True)
+        psc = pod["spec"]["securityContext"]
+        assert psc["runAsNonRoot"] is True and psc["seccompProfile"]["type"] == "RuntimeDefault"
+        for c in pod["spec"]["containers"]:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False
+            assert sc["readOnlyRootFilesystem"] is True
+            assert sc["capabilities"]["drop"] == ["ALL"]
+            assert not sc.get("privileged")
+            mounts = {m["mountPath"] for m in c["volumeMounts"]}
+            assert "/tmp" in mounts  # writable scratch despite the read-only root
+
+
+def test_no_podspecpatch_hostpath_hostnetwork_or_privileged_s6():
+    text = to_yaml(compiled(WORKFLOWS / "quickstart.yaml"))
+    for banned in ("podSpecPatch", "hostPath", "hostNetwork", "privileged: true", "hostPID", "hostIPC"):
+        assert banned not in text
+
+
+def test_credentials_only_by_secret_reference_s4():
+    wf = compiled(WORKFLOWS / "quickstart.yaml")
+    for pod in _pods(wf):
+        for c in pod["spec"]["containers"]:
+            env = {e["name"]: e for e in c["env"]}
+            for name in ("NMM_S3_ACCESS_KEY", "NMM_S3_SECRET_KEY"):
+                assert "value" not in env[name]
+                assert env[name]["valueFrom"]["secretKeyRef"]["name"] == "nmm-s3-credentials"
+
+
+def test_images_are_pinned_never_latest_s11():
+    wf = compiled(WORKFLOWS / "quickstart.yaml")
+    for pod in _pods(wf):
+        for c in pod["spec"]["containers"]:
+            assert ":" in c["image"] and not c["image"].endswith(":latest")
+
+
+def test_pytorchjob_maps_resources_to_replicas_and_torchrun():
+    spec = parse_pipeline((WORKFLOWS / "quickstart.yaml").read_text())
+    data = spec.model_dump(mode="json", by_alias=True)
+    data["spec"]["training"]["resources"] = {"nodes": 3, "gpusPerNode": 8}
+    from nmm.spec import parse_pipeline_document
+
+    job = pytorchjob_of(compile_pipeline(parse_pipeline_document(data), CompileSettings()))
+    rs = job["spec"]["pytorchReplicaSpecs"]
+    assert rs["Master"]["replicas"] == 1 and rs["Worker"]["replicas"] == 2
+    assert job["spec"]["nprocPerNode"] == "8"
+    c = rs["Master"]["template"]["spec"]["containers"][0]
+    assert c["name"] == "pytorch" and c["command"] == ["torchrun"]
+    assert "--nnodes=3" in c["args"] and "--nproc-per-node=8" in c["args"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    assert crd_errors(PYTORCHJOB, "v1", job) == []
+
+
+def test_typed_round_trip_rejects_a_wrong_type():
+    from nmm.compile import typed_workflow
+    from nmm.compile.workflow import build
+
+    wf = build(parse_pipeline((WORKFLOWS / "quickstart.yaml").read_text()), CompileSettings())
+    wf["spec"]["templates"][1]["container"]["image"] = 5
+    with pytest.raises(Exception, match="image"):
+        typed_workflow(wf)
+
+
+def test_stage_args_carry_the_canonical_spec():
+    path = WORKFLOWS / "quickstart.yaml"
+    wf = compiled(path)
+    curate = next(t for t in wf["spec"]["templates"] if t["name"] == "curate")
+    args = curate["container"]["args"]
+    spec_json = args[args.index("--spec") + 1]
+    assert parse_pipeline(path.read_text()).model_dump(mode="json", by_alias=True) == json.loads(spec_json)

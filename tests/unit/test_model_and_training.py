@@ -1,0 +1,115 @@
+"""Model architecture, loss, generation constraints, and exact resume (R15) on CPU."""
+
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from nmm.model import ModelConfig
+from nmm.model.generate import generate
+from nmm.train import checkpoint
+from nmm.train.distributed import DistInfo
+from nmm.train.loss import next_token_loss
+from nmm.train.trainer import PhaseConfig, Preempted, TrainConfig, batch_indices, lr_at, train
+
+CPU = DistInfo(0, 0, 1, torch.device("cpu"))
+
+
+def tiny(vocab=40, **kw) -> ModelConfig:
+    return ModelConfig(vocab_size=vocab, dim=32, layers=2, heads=2, max_seq_len=16, **kw)
+
+
+def test_forward_is_causal():
+    torch.manual_seed(0)
+    m = tiny().build().eval()
+    x = torch.randint(0, 40, (2, 10))
+    y = x.clone()
+    y[:, 6:] = (y[:, 6:] + 1) % 40
+    assert torch.allclose(m(x)[:, :6], m(y)[:, :6], atol=1e-6)
+    assert not torch.allclose(m(x)[:, 6:], m(y)[:, 6:])
+
+
+def test_loss_counts_only_masked_targets_and_splits_modalities():
+    logits = torch.zeros(1, 4, 10)
+    tokens = torch.tensor([[1, 2, 8, 9]])
+    mask = torch.tensor([[0, 0, 1, 1]])
+    loss, parts = next_token_loss(logits, tokens, mask, image_range=(8, 10), z_loss=0.0)
+    assert loss.item() == pytest.approx(np.log(10), rel=1e-5)
+    assert parts["tokens_image"].item() == 2 and parts["tokens_text"].item() == 0
+    z_loss, parts = next_token_loss(logits, tokens, mask, image_range=(8, 10), z_loss=1.0)
+    assert z_loss.item() == pytest.approx(np.log(10) + np.log(10) ** 2, rel=1e-5)
+
+
+def test_generation_stays_inside_the_allowed_range():
+    torch.manual_seed(0)
+    m = tiny().build()
+    outs = generate(m, [[1, 2, 3], [1, 2], [1, 2, 3]], 5, allowed=(20, 30), temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert all(len(o) == 5 and all(20 <= t < 30 for t in o) for o in outs)
+
+
+def test_lr_warms_up_then_decays_to_ten_percent():
+    p = PhaseConfig(name="p", steps=100, batch_size=4, lr=1.0, warmup_steps=10)
+    assert lr_at(p, 0) == pytest.approx(0.1)
+    assert lr_at(p, 9) == pytest.approx(1.0)
+    assert lr_at(p, 99) == pytest.approx(0.1, abs=0.01)
+
+
+def test_batches_are_a_pure_function_of_seed_and_step_and_follow_the_mixture():
+    rows = {"m2t": np.arange(0, 50), "m2g": np.arange(50, 100)}
+    p = PhaseConfig(name="p", steps=10, batch_size=20, lr=1e-3, mixture={"m2t": 0.75, "m2g": 0.25})
+    a, b = batch_indices(rows, p, 0, 3), batch_indices(rows, p, 0, 3)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, batch_indices(rows, p, 0, 4))
+    assert (a < 50).sum() == 15
+
+
+def _data(n=64, length=12, vocab=40):
+    g = np.random.default_rng(0)
+    tokens = g.integers(5, vocab, (n, length)).astype(np.int32)
+    mask = np.ones_like(tokens, dtype=np.uint8)
+    mask[:, :3] = 0
+    task = (np.arange(n) % 2).astype(np.int8)
+    return tokens, mask, task
+
+
+def _cfg(steps, interval=1000):  # noqa: D103
+    return TrainConfig(
+        model=tiny(dropout=0.1),
+        phases=(PhaseConfig(name="a", steps=steps // 2, batch_size=8, lr=3e-3, warmup_steps=2),
+                PhaseConfig(name="b", steps=steps - steps // 2, batch_size=8, lr=1e-3)),
+        seed=3, checkpoint_interval=interval, keep_latest=2, log_every=1,
+    )
+
+
+def test_sigterm_checkpoints_and_resume_matches_uninterrupted_training_bitwise_r15_r18(tmp_path):
+    tokens, mask, task = _data()
+    straight, _ = train(_cfg(12), tokens, mask, task, (30, 40), CPU, (tmp_path / "a").as_uri(), lambda m, s: None)
+    # Same config, interrupted: SIGTERM arrives at step 10 (inside phase b), the trainer
+    # checkpoints and stops; a fresh call resumes from that checkpoint.
+    root = (tmp_path / "b").as_uri()
+
+    def kill_at_ten(metrics, step):
+        if step == 10:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Preempted):
+        train(_cfg(12), tokens, mask, task, (30, 40), CPU, root, kill_at_ten)
+    resumed, summary = train(_cfg(12), tokens, mask, task, (30, 40), CPU, root, lambda m, s: None)
+    assert summary["resumed_from"] == 10
+    for (k, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_checkpoint_without_manifest_is_never_loaded_and_old_ones_go_after_commit_r14_r16(tmp_path):
+    root = (tmp_path / "ck").as_uri()
+    for step in (1, 2, 3):
+        checkpoint.save(root, step, {"w": torch.full((2,), float(step))}, keep_latest=2)
+    assert not (tmp_path / "ck" / "step-00000001" / "manifest.json").exists()
+    step, state = checkpoint.load_latest(root)
+    assert step == 3 and state["w"][0].item() == 3.0
+    # A crash after the data but before the manifest of step 3: step 3 must not load.
+    (tmp_path / "ck" / "step-00000003" / "manifest.json").unlink()
+    step, state = checkpoint.load_latest(root)
+    assert step == 2

@@ -1,0 +1,77 @@
+import numpy as np
+
+from nmm.data.curate import dedup_exact, split
+from nmm.data.sequences import build, pack_rows
+from nmm.data.sources import SourceData, digit_captions, load_digits, parse_digit
+from nmm.tokenizers import PatchVQ, SharedVocab, TextTokenizer
+from nmm.tokenizers.vocab import BOI, BOS, EOI, EOS, PAD
+
+
+def test_bpe_round_trips_captions_and_is_smaller_than_bytes():
+    texts = [c for y in range(10) for c in digit_captions(y, bytes([y]), 4)]
+    tok = TextTokenizer.train("bpe", texts, 64)
+    for t in texts:
+        assert tok.decode(tok.encode(t)) == t
+    assert len(tok.encode(texts[0])) < len(texts[0].encode())
+    again = TextTokenizer.from_bytes(tok.to_bytes())
+    assert again.encode(texts[3]) == tok.encode(texts[3])
+
+
+def test_patch_vq_fits_train_only_and_round_trips_through_bytes():
+    rng = np.random.default_rng(0)
+    images = rng.random((50, 8, 8, 1), dtype=np.float32)
+    vq = PatchVQ.fit(images, 2, 16, seed=0)
+    codes = vq.encode(images)
+    assert codes.shape == (50, 16) and codes.max() < 16
+    recon = vq.decode(codes)
+    assert recon.shape == images.shape
+    again = PatchVQ.from_bytes(vq.to_bytes())
+    assert np.array_equal(again.encode(images), codes)
+    assert again.image_shape == (8, 8, 1)
+
+
+def test_vq_reconstruction_of_digits_stays_close():
+    d = load_digits(1)
+    vq = PatchVQ.fit(d.images[:800], 2, 32, seed=0)
+    err = np.abs(vq.decode(vq.encode(d.images[800:])) - d.images[800:]).mean()
+    assert err < 0.08
+
+
+def test_shared_vocab_ranges_do_not_overlap():
+    v = SharedVocab(text_size=40, image_size=32)
+    lo_t, hi_t = v.text_range()
+    lo_i, hi_i = v.image_range()
+    assert {PAD, BOS, EOS, BOI, EOI} == set(range(lo_t))
+    assert hi_t == lo_i and hi_i == v.size == 5 + 40 + 32
+
+
+def test_m2t_and_m2g_sequences_mask_only_the_target():
+    v = SharedVocab(text_size=10, image_size=8)
+    codes = np.array([1, 2, 3])
+    toks, mask = build(v, codes, [4, 5], "m2t")
+    assert toks[:2] == [BOS, BOI] and toks[-1] == EOS
+    assert [t for t, m in zip(toks, mask) if m] == [v.text_offset + 4, v.text_offset + 5, EOS]
+    toks, mask = build(v, codes, [4, 5], "m2g")
+    assert [t for t, m in zip(toks, mask) if m] == [v.image_offset + 1, v.image_offset + 2, v.image_offset + 3, EOI]
+    tokens, masks = pack_rows([build(v, codes, [4], "m2t"), build(v, codes, [4, 5, 6], "m2g")])
+    assert tokens.shape == masks.shape and tokens[0, -1] == PAD and masks[0, -1] == 0
+
+
+def test_dedup_drops_identical_images_and_split_is_content_stable():
+    d = load_digits(1)
+    dup = SourceData("x", np.concatenate([d.images[:20], d.images[:5]]), np.concatenate([d.labels[:20], d.labels[:5]]), d.captions[:20] + d.captions[:5])
+    out, dropped = dedup_exact(dup)
+    assert dropped == 5 and len(out.images) == 20
+    a = split(d, 0.7, 0.1)
+    perm = np.random.default_rng(1).permutation(len(d.images))
+    shuffled = SourceData("x", d.images[perm], d.labels[perm], [d.captions[i] for i in perm])
+    b = split(shuffled, 0.7, 0.1)
+    for name in ("train", "val", "test"):
+        assert sorted(perm[b[name]].tolist()) == sorted(a[name].tolist())
+    assert not set(a["train"]) & set(a["test"])
+
+
+def test_parse_digit_reads_numerals_and_words():
+    assert parse_digit("a handwritten digit 7") == 7
+    assert parse_digit("the number three") == 3
+    assert parse_digit("a scanned thing") is None
