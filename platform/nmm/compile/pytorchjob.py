@@ -2,6 +2,8 @@
 
 One pod per node (Master + Workers), each running torchrun with one process per GPU (or per
 requested CPU process). Values `{{…}}` are Argo parameters, substituted when the step runs.
+A failed worker fails its pod; the job's `backoffLimit` (spec `training.maxRestarts`) restarts
+pods, each restart a fresh torchrun that resumes from the latest committed checkpoint.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ def _pod(spec: PipelineSpec, spec_json: str, s: CompileSettings) -> k8s.V1PodTem
         "--node-rank=$(RANK)",
         "--master-addr=$(MASTER_ADDR)",
         "--master-port=$(MASTER_PORT)",
-        f"--max-restarts={spec.spec.training.maxRestarts}",
         "--no-python",
         "nmm",
     ]

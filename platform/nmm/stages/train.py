@@ -155,12 +155,15 @@ def run(ctx: StageContext, dataset_uri: str) -> int:
                 log.warning("%s; exiting %d so the job restarts and resumes", exc, EXIT_PREEMPTED)
                 return EXIT_PREEMPTED
             wall = time.perf_counter() - t0
+            # Every rank is done: leave the process group before rank 0's slow I/O, so no
+            # collective is pending while it logs and publishes; the other ranks exit now.
+            distributed.barrier(info)
+            distributed.shutdown(info)
             if info.is_main:
                 log.info("trained %d steps in %.1fs; %d parameters", summary["steps"], wall, model.num_params())
                 run_.log_metrics({"train/wall_s": wall, "train/params": model.num_params()}, summary["steps"])
                 _publish(ctx, run_, ds, cfg, model, summary, key)
                 ctx.write_outputs({"model_uri": out_uri})
-            distributed.barrier(info)
         return 0
     finally:
         distributed.shutdown(info)

@@ -1,7 +1,8 @@
 """The training loop: DDP over a mixture of M2T and M2G sequences, resumable from checkpoints.
 
-Batches are a pure function of (seed, step), so a resumed run sees exactly the data an
-uninterrupted run would have seen.
+Batches are a pure function of (seed, step) and dropout randomness a pure function of
+(seed, rank, step), so a resumed run sees exactly the data and masks an uninterrupted run would
+have seen, whatever the world size; each rank draws its own dropout masks.
 """
 
 from __future__ import annotations
@@ -76,6 +77,11 @@ def batch_indices(rows_by_task: dict[str, np.ndarray], phase: PhaseConfig, seed:
     return np.concatenate(picks)
 
 
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of all randomness (dropout) of one rank at one step."""
+    return ((seed * 1_000_003 + step) * 4096 + rank) % (2**63 - 1)
+
+
 def _optimizer(model: torch.nn.Module, phase: PhaseConfig) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -107,7 +113,6 @@ def train(
         start, state = resumed
         model.load_state_dict(state["model"])
         opt_state = state["optimizer"]
-        torch.set_rng_state(state["rng"])
 
     stop = {"term": False}
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(term=True))
@@ -125,6 +130,7 @@ def train(
                 opt_state = None
             ddp.train()
             for s in range(max(start, phase_start), step):
+                torch.manual_seed(step_seed(cfg.seed, s, info.rank))
                 lr = lr_at(phase, s - phase_start)
                 for g in opt.param_groups:
                     g["lr"] = lr
@@ -170,6 +176,6 @@ def train(
 
 def _save(cfg: TrainConfig, root: str, step: int, model, opt, info: DistInfo) -> None:
     if info.is_main:
-        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "rng": torch.get_rng_state()}
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}
         checkpoint.save(root, step, state, cfg.keep_latest)
     barrier(info)
