@@ -120,14 +120,14 @@ def run(
     from nmm.engine import run_workflow
     from nmm.engine.process import tail
     from nmm.engine.progress import Progress
-    from nmm.engine.runner import _name, no_local_effect
+    from nmm.engine.runner import no_local_effect, workflow_name
     from nmm.home import home_dir
 
     workflow = compile_pipeline(spec, CompileSettings.local(store or storage.default_store_uri()))
     ignored = no_local_effect(workflow)
     if ignored:
         err.print(f"[yellow]warning[/]: no local effect (cluster only): {', '.join(ignored)}")
-    name = _name(workflow["metadata"]["generateName"])
+    name = workflow_name(workflow["metadata"]["generateName"])
     steps = [t["name"] for t in workflow["spec"]["templates"][0]["dag"]["tasks"]] + [workflow["spec"]["onExit"]]
     with Progress(name, steps, err) as progress:
         result = run_workflow(workflow, home_dir() / "runs", progress, name=name)

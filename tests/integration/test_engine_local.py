@@ -1,7 +1,6 @@
 """The local engine on small hand-written Workflows whose steps are `python -c` processes."""
 
 import sys
-from pathlib import Path
 
 from nmm.engine import run_workflow
 
@@ -36,7 +35,7 @@ def workflow(tasks: list[dict], templates: list[dict], on_exit: str | None = Non
 
 
 def writer(name: str, value: str) -> str:
-    # The step writes to the mapped /tmp: the engine rewrote the path in argv, here we use an arg.
+    """Code that writes `value` to the path in argv[1] (the engine maps /tmp/… to the step's folder)."""
     return f"import pathlib,sys; p=pathlib.Path(sys.argv[1]); p.parent.mkdir(parents=True, exist_ok=True); p.write_text({value!r})"
 
 

@@ -1,5 +1,6 @@
 """Model architecture, loss, generation constraints, and exact resume (R15) on CPU."""
 
+import json
 import os
 import signal
 
@@ -113,3 +114,21 @@ def test_checkpoint_without_manifest_is_never_loaded_and_old_ones_go_after_commi
     (tmp_path / "ck" / "step-00000003" / "manifest.json").unlink()
     step, state = checkpoint.load_latest(root)
     assert step == 2
+
+
+def test_published_model_folder_serves_through_the_pyfunc_loader(tmp_path):
+    from nmm.serve.model_dir import model_files
+    from nmm.serve.pyfunc import _load_pyfunc
+    from nmm.tokenizers import PatchVQ, SharedVocab, TextTokenizer
+
+    text = TextTokenizer.train("bpe", ["a handwritten digit 3", "the number seven"], 64)
+    vq = PatchVQ.fit(np.random.default_rng(0).random((20, 8, 8, 1), dtype=np.float32), 2, 8)
+    vocab = SharedVocab(text_size=text.size, image_size=vq.size)
+    cfg = ModelConfig(vocab_size=vocab.size, dim=32, layers=1, heads=2, max_seq_len=40)
+    config = {"model": json.loads(cfg.to_json()), "vocab": {"text_size": text.size, "image_size": vq.size}}
+    for name, data in model_files(cfg.build(), config, text.to_bytes(), vq.to_bytes()).items():
+        (tmp_path / name).write_bytes(data)
+    predictor = _load_pyfunc(str(tmp_path))
+    drawn, captioned = predictor.predict([{"prompt": "a handwritten digit 3"}, {"image_codes": [0] * 16}])
+    assert np.asarray(drawn["image"]).shape == (8, 8, 1)
+    assert isinstance(captioned["text"], str)

@@ -53,3 +53,12 @@ def test_rollout_promotes_only_when_gates_pass_and_not_worse_than_champion():
     ok, reason = decide(True, {"m2t.digits.accuracy": 0.91}, {"m2t.digits.accuracy": 0.93}, gated)
     assert not ok and "worse than champion" in reason
     assert decide(True, {"m2t.digits.accuracy": 0.93}, {"m2t.digits.accuracy": 0.93}, gated)[0] is True
+
+
+@pytest.mark.parametrize("bad", ["../escape.txt", "a/../../b", "x#frag", "x;rm", "/abs/path", "file:///etc/passwd"])
+def test_lineage_refuses_artifact_paths_that_escape_the_run_s8(bad):
+    from nmm.lineage.runs import _safe_artifact_path
+
+    with pytest.raises(ValueError, match="refusing artifact path"):
+        _safe_artifact_path(bad)
+    assert _safe_artifact_path("eval") == "eval"

@@ -19,7 +19,7 @@ from nmm.engine.when import evaluate
 NO_LOCAL_EFFECT = (
     "image", "imagePullPolicy", "resources", "securityContext", "serviceAccountName", "podGC", "ttlStrategy",
     "podMetadata", "nodeSelector", "affinity", "tolerations", "backoff", "setOwnerReference", "runPolicy",
-    "automountServiceAccountToken", "secretKeyRef", "namespace", "activeDeadlineSeconds(workflow)",
+    "automountServiceAccountToken", "secretKeyRef", "namespace",
 )
 
 
@@ -49,7 +49,8 @@ class RunResult:
     warnings: list[str]
 
 
-def _name(generate_name: str) -> str:
+def workflow_name(generate_name: str) -> str:
+    """What the API server does with generateName: append 5 random characters."""
     alphabet = string.ascii_lowercase + string.digits
     return generate_name + "".join(secrets.choice(alphabet) for _ in range(5))
 
@@ -103,7 +104,7 @@ class Engine:
     def __init__(self, workflow: dict, runs_dir: Path, progress: Progress | None = None, name: str | None = None, cwd: str | None = None):
         self.wf = workflow
         self.templates = {t["name"]: t for t in workflow["spec"]["templates"]}
-        self.name = name or _name(workflow["metadata"]["generateName"])
+        self.name = name or workflow_name(workflow["metadata"]["generateName"])
         self.folder = runs_dir / self.name
         self.volumes = workflow["spec"].get("volumes", [])
         self.cwd = cwd

@@ -148,8 +148,13 @@ def _dataset_source(uri: str):
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.http_dataset_source import HTTPDatasetSource
 
+    import warnings
+
     try:
-        return resolve_dataset_source(uri)
+        with warnings.catch_warnings():
+            # file:// matches two registered local sources that are the same class; either is right.
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            return resolve_dataset_source(uri)
     except Exception:  # no registered source understands this scheme
         return HTTPDatasetSource(url=uri)
 

@@ -246,7 +246,6 @@ def parse_gate(text: str) -> Gate:
 class Evaluation(Model):
     suites: Annotated[list[str], Field(min_length=1, max_length=32)]
     gates: Annotated[list[str], Field(max_length=64)] = []
-    samples: Annotated[int, Field(ge=1, le=100_000)] = 300
     generationsPerClass: Annotated[int, Field(ge=1, le=1000)] = 10
     temperature: Annotated[float, Field(gt=0.0, le=5.0)] = 0.7
 

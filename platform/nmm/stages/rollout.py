@@ -48,11 +48,9 @@ def run(ctx: StageContext, model_uri: str, metrics_json: str, gate: str) -> int:
         )
         lineage.promote(name, mv.version, "candidate")
         champ = lineage.alias_version(name, "champion")
-        champion_metrics = None
+        champion_metrics = None  # none yet, or this very version already holds it (a retried rollout)
         if champ is not None and champ.version != mv.version:
             champion_metrics = {k[len(METRIC_TAG):]: float(v) for k, v in champ.tags.items() if k.startswith(METRIC_TAG)}
-        elif champ is not None:
-            champion_metrics = None  # this very version already holds champion (a retried rollout)
         promote, reason = decide(gate == "pass", metrics, champion_metrics, gated)
         decision = "promoted" if promote else "kept"
         if promote:

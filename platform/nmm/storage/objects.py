@@ -17,14 +17,13 @@ class StorageError(RuntimeError):
     """An object could not be read or written."""
 
 
-def default_store_uri(cwd: str | os.PathLike | None = None) -> str:
+def default_store_uri() -> str:
     """`s3://$NMM_S3_BUCKET` when an S3 endpoint is configured, else `file://<cwd>/.nmm/store`."""
     if os.environ.get("NMM_STORE"):
         return os.environ["NMM_STORE"].rstrip("/")
     if os.environ.get("NMM_S3_ENDPOINT"):
         return f"s3://{os.environ.get('NMM_S3_BUCKET', 'nmm')}"
-    base = (Path(cwd).resolve() / ".nmm" if cwd else home_dir()) / "store"
-    return base.as_uri()
+    return (home_dir() / "store").as_uri()
 
 
 def join(uri: str, *parts: str) -> str:

@@ -71,7 +71,6 @@ class PatchVQ:
     @classmethod
     def from_bytes(cls, data: bytes) -> "PatchVQ":
         from safetensors.numpy import load
-        from safetensors import safe_open  # noqa: F401  (metadata via the header below)
 
         arrays = load(data)
         header_len = int.from_bytes(data[:8], "little")
