@@ -26,7 +26,7 @@ test-fast: $(STAMP)
 	$(VENV)/bin/pytest -m "not slow"
 
 golden: $(STAMP)
-	NMM_UPDATE_GOLDEN=1 $(VENV)/bin/pytest tests/unit/test_compile_golden.py
+	NMM_UPDATE_GOLDEN=1 $(VENV)/bin/pytest -q tests/unit/test_compile.py tests/unit/test_crd.py
 
 clean:
 	rm -rf .nmm

@@ -62,12 +62,24 @@ def compile_(
     """Print the Argo Workflow (YAML) the pipeline compiles to."""
     from dataclasses import replace
 
-    from nmm.compile import CompileSettings, compile_pipeline, to_yaml
+    from nmm.compile import CompileSettings, to_yaml
 
     spec = _load_spec(file)
     settings = CompileSettings()
     overrides = {k: v for k, v in {"image": image, "namespace": namespace, "store_uri": store, "service_account": service_account}.items() if v}
-    sys.stdout.write(to_yaml(compile_pipeline(spec, replace(settings, **overrides))))
+    sys.stdout.write(to_yaml(_compile(spec, replace(settings, **overrides))))
+
+
+def _compile(spec, settings) -> dict:
+    """Compile; a request no GPU pool can hold (or a model too big for it) exits 2."""
+    from nmm.compile import compile_pipeline
+    from nmm.gpu.pools import PlacementError
+
+    try:
+        return compile_pipeline(spec, settings)
+    except PlacementError as exc:
+        err.print(f"[red]error[/]: {exc}", highlight=False)
+        raise typer.Exit(EXIT_BAD_INPUT)
 
 
 def _summary(result, spec) -> None:
@@ -116,14 +128,14 @@ def run(
     """Compile the pipeline and run the compiled Workflow here (embedded local engine)."""
     spec = _load_spec(file)
     from nmm import storage
-    from nmm.compile import CompileSettings, compile_pipeline
+    from nmm.compile import CompileSettings
     from nmm.engine import run_workflow
     from nmm.engine.process import tail
     from nmm.engine.progress import Progress
     from nmm.engine.runner import no_local_effect, workflow_name
     from nmm.home import home_dir
 
-    workflow = compile_pipeline(spec, CompileSettings.local(store or storage.default_store_uri()))
+    workflow = _compile(spec, CompileSettings.local(store or storage.default_store_uri()))
     ignored = no_local_effect(workflow)
     if ignored:
         err.print(f"[yellow]warning[/]: no local effect (cluster only): {', '.join(ignored)}")
@@ -138,6 +150,16 @@ def run(
                 err.print(f"[red]step {s.name} failed[/] ({s.message}); last lines of {s.logs[-1]}:")
                 sys.stderr.write(tail(s.logs[-1]) + "\n")
         raise typer.Exit(1)
+
+
+@app.command()
+def crd() -> None:
+    """Print the NMMPipeline CustomResourceDefinition (generated from the spec models)."""
+    import yaml
+
+    from nmm.spec.crd import crd as build
+
+    sys.stdout.write(yaml.safe_dump(build(), sort_keys=False, width=100))
 
 
 @app.command()

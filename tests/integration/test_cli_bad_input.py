@@ -35,3 +35,15 @@ def test_missing_file_is_a_clear_error(tmp_path):
 def test_valid_pipeline_validates(tmp_path):
     r = nmm(["validate", str(Path(__file__).parents[2] / "workflows" / "quickstart.yaml")], tmp_path)
     assert r.returncode == 0 and "valid NMMPipeline 'quickstart'" in r.stdout
+
+
+def test_compile_rejects_a_model_too_big_for_its_gpu_with_exit_2(tmp_path):
+    import yaml
+
+    doc = yaml.safe_load((Path(__file__).parents[2] / "workflows" / "quickstart.yaml").read_text())
+    doc["spec"]["training"]["resources"] = {"gpusPerNode": 1, "gpuMemoryGiB": 24}
+    doc["spec"]["model"]["size"] = {"dim": 8192, "layers": 64, "heads": 64}
+    path = tmp_path / "big.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    r = nmm(["compile", str(path)], tmp_path)
+    assert r.returncode == 2 and "does not fit a 24 GiB GPU" in r.stderr and "Traceback" not in r.stderr

@@ -49,3 +49,9 @@ def test_sandbox_maps_only_emptydir_mounts(tmp_path):
     assert sb.map_path("/tmp/nmm/outputs/x") == str(tmp_path / "tmp" / "nmm/outputs/x")
     assert sb.map_path("/tmpfoo") == "/tmpfoo"
     assert sb.map_path("/etc/cfg/a") == "/etc/cfg/a"
+
+
+def test_the_command_is_never_mapped_even_when_it_lives_under_a_mount_path(tmp_path):
+    sb = Sandbox(mounts={"/tmp": tmp_path})
+    argv = sb.map_argv(["/tmp/venv/bin/python", "/tmp/out/x", "--flag", "file:///tmp/store"])
+    assert argv == ["/tmp/venv/bin/python", str(tmp_path / "out/x"), "--flag", "file:///tmp/store"]

@@ -132,3 +132,10 @@ def test_published_model_folder_serves_through_the_pyfunc_loader(tmp_path):
     drawn, captioned = predictor.predict([{"prompt": "a handwritten digit 3"}, {"image_codes": [0] * 16}])
     assert np.asarray(drawn["image"]).shape == (8, 8, 1)
     assert isinstance(captioned["text"], str)
+
+
+def test_generation_stops_at_the_context_length_without_a_stop_token():
+    torch.manual_seed(0)
+    m = ModelConfig(vocab_size=40, dim=32, layers=1, heads=2, max_seq_len=12).build()
+    (out,) = generate(m, [list(range(1, 11))], max_new=24, allowed=(20, 30), stop=2)
+    assert len(out) == 2  # 10 prompt tokens + 2 = the 12-token context

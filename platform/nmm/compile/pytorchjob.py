@@ -13,7 +13,32 @@ from kubernetes import client as k8s
 
 from nmm.compile import pods
 from nmm.compile.settings import CompileSettings
+from nmm.gpu import memory, pools
 from nmm.spec import PipelineSpec
+
+CAPTION_TOKENS = 32  # room for a caption and the special tokens in a sequence
+
+
+def estimated_seq_len(spec: PipelineSpec) -> int:
+    src = spec.spec.data.sources[0]
+    side = 8 if src.kind == "digits" else src.imageSize
+    patch = spec.spec.model.tokenizers.image.patchSize
+    return (side // patch) ** 2 + CAPTION_TOKENS
+
+
+def check_memory(spec: PipelineSpec, gpu_memory_gib: float) -> memory.MemoryEstimate:
+    """Reject a model that cannot train on one GPU of `gpu_memory_gib` (data parallel: a full
+    replica per GPU)."""
+    m, t, r = spec.spec.model, spec.spec.training, spec.spec.training.resources
+    vocab = m.tokenizers.text.vocabSize + m.tokenizers.image.codebookSize + 5
+    micro = -(-max(p.batchSize for p in t.phases) // (r.nodes * r.procs_per_node))
+    est = memory.estimate(m.size.dim, m.size.layers, m.size.heads, vocab, estimated_seq_len(spec), micro)
+    if not est.fits(gpu_memory_gib):
+        raise pools.PlacementError(
+            f"spec.model.size: the model does not fit a {gpu_memory_gib:g} GiB GPU: {est.describe()}; "
+            "shrink the model or the batch, or ask for GPUs with more memory"
+        )
+    return est
 
 
 def _resources(spec: PipelineSpec) -> k8s.V1ResourceRequirements:
@@ -49,14 +74,24 @@ def _pod(spec: PipelineSpec, spec_json: str, s: CompileSettings) -> k8s.V1PodTem
         security_context=pods.container_security_context(),
         volume_mounts=[pods.tmp_mount(), {"name": "dshm", "mountPath": "/dev/shm"}],
     )
+    pod = k8s.V1PodSpec(
+        containers=[container],
+        automount_service_account_token=False,
+        security_context=pods.pod_security_context(s),
+        volumes=[pods.tmp_volume(), {"name": "dshm", "emptyDir": {"medium": "Memory"}}],
+    )
+    if r.gpusPerNode:
+        chosen = None
+        if s.gpu_pools is not None:
+            chosen = pools.choose(s.gpu_pools, r.gpusPerNode, r.gpuMemoryGiB, r.gpuProduct)
+            pod.affinity = pools.affinity(chosen)
+            pod.tolerations = pools.tolerations(chosen)
+        smallest = r.gpuMemoryGiB or (min(p.memory_gib for p in chosen) if chosen else None)
+        if smallest:
+            check_memory(spec, smallest)
     return k8s.V1PodTemplateSpec(
         metadata=k8s.V1ObjectMeta(labels={"nmm.dev/pipeline": spec.metadata.name, "nmm.dev/stage": "train"}),
-        spec=k8s.V1PodSpec(
-            containers=[container],
-            automount_service_account_token=False,
-            security_context=pods.pod_security_context(s),
-            volumes=[pods.tmp_volume(), {"name": "dshm", "emptyDir": {"medium": "Memory"}}],
-        ),
+        spec=pod,
     )
 
 

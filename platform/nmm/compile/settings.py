@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from nmm.gpu.pools import EXAMPLE_POOLS, GpuPool
+
 
 @dataclass(frozen=True, kw_only=True)
 class CompileSettings:
@@ -28,8 +30,13 @@ class CompileSettings:
     ttl_after_success_seconds: int = 7 * 24 * 3600
     ttl_after_failure_seconds: int = 14 * 24 * 3600
     run_as_user: int = 1000
+    # GPU node pools (chart values `gpuPools`); None = no placement (the local engine).
+    gpu_pools: tuple[GpuPool, ...] | None = EXAMPLE_POOLS
 
     @classmethod
     def local(cls, store_uri: str) -> "CompileSettings":
         """Embedded defaults for `nmm run` on a laptop: a local store, MLflow from the env/default."""
-        return cls(store_uri=store_uri, mlflow_tracking_uri=None, s3_endpoint=None, s3_secret_name=None, namespace="default")
+        return cls(
+            store_uri=store_uri, mlflow_tracking_uri=None, s3_endpoint=None, s3_secret_name=None,
+            namespace="default", gpu_pools=None,
+        )

@@ -50,7 +50,7 @@ def launch_job(manifest_text: str, step_dir: Path, log_dir: Path, log_prefix: st
             }
             env = container_env(container, sandbox, operator_env)
             argv = [expand_env_refs(a, env) for a in container.get("command", []) + container.get("args", [])]
-            argv = resolve_command(sandbox.map_args(argv))
+            argv = resolve_command(sandbox.map_argv(argv))
             group.append(launch(f"{kind.lower()}-{i}", argv, env, log_dir / f"{log_prefix}-{kind.lower()}-{i}.log"))
             rank += 1
     return group, job

@@ -138,7 +138,7 @@ class Engine:
             c = substitute_all(template["container"], scope)
             sandbox = Sandbox.for_container(c, self.volumes, step_dir)
             env = container_env(c, sandbox)
-            argv = resolve_command(sandbox.map_args(c.get("command", []) + c.get("args", [])))
+            argv = resolve_command(sandbox.map_argv(c.get("command", []) + c.get("args", [])))
             group = [process.launch(task_name, argv, env, log_dir / f"{task_name}-{attempt}.log", cwd=self.cwd)]
         logs = [p.log_path for p in group]
         codes = process.wait_all(group, deadline, on_tick=lambda: self._notify(task_name, note=process.last_line(logs[0])))

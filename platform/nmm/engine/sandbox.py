@@ -32,8 +32,9 @@ class Sandbox:
                 return str(local) + path[len(mount):]
         return path
 
-    def map_args(self, args: list[str]) -> list[str]:
-        return [self.map_path(a) if a.startswith("/") else a for a in args]
+    def map_argv(self, argv: list[str]) -> list[str]:
+        """Map container paths in the arguments; the command itself is resolved on the host."""
+        return argv[:1] + [self.map_path(a) if a.startswith("/") else a for a in argv[1:]]
 
 
 def container_env(container: dict, sandbox: Sandbox, extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -20,7 +20,8 @@ def generate(
 ) -> list[list[int]]:
     """Continue each prompt by up to `max_new` tokens drawn from [allowed[0], allowed[1]) plus
     `extra_allowed`; temperature 0 is greedy. Prompts of equal length are batched together, so
-    positions match training exactly (no padding)."""
+    positions match training exactly (no padding). Generation stops at the model's context
+    length (`max_seq_len`) even when no stop token came."""
     out: list[list[int]] = [[] for _ in prompts]
     by_len: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
@@ -39,6 +40,7 @@ def _generate_batch(model, prompts, max_new, allowed, stop, extra_allowed, tempe
     device = next(model.parameters()).device
     n = len(prompts)
     seq = torch.tensor(prompts, dtype=torch.long, device=device)
+    max_new = max(0, min(max_new, model.cfg.max_seq_len - seq.shape[1]))
     vocab = model.cfg.vocab_size
     mask = torch.full((vocab,), float("-inf"), device=device)
     mask[allowed[0] : allowed[1]] = 0.0

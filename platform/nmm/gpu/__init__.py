@@ -1,0 +1,1 @@
+"""GPUs: NVML inventory and telemetry, node-pool placement, memory estimates."""

@@ -1,0 +1,119 @@
+"""The NMMPipeline CustomResourceDefinition, generated from the pydantic models (no I/O).
+
+Pydantic's JSON Schema becomes a Kubernetes *structural* schema: `$ref`s inlined, `X | None`
+as `nullable`, `const` as a one-value `enum`, numeric `exclusiveMinimum/Maximum` as OpenAPI v3.0
+booleans, titles and defaults dropped (the operator applies defaults by parsing with pydantic,
+and reports unknown fields as a Failed condition — the API server would only prune them).
+"""
+
+from __future__ import annotations
+
+from nmm.spec.models import PipelineBody
+
+GROUP = "nmm.dev"
+PLURAL = "nmmpipelines"
+DROP = {"title", "default", "examples"}
+
+
+def _structural(node, defs: dict):
+    if isinstance(node, list):
+        return [_structural(x, defs) for x in node]
+    if not isinstance(node, dict):
+        return node
+    if "$ref" in node:
+        target = defs[node["$ref"].split("/")[-1]]
+        merged = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
+        return _structural(merged, defs)
+    variants = node.get("anyOf")
+    if variants and any(v.get("type") == "null" for v in variants):
+        rest = [v for v in variants if v.get("type") != "null"]
+        base = {k: v for k, v in node.items() if k != "anyOf"}
+        inner = rest[0] if len(rest) == 1 else {"anyOf": rest}
+        out = _structural({**inner, **base}, defs)
+        out["nullable"] = True
+        return out
+    out = {}
+    for k, v in node.items():
+        if k in DROP or k == "$defs":
+            continue
+        if k == "additionalProperties" and v is False:
+            continue
+        if k == "const":
+            out["enum"] = [v]
+            continue
+        if k in ("exclusiveMinimum", "exclusiveMaximum") and not isinstance(v, bool):
+            out["minimum" if k == "exclusiveMinimum" else "maximum"] = v
+            out[k] = True
+            continue
+        out[k] = _structural(v, defs)
+    if "properties" in out:
+        out["properties"] = {name: _structural(s, defs) for name, s in out["properties"].items()}
+        out.setdefault("type", "object")
+    return out
+
+
+def spec_schema() -> dict:
+    raw = PipelineBody.model_json_schema(by_alias=True)
+    return _structural(raw, raw.get("$defs", {}))
+
+
+def status_schema() -> dict:
+    return {
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": True,
+        "properties": {
+            "phase": {"type": "string"},
+            "stage": {"type": "string"},
+            "champion": {"type": "string"},
+            "workflow": {"type": "string"},
+            "observedGeneration": {"type": "integer"},
+        },
+    }
+
+
+def crd() -> dict:
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{PLURAL}.{GROUP}", "labels": {"app.kubernetes.io/part-of": "nmm-platform"}},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": "NMMPipeline",
+                "listKind": "NMMPipelineList",
+                "plural": PLURAL,
+                "singular": "nmmpipeline",
+                "shortNames": ["nmmp"],
+                "categories": ["nmm"],
+            },
+            "versions": [
+                {
+                    "name": "v1alpha1",
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": [
+                        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+                        {"name": "Stage", "type": "string", "jsonPath": ".status.stage"},
+                        {"name": "Champion", "type": "string", "jsonPath": ".status.champion"},
+                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                    ],
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": "A native-multimodal-model pipeline: curate, train, evaluate, roll out.",
+                            "required": ["spec"],
+                            "properties": {
+                                "apiVersion": {"type": "string"},
+                                "kind": {"type": "string"},
+                                "metadata": {"type": "object"},
+                                "spec": spec_schema(),
+                                "status": status_schema(),
+                            },
+                        }
+                    },
+                }
+            ],
+        },
+    }
