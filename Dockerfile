@@ -17,6 +17,7 @@ RUN if [ "$VARIANT" = "cpu" ]; then \
     else echo "VARIANT must be cpu or cuda, got $VARIANT" >&2; exit 2; fi
 COPY pyproject.toml README.md /src/
 COPY platform /src/platform
+COPY operators /src/operators
 RUN pip install /src && python -m compileall -q /opt/nmm
 
 FROM python:${PYTHON_VERSION}-slim

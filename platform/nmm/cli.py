@@ -18,8 +18,10 @@ import typer
 from rich.console import Console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help=__doc__)
+gpu_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="GPU inventory of this machine or node.")
 stage_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Stage entrypoints (run inside Workflow steps).")
 app.add_typer(stage_app, name="stage")
+app.add_typer(gpu_app, name="gpu")
 err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 120)
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 
@@ -172,6 +174,39 @@ def ui(host: str = "127.0.0.1", port: int = 5000) -> None:
     argv = lineage.ui_command(host, port)
     err.print(f"MLflow UI on http://{host}:{port} ({lineage.tracking_uri()})")
     raise typer.Exit(subprocess.call(argv))
+
+
+@gpu_app.command("inventory")
+def gpu_inventory(
+    label_node: bool = typer.Option(False, "--label-node", help="Label this node ($NODE_NAME) with nmm.dev/gpu.*"),
+    interval: int = typer.Option(0, "--interval", help="Repeat every N seconds (0: once)"),
+) -> None:
+    """Show this machine's NVIDIA GPUs (NVML); with --label-node, label the Kubernetes node."""
+    import os
+    import time
+
+    from nmm.gpu import inventory, node_labels
+
+    pools = node_labels.pools_from_env()
+    while True:
+        if label_node:
+            node = os.environ.get("NODE_NAME")
+            if not node:
+                err.print("error: --label-node needs NODE_NAME (the downward API's spec.nodeName)")
+                raise typer.Exit(EXIT_BAD_INPUT)
+            inv, set_labels = node_labels.label_node(node, pools)
+        else:
+            inv = inventory.read_gpus()
+            set_labels = inventory.labels(inv, pools) if inv else {}
+        if inv is None:
+            out.print("no NVIDIA GPU / driver found (NVML unavailable); nothing to label")
+            raise typer.Exit(0)
+        for g in inv.gpus:
+            out.print(f"gpu {g.index}: {g.product}, {g.memory_mib} MiB, {'healthy' if g.healthy else 'UNHEALTHY'}")
+        out.print(" ".join(f"{k}={v}" for k, v in sorted(set_labels.items())))
+        if interval <= 0:
+            return
+        time.sleep(interval)
 
 
 # --- stage entrypoints --------------------------------------------------------------------

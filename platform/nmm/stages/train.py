@@ -22,6 +22,7 @@ from pathlib import Path
 
 from nmm import __version__, lineage, storage
 from nmm.data.dataset import Dataset
+from nmm.gpu import inventory
 from nmm.model import ModelConfig
 from nmm.serve.model_dir import model_files
 from nmm.stages.context import StageContext, cache_key, setup_logging
@@ -141,6 +142,8 @@ def run(ctx: StageContext, dataset_uri: str) -> int:
                 run_.log_params(_params(ctx, cfg, info.world_size))
 
             def emit(metrics: dict, step: int) -> None:
+                if info.device.type == "cuda":
+                    metrics = metrics | inventory.telemetry()  # NVML utilisation and memory
                 log.info("step %d/%d loss %.4f (text %.4f, image %.4f) %.0f tok/s", step, cfg.total_steps,
                          metrics["train/loss"], metrics["train/loss_text"], metrics["train/loss_image"],
                          metrics["train/tokens_per_s"])

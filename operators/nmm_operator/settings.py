@@ -1,0 +1,45 @@
+"""The operator's compile settings, read once from the chart's ConfigMap (NMM_OPERATOR_SETTINGS)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from nmm.compile import CompileSettings
+from nmm.gpu.pools import GpuPool
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    compile: CompileSettings
+    on_child_deleted: str = "report"  # recreate | report
+    recheck_seconds: float = 60.0
+
+
+def from_dict(raw: dict) -> OperatorSettings:
+    pools = tuple(
+        GpuPool(name=n, product=p["product"], memory_gib=int(p["memoryGiB"]), gpus_per_node=int(p["gpusPerNode"]))
+        for n, p in sorted(raw.get("gpuPools", {}).items())
+    )
+    base = CompileSettings()
+    compile_settings = CompileSettings(
+        image=raw.get("image", base.image),
+        image_pull_policy=raw.get("imagePullPolicy", base.image_pull_policy),
+        service_account=raw.get("serviceAccount", base.service_account),
+        store_uri=raw.get("storeUri", base.store_uri),
+        mlflow_tracking_uri=raw.get("mlflowTrackingUri", base.mlflow_tracking_uri),
+        s3_endpoint=raw.get("s3Endpoint", base.s3_endpoint),
+        s3_secret_name=raw.get("s3SecretName", base.s3_secret_name),
+        gpu_pools=pools or base.gpu_pools,
+    )
+    policy = raw.get("onChildDeleted", "report")
+    if policy not in ("recreate", "report"):
+        raise ValueError(f"onChildDeleted must be 'recreate' or 'report', got {policy!r}")
+    return OperatorSettings(compile_settings, policy, float(raw.get("recheckSeconds", 60)))
+
+
+def load() -> OperatorSettings:
+    path = os.environ.get("NMM_OPERATOR_SETTINGS")
+    return from_dict(json.loads(Path(path).read_text()) if path else {})

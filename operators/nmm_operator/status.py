@@ -1,0 +1,94 @@
+"""Pure: observed state (the child Workflow, or its absence) → the pipeline's status patch."""
+
+from __future__ import annotations
+
+STAGES = ("curate", "train", "evaluate", "rollout")
+DONE = ("Succeeded", "Failed", "Error")
+
+
+def _condition(kind: str, status: bool, reason: str, message: str, now: str) -> dict:
+    return {"type": kind, "status": "True" if status else "False", "reason": reason, "message": message, "lastTransitionTime": now}
+
+
+def _outputs(node: dict) -> dict[str, str]:
+    return {p["name"]: p.get("value", "") for p in node.get("outputs", {}).get("parameters", [])}
+
+
+def stage_nodes(wf: dict) -> dict[str, dict]:
+    """The newest node per stage (retries make several; the Retry node sums them up)."""
+    out: dict[str, dict] = {}
+    for node in (wf.get("status", {}).get("nodes") or {}).values():
+        name = node.get("displayName", "")
+        if name in STAGES + ("finalize",) and node.get("type") in ("Retry", "Pod", "Skipped", "Omitted"):
+            if name not in out or node.get("type") == "Retry":
+                out[name] = node
+    return out
+
+
+def from_workflow(wf: dict, now: str) -> dict:
+    """Status patch mirroring a Workflow: phase, running stage, per-stage phases, times,
+    MLflow run, champion version, and Ready/Failed conditions."""
+    st = wf.get("status") or {}
+    phase = st.get("phase") or "Pending"
+    nodes = stage_nodes(wf)
+    stages = {s: nodes[s].get("phase", "Pending") if s in nodes else "Pending" for s in STAGES}
+    running = next((s for s in STAGES if stages[s] == "Running"), "")
+    if not running and phase not in DONE:
+        running = next((s for s in STAGES if stages[s] == "Pending"), "")
+    rollout = _outputs(nodes.get("rollout", {}))
+    finalize = _outputs(nodes.get("finalize", {}))
+    patch = {
+        "phase": phase,
+        "stage": running if phase not in DONE else "",
+        "stages": stages,
+        "workflow": wf["metadata"]["name"],
+        "startedAt": st.get("startedAt"),
+        "finishedAt": st.get("finishedAt"),
+        "mlflowRunId": finalize.get("mlflow_run_id"),
+        "champion": rollout.get("version", "") if rollout.get("decision") == "promoted" else None,
+        "message": st.get("message"),
+    }
+    failed = phase in ("Failed", "Error")
+    patch["conditions"] = [
+        _condition("Ready", phase == "Succeeded", phase, st.get("message") or f"workflow {phase.lower()}", now),
+        _condition("Failed", failed, "WorkflowFailed" if failed else phase, st.get("message") or "", now),
+    ]
+    return {k: v for k, v in patch.items() if v is not None}
+
+
+def invalid_spec(problems: list[str], now: str) -> dict:
+    message = "; ".join(problems)
+    return {
+        "phase": "Failed",
+        "stage": "",
+        "message": message,
+        "conditions": [
+            _condition("Ready", False, "InvalidSpec", message, now),
+            _condition("Failed", True, "InvalidSpec", message, now),
+        ],
+    }
+
+
+def child_missing(workflow: str, recreated: bool, now: str) -> dict:
+    if recreated:
+        return {"message": f"workflow {workflow} was deleted; recreated it", "workflow": workflow}
+    message = f"workflow {workflow} was deleted outside the operator"
+    return {
+        "phase": "Error",
+        "stage": "",
+        "message": message,
+        "conditions": [
+            _condition("Ready", False, "WorkflowMissing", message, now),
+            _condition("Failed", True, "WorkflowMissing", message, now),
+        ],
+    }
+
+
+def transition(old: dict | None, new: dict) -> tuple[str, str] | None:
+    """(reason, message) for a Kubernetes event when phase or stage changed, else None."""
+    old = old or {}
+    if old.get("phase") != new.get("phase"):
+        return f"Workflow{new.get('phase')}", f"pipeline {new.get('phase', '').lower()} (workflow {new.get('workflow', '')})"
+    if new.get("stage") and old.get("stage") != new.get("stage"):
+        return "StageStarted", f"stage {new['stage']} running"
+    return None
