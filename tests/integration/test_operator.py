@@ -1,0 +1,231 @@
+"""The operator (`kopf run`, a real subprocess) against the Kubernetes API emulator on loopback."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from kubernetes import client
+
+from nmm.compile import CompileSettings
+from nmm.spec.crd import crd
+from nmm_operator import builders
+from tests.conftest import ROOT, WORKFLOWS
+from tests.integration.kube_emulator import EmulatorThread
+
+pytestmark = pytest.mark.integration
+VERBS = ["get", "list", "watch", "create", "patch", "update", "delete"]
+RESOURCES = {
+    "nmm.dev/v1alpha1/nmmpipelines": dict(kind="NMMPipeline", namespaced=True, verbs=VERBS, subresources=["status"]),
+    "argoproj.io/v1alpha1/workflows": dict(kind="Workflow", namespaced=True, verbs=VERBS),
+}
+KOPF = str(Path(sys.executable).parent / "kopf")
+
+
+@pytest.fixture(scope="module")
+def emu():
+    with EmulatorThread(RESOURCES) as e:
+        yield e
+
+
+@pytest.fixture(scope="module")
+def api(emu) -> client.CustomObjectsApi:
+    cfg = client.Configuration()
+    cfg.host = emu.url
+    return client.CustomObjectsApi(client.ApiClient(cfg))
+
+
+class Operator:
+    def __init__(self, url: str, log: Path, settings: Path):
+        self.url, self.log, self.settings, self.proc = url, log, settings, None
+
+    def start(self) -> "Operator":
+        env = dict(os.environ, NMM_KUBE_SERVER=self.url, NMM_RECHECK_SECONDS="1", NMM_OPERATOR_SETTINGS=str(self.settings))
+        self.proc = subprocess.Popen(
+            [KOPF, "run", "--standalone", "--all-namespaces", "-m", "nmm_operator.handlers", "--verbose"],
+            env=env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        return self
+
+    def kill(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def operator(emu, tmp_path):
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"image": "ghcr.io/nmm-dev/nmm:0.1.0", "onChildDeleted": "report"}))
+    op = Operator(emu.url, tmp_path / "operator.log", settings).start()
+    yield op
+    op.stop()
+
+
+def wait_for(fn, timeout: float = 30.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}; last value: {last!r}")
+
+
+def pipeline(name: str, **spec_changes) -> dict:
+    doc = yaml.safe_load((WORKFLOWS / "quickstart.yaml").read_text())
+    doc["metadata"] = {"name": name}
+    doc["spec"].update(spec_changes)
+    return doc
+
+
+def workflows(api, ns: str) -> list[dict]:
+    return api.list_namespaced_custom_object("argoproj.io", "v1alpha1", ns, "workflows")["items"]
+
+
+def get(api, ns: str, name: str) -> dict:
+    return api.get_namespaced_custom_object("nmm.dev", "v1alpha1", ns, "nmmpipelines", name)
+
+
+def create(api, ns: str, body: dict) -> dict:
+    return api.create_namespaced_custom_object("nmm.dev", "v1alpha1", ns, "nmmpipelines", body)
+
+
+def columns(obj: dict) -> dict:
+    """What `kubectl get nmmp` prints: the CRD's printer columns evaluated on the object."""
+    out = {}
+    for col in crd()["spec"]["versions"][0]["additionalPrinterColumns"]:
+        value = obj
+        for part in col["jsonPath"].lstrip(".").split("."):
+            value = (value or {}).get(part) if isinstance(value, dict) else None
+        out[col["name"]] = value
+    return out
+
+
+def test_create_makes_exactly_one_owned_workflow_with_the_compiled_spec(api, operator):
+    created = create(api, "ns-create", pipeline("qs"))
+    wfs = wait_for(lambda: workflows(api, "ns-create"), what="a workflow")
+    time.sleep(1.5)  # give any duplicate a chance to appear
+    (wf,) = workflows(api, "ns-create")
+    assert wf["metadata"]["name"] == "qs-g1"
+    (owner,) = wf["metadata"]["ownerReferences"]
+    assert owner["uid"] == created["metadata"]["uid"] and owner["kind"] == "NMMPipeline" and owner["controller"] is True
+    expected = builders.build_workflow(get(api, "ns-create", "qs"), CompileSettings(image="ghcr.io/nmm-dev/nmm:0.1.0"))
+    assert wf["spec"] == expected["spec"]
+    status = wait_for(lambda: get(api, "ns-create", "qs").get("status", {}).get("workflow"), what="status.workflow")
+    assert status == "qs-g1" and wfs
+
+
+def test_workflow_status_flows_into_pipeline_status_and_printer_columns(api, operator, emu):
+    create(api, "ns-status", pipeline("qs"))
+    wait_for(lambda: workflows(api, "ns-status"), what="a workflow")
+    nodes = {
+        "1": {"displayName": "curate", "type": "Pod", "phase": "Succeeded"},
+        "2": {"displayName": "train", "type": "Retry", "phase": "Running"},
+    }
+    api.patch_namespaced_custom_object("argoproj.io", "v1alpha1", "ns-status", "workflows", "qs-g1",
+                                       {"status": {"phase": "Running", "startedAt": "2026-11-22T10:00:00Z", "nodes": nodes}})
+    running = wait_for(lambda: (s := get(api, "ns-status", "qs")).get("status", {}).get("stage") == "train" and s, what="stage train")
+    assert columns(running)["Phase"] == "Running" and columns(running)["Stage"] == "train"
+    assert running["status"]["stages"]["curate"] == "Succeeded"
+    nodes.update({
+        "2": {"displayName": "train", "type": "Retry", "phase": "Succeeded"},
+        "3": {"displayName": "evaluate", "type": "Pod", "phase": "Succeeded"},
+        "4": {"displayName": "rollout", "type": "Pod", "phase": "Succeeded",
+              "outputs": {"parameters": [{"name": "decision", "value": "promoted"}, {"name": "version", "value": "3"}]}},
+        "5": {"displayName": "finalize", "type": "Pod", "phase": "Succeeded",
+              "outputs": {"parameters": [{"name": "mlflow_run_id", "value": "run-abc"}]}},
+    })
+    api.patch_namespaced_custom_object("argoproj.io", "v1alpha1", "ns-status", "workflows", "qs-g1",
+                                       {"status": {"phase": "Succeeded", "finishedAt": "2026-11-22T11:00:00Z", "nodes": nodes}})
+    done = wait_for(lambda: (s := get(api, "ns-status", "qs")).get("status", {}).get("phase") == "Succeeded" and s, what="Succeeded")
+    assert columns(done) | {"Age": None} == {"Phase": "Succeeded", "Stage": "", "Champion": "3", "Age": None}
+    assert done["status"]["mlflowRunId"] == "run-abc"
+    ready = next(c for c in done["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "True"
+    events = [o.raw for (res, ns, _), o in list(emu.emulator.objects.items()) if res.plural == "events" and not o.deleted]
+    reasons = {e.get("reason") for e in events if e.get("involvedObject", {}).get("name") == "qs"}
+    assert {"WorkflowCreated", "WorkflowSucceeded"} <= reasons
+
+
+def test_deleting_the_pipeline_garbage_collects_its_workflow_r5(api, operator):
+    create(api, "ns-delete", pipeline("qs"))
+    wait_for(lambda: workflows(api, "ns-delete"), what="a workflow")
+    # The only finalizer is the one kopf needs to stop the recheck timer, under our own name.
+    assert get(api, "ns-delete", "qs")["metadata"].get("finalizers", []) in ([], ["nmm.dev/finalizer"])
+    api.delete_namespaced_custom_object("nmm.dev", "v1alpha1", "ns-delete", "nmmpipelines", "qs")
+    wait_for(lambda: not workflows(api, "ns-delete"), what="workflows gone")
+    pipelines = api.list_namespaced_custom_object("nmm.dev", "v1alpha1", "ns-delete", "nmmpipelines")["items"]
+    assert pipelines == []
+
+
+def test_killed_between_create_and_status_patch_restart_leaves_one_workflow_r1(api, emu, tmp_path):
+    settings = tmp_path / "settings.json"
+    settings.write_text("{}")
+    emu.call(emu.emulator.hold, "nmmpipelines")  # the operator's status/progress patches will hang
+    first = Operator(emu.url, tmp_path / "first.log", settings).start()
+    try:
+        create(api, "ns-r1", pipeline("qs"))
+        wait_for(lambda: workflows(api, "ns-r1"), what="the workflow of the first operator")
+        time.sleep(1.0)
+        assert not get(api, "ns-r1", "qs").get("status")  # status was never patched
+    finally:
+        first.kill()
+        emu.call(emu.emulator.release)
+    second = Operator(emu.url, tmp_path / "second.log", settings).start()
+    try:
+        wait_for(lambda: get(api, "ns-r1", "qs").get("status", {}).get("workflow") == "qs-g1", what="status converges")
+        time.sleep(1.5)
+        assert [w["metadata"]["name"] for w in workflows(api, "ns-r1")] == ["qs-g1"]
+    finally:
+        second.stop()
+
+
+def test_invalid_spec_fails_permanently_with_a_condition_and_no_retries_r7(api, operator):
+    bad = pipeline("bad")
+    bad["spec"]["training"]["phases"][0]["steps"] = -5
+    create(api, "ns-invalid", bad)
+    status = wait_for(lambda: get(api, "ns-invalid", "bad").get("status", {}).get("conditions"), what="conditions")
+    failed = next(c for c in status if c["type"] == "Failed")
+    assert failed["status"] == "True" and failed["reason"] == "InvalidSpec"
+    assert "spec.training.phases[0].steps" in failed["message"]
+    time.sleep(3)  # long enough for kopf's retry backoff, were it retrying
+    assert workflows(api, "ns-invalid") == []
+    assert operator.text().count("invalid pipeline: spec.training.phases[0].steps") == 1
+
+
+def test_a_workflow_deleted_behind_the_operators_back_is_reported_r9(api, operator):
+    create(api, "ns-r9", pipeline("qs"))
+    wait_for(lambda: get(api, "ns-r9", "qs").get("status", {}).get("workflow"), what="status.workflow")
+    api.delete_namespaced_custom_object("argoproj.io", "v1alpha1", "ns-r9", "workflows", "qs-g1")
+    status = wait_for(lambda: (s := get(api, "ns-r9", "qs").get("status", {})).get("phase") == "Error" and s, what="Error")
+    assert status["conditions"][-1]["reason"] == "WorkflowMissing"
+
+
+def test_every_handler_has_an_explicit_nmm_id_r8():
+    tree = ast.parse((ROOT / "operators" / "nmm_operator" / "handlers.py").read_text())
+    decorators = [d for node in ast.walk(tree) if isinstance(node, ast.FunctionDef) for d in node.decorator_list]
+    kopf_calls = [d for d in decorators if isinstance(d, ast.Call) and ast.unparse(d.func).startswith("kopf.")]
+    assert len(kopf_calls) >= 6
+    for call in kopf_calls:
+        ids = [k.value.value for k in call.keywords if k.arg == "id"]
+        assert ids and ids[0].startswith("nmm-"), ast.unparse(call)
