@@ -87,7 +87,7 @@ def recheck(body, meta, memo: kopf.Memo, patch: kopf.Patch, **_) -> None:
     if wf is not None:
         patch.status.update(status.from_workflow(wf, _now()))
         return
-    recreate = memo.settings.on_child_deleted == "recreate"
+    recreate = (body["spec"].get("onWorkflowDeleted") or memo.settings.on_child_deleted) == "recreate"
     if recreate:
         kube.create_workflow(builders.build_workflow(body, memo.settings.compile))
     patch.status.update(status.child_missing(name, recreate, _now()))

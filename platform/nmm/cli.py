@@ -4,6 +4,11 @@
     nmm compile FILE         print the Argo Workflow it compiles to
     nmm run FILE             compile and run it here with the embedded local engine
     nmm ui                   the MLflow UI on the local tracking store
+    nmm submit FILE          create/update the pipeline on the cluster (kube context)
+    nmm status NAME          its status on the cluster
+    nmm logs NAME --stage S  a stage's logs (pods, or the copy archived in the store)
+    nmm crd                  the NMMPipeline CustomResourceDefinition
+    nmm gpu inventory        this machine's GPUs (NVML); --label-node labels the node
     nmm stage NAME …         a stage entrypoint (what Workflow steps run)
 """
 
@@ -154,6 +159,88 @@ def run(
         raise typer.Exit(1)
 
 
+def _cluster_call(fn, *args):
+    """Run a cluster call; a cluster problem is a clear message and exit 1, not a traceback."""
+    from nmm.cluster import ClusterError
+
+    try:
+        return fn(*args)
+    except ClusterError as exc:
+        err.print(f"[red]error[/]: {exc}", highlight=False)
+        raise typer.Exit(1)
+
+
+NamespaceOpt = typer.Option(None, "--namespace", "-n", help="Namespace (default: the kube context's)")
+
+
+@app.command()
+def submit(file: Path = typer.Argument(..., help="Pipeline YAML"), namespace: Optional[str] = NamespaceOpt) -> None:
+    """Create or update the pipeline in the current kube context (the operator runs it)."""
+    from nmm import cluster
+
+    spec = _load_spec(file)
+    ns = namespace or spec.metadata.namespace or cluster.current_namespace()
+    action, generation = _cluster_call(cluster.submit, spec, ns)
+    out.print(f"nmmpipeline {ns}/{spec.metadata.name} {action} (generation {generation}); follow it: nmm status {spec.metadata.name} -n {ns}")
+
+
+@app.command()
+def status(name: str = typer.Argument(..., help="Pipeline name"), namespace: Optional[str] = NamespaceOpt) -> None:
+    """The pipeline's status: phase, stages, workflow, MLflow run, champion, conditions."""
+    from rich.table import Table
+
+    from nmm import cluster
+
+    ns = namespace or cluster.current_namespace()
+    obj = _cluster_call(cluster.get_pipeline, name, ns)
+    st = obj.get("status") or {}
+    t = Table(title=f"nmmpipeline {ns}/{name} (generation {obj['metadata'].get('generation', 1)})", show_header=False)
+    t.add_column("field")
+    t.add_column("value")
+    for key in ("phase", "stage", "workflow", "startedAt", "finishedAt", "mlflowRunId", "champion", "message"):
+        if st.get(key):
+            t.add_row(key, str(st[key]))
+    for stage, phase in (st.get("stages") or {}).items():
+        t.add_row(f"stage {stage}", phase)
+    for c in st.get("conditions") or []:
+        t.add_row(f"condition {c['type']}", f"{c['status']} ({c.get('reason', '')}) {c.get('message', '')}".strip())
+    out.print(t if st else f"nmmpipeline {ns}/{name}: no status yet (is the operator running?)")
+
+
+@app.command()
+def logs(
+    name: str = typer.Argument(..., help="Pipeline name"),
+    stage: str = typer.Option(..., "--stage", help="curate, train, evaluate, rollout or finalize"),
+    namespace: Optional[str] = NamespaceOpt,
+    store: Optional[str] = typer.Option(None, help="Store URI, when the Workflow is gone too"),
+) -> None:
+    """A stage's logs: from its pods while they exist, else the copy archived in the object store."""
+    from nmm import cluster, storage
+    from nmm.stages.logs import read_archived
+
+    if stage not in ("curate", "train", "evaluate", "rollout", "finalize"):
+        err.print(f"error: --stage must be curate, train, evaluate, rollout or finalize, got {stage!r}")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    ns = namespace or cluster.current_namespace()
+    obj = _cluster_call(cluster.get_pipeline, name, ns)
+    workflow = (obj.get("status") or {}).get("workflow")
+    if not workflow:
+        err.print(f"error: {ns}/{name} has no workflow yet")
+        raise typer.Exit(1)
+    found = _cluster_call(cluster.pod_logs, workflow, stage, ns)
+    if not found:
+        wf = _cluster_call(cluster.get_workflow, workflow, ns)
+        root = store or (cluster.store_of(wf) if wf else None) or storage.default_store_uri()
+        stage_uri = storage.join(root, "runs", name, workflow, stage)
+        found = read_archived(stage_uri)
+        if not found:
+            err.print(f"error: no pods and no archived logs for stage {stage} of {workflow} (looked in {stage_uri}/logs)")
+            raise typer.Exit(1)
+    for source, text in found:
+        out.print(f"==> {source} <==", highlight=False)
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+
+
 @app.command()
 def crd() -> None:
     """Print the NMMPipeline CustomResourceDefinition (generated from the spec models)."""
@@ -217,17 +304,21 @@ StoreOpt = typer.Option(..., "--store", help="Store URI")
 OutputsOpt = typer.Option(..., "--outputs", help="Folder for output parameters")
 
 
-def _stage(fn, spec: str, run_id: str, store: str, outputs: str, **kw) -> None:
-    """Run a stage; bad input exits 2 with a message (R17: configuration errors are 1–127)."""
+def _stage(name: str, fn, spec: str, run_id: str, store: str, outputs: str, **kw) -> None:
+    """Run a stage with its log archived to the store; bad input exits 2 with a message
+    (R17: configuration errors are 1–127)."""
     from nmm.data.dataset import DatasetError
     from nmm.spec import SpecError
     from nmm.stages.context import StageContext
     from nmm.stages.evaluate import ModelMissing
     from nmm.storage import StorageError
 
+    from nmm.stages.logs import Archive
+
     try:
         ctx = StageContext.create(spec, run_id, store, outputs)
-        code = fn(ctx, **kw)
+        with Archive(ctx.stage_uri(name)):
+            code = fn(ctx, **kw)
     except SpecError as exc:
         err.print("error: invalid --spec:\n  " + "\n  ".join(exc.problems), markup=False)
         raise typer.Exit(EXIT_BAD_INPUT)
@@ -245,7 +336,7 @@ def stage_curate(spec: str = SpecOpt, run_id: str = RunOpt, store: str = StoreOp
     """Curate: sources → dedup → split → tokenizers → shards + manifest."""
     from nmm.stages import curate
 
-    _stage(curate.run, spec, run_id, store, outputs)
+    _stage("curate", curate.run, spec, run_id, store, outputs)
 
 
 @stage_app.command("train")
@@ -254,7 +345,7 @@ def stage_train(spec: str = SpecOpt, run_id: str = RunOpt, store: str = StoreOpt
     """Train the model (one process, or one of many under torchrun)."""
     from nmm.stages import train
 
-    _stage(train.run, spec, run_id, store, outputs, dataset_uri=dataset_uri)
+    _stage("train", train.run, spec, run_id, store, outputs, dataset_uri=dataset_uri)
 
 
 @stage_app.command("evaluate")
@@ -263,7 +354,7 @@ def stage_evaluate(spec: str = SpecOpt, run_id: str = RunOpt, store: str = Store
     """Evaluate the model on held-out data and decide the gates."""
     from nmm.stages import evaluate
 
-    _stage(evaluate.run, spec, run_id, store, outputs, dataset_uri=dataset_uri, model_uri=model_uri)
+    _stage("evaluate", evaluate.run, spec, run_id, store, outputs, dataset_uri=dataset_uri, model_uri=model_uri)
 
 
 @stage_app.command("rollout")
@@ -273,7 +364,7 @@ def stage_rollout(spec: str = SpecOpt, run_id: str = RunOpt, store: str = StoreO
     """Register the model version; move `champion` when it earns it."""
     from nmm.stages import rollout
 
-    _stage(rollout.run, spec, run_id, store, outputs, model_uri=model_uri, metrics_json=metrics, gate=gate)
+    _stage("rollout", rollout.run, spec, run_id, store, outputs, model_uri=model_uri, metrics_json=metrics, gate=gate)
 
 
 @stage_app.command("finalize")
@@ -282,4 +373,4 @@ def stage_finalize(spec: str = SpecOpt, run_id: str = RunOpt, store: str = Store
     """Close the pipeline's MLflow parent run (the Workflow's onExit handler)."""
     from nmm.stages import finalize
 
-    _stage(finalize.run, spec, run_id, store, outputs, status=status)
+    _stage("finalize", finalize.run, spec, run_id, store, outputs, status=status)

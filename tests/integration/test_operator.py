@@ -221,6 +221,16 @@ def test_a_workflow_deleted_behind_the_operators_back_is_reported_r9(api, operat
     assert status["conditions"][-1]["reason"] == "WorkflowMissing"
 
 
+def test_a_deleted_workflow_is_recreated_when_the_spec_asks_r9(api, operator):
+    create(api, "ns-r9b", pipeline("qs", onWorkflowDeleted="recreate"))
+    first = wait_for(lambda: workflows(api, "ns-r9b"), what="a workflow")[0]["metadata"]["uid"]
+    wait_for(lambda: get(api, "ns-r9b", "qs").get("status", {}).get("workflow"), what="status.workflow")
+    api.delete_namespaced_custom_object("argoproj.io", "v1alpha1", "ns-r9b", "workflows", "qs-g1")
+    again = wait_for(lambda: [w for w in workflows(api, "ns-r9b") if w["metadata"]["uid"] != first], what="recreated")
+    assert [w["metadata"]["name"] for w in again] == ["qs-g1"]
+    assert "recreated" in get(api, "ns-r9b", "qs")["status"]["message"]
+
+
 def test_every_handler_has_an_explicit_nmm_id_r8():
     tree = ast.parse((ROOT / "operators" / "nmm_operator" / "handlers.py").read_text())
     decorators = [d for node in ast.walk(tree) if isinstance(node, ast.FunctionDef) for d in node.decorator_list]

@@ -71,7 +71,7 @@ def test_both_runs_succeed_and_the_second_curate_is_a_cache_hit(runs):
 
 def test_rerun_of_curation_writes_no_new_dataset_objects_r20(runs):
     second = runs["results"][1]["name"]
-    new = set(runs["after"]) - set(runs["before_second"])
+    new = {o for o in set(runs["after"]) - set(runs["before_second"]) if "/logs/" not in o}  # logs are not data
     assert not [o for o in new if "/curate/" in o or o.startswith("cache/")], sorted(new)
     assert not [o for o in new if o.startswith(f"runs/it-quickstart/{second}/curate")]
 
@@ -80,7 +80,7 @@ def test_shards_and_manifest_are_in_the_bucket(runs):
     mc = runs["minio"]
     uri = runs["results"][0]["steps"]["curate"]["outputs"]["dataset_uri"]
     prefix = uri.removeprefix(f"s3://{BUCKET}/")
-    names = [o.object_name for o in mc.list_objects(BUCKET, prefix=prefix + "/", recursive=True)]
+    names = [o.object_name for o in mc.list_objects(BUCKET, prefix=prefix + "/", recursive=True) if "/logs/" not in o.object_name]
     assert f"{prefix}/manifest.json" in names
     shards = [n for n in names if "/shards/" in n and n.endswith(".safetensors")]
     assert {s.split("/shards/")[1].split("-")[0] for s in shards} == {"train", "val", "test"}
@@ -91,6 +91,10 @@ def test_shards_and_manifest_are_in_the_bucket(runs):
     first = runs["results"][0]["name"]
     assert mc.stat_object(BUCKET, f"runs/it-quickstart/{first}/train/manifest.json")
     assert mc.stat_object(BUCKET, f"runs/it-quickstart/{first}/train/model.safetensors")
+    # Every stage archived its log next to its outputs (both train ranks too), for `nmm logs`.
+    for stage, count in (("curate", 1), ("train", 2), ("evaluate", 1), ("rollout", 1), ("finalize", 1)):
+        logs = list(mc.list_objects(BUCKET, prefix=f"runs/it-quickstart/{first}/{stage}/logs/"))
+        assert len(logs) == count, (stage, [o.object_name for o in logs])
 
 
 def test_lineage_parent_and_four_stage_runs_with_dataset_metrics_and_champion(runs, mlflow_server):

@@ -288,6 +288,11 @@ class PipelineBody(Model):
     training: Training
     evaluation: Evaluation
     rollout: Rollout
+    onWorkflowDeleted: Literal["report", "recreate"] | None = Field(
+        default=None,
+        description="On a cluster, when this pipeline's Workflow is deleted behind the operator's "
+        "back: report it (status Error) or recreate it. Unset: the operator's default.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> "PipelineBody":

@@ -133,3 +133,14 @@ def write_json(uri: str, obj) -> None:
 
 def read_json(uri: str):
     return json.loads(read_bytes(uri))
+
+
+def list_names(folder_uri: str) -> list[str]:
+    """Names of the objects directly under a folder (small folders such as logs/ only: data is
+    found through manifests, never by listing a bucket)."""
+    scheme, bucket, key = _split(folder_uri)
+    if scheme == "file":
+        path = Path(key)
+        return sorted(p.name for p in path.iterdir() if p.is_file() and not p.name.startswith(".")) if path.is_dir() else []
+    prefix = key.rstrip("/") + "/"
+    return sorted(o.object_name[len(prefix):] for o in s3_client().list_objects(bucket, prefix=prefix) if not o.is_dir)

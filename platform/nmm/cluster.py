@@ -1,0 +1,115 @@
+"""The CLI's side of a cluster: submit pipelines, read their status, fetch stage logs
+(kubernetes client; the current kube context, or `NMM_KUBE_SERVER` e.g. `kubectl proxy`)."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from nmm.spec import PipelineSpec
+
+GROUP, VERSION, PLURAL = "nmm.dev", "v1alpha1", "nmmpipelines"
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not be reached or refused the request."""
+
+
+@lru_cache(maxsize=1)
+def _api_client() -> client.ApiClient:
+    server = os.environ.get("NMM_KUBE_SERVER")
+    if server:
+        cfg = client.Configuration()
+        cfg.host = server
+        return client.ApiClient(cfg)
+    try:
+        config.load_kube_config()
+    except config.ConfigException:
+        try:
+            config.load_incluster_config()
+        except config.ConfigException as exc:
+            raise ClusterError(f"no Kubernetes context: {exc}") from None
+    return client.ApiClient()
+
+
+def current_namespace() -> str:
+    try:
+        _, ctx = config.list_kube_config_contexts()
+        return ctx.get("context", {}).get("namespace") or "default"
+    except Exception:
+        return "default"
+
+
+def _custom() -> client.CustomObjectsApi:
+    return client.CustomObjectsApi(_api_client())
+
+
+def submit(spec: PipelineSpec, namespace: str) -> tuple[str, int]:
+    """Create the NMMPipeline, or update its spec; returns ("created"|"updated", generation)."""
+    body = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+    body["metadata"] = {"name": spec.metadata.name, "namespace": namespace, **({"labels": spec.metadata.labels} if spec.metadata.labels else {})}
+    api = _custom()
+    try:
+        obj = api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+        return "created", int(obj["metadata"].get("generation", 1))
+    except ApiException as exc:
+        if exc.status != 409:
+            raise ClusterError(f"cannot create {namespace}/{spec.metadata.name}: {exc.status} {exc.reason}") from None
+    try:
+        obj = api.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, spec.metadata.name, {"spec": body["spec"]})
+    except ApiException as exc:
+        raise ClusterError(f"cannot update {namespace}/{spec.metadata.name}: {exc.status} {exc.reason}") from None
+    return "updated", int(obj["metadata"].get("generation", 1))
+
+
+def get_pipeline(name: str, namespace: str) -> dict:
+    try:
+        return _custom().get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    except ApiException as exc:
+        if exc.status == 404:
+            raise ClusterError(f"no NMMPipeline {namespace}/{name}") from None
+        raise ClusterError(f"cannot read {namespace}/{name}: {exc.status} {exc.reason}") from None
+
+
+def get_workflow(name: str, namespace: str) -> dict | None:
+    try:
+        return _custom().get_namespaced_custom_object("argoproj.io", "v1alpha1", namespace, "workflows", name)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise ClusterError(f"cannot read workflow {namespace}/{name}: {exc.status} {exc.reason}") from None
+
+
+def pod_logs(workflow: str, stage: str, namespace: str) -> list[tuple[str, str]]:
+    """(pod, log) of the stage's pods that still exist: Argo step pods, or the PyTorchJob's."""
+    core = client.CoreV1Api(_api_client())
+    if stage == "train":
+        selector, container = f"training.kubeflow.org/job-name={workflow}-train", "pytorch"
+    else:
+        selector, container = f"workflows.argoproj.io/workflow={workflow}", "main"
+    out = []
+    try:
+        pods = core.list_namespaced_pod(namespace, label_selector=selector).items
+    except ApiException:
+        return []
+    for pod in pods:
+        node = (pod.metadata.annotations or {}).get("workflows.argoproj.io/node-name", "")
+        if stage != "train" and not node.endswith(f".{stage}") and f".{stage}(" not in node:
+            continue
+        try:
+            out.append((pod.metadata.name, core.read_namespaced_pod_log(pod.metadata.name, namespace, container=container)))
+        except ApiException:
+            continue
+    return out
+
+
+def store_of(workflow: dict) -> str | None:
+    """The store URI a Workflow's steps publish to (their `--store` argument)."""
+    for t in workflow.get("spec", {}).get("templates", []):
+        args = t.get("container", {}).get("args", [])
+        if "--store" in args:
+            return args[args.index("--store") + 1]
+    return None
