@@ -43,22 +43,22 @@ def create_workflow(wf: dict) -> bool:
         raise
 
 
-def get_workflow(namespace: str, name: str) -> dict | None:
+def _get(group: str, version: str, plural: str, namespace: str, name: str) -> dict | None:
+    """The object, or None when it does not exist (404)."""
     try:
-        return api().get_namespaced_custom_object(WF_GROUP, WF_VERSION, namespace, WF_PLURAL, name)
+        return api().get_namespaced_custom_object(group, version, namespace, plural, name)
     except ApiException as exc:
         if exc.status == 404:
             return None
         raise
+
+
+def get_workflow(namespace: str, name: str) -> dict | None:
+    return _get(WF_GROUP, WF_VERSION, WF_PLURAL, namespace, name)
 
 
 def get_pipeline(namespace: str, name: str) -> dict | None:
-    try:
-        return api().get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-    except ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
+    return _get(GROUP, VERSION, PLURAL, namespace, name)
 
 
 def patch_pipeline_status(namespace: str, name: str, status: dict) -> None:

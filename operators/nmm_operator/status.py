@@ -56,32 +56,26 @@ def from_workflow(wf: dict, now: str) -> dict:
     return {k: v for k, v in patch.items() if v is not None}
 
 
-def invalid_spec(problems: list[str], now: str) -> dict:
-    message = "; ".join(problems)
+def _failed(phase: str, reason: str, message: str, now: str) -> dict:
     return {
-        "phase": "Failed",
+        "phase": phase,
         "stage": "",
         "message": message,
         "conditions": [
-            _condition("Ready", False, "InvalidSpec", message, now),
-            _condition("Failed", True, "InvalidSpec", message, now),
+            _condition("Ready", False, reason, message, now),
+            _condition("Failed", True, reason, message, now),
         ],
     }
+
+
+def invalid_spec(problems: list[str], now: str) -> dict:
+    return _failed("Failed", "InvalidSpec", "; ".join(problems), now)
 
 
 def child_missing(workflow: str, recreated: bool, now: str) -> dict:
     if recreated:
         return {"message": f"workflow {workflow} was deleted; recreated it", "workflow": workflow}
-    message = f"workflow {workflow} was deleted outside the operator"
-    return {
-        "phase": "Error",
-        "stage": "",
-        "message": message,
-        "conditions": [
-            _condition("Ready", False, "WorkflowMissing", message, now),
-            _condition("Failed", True, "WorkflowMissing", message, now),
-        ],
-    }
+    return _failed("Error", "WorkflowMissing", f"workflow {workflow} was deleted outside the operator", now)
 
 
 def transition(old: dict | None, new: dict) -> tuple[str, str] | None:
