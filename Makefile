@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.nmm-installed
 PYTHON ?= python3
 
-.PHONY: setup run test test-fast golden clean
+.PHONY: setup run test test-fast bench golden clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,12 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest -m "not slow"
+
+# Speed figures (never asserted in tests): ours vs a same-size Hugging Face Llama, same run.
+bench: $(STAMP)
+	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) benchmarks/train_throughput.py --device cpu
+	$(PY) benchmarks/train_throughput.py --device cpu --size small
 
 golden: $(STAMP)
 	NMM_UPDATE_GOLDEN=1 $(VENV)/bin/pytest -q tests/unit/test_compile.py tests/unit/test_crd.py
