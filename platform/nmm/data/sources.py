@@ -1,7 +1,7 @@
 """Raw-data sources. Each returns images (N, H, W, C) float32 in [0, 1], labels and captions.
 
 - `digits`: scikit-learn's 1,797 real 8x8 handwritten digits (shipped inside scikit-learn).
-- `shapes`: procedural scenes of coloured shapes at positions, with templated captions.
+- `shapes`: GenEval-style procedural scenes (nmm.data.shapes) with caption paraphrases.
 """
 
 from __future__ import annotations
@@ -18,14 +18,6 @@ DIGIT_TEMPLATES = (
     "a scanned {d}",
     "an image of the digit {w}",
 )
-COLOURS = {
-    "red": (0.9, 0.1, 0.1),
-    "green": (0.1, 0.7, 0.2),
-    "blue": (0.1, 0.2, 0.9),
-    "yellow": (0.95, 0.9, 0.1),
-}
-SHAPES = ("square", "circle", "triangle")
-POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 
 
 @dataclass
@@ -78,33 +70,10 @@ def load_digits(captions_per_image: int) -> SourceData:
 
 
 def render_shapes(samples: int, size: int, seed: int, captions_per_image: int) -> SourceData:
-    """One coloured shape per scene in one of four quadrants, on a white background."""
-    rng = np.random.default_rng(seed)
-    images = np.ones((samples, size, size, 3), np.float32)
-    labels = np.full(samples, -1, np.int64)
-    caps: list[list[str]] = []
-    half = size // 2
-    yy, xx = np.mgrid[0:half, 0:half]
-    for i in range(samples):
-        colour = list(COLOURS)[rng.integers(len(COLOURS))]
-        shape = SHAPES[rng.integers(len(SHAPES))]
-        pos = rng.integers(len(POSITIONS))
-        r = half / 2 - 1
-        cy = cx = half / 2 - 0.5
-        if shape == "square":
-            mask = (abs(yy - cy) <= r * 0.8) & (abs(xx - cx) <= r * 0.8)
-        elif shape == "circle":
-            mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
-        else:
-            mask = (yy >= cy - r) & (yy <= cy + r) & (abs(xx - cx) <= (yy - (cy - r)) / 2)
-        oy, ox = (pos // 2) * half, (pos % 2) * half
-        tile = images[i, oy : oy + half, ox : ox + half]
-        tile[mask] = COLOURS[colour]
-        where = POSITIONS[pos]
-        options = [
-            f"a {colour} {shape} in the {where}",
-            f"a {shape} coloured {colour} at the {where}",
-            f"one {colour} {shape}, {where}",
-        ]
-        caps.append([options[j] for j in _pick(images[i].tobytes(), len(options), captions_per_image)])
-    return SourceData("shapes", images, labels, caps)
+    """GenEval-style scenes (nmm.data.shapes): the six tasks in turn, with caption paraphrases."""
+    from nmm.data import shapes
+
+    scenes = shapes.generate(samples, size, seed)
+    images = np.stack([shapes.render(sc.objects, size) for sc in scenes])
+    caps = [shapes.captions(sc)[:captions_per_image] for sc in scenes]
+    return SourceData("shapes", images, np.full(samples, -1, np.int64), caps)

@@ -51,8 +51,8 @@ class Source(Model):
     samples: Annotated[int, Field(ge=10, le=1_000_000)] = Field(
         default=2000, description="shapes only: how many scenes to render."
     )
-    imageSize: Annotated[int, Field(ge=8, le=256)] = Field(
-        default=16, alias="imageSize", description="shapes only: side of the square image."
+    imageSize: Annotated[int, Field(ge=24, le=256)] = Field(
+        default=32, alias="imageSize", description="shapes only: side of the square image."
     )
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
 

@@ -1,0 +1,85 @@
+"""The GenEval-style shapes judge is proven before it judges models: it passes ground-truth
+renders and fails corrupted ones (wrong colour, missing object, swapped position, one too many)."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from nmm.data import shapes
+from nmm.data.sources import render_shapes
+from nmm.evaluate import shapes_judge
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    return shapes.generate(360, SIZE, seed=1)
+
+
+def image(objects):
+    return shapes.render(tuple(objects), SIZE)
+
+
+def test_ground_truth_renders_score_at_least_0_99_on_every_task(scenes):
+    result = shapes_judge.evaluate(scenes, np.stack([image(s.objects) for s in scenes]))
+    assert set(result) == set(shapes.TASKS) | {"overall"}
+    for task in shapes.TASKS:
+        assert result[task] >= 0.99, (task, result)
+    assert result["overall"] >= 0.99
+
+
+def by_task(scenes, task):
+    return [s for s in scenes if s.task == task]
+
+
+def test_wrong_colour_fails(scenes):
+    for s in by_task(scenes, "colors") + by_task(scenes, "color_attr"):
+        o = s.objects[0]
+        other = next(c for c in shapes.COLOURS if c != o.colour and all(c != w.get("colour") for w in s.include))
+        assert not shapes_judge.score(s, image([replace(o, colour=other), *s.objects[1:]])), s.prompt
+
+
+def test_missing_object_fails(scenes):
+    for s in by_task(scenes, "two_object") + by_task(scenes, "single_object") + by_task(scenes, "color_attr"):
+        assert not shapes_judge.score(s, image(s.objects[1:])), s.prompt
+
+
+def test_swapped_position_fails(scenes):
+    for s in by_task(scenes, "position"):
+        a, b = s.objects
+        swapped = [replace(a, cx=b.cx, cy=b.cy), replace(b, cx=a.cx, cy=a.cy)]
+        assert not shapes_judge.score(s, image(swapped)), s.prompt
+
+
+def test_counting_fails_on_one_more_and_one_less(scenes):
+    rng = np.random.default_rng(0)
+    for s in by_task(scenes, "counting"):
+        assert not shapes_judge.score(s, image(s.objects[1:])), s.prompt
+        for _ in range(200):  # find room for one more object of the same kind
+            extra = replace(s.objects[0], cx=float(rng.integers(4, SIZE - 4)), cy=float(rng.integers(4, SIZE - 4)))
+            if all(max(abs(extra.cx - o.cx), abs(extra.cy - o.cy)) >= extra.size + 1 for o in s.objects):
+                assert not shapes_judge.score(s, image([*s.objects, extra])), s.prompt
+                break
+
+
+def test_a_blank_image_fails_everything(scenes):
+    blank = image([])
+    assert not any(shapes_judge.score(s, blank) for s in scenes)
+
+
+def test_scenes_come_with_captions_and_vqa_including_absent_probes(scenes):
+    rng = np.random.default_rng(0)
+    s = by_task(scenes, "single_object")[0]
+    assert shapes.captions(s)[0] == s.prompt and len(shapes.captions(s)) >= 3
+    pairs = shapes.vqa_pairs(s, rng)
+    assert (f"what colour is the {s.objects[0].shape}?", s.objects[0].colour) in pairs
+    assert any(a == "no" for _, a in pairs) and any(a == "yes" for _, a in pairs)
+
+
+def test_the_shapes_source_renders_the_six_tasks_with_ten_colours():
+    data = render_shapes(120, SIZE, 0, 2)
+    assert data.images.shape == (120, SIZE, SIZE, 3) and all(len(c) == 2 for c in data.captions)
+    colours = {c for caps in data.captions for c in shapes.COLOURS if f" {c} " in f" {caps[0]} "}
+    assert len(colours) >= 8
