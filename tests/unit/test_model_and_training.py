@@ -39,6 +39,11 @@ def test_loss_counts_only_masked_targets_and_splits_modalities():
     loss, parts = next_token_loss(logits, tokens, mask, image_range=(8, 10), z_loss=0.0)
     assert loss.item() == pytest.approx(np.log(10), rel=1e-5)
     assert parts["tokens_image"].item() == 2 and parts["tokens_text"].item() == 0
+    assert parts["logit_norm_image"].item() == 0.0  # all-zero logits
+    loud = torch.zeros(1, 4, 10)
+    loud[0, 0] = 3.0  # position 0 predicts token 2, a text target (the image range is 8..9)
+    _, parts = next_token_loss(loud, tokens, torch.tensor([[0, 1, 1, 1]]), image_range=(8, 10), z_loss=0.0)
+    assert parts["logit_norm_text"].item() == pytest.approx(3.0 * 10**0.5)
     z_loss, parts = next_token_loss(logits, tokens, mask, image_range=(8, 10), z_loss=1.0)
     assert z_loss.item() == pytest.approx(np.log(10) + np.log(10) ** 2, rel=1e-5)
 

@@ -16,7 +16,8 @@ def next_token_loss(
     """logits (B, T, V) predict tokens[:, 1:]; only targets with loss_mask = 1 count.
 
     z-loss (PaLM/Chameleon) penalises log(Z)^2 to keep the softmax normaliser near 1.
-    Returns the scalar to minimise and detached parts: ce, z, ce on text and on image targets.
+    Returns the scalar to minimise and detached parts: ce, z, ce on text and on image targets,
+    mean logit norm on text and on image targets, and target token counts per modality.
     """
     logits = logits[:, :-1].float()
     targets = tokens[:, 1:].long()
@@ -29,11 +30,14 @@ def next_token_loss(
     z_mean = (logz.pow(2) * mask).sum() / denom
     is_image = ((targets >= image_range[0]) & (targets < image_range[1])).float() * mask
     is_text = mask - is_image
+    norms = logits.detach().norm(dim=-1)  # Chameleon's divergence signal, per modality
     parts = {
         "ce": ce_mean.detach(),
         "z": z_mean.detach(),
         "ce_text": ((ce * is_text).sum() / is_text.sum().clamp(min=1.0)).detach(),
         "ce_image": ((ce * is_image).sum() / is_image.sum().clamp(min=1.0)).detach(),
+        "logit_norm_text": (norms * is_text).sum() / is_text.sum().clamp(min=1.0),
+        "logit_norm_image": (norms * is_image).sum() / is_image.sum().clamp(min=1.0),
         "tokens_text": is_text.sum().detach(),
         "tokens_image": is_image.sum().detach(),
     }

@@ -155,6 +155,8 @@ def train(
                         "train/loss_text": vals["ce_text"],
                         "train/loss_image": vals["ce_image"],
                         "train/z_loss": vals["z"],
+                        "train/logit_norm_text": vals["logit_norm_text"],
+                        "train/logit_norm_image": vals["logit_norm_image"],
                         "train/lr": lr,
                         "train/grad_norm": float(grad_norm),
                         "train/tokens_per_s": tokens_seen / max(elapsed, 1e-9),
