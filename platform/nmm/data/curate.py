@@ -37,8 +37,7 @@ def split_of(content_id: str, train: float, val: float, salt: str = "") -> str:
     return "test"
 
 
-def split(data: SourceData, train: float, val: float) -> dict[str, np.ndarray]:
-    """Indices of each split."""
-    ids = content_ids(data.images)
+def split(ids: list[str], train: float, val: float) -> dict[str, np.ndarray]:
+    """Indices of each split, from the samples' content ids."""
     names = np.array([split_of(h, train, val) for h in ids])
     return {s: np.flatnonzero(names == s) for s in ("train", "val", "test")}

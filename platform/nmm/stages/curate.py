@@ -48,9 +48,9 @@ def _key(ctx: StageContext) -> str:
     )
 
 
-def _shards(split: str, data: SourceData, idx: np.ndarray, codes, caption_ids, vocab: SharedVocab) -> list[tuple[str, bytes, int]]:
+def _shards(split: str, data: SourceData, ids: list[str], idx: np.ndarray, codes, caption_ids, vocab: SharedVocab) -> list[tuple[str, bytes, int]]:
     out = []
-    ids = curate.content_ids(data.images[idx])
+    ids = [ids[i] for i in idx]
     for start in range(0, len(idx), SHARD_IMAGES):
         part = idx[start : start + SHARD_IMAGES]
         rows, task, row_image = [], [], []
@@ -103,7 +103,8 @@ def run(ctx: StageContext) -> None:
         if limit and len(raw.images) > limit:
             keep = np.arange(limit)
             raw = SourceData(raw.name, raw.images[keep], raw.labels[keep], raw.captions[:limit])
-        splits = curate.split(raw, spec.data.split.train, spec.data.split.val)
+        ids = curate.content_ids(raw.images)  # hashed once: split by them, and name samples with them
+        splits = curate.split(ids, spec.data.split.train, spec.data.split.val)
         log.info("split: %s", {k: len(v) for k, v in splits.items()})
         tok = spec.model.tokenizers
         train_idx = splits["train"]
@@ -116,7 +117,7 @@ def run(ctx: StageContext) -> None:
         files = {"text_tokenizer.json": text.to_bytes(), "image_tokenizer.safetensors": vq.to_bytes()}
         shard_list = []
         for name, idx in splits.items():
-            for fname, blob, count in _shards(name, raw, idx, codes, caption_ids, vocab):
+            for fname, blob, count in _shards(name, raw, ids, idx, codes, caption_ids, vocab):
                 files[fname] = blob
                 shard_list.append({"file": fname, "split": name, "images": count})
         out_uri = ctx.stage_uri("curate")

@@ -31,7 +31,6 @@ class ModelMissing(RuntimeError):
 def _suite_digits(suites, loaded, ds: Dataset, ev, seed: int, run_) -> dict[str, float]:
     metrics: dict[str, float] = {}
     test = ds.split("test")
-    train = ds.split("train")
     labels = test.arrays["labels"]
     if "m2t.digits" in suites:
         acc, captions = digits.m2t_accuracy(loaded.model, loaded.vocab, loaded.text, test.arrays["codes"], labels)
@@ -39,6 +38,7 @@ def _suite_digits(suites, loaded, ds: Dataset, ev, seed: int, run_) -> dict[str,
         examples = [{"label": int(y), "caption": c} for y, c in zip(labels[:20], captions[:20])]
         run_.log_bytes(json.dumps(examples, indent=2).encode(), "m2t_digits_examples.json", "eval")
     if "m2g.digits" in suites:
+        train = ds.split("train")  # the judge learns from the train split's pixels only
         judge = DigitJudge(train.arrays["images"].astype(np.float32) / 255.0, train.arrays["labels"], seed=seed)
         real = test.arrays["images"].astype(np.float32) / 255.0
         metrics["m2g.digits.judge_accuracy_real"] = judge.accuracy(real, labels)
