@@ -62,6 +62,12 @@ class RealisticEmulator(kmock.KubernetesEmulator):
     held_plurals: set = set()
     _released: asyncio.Event | None = None
 
+    # Test hook: the next N creates of a plural fail with 500 (an API server in trouble).
+    failing_creates: dict = {}
+
+    def fail_creates(self, plural: str, times: int) -> None:
+        self.failing_creates = {plural: times}
+
     def hold(self, plural: str) -> None:
         self._released = asyncio.Event()
         self.held_plurals = {plural}
@@ -115,6 +121,10 @@ class RealisticEmulator(kmock.KubernetesEmulator):
 
     async def _handle(self, request):
         if request.resource is not None and request.action == enums.action.CREATE and isinstance(request.data, dict):
+            plural = str(request.resource.plural)
+            if self.failing_creates.get(plural, 0) > 0:
+                self.failing_creates[plural] -= 1
+                raise k8s.KubernetesError(status=500, reason="InternalError", message="etcdserver: request timed out")
             meta = request.data.setdefault("metadata", {})
             if not meta.get("name") and meta.get("generateName"):
                 meta["name"] = meta["generateName"] + "".join(secrets.choice(string.ascii_lowercase) for _ in range(5))

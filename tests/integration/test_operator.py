@@ -213,6 +213,17 @@ def test_invalid_spec_fails_permanently_with_a_condition_and_no_retries_r7(api, 
     assert operator.text().count("invalid pipeline: spec.training.phases[0].steps") == 1
 
 
+def test_api_5xx_is_retried_with_backoff_then_converges_r7(api, operator, emu):
+    emu.call(emu.emulator.fail_creates, "workflows", 2)
+    create(api, "ns-5xx", pipeline("qs"))
+    wait_for(lambda: workflows(api, "ns-5xx"), timeout=60, what="the workflow after retries")
+    wait_for(lambda: get(api, "ns-5xx", "qs").get("status", {}).get("workflow") == "qs-g1", what="status")
+    log = operator.text()
+    retries = [line for line in log.splitlines() if "failed temporarily: cannot create workflow qs-g1: 500" in line]
+    assert len(retries) == 2  # two temporary failures (each retried after its delay), then success
+    assert "PermanentError" not in log and len(workflows(api, "ns-5xx")) == 1
+
+
 def test_a_workflow_deleted_behind_the_operators_back_is_reported_r9(api, operator):
     create(api, "ns-r9", pipeline("qs"))
     wait_for(lambda: get(api, "ns-r9", "qs").get("status", {}).get("workflow"), what="status.workflow")
