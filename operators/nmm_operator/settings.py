@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nmm.compile import CompileSettings
-from nmm.gpu.pools import GpuPool
+from nmm.gpu.pools import pools_from_values
 
 
 @dataclass(frozen=True)
@@ -19,10 +19,7 @@ class OperatorSettings:
 
 
 def from_dict(raw: dict) -> OperatorSettings:
-    pools = tuple(
-        GpuPool(name=n, product=p["product"], memory_gib=int(p["memoryGiB"]), gpus_per_node=int(p["gpusPerNode"]))
-        for n, p in sorted(raw.get("gpuPools", {}).items())
-    )
+    pools = pools_from_values(raw.get("gpuPools", {}))
     base = CompileSettings()
     compile_settings = CompileSettings(
         image=raw.get("image", base.image),

@@ -216,10 +216,11 @@ def logs(
 ) -> None:
     """A stage's logs: from its pods while they exist, else the copy archived in the object store."""
     from nmm import cluster, storage
+    from nmm.stages.context import STAGES, stage_uri
     from nmm.stages.logs import read_archived
 
-    if stage not in ("curate", "train", "evaluate", "rollout", "finalize"):
-        err.print(f"error: --stage must be curate, train, evaluate, rollout or finalize, got {stage!r}")
+    if stage not in STAGES:
+        err.print(f"error: --stage must be one of {', '.join(STAGES)}, got {stage!r}")
         raise typer.Exit(EXIT_BAD_INPUT)
     ns = namespace or cluster.current_namespace()
     obj = _cluster_call(cluster.get_pipeline, name, ns)
@@ -231,10 +232,10 @@ def logs(
     if not found:
         wf = _cluster_call(cluster.get_workflow, workflow, ns)
         root = store or (cluster.store_of(wf) if wf else None) or storage.default_store_uri()
-        stage_uri = storage.join(root, "runs", name, workflow, stage)
-        found = read_archived(stage_uri)
+        folder = stage_uri(root, name, workflow, stage)
+        found = read_archived(folder)
         if not found:
-            err.print(f"error: no pods and no archived logs for stage {stage} of {workflow} (looked in {stage_uri}/logs)")
+            err.print(f"error: no pods and no archived logs for stage {stage} of {workflow} (looked in {folder}/logs)")
             raise typer.Exit(1)
     for source, text in found:
         out.print(f"==> {source} <==", highlight=False)

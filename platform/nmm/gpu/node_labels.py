@@ -6,16 +6,12 @@ import json
 import os
 
 from nmm.gpu.inventory import Inventory, from_gfd, labels, read_gpus
-from nmm.gpu.pools import GpuPool
+from nmm.gpu.pools import GpuPool, pools_from_values
 
 
 def pools_from_env() -> tuple[GpuPool, ...]:
     """`NMM_GPU_POOLS`: {"h100": {"product": …, "memoryGiB": 80, "gpusPerNode": 8}, …} (chart values)."""
-    raw = json.loads(os.environ.get("NMM_GPU_POOLS") or "{}")
-    return tuple(
-        GpuPool(name=name, product=p["product"], memory_gib=int(p["memoryGiB"]), gpus_per_node=int(p["gpusPerNode"]))
-        for name, p in sorted(raw.items())
-    )
+    return pools_from_values(json.loads(os.environ.get("NMM_GPU_POOLS") or "{}"))
 
 
 def label_node(node_name: str, pools: tuple[GpuPool, ...]) -> tuple[Inventory | None, dict[str, str]]:

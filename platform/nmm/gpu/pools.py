@@ -6,7 +6,7 @@ Nodes are labelled by the nmm node-inventory daemon (or NVIDIA GPU Feature Disco
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 LABEL_POOL = "nmm.dev/gpu.pool"
 LABEL_PRODUCT = "nmm.dev/gpu.product"
@@ -21,7 +21,6 @@ class GpuPool:
     memory_gib: int
     gpus_per_node: int
     taints: tuple[tuple[str, str, str], ...] = (("nvidia.com/gpu", "present", "NoSchedule"),)
-    extra_labels: tuple[tuple[str, str], ...] = field(default=())
 
     def matches(self, gpus: int, min_memory_gib: int | None, product: str | None) -> bool:
         if gpus > self.gpus_per_node:
@@ -38,6 +37,14 @@ EXAMPLE_POOLS = (
     GpuPool(name="h100", product="NVIDIA-H100-80GB-HBM3", memory_gib=80, gpus_per_node=8),
     GpuPool(name="h200", product="NVIDIA-H200", memory_gib=141, gpus_per_node=8),
 )
+
+
+def pools_from_values(raw: dict) -> tuple[GpuPool, ...]:
+    """Chart values `gpuPools` ({name: {product, memoryGiB, gpusPerNode}}) as pools, by name."""
+    return tuple(
+        GpuPool(name=name, product=p["product"], memory_gib=int(p["memoryGiB"]), gpus_per_node=int(p["gpusPerNode"]))
+        for name, p in sorted(raw.items())
+    )
 
 
 class PlacementError(ValueError):

@@ -145,10 +145,10 @@ class StageRun:
 
 
 def _dataset_source(uri: str):
+    import warnings
+
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.http_dataset_source import HTTPDatasetSource
-
-    import warnings
 
     try:
         with warnings.catch_warnings():

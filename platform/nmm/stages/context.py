@@ -14,6 +14,14 @@ from nmm.spec import PipelineSpec, parse_pipeline_document
 from nmm.version import code_version
 
 
+STAGES = ("curate", "train", "evaluate", "rollout", "finalize")
+
+
+def stage_uri(store: str, pipeline: str, run_id: str, stage: str) -> str:
+    """`<store>/runs/<pipeline>/<run-id>/<stage>`: where a stage publishes its outputs and logs."""
+    return storage.join(store, "runs", pipeline, run_id, stage)
+
+
 @dataclass(frozen=True)
 class StageContext:
     spec: PipelineSpec
@@ -31,8 +39,7 @@ class StageContext:
         return self.spec.metadata.name
 
     def stage_uri(self, stage: str) -> str:
-        """`<store>/runs/<pipeline>/<run-id>/<stage>`: where a stage publishes its outputs."""
-        return storage.join(self.store, "runs", self.pipeline, self.run_id, stage)
+        return stage_uri(self.store, self.pipeline, self.run_id, stage)
 
     def write_outputs(self, values: dict[str, str]) -> None:
         """Output parameters, one file each (what Argo's `valueFrom.path` reads)."""

@@ -19,7 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from nmm import __version__, lineage, storage
 from nmm.data.dataset import Dataset
 from nmm.gpu import inventory
