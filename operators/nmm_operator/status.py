@@ -14,15 +14,28 @@ def _outputs(node: dict) -> dict[str, str]:
     return {p["name"]: p.get("value", "") for p in node.get("outputs", {}).get("parameters", [])}
 
 
+# How the steps of one stage combine when an ablation has one per variant (train-early, …):
+# the first phase in this order that any of them has.
+_COMBINE = ("Failed", "Error", "Running", "Pending", "Omitted", "Skipped", "Succeeded")
+
+
 def stage_nodes(wf: dict) -> dict[str, dict]:
-    """The newest node per stage (retries make several; the Retry node sums them up)."""
+    """The newest node per step (retries make several; the Retry node sums them up)."""
     out: dict[str, dict] = {}
     for node in (wf.get("status", {}).get("nodes") or {}).values():
         name = node.get("displayName", "")
-        if name in STAGES + ("finalize",) and node.get("type") in ("Retry", "Pod", "Skipped", "Omitted"):
+        if name.split("-")[0] in STAGES + ("finalize",) and node.get("type") in ("Retry", "Pod", "Skipped", "Omitted"):
             if name not in out or node.get("type") == "Retry":
                 out[name] = node
     return out
+
+
+def _stage_phase(nodes: dict[str, dict], stage: str) -> str:
+    """A stage's phase: its step's, or the combination of its variants' steps (`train-mid`)."""
+    phases = [n.get("phase", "Pending") for name, n in nodes.items() if name == stage or name.startswith(stage + "-")]
+    if not phases:
+        return "Pending"
+    return next(p for p in _COMBINE + tuple(phases) if p in phases)
 
 
 def from_workflow(wf: dict, now: str) -> dict:
@@ -31,7 +44,7 @@ def from_workflow(wf: dict, now: str) -> dict:
     st = wf.get("status") or {}
     phase = st.get("phase") or "Pending"
     nodes = stage_nodes(wf)
-    stages = {s: nodes[s].get("phase", "Pending") if s in nodes else "Pending" for s in STAGES}
+    stages = {s: _stage_phase(nodes, s) for s in STAGES}
     running = next((s for s in STAGES if stages[s] == "Running"), "")
     if not running and phase not in DONE:
         running = next((s for s in STAGES if stages[s] == "Pending"), "")

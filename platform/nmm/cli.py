@@ -101,17 +101,25 @@ def _summary(result, spec) -> None:
     for name, s in steps.items():
         t.add_row(name, s.phase, f"{s.duration:.1f}s" if s.started else "", str(s.attempts or ""))
     out.print(t)
-    ev = steps.get("evaluate")
-    if ev and ev.outputs.get("metrics"):
-        metrics = json.loads(ev.outputs["metrics"])
+    evals = {n.removeprefix("evaluate").lstrip("-"): s for n, s in steps.items()
+             if n.split("-")[0] == "evaluate" and s.outputs.get("metrics")}
+    if evals:
         gates = {g.metric: g for g in spec.spec.evaluation.parsed_gates}
-        m = Table(title=f"evaluation (gate: {ev.outputs.get('gate')})")
+        table = {v: json.loads(s.outputs["metrics"]) for v, s in evals.items()}
+        first = next(iter(table))
+        title = "evaluation" if first == "" else "evaluation, side by side (rollout candidate: " + first + ")"
+        m = Table(title=f"{title} (gate: {evals[first].outputs.get('gate')})")
         m.add_column("metric")
-        m.add_column("value", justify="right")
+        m.add_column("kind")
+        for v in table:
+            m.add_column(v or "value", justify="right")
         m.add_column("gate")
-        for k, v in sorted(metrics.items()):
-            g = gates.get(k)
-            m.add_row(k, f"{v:.4f}", f"{g} → {'pass' if g.passes(v) else 'FAIL'}" if g else "")
+        names = sorted({k for t in table.values() for k in t}, key=lambda k: (k.split(".")[0], k))
+        for k in names:
+            g, v0 = gates.get(k), table[first].get(k)
+            verdict = f"{g} → {'pass' if g.passes(v0) else 'FAIL'}" if g and v0 is not None else ""
+            kind = {"m2t": "understanding", "m2g": "generation"}.get(k.split(".")[0], "")
+            m.add_row(k, kind, *[f"{t[k]:.4f}" if k in t else "" for t in table.values()], verdict)
         out.print(m)
     cur = steps.get("curate")
     if cur and cur.outputs:
@@ -303,25 +311,29 @@ SpecOpt = typer.Option(..., "--spec", help="The pipeline spec as JSON (compiled 
 RunOpt = typer.Option(..., "--run-id", help="The pipeline run (the Workflow's name)")
 StoreOpt = typer.Option(..., "--store", help="Store URI")
 OutputsOpt = typer.Option(..., "--outputs", help="Folder for output parameters")
+VariantOpt = typer.Option(None, "--variant", help="The ablation variant this step trains or evaluates")
 
 
-def _stage(name: str, fn, spec: str, run_id: str, store: str, outputs: str, **kw) -> None:
+def _stage(name: str, fn, spec: str, run_id: str, store: str, outputs: str, variant: str | None = None, **kw) -> None:
     """Run a stage with its log archived to the store; bad input exits 2 with a message
     (R17: configuration errors are 1–127)."""
     from nmm.data.dataset import DatasetError
     from nmm.spec import SpecError
-    from nmm.stages.context import StageContext
+    from nmm.stages.context import StageContext, UnknownVariant
     from nmm.stages.evaluate import ModelMissing
     from nmm.storage import StorageError
 
     from nmm.stages.logs import Archive
 
     try:
-        ctx = StageContext.create(spec, run_id, store, outputs)
-        with Archive(ctx.stage_uri(name)):
+        ctx = StageContext.create(spec, run_id, store, outputs, variant)
+        with Archive(ctx.stage_uri(ctx.step(name))):
             code = fn(ctx, **kw)
     except SpecError as exc:
         err.print("error: invalid --spec:\n  " + "\n  ".join(exc.problems), markup=False)
+        raise typer.Exit(EXIT_BAD_INPUT)
+    except UnknownVariant as exc:
+        err.print(f"error: --variant: {exc}", markup=False)
         raise typer.Exit(EXIT_BAD_INPUT)
     except (DatasetError, ModelMissing) as exc:
         err.print(f"error: {exc}", markup=False)
@@ -342,20 +354,21 @@ def stage_curate(spec: str = SpecOpt, run_id: str = RunOpt, store: str = StoreOp
 
 @stage_app.command("train")
 def stage_train(spec: str = SpecOpt, run_id: str = RunOpt, store: str = StoreOpt, outputs: str = OutputsOpt,
-                dataset_uri: str = typer.Option(..., "--dataset-uri")) -> None:
+                dataset_uri: str = typer.Option(..., "--dataset-uri"), variant: str = VariantOpt) -> None:
     """Train the model (one process, or one of many under torchrun)."""
     from nmm.stages import train
 
-    _stage("train", train.run, spec, run_id, store, outputs, dataset_uri=dataset_uri)
+    _stage("train", train.run, spec, run_id, store, outputs, variant, dataset_uri=dataset_uri)
 
 
 @stage_app.command("evaluate")
 def stage_evaluate(spec: str = SpecOpt, run_id: str = RunOpt, store: str = StoreOpt, outputs: str = OutputsOpt,
-                   dataset_uri: str = typer.Option(..., "--dataset-uri"), model_uri: str = typer.Option(..., "--model-uri")) -> None:
+                   dataset_uri: str = typer.Option(..., "--dataset-uri"), model_uri: str = typer.Option(..., "--model-uri"),
+                   variant: str = VariantOpt) -> None:
     """Evaluate the model on held-out data and decide the gates."""
     from nmm.stages import evaluate
 
-    _stage("evaluate", evaluate.run, spec, run_id, store, outputs, dataset_uri=dataset_uri, model_uri=model_uri)
+    _stage("evaluate", evaluate.run, spec, run_id, store, outputs, variant, dataset_uri=dataset_uri, model_uri=model_uri)
 
 
 @stage_app.command("rollout")

@@ -22,9 +22,13 @@ def compiled(path: Path, settings: CompileSettings | None = None) -> dict:
     return compile_pipeline(parse_pipeline(path.read_text()), settings or CompileSettings())
 
 
+def pytorchjobs_of(wf: dict) -> list[dict]:
+    return [yaml.safe_load(t["resource"]["manifest"]) for t in wf["spec"]["templates"] if "resource" in t]
+
+
 def pytorchjob_of(wf: dict) -> dict:
-    (t,) = [t for t in wf["spec"]["templates"] if "resource" in t]
-    return yaml.safe_load(t["resource"]["manifest"])
+    (job,) = pytorchjobs_of(wf)
+    return job
 
 
 def leaf_templates(wf: dict) -> list[dict]:
@@ -38,7 +42,8 @@ def test_workflow_validates_against_argo_v4_crd_schema(path):
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_pytorchjob_validates_against_training_operator_crd_schema(path):
-    assert crd_errors(PYTORCHJOB, "v1", pytorchjob_of(compiled(path))) == []
+    for job in pytorchjobs_of(compiled(path)):
+        assert crd_errors(PYTORCHJOB, "v1", job) == []
 
 
 def test_schema_check_is_strict_about_unknown_fields():
@@ -76,6 +81,34 @@ def test_dag_is_curate_train_evaluate_rollout_with_gate_and_exit_handler():
     assert train["resource"]["setOwnerReference"] is True
     assert "succeeded" in train["resource"]["successCondition"]
     assert "failed" in train["resource"]["failureCondition"]
+
+
+def test_variants_fan_out_train_and_evaluate_and_rollout_waits_for_all():
+    wf = compiled(WORKFLOWS / "fusion-ablation.yaml")
+    dag = {t["name"]: t for t in wf["spec"]["templates"][0]["dag"]["tasks"]}
+    assert list(dag) == ["curate", "train-early", "evaluate-early", "train-mid", "evaluate-mid",
+                         "train-late", "evaluate-late", "rollout"]
+    for v in ("early", "mid", "late"):
+        assert dag[f"train-{v}"]["dependencies"] == ["curate"]
+        assert dag[f"evaluate-{v}"]["dependencies"] == [f"train-{v}"]
+        params = {p["name"]: p["value"] for p in dag[f"evaluate-{v}"]["arguments"]["parameters"]}
+        assert params["variant"] == v and params["model_uri"].endswith(f"/train-{v}")
+    assert dag["rollout"]["dependencies"] == ["evaluate-early", "evaluate-mid", "evaluate-late"]
+    assert dag["rollout"]["when"] == "{{tasks.evaluate-early.outputs.parameters.gate}} == pass"
+    jobs = {j["metadata"]["name"]: j for j in pytorchjobs_of(wf)}
+    assert set(jobs) == {"{{workflow.name}}-train-early", "{{workflow.name}}-train-mid", "{{workflow.name}}-train-late"}
+    args = jobs["{{workflow.name}}-train-mid"]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["args"]
+    assert args[-2:] == ["--variant", "mid"]
+
+
+def test_a_variant_is_the_spec_with_its_model_overrides():
+    spec = parse_pipeline((WORKFLOWS / "fusion-ablation.yaml").read_text())
+    mid = spec.for_variant("mid")
+    assert mid.spec.model.fusion == "mid" and mid.spec.variants == []
+    assert mid.spec.model.size == spec.spec.model.size and mid.spec.training == spec.spec.training
+    assert spec.for_variant(None) is spec
+    with pytest.raises(ValueError, match="no variant 'huge'"):
+        spec.for_variant("huge")
 
 
 def test_stages_hand_each_other_uris_not_artifacts():

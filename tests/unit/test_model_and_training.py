@@ -55,6 +55,43 @@ def test_generation_stays_inside_the_allowed_range():
     assert all(len(o) == 5 and all(20 <= t < 30 for t in o) for o in outs)
 
 
+def test_kv_cache_gives_the_logits_of_a_full_forward():
+    from nmm.model.transformer import KVCache
+
+    torch.manual_seed(0)
+    m = tiny().build().eval()
+    x = torch.randint(0, 40, (3, 12))
+    full = m(x)
+    cache = KVCache(m.cfg, 3, "cpu")
+    steps = [m(x[:, :5], cache), m(x[:, 5:9], cache)] + [m(x[:, i : i + 1], cache) for i in range(9, 12)]
+    assert cache.length == 12
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+
+
+def test_cached_greedy_generation_equals_recomputing_the_whole_sequence():
+    torch.manual_seed(0)
+    m = tiny().build().eval()
+    prompt = [1, 5, 7, 3]
+    seq = list(prompt)
+    for _ in range(8):  # the slow way: the whole sequence through the model for every token
+        logits = m(torch.tensor([seq]))[0, -1]
+        seq.append(20 + int(logits[20:30].argmax()))
+    (out,) = generate(m, [prompt], 8, allowed=(20, 30))
+    assert out == seq[len(prompt):]
+
+
+def test_guidance_one_is_plain_sampling_and_guidance_moves_towards_the_condition():
+    torch.manual_seed(0)
+    m = tiny().build().eval()
+    prompts, blank = [[1, 5, 7, 3]] * 4, [[1, 0, 0, 3]] * 4
+    plain = generate(m, prompts, 6, allowed=(20, 30))
+    assert generate(m, prompts, 6, allowed=(20, 30), guidance=1.0, uncond=blank) == plain
+    # guidance 0 samples from the unconditional prompt alone
+    assert generate(m, prompts, 6, allowed=(20, 30), guidance=0.0, uncond=blank) == generate(m, blank, 6, allowed=(20, 30))
+    with pytest.raises(ValueError, match="length"):
+        generate(m, prompts, 6, allowed=(20, 30), guidance=2.0, uncond=[[1, 3]] * 4)
+
+
 def test_lr_warms_up_then_decays_to_ten_percent():
     p = PhaseConfig(name="p", steps=100, batch_size=4, lr=1.0, warmup_steps=10)
     assert lr_at(p, 0) == pytest.approx(0.1)

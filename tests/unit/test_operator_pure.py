@@ -63,6 +63,20 @@ def test_running_workflow_mirrors_phase_stage_and_stage_phases():
     assert ready["type"] == "Ready" and ready["status"] == "False" and failed["status"] == "False"
 
 
+def test_an_ablation_combines_its_variant_steps_into_one_stage_phase():
+    nodes = {
+        "a": {"displayName": "curate", "type": "Pod", "phase": "Succeeded"},
+        "b": {"displayName": "train-early", "type": "Pod", "phase": "Succeeded"},
+        "c": {"displayName": "train-mid", "type": "Pod", "phase": "Running"},
+        "d": {"displayName": "evaluate-early", "type": "Pod", "phase": "Succeeded"},
+    }
+    patch = status.from_workflow(workflow("Running", nodes), NOW)
+    assert patch["stages"] == {"curate": "Succeeded", "train": "Running", "evaluate": "Succeeded", "rollout": "Pending"}
+    assert patch["stage"] == "train"
+    nodes["c"]["phase"] = "Failed"
+    assert status.from_workflow(workflow("Failed", nodes), NOW)["stages"]["train"] == "Failed"
+
+
 def test_succeeded_workflow_reports_champion_and_mlflow_run():
     wf = workflow("Succeeded", {
         "a": node("curate", "Succeeded"), "b": node("train", "Succeeded"), "c": node("evaluate", "Succeeded"),

@@ -74,8 +74,29 @@ def test_scenes_come_with_captions_and_vqa_including_absent_probes(scenes):
     s = by_task(scenes, "single_object")[0]
     assert shapes.captions(s)[0] == s.prompt and len(shapes.captions(s)) >= 3
     pairs = shapes.vqa_pairs(s, rng)
-    assert (f"what colour is the {s.objects[0].shape}?", s.objects[0].colour) in pairs
-    assert any(a == "no" for _, a in pairs) and any(a == "yes" for _, a in pairs)
+    assert (f"what colour is the {s.objects[0].shape}?", s.objects[0].colour, "colour") in pairs
+    probes = [a for _, a, kind in pairs if kind == "exists"]
+    assert sorted(probes) == ["no", "yes"]
+
+
+def test_position_questions_are_answered_by_the_scene_and_balanced(scenes):
+    rng = np.random.default_rng(0)
+    answers = []
+    for s in by_task(scenes, "position"):
+        for q, a, kind in shapes.vqa_pairs(s, rng):
+            if kind == "position":
+                first, second = s.objects[0], s.objects[1]
+                rel = q.removeprefix(f"is the {first.shape} ").removesuffix(f" the {second.shape}?")
+                assert a == ("yes" if shapes.relation_holds(first.box, second.box, rel) else "no"), q
+                answers.append(a)
+    assert 0.3 < answers.count("yes") / len(answers) < 0.7
+
+
+def test_scenes_round_trip_through_json(scenes):
+    import json
+
+    for s in scenes[:12]:
+        assert shapes.scene_from_dict(json.loads(json.dumps(shapes.scene_to_dict(s)))) == s
 
 
 def test_the_shapes_source_renders_the_six_tasks_with_ten_colours():

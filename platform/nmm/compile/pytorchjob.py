@@ -51,7 +51,7 @@ def _resources(spec: PipelineSpec) -> k8s.V1ResourceRequirements:
     return k8s.V1ResourceRequirements(requests=requests, limits=limits)
 
 
-def _pod(spec: PipelineSpec, spec_json: str, s: CompileSettings) -> k8s.V1PodTemplateSpec:
+def _pod(spec: PipelineSpec, spec_json: str, s: CompileSettings, variant: str | None) -> k8s.V1PodTemplateSpec:
     r = spec.spec.training.resources
     torchrun = [
         f"--nnodes={r.nodes}",
@@ -63,6 +63,8 @@ def _pod(spec: PipelineSpec, spec_json: str, s: CompileSettings) -> k8s.V1PodTem
         "nmm",
     ]
     args = torchrun + pods.stage_args("train", spec_json, s) + ["--dataset-uri", "{{inputs.parameters.dataset_uri}}"]
+    if variant:
+        args += ["--variant", variant]
     container = k8s.V1Container(
         name="pytorch",  # the Training Operator looks for this container name
         image=s.image,
@@ -95,9 +97,11 @@ def _pod(spec: PipelineSpec, spec_json: str, s: CompileSettings) -> k8s.V1PodTem
     )
 
 
-def build(spec: PipelineSpec, spec_json: str, s: CompileSettings) -> dict:
+def build(spec: PipelineSpec, spec_json: str, s: CompileSettings, variant: str | None = None) -> dict:
+    """The PyTorchJob of the train step (of one variant, when the spec has variants)."""
+    spec = spec.for_variant(variant)
     r = spec.spec.training.resources
-    pod = _pod(spec, spec_json, s)
+    pod = _pod(spec, spec_json, s, variant)
     replicas = {"Master": kf.KubeflowOrgV1ReplicaSpec(replicas=1, restart_policy="OnFailure", template=pod)}
     if r.nodes > 1:
         replicas["Worker"] = kf.KubeflowOrgV1ReplicaSpec(replicas=r.nodes - 1, restart_policy="OnFailure", template=pod)
@@ -105,7 +109,7 @@ def build(spec: PipelineSpec, spec_json: str, s: CompileSettings) -> dict:
         api_version="kubeflow.org/v1",
         kind="PyTorchJob",
         metadata=k8s.V1ObjectMeta(
-            name="{{workflow.name}}-train",
+            name="{{workflow.name}}-train" + (f"-{variant}" if variant else ""),
             labels={"nmm.dev/pipeline": spec.metadata.name, "nmm.dev/run": "{{workflow.name}}"},
         ),
         spec=kf.KubeflowOrgV1PyTorchJobSpec(

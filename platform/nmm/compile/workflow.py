@@ -2,6 +2,8 @@
 
 DAG: curate → train (a PyTorchJob resource) → evaluate → rollout (only when the gate passed);
 onExit: finalize (closes the MLflow parent run). Stages hand each other URIs as parameters.
+With variants (an ablation), curate fans out to train-<v> → evaluate-<v> per variant; rollout
+waits for all of them and considers the first variant.
 """
 
 from __future__ import annotations
@@ -69,10 +71,14 @@ def _container_template(name: str, extra_args: list[str], inputs: list[str], out
     return t
 
 
-def _train_template(spec: PipelineSpec, sj: str, s: CompileSettings) -> dict:
-    job = pytorchjob.build(spec, sj, s)
+def _suffix(variant: str | None) -> str:
+    return f"-{variant}" if variant else ""
+
+
+def _train_template(spec: PipelineSpec, sj: str, s: CompileSettings, variant: str | None) -> dict:
+    job = pytorchjob.build(spec, sj, s, variant)
     return {
-        "name": "train",
+        "name": "train" + _suffix(variant),
         "inputs": {"parameters": [_param("dataset_uri")]},
         "retryStrategy": _retry(s),
         "activeDeadlineSeconds": str(s.train_deadline_seconds),
@@ -87,42 +93,42 @@ def _train_template(spec: PipelineSpec, sj: str, s: CompileSettings) -> dict:
 
 
 def _dag(spec: PipelineSpec, s: CompileSettings) -> dict:
-    model_uri = f"{s.store_uri}/runs/{spec.metadata.name}/{{{{workflow.name}}}}/train"
+    variants = spec.variant_names or [None]
     curate_out = "{{tasks.curate.outputs.parameters.dataset_uri}}"
-    gate = "{{tasks.evaluate.outputs.parameters.gate}}"
-    return {
-        "name": DAG,
-        "dag": {
-            "tasks": [
-                {"name": "curate", "template": "curate"},
-                {
-                    "name": "train",
-                    "template": "train",
-                    "dependencies": ["curate"],
-                    "arguments": {"parameters": [_arg("dataset_uri", curate_out)]},
-                },
-                {
-                    "name": "evaluate",
-                    "template": "evaluate",
-                    "dependencies": ["train"],
-                    "arguments": {"parameters": [_arg("dataset_uri", curate_out), _arg("model_uri", model_uri)]},
-                },
-                {
-                    "name": "rollout",
-                    "template": "rollout",
-                    "dependencies": ["evaluate"],
-                    "when": f"{gate} == pass",
-                    "arguments": {
-                        "parameters": [
-                            _arg("model_uri", model_uri),
-                            _arg("metrics", "{{tasks.evaluate.outputs.parameters.metrics}}"),
-                            _arg("gate", gate),
-                        ]
-                    },
-                },
+    model_uris = {v: f"{s.store_uri}/runs/{spec.metadata.name}/{{{{workflow.name}}}}/train{_suffix(v)}" for v in variants}
+    tasks: list[dict] = [{"name": "curate", "template": "curate"}]
+    for v in variants:
+        tasks.append({
+            "name": f"train{_suffix(v)}",
+            "template": f"train{_suffix(v)}",
+            "dependencies": ["curate"],
+            "arguments": {"parameters": [_arg("dataset_uri", curate_out)]},
+        })
+        params = [_arg("dataset_uri", curate_out), _arg("model_uri", model_uris[v])]
+        if v:
+            params.append(_arg("variant", v))
+        tasks.append({
+            "name": f"evaluate{_suffix(v)}",
+            "template": "evaluate",
+            "dependencies": [f"train{_suffix(v)}"],
+            "arguments": {"parameters": params},
+        })
+    first = f"evaluate{_suffix(variants[0])}"
+    gate = f"{{{{tasks.{first}.outputs.parameters.gate}}}}"
+    tasks.append({
+        "name": "rollout",
+        "template": "rollout",
+        "dependencies": [f"evaluate{_suffix(v)}" for v in variants],
+        "when": f"{gate} == pass",
+        "arguments": {
+            "parameters": [
+                _arg("model_uri", model_uris[variants[0]]),
+                _arg("metrics", f"{{{{tasks.{first}.outputs.parameters.metrics}}}}"),
+                _arg("gate", gate),
             ]
         },
-    }
+    })
+    return {"name": DAG, "dag": {"tasks": tasks}}
 
 
 def build(spec: PipelineSpec, s: CompileSettings) -> dict:
@@ -134,14 +140,17 @@ def build(spec: PipelineSpec, s: CompileSettings) -> dict:
         "nmm.dev/pipeline": name,
         **{k: v for k, v in sorted(spec.metadata.labels.items())},
     }
+    variant_in = ["variant"] if spec.variant_names else []
+    variant_args = ["--variant", "{{inputs.parameters.variant}}"] if spec.variant_names else []
     templates = [
         _dag(spec, s),
         _container_template("curate", [], [], ["dataset_uri", "dataset_digest", "cache"], sj, s),
-        _train_template(spec, sj, s),
+        *[_train_template(spec, sj, s, v) for v in (spec.variant_names or [None])],
         _container_template(
             "evaluate",
-            ["--dataset-uri", "{{inputs.parameters.dataset_uri}}", "--model-uri", "{{inputs.parameters.model_uri}}"],
-            ["dataset_uri", "model_uri"], ["gate", "metrics"], sj, s,
+            ["--dataset-uri", "{{inputs.parameters.dataset_uri}}", "--model-uri", "{{inputs.parameters.model_uri}}",
+             *variant_args],
+            ["dataset_uri", "model_uri", *variant_in], ["gate", "metrics"], sj, s,
         ),
         _container_template(
             "rollout",

@@ -22,9 +22,7 @@ def dedup_exact(data: SourceData) -> tuple[SourceData, int]:
         if h not in seen:
             seen.add(h)
             keep.append(i)
-    idx = np.asarray(keep, dtype=np.int64)
-    out = SourceData(data.name, data.images[idx], data.labels[idx], [data.captions[i] for i in keep])
-    return out, len(ids) - len(keep)
+    return data.subset(keep), len(ids) - len(keep)
 
 
 def split_of(content_id: str, train: float, val: float, salt: str = "") -> str:

@@ -20,6 +20,8 @@ class Split:
     arrays: dict[str, np.ndarray]
     captions: list[list[str]]
     ids: list[str]
+    scenes: list[dict] | None = None  # shapes: each image's ground-truth scene
+    vqa: list[list[list[str]]] | None = None  # shapes: each image's (question, answer, kind)s
 
 
 @dataclass
@@ -56,6 +58,7 @@ class Dataset:
         arrays: dict[str, list[np.ndarray]] = {}
         captions: list[list[str]] = []
         ids: list[str] = []
+        extra: dict[str, list] = {"scenes": [], "vqa": []}
         offset = 0
         for shard in parts:
             a, meta = decode_shard(storage.read_file(self.uri, self.manifest, shard["file"]))
@@ -65,4 +68,9 @@ class Dataset:
                 arrays.setdefault(k, []).append(v)
             captions += meta["captions"]
             ids += meta["ids"]
-        return Split({k: np.concatenate(v) for k, v in arrays.items()}, captions, ids)
+            for k in extra:
+                extra[k] += meta.get(k, [])
+        return Split(
+            {k: np.concatenate(v) for k, v in arrays.items()}, captions, ids,
+            extra["scenes"] or None, extra["vqa"] or None,
+        )

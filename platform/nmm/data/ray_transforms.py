@@ -1,4 +1,5 @@
-"""Per-sample transforms on Ray Data: VQ-encode each image and tokenize its captions.
+"""Per-sample transforms on Ray Data: VQ-encode each image and tokenize its texts (captions,
+questions, answers).
 
 `ray.init` is local by default; with `RAY_ADDRESS` set the same code runs on a (Kube)Ray cluster.
 """
@@ -28,8 +29,8 @@ def _init_ray():
     return ray
 
 
-def tokenize_samples(images: np.ndarray, captions: list[list[str]], vq_bytes: bytes, text_bytes: bytes):
-    """Returns (codes (N, P) int32, per-image list of caption token-id lists)."""
+def tokenize_samples(images: np.ndarray, texts: list[list[str]], vq_bytes: bytes, text_bytes: bytes):
+    """Returns (codes (N, P) int32, per-image list of token-id lists, one per text)."""
     ray = _init_ray()
     import ray.data
 
@@ -47,7 +48,7 @@ def tokenize_samples(images: np.ndarray, captions: list[list[str]], vq_bytes: by
         ids = [json.dumps([text.encode(c) for c in json.loads(caps)]) for caps in batch["captions"]]
         return {"index": batch["index"], "codes": codes, "text": np.asarray(ids)}
 
-    items = [{"index": i, "image": images[i], "captions": json.dumps(captions[i])} for i in range(len(images))]
+    items = [{"index": i, "image": images[i], "captions": json.dumps(texts[i])} for i in range(len(images))]
     ds = ray.data.from_items(items).map_batches(transform, batch_format="numpy", batch_size=256)
     rows = sorted(ds.take_all(), key=lambda r: int(r["index"]))
     codes = np.stack([r["codes"] for r in rows]).astype(np.int32)

@@ -8,7 +8,7 @@ drives rendering, captions, VQA pairs and the judge's expectations.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -77,13 +77,18 @@ def render(objects: tuple[Obj, ...], image_size: int) -> np.ndarray:
 
 
 def _place(rng, n: int, image_size: int, size: int, tries: int = 200) -> list[tuple[float, float]] | None:
-    """n non-overlapping centres (with a 1-pixel gap) inside the image."""
+    """n non-overlapping centres (with a gap of at least one pixel) inside the image.
+
+    Boxes sit on a lattice of half the object size, so a patch tokenizer of that patch size sees
+    whole object quarters and a small codebook reconstructs every scene exactly."""
     out: list[tuple[float, float]] = []
-    lo, hi = size / 2, image_size - size / 2
+    step = size // 2
+    slots = (image_size - size) // step + 1
     for _ in range(tries):
         if len(out) == n:
             break
-        c = (float(rng.integers(int(lo), int(hi) + 1)), float(rng.integers(int(lo), int(hi) + 1)))
+        x0, y0 = (int(v) * step for v in rng.integers(0, slots, 2))
+        c = (x0 + size / 2, y0 + size / 2)
         if all(max(abs(c[0] - p[0]), abs(c[1] - p[1])) >= size + 1 for p in out):
             out.append(c)
     return out if len(out) == n else None
@@ -157,26 +162,43 @@ def captions(scene: Scene) -> list[str]:
     return [f"a photo of {base}", base, f"an image showing {base}"]
 
 
-def vqa_pairs(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
-    """Questions with ground-truth answers: colour, count, position, and yes/no existence probes
-    (half about absent shapes, POPE-style, to measure hallucination)."""
+def vqa_pairs(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, str]]:
+    """(question, answer, kind) triples with ground-truth answers. Kinds: `colour`, `count`,
+    `position` (a relation asked at random, so yes and no are balanced) and `exists`: one probe
+    for a shape that is there and one for a shape that is not (POPE-style, to measure
+    hallucination)."""
     objs = scene.objects
     first = objs[0]
     pairs = [
-        (f"what colour is the {first.shape}?", first.colour),
-        (f"how many {_plural(first.shape)} are there?", str(sum(o.shape == first.shape for o in objs))),
+        (f"what colour is the {first.shape}?", first.colour, "colour"),
+        (f"how many {_plural(first.shape)} are there?", str(sum(o.shape == first.shape for o in objs)), "count"),
     ]
     if len(objs) >= 2 and objs[0].shape != objs[1].shape:
         a, b = objs[0], objs[1]
-        horiz = "left of" if relation_holds(a.box, b.box, "left of") else "right of"
-        pairs.append((f"is the {a.shape} {horiz} the {b.shape}?", "yes"))
+        rel = RELATIONS[int(rng.integers(len(RELATIONS)))]
+        answer = "yes" if relation_holds(a.box, b.box, rel) else "no"
+        pairs.append((f"is the {a.shape} {rel} the {b.shape}?", answer, "position"))
     present = {o.shape for o in objs}
     absent = [s for s in SHAPES if s not in present]
-    pairs.append((f"is there {_article(first.shape)} {first.shape}?", "yes"))
+    pairs.append((f"is there {_article(first.shape)} {first.shape}?", "yes", "exists"))
     if absent:
         s = absent[int(rng.integers(len(absent)))]
-        pairs.append((f"is there {_article(s)} {s}?", "no"))
+        pairs.append((f"is there {_article(s)} {s}?", "no", "exists"))
     return pairs
+
+
+def scene_to_dict(scene: Scene) -> dict:
+    return asdict(scene)
+
+
+def scene_from_dict(d: dict) -> Scene:
+    return Scene(
+        task=d["task"],
+        prompt=d["prompt"],
+        include=tuple(d["include"]),
+        relation=d["relation"],
+        objects=tuple(Obj(**o) for o in d["objects"]),
+    )
 
 
 def generate(samples: int, image_size: int, seed: int) -> list[Scene]:

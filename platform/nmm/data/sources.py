@@ -26,6 +26,25 @@ class SourceData:
     images: np.ndarray  # (N, H, W, C) float32
     labels: np.ndarray  # (N,) int64, -1 when the source has no class
     captions: list[list[str]]  # per image, all paraphrases
+    # shapes only: each image's scene (ground truth for the judge) and (question, answer, kind)s
+    scenes: list[dict] | None = None
+    vqa: list[list[tuple[str, str, str]]] | None = None
+
+    def subset(self, idx) -> "SourceData":
+        idx = [int(i) for i in idx]
+        pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
+        return SourceData(
+            self.name, self.images[idx], self.labels[idx], pick(self.captions), pick(self.scenes), pick(self.vqa)
+        )
+
+    def sample_texts(self, i: int) -> list[str]:
+        """Image i's texts: its captions, then question, answer, question, answer, …"""
+        qa = [t for q, a, _ in self.vqa[i] for t in (q, a)] if self.vqa is not None else []
+        return [*self.captions[i], *qa]
+
+    def texts(self, idx) -> list[str]:
+        """Every text of the given images (what a text tokenizer learns from)."""
+        return [t for i in idx for t in self.sample_texts(int(i))]
 
 
 def _pick(key: bytes, n: int, k: int) -> list[int]:
@@ -70,10 +89,15 @@ def load_digits(captions_per_image: int) -> SourceData:
 
 
 def render_shapes(samples: int, size: int, seed: int, captions_per_image: int) -> SourceData:
-    """GenEval-style scenes (nmm.data.shapes): the six tasks in turn, with caption paraphrases."""
+    """GenEval-style scenes (nmm.data.shapes): the six tasks in turn, with caption paraphrases,
+    VQA pairs and each scene's ground truth."""
     from nmm.data import shapes
 
     scenes = shapes.generate(samples, size, seed)
     images = np.stack([shapes.render(sc.objects, size) for sc in scenes])
     caps = [shapes.captions(sc)[:captions_per_image] for sc in scenes]
-    return SourceData("shapes", images, np.full(samples, -1, np.int64), caps)
+    rng = np.random.default_rng([seed, 1])
+    vqa = [shapes.vqa_pairs(sc, rng) for sc in scenes]
+    return SourceData(
+        "shapes", images, np.full(samples, -1, np.int64), caps, [shapes.scene_to_dict(sc) for sc in scenes], vqa
+    )

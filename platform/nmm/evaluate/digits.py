@@ -16,9 +16,13 @@ from nmm.tokenizers import PatchVQ, SharedVocab, TextTokenizer
 from nmm.tokenizers.vocab import EOS
 
 
-def m2t_accuracy(model, vocab: SharedVocab, text: TextTokenizer, codes: np.ndarray, labels: np.ndarray):
+def m2t_accuracy(model, vocab: SharedVocab, text: TextTokenizer, codes: np.ndarray, labels: np.ndarray,
+                 patches: np.ndarray | None = None):
+    """`patches`: the images' raw patch pixels, for mid and late fusion (their codes then only
+    mark where the image sits)."""
     prompts = [m2t_prompt(vocab, c) for c in codes]
-    outs = generate(model, prompts, max_new=24, allowed=vocab.text_range(), stop=EOS, extra_allowed=(EOS,))
+    outs = generate(model, prompts, max_new=24, allowed=vocab.text_range(), stop=EOS, extra_allowed=(EOS,),
+                    patches=patches)
     captions = [text.decode([t - vocab.text_offset for t in o]) for o in outs]
     parsed = [parse_digit(c) for c in captions]
     correct = [p == int(y) for p, y in zip(parsed, labels)]

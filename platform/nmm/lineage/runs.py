@@ -81,6 +81,30 @@ class StageRun:
     run_id: str
     parent_run_id: str
     experiment_id: str
+    stage: str = ""
+    pipeline_run: str = ""
+
+    def child(self, name: str, params: dict | None = None) -> "StageRun":
+        """A run nested under this one (one per training phase, say), RUNNING until `finish`.
+        A retried step finds the same nested run again."""
+        stage = f"{self.stage}/{name}"
+        tags = {TAG_RUN_ID: self.pipeline_run, TAG_STAGE: stage}
+        found = _find(self.client, self.experiment_id, tags)
+        if found is None:
+            found = self.client.create_run(
+                self.experiment_id,
+                run_name=f"{self.pipeline_run}-{self.stage}-{name}",
+                tags={**tags, "mlflow.parentRunId": self.run_id},
+            )
+        else:
+            self.client.update_run(found.info.run_id, status="RUNNING")
+        run = StageRun(self.client, found.info.run_id, self.parent_run_id, self.experiment_id, stage, self.pipeline_run)
+        if params:
+            run.log_params(params)
+        return run
+
+    def finish(self, ok: bool = True) -> None:
+        self.client.set_terminated(self.run_id, status="FINISHED" if ok else "FAILED")
 
     def log_params(self, params: dict) -> None:
         existing = self.client.get_run(self.run_id).data.params
@@ -196,7 +220,7 @@ def stage_run(
         client.update_run(child.info.run_id, status="RUNNING")
         for k, v in tags.items():
             client.set_tag(child.info.run_id, k, v)
-    run = StageRun(client, child.info.run_id, parent.info.run_id, exp_id)
+    run = StageRun(client, child.info.run_id, parent.info.run_id, exp_id, stage, run_id)
     try:
         yield run
     except BaseException:

@@ -1,4 +1,9 @@
-"""Typed config of the early-fusion transformer, with `build()`."""
+"""Typed config of the native multimodal transformer, with `build()`.
+
+fusion: `early` — image codes are tokens of the one shared vocabulary; `mid` — a patch-projection
+stem puts continuous patch embeddings at the image positions from the first layer; `late` — a
+separately trained, frozen patch encoder plus a projector does (the non-native baseline).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,16 @@ class ModelConfig:
     qk_norm: bool = True
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-5
+    fusion: str = "early"
+    # mid and late fusion: image positions are the ids in [image_lo, image_hi) of the sequence;
+    # the stem reads raw patches of patch_dim pixels each, tokens_per_image per image.
+    image_lo: int = 0
+    image_hi: int = 0
+    patch_dim: int = 0
+    tokens_per_image: int = 0
+    # late fusion: the separately trained encoder
+    encoder_dim: int = 64
+    encoder_layers: int = 2
 
     @property
     def head_dim(self) -> int:
@@ -27,6 +42,10 @@ class ModelConfig:
         # SwiGLU: 2/3 of 4*dim, rounded up to a multiple of 32 (Llama).
         hidden = int(2 * 4 * self.dim / 3)
         return 32 * ((hidden + 31) // 32)
+
+    @property
+    def reads_pixels(self) -> bool:
+        return self.fusion in ("mid", "late")
 
     def build(self):
         from nmm.model.transformer import Transformer

@@ -1,9 +1,12 @@
-"""Constrained sampling from the early-fusion model: each step may only emit tokens of one range
-(text ids while captioning, image codes while drawing)."""
+"""Constrained sampling from the early-fusion model with a KV cache: each step may only emit
+tokens of one range (text ids while captioning, image codes while drawing), optionally with
+classifier-free guidance against an unconditional prompt."""
 
 from __future__ import annotations
 
 import torch
+
+from nmm.model.transformer import KVCache
 
 
 @torch.no_grad()
@@ -17,39 +20,58 @@ def generate(
     extra_allowed: tuple[int, ...] = (),
     temperature: float = 0.0,
     generator: torch.Generator | None = None,
+    guidance: float = 1.0,
+    uncond: list[list[int]] | None = None,
+    patches=None,
 ) -> list[list[int]]:
     """Continue each prompt by up to `max_new` tokens drawn from [allowed[0], allowed[1]) plus
     `extra_allowed`; temperature 0 is greedy. Prompts of equal length are batched together, so
     positions match training exactly (no padding). Generation stops at the model's context
-    length (`max_seq_len`) even when no stop token came."""
+    length (`max_seq_len`) even when no stop token came.
+
+    Classifier-free guidance: with `uncond` (one prompt per prompt, same length, the condition
+    blanked out) and `guidance` ≠ 1, logits are uncond + guidance · (cond − uncond).
+    Mid/late fusion: `patches[i]` are the pixels of prompt i's image (read once, at prefill)."""
+    if uncond is not None and [len(p) for p in uncond] != [len(p) for p in prompts]:
+        raise ValueError("each unconditional prompt must have its prompt's length")
     out: list[list[int]] = [[] for _ in prompts]
     by_len: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
         by_len.setdefault(len(p), []).append(i)
     for _, idx in sorted(by_len.items()):
-        batch = _generate_batch(
-            model, [prompts[i] for i in idx], max_new, allowed, stop, extra_allowed, temperature, generator
-        )
-        for i, o in zip(idx, batch):
+        batch = [prompts[i] for i in idx]
+        blank = [uncond[i] for i in idx] if uncond is not None and guidance != 1.0 else None
+        pix = None if patches is None else torch.as_tensor(patches[idx], dtype=torch.float32)
+        res = _generate_batch(model, batch, blank, pix, guidance, max_new, allowed, stop, extra_allowed, temperature, generator)
+        for i, o in zip(idx, res):
             out[i] = o
     return out
 
 
-def _generate_batch(model, prompts, max_new, allowed, stop, extra_allowed, temperature, generator):
+def _generate_batch(model, prompts, uncond, patches, guidance, max_new, allowed, stop, extra_allowed, temperature, generator):
     model.eval()
     device = next(model.parameters()).device
     n = len(prompts)
-    seq = torch.tensor(prompts, dtype=torch.long, device=device)
+    seq = torch.tensor(prompts + (uncond or []), dtype=torch.long, device=device)
     max_new = max(0, min(max_new, model.cfg.max_seq_len - seq.shape[1]))
-    vocab = model.cfg.vocab_size
-    mask = torch.full((vocab,), float("-inf"), device=device)
+    mask = torch.full((model.cfg.vocab_size,), float("-inf"), device=device)
     mask[allowed[0] : allowed[1]] = 0.0
     for t in extra_allowed:
         mask[t] = 0.0
+    cache = KVCache(model.cfg, len(seq), device)
     out = [[] for _ in range(n)]
     done = torch.zeros(n, dtype=torch.bool, device=device)
+    step_in = seq
+    if patches is not None:
+        patches = patches.to(device)
+        if uncond is not None:
+            patches = torch.cat([patches, patches])
     for _ in range(max_new):
-        logits = model(seq)[:, -1, :].float() + mask
+        logits = model(step_in, cache, patches)[:, -1, :].float()
+        patches = None  # the image sits in the prompt: only the prefill reads it
+        if uncond is not None:
+            logits = logits[n:] + guidance * (logits[:n] - logits[n:])
+        logits = logits + mask
         if temperature > 0:
             probs = torch.softmax(logits / temperature, dim=-1)
             nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
@@ -62,5 +84,5 @@ def _generate_batch(model, prompts, max_new, allowed, stop, extra_allowed, tempe
             done |= nxt == stop
             if bool(done.all()):
                 break
-        seq = torch.cat([seq, nxt[:, None]], dim=1)
+        step_in = (torch.cat([nxt, nxt]) if uncond is not None else nxt)[:, None]
     return [[t for t in o if t != stop] for o in out]

@@ -1,6 +1,8 @@
-"""Decoder-only transformer over one shared text+image vocabulary (early fusion).
+"""Decoder-only transformer over one shared text+image vocabulary.
 
-RMSNorm pre-norm blocks, rotary position embeddings, SwiGLU feed-forward, QK-norm.
+RMSNorm pre-norm blocks, rotary position embeddings, SwiGLU feed-forward, QK-norm. Early fusion
+embeds image codes like any token; mid and late fusion replace the embeddings at the image
+positions with their stem's output (nmm.model.fusion).
 Architecture only: the loss (with z-loss) lives in nmm.train.loss, sampling in nmm.model.generate.
 """
 
@@ -11,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nmm.model.config import ModelConfig
+from nmm.model.fusion import build_stem
 
 
 def rope_cache(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,14 +41,50 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: "KVCache | None" = None,
+                layer: int = 0) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.cfg.heads, self.cfg.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         drop = self.cfg.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.update(layer, k, v)
+        if past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
+        elif t == 1:  # one new token attends to everything cached
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+        else:  # a chunk after a cached prefix: causal, offset by the prefix
+            allowed = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=drop)
         return self.out(y.transpose(1, 2).reshape(b, t, self.cfg.dim))
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, per layer: (B, H, T, D) each, preallocated to
+    max_seq_len. `length` counts the cached positions; the new tokens sit right after them."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, device, dtype=torch.float32):
+        shape = (cfg.layers, batch, cfg.heads, cfg.max_seq_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+        self._pending = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = k.shape[2]
+        end = self.length + t
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        self._pending = t
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self) -> None:
+        """Called once per forward, after every layer has written its keys and values."""
+        self.length += self._pending
+        self._pending = 0
 
 
 class SwiGLU(nn.Module):
@@ -68,8 +107,9 @@ class Block(nn.Module):
         self.ffn = SwiGLU(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
+                layer: int = 0) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, cache, layer))
         return x + self.drop(self.ffn(self.ffn_norm(x)))
 
 
@@ -78,6 +118,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.stem = build_stem(cfg)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -91,16 +132,38 @@ class Transformer(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, T) → logits (B, T, vocab)."""
-        t = tokens.shape[1]
-        if t > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {t} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, patches: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) → logits (B, T, vocab). With a cache, `tokens` continue the cached
+        prefix (positions start at cache.length) and their keys and values are appended.
+        Mid/late fusion: `patches` (B, tokens_per_image, patch_dim) are the pixels of each row's
+        image, whose positions hold image ids in the token sequence."""
+        return self.head(self.norm(self.hidden(self.embed_inputs(tokens, patches), cache)))
+
+    def embed_inputs(self, tokens: torch.Tensor, patches: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embed(tokens)
-        for block in self.blocks:
-            x = block(x, cos, sin)
-        return self.head(self.norm(x))
+        if self.stem is None:
+            return x
+        at = (tokens >= self.cfg.image_lo) & (tokens < self.cfg.image_hi)
+        if patches is None:
+            if bool(at.any()):
+                raise ValueError(f"{self.cfg.fusion} fusion reads pixels: pass the image patches")
+            return x
+        if not bool((at.sum(1) == patches.shape[1]).all()):
+            raise ValueError(f"each row needs exactly {patches.shape[1]} image positions")
+        return x.masked_scatter(at[..., None], self.stem(patches.to(x.dtype)))
+
+    def hidden(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Input embeddings (B, T, dim) → final hidden states, before the output norm."""
+        start = cache.length if cache is not None else 0
+        t = x.shape[1]
+        if start + t > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + t} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[start : start + t], self.rope_sin[start : start + t]
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, cache, i)
+        if cache is not None:
+            cache.advance()
+        return x
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

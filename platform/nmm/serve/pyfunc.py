@@ -1,14 +1,15 @@
 """MLflow pyfunc loader module (`loader_module="nmm.serve.pyfunc"`); imports no MLflow.
 
 `mlflow.pyfunc.load_model(uri).predict(rows)` with rows of `{"prompt": "a handwritten digit 3"}`
-(draw; returns image pixels) or `{"image_codes": [...]}` (caption; returns text).
+(draw; returns image pixels), `{"image": [[[...]]]}` (pixels H×W×C in [0, 1]; caption, or answer
+`"question"` when given; returns text) or `{"image_codes": [...]}` (early fusion's codes).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from nmm.data.sequences import m2g_prompt, m2t_prompt
+from nmm.data.sequences import m2g_prompt, m2t_prompt, vqa_prompt
 from nmm.model.generate import generate
 from nmm.serve.model_dir import LoadedModel, load_from_dir
 from nmm.tokenizers.vocab import EOS
@@ -28,9 +29,17 @@ class Predictor:
                 img = m.vq.decode(np.asarray([[t - v.image_offset for t in ids]]))[0]
                 out.append({"image": img.tolist()})
             else:
-                codes = np.asarray(row["image_codes"], dtype=np.int64)
-                ids = generate(m.model, [m2t_prompt(v, codes)], 16, v.text_range(), stop=EOS, extra_allowed=(EOS,))[0]
-                out.append({"text": m.text.decode([t - v.text_offset for t in ids])})
+                patches = None
+                if row.get("image") is not None:
+                    pixels = np.asarray(row["image"], dtype=np.float32)[None]
+                    codes = m.vq.encode(pixels)[0]
+                    patches = m.vq.patches(pixels) if m.model.cfg.reads_pixels else None
+                else:
+                    codes = np.asarray(row["image_codes"], dtype=np.int64)
+                q = row.get("question")
+                prompt = vqa_prompt(v, codes, m.text.encode(q)) if q else m2t_prompt(v, codes)
+                ids = generate(m.model, [prompt], 16, v.text_range(), stop=EOS, extra_allowed=(EOS,), patches=patches)[0]
+                out.append({"text": m.text.decode([t - v.text_offset for t in ids]).strip()})
         return out
 
 

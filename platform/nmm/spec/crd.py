@@ -12,7 +12,9 @@ from nmm.spec.models import PipelineBody
 
 GROUP = "nmm.dev"
 PLURAL = "nmmpipelines"
-DROP = {"title", "default", "examples"}
+# Not allowed in a structural schema. propertyNames (the allowed keys of a map such as
+# lossWeights) is enforced by the operator's pydantic validation instead.
+DROP = {"title", "default", "examples", "propertyNames"}
 
 
 def _structural(node, defs: dict):
@@ -37,6 +39,9 @@ def _structural(node, defs: dict):
         if k in DROP or k == "$defs":
             continue
         if k == "additionalProperties" and v is False:
+            continue
+        if k == "additionalProperties" and v is True:  # a free-form map (variant overrides)
+            out["x-kubernetes-preserve-unknown-fields"] = True
             continue
         if k == "const":
             out["enum"] = [v]

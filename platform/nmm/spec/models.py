@@ -7,9 +7,9 @@ Unknown fields are errors everywhere (`extra="forbid"`).
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 API_VERSION = "nmm.dev/v1alpha1"
@@ -23,9 +23,19 @@ MAX_NAME_LENGTH = 40
 GATE_PATTERN = re.compile(r"^\s*([a-z0-9_]+\.[a-z0-9_]+\.[a-z0-9_]+)\s*(>=|<=|>|<|==)\s*(-?[0-9]*\.?[0-9]+)\s*$")
 
 # What each evaluation suite measures, and the data source and task it needs.
+GENEVAL_TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 SUITES: dict[str, dict] = {
     "m2t.digits": {"metrics": ["accuracy"], "source": "digits", "task": "m2t"},
     "m2g.digits": {"metrics": ["accuracy"], "source": "digits", "task": "m2g"},
+    # GenEval's rules on held-out shapes prompts: overall = mean of the six task columns.
+    "m2g.shapes_geneval": {"metrics": ["overall", *GENEVAL_TASKS], "source": "shapes", "task": "m2g"},
+    # VQA exact match on held-out scenes; POPE: yes/no existence probes, F1 with "yes" positive.
+    "m2t.shapes_vqa": {
+        "metrics": ["accuracy", "colour_accuracy", "count_accuracy", "position_accuracy",
+                    "pope_accuracy", "pope_f1", "pope_yes_ratio"],
+        "source": "shapes",
+        "task": "m2t",
+    },
 }
 
 
@@ -123,10 +133,28 @@ class Size(Model):
         return self
 
 
+class Encoder(Model):
+    """late fusion only: the separately trained image encoder (masked patch reconstruction on
+    the train images, then frozen)."""
+
+    dim: Annotated[int, Field(ge=8, le=4096)] = 64
+    layers: Annotated[int, Field(ge=1, le=48)] = 2
+    steps: Annotated[int, Field(ge=1, le=1_000_000)] = 300
+
+    @model_validator(mode="after")
+    def _heads_divide_dim(self) -> "Encoder":
+        if self.dim % 4:
+            raise ValueError(f"dim ({self.dim}) must be divisible by 4 (the encoder's heads)")
+        return self
+
+
 class ModelSpec(Model):
-    fusion: Literal["early"] = Field(
+    fusion: Literal["early", "mid", "late"] = Field(
         default="early",
-        description="early: one shared vocabulary of text and image tokens in one transformer.",
+        description="early: one shared vocabulary of text and image tokens in one transformer; "
+        "mid: a patch-projection stem feeds continuous patch embeddings into the same backbone "
+        "from its first layer (M2T); late: a separately trained, frozen image encoder + "
+        "projector into the LM, the non-native baseline (M2T).",
     )
     tasks: Annotated[list[Literal["m2t", "m2g"]], Field(min_length=1, max_length=2)] = ["m2t", "m2g"]
     modalities: Annotated[list[Literal["text", "image"]], Field(min_length=2, max_length=2)] = [
@@ -137,6 +165,19 @@ class ModelSpec(Model):
     tokenizers: Tokenizers = Tokenizers()
     zLoss: Annotated[float, Field(ge=0.0, le=1.0)] = 1e-4
     qkNorm: bool = True
+    lossWeights: dict[Literal["text", "image"], Annotated[float, Field(ge=0.0, le=100.0)]] = Field(
+        default={"text": 1.0, "image": 1.0}, description="Per-modality weights of the target tokens' loss."
+    )
+    encoder: Encoder = Encoder()
+
+    @model_validator(mode="after")
+    def _fusion_tasks(self) -> "ModelSpec":
+        if self.fusion != "early" and self.tasks != ["m2t"]:
+            raise ValueError(
+                f"fusion {self.fusion!r} reads images through a stem and generates text only: "
+                f"tasks must be [m2t], got {self.tasks}"
+            )
+        return self
 
     @property
     def category(self) -> str:
@@ -149,13 +190,29 @@ class ModelSpec(Model):
 
 class Phase(Model):
     name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,30}$")] = "pretrain"
-    recipe: Literal["pretrain"] = "pretrain"
+    recipe: Literal["pretrain", "sft", "opd"] = Field(
+        default="pretrain",
+        description="pretrain: next-token loss on every token; sft: loss on the answers only "
+        "(caption, VQA answer, image to draw); opd: on-policy distillation, the student samples "
+        "and the teacher phase's final weights score every sampled token (reverse KL).",
+    )
+    teacher: Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,30}$")] | None = Field(
+        default=None, description="opd only: the earlier phase whose final weights teach."
+    )
+    temperature: Annotated[float, Field(gt=0.0, le=5.0)] = Field(
+        default=1.0, description="opd only: the student's sampling temperature."
+    )
     steps: Annotated[int, Field(ge=1, le=10_000_000)]
     batchSize: Annotated[int, Field(ge=1, le=65_536)] = 32
     lr: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-3
     warmupSteps: Annotated[int, Field(ge=0, le=10_000_000)] = 0
     weightDecay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
     mixture: dict[Literal["m2t", "m2g"], Annotated[float, Field(gt=0.0, le=1.0)]] | None = None
+    captionDropout: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
+        default=0.0,
+        description="Share of M2G sequences whose caption is blanked (padding tokens), so the "
+        "model also learns unconditional generation: what classifier-free guidance needs.",
+    )
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> "Phase":
@@ -163,6 +220,8 @@ class Phase(Model):
             raise ValueError(
                 f"warmupSteps ({self.warmupSteps}) must be smaller than steps ({self.steps})"
             )
+        if (self.recipe == "opd") != (self.teacher is not None):
+            raise ValueError("teacher: an opd phase needs a teacher phase, and only opd phases take one")
         return self
 
 
@@ -211,6 +270,16 @@ class Training(Model):
             raise ValueError(f"phase names must be unique, got {names}")
         return phases
 
+    @model_validator(mode="after")
+    def _teachers_come_first(self) -> "Training":
+        names = [p.name for p in self.phases]
+        for i, p in enumerate(self.phases):
+            if p.teacher is not None and p.teacher not in names[:i]:
+                raise ValueError(
+                    f"phases[{i}].teacher: {p.teacher!r} must name an earlier phase, one of {names[:i]}"
+                )
+        return self
+
 
 # --- evaluation and rollout -------------------------------------------------------------
 
@@ -247,7 +316,18 @@ class Evaluation(Model):
     suites: Annotated[list[str], Field(min_length=1, max_length=32)]
     gates: Annotated[list[str], Field(max_length=64)] = []
     generationsPerClass: Annotated[int, Field(ge=1, le=1000)] = 10
+    promptsPerTask: Annotated[int, Field(ge=1, le=10_000)] = Field(
+        default=50, description="m2g.shapes_geneval: held-out prompts per GenEval task."
+    )
+    vqaImages: Annotated[int, Field(ge=1, le=100_000)] = Field(
+        default=300, description="m2t.shapes_vqa: held-out images whose questions are asked."
+    )
     temperature: Annotated[float, Field(gt=0.0, le=5.0)] = 0.7
+    guidance: Annotated[float, Field(ge=0.0, le=20.0)] = Field(
+        default=1.0,
+        description="Classifier-free guidance scale for image tokens (1 = off; needs training "
+        "with captionDropout > 0).",
+    )
 
     @field_validator("suites")
     @classmethod
@@ -282,17 +362,63 @@ class Metadata(Model):
     labels: dict[str, Annotated[str, Field(max_length=63)]] = {}
 
 
+class Variant(Model):
+    """One arm of an ablation: its own train and evaluate steps on the same data and budget."""
+
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9]{0,14}$")]
+    model: dict[str, Any] = Field(
+        default={}, description="Overrides of spec.model for this variant (merged key by key)."
+    )
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 class PipelineBody(Model):
     data: Data
     model: ModelSpec = ModelSpec()
     training: Training
     evaluation: Evaluation
     rollout: Rollout
+    variants: Annotated[list[Variant], Field(max_length=8)] = Field(
+        default=[],
+        description="An ablation: each variant trains and is evaluated side by side (its own "
+        "train-<name> and evaluate-<name> steps, sibling runs in MLflow); the first variant is "
+        "the rollout candidate.",
+    )
     onWorkflowDeleted: Literal["report", "recreate"] | None = Field(
         default=None,
         description="On a cluster, when this pipeline's Workflow is deleted behind the operator's "
         "back: report it (status Error) or recreate it. Unset: the operator's default.",
     )
+
+    def for_variant(self, name: str) -> "PipelineBody":
+        """This body with the variant's model overrides applied (and no variants)."""
+        v = next((v for v in self.variants if v.name == name), None)
+        if v is None:
+            raise ValueError(f"no variant {name!r}; variants are {[v.name for v in self.variants]}")
+        body = self.model_dump(mode="json", by_alias=True)
+        body.update(model=_merge(body["model"], v.model), variants=[])
+        return PipelineBody.model_validate(body)
+
+    @model_validator(mode="after")
+    def _variants_valid(self) -> "PipelineBody":
+        names = [v.name for v in self.variants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"variants: names must be unique, got {names}")
+        for i, v in enumerate(self.variants):
+            try:
+                self.for_variant(v.name)
+            except ValidationError as exc:
+                err = exc.errors(include_url=False)[0]
+                where = ".".join(str(p) for p in err["loc"])
+                msg = err["msg"].removeprefix("Value error, ")
+                raise ValueError(f"variants[{i}].{where}: {msg}") from None
+        return self
 
     @model_validator(mode="after")
     def _consistent(self) -> "PipelineBody":
@@ -330,3 +456,13 @@ class PipelineSpec(Model):
     kind: Literal["NMMPipeline"]
     metadata: Metadata
     spec: PipelineBody
+
+    def for_variant(self, name: str | None) -> "PipelineSpec":
+        """The spec one variant's steps run (itself when `name` is None)."""
+        if name is None:
+            return self
+        return self.model_copy(update={"spec": self.spec.for_variant(name)})
+
+    @property
+    def variant_names(self) -> list[str]:
+        return [v.name for v in self.spec.variants]

@@ -22,21 +22,34 @@ def stage_uri(store: str, pipeline: str, run_id: str, stage: str) -> str:
     return storage.join(store, "runs", pipeline, run_id, stage)
 
 
+class UnknownVariant(ValueError):
+    """--variant names no variant of the spec."""
+
+
 @dataclass(frozen=True)
 class StageContext:
-    spec: PipelineSpec
+    spec: PipelineSpec  # with the variant's overrides applied
     run_id: str
     store: str
     outputs: Path
+    variant: str | None = None
 
     @classmethod
-    def create(cls, spec_json: str, run_id: str, store: str, outputs: str) -> "StageContext":
+    def create(cls, spec_json: str, run_id: str, store: str, outputs: str, variant: str | None = None) -> "StageContext":
         spec = parse_pipeline_document(json.loads(spec_json), "--spec")
-        return cls(spec, run_id, store.rstrip("/"), Path(outputs))
+        if variant is not None:
+            if variant not in spec.variant_names:
+                raise UnknownVariant(f"{variant!r} is not one of the spec's variants {spec.variant_names}")
+            spec = spec.for_variant(variant)
+        return cls(spec, run_id, store.rstrip("/"), Path(outputs), variant)
 
     @property
     def pipeline(self) -> str:
         return self.spec.metadata.name
+
+    def step(self, stage: str) -> str:
+        """The step's name: the stage, suffixed with the variant (`train-mid`) in an ablation."""
+        return f"{stage}-{self.variant}" if self.variant else stage
 
     def stage_uri(self, stage: str) -> str:
         return stage_uri(self.store, self.pipeline, self.run_id, stage)

@@ -16,7 +16,7 @@ import numpy as np
 
 from nmm import lineage, storage
 from nmm.data import curate, ray_transforms
-from nmm.data.sequences import TASKS, build, pack_rows
+from nmm.data.sequences import TASKS, build, build_vqa, pack_rows
 from nmm.data.shards import encode_shard
 from nmm.data.sources import SourceData, load_digits, render_shapes
 from nmm.stages.context import StageContext, cache_key, setup_logging
@@ -48,18 +48,26 @@ def _key(ctx: StageContext) -> str:
     )
 
 
-def _shards(split: str, data: SourceData, ids: list[str], idx: np.ndarray, codes, caption_ids, vocab: SharedVocab) -> list[tuple[str, bytes, int]]:
+def _shards(split: str, data: SourceData, ids: list[str], idx: np.ndarray, codes, text_ids, vocab: SharedVocab) -> list[tuple[str, bytes, int]]:
+    """Shards of one split. Rows per image: each caption as M2T and as M2G, and each VQA pair
+    as an M2T row (`text_ids[i]` holds the captions' ids, then question, answer, question, …)."""
     out = []
     ids = [ids[i] for i in idx]
     for start in range(0, len(idx), SHARD_IMAGES):
         part = idx[start : start + SHARD_IMAGES]
         rows, task, row_image = [], [], []
         for j, i in enumerate(part):
-            for cap in caption_ids[i]:
+            n_caps = len(data.captions[i])
+            for cap in text_ids[i][:n_caps]:
                 for t, name in enumerate(TASKS):
                     rows.append(build(vocab, codes[i], cap, name))
                     task.append(t)
                     row_image.append(j)
+            qa = text_ids[i][n_caps:]
+            for q, a in zip(qa[0::2], qa[1::2]):
+                rows.append(build_vqa(vocab, codes[i], q, a))
+                task.append(TASKS.index("m2t"))
+                row_image.append(j)
         tokens, mask = pack_rows(rows)
         arrays = {
             "images": (data.images[part] * 255).round().astype(np.uint8),
@@ -71,6 +79,9 @@ def _shards(split: str, data: SourceData, ids: list[str], idx: np.ndarray, codes
             "row_image": np.asarray(row_image, np.int64),
         }
         meta = {"captions": [data.captions[i] for i in part], "ids": ids[start : start + len(part)]}
+        if data.scenes is not None:
+            meta["scenes"] = [data.scenes[i] for i in part]
+            meta["vqa"] = [[list(p) for p in data.vqa[i]] for i in part]
         blob = encode_shard(arrays, meta)
         out.append((f"shards/{split}-{storage.sha256_hex(blob)[:16]}.safetensors", blob, len(part)))
     return out
@@ -101,23 +112,23 @@ def run(ctx: StageContext) -> None:
             log.info("exact dedup dropped %d duplicates", dropped)
         limit = spec.data.sources[0].limit
         if limit and len(raw.images) > limit:
-            keep = np.arange(limit)
-            raw = SourceData(raw.name, raw.images[keep], raw.labels[keep], raw.captions[:limit])
+            raw = raw.subset(range(limit))
         ids = curate.content_ids(raw.images)  # hashed once: split by them, and name samples with them
         splits = curate.split(ids, spec.data.split.train, spec.data.split.val)
         log.info("split: %s", {k: len(v) for k, v in splits.items()})
         tok = spec.model.tokenizers
         train_idx = splits["train"]
         vq = PatchVQ.fit(raw.images[train_idx], tok.image.patchSize, tok.image.codebookSize, seed=0)
-        text = TextTokenizer.train(tok.text.kind, [c for i in train_idx for c in raw.captions[i]], tok.text.vocabSize)
+        text = TextTokenizer.train(tok.text.kind, raw.texts(train_idx), tok.text.vocabSize)
         vocab = SharedVocab(text_size=text.size, image_size=vq.size)
         log.info("tokenizers: text %d, image codebook %d (fitted on train only); shared vocab %d", text.size, vq.size, vocab.size)
-        codes, caption_ids = ray_transforms.tokenize_samples(raw.images, raw.captions, vq.to_bytes(), text.to_bytes())
+        texts = [raw.sample_texts(i) for i in range(len(raw.images))]
+        codes, text_ids = ray_transforms.tokenize_samples(raw.images, texts, vq.to_bytes(), text.to_bytes())
         ray_transforms.shutdown()
         files = {"text_tokenizer.json": text.to_bytes(), "image_tokenizer.safetensors": vq.to_bytes()}
         shard_list = []
         for name, idx in splits.items():
-            for fname, blob, count in _shards(name, raw, ids, idx, codes, caption_ids, vocab):
+            for fname, blob, count in _shards(name, raw, ids, idx, codes, text_ids, vocab):
                 files[fname] = blob
                 shard_list.append({"file": fname, "split": name, "images": count})
         out_uri = ctx.stage_uri("curate")

@@ -16,7 +16,8 @@ import numpy as np
 
 from nmm import lineage, storage
 from nmm.data.dataset import Dataset
-from nmm.evaluate import digits, gates
+from nmm.data import shapes as shapes_data
+from nmm.evaluate import digits, gates, shapes, shapes_judge
 from nmm.evaluate.grid import png_grid
 from nmm.evaluate.judge import DigitJudge
 from nmm.serve.model_dir import FILES, load_from_files
@@ -28,12 +29,20 @@ class ModelMissing(RuntimeError):
     """The model URI has no published manifest."""
 
 
+def _patches(loaded, images: np.ndarray) -> np.ndarray | None:
+    """Mid and late fusion read raw pixels: the patches of the images; early fusion reads codes."""
+    if not loaded.model.cfg.reads_pixels:
+        return None
+    return loaded.vq.patches(images.astype(np.float32) / 255.0)
+
+
 def _suite_digits(suites, loaded, ds: Dataset, ev, seed: int, run_) -> dict[str, float]:
     metrics: dict[str, float] = {}
     test = ds.split("test")
     labels = test.arrays["labels"]
     if "m2t.digits" in suites:
-        acc, captions = digits.m2t_accuracy(loaded.model, loaded.vocab, loaded.text, test.arrays["codes"], labels)
+        acc, captions = digits.m2t_accuracy(loaded.model, loaded.vocab, loaded.text, test.arrays["codes"], labels,
+                                            _patches(loaded, test.arrays["images"]))
         metrics["m2t.digits.accuracy"] = acc
         examples = [{"label": int(y), "caption": c} for y, c in zip(labels[:20], captions[:20])]
         run_.log_bytes(json.dumps(examples, indent=2).encode(), "m2t_digits_examples.json", "eval")
@@ -52,6 +61,36 @@ def _suite_digits(suites, loaded, ds: Dataset, ev, seed: int, run_) -> dict[str,
     return metrics
 
 
+def _suite_shapes(suites, loaded, ds: Dataset, ev, seed: int, run_) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    test = ds.split("test")
+    if test.scenes is None:
+        raise ValueError(f"dataset {ds.uri} has no scenes: was it curated from a shapes source?")
+    if "m2g.shapes_geneval" in suites:
+        idx = shapes.pick_scenes(test.scenes, ev.promptsPerTask)
+        scenes = [shapes_data.scene_from_dict(test.scenes[i]) for i in idx]
+        m, images = shapes.geneval(loaded.model, loaded.vocab, loaded.text, loaded.vq, scenes,
+                                   ev.temperature, ev.guidance, seed)
+        metrics |= m
+        # The judge's ceiling on the same prompts: the real renders, and their VQ reconstruction.
+        real = test.arrays["images"][idx].astype(np.float32) / 255.0
+        metrics["m2g.shapes_geneval.judge_real"] = shapes_judge.evaluate(scenes, real)["overall"]
+        metrics["m2g.shapes_geneval.judge_tokenized"] = shapes_judge.evaluate(
+            scenes, loaded.vq.decode(test.arrays["codes"][idx]))["overall"]
+        cols = min(ev.promptsPerTask, 10)
+        grid = [j for t in shapes_data.TASKS for j in [i for i, s in enumerate(scenes) if s.task == t][:cols]]
+        run_.log_bytes(png_grid(images[grid], len(shapes_data.TASKS), cols), "m2g_shapes_grid.png", "eval")
+        run_.log_bytes(json.dumps([scenes[j].prompt for j in grid], indent=2).encode(),
+                       "m2g_shapes_grid_prompts.json", "eval")
+    if "m2t.shapes_vqa" in suites:
+        n = min(ev.vqaImages, len(test.vqa))
+        m, examples = shapes.vqa(loaded.model, loaded.vocab, loaded.text, test.arrays["codes"][:n], test.vqa[:n],
+                                 _patches(loaded, test.arrays["images"][:n]))
+        metrics |= m
+        run_.log_bytes(json.dumps(examples, indent=2).encode(), "m2t_shapes_vqa_examples.json", "eval")
+    return metrics
+
+
 def run(ctx: StageContext, dataset_uri: str, model_uri: str) -> int:
     log = setup_logging()
     spec = ctx.spec.spec
@@ -61,11 +100,15 @@ def run(ctx: StageContext, dataset_uri: str, model_uri: str) -> int:
         raise ModelMissing(f"no model published at {model_uri}")
     ds = Dataset.open(dataset_uri)
     key = cache_key("evaluate", ev.model_dump(mode="json"), manifest["digest"], ds.digest)
-    with lineage.stage_run(ctx.pipeline, ctx.run_id, "evaluate", cache_key=key, code_version=code_version()) as run_:
+    with lineage.stage_run(ctx.pipeline, ctx.run_id, ctx.step("evaluate"), cache_key=key, code_version=code_version()) as run_:
         t0 = time.perf_counter()
         loaded = load_from_files({name: storage.read_file(model_uri, manifest, name) for name in FILES})
         run_.log_dataset(ctx.pipeline, ds.digest, dataset_uri, context="evaluation")
-        metrics = _suite_digits(set(ev.suites), loaded, ds, ev, spec.training.seed, run_)
+        suites = set(ev.suites)
+        if ds.manifest["source"] == "shapes":
+            metrics = _suite_shapes(suites, loaded, ds, ev, spec.training.seed, run_)
+        else:
+            metrics = _suite_digits(suites, loaded, ds, ev, spec.training.seed, run_)
         ok, reasons = gates.check(ev.parsed_gates, metrics)
         for line in reasons:
             log.info("gate %s", line)
@@ -74,9 +117,11 @@ def run(ctx: StageContext, dataset_uri: str, model_uri: str) -> int:
         run_.log_metrics(metrics)
         run_.log_metrics({"eval/wall_s": time.perf_counter() - t0})
         run_.set_tags({"nmm.gate": "pass" if ok else "fail", "nmm.gate_reasons": "; ".join(reasons)})
-        run_.set_parent_tags({f"nmm.metric.{k}": f"{v:.4f}" for k, v in metrics.items()})
+        prefix = f"nmm.metric.{ctx.variant}." if ctx.variant else "nmm.metric."
+        run_.set_parent_tags({f"{prefix}{k}": f"{v:.4f}" for k, v in metrics.items()})
+        run_.log_params({"variant": ctx.variant or "", "model.fusion": spec.model.fusion, "model.category": spec.model.category})
         report = {"metrics": metrics, "gate": "pass" if ok else "fail", "reasons": reasons, "model_uri": model_uri}
-        storage.publish(ctx.stage_uri("evaluate"), {"report.json": json.dumps(report, indent=2, sort_keys=True).encode()},
+        storage.publish(ctx.stage_uri(ctx.step("evaluate")), {"report.json": json.dumps(report, indent=2, sort_keys=True).encode()},
                         {"kind": "nmm.evaluation", "model_digest": manifest["digest"], "dataset_digest": ds.digest})
         ctx.write_outputs({"gate": "pass" if ok else "fail", "metrics": json.dumps(metrics, sort_keys=True)})
     return 0

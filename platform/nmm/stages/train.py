@@ -32,17 +32,26 @@ from nmm.version import code_version
 EXIT_PREEMPTED = 143
 
 
-def train_config(ctx: StageContext, vocab_size: int, seq_len: int) -> TrainConfig:
+def train_config(ctx: StageContext, ds: Dataset, seq_len: int) -> TrainConfig:
     spec = ctx.spec.spec
     size = spec.model.size
+    p = spec.model.tokenizers.image.patchSize
+    lo, hi = ds.vocab.image_range()
     model = ModelConfig(
-        vocab_size=vocab_size,
+        vocab_size=ds.vocab.size,
         dim=size.dim,
         layers=size.layers,
         heads=size.heads,
         max_seq_len=seq_len,
         dropout=size.dropout,
         qk_norm=spec.model.qkNorm,
+        fusion=spec.model.fusion,
+        image_lo=lo,
+        image_hi=hi,
+        patch_dim=p * p * ds.manifest["image_shape"][2],
+        tokens_per_image=ds.manifest["tokens_per_image"],
+        encoder_dim=spec.model.encoder.dim,
+        encoder_layers=spec.model.encoder.layers,
     )
     phases = tuple(
         PhaseConfig(
@@ -53,6 +62,10 @@ def train_config(ctx: StageContext, vocab_size: int, seq_len: int) -> TrainConfi
             warmup_steps=p.warmupSteps,
             weight_decay=p.weightDecay,
             mixture=dict(p.mixture) if p.mixture else {t: 1.0 for t in spec.model.tasks},
+            caption_dropout=p.captionDropout,
+            recipe=p.recipe,
+            teacher=p.teacher,
+            temperature=p.temperature,
         )
         for p in spec.training.phases
     )
@@ -65,11 +78,14 @@ def train_config(ctx: StageContext, vocab_size: int, seq_len: int) -> TrainConfi
         checkpoint_interval=spec.training.checkpoint.intervalSteps,
         keep_latest=spec.training.checkpoint.keepLatest,
         log_every=max(1, min(50, total // 20)),
+        encoder_steps=spec.model.encoder.steps,
+        loss_weights=(spec.model.lossWeights.get("text", 1.0), spec.model.lossWeights.get("image", 1.0)),
     )
 
 
 def _params(ctx: StageContext, cfg: TrainConfig, world_size: int) -> dict:
     params = {
+        "variant": ctx.variant or "",
         "model.fusion": ctx.spec.spec.model.fusion,
         "model.category": ctx.spec.spec.model.category,
         "model.dim": cfg.model.dim,
@@ -85,9 +101,35 @@ def _params(ctx: StageContext, cfg: TrainConfig, world_size: int) -> dict:
     return params
 
 
+class _PhaseRuns:
+    """One MLflow run per training phase, nested under the train stage's run: its recipe and
+    hyperparameters as params, the metrics of its steps."""
+
+    def __init__(self, stage_run, cfg: TrainConfig):
+        self.stage_run, self.runs, self.bounds = stage_run, {}, []
+        end = 0
+        for p in cfg.phases:
+            self.bounds.append((end, end + p.steps, p))
+            end += p.steps
+
+    def log(self, metrics: dict, step: int) -> None:
+        start, _, p = next(b for b in self.bounds if b[0] < step <= b[1])
+        if p.name not in self.runs:
+            self.runs[p.name] = self.stage_run.child(p.name, {
+                "recipe": p.recipe, "steps": p.steps, "first_step": start + 1, "lr": p.lr,
+                "batch_size": p.batch_size, "mixture": p.mixture, "caption_dropout": p.caption_dropout,
+                "teacher": p.teacher or "",
+            })
+        self.runs[p.name].log_metrics(metrics, step)
+
+    def finish(self, ok: bool) -> None:
+        for r in self.runs.values():
+            r.finish(ok)
+
+
 def _publish(ctx: StageContext, run_, ds: Dataset, cfg: TrainConfig, model, summary: dict, key: str) -> str:
     """Log the model to MLflow, then publish the model folder (manifest last)."""
-    out_uri = ctx.stage_uri("train")
+    out_uri = ctx.stage_uri(ctx.step("train"))
     config = {
         "model": json.loads(cfg.model.to_json()),
         "vocab": {"text_size": ds.vocab.text_size, "image_size": ds.vocab.image_size},
@@ -121,7 +163,7 @@ def _publish(ctx: StageContext, run_, ds: Dataset, cfg: TrainConfig, model, summ
 def run(ctx: StageContext, dataset_uri: str) -> int:
     log = setup_logging()
     info = distributed.init()
-    out_uri = ctx.stage_uri("train")
+    out_uri = ctx.stage_uri(ctx.step("train"))
     try:
         if storage.read_manifest(out_uri, verify=True) is not None:
             log.info("train already published for this run at %s; nothing to do", out_uri)
@@ -129,16 +171,22 @@ def run(ctx: StageContext, dataset_uri: str) -> int:
             return 0
         ds = Dataset.open(dataset_uri)
         a = ds.split("train").arrays
-        cfg = train_config(ctx, ds.vocab.size, a["tokens"].shape[1])
+        cfg = train_config(ctx, ds, a["tokens"].shape[1])
+        pixels = {}
+        if cfg.model.reads_pixels:
+            pixels = {"patches": ds.image_tokenizer().patches(a["images"].astype("float32") / 255.0),
+                      "row_image": a["row_image"]}
         spec = ctx.spec.spec
         key = cache_key("train", spec.model.model_dump(mode="json"), spec.training.model_dump(mode="json"), ds.digest)
         log.info("rank %d/%d on %s: %d sequences, vocab %d, %d steps",
                  info.rank, info.world_size, info.device, len(a["tokens"]), ds.vocab.size, cfg.total_steps)
-        stage = lineage.stage_run(ctx.pipeline, ctx.run_id, "train", cache_key=key, code_version=code_version())
+        stage = lineage.stage_run(ctx.pipeline, ctx.run_id, ctx.step("train"), cache_key=key, code_version=code_version())
         with stage if info.is_main else contextlib.nullcontext() as run_:
             if run_:
                 run_.log_dataset(ctx.pipeline, ds.digest, dataset_uri)
                 run_.log_params(_params(ctx, cfg, info.world_size))
+
+            phases = _PhaseRuns(run_, cfg) if run_ else None
 
             def emit(metrics: dict, step: int) -> None:
                 if info.device.type == "cuda":
@@ -147,14 +195,22 @@ def run(ctx: StageContext, dataset_uri: str) -> int:
                          metrics["train/loss"], metrics["train/loss_text"], metrics["train/loss_image"],
                          metrics["train/tokens_per_s"])
                 run_.log_metrics(metrics, step)
+                phases.log(metrics, step)
 
             t0 = time.perf_counter()
             try:
                 model, summary = train(cfg, a["tokens"], a["loss_mask"], a["task"], ds.vocab.image_range(), info,
-                                       storage.join(out_uri, "checkpoints"), emit)
+                                       storage.join(out_uri, "checkpoints"), emit, text_range=ds.vocab.text_range(),
+                                       **pixels)
             except Preempted as exc:
                 log.warning("%s; exiting %d so the job restarts and resumes", exc, EXIT_PREEMPTED)
                 return EXIT_PREEMPTED
+            except BaseException:
+                if phases:
+                    phases.finish(ok=False)
+                raise
+            if phases:
+                phases.finish(ok=True)
             wall = time.perf_counter() - t0
             # Every rank is done: leave the process group before rank 0's slow I/O, so no
             # collective is pending while it logs and publishes; the other ranks exit now.

@@ -45,6 +45,15 @@ class PatchVQ:
         km = KMeans(n_clusters=k, n_init=1, random_state=seed, max_iter=100).fit(flat)
         return cls(km.cluster_centers_, patch, (h, w, c))
 
+    @property
+    def patch_dim(self) -> int:
+        return self.patch * self.patch * self.image_shape[2]
+
+    def patches(self, images: np.ndarray) -> np.ndarray:
+        """Raw pixels per patch, (N, tokens_per_image, patch_dim): what mid and late fusion
+        feed their image stems instead of codes."""
+        return _patches(images.astype(np.float32), self.patch)
+
     def encode(self, images: np.ndarray) -> np.ndarray:
         flat = _patches(images.astype(np.float32), self.patch)
         d = (

@@ -1,5 +1,14 @@
 """The training loop: DDP over a mixture of M2T and M2G sequences, resumable from checkpoints.
 
+Recipes, one per phase:
+- `pretrain`: next-token loss on every token of each sequence (text and image alike; the image
+  positions of mid/late fusion, which hold pixels, excepted);
+- `sft`: loss on the answers only (the caption, the VQA answer, or the image to draw), with the
+  phase's own mixture;
+- `opd`: on-policy distillation. The student samples continuations of the batch's prompts and
+  a frozen teacher (an earlier phase's final weights) scores every sampled token: loss is the
+  reverse KL(student ‖ teacher) at each of those positions.
+
 Batches are a pure function of (seed, step) and dropout randomness a pure function of
 (seed, rank, step), so a resumed run sees exactly the data and masks an uninterrupted run would
 have seen, whatever the world size; each rank draws its own dropout masks.
@@ -7,6 +16,7 @@ have seen, whatever the world size; each rank draws its own dropout masks.
 
 from __future__ import annotations
 
+import logging
 import math
 import signal
 import time
@@ -19,9 +29,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nmm.data.sequences import TASKS
 from nmm.model import ModelConfig
+from nmm.model.generate import generate
+from nmm.tokenizers.vocab import EOI, EOS, PAD
 from nmm.train import checkpoint
 from nmm.train.distributed import DistInfo, all_reduce_mean, barrier
-from nmm.train.loss import next_token_loss
+from nmm.train.loss import next_token_loss, reverse_kl_loss
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,6 +47,10 @@ class PhaseConfig:
     warmup_steps: int = 0
     weight_decay: float = 0.1
     mixture: dict[str, float] = field(default_factory=lambda: {"m2t": 0.5, "m2g": 0.5})
+    caption_dropout: float = 0.0
+    recipe: str = "pretrain"
+    teacher: str | None = None  # opd: the earlier phase whose final weights teach
+    temperature: float = 1.0  # opd: the student's sampling temperature
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,6 +62,12 @@ class TrainConfig:
     checkpoint_interval: int = 500
     keep_latest: int = 2
     log_every: int = 20
+    encoder_steps: int = 300  # late fusion: masked-patch pretraining of the image encoder
+    loss_weights: tuple[float, float] = (1.0, 1.0)  # (text, image) targets
+
+    @property
+    def teachers(self) -> set[str]:
+        return {p.teacher for p in self.phases if p.teacher}
 
     @property
     def total_steps(self) -> int:
@@ -77,14 +101,72 @@ def batch_indices(rows_by_task: dict[str, np.ndarray], phase: PhaseConfig, seed:
     return np.concatenate(picks)
 
 
+def blank_captions(tokens: torch.Tensor, is_m2g: torch.Tensor, p: float, text_range: tuple[int, int],
+                   seed: int, step: int) -> torch.Tensor:
+    """Caption dropout for classifier-free guidance: in a share `p` of the M2G rows (chosen by a
+    pure function of (seed, step)) the caption's text tokens become padding. Positions do not
+    move, so the unconditional prompt at sampling time is the prompt with its text padded out."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step + 7_919)
+    drop = (torch.rand(len(tokens), generator=g) < p) & is_m2g
+    text = (tokens >= text_range[0]) & (tokens < text_range[1])
+    return torch.where(drop[:, None] & text, torch.zeros_like(tokens), tokens)
+
+
+def pretrain_mask(x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Every token is a target except padding (and, for mid/late fusion, the image positions,
+    whose inputs are pixels rather than tokens)."""
+    m = x != PAD
+    if cfg.reads_pixels:
+        m &= ~((x >= cfg.image_lo) & (x < cfg.image_hi))
+    return m.long()
+
+
+@torch.no_grad()
+def student_samples(model, x: torch.Tensor, m: torch.Tensor, patches: torch.Tensor | None, image_range, text_range,
+                    temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """On-policy rollouts: each row's prompt (the tokens before its first target) continued by
+    the student, text rows until <eos>, image rows for a whole image then <eoi>. Returns the
+    right-padded sequences and a mask of the positions the student sampled."""
+    first = m.argmax(1).tolist()
+    lengths = m.sum(1).tolist()
+    is_image = [image_range[0] <= int(x[i, first[i]]) < image_range[1] for i in range(len(x))]
+    seqs: list[list[int]] = [[] for _ in range(len(x))]
+    sampled: list[list[int]] = [[] for _ in range(len(x))]
+    for want_image in (False, True):
+        idx = [i for i in range(len(x)) if is_image[i] == want_image]
+        if not idx:
+            continue
+        prompts = [x[i, : first[i]].tolist() for i in idx]
+        pix = None if patches is None else patches[idx].cpu().numpy()
+        if want_image:
+            n = int(max(lengths[i] for i in idx)) - 1
+            outs = generate(model, prompts, n, image_range, temperature=temperature, patches=pix)
+            tails = [(o, [EOI]) for o in outs]
+        else:
+            n = int(max(lengths[i] for i in idx))
+            outs = generate(model, prompts, n, text_range, stop=EOS, extra_allowed=(EOS,), temperature=temperature, patches=pix)
+            tails = [(o + [EOS], []) if len(o) < n else (o, []) for o in outs]
+        for i, p, (o, forced) in zip(idx, prompts, tails):
+            seqs[i] = p + o + forced
+            sampled[i] = [0] * len(p) + [1] * len(o) + [0] * len(forced)
+    width = min(max(len(q) for q in seqs), model.cfg.max_seq_len)
+    out = torch.full((len(x), width), PAD, dtype=torch.long)
+    mask = torch.zeros((len(x), width), dtype=torch.long)
+    for i, (q, sm) in enumerate(zip(seqs, sampled)):
+        out[i, : len(q[:width])] = torch.tensor(q[:width])
+        mask[i, : len(sm[:width])] = torch.tensor(sm[:width])
+    return out.to(x.device), mask.to(x.device)
+
+
 def step_seed(seed: int, step: int, rank: int) -> int:
     """The seed of all randomness (dropout) of one rank at one step."""
     return ((seed * 1_000_003 + step) * 4096 + rank) % (2**63 - 1)
 
 
 def _optimizer(model: torch.nn.Module, phase: PhaseConfig) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    params = [p for p in model.parameters() if p.requires_grad]  # late fusion's encoder is frozen
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": phase.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=phase.lr, betas=(0.9, 0.95), eps=1e-8)
 
@@ -98,21 +180,43 @@ def train(
     info: DistInfo,
     checkpoint_root: str,
     log: Callable[[dict, int], None],
+    text_range: tuple[int, int] | None = None,
+    patches: np.ndarray | None = None,
+    row_image: np.ndarray | None = None,
 ) -> tuple[torch.nn.Module, dict]:
-    """Train through every phase; returns the unwrapped model and a summary."""
+    """Train through every phase; returns the unwrapped model and a summary.
+
+    Mid/late fusion also need `patches` (images, tokens_per_image, patch_dim) and `row_image`
+    (the image of each row)."""
+    if cfg.model.reads_pixels and (patches is None or row_image is None):
+        raise ValueError(f"{cfg.model.fusion} fusion trains on pixels: pass patches and row_image")
+    if any(p.recipe == "opd" for p in cfg.phases) and text_range is None:
+        raise ValueError("on-policy distillation samples text: pass text_range")
     torch.manual_seed(cfg.seed)
     model = cfg.model.build().to(info.device)
-    ddp = DDP(model) if info.world_size > 1 else model
+    pix = torch.from_numpy(patches.astype(np.float32)) if cfg.model.reads_pixels else None
+    img_of_row = torch.from_numpy(row_image.astype(np.int64)) if cfg.model.reads_pixels else None
     rows_by_task = {t: np.flatnonzero(task == i) for i, t in enumerate(TASKS)}
     all_tokens = torch.from_numpy(tokens.astype(np.int64))
     all_mask = torch.from_numpy(loss_mask.astype(np.int64))
+    all_m2g = torch.from_numpy(task == TASKS.index("m2g"))
 
     start, opt_state = 0, None
+    teachers: dict[str, dict] = {}  # phase name → its final weights, for a later opd phase
     resumed = checkpoint.load_latest(checkpoint_root)
     if resumed is not None:
         start, state = resumed
+        logger.info("resuming from step %d (checkpoint in %s)", start, checkpoint_root)
         model.load_state_dict(state["model"])
         opt_state = state["optimizer"]
+        teachers = state.get("teachers", {})
+    if cfg.model.fusion == "late":
+        if resumed is None:
+            from nmm.train import encoder
+
+            encoder.pretrain(model.stem.encoder, patches, cfg.encoder_steps, cfg.seed)
+        model.stem.freeze_encoder()
+    ddp = DDP(model) if info.world_size > 1 else model
 
     stop = {"term": False}
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(term=True))
@@ -128,17 +232,33 @@ def train(
             if opt_state is not None:
                 opt.load_state_dict(opt_state)
                 opt_state = None
+            teacher = _teacher(cfg, teachers[phase.teacher], info) if phase.recipe == "opd" else None
+            logger.info("phase %s (%s) steps %d-%d%s", phase.name, phase.recipe, phase_start + 1, step,
+                        f", teacher: phase {phase.teacher}" if teacher is not None else "")
             ddp.train()
             for s in range(max(start, phase_start), step):
                 torch.manual_seed(step_seed(cfg.seed, s, info.rank))
                 lr = lr_at(phase, s - phase_start)
                 for g in opt.param_groups:
                     g["lr"] = lr
-                rows = batch_indices(rows_by_task, phase, cfg.seed, s)[info.rank :: info.world_size]
-                x = all_tokens[rows].to(info.device)
-                m = all_mask[rows].to(info.device)
-                logits = ddp(x)
-                loss, parts = next_token_loss(logits, x, m, image_range, cfg.z_loss)
+                rows = batch_indices(rows_by_task, phase, cfg.seed, s)
+                x = all_tokens[rows]
+                if phase.caption_dropout > 0 and text_range is not None:
+                    x = blank_captions(x, all_m2g[rows], phase.caption_dropout, text_range, cfg.seed, s)
+                mine = rows[info.rank :: info.world_size]
+                x = x[info.rank :: info.world_size].to(info.device)
+                m = all_mask[mine].to(info.device)
+                p = pix[img_of_row[mine]].to(info.device) if pix is not None else None
+                if teacher is not None:
+                    x, m = student_samples(model, x, m, p, image_range, text_range, phase.temperature)
+                    model.train()
+                    with torch.no_grad():
+                        scores = teacher(x, patches=p)
+                    loss, parts = reverse_kl_loss(ddp(x, patches=p), scores, x, m, image_range)
+                else:
+                    if phase.recipe == "pretrain":
+                        m = pretrain_mask(x, cfg.model)
+                    loss, parts = next_token_loss(ddp(x, patches=p), x, m, image_range, cfg.z_loss, cfg.loss_weights)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -147,6 +267,8 @@ def train(
                 summary["tokens_text"] += float(parts["tokens_text"]) * info.world_size
                 summary["tokens_image"] += float(parts["tokens_image"]) * info.world_size
                 done = s + 1
+                if done == step and phase.name in cfg.teachers:
+                    teachers[phase.name] = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 if done % cfg.log_every == 0 or done == cfg.total_steps:
                     vals = {k: float(all_reduce_mean(v, info)) for k, v in parts.items() if not k.startswith("tokens")}
                     elapsed = time.perf_counter() - t0
@@ -167,7 +289,7 @@ def train(
                     if info.is_main:
                         log(metrics, done)
                 if done % cfg.checkpoint_interval == 0 or stop["term"]:
-                    _save(cfg, checkpoint_root, done, model, opt, info)
+                    _save(cfg, checkpoint_root, done, model, opt, info, teachers)
                     if stop["term"]:
                         raise Preempted(f"SIGTERM at step {done}: checkpoint written")
     finally:
@@ -176,8 +298,17 @@ def train(
     return model, summary
 
 
-def _save(cfg: TrainConfig, root: str, step: int, model, opt, info: DistInfo) -> None:
+def _teacher(cfg: TrainConfig, weights: dict, info: DistInfo) -> torch.nn.Module:
+    teacher = cfg.model.build().to(info.device)
+    teacher.load_state_dict(weights)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def _save(cfg: TrainConfig, root: str, step: int, model, opt, info: DistInfo, teachers: dict) -> None:
     if info.is_main:
-        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "teachers": teachers}
         checkpoint.save(root, step, state, cfg.keep_latest)
     barrier(info)

@@ -1,0 +1,77 @@
+"""The shapes suites: generation and understanding of the same held-out scenes.
+
+- `m2g.shapes_geneval.*`: draw an image for each held-out scene's prompt; the GenEval-style judge
+  (nmm.evaluate.shapes_judge) scores it from pixels; overall = mean of the six task columns.
+- `m2t.shapes_vqa.*`: answer each held-out image's questions (greedy); exact match. POPE: the
+  yes/no existence probes, with "yes" as the positive class (F1, accuracy, share of "yes").
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from nmm.data import shapes
+from nmm.data.sequences import m2g_prompt, vqa_prompt
+from nmm.evaluate import shapes_judge
+from nmm.model.generate import generate
+from nmm.tokenizers import PatchVQ, SharedVocab, TextTokenizer
+from nmm.tokenizers.vocab import BOI, BOS, EOS, PAD
+
+
+def pick_scenes(scenes: list[dict], per_task: int) -> list[int]:
+    """The first `per_task` scenes of each GenEval task, in split order (deterministic)."""
+    taken: dict[str, int] = {}
+    out = []
+    for i, s in enumerate(scenes):
+        if taken.get(s["task"], 0) < per_task:
+            taken[s["task"]] = taken.get(s["task"], 0) + 1
+            out.append(i)
+    return out
+
+
+def geneval(
+    model, vocab: SharedVocab, text: TextTokenizer, vq: PatchVQ, scenes: list[shapes.Scene],
+    temperature: float, guidance: float, seed: int,
+) -> tuple[dict[str, float], np.ndarray]:
+    prompts = [m2g_prompt(vocab, text.encode(s.prompt)) for s in scenes]
+    # The unconditional twin of each prompt: same length, caption blanked as in caption dropout.
+    blank = [[BOS, *[PAD] * (len(p) - 2), BOI] for p in prompts]
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    outs = generate(model, prompts, max_new=vq.tokens_per_image, allowed=vocab.image_range(),
+                    temperature=temperature, generator=g, guidance=guidance, uncond=blank)
+    codes = np.array([[t - vocab.image_offset for t in o] for o in outs], dtype=np.int64)
+    images = vq.decode(codes)
+    scores = shapes_judge.evaluate(scenes, images)
+    return {f"m2g.shapes_geneval.{k}": v for k, v in scores.items()}, images
+
+
+def vqa(
+    model, vocab: SharedVocab, text: TextTokenizer, codes: np.ndarray, questions: list[list[list[str]]],
+    patches: np.ndarray | None = None,
+) -> tuple[dict[str, float], list[dict]]:
+    """`questions[i]`: image i's (question, answer, kind) triples; `patches`: raw pixels for
+    mid/late fusion."""
+    asked = [(i, q, a, kind) for i, qs in enumerate(questions) for q, a, kind in qs]
+    prompts = [vqa_prompt(vocab, codes[i], text.encode(q)) for i, q, _, _ in asked]
+    pix = None if patches is None else patches[[i for i, *_ in asked]]
+    outs = generate(model, prompts, max_new=8, allowed=vocab.text_range(), stop=EOS, extra_allowed=(EOS,),
+                    patches=pix)
+    said = [text.decode([t - vocab.text_offset for t in o]).strip() for o in outs]
+    right = np.array([s == a for s, (_, _, a, _) in zip(said, asked)])
+    kinds = np.array([k for *_, k in asked])
+    m = {"accuracy": float(right.mean()) if len(right) else 0.0}
+    for kind in ("colour", "count", "position"):
+        sel = kinds == kind
+        m[f"{kind}_accuracy"] = float(right[sel].mean()) if sel.any() else 0.0
+    probe = kinds == "exists"
+    truth = np.array([a == "yes" for *_, a, _ in asked])[probe]
+    pred = np.array([s == "yes" for s in said])[probe]
+    tp = float((truth & pred).sum())
+    precision = tp / max(pred.sum(), 1)
+    recall = tp / max(truth.sum(), 1)
+    m["pope_f1"] = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    m["pope_accuracy"] = float((truth == pred).mean()) if len(truth) else 0.0
+    m["pope_yes_ratio"] = float(pred.mean()) if len(pred) else 0.0
+    examples = [{"question": q, "answer": a, "said": s} for (_, q, a, _), s in zip(asked[:40], said)]
+    return {f"m2t.shapes_vqa.{k}": v for k, v in m.items()}, examples

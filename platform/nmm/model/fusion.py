@@ -1,0 +1,101 @@
+"""Image stems of mid and late fusion (architecture only).
+
+- `PatchStem` (mid fusion): one linear projection of each patch's raw pixels into the backbone's
+  width; trained end to end with the backbone, from its first layer.
+- `PatchEncoder` + `Projector` (late fusion, the non-native baseline): a small bidirectional
+  transformer over patches, trained separately (masked patch reconstruction, nmm.train.encoder)
+  and frozen; a two-layer MLP (LLaVA-style) maps its features into the language model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nmm.model.config import ModelConfig
+
+
+class PatchStem(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.proj = nn.Linear(cfg.patch_dim, cfg.dim)
+        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(patches))
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, dim: int, heads: int = 4):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEncoder(nn.Module):
+    """A ViT-style encoder over an image's patches (learned positions, no causal mask)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.encoder_dim
+        self.embed = nn.Linear(cfg.patch_dim, d)
+        self.pos = nn.Parameter(torch.zeros(cfg.tokens_per_image, d))
+        self.mask_token = nn.Parameter(torch.zeros(d))
+        self.blocks = nn.ModuleList(EncoderBlock(d) for _ in range(cfg.encoder_layers))
+        self.norm = nn.LayerNorm(d)
+        self.decode = nn.Linear(d, cfg.patch_dim)  # used only while it is trained
+
+    def forward(self, patches: torch.Tensor, hide: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embed(patches)
+        if hide is not None:  # masked patch modelling: hidden patches become the mask token
+            x = torch.where(hide[..., None], self.mask_token.expand_as(x), x)
+        x = x + self.pos
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def reconstruction_loss(self, patches: torch.Tensor, hide: torch.Tensor) -> torch.Tensor:
+        err = F.mse_loss(self.decode(self(patches, hide)), patches, reduction="none").mean(-1)
+        return (err * hide).sum() / hide.sum().clamp(min=1)
+
+
+class Projector(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(cfg.encoder_dim, cfg.dim), nn.GELU(), nn.Linear(cfg.dim, cfg.dim))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features)
+
+
+class LateStem(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.encoder = PatchEncoder(cfg)
+        self.projector = Projector(cfg)
+
+    def freeze_encoder(self) -> None:
+        for p in self.encoder.parameters():
+            p.requires_grad_(False)
+        self.encoder.eval()
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        frozen = not any(p.requires_grad for p in self.encoder.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            features = self.encoder(patches)
+        return self.projector(features)
+
+
+def build_stem(cfg: ModelConfig) -> nn.Module | None:
+    if cfg.fusion == "mid":
+        return PatchStem(cfg)
+    if cfg.fusion == "late":
+        return LateStem(cfg)
+    return None
