@@ -39,15 +39,15 @@ def test_submit_creates_then_updates_the_pipeline(emu, api, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "nmmpipeline cli/quickstart created (generation 1)" in r.stdout
     obj = api.get_namespaced_custom_object("nmm.dev", "v1alpha1", "cli", "nmmpipelines", "quickstart")
-    assert obj["spec"]["training"]["phases"][0]["steps"] == 1200
+    assert obj["spec"]["training"]["phases"][0]["steps"] == 300
     doc = yaml.safe_load((WORKFLOWS / "quickstart.yaml").read_text())
-    doc["spec"]["training"]["phases"][0]["steps"] = 900
+    doc["spec"]["training"]["phases"][0]["steps"] = 250
     edited = tmp_path / "q.yaml"
     edited.write_text(yaml.safe_dump(doc))
     r = nmm(emu, "submit", str(edited), "-n", "cli")
     assert r.returncode == 0 and "updated (generation 2)" in r.stdout, r.stdout + r.stderr
     obj = api.get_namespaced_custom_object("nmm.dev", "v1alpha1", "cli", "nmmpipelines", "quickstart")
-    assert obj["spec"]["training"]["phases"][0]["steps"] == 900
+    assert obj["spec"]["training"]["phases"][0]["steps"] == 250
 
 
 def test_submit_refuses_an_invalid_pipeline_before_touching_the_cluster(emu, api):

@@ -18,7 +18,8 @@ BUCKET = "nmm-it"
 def small_pipeline(tmp_path: Path) -> Path:
     doc = yaml.safe_load((WORKFLOWS / "quickstart.yaml").read_text())
     doc["metadata"]["name"] = "it-quickstart"
-    doc["spec"]["training"]["phases"][0].update(steps=40, warmupSteps=5)
+    doc["spec"]["training"]["phases"][0].update(steps=20, warmupSteps=5)  # pretrain
+    doc["spec"]["training"]["phases"][1].update(steps=20, warmupSteps=2)  # sft
     doc["spec"]["training"]["checkpoint"]["intervalSteps"] = 20
     doc["spec"]["evaluation"]["generationsPerClass"] = 2
     # Gates low enough that a 40-step model passes, so rollout runs and champion moves.
@@ -105,8 +106,14 @@ def test_lineage_parent_and_four_stage_runs_with_dataset_metrics_and_champion(ru
     first = runs["results"][0]["name"]
     found = client.search_runs([exp.experiment_id], filter_string=f"tags.`nmm.run_id` = '{first}'")
     by_stage = {r.data.tags["nmm.stage"]: r for r in found}
-    assert sorted(by_stage) == ["curate", "evaluate", "pipeline", "rollout", "train"]
+    assert sorted(by_stage) == ["curate", "evaluate", "pipeline", "rollout", "train", "train/pretrain", "train/sft"]
     parent = by_stage.pop("pipeline")
+    # Each training phase is a run nested under the train run, with its recipe and its steps.
+    for phase, recipe, steps in (("pretrain", "pretrain", set(range(2, 21, 2))), ("sft", "sft", set(range(22, 41, 2)))):
+        r = by_stage.pop(f"train/{phase}")
+        assert r.data.tags["mlflow.parentRunId"] == by_stage["train"].info.run_id
+        assert r.data.params["recipe"] == recipe and r.info.status == "FINISHED"
+        assert {m.step for m in client.get_metric_history(r.info.run_id, "train/loss")} == steps
     assert parent.info.status == "FINISHED"
     for stage, r in by_stage.items():
         assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
@@ -122,7 +129,13 @@ def test_lineage_parent_and_four_stage_runs_with_dataset_metrics_and_champion(ru
     assert 0.0 <= ev["m2t.digits.accuracy"] <= 1.0 and 0.0 <= ev["m2g.digits.accuracy"] <= 1.0
     assert "train/loss" in by_stage["train"].data.metrics
     artifacts = [a.path for a in client.list_artifacts(by_stage["evaluate"].info.run_id, "eval")]
-    assert "eval/m2g_digits_grid.png" in artifacts
+    assert "eval/m2g_digits_grid.png" in artifacts and "eval/seesaw.png" in artifacts
+    # The see-saw: understanding and generation of the step-20 snapshot and of the final model.
+    for metric in ("seesaw/m2t.digits.accuracy", "seesaw/m2g.digits.accuracy"):
+        history = client.get_metric_history(by_stage["evaluate"].info.run_id, metric)
+        assert sorted(m.step for m in history) == [20, 40]
+    final = client.get_metric_history(by_stage["evaluate"].info.run_id, "seesaw/m2t.digits.accuracy")
+    assert [m.value for m in final if m.step == 40] == [ev["m2t.digits.accuracy"]]
     champion = client.get_model_version_by_alias("it-model", "champion")
     owner = champion.tags["nmm.run_id"]
     assert owner in {runs["results"][0]["name"], runs["results"][1]["name"]}

@@ -19,7 +19,9 @@ def small_spec() -> str:
     spec = yaml.safe_load((WORKFLOWS / "quickstart.yaml").read_text())
     spec["metadata"]["name"] = "sigterm"
     spec["spec"]["model"]["size"] = {"dim": 32, "layers": 1, "heads": 2}
-    spec["spec"]["training"]["phases"][0].update(steps=1200, batchSize=8, warmupSteps=10)
+    phase = spec["spec"]["training"]["phases"][0]
+    phase.update(steps=1200, batchSize=8, warmupSteps=10)
+    spec["spec"]["training"]["phases"] = [phase]
     spec["spec"]["training"]["checkpoint"] = {"intervalSteps": 100_000, "keepLatest": 2}
     spec["spec"]["training"]["resources"] = {"nodes": 1, "processesPerNode": 1}
     return json.dumps(spec)

@@ -53,3 +53,34 @@ def pack_rows(rows: list[tuple[list[int], list[int]]], length: int | None = None
         tokens[i, : len(t)] = t
         mask[i, : len(m)] = m
     return tokens, mask
+
+
+def pack_documents(rows: list[tuple[list[int], list[int]]], length: int) -> dict[str, np.ndarray]:
+    """Pack sequences end to end into rows of `length` tokens (first fit, in order), so short
+    sequences stop wasting compute on padding. Returns tokens, loss_mask, docs (document id per
+    token, -1 on padding) and positions (inside each document, for rotary embeddings)."""
+    packed: list[list[int]] = []
+    for i, (t, _) in enumerate(rows):
+        if len(t) > length:
+            raise ValueError(f"sequence {i} has {len(t)} tokens, more than a packed row ({length})")
+        room = next((r for r in packed if sum(len(rows[j][0]) for j in r) + len(t) <= length), None)
+        if room is None:
+            packed.append([i])
+        else:
+            room.append(i)
+    out = {
+        "tokens": np.full((len(packed), length), PAD, np.int32),
+        "loss_mask": np.zeros((len(packed), length), np.uint8),
+        "docs": np.full((len(packed), length), -1, np.int32),
+        "positions": np.zeros((len(packed), length), np.int64),
+    }
+    for r, members in enumerate(packed):
+        at = 0
+        for d, i in enumerate(members):
+            t, m = rows[i]
+            out["tokens"][r, at : at + len(t)] = t
+            out["loss_mask"][r, at : at + len(t)] = m
+            out["docs"][r, at : at + len(t)] = d
+            out["positions"][r, at : at + len(t)] = np.arange(len(t))
+            at += len(t)
+    return out

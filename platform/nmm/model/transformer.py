@@ -24,10 +24,10 @@ def rope_cache(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, H, T, D); rotate the two halves of the head dimension.
+    # x: (B, H, T, D); cos/sin (T, D/2), or (B, T, D/2) when positions differ per row (packing).
     d = x.shape[-1] // 2
     x1, x2 = x[..., :d], x[..., d:]
-    cos, sin = cos[None, None], sin[None, None]
+    cos, sin = (cos[None, None], sin[None, None]) if cos.dim() == 2 else (cos[:, None], sin[:, None])
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
@@ -42,7 +42,7 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: "KVCache | None" = None,
-                layer: int = 0) -> torch.Tensor:
+                layer: int = 0, docs: "torch.Tensor | None" = None) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.cfg.heads, self.cfg.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)
@@ -52,7 +52,9 @@ class Attention(nn.Module):
         if cache is not None:
             past = cache.length
             k, v = cache.update(layer, k, v)
-        if past == 0:
+        if docs is not None:  # packed rows: causal within each document only
+            y = document_attention(q, k, v, docs, drop)
+        elif past == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
         elif t == 1:  # one new token attends to everything cached
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
@@ -60,6 +62,27 @@ class Attention(nn.Module):
             allowed = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(past)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=drop)
         return self.out(y.transpose(1, 2).reshape(b, t, self.cfg.dim))
+
+
+def document_mask(docs: torch.Tensor) -> torch.Tensor:
+    """(B, T) document ids → (B, 1, T, T) boolean mask: causal and inside one document."""
+    t = docs.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=docs.device).tril()
+    return (causal[None] & (docs[:, :, None] == docs[:, None, :]))[:, None]
+
+
+def document_attention(q, k, v, docs: torch.Tensor, dropout: float) -> torch.Tensor:
+    """Attention over packed rows. On CUDA, FlexAttention with a block mask (whole blocks of
+    other documents are skipped); elsewhere SDPA with the dense mask."""
+    if q.is_cuda and dropout == 0.0:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        def same_doc_causal(b, h, qi, ki):
+            return (qi >= ki) & (docs[b, qi] == docs[b, ki])
+
+        block = create_block_mask(same_doc_causal, docs.shape[0], None, q.shape[2], k.shape[2], device=q.device)
+        return flex_attention(q, k, v, block_mask=block)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(docs), dropout_p=dropout)
 
 
 class KVCache:
@@ -108,8 +131,8 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
-                layer: int = 0) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, cache, layer))
+                layer: int = 0, docs: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, cache, layer, docs))
         return x + self.drop(self.ffn(self.ffn_norm(x)))
 
 
@@ -132,12 +155,15 @@ class Transformer(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, patches: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, patches: torch.Tensor | None = None,
+                docs: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) → logits (B, T, vocab). With a cache, `tokens` continue the cached
         prefix (positions start at cache.length) and their keys and values are appended.
         Mid/late fusion: `patches` (B, tokens_per_image, patch_dim) are the pixels of each row's
-        image, whose positions hold image ids in the token sequence."""
-        return self.head(self.norm(self.hidden(self.embed_inputs(tokens, patches), cache)))
+        image, whose positions hold image ids in the token sequence.
+        Packed rows: `docs` (B, T) document ids and `positions` (B, T) positions inside each
+        document (nmm.data.sequences.pack_documents); attention stays inside a document."""
+        return self.head(self.norm(self.hidden(self.embed_inputs(tokens, patches), cache, docs, positions)))
 
     def embed_inputs(self, tokens: torch.Tensor, patches: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embed(tokens)
@@ -152,15 +178,19 @@ class Transformer(nn.Module):
             raise ValueError(f"each row needs exactly {patches.shape[1]} image positions")
         return x.masked_scatter(at[..., None], self.stem(patches.to(x.dtype)))
 
-    def hidden(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def hidden(self, x: torch.Tensor, cache: KVCache | None = None, docs: torch.Tensor | None = None,
+               positions: torch.Tensor | None = None) -> torch.Tensor:
         """Input embeddings (B, T, dim) → final hidden states, before the output norm."""
         start = cache.length if cache is not None else 0
         t = x.shape[1]
         if start + t > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + t} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[start : start + t], self.rope_sin[start : start + t]
+        if positions is not None:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        else:
+            cos, sin = self.rope_cos[start : start + t], self.rope_sin[start : start + t]
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache, i)
+            x = block(x, cos, sin, cache, i, docs)
         if cache is not None:
             cache.advance()
         return x

@@ -250,6 +250,20 @@ class Resources(Model):
         return self.gpusPerNode or self.processesPerNode or 1
 
 
+class Parallelism(Model):
+    """How the training step uses its devices (torchtitan's habits)."""
+
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto", description="auto: bf16 autocast on GPUs, fp32 on CPUs."
+    )
+    compile: bool = Field(default=False, description="torch.compile each transformer block.")
+    fsdp: bool = Field(
+        default=False,
+        description="Shard parameters, gradients and optimizer state across ranks (FSDP2) "
+        "instead of replicating them (DDP): for models that do not fit one device.",
+    )
+
+
 class Checkpoint(Model):
     intervalSteps: Annotated[int, Field(ge=1, le=10_000_000)] = 500
     keepLatest: Annotated[int, Field(ge=1, le=100)] = 2
@@ -259,6 +273,7 @@ class Training(Model):
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
     phases: Annotated[list[Phase], Field(min_length=1, max_length=8)]
     resources: Resources = Resources()
+    parallelism: Parallelism = Parallelism()
     checkpoint: Checkpoint = Checkpoint()
     maxRestarts: Annotated[int, Field(ge=0, le=100)] = 2
 
@@ -269,6 +284,13 @@ class Training(Model):
         if len(set(names)) != len(names):
             raise ValueError(f"phase names must be unique, got {names}")
         return phases
+
+    @model_validator(mode="after")
+    def _fsdp_without_opd(self) -> "Training":
+        if self.parallelism.fsdp and any(p.recipe == "opd" for p in self.phases):
+            raise ValueError("parallelism.fsdp: on-policy distillation samples per rank and runs with DDP; "
+                             "turn fsdp off or drop the opd phase")
+        return self
 
     @model_validator(mode="after")
     def _teachers_come_first(self) -> "Training":
@@ -323,6 +345,11 @@ class Evaluation(Model):
         default=300, description="m2t.shapes_vqa: held-out images whose questions are asked."
     )
     temperature: Annotated[float, Field(gt=0.0, le=5.0)] = 0.7
+    seesaw: bool = Field(
+        default=True,
+        description="Also evaluate the weights of every interval checkpoint (on a fifth of the "
+        "data): understanding and generation per step, the see-saw, as MLflow metrics and a plot.",
+    )
     guidance: Annotated[float, Field(ge=0.0, le=20.0)] = Field(
         default=1.0,
         description="Classifier-free guidance scale for image tokens (1 = off; needs training "

@@ -17,7 +17,7 @@ import numpy as np
 from nmm import lineage, storage
 from nmm.data.dataset import Dataset
 from nmm.data import shapes as shapes_data
-from nmm.evaluate import digits, gates, shapes, shapes_judge
+from nmm.evaluate import digits, gates, seesaw, shapes, shapes_judge
 from nmm.evaluate.grid import png_grid
 from nmm.evaluate.judge import DigitJudge
 from nmm.serve.model_dir import FILES, load_from_files
@@ -91,6 +91,38 @@ def _suite_shapes(suites, loaded, ds: Dataset, ev, seed: int, run_) -> dict[str,
     return metrics
 
 
+class _NoArtifacts:
+    """Stands in for the stage run while snapshots are scored: their images are not kept."""
+
+    def log_bytes(self, *args, **kwargs) -> None:
+        pass
+
+
+def _seesaw(loaded, manifest: dict, model_uri: str, suite, ds: Dataset, ev, seed: int, final: dict, run_, log) -> None:
+    """Score each snapshot on a fifth of the data; log the headline metrics per step (MLflow
+    plots their history) and a PNG of understanding against generation."""
+    from safetensors.torch import load
+
+    small = ev.model_copy(update={
+        "generationsPerClass": max(1, ev.generationsPerClass // 5),
+        "promptsPerTask": max(1, ev.promptsPerTask // 5),
+        "vqaImages": max(1, ev.vqaImages // 5),
+    })
+    keys = seesaw.headlines(ev.suites)
+    final_weights = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    points: dict[int, dict[str, float]] = {}
+    for snap in manifest["snapshots"]:
+        loaded.model.load_state_dict(load(storage.read_file(model_uri, manifest, snap["file"])))
+        m = suite(set(ev.suites), loaded, ds, small, seed, _NoArtifacts())
+        points[snap["step"]] = {k: m[k] for k in keys}
+        log.info("see-saw step %d: %s", snap["step"], ", ".join(f"{k} {m[k]:.3f}" for k in keys))
+    loaded.model.load_state_dict(final_weights)
+    points[manifest["steps"]] = {k: final[k] for k in keys}
+    for step, values in sorted(points.items()):
+        run_.log_metrics({f"seesaw/{k}": v for k, v in values.items()}, step)
+    run_.log_bytes(seesaw.plot(points, keys, "understanding vs generation per checkpoint"), "seesaw.png", "eval")
+
+
 def run(ctx: StageContext, dataset_uri: str, model_uri: str) -> int:
     log = setup_logging()
     spec = ctx.spec.spec
@@ -104,11 +136,10 @@ def run(ctx: StageContext, dataset_uri: str, model_uri: str) -> int:
         t0 = time.perf_counter()
         loaded = load_from_files({name: storage.read_file(model_uri, manifest, name) for name in FILES})
         run_.log_dataset(ctx.pipeline, ds.digest, dataset_uri, context="evaluation")
-        suites = set(ev.suites)
-        if ds.manifest["source"] == "shapes":
-            metrics = _suite_shapes(suites, loaded, ds, ev, spec.training.seed, run_)
-        else:
-            metrics = _suite_digits(suites, loaded, ds, ev, spec.training.seed, run_)
+        suite = _suite_shapes if ds.manifest["source"] == "shapes" else _suite_digits
+        metrics = suite(set(ev.suites), loaded, ds, ev, spec.training.seed, run_)
+        if ev.seesaw and manifest.get("snapshots"):
+            _seesaw(loaded, manifest, model_uri, suite, ds, ev, spec.training.seed, metrics, run_, log)
         ok, reasons = gates.check(ev.parsed_gates, metrics)
         for line in reasons:
             log.info("gate %s", line)

@@ -26,6 +26,7 @@ from nmm.model import ModelConfig
 from nmm.serve.model_dir import model_files
 from nmm.stages.context import StageContext, cache_key, setup_logging
 from nmm.train import distributed
+from nmm.train.parallelize import Parallelism
 from nmm.train.trainer import PhaseConfig, Preempted, TrainConfig, train
 from nmm.version import code_version
 
@@ -80,6 +81,7 @@ def train_config(ctx: StageContext, ds: Dataset, seq_len: int) -> TrainConfig:
         log_every=max(1, min(50, total // 20)),
         encoder_steps=spec.model.encoder.steps,
         loss_weights=(spec.model.lossWeights.get("text", 1.0), spec.model.lossWeights.get("image", 1.0)),
+        parallel=Parallelism(**spec.training.parallelism.model_dump()),
     )
 
 
@@ -99,6 +101,35 @@ def _params(ctx: StageContext, cfg: TrainConfig, world_size: int) -> dict:
     for p in cfg.phases:
         params.update({f"phase.{p.name}.lr": p.lr, f"phase.{p.name}.batch_size": p.batch_size, f"phase.{p.name}.mixture": p.mixture})
     return params
+
+
+SNAPSHOTS = "snapshots"
+
+
+def _snapshotter(out_uri: str):
+    """Weights at each interval checkpoint, for the see-saw evaluation: they outlive keepLatest
+    (and restarts) and are published with the model."""
+    from safetensors.torch import save
+
+    def snapshot(step: int, weights: dict) -> None:
+        state = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+        storage.write_bytes(storage.join(out_uri, SNAPSHOTS, f"step-{step:08d}.safetensors"), save(state))
+
+    return snapshot
+
+
+def _snapshot_step(name: str) -> int:
+    return int(name.rsplit("step-", 1)[1][:8])
+
+
+def _snapshots(out_uri: str, total_steps: int) -> dict[str, bytes]:
+    """The snapshots written so far (before the final step), to publish with the model."""
+    folder = storage.join(out_uri, SNAPSHOTS)
+    out = {}
+    for name in storage.list_names(folder):
+        if name.startswith("step-") and _snapshot_step(name) < total_steps:
+            out[f"{SNAPSHOTS}/{name}"] = storage.read_bytes(storage.join(folder, name))
+    return out
 
 
 class _PhaseRuns:
@@ -148,7 +179,9 @@ def _publish(ctx: StageContext, run_, ds: Dataset, cfg: TrainConfig, model, summ
             (Path(tmp) / name).write_bytes(data)
         model_uri = run_.log_pyfunc_model(tmp, "nmm.serve.pyfunc", [f"nmm-platform=={__version__}"])
     run_.set_tags({"nmm.model_uri": model_uri})
-    storage.publish(out_uri, files, {
+    snapshots = _snapshots(out_uri, summary["steps"])
+    storage.publish(out_uri, files | snapshots, {
+        "snapshots": [{"step": _snapshot_step(n), "file": n} for n in sorted(snapshots)],
         "kind": "nmm.model",
         "dataset_uri": ds.uri,
         "dataset_digest": ds.digest,
@@ -201,6 +234,7 @@ def run(ctx: StageContext, dataset_uri: str) -> int:
             try:
                 model, summary = train(cfg, a["tokens"], a["loss_mask"], a["task"], ds.vocab.image_range(), info,
                                        storage.join(out_uri, "checkpoints"), emit, text_range=ds.vocab.text_range(),
+                                       on_checkpoint=_snapshotter(out_uri) if spec.evaluation.seesaw else None,
                                        **pixels)
             except Preempted as exc:
                 log.warning("%s; exiting %d so the job restarts and resumes", exc, EXIT_PREEMPTED)

@@ -25,14 +25,13 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nmm.data.sequences import TASKS
 from nmm.model import ModelConfig
 from nmm.model.generate import generate
 from nmm.tokenizers.vocab import EOI, EOS, PAD
-from nmm.train import checkpoint
-from nmm.train.distributed import DistInfo, all_reduce_mean, barrier
+from nmm.train import checkpoint, parallelize
+from nmm.train.distributed import DistInfo, all_reduce_mean, any_rank, barrier
 from nmm.train.loss import next_token_loss, reverse_kl_loss
 
 logger = logging.getLogger(__name__)
@@ -64,6 +63,7 @@ class TrainConfig:
     log_every: int = 20
     encoder_steps: int = 300  # late fusion: masked-patch pretraining of the image encoder
     loss_weights: tuple[float, float] = (1.0, 1.0)  # (text, image) targets
+    parallel: parallelize.Parallelism = field(default_factory=parallelize.Parallelism)
 
     @property
     def teachers(self) -> set[str]:
@@ -183,15 +183,19 @@ def train(
     text_range: tuple[int, int] | None = None,
     patches: np.ndarray | None = None,
     row_image: np.ndarray | None = None,
+    on_checkpoint: Callable[[int, dict], None] | None = None,
 ) -> tuple[torch.nn.Module, dict]:
     """Train through every phase; returns the unwrapped model and a summary.
 
     Mid/late fusion also need `patches` (images, tokens_per_image, patch_dim) and `row_image`
-    (the image of each row)."""
+    (the image of each row). `on_checkpoint(step, weights)` runs on the main rank after each
+    interval checkpoint (the train stage keeps weight snapshots for the see-saw evaluation)."""
     if cfg.model.reads_pixels and (patches is None or row_image is None):
         raise ValueError(f"{cfg.model.fusion} fusion trains on pixels: pass patches and row_image")
     if any(p.recipe == "opd" for p in cfg.phases) and text_range is None:
         raise ValueError("on-policy distillation samples text: pass text_range")
+    if cfg.parallel.fsdp and any(p.recipe == "opd" for p in cfg.phases):
+        raise ValueError("on-policy distillation samples per rank; it runs with DDP, not FSDP")
     torch.manual_seed(cfg.seed)
     model = cfg.model.build().to(info.device)
     pix = torch.from_numpy(patches.astype(np.float32)) if cfg.model.reads_pixels else None
@@ -216,12 +220,13 @@ def train(
 
             encoder.pretrain(model.stem.encoder, patches, cfg.encoder_steps, cfg.seed)
         model.stem.freeze_encoder()
-    ddp = DDP(model) if info.world_size > 1 else model
+    ddp = parallelize.apply(model, cfg.parallel, info.world_size)
+    amp = lambda: parallelize.autocast(cfg.parallel, info.device)  # noqa: E731
 
     stop = {"term": False}
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(term=True))
     summary: dict = {"resumed_from": start, "tokens_text": 0.0, "tokens_image": 0.0}
-    step, t0, tokens_seen = 0, time.perf_counter(), 0.0
+    step, t0, tokens_seen, processed = 0, time.perf_counter(), 0.0, 0
     try:
         for phase in cfg.phases:
             opt = _optimizer(model, phase)
@@ -230,7 +235,7 @@ def train(
             if step <= start:
                 continue  # phase finished before the checkpoint
             if opt_state is not None:
-                opt.load_state_dict(opt_state)
+                parallelize.load_optimizer(model, opt, opt_state, cfg.parallel, info.world_size)
                 opt_state = None
             teacher = _teacher(cfg, teachers[phase.teacher], info) if phase.recipe == "opd" else None
             logger.info("phase %s (%s) steps %d-%d%s", phase.name, phase.recipe, phase_start + 1, step,
@@ -252,18 +257,21 @@ def train(
                 if teacher is not None:
                     x, m = student_samples(model, x, m, p, image_range, text_range, phase.temperature)
                     model.train()
-                    with torch.no_grad():
+                    with torch.no_grad(), amp():
                         scores = teacher(x, patches=p)
-                    loss, parts = reverse_kl_loss(ddp(x, patches=p), scores, x, m, image_range)
+                    with amp():
+                        loss, parts = reverse_kl_loss(ddp(x, patches=p), scores, x, m, image_range)
                 else:
                     if phase.recipe == "pretrain":
                         m = pretrain_mask(x, cfg.model)
-                    loss, parts = next_token_loss(ddp(x, patches=p), x, m, image_range, cfg.z_loss, cfg.loss_weights)
+                    with amp():
+                        loss, parts = next_token_loss(ddp(x, patches=p), x, m, image_range, cfg.z_loss, cfg.loss_weights)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
                 tokens_seen += float(parts["tokens_text"] + parts["tokens_image"]) * info.world_size
+                processed += x.numel() * info.world_size
                 summary["tokens_text"] += float(parts["tokens_text"]) * info.world_size
                 summary["tokens_image"] += float(parts["tokens_image"]) * info.world_size
                 done = s + 1
@@ -285,16 +293,27 @@ def train(
                         "train/tokens_text_total": summary["tokens_text"],
                         "train/tokens_image_total": summary["tokens_image"],
                     }
+                    mfu = parallelize.mfu(processed / max(elapsed, 1e-9), cfg.model, x.shape[1], info.device)
+                    if mfu is not None:
+                        metrics["train/mfu"] = mfu
                     summary.update(final_loss=vals["ce"], tokens_per_s=metrics["train/tokens_per_s"])
                     if info.is_main:
                         log(metrics, done)
-                if done % cfg.checkpoint_interval == 0 or stop["term"]:
-                    _save(cfg, checkpoint_root, done, model, opt, info, teachers)
-                    if stop["term"]:
+                term = any_rank(stop["term"], info)  # every rank stops at the same step
+                if done % cfg.checkpoint_interval == 0 or term:
+                    weights = _save(cfg, checkpoint_root, done, model, opt, info, teachers)
+                    if on_checkpoint is not None and info.is_main and done % cfg.checkpoint_interval == 0:
+                        on_checkpoint(done, weights)
+                    if term:
                         raise Preempted(f"SIGTERM at step {done}: checkpoint written")
     finally:
         signal.signal(signal.SIGTERM, previous)
     summary["steps"] = step
+    if parallelize.sharded(cfg.parallel, info.world_size):  # rank 0 gets a whole, unsharded model
+        weights, _ = parallelize.full_state(model, None, cfg.parallel, info.world_size)
+        if info.is_main:
+            model = cfg.model.build()
+            model.load_state_dict(weights)
     return model, summary
 
 
@@ -307,8 +326,10 @@ def _teacher(cfg: TrainConfig, weights: dict, info: DistInfo) -> torch.nn.Module
     return teacher
 
 
-def _save(cfg: TrainConfig, root: str, step: int, model, opt, info: DistInfo, teachers: dict) -> None:
+def _save(cfg: TrainConfig, root: str, step: int, model, opt, info: DistInfo, teachers: dict) -> dict:
+    weights, optim = parallelize.full_state(model, opt, cfg.parallel, info.world_size)  # collective under FSDP
     if info.is_main:
-        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "teachers": teachers}
+        state = {"model": weights, "optimizer": optim, "step": step, "teachers": teachers}
         checkpoint.save(root, step, state, cfg.keep_latest)
     barrier(info)
+    return weights

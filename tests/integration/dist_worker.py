@@ -1,0 +1,53 @@
+"""A training process for the multi-process tests (run under torchrun, or alone): trains the
+tiny config with DDP or FSDP2 on CPU (gloo) and saves the final weights from rank 0.
+
+    torchrun --nproc-per-node=2 -m tests.integration.dist_worker ROOT_URI OUT_FILE [--fsdp] [--slow]
+"""
+
+import sys
+import time
+
+import numpy as np
+import torch
+
+from nmm.model import ModelConfig
+from nmm.train import distributed
+from nmm.train.parallelize import Parallelism
+from nmm.train.trainer import PhaseConfig, TrainConfig, train
+
+
+def config(fsdp: bool) -> TrainConfig:
+    return TrainConfig(
+        model=ModelConfig(vocab_size=40, dim=32, layers=2, heads=2, max_seq_len=16),
+        phases=(PhaseConfig(name="a", steps=12, batch_size=8, lr=3e-3, warmup_steps=2),
+                PhaseConfig(name="b", steps=12, batch_size=8, lr=1e-3, recipe="sft")),
+        seed=5, checkpoint_interval=4, keep_latest=2, log_every=1, parallel=Parallelism(fsdp=fsdp),
+    )
+
+
+def data():
+    g = np.random.default_rng(0)
+    tokens = g.integers(5, 40, (64, 12)).astype(np.int32)
+    mask = np.ones_like(tokens, dtype=np.uint8)
+    mask[:, :3] = 0
+    return tokens, mask, (np.arange(64) % 2).astype(np.int8)
+
+
+if __name__ == "__main__":
+    root, out = sys.argv[1], sys.argv[2]
+    info = distributed.init()
+    torch.set_num_threads(1)
+    slow = "--slow" in sys.argv
+    try:
+        model, summary = train(config("--fsdp" in sys.argv), *data(), (30, 40), info, root,
+                               lambda m, step: time.sleep(0.3) if slow else None)
+        distributed.barrier(info)  # as the train stage does: leave together, then write
+        distributed.shutdown(info)
+        if info.is_main:
+            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out)
+            print("resumed_from", summary["resumed_from"], flush=True)
+    except Exception as exc:  # noqa: BLE001 - the exit code is what the test reads
+        print(type(exc).__name__, exc, flush=True)
+        sys.exit(143 if type(exc).__name__ == "Preempted" else 1)
+    finally:
+        distributed.shutdown(info)

@@ -1,0 +1,57 @@
+"""An ablation runs end to end on the local engine: one curate, train-<v> and evaluate-<v> per
+variant (early, mid, late fusion), sibling runs in MLflow with the same metrics side by side."""
+
+import json
+import os
+import subprocess
+
+import pytest
+import yaml
+
+from tests.conftest import NMM, WORKFLOWS
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_fusion_ablation_trains_and_evaluates_each_variant_side_by_side(tmp_path):
+    doc = yaml.safe_load((WORKFLOWS / "fusion-ablation.yaml").read_text())
+    doc["metadata"]["name"] = "it-ablation"
+    doc["spec"]["model"]["size"] = {"dim": 32, "layers": 1, "heads": 2}
+    doc["spec"]["model"]["encoder"] = {"dim": 16, "layers": 1, "steps": 20}
+    doc["spec"]["training"]["phases"][0].update(steps=30, warmupSteps=5)
+    doc["spec"]["training"]["resources"]["processesPerNode"] = 1
+    doc["spec"]["training"]["checkpoint"]["intervalSteps"] = 15
+    doc["spec"]["evaluation"]["gates"] = ["m2t.digits.accuracy >= 0.0"]
+    spec = tmp_path / "ablation.yaml"
+    spec.write_text(yaml.safe_dump(doc))
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "NMM_HOME", "NMM_STORE", "NMM_S3_ENDPOINT")}
+    r = subprocess.run([NMM, "run", str(spec)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
+    assert "side by side (rollout candidate: early)" in r.stdout
+    (status_file,) = (tmp_path / ".nmm" / "runs").glob("*/status.json")
+    steps = json.loads(status_file.read_text())["steps"]
+    assert [s for s in steps if s != "finalize"] == [
+        "curate", "train-early", "evaluate-early", "train-mid", "evaluate-mid", "train-late", "evaluate-late", "rollout"]
+    assert all(s["phase"] == "Succeeded" for s in steps.values())
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / '.nmm' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("it-ablation")
+    evals = client.search_runs([exp.experiment_id], filter_string="tags.`nmm.stage` LIKE 'evaluate-%'")
+    by_variant = {r.data.params["variant"]: r for r in evals}
+    assert sorted(by_variant) == ["early", "late", "mid"]
+    for v, run in by_variant.items():
+        assert run.data.params["model.fusion"] == v
+        assert 0.0 <= run.data.metrics["m2t.digits.accuracy"] <= 1.0
+    parents = {r.data.tags["mlflow.parentRunId"] for r in evals}
+    assert len(parents) == 1  # siblings under the one pipeline run
+    trains = client.search_runs([exp.experiment_id], filter_string="tags.`nmm.stage` LIKE 'train-%'")
+    assert {r.data.params["model.fusion"] for r in trains if "/" not in r.data.tags["nmm.stage"]} == {"early", "mid", "late"}
+    # Each variant's model folder is its own, under train-<variant>.
+    run_dir = tmp_path / ".nmm" / "store" / "runs" / "it-ablation" / status_file.parent.name
+    for v in ("early", "mid", "late"):
+        config = json.loads((run_dir / f"train-{v}" / "config.json").read_text())
+        assert config["model"]["fusion"] == v
+    champion = client.get_model_version_by_alias("nmm-fusion-ablation", "champion")
+    assert champion.tags["nmm.run_id"] == status_file.parent.name
