@@ -22,6 +22,7 @@ import torch
 
 from nmm.model import ModelConfig
 from nmm.train.loss import next_token_loss
+from nmm.train.parallelize import PEAK_BF16_FLOPS, transformer_flops_per_token
 
 SIZES = {
     # name: (dim, layers, heads, vocab, seq_len, batch)
@@ -29,7 +30,6 @@ SIZES = {
     "small": (256, 6, 8, 4096, 128, 16),
     "125m": (768, 12, 12, 32768, 1024, 8),
 }
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def ours(dim, layers, heads, vocab, seq):
@@ -80,7 +80,7 @@ def measure(name, model, tokens, steps, warmup, device, amp):
 
 def flops_per_token(model, layers, heads, dim, seq, vocab):
     n = sum(p.numel() for p in model.parameters()) - vocab * dim  # without the embedding table
-    return 6 * n + 12 * layers * heads * (dim // heads) * seq
+    return transformer_flops_per_token(n, layers, heads, dim // heads, seq)
 
 
 def main() -> None:
@@ -105,7 +105,7 @@ def main() -> None:
         entry = {"tokens_per_s": round(tps, 1), "params": sum(p.numel() for p in model.parameters())}
         if device.type == "cuda":
             gpu = torch.cuda.get_device_name(device)
-            peak = next((v for k, v in PEAK_BF16.items() if k in gpu), None)
+            peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu), None)
             if peak:
                 entry["mfu"] = round(tps * flops_per_token(model, layers, heads, dim, seq, vocab) / peak, 4)
         results[name] = entry

@@ -164,7 +164,8 @@ def captions(scene: Scene) -> list[str]:
 
 def vqa_pairs(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, str]]:
     """(question, answer, kind) triples with ground-truth answers. Kinds: `colour`, `count`,
-    `position` (a relation asked at random, so yes and no are balanced) and `exists`: one probe
+    `position` (a horizontal and a vertical relation, each direction picked at random, so yes
+    and no are balanced) and `exists`: one probe
     for a shape that is there and one for a shape that is not (POPE-style, to measure
     hallucination)."""
     objs = scene.objects
@@ -175,9 +176,10 @@ def vqa_pairs(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, st
     ]
     if len(objs) >= 2 and objs[0].shape != objs[1].shape:
         a, b = objs[0], objs[1]
-        rel = RELATIONS[int(rng.integers(len(RELATIONS)))]
-        answer = "yes" if relation_holds(a.box, b.box, rel) else "no"
-        pairs.append((f"is the {a.shape} {rel} the {b.shape}?", answer, "position"))
+        for axis in (RELATIONS[:2], RELATIONS[2:]):  # one horizontal and one vertical question
+            rel = axis[int(rng.integers(2))]
+            answer = "yes" if relation_holds(a.box, b.box, rel) else "no"
+            pairs.append((f"is the {a.shape} {rel} the {b.shape}?", answer, "position"))
     present = {o.shape for o in objs}
     absent = [s for s in SHAPES if s not in present]
     pairs.append((f"is there {_article(first.shape)} {first.shape}?", "yes", "exists"))

@@ -87,9 +87,13 @@ def load_optimizer(model: torch.nn.Module, opt, state: dict, p: Parallelism, wor
     set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
 
 
+def transformer_flops_per_token(params: int, layers: int, heads: int, head_dim: int, seq_len: int) -> float:
+    """torchtitan's count for any decoder: 6·N + 12·L·H·Q·T (N without the embedding table)."""
+    return 6 * params + 12 * layers * heads * head_dim * seq_len
+
+
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    n = _param_count(cfg)
-    return 6 * n + 12 * cfg.layers * cfg.heads * cfg.head_dim * seq_len
+    return transformer_flops_per_token(_param_count(cfg), cfg.layers, cfg.heads, cfg.head_dim, seq_len)
 
 
 def _param_count(cfg: ModelConfig) -> int:
