@@ -218,7 +218,8 @@ def status(name: str = typer.Argument(..., help="Pipeline name"), namespace: Opt
 @app.command()
 def logs(
     name: str = typer.Argument(..., help="Pipeline name"),
-    stage: str = typer.Option(..., "--stage", help="curate, train, evaluate, rollout or finalize"),
+    stage: str = typer.Option(..., "--stage", help="curate, train, evaluate, rollout or finalize "
+                              "(train-<variant>, evaluate-<variant> in an ablation)"),
     namespace: Optional[str] = NamespaceOpt,
     store: Optional[str] = typer.Option(None, help="Store URI, when the Workflow is gone too"),
 ) -> None:
@@ -227,8 +228,9 @@ def logs(
     from nmm.stages.context import STAGES, stage_uri
     from nmm.stages.logs import read_archived
 
-    if stage not in STAGES:
-        err.print(f"error: --stage must be one of {', '.join(STAGES)}, got {stage!r}")
+    base, _, variant = stage.partition("-")
+    if base not in STAGES or (variant and base not in ("train", "evaluate")) or (variant and not variant.isalnum()):
+        err.print(f"error: --stage must be one of {', '.join(STAGES)} (or train-<variant>, evaluate-<variant>), got {stage!r}")
         raise typer.Exit(EXIT_BAD_INPUT)
     ns = namespace or cluster.current_namespace()
     obj = _cluster_call(cluster.get_pipeline, name, ns)

@@ -86,8 +86,8 @@ def get_workflow(name: str, namespace: str) -> dict | None:
 def pod_logs(workflow: str, stage: str, namespace: str) -> list[tuple[str, str]]:
     """(pod, log) of the stage's pods that still exist: Argo step pods, or the PyTorchJob's."""
     core = client.CoreV1Api(_api_client())
-    if stage == "train":
-        selector, container = f"training.kubeflow.org/job-name={workflow}-train", "pytorch"
+    if stage.split("-")[0] == "train":  # train, or train-<variant> in an ablation
+        selector, container = f"training.kubeflow.org/job-name={workflow}-{stage}", "pytorch"
     else:
         selector, container = f"workflows.argoproj.io/workflow={workflow}", "main"
     out = []
@@ -97,7 +97,7 @@ def pod_logs(workflow: str, stage: str, namespace: str) -> list[tuple[str, str]]
         return []
     for pod in pods:
         node = (pod.metadata.annotations or {}).get("workflows.argoproj.io/node-name", "")
-        if stage != "train" and not node.endswith(f".{stage}") and f".{stage}(" not in node:
+        if container == "main" and not node.endswith(f".{stage}") and f".{stage}(" not in node:
             continue
         try:
             out.append((pod.metadata.name, core.read_namespaced_pod_log(pod.metadata.name, namespace, container=container)))

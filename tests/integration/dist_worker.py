@@ -7,13 +7,13 @@ tiny config with DDP or FSDP2 on CPU (gloo) and saves the final weights from ran
 import sys
 import time
 
-import numpy as np
 import torch
 
 from nmm.model import ModelConfig
 from nmm.train import distributed
 from nmm.train.parallelize import Parallelism
 from nmm.train.trainer import PhaseConfig, TrainConfig, train
+from tests.integration.resume_worker import data
 
 
 def config(fsdp: bool) -> TrainConfig:
@@ -23,14 +23,6 @@ def config(fsdp: bool) -> TrainConfig:
                 PhaseConfig(name="b", steps=12, batch_size=8, lr=1e-3, recipe="sft")),
         seed=5, checkpoint_interval=4, keep_latest=2, log_every=1, parallel=Parallelism(fsdp=fsdp),
     )
-
-
-def data():
-    g = np.random.default_rng(0)
-    tokens = g.integers(5, 40, (64, 12)).astype(np.int32)
-    mask = np.ones_like(tokens, dtype=np.uint8)
-    mask[:, :3] = 0
-    return tokens, mask, (np.arange(64) % 2).astype(np.int8)
 
 
 if __name__ == "__main__":

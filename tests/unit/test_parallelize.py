@@ -60,3 +60,43 @@ def test_flops_per_token_follows_torchtitan_and_mfu_needs_a_known_peak():
     n = sum(p.numel() for p in m.parameters()) - 1000 * 64  # without the embedding table
     assert parallelize.flops_per_token(cfg, 32) == 6 * n + 12 * 2 * 4 * 16 * 32
     assert parallelize.mfu(1e6, cfg, 32, torch.device("cpu")) is None
+
+
+def test_a_packed_batch_has_exactly_the_loss_of_the_padded_one():
+    from nmm.tokenizers.vocab import PAD
+    from nmm.train.loss import next_token_loss
+    from nmm.train.trainer import pack_batch
+
+    torch.manual_seed(0)
+    m = tiny().build().eval()
+    g = np.random.default_rng(1)
+    x = torch.full((6, 12), PAD, dtype=torch.long)
+    mask = torch.zeros(6, 12, dtype=torch.long)
+    for i, n in enumerate((12, 5, 7, 3, 9, 4)):
+        x[i, :n] = torch.from_numpy(g.integers(5, 40, n))
+        mask[i, 1:n] = 1
+    padded, _ = next_token_loss(m(x), x, mask, (30, 40), 1e-4)
+    px, pm, extra = pack_batch(x, mask, 16)
+    assert len(px) < len(x)
+    packed, parts = next_token_loss(m(px, **extra), px, pm, (30, 40), 1e-4)
+    assert torch.allclose(packed, padded, atol=1e-5)
+    assert parts["tokens_text"] + parts["tokens_image"] == mask[:, 1:].sum()
+
+
+def test_packing_trains_to_the_padded_weights(tmp_path):
+    from nmm.train.distributed import DistInfo
+    from nmm.train.trainer import PhaseConfig, TrainConfig, train
+    from tests.integration.resume_worker import data
+
+    tokens, mask, task = data()
+    tokens[::2, 6:] = 0  # half the rows are 6 tokens: two of them share a packed row of 16
+    mask[::2, 6:] = 0
+    cpu = DistInfo(0, 0, 1, torch.device("cpu"))
+    out = []
+    for pack in (False, True):
+        cfg = TrainConfig(model=tiny(), phases=(PhaseConfig(name="p", steps=6, batch_size=8, lr=3e-3, recipe="sft"),),
+                          checkpoint_interval=100, parallel=Parallelism(pack=pack))
+        model, _ = train(cfg, tokens, mask, task, (30, 40), cpu, (tmp_path / str(pack)).as_uri(), lambda *_: None)
+        out.append(model.state_dict())
+    for k in out[0]:
+        assert torch.allclose(out[0][k], out[1][k], atol=1e-5), k

@@ -262,6 +262,11 @@ class Parallelism(Model):
         description="Shard parameters, gradients and optimizer state across ranks (FSDP2) "
         "instead of replicating them (DDP): for models that do not fit one device.",
     )
+    pack: bool = Field(
+        default=False,
+        description="Pack each batch's sequences end to end with document masks (FlexAttention "
+        "on GPUs) instead of padding them: pretrain and sft phases of early-fusion models.",
+    )
 
 
 class Checkpoint(Model):
@@ -469,6 +474,11 @@ class PipelineBody(Model):
                     f"evaluation.gates: {gate.metric!r} is not measured by the listed suites "
                     f"(they measure {sorted(measured)})"
                 )
+        if self.training.parallelism.pack and self.model.fusion != "early":
+            raise ValueError(
+                f"training.parallelism.pack: packing needs fusion early (mid/late fusion rows each "
+                f"carry one image's pixels); model.fusion is {self.model.fusion!r}"
+            )
         for i, phase in enumerate(self.training.phases):
             if phase.mixture and not set(phase.mixture) <= set(self.model.tasks):
                 raise ValueError(

@@ -16,13 +16,14 @@ def pretrain(encoder, patches: np.ndarray, steps: int, seed: int, batch_size: in
     """Train `encoder` (nmm.model.fusion.PatchEncoder) in place; a pure function of the seed.
     Returns the last reconstruction loss (MSE on the hidden patches)."""
     pix = torch.from_numpy(patches.astype(np.float32))
+    device = next(encoder.parameters()).device
     g = torch.Generator().manual_seed(seed + 104_729)
     opt = torch.optim.AdamW(encoder.parameters(), lr=lr, weight_decay=0.01)
     encoder.train()
     loss = torch.tensor(float("nan"))
     for step in range(steps):
-        x = pix[torch.randint(len(pix), (batch_size,), generator=g)]
-        hide = torch.rand(x.shape[:2], generator=g) < hide_ratio
+        x = pix[torch.randint(len(pix), (batch_size,), generator=g)].to(device)
+        hide = (torch.rand(x.shape[:2], generator=g) < hide_ratio).to(device)
         loss = encoder.reconstruction_loss(x, hide)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -24,6 +24,7 @@ class Parallelism:
     precision: str = "auto"  # auto: bf16 on CUDA, fp32 elsewhere; or "bf16" / "fp32"
     compile: bool = False
     fsdp: bool = False
+    pack: bool = False  # pack each batch's rows end to end with document masks (early fusion)
 
     def dtype(self, device: torch.device) -> torch.dtype | None:
         """The autocast dtype, or None for full fp32."""

@@ -26,11 +26,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from nmm.data.sequences import TASKS
+from nmm.data.sequences import TASKS, pack_documents
 from nmm.model import ModelConfig
 from nmm.model.generate import generate
 from nmm.tokenizers.vocab import EOI, EOS, PAD
-from nmm.train import checkpoint, parallelize
+from nmm.train import checkpoint, encoder, parallelize
 from nmm.train.distributed import DistInfo, all_reduce_mean, any_rank, barrier
 from nmm.train.loss import next_token_loss, reverse_kl_loss
 
@@ -158,6 +158,20 @@ def student_samples(model, x: torch.Tensor, m: torch.Tensor, patches: torch.Tens
     return out.to(x.device), mask.to(x.device)
 
 
+def pack_batch(x: torch.Tensor, m: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The batch's rows, padding stripped, packed end to end into fewer rows of `length` tokens
+    (nmm.data.sequences.pack_documents). A target whose predecessor is another document's last
+    token is masked out, so the loss has exactly the targets of the unpacked batch."""
+    keep = (x != PAD).sum(1).tolist()
+    rows = [(x[i, :n].tolist(), m[i, :n].tolist()) for i, n in enumerate(keep)]
+    p = pack_documents(rows, length)
+    docs = torch.from_numpy(p["docs"]).long()
+    mask = torch.from_numpy(p["loss_mask"]).long()
+    mask[:, 1:] *= (docs[:, 1:] == docs[:, :-1]).long()
+    extra = {"docs": docs.to(x.device), "positions": torch.from_numpy(p["positions"]).to(x.device)}
+    return torch.from_numpy(p["tokens"]).long().to(x.device), mask.to(x.device), extra
+
+
 def step_seed(seed: int, step: int, rank: int) -> int:
     """The seed of all randomness (dropout) of one rank at one step."""
     return ((seed * 1_000_003 + step) * 4096 + rank) % (2**63 - 1)
@@ -216,8 +230,6 @@ def train(
         teachers = state.get("teachers", {})
     if cfg.model.fusion == "late":
         if resumed is None:
-            from nmm.train import encoder
-
             encoder.pretrain(model.stem.encoder, patches, cfg.encoder_steps, cfg.seed)
         model.stem.freeze_encoder()
     ddp = parallelize.apply(model, cfg.parallel, info.world_size)
@@ -264,8 +276,12 @@ def train(
                 else:
                     if phase.recipe == "pretrain":
                         m = pretrain_mask(x, cfg.model)
+                    packed = {}
+                    if cfg.parallel.pack:
+                        x, m, packed = pack_batch(x, m, cfg.model.max_seq_len)
                     with amp():
-                        loss, parts = next_token_loss(ddp(x, patches=p), x, m, image_range, cfg.z_loss, cfg.loss_weights)
+                        loss, parts = next_token_loss(ddp(x, patches=p, **packed), x, m, image_range, cfg.z_loss,
+                                                      cfg.loss_weights)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
