@@ -85,5 +85,8 @@ def test_late_fusion_trains_its_encoder_separately_then_freezes_it(tmp_path):
     hide = torch.ones(16, 4, dtype=torch.bool)
     x = torch.from_numpy(patches)
     assert enc.reconstruction_loss(x, hide) < fresh.stem.encoder.reconstruction_loss(x, hide)
+    # Its features were standardised on the train images: the projector sees content, centred.
+    feats = (enc(x) - model.stem.feature_mean) / model.stem.feature_std
+    assert feats.mean(0).abs().max() < 1e-4 and (feats.std(0) - 1).abs().max() < 1e-3
     with pytest.raises(ValueError, match="pass patches and row_image"):
         train(tc, tokens, mask, np.zeros(32, np.int8), IMG, CPU, (tmp_path / "b").as_uri(), lambda *_: None)

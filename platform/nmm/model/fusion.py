@@ -1,7 +1,7 @@
 """Image stems of mid and late fusion (architecture only).
 
-- `PatchStem` (mid fusion): one linear projection of each patch's raw pixels into the backbone's
-  width; trained end to end with the backbone, from its first layer.
+- `PatchStem` (mid fusion): a light MLP from each patch's raw pixels into the backbone's width;
+  trained end to end with the backbone, from its first layer.
 - `PatchEncoder` + `Projector` (late fusion, the non-native baseline): a small bidirectional
   transformer over patches, trained separately (masked patch reconstruction, nmm.train.encoder)
   and frozen; a two-layer MLP (LLaVA-style) maps its features into the language model.
@@ -17,13 +17,15 @@ from nmm.model.config import ModelConfig
 
 
 class PatchStem(nn.Module):
+    """A light two-layer MLP from each patch's raw pixels to the backbone's width, trained end
+    to end with it."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.proj = nn.Linear(cfg.patch_dim, cfg.dim)
-        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.net = nn.Sequential(nn.Linear(cfg.patch_dim, cfg.dim), nn.GELU(), nn.Linear(cfg.dim, cfg.dim))
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.proj(patches))
+        return self.net(patches)
 
 
 class EncoderBlock(nn.Module):
@@ -62,8 +64,9 @@ class PatchEncoder(nn.Module):
         return self.norm(x)
 
     def reconstruction_loss(self, patches: torch.Tensor, hide: torch.Tensor) -> torch.Tensor:
-        err = F.mse_loss(self.decode(self(patches, hide)), patches, reduction="none").mean(-1)
-        return (err * hide).sum() / hide.sum().clamp(min=1)
+        """Denoising reconstruction of every patch, the hidden ones from context: the features
+        of a visible patch must carry its own content (the LM later reads them all visible)."""
+        return F.mse_loss(self.decode(self(patches, hide)), patches)
 
 
 class Projector(nn.Module):
@@ -76,20 +79,33 @@ class Projector(nn.Module):
 
 
 class LateStem(nn.Module):
+    """Frozen encoder → standardised features → trainable projector. The standardisation (the
+    encoder's mean and spread per position and feature on the train images, fixed once it is
+    trained) removes what every image shares, mostly position, so the projector starts from
+    the content: without it the content was a tenth of the features and the LM ignored it."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.encoder = PatchEncoder(cfg)
         self.projector = Projector(cfg)
+        self.register_buffer("feature_mean", torch.zeros(cfg.tokens_per_image, cfg.encoder_dim))
+        self.register_buffer("feature_std", torch.ones(cfg.tokens_per_image, cfg.encoder_dim))
 
     def freeze_encoder(self) -> None:
         for p in self.encoder.parameters():
             p.requires_grad_(False)
         self.encoder.eval()
 
+    @torch.no_grad()
+    def calibrate(self, patches: torch.Tensor, batch: int = 512) -> None:
+        feats = torch.cat([self.encoder(patches[i : i + batch]) for i in range(0, len(patches), batch)])
+        self.feature_mean.copy_(feats.mean(0))
+        self.feature_std.copy_(feats.std(0).clamp(min=1e-4))
+
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         frozen = not any(p.requires_grad for p in self.encoder.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            features = self.encoder(patches)
+            features = (self.encoder(patches) - self.feature_mean) / self.feature_std
         return self.projector(features)
 
 

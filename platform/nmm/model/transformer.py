@@ -149,6 +149,10 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init)
+        if self.stem is not None:  # pixels need PyTorch's fan-in init, not the embeddings' 0.02:
+            for m in self.stem.modules():  # at 0.02 a patch barely moves the residual stream
+                if isinstance(m, nn.Linear):
+                    m.reset_parameters()
 
     @staticmethod
     def _init(m: nn.Module) -> None:

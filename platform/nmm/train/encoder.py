@@ -1,5 +1,6 @@
-"""Late fusion's separately trained image encoder: masked patch reconstruction on the train
-images alone (no text, no labels), before the language model ever sees it; frozen afterwards."""
+"""Late fusion's separately trained image encoder: denoising patch reconstruction (a share of
+the patches hidden) on the train images alone (no text, no labels), before the language model
+ever sees it; frozen afterwards."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ logger = logging.getLogger(__name__)
 def pretrain(encoder, patches: np.ndarray, steps: int, seed: int, batch_size: int = 64, lr: float = 2e-3,
              hide_ratio: float = 0.4) -> float:
     """Train `encoder` (nmm.model.fusion.PatchEncoder) in place; a pure function of the seed.
-    Returns the last reconstruction loss (MSE on the hidden patches)."""
+    Returns the last reconstruction loss (MSE over all patches)."""
     pix = torch.from_numpy(patches.astype(np.float32))
     device = next(encoder.parameters()).device
     g = torch.Generator().manual_seed(seed + 104_729)
@@ -29,5 +30,5 @@ def pretrain(encoder, patches: np.ndarray, steps: int, seed: int, batch_size: in
         loss.backward()
         opt.step()
         if (step + 1) % max(1, steps // 5) == 0:
-            logger.info("encoder step %d/%d: masked-patch reconstruction loss %.5f", step + 1, steps, loss.item())
+            logger.info("encoder step %d/%d: reconstruction loss %.5f", step + 1, steps, loss.item())
     return loss.item()

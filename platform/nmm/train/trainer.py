@@ -229,8 +229,10 @@ def train(
         opt_state = state["optimizer"]
         teachers = state.get("teachers", {})
     if cfg.model.fusion == "late":
-        if resumed is None:
+        if resumed is None:  # (a checkpoint already holds the trained encoder and its statistics)
             encoder.pretrain(model.stem.encoder, patches, cfg.encoder_steps, cfg.seed)
+            model.stem.freeze_encoder()
+            model.stem.calibrate(torch.from_numpy(patches.astype(np.float32)).to(info.device))
         model.stem.freeze_encoder()
     ddp = parallelize.apply(model, cfg.parallel, info.world_size)
     amp = lambda: parallelize.autocast(cfg.parallel, info.device)  # noqa: E731
