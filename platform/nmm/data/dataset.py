@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -28,6 +28,7 @@ class Split:
 class Dataset:
     uri: str
     manifest: dict
+    _splits: dict = field(default_factory=dict, repr=False)  # read once: evaluation asks often
 
     @classmethod
     def open(cls, uri: str) -> "Dataset":
@@ -52,6 +53,11 @@ class Dataset:
         return PatchVQ.from_bytes(storage.read_file(self.uri, self.manifest, "image_tokenizer.safetensors"))
 
     def split(self, name: str) -> Split:
+        if name not in self._splits:
+            self._splits[name] = self._read_split(name)
+        return self._splits[name]
+
+    def _read_split(self, name: str) -> Split:
         parts = [s for s in self.manifest["shards"] if s["split"] == name]
         if not parts:
             raise DatasetError(f"dataset {self.uri} has no {name!r} split")

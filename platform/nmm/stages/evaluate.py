@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from nmm import lineage, storage
-from nmm.data.dataset import Dataset
+from nmm.data.dataset import Dataset, DatasetError
 from nmm.data import shapes as shapes_data
 from nmm.evaluate import digits, gates, seesaw, shapes, shapes_judge
 from nmm.evaluate.grid import png_grid
@@ -65,7 +65,7 @@ def _suite_shapes(suites, loaded, ds: Dataset, ev, seed: int, run_) -> dict[str,
     metrics: dict[str, float] = {}
     test = ds.split("test")
     if test.scenes is None:
-        raise ValueError(f"dataset {ds.uri} has no scenes: was it curated from a shapes source?")
+        raise DatasetError(f"dataset {ds.uri} has no scenes: was it curated from a shapes source?")
     if "m2g.shapes_geneval" in suites:
         idx = shapes.pick_scenes(test.scenes, ev.promptsPerTask)
         scenes = [shapes_data.scene_from_dict(test.scenes[i]) for i in idx]

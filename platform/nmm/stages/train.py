@@ -123,7 +123,8 @@ def _snapshot_step(name: str) -> int:
 
 
 def _snapshots(out_uri: str, total_steps: int) -> dict[str, bytes]:
-    """The snapshots written so far (before the final step), to publish with the model."""
+    """The snapshots written so far (before the final step), read back to be listed in the
+    model's manifest (they are not written again)."""
     folder = storage.join(out_uri, SNAPSHOTS)
     out = {}
     for name in storage.list_names(folder):
@@ -180,7 +181,7 @@ def _publish(ctx: StageContext, run_, ds: Dataset, cfg: TrainConfig, model, summ
         model_uri = run_.log_pyfunc_model(tmp, "nmm.serve.pyfunc", [f"nmm-platform=={__version__}"])
     run_.set_tags({"nmm.model_uri": model_uri})
     snapshots = _snapshots(out_uri, summary["steps"])
-    storage.publish(out_uri, files | snapshots, {
+    storage.publish(out_uri, files, {
         "snapshots": [{"step": _snapshot_step(n), "file": n} for n in sorted(snapshots)],
         "kind": "nmm.model",
         "dataset_uri": ds.uri,
@@ -189,7 +190,7 @@ def _publish(ctx: StageContext, run_, ds: Dataset, cfg: TrainConfig, model, summ
         "steps": summary["steps"],
         "final_loss": summary.get("final_loss"),
         "cache_key": key,
-    })
+    }, written=snapshots)
     return out_uri
 
 

@@ -14,8 +14,9 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def publish(folder_uri: str, files: dict[str, bytes], manifest: dict) -> dict:
+def publish(folder_uri: str, files: dict[str, bytes], manifest: dict, written: dict[str, bytes] | None = None) -> dict:
     """Write `files` under `folder_uri`, then the manifest listing each with its sha256.
+    `written`: files already in the folder (their bytes as written), listed but not rewritten.
 
     Returns the manifest as written; its `digest` is the sha256 of the canonical file list
     plus the caller's fields, so the same content always gets the same digest.
@@ -24,6 +25,8 @@ def publish(folder_uri: str, files: dict[str, bytes], manifest: dict) -> dict:
     for name in sorted(files):
         data = files[name]
         write_bytes(join(folder_uri, name), data)
+        listing[name] = {"sha256": sha256_hex(data), "bytes": len(data)}
+    for name, data in sorted((written or {}).items()):
         listing[name] = {"sha256": sha256_hex(data), "bytes": len(data)}
     body = dict(manifest)
     body["files"] = listing

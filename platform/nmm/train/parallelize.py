@@ -10,6 +10,7 @@ bf16 peak (H100: 989 TFLOP/s).
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -97,6 +98,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return transformer_flops_per_token(_param_count(cfg), cfg.layers, cfg.heads, cfg.head_dim, seq_len)
 
 
+@functools.lru_cache(maxsize=8)
 def _param_count(cfg: ModelConfig) -> int:
     """Parameters without the embedding table (torchtitan's N), from the architecture alone."""
     with torch.device("meta"):
