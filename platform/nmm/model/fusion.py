@@ -1,9 +1,9 @@
 """Image stems of mid and late fusion (architecture only).
 
-- `PatchStem` (mid fusion): a light MLP from each patch's raw pixels into the backbone's width;
-  trained end to end with the backbone, from its first layer.
-- `PatchEncoder` + `Projector` (late fusion, the non-native baseline): a small bidirectional
-  transformer over patches, trained separately (masked patch reconstruction, nmm.train.encoder)
+- mid fusion: a light `MLP` from each patch's raw pixels into the backbone's width, trained end
+  to end with the backbone, from its first layer.
+- `PatchEncoder` + an `MLP` projector (late fusion, the non-native baseline): a small bidirectional
+  transformer over patches, trained separately (denoising patch reconstruction, nmm.train.encoder)
   and frozen; a two-layer MLP (LLaVA-style) maps its features into the language model.
 """
 
@@ -16,16 +16,17 @@ from torch import nn
 from nmm.model.config import ModelConfig
 
 
-class PatchStem(nn.Module):
-    """A light two-layer MLP from each patch's raw pixels to the backbone's width, trained end
-    to end with it."""
+class MLP(nn.Module):
+    """Two layers with a GELU between: mid fusion's patch stem (raw patch pixels → the backbone's
+    width, trained end to end from the first layer) and late fusion's LLaVA-style projector
+    (frozen encoder features → the LM's width)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, in_dim: int, dim: int):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(cfg.patch_dim, cfg.dim), nn.GELU(), nn.Linear(cfg.dim, cfg.dim))
+        self.net = nn.Sequential(nn.Linear(in_dim, dim), nn.GELU(), nn.Linear(dim, dim))
 
-    def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        return self.net(patches)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
 
 
 class EncoderBlock(nn.Module):
@@ -69,15 +70,6 @@ class PatchEncoder(nn.Module):
         return F.mse_loss(self.decode(self(patches, hide)), patches)
 
 
-class Projector(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(cfg.encoder_dim, cfg.dim), nn.GELU(), nn.Linear(cfg.dim, cfg.dim))
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.net(features)
-
-
 class LateStem(nn.Module):
     """Frozen encoder → standardised features → trainable projector. The standardisation (the
     encoder's mean and spread per position and feature on the train images, fixed once it is
@@ -87,7 +79,7 @@ class LateStem(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.encoder = PatchEncoder(cfg)
-        self.projector = Projector(cfg)
+        self.projector = MLP(cfg.encoder_dim, cfg.dim)
         self.register_buffer("feature_mean", torch.zeros(cfg.tokens_per_image, cfg.encoder_dim))
         self.register_buffer("feature_std", torch.ones(cfg.tokens_per_image, cfg.encoder_dim))
 
@@ -111,7 +103,7 @@ class LateStem(nn.Module):
 
 def build_stem(cfg: ModelConfig) -> nn.Module | None:
     if cfg.fusion == "mid":
-        return PatchStem(cfg)
+        return MLP(cfg.patch_dim, cfg.dim)
     if cfg.fusion == "late":
         return LateStem(cfg)
     return None
