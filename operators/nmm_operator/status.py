@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from nmm.spec import split_step
+
 STAGES = ("curate", "train", "evaluate", "rollout")
 DONE = ("Succeeded", "Failed", "Error")
 
@@ -24,7 +26,7 @@ def stage_nodes(wf: dict) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for node in (wf.get("status", {}).get("nodes") or {}).values():
         name = node.get("displayName", "")
-        if name.split("-")[0] in STAGES + ("finalize",) and node.get("type") in ("Retry", "Pod", "Skipped", "Omitted"):
+        if split_step(name)[0] in STAGES + ("finalize",) and node.get("type") in ("Retry", "Pod", "Skipped", "Omitted"):
             if name not in out or node.get("type") == "Retry":
                 out[name] = node
     return out
@@ -32,7 +34,7 @@ def stage_nodes(wf: dict) -> dict[str, dict]:
 
 def _stage_phase(nodes: dict[str, dict], stage: str) -> str:
     """A stage's phase: its step's, or the combination of its variants' steps (`train-mid`)."""
-    phases = [n.get("phase", "Pending") for name, n in nodes.items() if name == stage or name.startswith(stage + "-")]
+    phases = [n.get("phase", "Pending") for name, n in nodes.items() if split_step(name)[0] == stage]
     if not phases:
         return "Pending"
     return next(p for p in _COMBINE + tuple(phases) if p in phases)

@@ -101,8 +101,10 @@ def _summary(result, spec) -> None:
     for name, s in steps.items():
         t.add_row(name, s.phase, f"{s.duration:.1f}s" if s.started else "", str(s.attempts or ""))
     out.print(t)
-    evals = {n.removeprefix("evaluate").lstrip("-"): s for n, s in steps.items()
-             if n.split("-")[0] == "evaluate" and s.outputs.get("metrics")}
+    from nmm.spec import split_step
+
+    evals = {split_step(n)[1] or "": s for n, s in steps.items()
+             if split_step(n)[0] == "evaluate" and s.outputs.get("metrics")}
     if evals:
         gates = {g.metric: g for g in spec.spec.evaluation.parsed_gates}
         table = {v: json.loads(s.outputs["metrics"]) for v, s in evals.items()}
@@ -225,10 +227,11 @@ def logs(
 ) -> None:
     """A stage's logs: from its pods while they exist, else the copy archived in the object store."""
     from nmm import cluster, storage
+    from nmm.spec import split_step
     from nmm.stages.context import STAGES, stage_uri
     from nmm.stages.logs import read_archived
 
-    base, _, variant = stage.partition("-")
+    base, variant = split_step(stage)
     if base not in STAGES or (variant and base not in ("train", "evaluate")) or (variant and not variant.isalnum()):
         err.print(f"error: --stage must be one of {', '.join(STAGES)} (or train-<variant>, evaluate-<variant>), got {stage!r}")
         raise typer.Exit(EXIT_BAD_INPUT)

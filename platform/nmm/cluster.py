@@ -9,7 +9,7 @@ from functools import lru_cache
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from nmm.spec import PipelineSpec
+from nmm.spec import PipelineSpec, split_step
 
 GROUP, VERSION, PLURAL = "nmm.dev", "v1alpha1", "nmmpipelines"
 
@@ -86,7 +86,7 @@ def get_workflow(name: str, namespace: str) -> dict | None:
 def pod_logs(workflow: str, stage: str, namespace: str) -> list[tuple[str, str]]:
     """(pod, log) of the stage's pods that still exist: Argo step pods, or the PyTorchJob's."""
     core = client.CoreV1Api(_api_client())
-    if stage.split("-")[0] == "train":  # train, or train-<variant> in an ablation
+    if split_step(stage)[0] == "train":  # train, or train-<variant> in an ablation
         selector, container = f"training.kubeflow.org/job-name={workflow}-{stage}", "pytorch"
     else:
         selector, container = f"workflows.argoproj.io/workflow={workflow}", "main"

@@ -16,7 +16,7 @@ import yaml
 from nmm import __version__
 from nmm.compile import pods, pytorchjob
 from nmm.compile.settings import CompileSettings
-from nmm.spec import PipelineSpec
+from nmm.spec import PipelineSpec, step_name
 
 DAG = "pipeline"
 EXIT = "finalize"
@@ -71,14 +71,10 @@ def _container_template(name: str, extra_args: list[str], inputs: list[str], out
     return t
 
 
-def _suffix(variant: str | None) -> str:
-    return f"-{variant}" if variant else ""
-
-
 def _train_template(spec: PipelineSpec, sj: str, s: CompileSettings, variant: str | None) -> dict:
     job = pytorchjob.build(spec, sj, s, variant)
     return {
-        "name": "train" + _suffix(variant),
+        "name": step_name("train", variant),
         "inputs": {"parameters": [_param("dataset_uri")]},
         "retryStrategy": _retry(s),
         "activeDeadlineSeconds": str(s.train_deadline_seconds),
@@ -95,12 +91,12 @@ def _train_template(spec: PipelineSpec, sj: str, s: CompileSettings, variant: st
 def _dag(spec: PipelineSpec, s: CompileSettings) -> dict:
     variants = spec.variant_names or [None]
     curate_out = "{{tasks.curate.outputs.parameters.dataset_uri}}"
-    model_uris = {v: f"{s.store_uri}/runs/{spec.metadata.name}/{{{{workflow.name}}}}/train{_suffix(v)}" for v in variants}
+    model_uris = {v: f"{s.store_uri}/runs/{spec.metadata.name}/{{{{workflow.name}}}}/{step_name('train', v)}" for v in variants}
     tasks: list[dict] = [{"name": "curate", "template": "curate"}]
     for v in variants:
         tasks.append({
-            "name": f"train{_suffix(v)}",
-            "template": f"train{_suffix(v)}",
+            "name": step_name("train", v),
+            "template": step_name("train", v),
             "dependencies": ["curate"],
             "arguments": {"parameters": [_arg("dataset_uri", curate_out)]},
         })
@@ -108,17 +104,17 @@ def _dag(spec: PipelineSpec, s: CompileSettings) -> dict:
         if v:
             params.append(_arg("variant", v))
         tasks.append({
-            "name": f"evaluate{_suffix(v)}",
+            "name": step_name("evaluate", v),
             "template": "evaluate",
-            "dependencies": [f"train{_suffix(v)}"],
+            "dependencies": [step_name("train", v)],
             "arguments": {"parameters": params},
         })
-    first = f"evaluate{_suffix(variants[0])}"
+    first = step_name("evaluate", variants[0])
     gate = f"{{{{tasks.{first}.outputs.parameters.gate}}}}"
     tasks.append({
         "name": "rollout",
         "template": "rollout",
-        "dependencies": [f"evaluate{_suffix(v)}" for v in variants],
+        "dependencies": [step_name("evaluate", v) for v in variants],
         "when": f"{gate} == pass",
         "arguments": {
             "parameters": [

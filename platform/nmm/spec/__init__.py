@@ -7,6 +7,8 @@ from nmm.spec.models import (
     Gate,
     PipelineSpec,
     parse_gate,
+    split_step,
+    step_name,
 )
 from nmm.spec.parse import SpecError, parse_pipeline, parse_pipeline_document
 
@@ -20,4 +22,6 @@ __all__ = [
     "parse_gate",
     "parse_pipeline",
     "parse_pipeline_document",
+    "split_step",
+    "step_name",
 ]

@@ -394,6 +394,17 @@ class Metadata(Model):
     labels: dict[str, Annotated[str, Field(max_length=63)]] = {}
 
 
+def step_name(stage: str, variant: str | None) -> str:
+    """A stage's Workflow step (and store folder, MLflow run): `train`, or `train-<variant>`."""
+    return f"{stage}-{variant}" if variant else stage
+
+
+def split_step(step: str) -> tuple[str, str | None]:
+    """`train-mid` → ("train", "mid"); `train` → ("train", None). Inverse of step_name."""
+    stage, _, variant = step.partition("-")
+    return stage, variant or None
+
+
 class Variant(Model):
     """One arm of an ablation: its own train and evaluate steps on the same data and budget."""
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nmm import storage
-from nmm.spec import PipelineSpec, parse_pipeline_document
+from nmm.spec import PipelineSpec, parse_pipeline_document, step_name
 from nmm.version import code_version
 
 
@@ -49,7 +49,7 @@ class StageContext:
 
     def step(self, stage: str) -> str:
         """The step's name: the stage, suffixed with the variant (`train-mid`) in an ablation."""
-        return f"{stage}-{self.variant}" if self.variant else stage
+        return step_name(stage, self.variant)
 
     def stage_uri(self, stage: str) -> str:
         return stage_uri(self.store, self.pipeline, self.run_id, stage)
