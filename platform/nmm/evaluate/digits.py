@@ -7,10 +7,10 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from nmm.data.sequences import m2g_prompt, m2t_prompt
+from nmm.data.sequences import m2t_prompt
 from nmm.data.sources import digit_prompt, parse_digit
+from nmm.evaluate.draw import draw
 from nmm.model.generate import generate
 from nmm.tokenizers import PatchVQ, SharedVocab, TextTokenizer
 from nmm.tokenizers.vocab import EOS
@@ -34,11 +34,5 @@ def m2g_generate(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Generate `per_class` images for each digit 0-9, prompts cycling the caption templates."""
     labels = np.repeat(np.arange(10), per_class)
-    prompts = [m2g_prompt(vocab, text.encode(digit_prompt(int(k), i))) for i, k in enumerate(labels)]
-    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    outs = generate(
-        model, prompts, max_new=vq.tokens_per_image, allowed=vocab.image_range(), temperature=temperature, generator=g
-    )
-    lo = vocab.image_offset
-    codes = np.array([[t - lo for t in o][: vq.tokens_per_image] for o in outs], dtype=np.int64)
-    return vq.decode(codes), labels
+    captions = [digit_prompt(int(k), i) for i, k in enumerate(labels)]
+    return draw(model, vocab, text, vq, captions, temperature, seed), labels

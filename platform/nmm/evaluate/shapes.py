@@ -9,14 +9,14 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from nmm.data import shapes
-from nmm.data.sequences import m2g_prompt, vqa_prompt
+from nmm.data.sequences import vqa_prompt
 from nmm.evaluate import shapes_judge
+from nmm.evaluate.draw import draw
 from nmm.model.generate import generate
 from nmm.tokenizers import PatchVQ, SharedVocab, TextTokenizer
-from nmm.tokenizers.vocab import BOI, BOS, EOS, PAD
+from nmm.tokenizers.vocab import EOS
 
 
 def pick_scenes(scenes: list[dict], per_task: int) -> list[int]:
@@ -34,14 +34,7 @@ def geneval(
     model, vocab: SharedVocab, text: TextTokenizer, vq: PatchVQ, scenes: list[shapes.Scene],
     temperature: float, guidance: float, seed: int,
 ) -> tuple[dict[str, float], np.ndarray]:
-    prompts = [m2g_prompt(vocab, text.encode(s.prompt)) for s in scenes]
-    # The unconditional twin of each prompt: same length, caption blanked as in caption dropout.
-    blank = [[BOS, *[PAD] * (len(p) - 2), BOI] for p in prompts]
-    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    outs = generate(model, prompts, max_new=vq.tokens_per_image, allowed=vocab.image_range(),
-                    temperature=temperature, generator=g, guidance=guidance, uncond=blank)
-    codes = np.array([[t - vocab.image_offset for t in o] for o in outs], dtype=np.int64)
-    images = vq.decode(codes)
+    images = draw(model, vocab, text, vq, [s.prompt for s in scenes], temperature, seed, guidance)
     scores = shapes_judge.evaluate(scenes, images)
     return {f"m2g.shapes_geneval.{k}": v for k, v in scores.items()}, images
 

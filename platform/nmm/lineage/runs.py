@@ -64,6 +64,18 @@ def _find(client, exp_id: str, tags: dict[str, str]):
     return runs[0] if runs else None
 
 
+def _open_run(client, exp_id: str, tags: dict[str, str], run_name: str):
+    """The run of one stage (or phase) of one pipeline run: found again by its run id and stage
+    tags when the step is retried (R13: no duplicate runs) and marked RUNNING, else created."""
+    found = _find(client, exp_id, {TAG_RUN_ID: tags[TAG_RUN_ID], TAG_STAGE: tags[TAG_STAGE]})
+    if found is None:
+        return client.create_run(exp_id, run_name=run_name, tags=tags)
+    client.update_run(found.info.run_id, status="RUNNING")
+    for k, v in tags.items():
+        client.set_tag(found.info.run_id, k, v)
+    return found
+
+
 def _safe_artifact_path(path: str | None) -> str | None:
     """S8: refuse artifact paths that could escape the run's folder."""
     if path is None:
@@ -88,16 +100,8 @@ class StageRun:
         """A run nested under this one (one per training phase, say), RUNNING until `finish`.
         A retried step finds the same nested run again."""
         stage = f"{self.stage}/{name}"
-        tags = {TAG_RUN_ID: self.pipeline_run, TAG_STAGE: stage}
-        found = _find(self.client, self.experiment_id, tags)
-        if found is None:
-            found = self.client.create_run(
-                self.experiment_id,
-                run_name=f"{self.pipeline_run}-{self.stage}-{name}",
-                tags={**tags, "mlflow.parentRunId": self.run_id},
-            )
-        else:
-            self.client.update_run(found.info.run_id, status="RUNNING")
+        tags = {TAG_RUN_ID: self.pipeline_run, TAG_STAGE: stage, "mlflow.parentRunId": self.run_id}
+        found = _open_run(self.client, self.experiment_id, tags, f"{self.pipeline_run}-{self.stage}-{name}")
         run = StageRun(self.client, found.info.run_id, self.parent_run_id, self.experiment_id, stage, self.pipeline_run)
         if params:
             run.log_params(params)
@@ -205,7 +209,6 @@ def stage_run(
     client = _client()
     exp_id = _experiment_id(client, pipeline)
     parent = _parent(client, exp_id, pipeline, run_id, code_version)
-    child = _find(client, exp_id, {TAG_RUN_ID: run_id, TAG_STAGE: stage})
     tags = {
         TAG_PIPELINE: pipeline,
         TAG_RUN_ID: run_id,
@@ -214,12 +217,7 @@ def stage_run(
         TAG_CACHE: cache_key,
         "mlflow.parentRunId": parent.info.run_id,
     }
-    if child is None:
-        child = client.create_run(exp_id, run_name=f"{run_id}-{stage}", tags=tags)
-    else:
-        client.update_run(child.info.run_id, status="RUNNING")
-        for k, v in tags.items():
-            client.set_tag(child.info.run_id, k, v)
+    child = _open_run(client, exp_id, tags, f"{run_id}-{stage}")
     run = StageRun(client, child.info.run_id, parent.info.run_id, exp_id, stage, run_id)
     try:
         yield run

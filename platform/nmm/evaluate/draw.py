@@ -1,0 +1,25 @@
+"""Draw images from captions (M2G) for the generation suites: the caption prompts, constrained
+sampling of one image's codes, optional classifier-free guidance, codes decoded to pixels."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from nmm.data.sequences import m2g_prompt
+from nmm.model.generate import generate
+from nmm.tokenizers import PatchVQ, SharedVocab, TextTokenizer
+from nmm.tokenizers.vocab import BOI, BOS, PAD
+
+
+def draw(model, vocab: SharedVocab, text: TextTokenizer, vq: PatchVQ, captions: list[str], temperature: float,
+         seed: int, guidance: float = 1.0) -> np.ndarray:
+    """One image (N, H, W, C) per caption. With guidance ≠ 1 each prompt's unconditional twin is
+    the same prompt with its caption padded out, as caption dropout trained it."""
+    prompts = [m2g_prompt(vocab, text.encode(c)) for c in captions]
+    blank = [[BOS, *[PAD] * (len(p) - 2), BOI] for p in prompts]
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    outs = generate(model, prompts, max_new=vq.tokens_per_image, allowed=vocab.image_range(),
+                    temperature=temperature, generator=g, guidance=guidance, uncond=blank)
+    codes = np.array([[t - vocab.image_offset for t in o] for o in outs], dtype=np.int64)
+    return vq.decode(codes)
