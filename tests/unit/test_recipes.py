@@ -12,7 +12,8 @@ from nmm.model import ModelConfig
 from nmm.tokenizers.vocab import BOI, BOS, EOI, EOS, PAD
 from nmm.train.distributed import DistInfo
 from nmm.train.loss import reverse_kl_loss
-from nmm.train.trainer import PhaseConfig, Preempted, TrainConfig, pretrain_mask, student_samples, train
+from nmm.train.trainer import (PhaseConfig, Preempted, TrainConfig, pretrain_mask, rows_by_phase, student_samples,
+                                train, trim)
 
 CPU = DistInfo(0, 0, 1, torch.device("cpu"))
 TEXT, IMAGE = (5, 30), (30, 40)
@@ -43,6 +44,26 @@ def test_pretrain_learns_every_token_but_padding_and_pixel_positions():
     mid = model_cfg(fusion="mid", image_lo=IMAGE[0], image_hi=IMAGE[1], patch_dim=4, tokens_per_image=4)
     m = pretrain_mask(x, mid)
     assert m[0, 2:6].sum() == 0 and m[0, 7:].sum() == 5  # pixels are inputs, not targets
+
+
+def test_pretrain_reads_the_plain_rows_and_sft_and_opd_the_instruction_rows():
+    task = np.array([0, 1, 0, 1, 0, 1, 0, 1], np.int8)
+    style = np.array([0, 0, 0, 0, 1, 1, 1, 1], np.int8)  # STYLES: plain, instruct
+    phases = (PhaseConfig(name="pt", steps=1, batch_size=2, lr=1e-3),
+              PhaseConfig(name="sft", steps=1, batch_size=2, lr=1e-3, recipe="sft"),
+              PhaseConfig(name="opd", steps=1, batch_size=2, lr=1e-3, recipe="opd", teacher="sft", mixture={"m2t": 1.0}))
+    pools = rows_by_phase(task, style, phases)
+    assert pools["pt"]["m2t"].tolist() == [0, 2] and pools["pt"]["m2g"].tolist() == [1, 3]
+    assert pools["sft"]["m2t"].tolist() == [4, 6] and pools["opd"]["m2g"].tolist() == [5, 7]
+    assert rows_by_phase(task, None, phases)["sft"]["m2t"].tolist() == [0, 2, 4, 6]  # one layout: all rows
+    with pytest.raises(ValueError, match="phase sft: no instruct rows"):
+        rows_by_phase(task[:4], style[:4], phases)
+
+
+def test_trim_drops_the_padding_columns_after_every_row_but_not_inside_one():
+    x = torch.tensor([[BOS, 7, PAD, PAD, 8, PAD, PAD], [BOS, 9, 9, PAD, PAD, PAD, PAD]])
+    t, m = trim(x, torch.ones_like(x))
+    assert torch.equal(t, x[:, :5]) and m.shape == t.shape
 
 
 def test_student_samples_keep_the_prompt_and_mark_only_what_was_sampled():

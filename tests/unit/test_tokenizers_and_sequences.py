@@ -1,10 +1,10 @@
 import numpy as np
 
 from nmm.data.curate import content_ids, dedup_exact, split
-from nmm.data.sequences import build, pack_rows
+from nmm.data.sequences import INSTRUCTIONS, Prompts, blank_text, instruction_texts, pack_rows, style_of
 from nmm.data.sources import SourceData, digit_captions, load_digits, parse_digit
 from nmm.tokenizers import PatchVQ, SharedVocab, TextTokenizer
-from nmm.tokenizers.vocab import BOI, BOS, EOI, EOS, PAD
+from nmm.tokenizers.vocab import ASSISTANT, BOI, BOS, EOI, EOS, PAD, USER
 
 
 def test_bpe_round_trips_captions_and_is_smaller_than_bytes():
@@ -41,20 +41,50 @@ def test_shared_vocab_ranges_do_not_overlap():
     v = SharedVocab(text_size=40, image_size=32)
     lo_t, hi_t = v.text_range()
     lo_i, hi_i = v.image_range()
-    assert {PAD, BOS, EOS, BOI, EOI} == set(range(lo_t))
-    assert hi_t == lo_i and hi_i == v.size == 5 + 40 + 32
+    assert {PAD, BOS, EOS, BOI, EOI, USER, ASSISTANT} == set(range(lo_t))
+    assert hi_t == lo_i and hi_i == v.size == 7 + 40 + 32
 
 
 def test_m2t_and_m2g_sequences_mask_only_the_target():
     v = SharedVocab(text_size=10, image_size=8)
+    plain = Prompts.of(v, "plain", lambda s: [9])
     codes = np.array([1, 2, 3])
-    toks, mask = build(v, codes, [4, 5], "m2t")
+    toks, mask = plain.row(codes, [4, 5], "m2t")
     assert toks[:2] == [BOS, BOI] and toks[-1] == EOS
     assert [t for t, m in zip(toks, mask) if m] == [v.text_offset + 4, v.text_offset + 5, EOS]
-    toks, mask = build(v, codes, [4, 5], "m2g")
+    toks, mask = plain.row(codes, [4, 5], "m2g")
     assert [t for t, m in zip(toks, mask) if m] == [v.image_offset + 1, v.image_offset + 2, v.image_offset + 3, EOI]
-    tokens, masks = pack_rows([build(v, codes, [4], "m2t"), build(v, codes, [4, 5, 6], "m2g")])
+    tokens, masks = pack_rows([plain.row(codes, [4], "m2t"), plain.row(codes, [4, 5, 6], "m2g")])
     assert tokens.shape == masks.shape and tokens[0, -1] == PAD and masks[0, -1] == 0
+
+
+def test_instruction_rows_wrap_the_same_answers_in_user_and_assistant_turns():
+    texts = ["a handwritten digit 3", "what colour is the square", "red"]
+    tok = TextTokenizer.train("bpe", texts + instruction_texts(), 80)
+    v = SharedVocab(text_size=tok.size, image_size=8)
+    plain, instruct = (Prompts.of(v, s, tok.encode) for s in ("plain", "instruct"))
+    codes, cap, q, a = np.array([1, 2, 3]), tok.encode(texts[0]), tok.encode(texts[1]), tok.encode(texts[2])
+    for (pt, pm), (it, im) in [
+        (plain.row(codes, cap, "m2t"), instruct.row(codes, cap, "m2t")),
+        (plain.row(codes, cap, "m2g"), instruct.row(codes, cap, "m2g")),
+        (plain.vqa_row(codes, q, a), instruct.vqa_row(codes, q, a)),
+    ]:
+        answer = [t for t, m in zip(pt, pm) if m]
+        assert [t for t, m in zip(it, im) if m] == answer  # the targets do not change
+        prompt = it[: im.index(1)]
+        assert prompt[:2] == [BOS, USER] and ASSISTANT in prompt and USER not in pt and ASSISTANT not in pt
+    # The instruction is real text the tokenizer learned (no <unk>), and it is in the prompt.
+    for k, text in enumerate(INSTRUCTIONS["caption"]):
+        ids = tok.encode(text)
+        assert 0 not in ids and tok.decode(ids) == text
+        p = instruct.caption(codes, k)
+        assert p[2 : 2 + len(ids)] == v.text_ids(ids) and p[2 + len(ids)] == BOI and p[-2:] == [EOI, ASSISTANT]
+    draw, said = instruct.draw(cap, k=1), v.text_ids(tok.encode(INSTRUCTIONS["draw"][1]))
+    assert draw[-2:] == [ASSISTANT, BOI] and draw[2 : 2 + len(said)] == said
+    # The unconditional twin of guidance pads every text token out and keeps the turns.
+    blank = blank_text(draw, v)
+    assert len(blank) == len(draw) and [t for t in blank if t != PAD] == [BOS, USER, ASSISTANT, BOI]
+    assert style_of("pretrain") == "plain" and style_of("sft") == style_of("opd") == "instruct"
 
 
 def test_dedup_drops_identical_images_and_split_is_content_stable():

@@ -1,47 +1,115 @@
-"""Token sequences of the two tasks in one shared vocabulary, with their loss masks.
+"""Token sequences of the two tasks in one shared vocabulary, with their loss masks, in two
+prompt styles.
 
-M2T (image → caption):  <bos> <boi> c1 … cP <eoi> t1 … tn <eos>    loss on t1 … <eos>
-M2G (caption → image):  <bos> t1 … tn <boi> c1 … cP <eoi>          loss on c1 … <eoi>
-VQA (an M2T task):      <bos> <boi> c1 … cP <eoi> q1 … qm a1 … ak <eos>   loss on a1 … <eos>
+`plain` (what pretraining reads: the data's own layout)
+    M2T (image → caption):  <bos> <boi> c1 … cP <eoi> t1 … tn <eos>          loss on t1 … <eos>
+    M2G (caption → image):  <bos> t1 … tn <boi> c1 … cP <eoi>                loss on c1 … <eoi>
+    VQA (an M2T task):      <bos> <boi> c1 … cP <eoi> q1 … qm a1 … ak <eos>  loss on a1 … <eos>
+
+`instruct` (what sft and opd read, and what a model finished by them is prompted with): a user
+turn holding an instruction, then the assistant's turn holding the answer.
+    M2T:  <bos> <user> "Describe the image." <boi> c1 … cP <eoi> <assistant> t1 … tn <eos>
+    M2G:  <bos> <user> "Draw:" t1 … tn <assistant> <boi> c1 … cP <eoi>
+    VQA:  <bos> <user> <boi> c1 … cP <eoi> q1 … qm <assistant> a1 … ak <eos>
+Each instruction has paraphrases (INSTRUCTIONS); a row's pick is a pure function of its index.
+The caption instruction comes before the image, so the image ends right before the answer as in
+the plain layout (measured on the quickstart, seed 0: m2t 0.942 this way, 0.924 with the
+instruction between image and answer); a VQA question comes after the image, as it does in plain.
 
 `loss_mask[i] = 1` means token i is a training target (predicted from tokens < i).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Callable
+
 import numpy as np
 
-from nmm.tokenizers.vocab import BOI, BOS, EOI, EOS, PAD, SharedVocab
+from nmm.tokenizers.vocab import ASSISTANT, BOI, BOS, EOI, EOS, PAD, USER, SharedVocab
 
 TASKS = ("m2t", "m2g")
+STYLES = ("plain", "instruct")
+INSTRUCTIONS = {
+    "caption": ("Describe the image.", "What is shown?", "Caption this image."),
+    "draw": ("Draw:", "Draw an image of", "Show me"),
+}
 
 
-def m2t_prompt(vocab: SharedVocab, codes: np.ndarray) -> list[int]:
-    return [BOS, BOI, *vocab.image_ids(codes).tolist(), EOI]
+def instruction_texts(captions: int = 1) -> list[str]:
+    """The instruction texts for the text tokenizer's training corpus, each as often as the
+    instruction rows of `captions` captions use it (each caption is one M2T and one M2G row,
+    cycling the paraphrases), so BPE merges them as it would any frequent text."""
+    return [t for texts in INSTRUCTIONS.values() for t in texts for _ in range(max(1, captions // len(texts)))]
 
 
-def m2g_prompt(vocab: SharedVocab, text_local: list[int]) -> list[int]:
-    return [BOS, *vocab.text_ids(text_local), BOI]
+def style_of(recipe: str) -> str:
+    """Pretraining reads the plain layout; sft and opd read instructions."""
+    return "plain" if recipe == "pretrain" else "instruct"
 
 
-def vqa_prompt(vocab: SharedVocab, codes: np.ndarray, question_local: list[int]) -> list[int]:
-    return [*m2t_prompt(vocab, codes), *vocab.text_ids(question_local)]
+@dataclass(frozen=True)
+class Prompts:
+    """Prompts and training rows of one style over a shared vocabulary. Texts are local text
+    ids (what the text tokenizer returns); images are code arrays."""
+
+    vocab: SharedVocab
+    style: str = "plain"
+    instructions: dict[str, tuple[tuple[int, ...], ...]] = field(default_factory=dict)  # local ids
+
+    @classmethod
+    def of(cls, vocab: SharedVocab, style: str, encode: Callable[[str], list[int]]) -> "Prompts":
+        if style not in STYLES:
+            raise ValueError(f"prompt style {style!r}: expected one of {', '.join(STYLES)}")
+        instructions = {k: tuple(tuple(encode(t)) for t in texts) for k, texts in INSTRUCTIONS.items()}
+        return cls(vocab, style, instructions if style == "instruct" else {})
+
+    def _instruction(self, kind: str, k: int) -> list[int]:
+        options = self.instructions[kind]
+        return self.vocab.text_ids(list(options[k % len(options)]))
+
+    def _image(self, codes: np.ndarray) -> list[int]:
+        return [BOI, *self.vocab.image_ids(np.asarray(codes)).tolist(), EOI]
+
+    def caption(self, codes: np.ndarray, k: int = 0) -> list[int]:
+        """The prompt asking for the image's caption (M2T); `k` picks the paraphrase."""
+        if self.style == "plain":
+            return [BOS, *self._image(codes)]
+        return [BOS, USER, *self._instruction("caption", k), *self._image(codes), ASSISTANT]
+
+    def question(self, codes: np.ndarray, question_local: list[int]) -> list[int]:
+        """The prompt asking a question about the image (VQA)."""
+        q = self.vocab.text_ids(question_local)
+        if self.style == "plain":
+            return [BOS, *self._image(codes), *q]
+        return [BOS, USER, *self._image(codes), *q, ASSISTANT]
+
+    def draw(self, text_local: list[int], k: int = 0) -> list[int]:
+        """The prompt asking for an image of the caption (M2G), ending with <boi>."""
+        t = self.vocab.text_ids(text_local)
+        if self.style == "plain":
+            return [BOS, *t, BOI]
+        return [BOS, USER, *self._instruction("draw", k), *t, ASSISTANT, BOI]
+
+    def row(self, codes: np.ndarray, text_local: list[int], task: str, k: int = 0) -> tuple[list[int], list[int]]:
+        """A training row of `task` (m2t: caption the image; m2g: draw the caption)."""
+        if task == "m2t":
+            prompt, target = self.caption(codes, k), [*self.vocab.text_ids(text_local), EOS]
+        else:
+            prompt, target = self.draw(text_local, k), [*self.vocab.image_ids(np.asarray(codes)).tolist(), EOI]
+        return prompt + target, [0] * len(prompt) + [1] * len(target)
+
+    def vqa_row(self, codes: np.ndarray, question_local: list[int], answer_local: list[int]) -> tuple[list[int], list[int]]:
+        prompt = self.question(codes, question_local)
+        target = [*self.vocab.text_ids(answer_local), EOS]
+        return prompt + target, [0] * len(prompt) + [1] * len(target)
 
 
-def build_vqa(vocab: SharedVocab, codes: np.ndarray, question_local: list[int], answer_local: list[int]) -> tuple[list[int], list[int]]:
-    prompt = vqa_prompt(vocab, codes, question_local)
-    target = [*vocab.text_ids(answer_local), EOS]
-    return prompt + target, [0] * len(prompt) + [1] * len(target)
-
-
-def build(vocab: SharedVocab, codes: np.ndarray, text_local: list[int], task: str) -> tuple[list[int], list[int]]:
-    if task == "m2t":
-        prompt = m2t_prompt(vocab, codes)
-        target = [*vocab.text_ids(text_local), EOS]
-    else:
-        prompt = m2g_prompt(vocab, text_local)
-        target = [*vocab.image_ids(codes).tolist(), EOI]
-    return prompt + target, [0] * len(prompt) + [1] * len(target)
+def blank_text(prompt: list[int], vocab: SharedVocab) -> list[int]:
+    """The prompt with its text (caption and instruction) padded out, positions kept: the
+    unconditional twin of classifier-free guidance, as caption dropout trains it."""
+    lo, hi = vocab.text_range()
+    return [PAD if lo <= t < hi else t for t in prompt]
 
 
 def pack_rows(rows: list[tuple[list[int], list[int]]], length: int | None = None) -> tuple[np.ndarray, np.ndarray]:

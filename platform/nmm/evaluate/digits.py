@@ -8,20 +8,21 @@ from __future__ import annotations
 
 import numpy as np
 
-from nmm.data.sequences import m2t_prompt
+from nmm.data.sequences import Prompts
 from nmm.data.sources import digit_prompt, parse_digit
 from nmm.evaluate.draw import draw
 from nmm.model.generate import generate
-from nmm.tokenizers import PatchVQ, SharedVocab, TextTokenizer
+from nmm.tokenizers import PatchVQ, TextTokenizer
 from nmm.tokenizers.vocab import EOS
 
 
-def m2t_accuracy(model, vocab: SharedVocab, text: TextTokenizer, codes: np.ndarray, labels: np.ndarray,
+def m2t_accuracy(model, prompts: Prompts, text: TextTokenizer, codes: np.ndarray, labels: np.ndarray,
                  patches: np.ndarray | None = None):
     """`patches`: the images' raw patch pixels, for mid and late fusion (their codes then only
-    mark where the image sits)."""
-    prompts = [m2t_prompt(vocab, c) for c in codes]
-    outs = generate(model, prompts, max_new=24, allowed=vocab.text_range(), stop=EOS, extra_allowed=(EOS,),
+    mark where the image sits). Instruction prompts cycle through the paraphrases."""
+    vocab = prompts.vocab
+    asked = [prompts.caption(c, k=i) for i, c in enumerate(codes)]
+    outs = generate(model, asked, max_new=24, allowed=vocab.text_range(), stop=EOS, extra_allowed=(EOS,),
                     patches=patches)
     captions = [text.decode([t - vocab.text_offset for t in o]) for o in outs]
     parsed = [parse_digit(c) for c in captions]
@@ -30,9 +31,9 @@ def m2t_accuracy(model, vocab: SharedVocab, text: TextTokenizer, codes: np.ndarr
 
 
 def m2g_generate(
-    model, vocab: SharedVocab, text: TextTokenizer, vq: PatchVQ, per_class: int, temperature: float, seed: int
+    model, prompts: Prompts, text: TextTokenizer, vq: PatchVQ, per_class: int, temperature: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Generate `per_class` images for each digit 0-9, prompts cycling the caption templates."""
     labels = np.repeat(np.arange(10), per_class)
     captions = [digit_prompt(int(k), i) for i, k in enumerate(labels)]
-    return draw(model, vocab, text, vq, captions, temperature, seed), labels
+    return draw(model, prompts, text, vq, captions, temperature, seed), labels

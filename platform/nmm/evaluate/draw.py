@@ -6,20 +6,21 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from nmm.data.sequences import m2g_prompt
+from nmm.data.sequences import Prompts, blank_text
 from nmm.model.generate import generate
-from nmm.tokenizers import PatchVQ, SharedVocab, TextTokenizer
-from nmm.tokenizers.vocab import BOI, BOS, PAD
+from nmm.tokenizers import PatchVQ, TextTokenizer
 
 
-def draw(model, vocab: SharedVocab, text: TextTokenizer, vq: PatchVQ, captions: list[str], temperature: float,
+def draw(model, prompts: Prompts, text: TextTokenizer, vq: PatchVQ, captions: list[str], temperature: float,
          seed: int, guidance: float = 1.0) -> np.ndarray:
-    """One image (N, H, W, C) per caption. With guidance ≠ 1 each prompt's unconditional twin is
-    the same prompt with its caption padded out, as caption dropout trained it."""
-    prompts = [m2g_prompt(vocab, text.encode(c)) for c in captions]
-    blank = [[BOS, *[PAD] * (len(p) - 2), BOI] for p in prompts]
+    """One image (N, H, W, C) per caption (instruction prompts cycle through the paraphrases).
+    With guidance ≠ 1 each prompt's unconditional twin is the same prompt with its text padded
+    out, as caption dropout trained it."""
+    vocab = prompts.vocab
+    asked = [prompts.draw(text.encode(c), k=i) for i, c in enumerate(captions)]
+    blank = [blank_text(p, vocab) for p in asked]
     g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    outs = generate(model, prompts, max_new=vq.tokens_per_image, allowed=vocab.image_range(),
+    outs = generate(model, asked, max_new=vq.tokens_per_image, allowed=vocab.image_range(),
                     temperature=temperature, generator=g, guidance=guidance, uncond=blank)
     codes = np.array([[t - vocab.image_offset for t in o] for o in outs], dtype=np.int64)
     return vq.decode(codes)

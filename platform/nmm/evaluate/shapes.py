@@ -11,11 +11,11 @@ from __future__ import annotations
 import numpy as np
 
 from nmm.data import shapes
-from nmm.data.sequences import vqa_prompt
+from nmm.data.sequences import Prompts
 from nmm.evaluate import shapes_judge
 from nmm.evaluate.draw import draw
 from nmm.model.generate import generate
-from nmm.tokenizers import PatchVQ, SharedVocab, TextTokenizer
+from nmm.tokenizers import PatchVQ, TextTokenizer
 from nmm.tokenizers.vocab import EOS
 
 
@@ -31,24 +31,25 @@ def pick_scenes(scenes: list[dict], per_task: int) -> list[int]:
 
 
 def geneval(
-    model, vocab: SharedVocab, text: TextTokenizer, vq: PatchVQ, scenes: list[shapes.Scene],
+    model, prompts: Prompts, text: TextTokenizer, vq: PatchVQ, scenes: list[shapes.Scene],
     temperature: float, guidance: float, seed: int,
 ) -> tuple[dict[str, float], np.ndarray]:
-    images = draw(model, vocab, text, vq, [s.prompt for s in scenes], temperature, seed, guidance)
+    images = draw(model, prompts, text, vq, [s.prompt for s in scenes], temperature, seed, guidance)
     scores = shapes_judge.evaluate(scenes, images)
     return {f"m2g.shapes_geneval.{k}": v for k, v in scores.items()}, images
 
 
 def vqa(
-    model, vocab: SharedVocab, text: TextTokenizer, codes: np.ndarray, questions: list[list[list[str]]],
+    model, prompts: Prompts, text: TextTokenizer, codes: np.ndarray, questions: list[list[list[str]]],
     patches: np.ndarray | None = None,
 ) -> tuple[dict[str, float], list[dict]]:
     """`questions[i]`: image i's (question, answer, kind) triples; `patches`: raw pixels for
     mid/late fusion."""
     asked = [(i, q, a, kind) for i, qs in enumerate(questions) for q, a, kind in qs]
-    prompts = [vqa_prompt(vocab, codes[i], text.encode(q)) for i, q, _, _ in asked]
+    vocab = prompts.vocab
     pix = None if patches is None else patches[[i for i, *_ in asked]]
-    outs = generate(model, prompts, max_new=8, allowed=vocab.text_range(), stop=EOS, extra_allowed=(EOS,),
+    asks = [prompts.question(codes[i], text.encode(q)) for i, q, _, _ in asked]
+    outs = generate(model, asks, max_new=8, allowed=vocab.text_range(), stop=EOS, extra_allowed=(EOS,),
                     patches=pix)
     said = [text.decode([t - vocab.text_offset for t in o]).strip() for o in outs]
     right = np.array([s == a for s, (_, _, a, _) in zip(said, asked)])

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from nmm.data.sequences import Prompts
 from nmm.model import ModelConfig
 from nmm.tokenizers import PatchVQ, SharedVocab, TextTokenizer
 
@@ -25,6 +26,7 @@ class LoadedModel:
     text: TextTokenizer
     vq: PatchVQ
     config: dict
+    prompts: Prompts  # the prompt style the model was trained to answer (config "prompts")
 
 
 def model_files(model: torch.nn.Module, config: dict, text_bytes: bytes, vq_bytes: bytes) -> dict[str, bytes]:
@@ -48,7 +50,9 @@ def load_from_files(files: dict[str, bytes], device: str | torch.device = "cpu")
     model.load_state_dict(load(files[WEIGHTS]))
     model.to(device).eval()
     vocab = SharedVocab(**config["vocab"])
-    return LoadedModel(model, vocab, TextTokenizer.from_bytes(files[TEXT_TOKENIZER]), PatchVQ.from_bytes(files[IMAGE_TOKENIZER]), config)
+    text = TextTokenizer.from_bytes(files[TEXT_TOKENIZER])
+    prompts = Prompts.of(vocab, config.get("prompts", "plain"), text.encode)
+    return LoadedModel(model, vocab, text, PatchVQ.from_bytes(files[IMAGE_TOKENIZER]), config, prompts)
 
 
 def load_from_dir(path: str | Path) -> LoadedModel:

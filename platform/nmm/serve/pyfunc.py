@@ -3,13 +3,14 @@
 `mlflow.pyfunc.load_model(uri).predict(rows)` with rows of `{"prompt": "a handwritten digit 3"}`
 (draw; returns image pixels), `{"image": [[[...]]]}` (pixels H×W×C in [0, 1]; caption, or answer
 `"question"` when given; returns text) or `{"image_codes": [...]}` (early fusion's codes).
+Callers send the bare caption or question: the model's own prompt style (`prompts` in its
+config.json; a model finished by sft or opd answers instruction turns) wraps it.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from nmm.data.sequences import m2g_prompt, m2t_prompt, vqa_prompt
 from nmm.model.generate import generate
 from nmm.serve.model_dir import LoadedModel, load_from_dir
 from nmm.tokenizers.vocab import EOS
@@ -22,10 +23,10 @@ class Predictor:
     def predict(self, model_input, params=None):
         rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
         out = []
-        v, m = self.m.vocab, self.m
+        v, m, prompts = self.m.vocab, self.m, self.m.prompts
         for row in rows:
             if row.get("prompt"):
-                ids = generate(m.model, [m2g_prompt(v, m.text.encode(row["prompt"]))], m.vq.tokens_per_image, v.image_range())[0]
+                ids = generate(m.model, [prompts.draw(m.text.encode(row["prompt"]))], m.vq.tokens_per_image, v.image_range())[0]
                 img = m.vq.decode(np.asarray([[t - v.image_offset for t in ids]]))[0]
                 out.append({"image": img.tolist()})
             else:
@@ -37,7 +38,7 @@ class Predictor:
                 else:
                     codes = np.asarray(row["image_codes"], dtype=np.int64)
                 q = row.get("question")
-                prompt = vqa_prompt(v, codes, m.text.encode(q)) if q else m2t_prompt(v, codes)
+                prompt = prompts.question(codes, m.text.encode(q)) if q else prompts.caption(codes)
                 ids = generate(m.model, [prompt], 16, v.text_range(), stop=EOS, extra_allowed=(EOS,), patches=patches)[0]
                 out.append({"text": m.text.decode([t - v.text_offset for t in ids]).strip()})
         return out

@@ -16,7 +16,7 @@ import numpy as np
 
 from nmm import lineage, storage
 from nmm.data import curate, ray_transforms
-from nmm.data.sequences import TASKS, build, build_vqa, pack_rows
+from nmm.data.sequences import STYLES, TASKS, Prompts, instruction_texts, pack_rows
 from nmm.data.shards import encode_shard
 from nmm.data.sources import SourceData, load_digits, render_shapes
 from nmm.stages.context import StageContext, cache_key, setup_logging
@@ -48,26 +48,31 @@ def _key(ctx: StageContext) -> str:
     )
 
 
-def _shards(split: str, data: SourceData, ids: list[str], idx: np.ndarray, codes, text_ids, vocab: SharedVocab) -> list[tuple[str, bytes, int]]:
-    """Shards of one split. Rows per image: each caption as M2T and as M2G, and each VQA pair
-    as an M2T row (`text_ids[i]` holds the captions' ids, then question, answer, question, …)."""
+def _shards(split: str, data: SourceData, ids: list[str], idx: np.ndarray, codes, text_ids, styles: list[Prompts]) -> list[tuple[str, bytes, int]]:
+    """Shards of one split. Rows per image and per prompt style: each caption as M2T and as
+    M2G, and each VQA pair as an M2T row (`text_ids[i]` holds the captions' ids, then question,
+    answer, question, …). `style[r]` is row r's index in STYLES, `task[r]` its index in TASKS."""
     out = []
     ids = [ids[i] for i in idx]
     for start in range(0, len(idx), SHARD_IMAGES):
         part = idx[start : start + SHARD_IMAGES]
-        rows, task, row_image = [], [], []
-        for j, i in enumerate(part):
-            n_caps = len(data.captions[i])
-            for cap in text_ids[i][:n_caps]:
-                for t, name in enumerate(TASKS):
-                    rows.append(build(vocab, codes[i], cap, name))
-                    task.append(t)
+        rows, task, style, row_image = [], [], [], []
+        for prompts in styles:
+            s = STYLES.index(prompts.style)
+            for j, i in enumerate(part):
+                n_caps = len(data.captions[i])
+                for c, cap in enumerate(text_ids[i][:n_caps]):
+                    for t, name in enumerate(TASKS):
+                        rows.append(prompts.row(codes[i], cap, name, k=start + j + c))
+                        task.append(t)
+                        style.append(s)
+                        row_image.append(j)
+                qa = text_ids[i][n_caps:]
+                for q, a in zip(qa[0::2], qa[1::2]):
+                    rows.append(prompts.vqa_row(codes[i], q, a))
+                    task.append(TASKS.index("m2t"))
+                    style.append(s)
                     row_image.append(j)
-            qa = text_ids[i][n_caps:]
-            for q, a in zip(qa[0::2], qa[1::2]):
-                rows.append(build_vqa(vocab, codes[i], q, a))
-                task.append(TASKS.index("m2t"))
-                row_image.append(j)
         tokens, mask = pack_rows(rows)
         arrays = {
             "images": (data.images[part] * 255).round().astype(np.uint8),
@@ -76,6 +81,7 @@ def _shards(split: str, data: SourceData, ids: list[str], idx: np.ndarray, codes
             "tokens": tokens,
             "loss_mask": mask,
             "task": np.asarray(task, np.int8),
+            "style": np.asarray(style, np.int8),
             "row_image": np.asarray(row_image, np.int64),
         }
         meta = {"captions": [data.captions[i] for i in part], "ids": ids[start : start + len(part)]}
@@ -119,16 +125,19 @@ def run(ctx: StageContext) -> None:
         tok = spec.model.tokenizers
         train_idx = splits["train"]
         vq = PatchVQ.fit(raw.images[train_idx], tok.image.patchSize, tok.image.codebookSize, seed=0)
-        text = TextTokenizer.train(tok.text.kind, raw.texts(train_idx), tok.text.vocabSize)
+        # The instructions of the sft/opd prompts are text too: the tokenizer learns them with the data.
+        captions = sum(len(raw.captions[i]) for i in train_idx)
+        text = TextTokenizer.train(tok.text.kind, raw.texts(train_idx) + instruction_texts(captions), tok.text.vocabSize)
         vocab = SharedVocab(text_size=text.size, image_size=vq.size)
         log.info("tokenizers: text %d, image codebook %d (fitted on train only); shared vocab %d", text.size, vq.size, vocab.size)
         texts = [raw.sample_texts(i) for i in range(len(raw.images))]
         codes, text_ids = ray_transforms.tokenize_samples(raw.images, texts, vq.to_bytes(), text.to_bytes())
         ray_transforms.shutdown()
         files = {"text_tokenizer.json": text.to_bytes(), "image_tokenizer.safetensors": vq.to_bytes()}
+        styles = [Prompts.of(vocab, s, text.encode) for s in STYLES]
         shard_list = []
         for name, idx in splits.items():
-            for fname, blob, count in _shards(name, raw, ids, idx, codes, text_ids, vocab):
+            for fname, blob, count in _shards(name, raw, ids, idx, codes, text_ids, styles):
                 files[fname] = blob
                 shard_list.append({"file": fname, "split": name, "images": count})
         out_uri = ctx.stage_uri("curate")

@@ -9,6 +9,7 @@ Output parameters: `gate` (pass|fail), `metrics` (JSON object of every measured 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -17,6 +18,7 @@ import numpy as np
 from nmm import lineage, storage
 from nmm.data.dataset import Dataset, DatasetError
 from nmm.data import shapes as shapes_data
+from nmm.data.sequences import Prompts
 from nmm.evaluate import digits, gates, seesaw, shapes, shapes_judge
 from nmm.evaluate.grid import png_grid
 from nmm.evaluate.judge import DigitJudge
@@ -41,7 +43,7 @@ def _suite_digits(suites, loaded, ds: Dataset, ev, seed: int, run_) -> dict[str,
     test = ds.split("test")
     labels = test.arrays["labels"]
     if "m2t.digits" in suites:
-        acc, captions = digits.m2t_accuracy(loaded.model, loaded.vocab, loaded.text, test.arrays["codes"], labels,
+        acc, captions = digits.m2t_accuracy(loaded.model, loaded.prompts, loaded.text, test.arrays["codes"], labels,
                                             _patches(loaded, test.arrays["images"]))
         metrics["m2t.digits.accuracy"] = acc
         examples = [{"label": int(y), "caption": c} for y, c in zip(labels[:20], captions[:20])]
@@ -53,7 +55,7 @@ def _suite_digits(suites, loaded, ds: Dataset, ev, seed: int, run_) -> dict[str,
         metrics["m2g.digits.judge_accuracy_real"] = judge.accuracy(real, labels)
         metrics["m2g.digits.judge_accuracy_tokenized"] = judge.accuracy(loaded.vq.decode(test.arrays["codes"]), labels)
         images, wanted = digits.m2g_generate(
-            loaded.model, loaded.vocab, loaded.text, loaded.vq, ev.generationsPerClass, ev.temperature, seed
+            loaded.model, loaded.prompts, loaded.text, loaded.vq, ev.generationsPerClass, ev.temperature, seed
         )
         metrics["m2g.digits.accuracy"] = judge.accuracy(images, wanted)
         order = np.argsort(wanted, kind="stable")
@@ -69,7 +71,7 @@ def _suite_shapes(suites, loaded, ds: Dataset, ev, seed: int, run_) -> dict[str,
     if "m2g.shapes_geneval" in suites:
         idx = shapes.pick_scenes(test.scenes, ev.promptsPerTask)
         scenes = [shapes_data.scene_from_dict(test.scenes[i]) for i in idx]
-        m, images = shapes.geneval(loaded.model, loaded.vocab, loaded.text, loaded.vq, scenes,
+        m, images = shapes.geneval(loaded.model, loaded.prompts, loaded.text, loaded.vq, scenes,
                                    ev.temperature, ev.guidance, seed)
         metrics |= m
         # The judge's ceiling on the same prompts: the real renders, and their VQ reconstruction.
@@ -84,7 +86,7 @@ def _suite_shapes(suites, loaded, ds: Dataset, ev, seed: int, run_) -> dict[str,
                        "m2g_shapes_grid_prompts.json", "eval")
     if "m2t.shapes_vqa" in suites:
         n = min(ev.vqaImages, len(test.vqa))
-        m, examples = shapes.vqa(loaded.model, loaded.vocab, loaded.text, test.arrays["codes"][:n], test.vqa[:n],
+        m, examples = shapes.vqa(loaded.model, loaded.prompts, loaded.text, test.arrays["codes"][:n], test.vqa[:n],
                                  _patches(loaded, test.arrays["images"][:n]))
         metrics |= m
         run_.log_bytes(json.dumps(examples, indent=2).encode(), "m2t_shapes_vqa_examples.json", "eval")
@@ -113,7 +115,9 @@ def _seesaw(loaded, manifest: dict, model_uri: str, suite, ds: Dataset, ev, seed
     points: dict[int, dict[str, float]] = {}
     for snap in manifest["snapshots"]:
         loaded.model.load_state_dict(load(storage.read_file(model_uri, manifest, snap["file"])))
-        m = suite(set(ev.suites), loaded, ds, small, seed, _NoArtifacts())
+        # a snapshot answers the prompts of the phase it was taken in
+        at = dataclasses.replace(loaded, prompts=Prompts.of(loaded.vocab, snap.get("prompts", "plain"), loaded.text.encode))
+        m = suite(set(ev.suites), at, ds, small, seed, _NoArtifacts())
         points[snap["step"]] = {k: m[k] for k in keys}
         log.info("see-saw step %d: %s", snap["step"], ", ".join(f"{k} {m[k]:.3f}" for k in keys))
     loaded.model.load_state_dict(final_weights)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from nmm import __version__, lineage, storage
 from nmm.data.dataset import Dataset
+from nmm.data.sequences import style_of
 from nmm.gpu import inventory
 from nmm.model import ModelConfig
 from nmm.serve.model_dir import model_files
@@ -122,6 +123,17 @@ def _snapshot_step(name: str) -> int:
     return int(name.rsplit("step-", 1)[1][:8])
 
 
+def prompt_style_at(cfg: TrainConfig, step: int) -> str:
+    """The prompt style the weights after `step` were trained on: that of the phase holding
+    the step (evaluation and serving prompt a model, or a snapshot, the way it last learned)."""
+    end = 0
+    for p in cfg.phases:
+        end += p.steps
+        if step <= end:
+            return style_of(p.recipe)
+    return style_of(cfg.phases[-1].recipe)
+
+
 def _snapshots(out_uri: str, total_steps: int) -> dict[str, bytes]:
     """The snapshots written so far (before the final step), read back to be listed in the
     model's manifest (they are not written again)."""
@@ -168,6 +180,7 @@ def _publish(ctx: StageContext, run_, ds: Dataset, cfg: TrainConfig, model, summ
         "tokens_per_image": ds.manifest["tokens_per_image"],
         "image_shape": ds.manifest["image_shape"],
         "source": ds.manifest["source"],
+        "prompts": prompt_style_at(cfg, summary["steps"]),
     }
     files = model_files(
         model,
@@ -182,7 +195,8 @@ def _publish(ctx: StageContext, run_, ds: Dataset, cfg: TrainConfig, model, summ
     run_.set_tags({"nmm.model_uri": model_uri})
     snapshots = _snapshots(out_uri, summary["steps"])
     storage.publish(out_uri, files, {
-        "snapshots": [{"step": _snapshot_step(n), "file": n} for n in sorted(snapshots)],
+        "snapshots": [{"step": _snapshot_step(n), "file": n, "prompts": prompt_style_at(cfg, _snapshot_step(n))}
+                      for n in sorted(snapshots)],
         "kind": "nmm.model",
         "dataset_uri": ds.uri,
         "dataset_digest": ds.digest,
@@ -236,7 +250,7 @@ def run(ctx: StageContext, dataset_uri: str) -> int:
                 model, summary = train(cfg, a["tokens"], a["loss_mask"], a["task"], ds.vocab.image_range(), info,
                                        storage.join(out_uri, "checkpoints"), emit, text_range=ds.vocab.text_range(),
                                        on_checkpoint=_snapshotter(out_uri) if spec.evaluation.seesaw else None,
-                                       **pixels)
+                                       style=a["style"], **pixels)
             except Preempted as exc:
                 log.warning("%s; exiting %d so the job restarts and resumes", exc, EXIT_PREEMPTED)
                 return EXIT_PREEMPTED

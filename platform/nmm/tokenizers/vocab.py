@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SPECIALS = ("<pad>", "<bos>", "<eos>", "<boi>", "<eoi>")
-PAD, BOS, EOS, BOI, EOI = range(len(SPECIALS))
+SPECIALS = ("<pad>", "<bos>", "<eos>", "<boi>", "<eoi>", "<user>", "<assistant>")
+PAD, BOS, EOS, BOI, EOI, USER, ASSISTANT = range(len(SPECIALS))  # <user>/<assistant>: instruction turns
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,14 @@
 """The training loop: DDP over a mixture of M2T and M2G sequences, resumable from checkpoints.
 
 Recipes, one per phase:
-- `pretrain`: next-token loss on every token of each sequence (text and image alike; the image
-  positions of mid/late fusion, which hold pixels, excepted);
-- `sft`: loss on the answers only (the caption, the VQA answer, or the image to draw), with the
-  phase's own mixture;
+- `pretrain`: next-token loss on every token of each sequence in the data's plain layout (text
+  and image alike; the image positions of mid/late fusion, which hold pixels, excepted);
+- `sft`: instruction-formatted rows (a user turn with the instruction, the assistant's turn
+  with the answer: nmm.data.sequences), loss on the answers only (the caption, the VQA answer,
+  or the image to draw), with the phase's own mixture;
 - `opd`: on-policy distillation. The student samples continuations of the batch's prompts and
   a frozen teacher (an earlier phase's final weights) scores every sampled token: loss is the
-  reverse KL(student ‖ teacher) at each of those positions.
+  reverse KL(student ‖ teacher) at each of those positions. Its prompts are the instruction ones.
 
 Batches are a pure function of (seed, step) and dropout randomness a pure function of
 (seed, rank, step), so a resumed run sees exactly the data and masks an uninterrupted run would
@@ -26,7 +27,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from nmm.data.sequences import TASKS, pack_documents
+from nmm.data.sequences import STYLES, TASKS, pack_documents, style_of
 from nmm.model import ModelConfig
 from nmm.model.generate import generate
 from nmm.tokenizers.vocab import EOI, EOS, PAD
@@ -101,10 +102,37 @@ def batch_indices(rows_by_task: dict[str, np.ndarray], phase: PhaseConfig, seed:
     return np.concatenate(picks)
 
 
+def rows_by_phase(task: np.ndarray, style: np.ndarray | None, phases) -> dict[str, dict[str, np.ndarray]]:
+    """Each phase's pools of row indices per task: the rows of its recipe's prompt style.
+    Without a `style` column every row serves every phase (one layout)."""
+    out = {}
+    for phase in phases:
+        keep = np.ones(len(task), bool) if style is None else style == STYLES.index(style_of(phase.recipe))
+        pools = {t: np.flatnonzero(keep & (task == i)) for i, t in enumerate(TASKS)}
+        if not any(len(pools.get(t, ())) for t in phase.mixture if phase.mixture[t] > 0):
+            raise ValueError(f"phase {phase.name}: no {style_of(phase.recipe)} rows for its mixture "
+                             f"{phase.mixture}; was the dataset curated by this version?")
+        out[phase.name] = pools
+    return out
+
+
+def trim(x: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the padding columns after every row's last token (rows of both prompt styles share
+    one padded width; a batch of the shorter style need not pay for the longer)."""
+    width = int(row_lengths(x).max())
+    return x[:, :width], m[:, :width]
+
+
+def row_lengths(x: torch.Tensor) -> torch.Tensor:
+    """Each row's length up to its last non-padding token (caption dropout pads inside rows)."""
+    cols = torch.arange(1, x.shape[1] + 1, device=x.device)
+    return ((x != PAD) * cols).amax(1)
+
+
 def blank_captions(tokens: torch.Tensor, is_m2g: torch.Tensor, p: float, text_range: tuple[int, int],
                    seed: int, step: int) -> torch.Tensor:
     """Caption dropout for classifier-free guidance: in a share `p` of the M2G rows (chosen by a
-    pure function of (seed, step)) the caption's text tokens become padding. Positions do not
+    pure function of (seed, step)) the text tokens (caption, and instruction) become padding. Positions do not
     move, so the unconditional prompt at sampling time is the prompt with its text padded out."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + step + 7_919)
     drop = (torch.rand(len(tokens), generator=g) < p) & is_m2g
@@ -162,7 +190,7 @@ def pack_batch(x: torch.Tensor, m: torch.Tensor, length: int) -> tuple[torch.Ten
     """The batch's rows, padding stripped, packed end to end into fewer rows of `length` tokens
     (nmm.data.sequences.pack_documents). A target whose predecessor is another document's last
     token is masked out, so the loss has exactly the targets of the unpacked batch."""
-    keep = (x != PAD).sum(1).tolist()
+    keep = row_lengths(x).tolist()
     rows = [(x[i, :n].tolist(), m[i, :n].tolist()) for i, n in enumerate(keep)]
     p = pack_documents(rows, length)
     docs = torch.from_numpy(p["docs"]).long()
@@ -198,8 +226,12 @@ def train(
     patches: np.ndarray | None = None,
     row_image: np.ndarray | None = None,
     on_checkpoint: Callable[[int, dict], None] | None = None,
+    style: np.ndarray | None = None,
 ) -> tuple[torch.nn.Module, dict]:
     """Train through every phase; returns the unwrapped model and a summary.
+
+    `style` is each row's prompt style (index in STYLES): pretrain phases draw from the plain
+    rows, sft and opd phases from the instruction rows.
 
     Mid/late fusion also need `patches` (images, tokens_per_image, patch_dim) and `row_image`
     (the image of each row). `on_checkpoint(step, weights)` runs on the main rank after each
@@ -214,7 +246,7 @@ def train(
     model = cfg.model.build().to(info.device)
     pix = torch.from_numpy(patches.astype(np.float32)) if cfg.model.reads_pixels else None
     img_of_row = torch.from_numpy(row_image.astype(np.int64)) if cfg.model.reads_pixels else None
-    rows_by_task = {t: np.flatnonzero(task == i) for i, t in enumerate(TASKS)}
+    pools = rows_by_phase(task, style, cfg.phases)
     all_tokens = torch.from_numpy(tokens.astype(np.int64))
     all_mask = torch.from_numpy(loss_mask.astype(np.int64))
     all_m2g = torch.from_numpy(task == TASKS.index("m2g"))
@@ -260,13 +292,14 @@ def train(
                 lr = lr_at(phase, s - phase_start)
                 for g in opt.param_groups:
                     g["lr"] = lr
-                rows = batch_indices(rows_by_task, phase, cfg.seed, s)
+                rows = batch_indices(pools[phase.name], phase, cfg.seed, s)
                 x = all_tokens[rows]
                 if phase.caption_dropout > 0 and text_range is not None:
                     x = blank_captions(x, all_m2g[rows], phase.caption_dropout, text_range, cfg.seed, s)
                 mine = rows[info.rank :: info.world_size]
                 x = x[info.rank :: info.world_size].to(info.device)
                 m = all_mask[mine].to(info.device)
+                x, m = trim(x, m)
                 p = pix[img_of_row[mine]].to(info.device) if pix is not None else None
                 if teacher is not None:
                     x, m = student_samples(model, x, m, p, image_range, text_range, phase.temperature)
