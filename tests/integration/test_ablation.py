@@ -1,5 +1,5 @@
 """An ablation runs end to end on the local engine: one curate, train-<v> and evaluate-<v> per
-variant (early, mid, late fusion), sibling runs in MLflow with the same metrics side by side."""
+variant (early fusion causal and with bidirectional image attention, mid, late fusion), sibling runs in MLflow with the same metrics side by side."""
 
 import json
 import os
@@ -30,8 +30,9 @@ def test_fusion_ablation_trains_and_evaluates_each_variant_side_by_side(tmp_path
     assert "side by side (rollout candidate: early)" in r.stdout
     (status_file,) = (tmp_path / ".nmm" / "runs").glob("*/status.json")
     steps = json.loads(status_file.read_text())["steps"]
+    variants = ["early", "earlybidir", "mid", "late"]
     assert [s for s in steps if s != "finalize"] == [
-        "curate", "train-early", "evaluate-early", "train-mid", "evaluate-mid", "train-late", "evaluate-late", "rollout"]
+        "curate", *[f"{s}-{v}" for v in variants for s in ("train", "evaluate")], "rollout"]
     assert all(s["phase"] == "Succeeded" for s in steps.values())
 
     from mlflow.tracking import MlflowClient
@@ -40,9 +41,9 @@ def test_fusion_ablation_trains_and_evaluates_each_variant_side_by_side(tmp_path
     exp = client.get_experiment_by_name("it-ablation")
     evals = client.search_runs([exp.experiment_id], filter_string="tags.`nmm.stage` LIKE 'evaluate-%'")
     by_variant = {r.data.params["variant"]: r for r in evals}
-    assert sorted(by_variant) == ["early", "late", "mid"]
+    assert sorted(by_variant) == sorted(variants)
     for v, run in by_variant.items():
-        assert run.data.params["model.fusion"] == v
+        assert run.data.params["model.fusion"] == ("early" if v == "earlybidir" else v)
         assert 0.0 <= run.data.metrics["m2t.digits.accuracy"] <= 1.0
     parents = {r.data.tags["mlflow.parentRunId"] for r in evals}
     assert len(parents) == 1  # siblings under the one pipeline run
@@ -50,8 +51,9 @@ def test_fusion_ablation_trains_and_evaluates_each_variant_side_by_side(tmp_path
     assert {r.data.params["model.fusion"] for r in trains if "/" not in r.data.tags["nmm.stage"]} == {"early", "mid", "late"}
     # Each variant's model folder is its own, under train-<variant>.
     run_dir = tmp_path / ".nmm" / "store" / "runs" / "it-ablation" / status_file.parent.name
-    for v in ("early", "mid", "late"):
+    for v in variants:
         config = json.loads((run_dir / f"train-{v}" / "config.json").read_text())
-        assert config["model"]["fusion"] == v
+        assert config["model"]["fusion"] == ("early" if v == "earlybidir" else v)
+        assert config["model"]["image_attention"] == ("bidirectional" if v == "earlybidir" else "causal")
     champion = client.get_model_version_by_alias("nmm-fusion-ablation", "champion")
     assert champion.tags["nmm.run_id"] == status_file.parent.name

@@ -86,17 +86,17 @@ def test_dag_is_curate_train_evaluate_rollout_with_gate_and_exit_handler():
 def test_variants_fan_out_train_and_evaluate_and_rollout_waits_for_all():
     wf = compiled(WORKFLOWS / "fusion-ablation.yaml")
     dag = {t["name"]: t for t in wf["spec"]["templates"][0]["dag"]["tasks"]}
-    assert list(dag) == ["curate", "train-early", "evaluate-early", "train-mid", "evaluate-mid",
-                         "train-late", "evaluate-late", "rollout"]
-    for v in ("early", "mid", "late"):
+    variants = ("early", "earlybidir", "mid", "late")
+    assert list(dag) == ["curate", *[f"{s}-{v}" for v in variants for s in ("train", "evaluate")], "rollout"]
+    for v in variants:
         assert dag[f"train-{v}"]["dependencies"] == ["curate"]
         assert dag[f"evaluate-{v}"]["dependencies"] == [f"train-{v}"]
         params = {p["name"]: p["value"] for p in dag[f"evaluate-{v}"]["arguments"]["parameters"]}
         assert params["variant"] == v and params["model_uri"].endswith(f"/train-{v}")
-    assert dag["rollout"]["dependencies"] == ["evaluate-early", "evaluate-mid", "evaluate-late"]
+    assert dag["rollout"]["dependencies"] == [f"evaluate-{v}" for v in variants]
     assert dag["rollout"]["when"] == "{{tasks.evaluate-early.outputs.parameters.gate}} == pass"
     jobs = {j["metadata"]["name"]: j for j in pytorchjobs_of(wf)}
-    assert set(jobs) == {"{{workflow.name}}-train-early", "{{workflow.name}}-train-mid", "{{workflow.name}}-train-late"}
+    assert set(jobs) == {f"{{{{workflow.name}}}}-train-{v}" for v in variants}
     args = jobs["{{workflow.name}}-train-mid"]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["args"]
     assert args[-2:] == ["--variant", "mid"]
 

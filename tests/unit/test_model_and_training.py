@@ -32,6 +32,60 @@ def test_forward_is_causal():
     assert not torch.allclose(m(x)[:, 6:], m(y)[:, 6:])
 
 
+def test_bidirectional_attention_shows_an_input_image_whole_and_leaves_the_rest_causal():
+    from nmm.model.transformer import image_spans
+
+    # <bos> <boi> 4 codes <eoi> text … ; images are ids 30..39, 4 codes per image
+    row = torch.tensor([[1, 3, 30, 31, 32, 33, 4, 10, 11, 12]])
+    spans = image_spans(row, (30, 40), 4)
+    assert spans.tolist() == [[0, 0, 1, 1, 1, 1, 0, 0, 0, 0]]
+    assert not image_spans(row, (30, 40), 4, given=torch.tensor([False])).any()  # an M2G target image
+    assert not image_spans(row[:, :5], (30, 40), 4).any()  # an image still being drawn: causal
+    assert image_spans(torch.cat([row, row[:, 1:6]], 1), (30, 40), 4).max() == 2  # two images, two ids
+    torch.manual_seed(0)
+    kw = dict(image_lo=30, image_hi=40, tokens_per_image=4)
+    bi = tiny(**kw, image_attention="bidirectional").build().eval()
+    changed = row.clone()
+    changed[0, 5] = 39  # the image's last code
+    a, b = bi(row, spans=spans), bi(changed, spans=spans)
+    assert not torch.allclose(a[:, 2], b[:, 2])  # the image's first code now sees its last
+    assert torch.allclose(a[:, :2], b[:, :2], atol=1e-6)  # what comes before the image does not
+    assert torch.allclose(bi(row), bi(row, spans=torch.zeros_like(spans)), atol=1e-6)  # no spans: causal
+    causal = tiny(**kw).build().eval()
+    causal.load_state_dict(bi.state_dict())
+    assert torch.allclose(causal(row, spans=spans), bi(row), atol=1e-6)  # a causal model ignores spans
+    assert torch.allclose(causal(row)[:, 2], causal(changed)[:, 2], atol=1e-6)
+
+
+def test_bidirectional_generation_equals_recomputing_with_the_prompt_image_whole():
+    from nmm.model.transformer import image_spans
+
+    torch.manual_seed(0)
+    m = tiny(image_lo=30, image_hi=40, tokens_per_image=4, image_attention="bidirectional").build().eval()
+    prompt = [1, 3, 30, 35, 32, 38, 4]
+    seq = list(prompt)
+    for _ in range(6):
+        x = torch.tensor([seq])
+        seq.append(20 + int(m(x, spans=image_spans(x, (30, 40), 4))[0, -1, 20:30].argmax()))
+    (out,) = generate(m, [prompt], 6, allowed=(20, 30))
+    assert out == seq[len(prompt):]
+
+
+def test_whole_image_targets_leave_the_loss_but_drawn_images_keep_theirs():
+    from nmm.train.trainer import hide_seen_targets, input_image_spans, pretrain_mask
+
+    cfg = tiny(image_lo=30, image_hi=40, tokens_per_image=4, image_attention="bidirectional")
+    m2t = [1, 3, 30, 31, 32, 33, 4, 10, 2]  # <bos> <boi> image <eoi> caption <eos>
+    m2g = [1, 10, 3, 30, 31, 32, 33, 4, 0]  # <bos> caption <boi> image <eoi> <pad>
+    x = torch.tensor([m2t, m2g])
+    spans = input_image_spans(x, cfg, torch.tensor([True, False]))
+    m = hide_seen_targets(pretrain_mask(x, cfg), spans)
+    # M2T: the first code (predicted from <boi>) stays a target, the other three are seen already
+    assert m[0].tolist() == [1, 1, 1, 0, 0, 0, 1, 1, 1]
+    assert m[1].tolist() == [1, 1, 1, 1, 1, 1, 1, 1, 0]  # M2G draws its image causally: all targets
+    assert input_image_spans(x, tiny(image_lo=30, image_hi=40, tokens_per_image=4), torch.tensor([True, True])) is None
+
+
 def test_loss_counts_only_masked_targets_and_splits_modalities():
     logits = torch.zeros(1, 4, 10)
     tokens = torch.tensor([[1, 2, 8, 9]])

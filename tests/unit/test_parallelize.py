@@ -62,22 +62,30 @@ def test_flops_per_token_follows_torchtitan_and_mfu_needs_a_known_peak():
     assert parallelize.mfu(1e6, cfg, 32, torch.device("cpu")) is None
 
 
-def test_a_packed_batch_has_exactly_the_loss_of_the_padded_one():
+@pytest.mark.parametrize("attention", ["causal", "bidirectional"])
+def test_a_packed_batch_has_exactly_the_loss_of_the_padded_one(attention):
+    from nmm.model.transformer import image_spans
     from nmm.tokenizers.vocab import PAD
     from nmm.train.loss import next_token_loss
     from nmm.train.trainer import pack_batch
 
     torch.manual_seed(0)
-    m = tiny().build().eval()
+    cfg = ModelConfig(vocab_size=40, dim=32, layers=2, heads=2, max_seq_len=16, image_lo=30, image_hi=40,
+                      tokens_per_image=3, image_attention=attention)
+    m = cfg.build().eval()
     g = np.random.default_rng(1)
     x = torch.full((6, 12), PAD, dtype=torch.long)
     mask = torch.zeros(6, 12, dtype=torch.long)
     for i, n in enumerate((12, 5, 7, 3, 9, 4)):
-        x[i, :n] = torch.from_numpy(g.integers(5, 40, n))
+        x[i, :n] = torch.from_numpy(g.integers(5, 30, n))  # text
+        if n >= 5:
+            x[i, 1:4] = torch.from_numpy(g.integers(30, 40, 3))  # a whole image of 3 codes
         mask[i, 1:n] = 1
-    x[2, 2:4], mask[2, 2:4] = PAD, 0  # caption dropout pads inside a row: the row is still 7 long
-    padded, _ = next_token_loss(m(x), x, mask, (30, 40), 1e-4)
-    px, pm, extra = pack_batch(x, mask, 16)
+    x[2, 5:6], mask[2, 5:6] = PAD, 0  # caption dropout pads inside a row: the row is still 7 long
+    spans = image_spans(x, (30, 40), 3) if attention == "bidirectional" else None
+    assert spans is None or int((spans > 0).sum()) == 3 * 4
+    padded, _ = next_token_loss(m(x, spans=spans), x, mask, (30, 40), 1e-4)
+    px, pm, extra = pack_batch(x, mask, 16, spans)
     assert len(px) < len(x)
     packed, parts = next_token_loss(m(px, **extra), px, pm, (30, 40), 1e-4)
     assert torch.allclose(packed, padded, atol=1e-5)

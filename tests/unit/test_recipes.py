@@ -94,9 +94,9 @@ def test_reverse_kl_is_zero_against_itself_and_positive_otherwise():
     assert parts["tokens_text"] + parts["tokens_image"] == 6
 
 
-def opd_cfg() -> TrainConfig:
+def opd_cfg(**model) -> TrainConfig:
     return TrainConfig(
-        model=model_cfg(),
+        model=model_cfg(**model),
         phases=(
             PhaseConfig(name="teach", steps=20, batch_size=8, lr=1e-2, recipe="pretrain"),
             PhaseConfig(name="drift", steps=6, batch_size=8, lr=3e-2, recipe="sft", mixture={"m2t": 1.0}),
@@ -106,9 +106,11 @@ def opd_cfg() -> TrainConfig:
     )
 
 
-def test_opd_pulls_the_student_back_towards_its_teacher(tmp_path):
+@pytest.mark.parametrize("attention", ["causal", "bidirectional"])
+def test_opd_pulls_the_student_back_towards_its_teacher(tmp_path, attention):
     seen = {}
-    train(opd_cfg(), *data(), IMAGE, CPU, tmp_path.as_uri(), lambda m, s: seen.update({s: m["train/loss"]}),
+    model = dict(image_lo=IMAGE[0], image_hi=IMAGE[1], tokens_per_image=4, image_attention=attention)
+    train(opd_cfg(**model), *data(), IMAGE, CPU, tmp_path.as_uri(), lambda m, s: seen.update({s: m["train/loss"]}),
           text_range=TEXT)
     kl = [seen[s] for s in range(27, 43)]  # the opd phase: steps 27..42
     assert kl[0] > 0.01

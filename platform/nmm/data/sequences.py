@@ -37,10 +37,14 @@ INSTRUCTIONS = {
 
 
 def instruction_texts(captions: int = 1) -> list[str]:
-    """The instruction texts for the text tokenizer's training corpus, each as often as the
-    instruction rows of `captions` captions use it (each caption is one M2T and one M2G row,
-    cycling the paraphrases), so BPE merges them as it would any frequent text."""
-    return [t for texts in INSTRUCTIONS.values() for t in texts for _ in range(max(1, captions // len(texts)))]
+    """The instruction texts to add to a text tokenizer's corpus holding `captions` captions once
+    each, in the proportion the rows use them: a caption is in len(TASKS) × len(STYLES) rows,
+    a paraphrase of an instruction in one of every len(paraphrases) instruct rows of its task.
+    (Weighted higher, the instructions take the merges the captions need: at 4× this weight a
+    128-entry BPE over the digits' captions lost " 3", " 7", … as single tokens.)"""
+    uses = len(TASKS) * len(STYLES)
+    return [t for texts in INSTRUCTIONS.values() for t in texts
+            for _ in range(max(1, captions // (len(texts) * uses)))]
 
 
 def style_of(recipe: str) -> str:

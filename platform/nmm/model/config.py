@@ -3,6 +3,8 @@
 fusion: `early` — image codes are tokens of the one shared vocabulary; `mid` — a patch-projection
 stem puts continuous patch embeddings at the image positions from the first layer; `late` — a
 separately trained, frozen patch encoder plus a projector does (the non-native baseline).
+image_attention: `causal` — every position sees only the past; `bidirectional` — the positions of
+an input image (one the caller marks in `spans`) also see the rest of that image (Transfusion).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class ModelConfig:
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-5
     fusion: str = "early"
+    image_attention: str = "causal"
     # mid and late fusion: image positions are the ids in [image_lo, image_hi) of the sequence;
     # the stem reads raw patches of patch_dim pixels each, tokens_per_image per image.
     image_lo: int = 0
@@ -42,6 +45,10 @@ class ModelConfig:
         # SwiGLU: 2/3 of 4*dim, rounded up to a multiple of 32 (Llama).
         hidden = int(2 * 4 * self.dim / 3)
         return 32 * ((hidden + 31) // 32)
+
+    @property
+    def image_range(self) -> tuple[int, int]:
+        return self.image_lo, self.image_hi
 
     @property
     def reads_pixels(self) -> bool:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from nmm.model.transformer import KVCache
+from nmm.model.transformer import KVCache, image_spans
 
 
 @torch.no_grad()
@@ -31,7 +31,9 @@ def generate(
 
     Classifier-free guidance: with `uncond` (one prompt per prompt, same length, the condition
     blanked out) and `guidance` ≠ 1, logits are uncond + guidance · (cond − uncond).
-    Mid/late fusion: `patches[i]` are the pixels of prompt i's image (read once, at prefill)."""
+    Mid/late fusion: `patches[i]` are the pixels of prompt i's image (read once, at prefill).
+    With bidirectional image attention, the whole images in a prompt are inputs, seen whole at
+    prefill; the image being drawn stays causal."""
     if uncond is not None and [len(p) for p in uncond] != [len(p) for p in prompts]:
         raise ValueError("each unconditional prompt must have its prompt's length")
     out: list[list[int]] = [[] for _ in prompts]
@@ -62,13 +64,15 @@ def _generate_batch(model, prompts, uncond, patches, guidance, max_new, allowed,
     out = [[] for _ in range(n)]
     done = torch.zeros(n, dtype=torch.bool, device=device)
     step_in = seq
+    cfg = model.cfg
+    spans = image_spans(seq, cfg.image_range, cfg.tokens_per_image) if cfg.image_attention == "bidirectional" else None
     if patches is not None:
         patches = patches.to(device)
         if uncond is not None:
             patches = torch.cat([patches, patches])
     for _ in range(max_new):
-        logits = model(step_in, cache, patches)[:, -1, :].float()
-        patches = None  # the image sits in the prompt: only the prefill reads it
+        logits = model(step_in, cache, patches, spans=spans)[:, -1, :].float()
+        patches = spans = None  # the image sits in the prompt: only the prefill reads it
         if uncond is not None:
             logits = logits[n:] + guidance * (logits[:n] - logits[n:])
         logits = logits + mask

@@ -3,6 +3,9 @@
 RMSNorm pre-norm blocks, rotary position embeddings, SwiGLU feed-forward, QK-norm. Early fusion
 embeds image codes like any token; mid and late fusion replace the embeddings at the image
 positions with their stem's output (nmm.model.fusion).
+Attention is causal, except (with `image_attention: bidirectional`, Transfusion-style) among the
+positions of each image the caller marks as an input (`spans`, from `image_spans`): those see the
+whole image. Images the model is generating stay causal.
 Architecture only: the loss (with z-loss) lives in nmm.train.loss, sampling in nmm.model.generate.
 """
 
@@ -42,7 +45,7 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: "KVCache | None" = None,
-                layer: int = 0, docs: "torch.Tensor | None" = None) -> torch.Tensor:
+                layer: int = 0, docs: "torch.Tensor | None" = None, spans: "torch.Tensor | None" = None) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.cfg.heads, self.cfg.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)
@@ -52,8 +55,10 @@ class Attention(nn.Module):
         if cache is not None:
             past = cache.length
             k, v = cache.update(layer, k, v)
-        if docs is not None:  # packed rows: causal within each document only
-            y = document_attention(q, k, v, docs, drop)
+        if docs is not None or spans is not None:  # packed rows, images seen whole
+            if past:
+                raise ValueError("document and image-span masks apply to a whole sequence, not after a cached prefix")
+            y = masked_attention(q, k, v, docs, spans, drop)
         elif past == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
         elif t == 1:  # one new token attends to everything cached
@@ -64,25 +69,50 @@ class Attention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(b, t, self.cfg.dim))
 
 
-def document_mask(docs: torch.Tensor) -> torch.Tensor:
-    """(B, T) document ids → (B, 1, T, T) boolean mask: causal and inside one document."""
-    t = docs.shape[1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=docs.device).tril()
-    return (causal[None] & (docs[:, :, None] == docs[:, None, :]))[:, None]
+def image_spans(tokens: torch.Tensor, image_range: tuple[int, int], tokens_per_image: int,
+                given: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) ids of the input images whose positions attend to each other both ways: each
+    complete run of `tokens_per_image` image positions gets an id (1, 2, … per row), everything
+    else 0. `given` (B,) bool picks the rows whose images are inputs (an image being generated
+    — an M2G target — must stay causal); default every row."""
+    at = (tokens >= image_range[0]) & (tokens < image_range[1])
+    if given is not None:
+        at &= given[:, None]
+    starts = at & ~F.pad(at, (1, 0))[:, :-1]
+    ids = torch.where(at, starts.long().cumsum(1), 0)
+    # a run shorter than a whole image is one being generated: leave it causal
+    counts = torch.zeros(tokens.shape[0], tokens.shape[1] + 1, dtype=torch.long, device=tokens.device)
+    counts.scatter_add_(1, ids, torch.ones_like(ids))
+    whole = counts.gather(1, ids) == tokens_per_image
+    return torch.where(at & whole, ids, 0)
 
 
-def document_attention(q, k, v, docs: torch.Tensor, dropout: float) -> torch.Tensor:
-    """Attention over packed rows. On CUDA, FlexAttention with a block mask (whole blocks of
-    other documents are skipped); elsewhere SDPA with the dense mask."""
+def attention_mask(t: int, device, docs: torch.Tensor | None = None, spans: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, 1, T, T) boolean mask: causal, or both ways inside one image span (`spans` ids > 0),
+    and only inside one document (`docs` ids)."""
+    allowed = torch.ones(t, t, dtype=torch.bool, device=device).tril()[None]
+    if spans is not None:
+        allowed = allowed | ((spans[:, :, None] == spans[:, None, :]) & (spans[:, :, None] > 0))
+    if docs is not None:
+        allowed = allowed & (docs[:, :, None] == docs[:, None, :])
+    return allowed[:, None]
+
+
+def masked_attention(q, k, v, docs: torch.Tensor | None, spans: torch.Tensor | None, dropout: float) -> torch.Tensor:
+    """Attention over packed rows and/or with images seen whole. On CUDA, FlexAttention with a
+    block mask (whole blocks of other documents are skipped); elsewhere SDPA with the dense mask."""
+    docs_ = docs if docs is not None else torch.zeros(q.shape[0], q.shape[2], dtype=torch.long, device=q.device)
+    spans_ = spans if spans is not None else torch.zeros_like(docs_)
     if q.is_cuda and dropout == 0.0:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-        def same_doc_causal(b, h, qi, ki):
-            return (qi >= ki) & (docs[b, qi] == docs[b, ki])
+        def allowed(b, h, qi, ki):
+            same_image = (spans_[b, qi] == spans_[b, ki]) & (spans_[b, qi] > 0)
+            return ((qi >= ki) | same_image) & (docs_[b, qi] == docs_[b, ki])
 
-        block = create_block_mask(same_doc_causal, docs.shape[0], None, q.shape[2], k.shape[2], device=q.device)
+        block = create_block_mask(allowed, docs_.shape[0], None, q.shape[2], k.shape[2], device=q.device)
         return flex_attention(q, k, v, block_mask=block)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(docs), dropout_p=dropout)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(q.shape[2], q.device, docs, spans), dropout_p=dropout)
 
 
 class KVCache:
@@ -131,8 +161,8 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
-                layer: int = 0, docs: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, cache, layer, docs))
+                layer: int = 0, docs: torch.Tensor | None = None, spans: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, cache, layer, docs, spans))
         return x + self.drop(self.ffn(self.ffn_norm(x)))
 
 
@@ -160,14 +190,19 @@ class Transformer(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, patches: torch.Tensor | None = None,
-                docs: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+                docs: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                spans: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) → logits (B, T, vocab). With a cache, `tokens` continue the cached
         prefix (positions start at cache.length) and their keys and values are appended.
         Mid/late fusion: `patches` (B, tokens_per_image, patch_dim) are the pixels of each row's
         image, whose positions hold image ids in the token sequence.
         Packed rows: `docs` (B, T) document ids and `positions` (B, T) positions inside each
-        document (nmm.data.sequences.pack_documents); attention stays inside a document."""
-        return self.head(self.norm(self.hidden(self.embed_inputs(tokens, patches), cache, docs, positions)))
+        document (nmm.data.sequences.pack_documents); attention stays inside a document.
+        `spans` (B, T) (`image_spans`): the input images seen whole; used only when the config's
+        image_attention is bidirectional."""
+        if self.cfg.image_attention != "bidirectional":
+            spans = None
+        return self.head(self.norm(self.hidden(self.embed_inputs(tokens, patches), cache, docs, positions, spans)))
 
     def embed_inputs(self, tokens: torch.Tensor, patches: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embed(tokens)
@@ -183,7 +218,7 @@ class Transformer(nn.Module):
         return x.masked_scatter(at[..., None], self.stem(patches.to(x.dtype)))
 
     def hidden(self, x: torch.Tensor, cache: KVCache | None = None, docs: torch.Tensor | None = None,
-               positions: torch.Tensor | None = None) -> torch.Tensor:
+               positions: torch.Tensor | None = None, spans: torch.Tensor | None = None) -> torch.Tensor:
         """Input embeddings (B, T, dim) → final hidden states, before the output norm."""
         start = cache.length if cache is not None else 0
         t = x.shape[1]
@@ -194,7 +229,7 @@ class Transformer(nn.Module):
         else:
             cos, sin = self.rope_cos[start : start + t], self.rope_sin[start : start + t]
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache, i, docs)
+            x = block(x, cos, sin, cache, i, docs, spans)
         if cache is not None:
             cache.advance()
         return x

@@ -165,6 +165,13 @@ class ModelSpec(Model):
     tokenizers: Tokenizers = Tokenizers()
     zLoss: Annotated[float, Field(ge=0.0, le=1.0)] = 1e-4
     qkNorm: bool = True
+    imageAttention: Literal["causal", "bidirectional"] = Field(
+        default="causal",
+        description="causal: every position sees only the past; bidirectional (Transfusion-style): "
+        "the positions of an input image (the image of M2T/VQA, not one being generated) see the "
+        "whole image. Next-token targets inside such an image are then dropped from the loss "
+        "(they would be visible).",
+    )
     lossWeights: dict[Literal["text", "image"], Annotated[float, Field(ge=0.0, le=100.0)]] = Field(
         default={"text": 1.0, "image": 1.0}, description="Per-modality weights of the target tokens' loss."
     )

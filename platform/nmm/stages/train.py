@@ -48,6 +48,7 @@ def train_config(ctx: StageContext, ds: Dataset, seq_len: int) -> TrainConfig:
         dropout=size.dropout,
         qk_norm=spec.model.qkNorm,
         fusion=spec.model.fusion,
+        image_attention=spec.model.imageAttention,
         image_lo=lo,
         image_hi=hi,
         patch_dim=p * p * ds.manifest["image_shape"][2],

@@ -10,6 +10,9 @@ Recipes, one per phase:
   a frozen teacher (an earlier phase's final weights) scores every sampled token: loss is the
   reverse KL(student ‖ teacher) at each of those positions. Its prompts are the instruction ones.
 
+With bidirectional image attention the M2T rows' images are inputs seen whole (M2G rows draw
+theirs causally), and the targets inside such an image leave every recipe's loss.
+
 Batches are a pure function of (seed, step) and dropout randomness a pure function of
 (seed, rank, step), so a resumed run sees exactly the data and masks an uninterrupted run would
 have seen, whatever the world size; each rank draws its own dropout masks.
@@ -30,6 +33,7 @@ import torch
 from nmm.data.sequences import STYLES, TASKS, pack_documents, style_of
 from nmm.model import ModelConfig
 from nmm.model.generate import generate
+from nmm.model.transformer import image_spans
 from nmm.tokenizers.vocab import EOI, EOS, PAD
 from nmm.train import checkpoint, encoder, parallelize
 from nmm.train.distributed import DistInfo, all_reduce_mean, any_rank, barrier
@@ -149,6 +153,22 @@ def pretrain_mask(x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     return m.long()
 
 
+def input_image_spans(x: torch.Tensor, cfg: ModelConfig, given: torch.Tensor) -> torch.Tensor | None:
+    """The input images of the batch's `given` rows, seen whole under bidirectional image
+    attention (nmm.model.transformer.image_spans); None when attention is causal."""
+    if cfg.image_attention != "bidirectional":
+        return None
+    return image_spans(x, cfg.image_range, cfg.tokens_per_image, given)
+
+
+def hide_seen_targets(m: torch.Tensor, spans: torch.Tensor) -> torch.Tensor:
+    """Drop the targets a bidirectional image gives away: a code predicted from a position of
+    its own image, which already sees it. (The image's first code, predicted from <boi>, stays.)"""
+    m = m.clone()
+    m[:, 1:] *= ~((spans[:, 1:] > 0) & (spans[:, 1:] == spans[:, :-1]))
+    return m
+
+
 @torch.no_grad()
 def student_samples(model, x: torch.Tensor, m: torch.Tensor, patches: torch.Tensor | None, image_range, text_range,
                     temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,17 +206,22 @@ def student_samples(model, x: torch.Tensor, m: torch.Tensor, patches: torch.Tens
     return out.to(x.device), mask.to(x.device)
 
 
-def pack_batch(x: torch.Tensor, m: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def pack_batch(x: torch.Tensor, m: torch.Tensor, length: int,
+               spans: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """The batch's rows, padding stripped, packed end to end into fewer rows of `length` tokens
     (nmm.data.sequences.pack_documents). A target whose predecessor is another document's last
-    token is masked out, so the loss has exactly the targets of the unpacked batch."""
+    token is masked out, so the loss has exactly the targets of the unpacked batch. `spans`
+    (bidirectional images) are packed to the same places."""
     keep = row_lengths(x).tolist()
     rows = [(x[i, :n].tolist(), m[i, :n].tolist()) for i, n in enumerate(keep)]
     p = pack_documents(rows, length)
     docs = torch.from_numpy(p["docs"]).long()
     mask = torch.from_numpy(p["loss_mask"]).long()
     mask[:, 1:] *= (docs[:, 1:] == docs[:, :-1]).long()
-    extra = {"docs": docs.to(x.device), "positions": torch.from_numpy(p["positions"]).to(x.device)}
+    extra = {"docs": docs.to(x.device), "positions": torch.from_numpy(p["positions"]).to(x.device), "spans": None}
+    if spans is not None:  # the layout depends on the row lengths only: pack the ids the same way
+        s = pack_documents([(spans[i, :n].tolist(), m[i, :n].tolist()) for i, n in enumerate(keep)], length)
+        extra["spans"] = torch.from_numpy(s["tokens"]).long().to(x.device)
     return torch.from_numpy(p["tokens"]).long().to(x.device), mask.to(x.device), extra
 
 
@@ -301,19 +326,24 @@ def train(
                 m = all_mask[mine].to(info.device)
                 x, m = trim(x, m)
                 p = pix[img_of_row[mine]].to(info.device) if pix is not None else None
+                given = ~all_m2g[mine].to(info.device)  # rows whose image is an input, not a target
                 if teacher is not None:
                     x, m = student_samples(model, x, m, p, image_range, text_range, phase.temperature)
                     model.train()
+                    spans = input_image_spans(x, cfg.model, given)
                     with torch.no_grad(), amp():
-                        scores = teacher(x, patches=p)
+                        scores = teacher(x, patches=p, spans=spans)
                     with amp():
-                        loss, parts = reverse_kl_loss(ddp(x, patches=p), scores, x, m, image_range)
+                        loss, parts = reverse_kl_loss(ddp(x, patches=p, spans=spans), scores, x, m, image_range)
                 else:
                     if phase.recipe == "pretrain":
                         m = pretrain_mask(x, cfg.model)
-                    packed = {}
+                    spans = input_image_spans(x, cfg.model, given)
+                    if spans is not None:
+                        m = hide_seen_targets(m, spans)
+                    packed = {"spans": spans}
                     if cfg.parallel.pack:
-                        x, m, packed = pack_batch(x, m, cfg.model.max_seq_len)
+                        x, m, packed = pack_batch(x, m, cfg.model.max_seq_len, spans)
                     with amp():
                         loss, parts = next_token_loss(ddp(x, patches=p, **packed), x, m, image_range, cfg.z_loss,
                                                       cfg.loss_weights)
