@@ -32,7 +32,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py --device cpu --size small
 
 golden: $(STAMP)
-	NMM_UPDATE_GOLDEN=1 $(VENV)/bin/pytest -q tests/unit/test_compile.py tests/unit/test_crd.py
+	NMM_UPDATE_GOLDEN=1 $(VENV)/bin/pytest -q tests/unit/test_compile.py tests/unit/test_crd.py tests/unit/test_chart.py
 
 clean:
 	rm -rf .nmm

@@ -2,11 +2,15 @@
 `builders` (pure), `status` (pure) and `kube` (API calls).
 
     kopf run --standalone --all-namespaces -m nmm_operator.handlers
+
+Settings (the chart's ConfigMap, `NMM_OPERATOR_SETTINGS`) are read once, when kopf imports this
+module: the recheck timer's interval is fixed when its decorator runs.
 """
 
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 
 import kopf
@@ -17,7 +21,7 @@ from nmm.spec import SpecError
 from nmm_operator import builders, kube, settings as operator_settings, status
 
 GROUP, VERSION, PLURAL = kube.GROUP, kube.VERSION, kube.PLURAL
-RECHECK_SECONDS = float(os.environ.get("NMM_RECHECK_SECONDS", "60"))
+SETTINGS = operator_settings.load()
 
 
 def _now() -> str:
@@ -26,18 +30,19 @@ def _now() -> str:
 
 @kopf.on.startup(id="nmm-configure")
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
-    memo.settings = operator_settings.load()
+    memo.settings = SETTINGS
+    logging.getLogger().setLevel(SETTINGS.log_level)
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="nmm.dev")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="nmm.dev", key="last-handled-configuration")
     settings.persistence.finalizer = "nmm.dev/finalizer"
-    settings.posting.level = 20  # events from INFO up
+    settings.posting.level = logging.INFO  # events from INFO up
 
 
 @kopf.on.login(id="nmm-login")
 def login(**kwargs) -> kopf.ConnectionInfo | None:
     server = os.environ.get("NMM_KUBE_SERVER")
     if server:
-        return kopf.ConnectionInfo(server=server, insecure=True)
+        return kopf.ConnectionInfo(server=server)
     return kopf.login_via_client(**kwargs)
 
 
@@ -45,29 +50,39 @@ def login(**kwargs) -> kopf.ConnectionInfo | None:
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec", id="nmm-reconcile-update")
 @kopf.on.resume(GROUP, VERSION, PLURAL, id="nmm-reconcile-resume")
 def reconcile(body, meta, memo: kopf.Memo, patch: kopf.Patch, **_) -> None:
-    """One function for create, update and resume: ensure this generation's Workflow exists."""
+    """One function for create, update and resume: this generation's Workflow exists (ours, never
+    adopted), and older generations' Workflows are stopped."""
     try:
         wf = builders.build_workflow(body, memo.settings.compile)
     except (SpecError, PlacementError) as exc:
         problems = exc.problems if isinstance(exc, SpecError) else [str(exc)]
         patch.status.update(status.invalid_spec(problems, _now()))
         raise kopf.PermanentError("invalid pipeline: " + "; ".join(problems))
+    name = wf["metadata"]["name"]
     try:
-        created = kube.create_workflow(wf)
+        created = kube.create_workflow(wf, meta["uid"])
+        stopped = [w["metadata"]["name"] for w in builders.superseded(kube.pipeline_workflows(meta["namespace"], meta["name"]), body)]
+        for old in stopped:
+            kube.stop_workflow(meta["namespace"], old)
+    except kube.NotOwned as exc:
+        patch.status.update(status.not_owned(name, _now()))
+        raise kopf.TemporaryError(str(exc), delay=30)
     except ApiException as exc:
-        raise kopf.TemporaryError(f"cannot create workflow {wf['metadata']['name']}: {exc.status} {exc.reason}", delay=10)
-    patch.status.update({"workflow": wf["metadata"]["name"], "observedGeneration": meta.get("generation", 1)})
+        raise kopf.TemporaryError(f"cannot create workflow {name}: {exc.status} {exc.reason}", delay=10)
+    patch.status.update({"workflow": name, "observedGeneration": meta.get("generation", 1)})
     if created:
-        kopf.info(body, reason="WorkflowCreated", message=f"created workflow {wf['metadata']['name']}")
+        kopf.info(body, reason="WorkflowCreated", message=f"created workflow {name}")
+    if stopped:
+        kopf.info(body, reason="WorkflowSuperseded", message=f"stopped superseded workflow(s) {', '.join(stopped)}")
 
 
 @kopf.on.event(kube.WF_GROUP, kube.WF_VERSION, kube.WF_PLURAL, labels={builders.LABEL_OWNER: kopf.PRESENT}, id="nmm-mirror-workflow")
 def mirror(body, type, **_) -> None:
-    """A Workflow we own changed: mirror it into its pipeline's status (current generation only)."""
+    """A Workflow of ours changed: mirror it into its pipeline's status (current generation only)."""
     ns, owner = body["metadata"]["namespace"], body["metadata"]["labels"][builders.LABEL_OWNER]
     pipeline = kube.get_pipeline(ns, owner)
-    if pipeline is None or type == "DELETED":
-        return  # pipeline gone (GC in progress), or a deletion the recheck timer handles
+    if pipeline is None or type == "DELETED" or not builders.owned_by(body, pipeline["metadata"]["uid"]):
+        return  # pipeline gone (GC in progress), a deletion the recheck timer handles, or not ours
     if body["metadata"]["name"] != builders.workflow_name(owner, pipeline["metadata"].get("generation", 1)):
         return  # a Workflow of an older generation
     new = status.from_workflow(body, _now())
@@ -77,18 +92,22 @@ def mirror(body, type, **_) -> None:
         kopf.info(pipeline, reason=change[0], message=change[1])
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=RECHECK_SECONDS, initial_delay=RECHECK_SECONDS, id="nmm-recheck-child")
+@kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.recheck_seconds, initial_delay=SETTINGS.recheck_seconds, id="nmm-recheck-child")
 def recheck(body, meta, memo: kopf.Memo, patch: kopf.Patch, **_) -> None:
-    """Level-triggered: the child still exists (else recreate or report, R9) and status is true."""
+    """Level-triggered: the child still exists and is ours (else recreate or report, R9), and
+    status is true."""
     name = (body.get("status") or {}).get("workflow")
     if not name or (body.get("status") or {}).get("conditions", [{}])[-1].get("reason") in ("InvalidSpec", "WorkflowMissing"):
         return
     wf = kube.get_workflow(meta["namespace"], name)
-    if wf is not None:
+    if wf is not None and builders.owned_by(wf, meta["uid"]):
         patch.status.update(status.from_workflow(wf, _now()))
+        return
+    if wf is not None:
+        patch.status.update(status.not_owned(name, _now()))
         return
     recreate = (body["spec"].get("onWorkflowDeleted") or memo.settings.on_child_deleted) == "recreate"
     if recreate:
-        kube.create_workflow(builders.build_workflow(body, memo.settings.compile))
+        kube.create_workflow(builders.build_workflow(body, memo.settings.compile), meta["uid"])
     patch.status.update(status.child_missing(name, recreate, _now()))
     kopf.warn(body, reason="WorkflowMissing", message=patch.status["message"])

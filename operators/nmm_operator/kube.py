@@ -1,52 +1,45 @@
-"""The operator's Kubernetes API calls beyond kopf's own (kubernetes client, synchronous:
-kopf runs sync handlers in its thread pool).
-
-Connection: `NMM_KUBE_SERVER` (e.g. `kubectl proxy`'s http://127.0.0.1:8001), else the in-cluster
-service account, else the local kubeconfig.
-"""
+"""The operator's Kubernetes API calls beyond kopf's own (kubernetes client, synchronous: kopf runs
+sync handlers in its thread pool). Connection: nmm.kubeclient (one bootstrap for all of nmm)."""
 
 from __future__ import annotations
 
-import os
-from functools import lru_cache
-
-from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-GROUP, VERSION, PLURAL = "nmm.dev", "v1alpha1", "nmmpipelines"
-WF_GROUP, WF_VERSION, WF_PLURAL = "argoproj.io", "v1alpha1", "workflows"
+from nmm import kubeclient
+from nmm.compile import WF_GROUP, WF_PLURAL, WF_VERSION
+from nmm.spec.crd import GROUP, PLURAL, VERSION
+from nmm_operator import builders
+
+__all__ = ["GROUP", "PLURAL", "VERSION", "WF_GROUP", "WF_PLURAL", "WF_VERSION"]
 
 
-@lru_cache(maxsize=1)
-def api() -> client.CustomObjectsApi:
-    server = os.environ.get("NMM_KUBE_SERVER")
-    if server:
-        cfg = client.Configuration()
-        cfg.host = server
-        cfg.verify_ssl = False
-        return client.CustomObjectsApi(client.ApiClient(cfg))
+class NotOwned(RuntimeError):
+    """A child's name is taken by an object this pipeline does not own."""
+
+
+def create_workflow(wf: dict, owner_uid: str) -> bool:
+    """Create the Workflow; False when it already exists AND is ours (409 means done: replay-safe).
+    A Workflow of that name owned by someone else (a pre-created one, or the previous
+    incarnation's awaiting garbage collection) is NotOwned: never adopted."""
+    ns, name = wf["metadata"]["namespace"], wf["metadata"]["name"]
     try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config()
-    return client.CustomObjectsApi()
-
-
-def create_workflow(wf: dict) -> bool:
-    """Create the Workflow; False when it already exists (409 means done: replay-safe)."""
-    try:
-        api().create_namespaced_custom_object(WF_GROUP, WF_VERSION, wf["metadata"]["namespace"], WF_PLURAL, wf)
+        kubeclient.custom_objects().create_namespaced_custom_object(WF_GROUP, WF_VERSION, ns, WF_PLURAL, wf)
         return True
     except ApiException as exc:
-        if exc.status == 409:
-            return False
-        raise
+        if exc.status != 409:
+            raise
+    existing = get_workflow(ns, name)
+    if existing is None:  # deleted between our create and our read: let the retry create it
+        raise ApiException(status=409, reason=f"workflow {name} vanished after a conflict")
+    if not builders.owned_by(existing, owner_uid):
+        raise NotOwned(f"workflow {ns}/{name} exists and is not owned by this pipeline (uid {owner_uid})")
+    return False
 
 
 def _get(group: str, version: str, plural: str, namespace: str, name: str) -> dict | None:
     """The object, or None when it does not exist (404)."""
     try:
-        return api().get_namespaced_custom_object(group, version, namespace, plural, name)
+        return kubeclient.custom_objects().get_namespaced_custom_object(group, version, namespace, plural, name)
     except ApiException as exc:
         if exc.status == 404:
             return None
@@ -61,5 +54,21 @@ def get_pipeline(namespace: str, name: str) -> dict | None:
     return _get(GROUP, VERSION, PLURAL, namespace, name)
 
 
+def pipeline_workflows(namespace: str, pipeline: str) -> list[dict]:
+    """The Workflows labelled as the pipeline's (ownership is checked by the caller)."""
+    found = kubeclient.custom_objects().list_namespaced_custom_object(
+        WF_GROUP, WF_VERSION, namespace, WF_PLURAL, label_selector=f"{builders.LABEL_OWNER}={pipeline}"
+    )
+    return found.get("items", [])
+
+
+def stop_workflow(namespace: str, name: str) -> None:
+    """What `argo stop` does (the patch argo-server makes): spec.shutdown=Stop ends every running
+    step and starts no new one, but runs the exit handler, which closes the run's MLflow run."""
+    kubeclient.custom_objects().patch_namespaced_custom_object(
+        WF_GROUP, WF_VERSION, namespace, WF_PLURAL, name, {"spec": {"shutdown": "Stop"}}
+    )
+
+
 def patch_pipeline_status(namespace: str, name: str, status: dict) -> None:
-    api().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, {"status": status})
+    kubeclient.custom_objects().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, {"status": status})

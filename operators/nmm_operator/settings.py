@@ -11,11 +11,15 @@ from nmm.compile import CompileSettings
 from nmm.gpu.pools import pools_from_values
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
 @dataclass(frozen=True)
 class OperatorSettings:
     compile: CompileSettings
     on_child_deleted: str = "report"  # recreate | report
-    recheck_seconds: float = 60.0
+    recheck_seconds: float = 60.0  # the recheck timer's interval (chart: operator.recheckSeconds)
+    log_level: str = "INFO"  # chart: operator.logLevel
 
 
 def from_dict(raw: dict) -> OperatorSettings:
@@ -34,7 +38,13 @@ def from_dict(raw: dict) -> OperatorSettings:
     policy = raw.get("onChildDeleted", "report")
     if policy not in ("recreate", "report"):
         raise ValueError(f"onChildDeleted must be 'recreate' or 'report', got {policy!r}")
-    return OperatorSettings(compile_settings, policy, float(raw.get("recheckSeconds", 60)))
+    level = str(raw.get("logLevel", "INFO")).upper()
+    if level not in LOG_LEVELS:
+        raise ValueError(f"logLevel must be one of {LOG_LEVELS}, got {level!r}")
+    recheck = float(raw.get("recheckSeconds", 60))
+    if not 1 <= recheck <= 86_400:
+        raise ValueError(f"recheckSeconds must be within 1..86400, got {recheck:g}")
+    return OperatorSettings(compile_settings, policy, recheck, level)
 
 
 def load() -> OperatorSettings:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from nmm.spec import split_step
+from nmm.spec.names import EXIT_STAGE, STAGES
 
-STAGES = ("curate", "train", "evaluate", "rollout")
 DONE = ("Succeeded", "Failed", "Error")
 
 
@@ -26,7 +26,7 @@ def stage_nodes(wf: dict) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for node in (wf.get("status", {}).get("nodes") or {}).values():
         name = node.get("displayName", "")
-        if split_step(name)[0] in STAGES + ("finalize",) and node.get("type") in ("Retry", "Pod", "Skipped", "Omitted"):
+        if split_step(name)[0] in STAGES + (EXIT_STAGE,) and node.get("type") in ("Retry", "Pod", "Skipped", "Omitted"):
             if name not in out or node.get("type") == "Retry":
                 out[name] = node
     return out
@@ -51,7 +51,7 @@ def from_workflow(wf: dict, now: str) -> dict:
     if not running and phase not in DONE:
         running = next((s for s in STAGES if stages[s] == "Pending"), "")
     rollout = _outputs(nodes.get("rollout", {}))
-    finalize = _outputs(nodes.get("finalize", {}))
+    finalize = _outputs(nodes.get(EXIT_STAGE, {}))
     patch = {
         "phase": phase,
         "stage": running if phase not in DONE else "",
@@ -85,6 +85,13 @@ def _failed(phase: str, reason: str, message: str, now: str) -> dict:
 
 def invalid_spec(problems: list[str], now: str) -> dict:
     return _failed("Failed", "InvalidSpec", "; ".join(problems), now)
+
+
+def not_owned(workflow: str, now: str) -> dict:
+    """The child's name is taken by a Workflow this pipeline does not own (retried: it may be the
+    previous incarnation's, awaiting garbage collection)."""
+    return _failed("Pending", "WorkflowNotOwned", f"workflow {workflow} exists and is not owned by this pipeline; "
+                   "waiting for it to go (delete it if it is not the previous pipeline's)", now)
 
 
 def child_missing(workflow: str, recreated: bool, now: str) -> dict:

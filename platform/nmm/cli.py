@@ -30,15 +30,20 @@ app.add_typer(gpu_app, name="gpu")
 err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 120)
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 
-EXIT_BAD_INPUT = 2
+from nmm import exitcodes
+
+EXIT_BAD_INPUT = exitcodes.BAD_INPUT
 
 
 def _load_spec(path: Path):
     """Read and validate a pipeline file; on any problem print it and exit 2."""
     from nmm.spec import SpecError, parse_pipeline
+    from nmm.spec.parse import MAX_SPEC_BYTES
 
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as f:  # never more than the limit (+1 to tell that it is over)
+            raw = f.read(MAX_SPEC_BYTES + 1)
+        text = raw.decode("utf-8", "replace" if len(raw) > MAX_SPEC_BYTES else "strict")
     except (OSError, UnicodeDecodeError) as exc:
         err.print(f"[red]error[/]: {path}: cannot read: {getattr(exc, 'strerror', None) or exc}")
         raise typer.Exit(EXIT_BAD_INPUT)
@@ -73,8 +78,21 @@ def compile_(
 
     spec = _load_spec(file)
     settings = CompileSettings()
-    overrides = {k: v for k, v in {"image": image, "namespace": namespace, "store_uri": store, "service_account": service_account}.items() if v}
+    ns = _namespace(spec, namespace, settings.namespace)
+    overrides = {k: v for k, v in {"image": image, "namespace": ns, "store_uri": store, "service_account": service_account}.items() if v}
     sys.stdout.write(to_yaml(_compile(spec, replace(settings, **overrides))))
+
+
+def _namespace(spec, flag: str | None, fallback: str) -> str:
+    """The namespace by the one precedence of every command (flag and metadata.namespace must
+    agree; either beats the fallback); a contradiction exits 2."""
+    from nmm.spec import NamespaceConflict
+
+    try:
+        return spec.resolve_namespace(flag, fallback)
+    except NamespaceConflict as exc:
+        err.print(f"[red]error[/]: {exc}", highlight=False)
+        raise typer.Exit(EXIT_BAD_INPUT)
 
 
 def _compile(spec, settings) -> dict:
@@ -128,7 +146,7 @@ def _summary(result, spec) -> None:
         out.print(f"dataset   {cur.outputs.get('dataset_uri')}  ({cur.outputs.get('cache')}, {cur.outputs.get('dataset_digest')})")
     ro = steps.get("rollout")
     if ro and ro.outputs:
-        out.print(f"model     {spec.spec.rollout.registeredModelName} version {ro.outputs.get('version')}: {ro.outputs.get('decision')}")
+        out.print(f"model     {spec.spec.rollout.registered_model_name} version {ro.outputs.get('version')}: {ro.outputs.get('decision')}")
     fin = steps.get("finalize")
     from nmm import lineage
 
@@ -144,6 +162,8 @@ def run(
 ) -> None:
     """Compile the pipeline and run the compiled Workflow here (embedded local engine)."""
     spec = _load_spec(file)
+    from dataclasses import replace
+
     from nmm import storage
     from nmm.compile import CompileSettings
     from nmm.engine import run_workflow
@@ -152,7 +172,8 @@ def run(
     from nmm.engine.runner import no_local_effect, workflow_name
     from nmm.home import home_dir
 
-    workflow = _compile(spec, CompileSettings.local(store or storage.default_store_uri()))
+    local = CompileSettings.local(store or storage.default_store_uri())
+    workflow = _compile(spec, replace(local, namespace=_namespace(spec, None, local.namespace)))
     ignored = no_local_effect(workflow)
     if ignored:
         err.print(f"[yellow]warning[/]: no local effect (cluster only): {', '.join(ignored)}")
@@ -166,7 +187,7 @@ def run(
             if s.phase == "Failed":
                 err.print(f"[red]step {s.name} failed[/] ({s.message}); last lines of {s.logs[-1]}:")
                 sys.stderr.write(tail(s.logs[-1]) + "\n")
-        raise typer.Exit(1)
+        raise typer.Exit(exitcodes.FAILED)
 
 
 def _cluster_call(fn, *args):
@@ -177,7 +198,7 @@ def _cluster_call(fn, *args):
         return fn(*args)
     except ClusterError as exc:
         err.print(f"[red]error[/]: {exc}", highlight=False)
-        raise typer.Exit(1)
+        raise typer.Exit(exitcodes.FAILED)
 
 
 NamespaceOpt = typer.Option(None, "--namespace", "-n", help="Namespace (default: the kube context's)")
@@ -189,7 +210,7 @@ def submit(file: Path = typer.Argument(..., help="Pipeline YAML"), namespace: Op
     from nmm import cluster
 
     spec = _load_spec(file)
-    ns = namespace or spec.metadata.namespace or cluster.current_namespace()
+    ns = _namespace(spec, namespace, cluster.current_namespace())
     action, generation = _cluster_call(cluster.submit, spec, ns)
     out.print(f"nmmpipeline {ns}/{spec.metadata.name} {action} (generation {generation}); follow it: nmm status {spec.metadata.name} -n {ns}")
 
@@ -227,9 +248,11 @@ def logs(
 ) -> None:
     """A stage's logs: from its pods while they exist, else the copy archived in the object store."""
     from nmm import cluster, storage
+    from nmm.identity import RunIdentity
     from nmm.spec import split_step
-    from nmm.stages.context import STAGES, stage_uri
+    from nmm.stages.context import STAGES
     from nmm.stages.logs import read_archived
+    from nmm.storage.layout import stage_uri
 
     base, variant = split_step(stage)
     if base not in STAGES or (variant and base not in ("train", "evaluate")) or (variant and not variant.isalnum()):
@@ -240,16 +263,16 @@ def logs(
     workflow = (obj.get("status") or {}).get("workflow")
     if not workflow:
         err.print(f"error: {ns}/{name} has no workflow yet")
-        raise typer.Exit(1)
+        raise typer.Exit(exitcodes.FAILED)
     found = _cluster_call(cluster.pod_logs, workflow, stage, ns)
     if not found:
         wf = _cluster_call(cluster.get_workflow, workflow, ns)
         root = store or (cluster.store_of(wf) if wf else None) or storage.default_store_uri()
-        folder = stage_uri(root, name, workflow, stage)
+        folder = stage_uri(root, RunIdentity(ns, name, obj["metadata"]["uid"], workflow), stage)
         found = read_archived(folder)
         if not found:
             err.print(f"error: no pods and no archived logs for stage {stage} of {workflow} (looked in {folder}/logs)")
-            raise typer.Exit(1)
+            raise typer.Exit(exitcodes.FAILED)
     for source, text in found:
         out.print(f"==> {source} <==", highlight=False)
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
@@ -314,82 +337,102 @@ def gpu_inventory(
 
 SpecOpt = typer.Option(..., "--spec", help="The pipeline spec as JSON (compiled into the step)")
 RunOpt = typer.Option(..., "--run-id", help="The pipeline run (the Workflow's name)")
+NsOpt = typer.Option(..., "--namespace", help="The run's namespace (part of its identity)")
+OwnerOpt = typer.Option(..., "--owner-uid", help="UID of the run's owner: the NMMPipeline, or the Workflow itself")
 StoreOpt = typer.Option(..., "--store", help="Store URI")
 OutputsOpt = typer.Option(..., "--outputs", help="Folder for output parameters")
 VariantOpt = typer.Option(None, "--variant", help="The ablation variant this step trains or evaluates")
 
 
-def _stage(name: str, fn, spec: str, run_id: str, store: str, outputs: str, variant: str | None = None, **kw) -> None:
-    """Run a stage with its log archived to the store; bad input exits 2 with a message
-    (R17: configuration errors are 1–127)."""
+def _stage(name: str, fn, ident: dict, variant: str | None = None, **kw) -> None:
+    """Run a stage with its log archived to the store. Exit codes (R17): bad input 2, outputs
+    that belong to another spec 3; an unreachable store or MLflow 129/130 (retryable)."""
     from nmm.data.dataset import DatasetError
+    from nmm.lineage import TrackingError
     from nmm.spec import SpecError
-    from nmm.stages.context import StageContext, UnknownVariant
-    from nmm.stages.evaluate import ModelMissing
+    from nmm.lineage import RegistryConflict
+    from nmm.stages.context import ModelMissing, OutputsConflict, StageContext, UnknownVariant
+    from nmm.stages.logs import Archive
     from nmm.storage import StorageError
 
-    from nmm.stages.logs import Archive
-
     try:
-        ctx = StageContext.create(spec, run_id, store, outputs, variant)
-        with Archive(ctx.stage_uri(ctx.step(name))):
-            code = fn(ctx, **kw)
+        ctx = StageContext.create(variant=variant, **ident)
     except SpecError as exc:
         err.print("error: invalid --spec:\n  " + "\n  ".join(exc.problems), markup=False)
         raise typer.Exit(EXIT_BAD_INPUT)
-    except UnknownVariant as exc:
-        err.print(f"error: --variant: {exc}", markup=False)
+    except (UnknownVariant, ValueError) as exc:  # a variant or an identity part that cannot be
+        err.print(f"error: {exc}", markup=False)
         raise typer.Exit(EXIT_BAD_INPUT)
+    try:
+        with Archive(ctx.stage_uri(ctx.step(name))):
+            code = fn(ctx, **kw)
     except (DatasetError, ModelMissing) as exc:
         err.print(f"error: {exc}", markup=False)
         raise typer.Exit(EXIT_BAD_INPUT)
-    except StorageError as exc:  # object store unreachable or failing: retryable (R17)
+    except (OutputsConflict, RegistryConflict) as exc:
         err.print(f"error: {exc}", markup=False)
-        raise typer.Exit(129)
+        raise typer.Exit(exitcodes.CONFLICT)
+    except StorageError as exc:
+        err.print(f"error: {exc}", markup=False)
+        raise typer.Exit(exitcodes.STORE_UNAVAILABLE)
+    except TrackingError as exc:
+        err.print(f"error: {exc}", markup=False)
+        raise typer.Exit(exc.exit_code)
     raise typer.Exit(code or 0)
 
 
+def _ident(spec: str, namespace: str, owner_uid: str, run_id: str, store: str, outputs: str) -> dict:
+    return dict(spec_json=spec, namespace=namespace, owner_uid=owner_uid, run_id=run_id, store=store, outputs=outputs)
+
+
 @stage_app.command("curate")
-def stage_curate(spec: str = SpecOpt, run_id: str = RunOpt, store: str = StoreOpt, outputs: str = OutputsOpt) -> None:
+def stage_curate(spec: str = SpecOpt, namespace: str = NsOpt, owner_uid: str = OwnerOpt, run_id: str = RunOpt,
+                 store: str = StoreOpt, outputs: str = OutputsOpt) -> None:
     """Curate: sources → dedup → split → tokenizers → shards + manifest."""
     from nmm.stages import curate
 
-    _stage("curate", curate.run, spec, run_id, store, outputs)
+    _stage("curate", curate.run, _ident(spec, namespace, owner_uid, run_id, store, outputs))
 
 
 @stage_app.command("train")
-def stage_train(spec: str = SpecOpt, run_id: str = RunOpt, store: str = StoreOpt, outputs: str = OutputsOpt,
+def stage_train(spec: str = SpecOpt, namespace: str = NsOpt, owner_uid: str = OwnerOpt, run_id: str = RunOpt,
+                store: str = StoreOpt, outputs: str = OutputsOpt,
                 dataset_uri: str = typer.Option(..., "--dataset-uri"), variant: str = VariantOpt) -> None:
     """Train the model (one process, or one of many under torchrun)."""
     from nmm.stages import train
 
-    _stage("train", train.run, spec, run_id, store, outputs, variant, dataset_uri=dataset_uri)
+    _stage("train", train.run, _ident(spec, namespace, owner_uid, run_id, store, outputs), variant, dataset_uri=dataset_uri)
 
 
 @stage_app.command("evaluate")
-def stage_evaluate(spec: str = SpecOpt, run_id: str = RunOpt, store: str = StoreOpt, outputs: str = OutputsOpt,
+def stage_evaluate(spec: str = SpecOpt, namespace: str = NsOpt, owner_uid: str = OwnerOpt, run_id: str = RunOpt,
+                   store: str = StoreOpt, outputs: str = OutputsOpt,
                    dataset_uri: str = typer.Option(..., "--dataset-uri"), model_uri: str = typer.Option(..., "--model-uri"),
                    variant: str = VariantOpt) -> None:
     """Evaluate the model on held-out data and decide the gates."""
     from nmm.stages import evaluate
 
-    _stage("evaluate", evaluate.run, spec, run_id, store, outputs, variant, dataset_uri=dataset_uri, model_uri=model_uri)
+    _stage("evaluate", evaluate.run, _ident(spec, namespace, owner_uid, run_id, store, outputs), variant,
+           dataset_uri=dataset_uri, model_uri=model_uri)
 
 
 @stage_app.command("rollout")
-def stage_rollout(spec: str = SpecOpt, run_id: str = RunOpt, store: str = StoreOpt, outputs: str = OutputsOpt,
+def stage_rollout(spec: str = SpecOpt, namespace: str = NsOpt, owner_uid: str = OwnerOpt, run_id: str = RunOpt,
+                  store: str = StoreOpt, outputs: str = OutputsOpt,
                   model_uri: str = typer.Option(..., "--model-uri"), metrics: str = typer.Option(..., "--metrics"),
                   gate: str = typer.Option(..., "--gate")) -> None:
     """Register the model version; move `champion` when it earns it."""
     from nmm.stages import rollout
 
-    _stage("rollout", rollout.run, spec, run_id, store, outputs, model_uri=model_uri, metrics_json=metrics, gate=gate)
+    _stage("rollout", rollout.run, _ident(spec, namespace, owner_uid, run_id, store, outputs),
+           model_uri=model_uri, metrics_json=metrics, gate=gate)
 
 
 @stage_app.command("finalize")
-def stage_finalize(spec: str = SpecOpt, run_id: str = RunOpt, store: str = StoreOpt, outputs: str = OutputsOpt,
+def stage_finalize(spec: str = SpecOpt, namespace: str = NsOpt, owner_uid: str = OwnerOpt, run_id: str = RunOpt,
+                   store: str = StoreOpt, outputs: str = OutputsOpt,
                    status: str = typer.Option(..., "--status")) -> None:
     """Close the pipeline's MLflow parent run (the Workflow's onExit handler)."""
     from nmm.stages import finalize
 
-    _stage("finalize", finalize.run, spec, run_id, store, outputs, status=status)
+    _stage("finalize", finalize.run, _ident(spec, namespace, owner_uid, run_id, store, outputs), status=status)

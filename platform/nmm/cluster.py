@@ -3,36 +3,18 @@
 
 from __future__ import annotations
 
-import os
-from functools import lru_cache
-
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from nmm import kubeclient
+from nmm.compile import WF_GROUP, WF_PLURAL, WF_VERSION
 from nmm.spec import PipelineSpec, split_step
-
-GROUP, VERSION, PLURAL = "nmm.dev", "v1alpha1", "nmmpipelines"
+from nmm.spec.crd import GROUP, PLURAL, VERSION
+from nmm.spec.names import train_job_name
 
 
 class ClusterError(RuntimeError):
     """The cluster could not be reached or refused the request."""
-
-
-@lru_cache(maxsize=1)
-def _api_client() -> client.ApiClient:
-    server = os.environ.get("NMM_KUBE_SERVER")
-    if server:
-        cfg = client.Configuration()
-        cfg.host = server
-        return client.ApiClient(cfg)
-    try:
-        config.load_kube_config()
-    except config.ConfigException:
-        try:
-            config.load_incluster_config()
-        except config.ConfigException as exc:
-            raise ClusterError(f"no Kubernetes context: {exc}") from None
-    return client.ApiClient()
 
 
 def current_namespace() -> str:
@@ -44,7 +26,10 @@ def current_namespace() -> str:
 
 
 def _custom() -> client.CustomObjectsApi:
-    return client.CustomObjectsApi(_api_client())
+    try:
+        return kubeclient.custom_objects()
+    except kubeclient.KubeConfigError as exc:
+        raise ClusterError(str(exc)) from None
 
 
 def submit(spec: PipelineSpec, namespace: str) -> tuple[str, int]:
@@ -76,7 +61,7 @@ def get_pipeline(name: str, namespace: str) -> dict:
 
 def get_workflow(name: str, namespace: str) -> dict | None:
     try:
-        return _custom().get_namespaced_custom_object("argoproj.io", "v1alpha1", namespace, "workflows", name)
+        return _custom().get_namespaced_custom_object(WF_GROUP, WF_VERSION, namespace, WF_PLURAL, name)
     except ApiException as exc:
         if exc.status == 404:
             return None
@@ -85,9 +70,12 @@ def get_workflow(name: str, namespace: str) -> dict | None:
 
 def pod_logs(workflow: str, stage: str, namespace: str) -> list[tuple[str, str]]:
     """(pod, log) of the stage's pods that still exist: Argo step pods, or the PyTorchJob's."""
-    core = client.CoreV1Api(_api_client())
+    try:
+        core = kubeclient.core()
+    except kubeclient.KubeConfigError as exc:
+        raise ClusterError(str(exc)) from None
     if split_step(stage)[0] == "train":  # train, or train-<variant> in an ablation
-        selector, container = f"training.kubeflow.org/job-name={workflow}-{stage}", "pytorch"
+        selector, container = f"training.kubeflow.org/job-name={train_job_name(workflow, split_step(stage)[1])}", "pytorch"
     else:
         selector, container = f"workflows.argoproj.io/workflow={workflow}", "main"
     out = []

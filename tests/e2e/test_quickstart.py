@@ -23,7 +23,7 @@ def test_quickstart_end_to_end_meets_its_gates_and_records_lineage(tmp_path):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
-    exp = client.get_experiment_by_name("quickstart")
+    exp = client.get_experiment_by_name("default/quickstart")
     (ev,) = client.search_runs([exp.experiment_id], filter_string="tags.`nmm.stage` = 'evaluate'")
     m = ev.data.metrics
     # The quickstart's own gates (m2t >= 0.9, m2g >= 0.8) decide rollout; both must hold.

@@ -15,12 +15,14 @@ from nmm.train.parallelize import Parallelism
 from nmm.train.trainer import PhaseConfig, TrainConfig, train
 from tests.integration.resume_worker import data
 
+MIX = {"m2t": 0.5, "m2g": 0.5}  # equal shares of M2T and M2G rows
+
 
 def config(fsdp: bool) -> TrainConfig:
     return TrainConfig(
         model=ModelConfig(vocab_size=40, dim=32, layers=2, heads=2, max_seq_len=16),
-        phases=(PhaseConfig(name="a", steps=12, batch_size=8, lr=3e-3, warmup_steps=2),
-                PhaseConfig(name="b", steps=12, batch_size=8, lr=1e-3, recipe="sft")),
+        phases=(PhaseConfig(mixture=MIX, name="a", steps=12, batch_size=8, lr=3e-3, warmup_steps=2),
+                PhaseConfig(mixture=MIX, name="b", steps=12, batch_size=8, lr=1e-3, recipe="sft")),
         seed=5, checkpoint_interval=4, keep_latest=2, log_every=1, parallel=Parallelism(fsdp=fsdp),
     )
 

@@ -7,6 +7,7 @@ Each override models documented API-server behaviour, nothing the operator merel
 - resourceVersion bumps on every write; generation bumps only when `spec` changes; a list
   returns the current resourceVersion and a watch from it sends only what changed since;
 - a write carrying a stale metadata.resourceVersion is 409 Conflict;
+- creating an object whose name is taken is 409 AlreadyExists (kmock replaced the object);
 - JSON-patch (a list body) is applied, and a failed `test` op is 422, not 500;
 - for resources with a status subresource: PATCH on /status changes only status, PATCH on the
   main resource ignores status;
@@ -35,6 +36,10 @@ def conflict() -> k8s.KubernetesError:
         status=409, reason="Conflict",
         message="the object has been modified; please apply your changes to the latest version and try again",
     )
+
+
+def already_exists(plural: str, name: str) -> k8s.KubernetesError:
+    return k8s.KubernetesError(status=409, reason="AlreadyExists", message=f'{plural} "{name}" already exists')
 
 
 def invalid(message: str) -> k8s.KubernetesError:
@@ -130,6 +135,10 @@ class RealisticEmulator(kmock.KubernetesEmulator):
                 meta["name"] = meta["generateName"] + "".join(secrets.choice(string.ascii_lowercase) for _ in range(5))
             if request.namespace and not meta.get("namespace"):
                 meta["namespace"] = request.namespace
+            key = (request.resource, meta.get("namespace"), meta.get("name"))
+            taken = self.objects[key] if key in self.objects else None
+            if taken is not None and not taken.deleted:
+                raise already_exists(plural, meta["name"])
             meta.update(
                 uid=str(uuid.uuid4()),
                 resourceVersion=self._next_rv(),

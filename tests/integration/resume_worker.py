@@ -13,12 +13,14 @@ from nmm.model import ModelConfig
 from nmm.train.distributed import DistInfo
 from nmm.train.trainer import PhaseConfig, TrainConfig, train
 
+MIX = {"m2t": 0.5, "m2g": 0.5}  # equal shares of M2T and M2G rows
+
 
 def config() -> TrainConfig:
     return TrainConfig(
         model=ModelConfig(vocab_size=40, dim=32, layers=2, heads=2, max_seq_len=16, dropout=0.1),
-        phases=(PhaseConfig(name="a", steps=12, batch_size=8, lr=3e-3, warmup_steps=2),
-                PhaseConfig(name="b", steps=12, batch_size=8, lr=1e-3)),
+        phases=(PhaseConfig(mixture=MIX, name="a", steps=12, batch_size=8, lr=3e-3, warmup_steps=2),
+                PhaseConfig(mixture=MIX, name="b", steps=12, batch_size=8, lr=1e-3)),
         seed=5, checkpoint_interval=4, keep_latest=2, log_every=1,
     )
 

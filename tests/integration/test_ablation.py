@@ -38,7 +38,7 @@ def test_fusion_ablation_trains_and_evaluates_each_variant_side_by_side(tmp_path
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / '.nmm' / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("it-ablation")
+    exp = client.get_experiment_by_name("default/it-ablation")
     evals = client.search_runs([exp.experiment_id], filter_string="tags.`nmm.stage` LIKE 'evaluate-%'")
     by_variant = {r.data.params["variant"]: r for r in evals}
     assert sorted(by_variant) == sorted(variants)

@@ -7,7 +7,8 @@ import pytest
 import yaml
 from kubernetes import client
 
-from nmm import storage
+from nmm.identity import RunIdentity
+from nmm.storage import layout
 from nmm.stages.logs import Archive
 from tests.conftest import NMM, WORKFLOWS
 from tests.integration.kube_emulator import EmulatorThread
@@ -74,12 +75,12 @@ def test_status_shows_the_table_and_a_missing_pipeline_is_a_clear_error(emu, api
 
 def test_logs_fall_back_to_the_copy_archived_in_the_store(emu, api, tmp_path):
     store = (tmp_path / "store").as_uri()
-    stage_uri = storage.join(store, "runs", "lg", "lg-g1", "evaluate")
-    with Archive(stage_uri):
-        print("m2t.digits.accuracy = 0.9424")
     doc = yaml.safe_load((WORKFLOWS / "quickstart.yaml").read_text())
     doc["metadata"] = {"name": "lg"}
-    api.create_namespaced_custom_object("nmm.dev", "v1alpha1", "cli-lg", "nmmpipelines", doc)
+    created = api.create_namespaced_custom_object("nmm.dev", "v1alpha1", "cli-lg", "nmmpipelines", doc)
+    # The run's own folder: namespace, pipeline, the pipeline's UID, the run (nmm.storage.layout).
+    with Archive(layout.stage_uri(store, RunIdentity("cli-lg", "lg", created["metadata"]["uid"], "lg-g1"), "evaluate")):
+        print("m2t.digits.accuracy = 0.9424")
     api.patch_namespaced_custom_object_status("nmm.dev", "v1alpha1", "cli-lg", "nmmpipelines", "lg", {"status": {"workflow": "lg-g1"}})
     api.create_namespaced_custom_object("argoproj.io", "v1alpha1", "cli-lg", "workflows", {
         "apiVersion": "argoproj.io/v1alpha1", "kind": "Workflow", "metadata": {"name": "lg-g1"},

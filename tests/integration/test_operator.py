@@ -48,7 +48,7 @@ class Operator:
         self.url, self.log, self.settings, self.proc = url, log, settings, None
 
     def start(self) -> "Operator":
-        env = dict(os.environ, NMM_KUBE_SERVER=self.url, NMM_RECHECK_SECONDS="1", NMM_OPERATOR_SETTINGS=str(self.settings))
+        env = dict(os.environ, NMM_KUBE_SERVER=self.url, NMM_OPERATOR_SETTINGS=str(self.settings))
         self.proc = subprocess.Popen(
             [KOPF, "run", "--standalone", "--all-namespaces", "-m", "nmm_operator.handlers", "--verbose"],
             env=env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
@@ -74,7 +74,7 @@ class Operator:
 @pytest.fixture
 def operator(emu, tmp_path):
     settings = tmp_path / "settings.json"
-    settings.write_text(json.dumps({"image": "ghcr.io/nmm-dev/nmm:0.1.0", "onChildDeleted": "report"}))
+    settings.write_text(json.dumps({"image": "ghcr.io/nmm-dev/nmm:0.1.0", "onChildDeleted": "report", "recheckSeconds": 1}))
     op = Operator(emu.url, tmp_path / "operator.log", settings).start()
     yield op
     op.stop()
@@ -180,7 +180,7 @@ def test_deleting_the_pipeline_garbage_collects_its_workflow_r5(api, operator):
 
 def test_killed_between_create_and_status_patch_restart_leaves_one_workflow_r1(api, emu, tmp_path):
     settings = tmp_path / "settings.json"
-    settings.write_text("{}")
+    settings.write_text(json.dumps({"recheckSeconds": 1}))
     emu.call(emu.emulator.hold, "nmmpipelines")  # the operator's status/progress patches will hang
     first = Operator(emu.url, tmp_path / "first.log", settings).start()
     try:
@@ -240,6 +240,52 @@ def test_a_deleted_workflow_is_recreated_when_the_spec_asks_r9(api, operator):
     again = wait_for(lambda: [w for w in workflows(api, "ns-r9b") if w["metadata"]["uid"] != first], what="recreated")
     assert [w["metadata"]["name"] for w in again] == ["qs-g1"]
     assert "recreated" in get(api, "ns-r9b", "qs")["status"]["message"]
+
+
+def test_a_pre_created_workflow_is_never_adopted(api, operator):
+    # Someone created "qs-g1" before the pipeline existed: main took the 409 as success and
+    # mirrored the stranger's status (its champion included) into the pipeline.
+    stranger = builders.build_workflow(
+        {**pipeline("qs"), "apiVersion": "nmm.dev/v1alpha1", "kind": "NMMPipeline",
+         "metadata": {"name": "qs", "namespace": "ns-adopt", "uid": "not-the-pipeline", "generation": 1}},
+        CompileSettings(),
+    )
+    del stranger["metadata"]["ownerReferences"]  # made by hand: labelled as the pipeline's, owned by nobody
+    api.create_namespaced_custom_object("argoproj.io", "v1alpha1", "ns-adopt", "workflows", stranger)
+    nodes = {"1": {"displayName": "rollout", "type": "Pod", "phase": "Succeeded",
+                   "outputs": {"parameters": [{"name": "decision", "value": "promoted"}, {"name": "version", "value": "666"}]}}}
+    api.patch_namespaced_custom_object("argoproj.io", "v1alpha1", "ns-adopt", "workflows", "qs-g1",
+                                       {"status": {"phase": "Succeeded", "nodes": nodes}})
+    create(api, "ns-adopt", pipeline("qs"))
+    st = wait_for(lambda: (s := get(api, "ns-adopt", "qs").get("status", {})).get("conditions") and s, what="a condition")
+    assert st["conditions"][-1]["reason"] == "WorkflowNotOwned" and "not owned" in st["message"]
+    time.sleep(2.5)  # recheck ticks (1 s) and mirror events pass; nothing may adopt the stranger
+    st = get(api, "ns-adopt", "qs")["status"]
+    assert st.get("phase") != "Succeeded" and "champion" not in st and st.get("workflow") != "qs-g1"
+    (wf,) = workflows(api, "ns-adopt")
+    assert not wf["metadata"].get("ownerReferences")
+
+
+def test_a_spec_edit_stops_the_superseded_generation(api, operator, emu):
+    created = create(api, "ns-edit", pipeline("qs"))
+    wait_for(lambda: get(api, "ns-edit", "qs").get("status", {}).get("workflow") == "qs-g1", what="generation 1")
+    api.patch_namespaced_custom_object("argoproj.io", "v1alpha1", "ns-edit", "workflows", "qs-g1",
+                                       {"status": {"phase": "Running"}})
+    body = get(api, "ns-edit", "qs")
+    body["spec"]["training"]["seed"] = 7
+    api.patch_namespaced_custom_object("nmm.dev", "v1alpha1", "ns-edit", "nmmpipelines", "qs", {"spec": body["spec"]})
+    wait_for(lambda: get(api, "ns-edit", "qs").get("status", {}).get("workflow") == "qs-g2", what="generation 2")
+    by_name = wait_for(lambda: (w := {x["metadata"]["name"]: x for x in workflows(api, "ns-edit")})
+                       and w["qs-g1"]["spec"].get("shutdown") and w, what="qs-g1 stopped")
+    assert by_name["qs-g1"]["spec"]["shutdown"] == "Stop"  # argo stop: exit handler closes its MLflow run
+    assert "shutdown" not in by_name["qs-g2"]["spec"]
+    assert all(w["metadata"]["ownerReferences"][0]["uid"] == created["metadata"]["uid"] for w in by_name.values())
+
+    def reasons() -> set:  # kopf posts events from a queue of its own: they may lag the patch
+        return {o.raw.get("reason") for (res, ns, _), o in list(emu.emulator.objects.items())
+                if res.plural == "events" and ns == "ns-edit" and not o.deleted}
+
+    wait_for(lambda: "WorkflowSuperseded" in reasons(), what="a WorkflowSuperseded event")
 
 
 def test_every_handler_has_an_explicit_nmm_id_r8():

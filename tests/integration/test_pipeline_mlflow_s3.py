@@ -62,6 +62,13 @@ def runs(tmp_path_factory, s3_server, mlflow_server):
     return {"results": results, "minio": mc, "tmp": tmp, "before_second": objects_before_second, "after": objects_after}
 
 
+def run_prefix(objects: list[str], run: str) -> str:
+    """`runs/<namespace>/<pipeline>/<owner uid>/<run>`: a local run's owner is its Workflow (a UUID)."""
+    (prefix,) = {o.split(f"/{run}/")[0] + f"/{run}" for o in objects if f"/{run}/" in o}
+    assert prefix.startswith("runs/default/it-quickstart/"), prefix
+    return prefix
+
+
 def test_both_runs_succeed_and_the_second_curate_is_a_cache_hit(runs):
     first, second = runs["results"]
     assert first["phase"] == second["phase"] == "Succeeded"
@@ -74,7 +81,7 @@ def test_rerun_of_curation_writes_no_new_dataset_objects_r20(runs):
     second = runs["results"][1]["name"]
     new = {o for o in set(runs["after"]) - set(runs["before_second"]) if "/logs/" not in o}  # logs are not data
     assert not [o for o in new if "/curate/" in o or o.startswith("cache/")], sorted(new)
-    assert not [o for o in new if o.startswith(f"runs/it-quickstart/{second}/curate")]
+    assert not [o for o in new if o.startswith(f"{run_prefix(runs['after'], second)}/curate")]
 
 
 def test_shards_and_manifest_are_in_the_bucket(runs):
@@ -89,12 +96,12 @@ def test_shards_and_manifest_are_in_the_bucket(runs):
     assert manifest["digest"].startswith("sha256:")
     assert sorted(manifest["files"]) == sorted(n.removeprefix(prefix + "/") for n in names if not n.endswith("manifest.json"))
     # The model folder was published the same way.
-    first = runs["results"][0]["name"]
-    assert mc.stat_object(BUCKET, f"runs/it-quickstart/{first}/train/manifest.json")
-    assert mc.stat_object(BUCKET, f"runs/it-quickstart/{first}/train/model.safetensors")
+    first = run_prefix(runs["after"], runs["results"][0]["name"])
+    assert mc.stat_object(BUCKET, f"{first}/train/manifest.json")
+    assert mc.stat_object(BUCKET, f"{first}/train/model.safetensors")
     # Every stage archived its log next to its outputs (both train ranks too), for `nmm logs`.
     for stage, count in (("curate", 1), ("train", 2), ("evaluate", 1), ("rollout", 1), ("finalize", 1)):
-        logs = list(mc.list_objects(BUCKET, prefix=f"runs/it-quickstart/{first}/{stage}/logs/"))
+        logs = list(mc.list_objects(BUCKET, prefix=f"{first}/{stage}/logs/", recursive=True))
         assert len(logs) == count, (stage, [o.object_name for o in logs])
 
 
@@ -102,7 +109,7 @@ def test_lineage_parent_and_four_stage_runs_with_dataset_metrics_and_champion(ru
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=mlflow_server)
-    exp = client.get_experiment_by_name("it-quickstart")
+    exp = client.get_experiment_by_name("default/it-quickstart")  # <namespace>/<pipeline>
     first = runs["results"][0]["name"]
     found = client.search_runs([exp.experiment_id], filter_string=f"tags.`nmm.run_id` = '{first}'")
     by_stage = {r.data.tags["nmm.stage"]: r for r in found}

@@ -28,7 +28,8 @@ def small_spec() -> str:
 
 
 def stage(name: str, spec: str, store: str, outputs, *extra) -> list[str]:
-    return [NMM, "stage", name, "--spec", spec, "--run-id", "r1", "--store", store, "--outputs", str(outputs), *extra]
+    return [NMM, "stage", name, "--spec", spec, "--namespace", "default", "--owner-uid", "u1", "--run-id", "r1", "--store", store,
+            "--outputs", str(outputs), *extra]
 
 
 def test_sigterm_writes_a_final_checkpoint_exits_143_and_the_restart_resumes(clean_env, tmp_path):
@@ -49,8 +50,9 @@ def test_sigterm_writes_a_final_checkpoint_exits_143_and_the_restart_resumes(cle
     assert proc.wait(timeout=120) == 143, log.read_text()[-2000:]
     text = log.read_text()
     assert "SIGTERM at step" in text and "exiting 143" in text
-    ckpt = tmp_path / "store" / "runs" / "sigterm" / "r1" / "train" / "checkpoints"
-    saved = json.loads((ckpt / "latest.json").read_text())["latest"]
+    # The run's folder (namespace, pipeline, owner UID, run), checkpoints under the train cache key.
+    (index,) = (tmp_path / "store" / "runs" / "default" / "sigterm" / "u1" / "r1" / "train" / "checkpoints").glob("*/latest.json")
+    saved = json.loads(index.read_text())["latest"]
     assert 200 <= saved < 1200  # the interval is 100,000 steps: only SIGTERM could have saved it
     assert not (tmp_path / "train" / "model_uri").exists()
 

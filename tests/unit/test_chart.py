@@ -160,3 +160,55 @@ def test_values_schema_rejects_unknown_keys_and_wrong_types_s10(bad, where):
     vals = values(CHART / "ci" / "minimal-values.yaml") | bad
     with pytest.raises(helm_python.HelmValuesError, match=where):
         render(vals)
+
+
+def _operator_settings(docs: list[dict]):
+    from nmm_operator import settings
+
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("operator")]
+    return settings.from_dict(json.loads(cm["data"]["settings.json"]))
+
+
+def test_operator_values_take_effect_in_the_operator_s_settings():
+    # On main operator.recheckSeconds reached a field nothing read and logLevel an env var nothing read.
+    base = values(CHART / "ci" / "minimal-values.yaml")
+    default = _operator_settings(render(base))
+    changed = json.loads(json.dumps(base))
+    changed.setdefault("operator", {}).update(recheckSeconds=17, logLevel="DEBUG", onChildDeleted="recreate")
+    s = _operator_settings(render(changed))
+    assert (s.recheck_seconds, s.log_level, s.on_child_deleted) == (17.0, "DEBUG", "recreate")
+    assert (default.recheck_seconds, default.log_level) == (60.0, "INFO")
+    # ... and the handlers use them: the timer's interval is the settings' (read once at import).
+    import ast
+
+    handlers = (ROOT / "operators" / "nmm_operator" / "handlers.py").read_text()
+    timer = next(d for d in ast.walk(ast.parse(handlers)) if isinstance(d, ast.Call) and ast.unparse(d.func) == "kopf.timer")
+    assert {k.arg: ast.unparse(k.value) for k in timer.keywords}["interval"] == "SETTINGS.recheck_seconds"
+    assert "NMM_RECHECK_SECONDS" not in handlers and "NMM_LOG_LEVEL" not in "".join(
+        p.read_text() for p in (CHART / "templates").rglob("*.yaml"))
+
+
+def test_the_version_is_written_once():
+    from nmm import __version__
+    from nmm.compile import CompileSettings
+
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["appVersion"] == __version__  # the chart's default image tag
+    assert CompileSettings().image.endswith(f":{__version__}")
+    assert f'version = "{__version__}"' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_the_chart_s_security_contexts_are_generated_from_the_compiler_s():
+    # Written once (nmm.compile.pods); the chart's helpers are generated from it and kept in sync.
+    from nmm.compile import CompileSettings, pods
+
+    helpers = CHART / "templates" / "_security.tpl"
+    text = pods.chart_helpers(CompileSettings())
+    if os.environ.get("NMM_UPDATE_GOLDEN"):
+        helpers.write_text(text)
+    assert helpers.read_text() == text, "the chart's security contexts drifted from nmm.compile.pods; run `make golden`"
+    operator = next(d for d in render(values(CHART / "ci" / "minimal-values.yaml"))
+                    if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("operator"))
+    pod = operator["spec"]["template"]["spec"]
+    assert pod["securityContext"] == pods.pod_security_context(CompileSettings())
+    assert pod["containers"][0]["securityContext"] == pods.container_security_context()

@@ -49,12 +49,13 @@ def test_cpu_pipelines_get_no_gpu_placement():
 
 
 def test_param_count_matches_the_real_model():
-    cfg = ModelConfig(vocab_size=133, dim=128, layers=4, heads=4)
-    assert memory.count_params(128, 4, 4, 133) == cfg.build().num_params()
+    for qk_norm in (True, False):
+        cfg = ModelConfig(vocab_size=133, dim=128, layers=4, heads=4, qk_norm=qk_norm)
+        assert memory.count_params(128, 4, 4, 133, cfg.ffn_dim, cfg.qk_norm) == cfg.build().num_params()
 
 
 def test_a_125m_model_fits_a_24_gib_gpu():
-    est = memory.estimate(dim=768, layers=12, heads=12, vocab=32_768, seq_len=1024, micro_batch=8)
+    est = memory.estimate(dim=768, layers=12, heads=12, vocab=32_768, seq_len=1024, micro_batch=8, ffn_dim=2048, qk_norm=True)
     assert 110e6 < est.params < 140e6
     assert est.fits(24), est.describe()
     pod = train_pod(spec_with({"gpusPerNode": 1, "gpuMemoryGiB": 24}, {"dim": 768, "layers": 12, "heads": 12}, batch=8))

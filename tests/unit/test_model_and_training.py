@@ -13,7 +13,11 @@ from nmm.model.generate import generate
 from nmm.train import checkpoint
 from nmm.train.distributed import DistInfo
 from nmm.train.loss import next_token_loss
-from nmm.train.trainer import PhaseConfig, Preempted, TrainConfig, batch_indices, lr_at, train
+from nmm.train.batches import batch_indices
+from nmm.train.schedule import lr_at
+from nmm.train.trainer import PhaseConfig, Preempted, TrainConfig, train
+
+MIX = {"m2t": 0.5, "m2g": 0.5}  # equal shares of M2T and M2G rows
 
 CPU = DistInfo(0, 0, 1, torch.device("cpu"))
 
@@ -72,7 +76,7 @@ def test_bidirectional_generation_equals_recomputing_with_the_prompt_image_whole
 
 
 def test_whole_image_targets_leave_the_loss_but_drawn_images_keep_theirs():
-    from nmm.train.trainer import hide_seen_targets, input_image_spans, pretrain_mask
+    from nmm.train.recipes import hide_seen_targets, input_image_spans, pretrain_mask
 
     cfg = tiny(image_lo=30, image_hi=40, tokens_per_image=4, image_attention="bidirectional")
     m2t = [1, 3, 30, 31, 32, 33, 4, 10, 2]  # <bos> <boi> image <eoi> caption <eos>
@@ -147,7 +151,7 @@ def test_guidance_one_is_plain_sampling_and_guidance_moves_towards_the_condition
 
 
 def test_lr_warms_up_then_decays_to_ten_percent():
-    p = PhaseConfig(name="p", steps=100, batch_size=4, lr=1.0, warmup_steps=10)
+    p = PhaseConfig(mixture=MIX, name="p", steps=100, batch_size=4, lr=1.0, warmup_steps=10)
     assert lr_at(p, 0) == pytest.approx(0.1)
     assert lr_at(p, 9) == pytest.approx(1.0)
     assert lr_at(p, 99) == pytest.approx(0.1, abs=0.01)
@@ -174,8 +178,8 @@ def _data(n=64, length=12, vocab=40):
 def _cfg(steps, interval=1000):  # noqa: D103
     return TrainConfig(
         model=tiny(dropout=0.1),
-        phases=(PhaseConfig(name="a", steps=steps // 2, batch_size=8, lr=3e-3, warmup_steps=2),
-                PhaseConfig(name="b", steps=steps - steps // 2, batch_size=8, lr=1e-3)),
+        phases=(PhaseConfig(mixture=MIX, name="a", steps=steps // 2, batch_size=8, lr=3e-3, warmup_steps=2),
+                PhaseConfig(mixture=MIX, name="b", steps=steps - steps // 2, batch_size=8, lr=1e-3)),
         seed=3, checkpoint_interval=interval, keep_latest=2, log_every=1,
     )
 

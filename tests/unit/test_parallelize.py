@@ -10,6 +10,8 @@ from nmm.model import ModelConfig
 from nmm.train import parallelize
 from nmm.train.parallelize import Parallelism
 
+MIX = {"m2t": 0.5, "m2g": 0.5}  # equal shares of M2T and M2G rows
+
 
 def tiny() -> ModelConfig:
     return ModelConfig(vocab_size=40, dim=32, layers=2, heads=2, max_seq_len=16)
@@ -67,7 +69,7 @@ def test_a_packed_batch_has_exactly_the_loss_of_the_padded_one(attention):
     from nmm.model.transformer import image_spans
     from nmm.tokenizers.vocab import PAD
     from nmm.train.loss import next_token_loss
-    from nmm.train.trainer import pack_batch
+    from nmm.train.batches import pack_batch
 
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=40, dim=32, layers=2, heads=2, max_seq_len=16, image_lo=30, image_hi=40,
@@ -103,7 +105,7 @@ def test_packing_trains_to_the_padded_weights(tmp_path):
     cpu = DistInfo(0, 0, 1, torch.device("cpu"))
     out = []
     for pack in (False, True):
-        cfg = TrainConfig(model=tiny(), phases=(PhaseConfig(name="p", steps=6, batch_size=8, lr=3e-3, recipe="sft"),),
+        cfg = TrainConfig(model=tiny(), phases=(PhaseConfig(mixture=MIX, name="p", steps=6, batch_size=8, lr=3e-3, recipe="sft"),),
                           checkpoint_interval=100, parallel=Parallelism(pack=pack))
         model, _ = train(cfg, tokens, mask, task, (30, 40), cpu, (tmp_path / str(pack)).as_uri(), lambda *_: None)
         out.append(model.state_dict())

@@ -1,6 +1,7 @@
 import pytest
 
 from nmm import storage
+from nmm.spec import parse_gate
 from nmm.stages.rollout import decide
 
 
@@ -46,13 +47,42 @@ def test_unsupported_scheme_is_a_clear_error():
         storage.read_bytes("gs://bucket/x")
 
 
+ACC = "m2t.digits.accuracy"
+
+
 def test_rollout_promotes_only_when_gates_pass_and_not_worse_than_champion():
-    gated = ["m2t.digits.accuracy"]
-    assert decide(True, {"m2t.digits.accuracy": 0.9}, None, gated) == (True, "no champion yet")
-    assert decide(False, {"m2t.digits.accuracy": 0.99}, None, gated)[0] is False
-    ok, reason = decide(True, {"m2t.digits.accuracy": 0.91}, {"m2t.digits.accuracy": 0.93}, gated)
+    gates = [parse_gate(f"{ACC} >= 0.5")]
+    assert decide(True, {ACC: 0.9}, None, gates) == (True, "no champion yet")
+    assert decide(False, {ACC: 0.99}, None, gates)[0] is False
+    ok, reason = decide(True, {ACC: 0.91}, {ACC: 0.93}, gates)
     assert not ok and "worse than champion" in reason
-    assert decide(True, {"m2t.digits.accuracy": 0.93}, {"m2t.digits.accuracy": 0.93}, gated)[0] is True
+    assert decide(True, {ACC: 0.93}, {ACC: 0.93}, gates)[0] is True
+
+
+def test_no_gates_promotes_nothing_even_far_below_the_champion():
+    # main promoted 0.05 over a 0.97 champion: with no gates, decide compared nothing.
+    ok, reason = decide(True, {ACC: 0.05}, {ACC: 0.97}, [])
+    assert not ok and "no gates" in reason
+    assert decide(True, {ACC: 0.99}, None, [])[0] is False
+
+
+def test_a_gated_metric_the_champion_lacks_promotes_nothing():
+    gates = [parse_gate(f"{ACC} >= 0.5")]
+    ok, reason = decide(True, {ACC: 0.05}, {"m2g.digits.accuracy": 0.97}, gates)
+    assert not ok and "champion has no" in reason
+    ok, reason = decide(True, {}, None, gates)
+    assert not ok and "candidate lacks" in reason
+
+
+def test_worse_follows_the_gate_direction():
+    loss = "m2g.shapes_geneval.overall"
+    lower = [parse_gate(f"{loss} <= 0.5")]  # a metric where less is better
+    assert decide(True, {loss: 0.2}, {loss: 0.3}, lower)[0] is True
+    ok, reason = decide(True, {loss: 0.4}, {loss: 0.3}, lower)
+    assert not ok and "worse than champion" in reason
+    exact = [parse_gate(f"{loss} == 0.5")]
+    assert decide(True, {loss: 0.52}, {loss: 0.6}, exact)[0] is True
+    assert decide(True, {loss: 0.7}, {loss: 0.55}, exact)[0] is False
 
 
 @pytest.mark.parametrize("bad", ["../escape.txt", "a/../../b", "x#frag", "x;rm", "/abs/path", "file:///etc/passwd"])

@@ -44,26 +44,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- end -}}
 
-{{/* Pod security context: Pod Security Standards "restricted". */}}
-{{- define "nmm-platform.podSecurityContext" -}}
-runAsNonRoot: true
-runAsUser: 1000
-runAsGroup: 1000
-fsGroup: 1000
-seccompProfile:
-  type: RuntimeDefault
-{{- end -}}
-
-{{/* Container security context: restricted + read-only root filesystem. */}}
-{{- define "nmm-platform.containerSecurityContext" -}}
-allowPrivilegeEscalation: false
-readOnlyRootFilesystem: true
-runAsNonRoot: true
-capabilities:
-  drop: ["ALL"]
-seccompProfile:
-  type: RuntimeDefault
-{{- end -}}
+{{/* The security contexts: templates/_security.tpl, generated from nmm.compile.pods. */}}
 
 {{/* The S3 credentials Secret; rendering fails without one (no default credentials). */}}
 {{- define "nmm-platform.s3Secret" -}}

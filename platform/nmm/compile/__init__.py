@@ -11,7 +11,7 @@ import json
 import yaml
 
 from nmm.compile.settings import CompileSettings
-from nmm.compile.workflow import build, spec_json
+from nmm.compile.workflow import WF_GROUP, WF_PLURAL, WF_VERSION, build, spec_json
 from nmm.spec import PipelineSpec
 
 
@@ -46,4 +46,4 @@ def to_yaml(workflow: dict) -> str:
     return yaml.safe_dump(workflow, sort_keys=False, width=1 << 20)
 
 
-__all__ = ["CompileSettings", "compile_pipeline", "spec_json", "to_yaml"]
+__all__ = ["WF_GROUP", "WF_PLURAL", "WF_VERSION", "CompileSettings", "compile_pipeline", "spec_json", "to_yaml"]

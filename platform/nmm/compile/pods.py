@@ -1,5 +1,9 @@
 """What every pod the compiler emits shares: security contexts (PSS "restricted" + read-only
-root), the /tmp emptyDir, the env that points stages at MLflow and the object store."""
+root), the /tmp emptyDir, the env that points stages at MLflow and the object store.
+
+The security contexts are written here once: the chart's helpers for its own pods
+(`charts/nmm-platform/templates/_security.tpl`) are generated from them (`chart_helpers`), and a
+test keeps the two in sync, as for the CRD."""
 
 from __future__ import annotations
 
@@ -30,6 +34,21 @@ def container_security_context() -> dict:
     }
 
 
+def chart_helpers(s: CompileSettings) -> str:
+    """The chart's security-context helpers, generated from the contexts above."""
+    import yaml
+
+    def block(name: str, what: str, value: dict) -> str:
+        body = yaml.safe_dump(value, sort_keys=False, default_flow_style=False).rstrip("\n")
+        return f'{{{{/* {what} */}}}}\n{{{{- define "nmm-platform.{name}" -}}}}\n{body}\n{{{{- end -}}}}\n'
+
+    head = "{{/* Generated from nmm.compile.pods (chart_helpers): edit there, then `make golden`. */}}\n"
+    return head + "\n" + block("podSecurityContext", 'Pod security context: Pod Security Standards "restricted".',
+                                pod_security_context(s)) + "\n" + block(
+        "containerSecurityContext", "Container security context: restricted + read-only root filesystem.",
+        container_security_context())
+
+
 def tmp_volume() -> dict:
     return {"name": TMP_VOLUME, "emptyDir": {}}
 
@@ -54,12 +73,22 @@ def env(s: CompileSettings) -> list[dict]:
     return out
 
 
+NAMESPACE = "{{workflow.namespace}}"
+RUN_ID = "{{workflow.name}}"
+
+
+def owner_uid(s: CompileSettings) -> str:
+    return s.owner_uid or "{{workflow.uid}}"
+
+
 def stage_args(stage: str, spec_json: str, s: CompileSettings) -> list[str]:
-    """The arguments every `nmm stage <name>` gets."""
+    """The arguments every `nmm stage <name>` gets: the spec and the run's whole identity."""
     return [
         "stage", stage,
         "--spec", spec_json,
-        "--run-id", "{{workflow.name}}",
+        "--namespace", NAMESPACE,
+        "--owner-uid", owner_uid(s),
+        "--run-id", RUN_ID,
         "--store", s.store_uri,
         "--outputs", OUTPUTS_DIR,
     ]

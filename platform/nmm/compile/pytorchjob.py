@@ -12,27 +12,33 @@ from kubeflow.training import models as kf
 from kubernetes import client as k8s
 
 from nmm.compile import pods
+from nmm.data.sources import DIGITS_SIDE
 from nmm.compile.settings import CompileSettings
 from nmm.gpu import memory, pools
-from nmm.spec import PipelineSpec
+from nmm.model.config import ModelConfig
+from nmm.spec import PipelineSpec, names
+from nmm.tokenizers.vocab import SharedVocab
 
-CAPTION_TOKENS = 32  # room for a caption and the special tokens in a sequence
+CAPTION_TOKENS = 32  # room for a caption, an instruction and the special tokens in a sequence
 
 
 def estimated_seq_len(spec: PipelineSpec) -> int:
     src = spec.spec.data.sources[0]
-    side = 8 if src.kind == "digits" else src.imageSize
-    patch = spec.spec.model.tokenizers.image.patchSize
+    side = DIGITS_SIDE if src.kind == "digits" else src.image_size
+    patch = spec.spec.model.tokenizers.image.patch_size
     return (side // patch) ** 2 + CAPTION_TOKENS
 
 
 def check_memory(spec: PipelineSpec, gpu_memory_gib: float) -> memory.MemoryEstimate:
     """Reject a model that cannot train on one GPU of `gpu_memory_gib` (data parallel: a full
-    replica per GPU)."""
+    replica per GPU). The model's shape comes from nmm.model's own config, the vocabulary's
+    from nmm.tokenizers: nothing is re-derived here."""
     m, t, r = spec.spec.model, spec.spec.training, spec.spec.training.resources
-    vocab = m.tokenizers.text.vocabSize + m.tokenizers.image.codebookSize + 5
-    micro = -(-max(p.batchSize for p in t.phases) // (r.nodes * r.procs_per_node))
-    est = memory.estimate(m.size.dim, m.size.layers, m.size.heads, vocab, estimated_seq_len(spec), micro)
+    vocab = SharedVocab(m.tokenizers.text.vocab_size, m.tokenizers.image.codebook_size).size
+    cfg = ModelConfig(vocab_size=vocab, dim=m.size.dim, layers=m.size.layers, heads=m.size.heads, qk_norm=m.qk_norm)
+    micro = -(-max(p.batch_size for p in t.phases) // (r.nodes * r.procs_per_node))
+    est = memory.estimate(cfg.dim, cfg.layers, cfg.heads, cfg.vocab_size, estimated_seq_len(spec), micro,
+                          ffn_dim=cfg.ffn_dim, qk_norm=cfg.qk_norm)
     if not est.fits(gpu_memory_gib):
         raise pools.PlacementError(
             f"spec.model.size: the model does not fit a {gpu_memory_gib:g} GiB GPU: {est.describe()}; "
@@ -45,9 +51,9 @@ def _resources(spec: PipelineSpec) -> k8s.V1ResourceRequirements:
     r = spec.spec.training.resources
     requests = {"cpu": r.cpu, "memory": r.memory}
     limits = {"memory": r.memory}
-    if r.gpusPerNode:
-        limits["nvidia.com/gpu"] = str(r.gpusPerNode)
-        requests["nvidia.com/gpu"] = str(r.gpusPerNode)
+    if r.gpus_per_node:
+        limits["nvidia.com/gpu"] = str(r.gpus_per_node)
+        requests["nvidia.com/gpu"] = str(r.gpus_per_node)
     return k8s.V1ResourceRequirements(requests=requests, limits=limits)
 
 
@@ -82,13 +88,13 @@ def _pod(spec: PipelineSpec, spec_json: str, s: CompileSettings, variant: str | 
         security_context=pods.pod_security_context(s),
         volumes=[pods.tmp_volume(), {"name": "dshm", "emptyDir": {"medium": "Memory"}}],
     )
-    if r.gpusPerNode:
+    if r.gpus_per_node:
         chosen = None
         if s.gpu_pools is not None:
-            chosen = pools.choose(s.gpu_pools, r.gpusPerNode, r.gpuMemoryGiB, r.gpuProduct)
+            chosen = pools.choose(s.gpu_pools, r.gpus_per_node, r.gpu_memory_gib, r.gpu_product)
             pod.affinity = pools.affinity(chosen)
             pod.tolerations = pools.tolerations(chosen)
-        smallest = r.gpuMemoryGiB or (min(p.memory_gib for p in chosen) if chosen else None)
+        smallest = r.gpu_memory_gib or (min(p.memory_gib for p in chosen) if chosen else None)
         if smallest:
             check_memory(spec, smallest)
     return k8s.V1PodTemplateSpec(
@@ -109,14 +115,14 @@ def build(spec: PipelineSpec, spec_json: str, s: CompileSettings, variant: str |
         api_version="kubeflow.org/v1",
         kind="PyTorchJob",
         metadata=k8s.V1ObjectMeta(
-            name="{{workflow.name}}-train" + (f"-{variant}" if variant else ""),
-            labels={"nmm.dev/pipeline": spec.metadata.name, "nmm.dev/run": "{{workflow.name}}"},
+            name=names.train_job_name(pods.RUN_ID, variant),
+            labels={"nmm.dev/pipeline": spec.metadata.name, "nmm.dev/run": pods.RUN_ID},
         ),
         spec=kf.KubeflowOrgV1PyTorchJobSpec(
             nproc_per_node=str(r.procs_per_node),
             pytorch_replica_specs=replicas,
             run_policy=kf.KubeflowOrgV1RunPolicy(
-                backoff_limit=spec.spec.training.maxRestarts,
+                backoff_limit=spec.spec.training.max_restarts,
                 active_deadline_seconds=s.train_deadline_seconds,
                 clean_pod_policy="None",
                 ttl_seconds_after_finished=s.ttl_after_success_seconds,

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from nmm import __version__
 from nmm.gpu.pools import EXAMPLE_POOLS, GpuPool
+
+IMAGE_REPOSITORY = "ghcr.io/nmm-dev/nmm"
 
 
 @dataclass(frozen=True, kw_only=True)
 class CompileSettings:
     # The platform image every step runs (pin by tag or digest; never `latest`).
-    image: str = "ghcr.io/nmm-dev/nmm:0.1.0"
+    image: str = f"{IMAGE_REPOSITORY}:{__version__}"
     image_pull_policy: str = "IfNotPresent"
     namespace: str = "nmm"
+    # Whose run this is (see nmm.identity): the NMMPipeline's UID when the operator compiles;
+    # None = the Workflow itself (`{{workflow.uid}}`, which Argo and the local engine fill in).
+    owner_uid: str | None = None
     # Workflow pods' service account: the Argo executor's minimum rights (+ create PyTorchJobs).
     service_account: str = "nmm-workflow"
     # Where stages publish outputs: s3://bucket/prefix on a cluster, file:///… locally.

@@ -16,15 +16,22 @@ import yaml
 from nmm import __version__
 from nmm.compile import pods, pytorchjob
 from nmm.compile.settings import CompileSettings
-from nmm.spec import PipelineSpec, step_name
+from nmm.identity import RunIdentity
+from nmm.spec import PipelineSpec, names, step_name
+from nmm.storage.layout import stage_uri
 
+# The Argo Workflow resource the compiler emits (and the operator and the CLI read).
+WF_GROUP, WF_VERSION, WF_PLURAL = "argoproj.io", "v1alpha1", "workflows"
 DAG = "pipeline"
-EXIT = "finalize"
+EXIT = names.EXIT_STAGE
 
 
 def spec_json(spec: PipelineSpec) -> str:
-    """The canonical JSON of the spec that every stage receives."""
-    return json.dumps(spec.model_dump(mode="json", by_alias=True), sort_keys=True, separators=(",", ":"))
+    """The canonical JSON of the spec that every stage receives, with user text made inert:
+    `{{` (Argo's parameters) and `$` (Kubernetes' `$(VAR)` expansion in args) are written as JSON
+    escapes, which decode to the same text but which neither Argo nor the kubelet expands."""
+    text = json.dumps(spec.model_dump(mode="json", by_alias=True), sort_keys=True, separators=(",", ":"))
+    return text.replace("$", "\\u0024").replace("{{", "{\\u007b")
 
 
 def _param(name: str) -> dict:
@@ -91,7 +98,8 @@ def _train_template(spec: PipelineSpec, sj: str, s: CompileSettings, variant: st
 def _dag(spec: PipelineSpec, s: CompileSettings) -> dict:
     variants = spec.variant_names or [None]
     curate_out = "{{tasks.curate.outputs.parameters.dataset_uri}}"
-    model_uris = {v: f"{s.store_uri}/runs/{spec.metadata.name}/{{{{workflow.name}}}}/{step_name('train', v)}" for v in variants}
+    run = RunIdentity(pods.NAMESPACE, spec.metadata.name, pods.owner_uid(s), pods.RUN_ID)
+    model_uris = {v: stage_uri(s.store_uri, run, step_name("train", v)) for v in variants}
     tasks: list[dict] = [{"name": "curate", "template": "curate"}]
     for v in variants:
         tasks.append({
@@ -131,11 +139,8 @@ def build(spec: PipelineSpec, s: CompileSettings) -> dict:
     """The Workflow as plain data (camelCase keys), before the typed round-trip."""
     sj = spec_json(spec)
     name = spec.metadata.name
-    labels = {
-        "app.kubernetes.io/managed-by": "nmm",
-        "nmm.dev/pipeline": name,
-        **{k: v for k, v in sorted(spec.metadata.labels.items())},
-    }
+    # The user's labels first, nmm's last: a reserved label always says what nmm means by it.
+    labels = dict(sorted(spec.metadata.labels.items())) | {"app.kubernetes.io/managed-by": "nmm", "nmm.dev/pipeline": name}
     variant_in = ["variant"] if spec.variant_names else []
     variant_args = ["--variant", "{{inputs.parameters.variant}}"] if spec.variant_names else []
     templates = [
@@ -157,11 +162,11 @@ def build(spec: PipelineSpec, s: CompileSettings) -> dict:
         _container_template(EXIT, ["--status", "{{workflow.status}}"], [], ["mlflow_run_id"], sj, s),
     ]
     return {
-        "apiVersion": "argoproj.io/v1alpha1",
+        "apiVersion": f"{WF_GROUP}/{WF_VERSION}",
         "kind": "Workflow",
         "metadata": {
             "generateName": f"{name}-",
-            "namespace": spec.metadata.namespace or s.namespace,
+            "namespace": s.namespace,  # resolved by the caller (nmm.compile.resolve_namespace)
             "labels": labels,
             "annotations": {
                 "nmm.dev/spec-sha256": hashlib.sha256(sj.encode()).hexdigest(),

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+DIGITS_SIDE = 8  # scikit-learn's digits are 8×8 pixels
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DIGIT_TEMPLATES = (
     "a handwritten digit {d}",

@@ -49,7 +49,9 @@ def launch_job(manifest_text: str, step_dir: Path, log_dir: Path, log_prefix: st
                 "PYTHONUNBUFFERED": "1",
             }
             env = container_env(container, sandbox, operator_env)
-            argv = [expand_env_refs(a, env) for a in container.get("command", []) + container.get("args", [])]
+            # The kubelet expands $(VAR) from the container's declared env only, never the host's.
+            declared = {e["name"]: env[e["name"]] for e in container.get("env", []) if e["name"] in env} | operator_env
+            argv = [expand_env_refs(a, declared) for a in container.get("command", []) + container.get("args", [])]
             argv = resolve_command(sandbox.map_argv(argv))
             group.append(launch(f"{kind.lower()}-{i}", argv, env, log_dir / f"{log_prefix}-{kind.lower()}-{i}.log"))
             rank += 1

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import graphlib
 import json
 import secrets
 import string
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,25 +81,18 @@ def no_local_effect(workflow: dict) -> list[str]:
 
 
 def topo_order(tasks: list[dict]) -> list[dict]:
+    """The DAG's tasks in an order that runs every dependency first (graphlib)."""
     by_name = {t["name"]: t for t in tasks}
-    order, state = [], {}
-
-    def visit(n: str) -> None:
-        if state.get(n) == "done":
-            return
-        if state.get(n) == "visiting":
-            raise ValueError(f"DAG has a cycle through {n!r}")
-        state[n] = "visiting"
-        for d in by_name[n].get("dependencies", []):
-            if d not in by_name:
-                raise ValueError(f"task {n!r} depends on unknown task {d!r}")
-            visit(d)
-        state[n] = "done"
-        order.append(by_name[n])
-
+    graph = graphlib.TopologicalSorter()
     for t in tasks:
-        visit(t["name"])
-    return order
+        for d in t.get("dependencies", []):
+            if d not in by_name:
+                raise ValueError(f"task {t['name']!r} depends on unknown task {d!r}")
+        graph.add(t["name"], *t.get("dependencies", []))
+    try:
+        return [by_name[n] for n in graph.static_order()]
+    except graphlib.CycleError as exc:
+        raise ValueError(f"DAG has a cycle through {exc.args[1][0]!r}") from None
 
 
 class Engine:
@@ -105,6 +100,7 @@ class Engine:
         self.wf = workflow
         self.templates = {t["name"]: t for t in workflow["spec"]["templates"]}
         self.name = name or workflow_name(workflow["metadata"]["generateName"])
+        self.uid = str(uuid.uuid4())  # what the API server gives a new Workflow
         self.folder = runs_dir / self.name
         self.volumes = workflow["spec"].get("volumes", [])
         self.cwd = cwd
@@ -113,7 +109,8 @@ class Engine:
         self.status: str | None = None
 
     def _scope(self) -> dict[str, str]:
-        scope = {"workflow.name": self.name, "workflow.namespace": self.wf["metadata"].get("namespace", "default")}
+        scope = {"workflow.name": self.name, "workflow.uid": self.uid,
+                 "workflow.namespace": self.wf["metadata"].get("namespace", "default")}
         if self.status:
             scope["workflow.status"] = self.status
         for s in self.steps.values():

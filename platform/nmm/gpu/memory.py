@@ -17,10 +17,10 @@ CONTEXT_BYTES = 1.5 * GIB  # CUDA context, cuBLAS/NCCL workspaces, allocator sla
 USABLE_FRACTION = 0.92  # leave headroom for fragmentation
 
 
-def count_params(dim: int, layers: int, heads: int, vocab: int) -> int:
-    """Exactly nmm.model.Transformer's count (QK-norm on): attention, SwiGLU, norms, embeddings, head."""
-    ffn = 32 * ((int(2 * 4 * dim / 3) + 31) // 32)
-    per_layer = 4 * dim * dim + 3 * dim * ffn + 2 * dim + 2 * (dim // heads)
+def count_params(dim: int, layers: int, heads: int, vocab: int, ffn_dim: int, qk_norm: bool) -> int:
+    """Exactly nmm.model.Transformer's count: attention, SwiGLU (`ffn_dim` as the model config
+    derives it), norms (and QK-norm when on), embeddings, head."""
+    per_layer = 4 * dim * dim + 3 * dim * ffn_dim + 2 * dim + (2 * (dim // heads) if qk_norm else 0)
     return layers * per_layer + 2 * vocab * dim + dim
 
 
@@ -48,8 +48,9 @@ class MemoryEstimate:
         )
 
 
-def estimate(dim: int, layers: int, heads: int, vocab: int, seq_len: int, micro_batch: int) -> MemoryEstimate:
-    p = count_params(dim, layers, heads, vocab)
+def estimate(dim: int, layers: int, heads: int, vocab: int, seq_len: int, micro_batch: int, *, ffn_dim: int,
+             qk_norm: bool) -> MemoryEstimate:
+    p = count_params(dim, layers, heads, vocab, ffn_dim, qk_norm)
     tokens = seq_len * micro_batch
     activations = layers * tokens * dim * 34 + tokens * vocab * 4 * 2  # logits + their gradient
     return MemoryEstimate(

@@ -16,10 +16,9 @@ def pools_from_env() -> tuple[GpuPool, ...]:
 
 def label_node(node_name: str, pools: tuple[GpuPool, ...]) -> tuple[Inventory | None, dict[str, str]]:
     """Read GFD labels (or NVML) and patch this node's nmm.dev/gpu.* labels. Returns what it set."""
-    from kubernetes import client, config
+    from nmm import kubeclient
 
-    config.load_incluster_config()
-    api = client.CoreV1Api()
+    api = kubeclient.core()
     node = api.read_node(node_name)
     inv = from_gfd(node.metadata.labels or {}) or read_gpus()
     if inv is None:

@@ -1,11 +1,14 @@
 """The only module that talks to MLflow.
 
-One parent run per pipeline run (tag `nmm.run_id`), one child run per stage (tag `nmm.stage`),
-found again by their tags so that a retried step reuses its run instead of adding one.
+One parent run per pipeline run, one child run per stage, in the experiment
+`<namespace>/<pipeline>`, found again by the run's identity (`nmm.run_key`) and stage tags so
+that a retried step reuses its run instead of adding one. "Does not exist" is an answer; any
+other failure is a `TrackingError` (retryable exit 130), never a guess.
 With `MLFLOW_TRACKING_URI` unset, tracking goes to `sqlite:///.nmm/mlflow.db` with artifacts
 under `.nmm/mlartifacts`.
 """
 
+from nmm.lineage.errors import RegistryConflict, TrackingError
 from nmm.lineage.registry import ModelVersionInfo, alias_version, promote, register_version
 from nmm.lineage.runs import (
     StageRun,
@@ -18,7 +21,9 @@ from nmm.lineage.runs import (
 
 __all__ = [
     "ModelVersionInfo",
+    "RegistryConflict",
     "StageRun",
+    "TrackingError",
     "alias_version",
     "find_stage_run",
     "finish_pipeline_run",

@@ -1,10 +1,16 @@
-"""Model registry: versions, aliases (`candidate`, `champion`) and promotion decisions."""
+"""Model registry: versions, aliases (`candidate`, `champion`). Fails closed: only MLflow's
+"does not exist" means "none"; every other failure is a TrackingError, so an outage can never
+read as "no champion yet"."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nmm.lineage.runs import TAG_RUN_ID, _client
+from nmm.identity import RunIdentity
+from nmm.lineage.errors import RegistryConflict, not_found, tracked
+from nmm.lineage.runs import TAG_RUN_ID, TAG_RUN_KEY, _client
+
+TAG_MODEL_DIGEST = "nmm.model_digest"
 
 
 @dataclass(frozen=True)
@@ -19,30 +25,62 @@ def _info(v) -> ModelVersionInfo:
     return ModelVersionInfo(v.name, str(v.version), v.run_id, dict(v.tags or {}))
 
 
-def register_version(name: str, model_uri: str, pipeline_run_id: str, tags: dict[str, str]) -> ModelVersionInfo:
-    """Register `model_uri` under `name`, once per pipeline run (R13: a retry reuses it)."""
-    client = _client()
+def _registered_model(client, name: str):
+    """The registered model, or None when MLflow says it does not exist."""
+    from mlflow.exceptions import MlflowException
+
     try:
-        client.get_registered_model(name)
-    except Exception:
-        client.create_registered_model(name)
+        return client.get_registered_model(name)
+    except MlflowException as exc:
+        if not_found(exc):
+            return None
+        raise
+
+
+@tracked("register the model version")
+def register_version(name: str, model_uri: str, run: RunIdentity, model_digest: str, tags: dict[str, str]) -> ModelVersionInfo:
+    """Register `model_uri` under `name`, once per run identity (R13: a retry reuses its version,
+    but only when it holds the same model: another digest under this run is a RegistryConflict)."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    if _registered_model(client, name) is None:
+        try:
+            client.create_registered_model(name)
+        except MlflowException as exc:  # created meanwhile by a concurrent run: fine
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
     for v in client.search_model_versions(f"name='{name}'"):
-        if (v.tags or {}).get(TAG_RUN_ID) == pipeline_run_id:
+        vtags = v.tags or {}
+        if vtags.get(TAG_RUN_KEY) == run.key:
+            if vtags.get(TAG_MODEL_DIGEST) != model_digest:
+                raise RegistryConflict(
+                    f"{name} version {v.version} belongs to run {run.key} but holds model {vtags.get(TAG_MODEL_DIGEST)!r}, "
+                    f"not {model_digest!r}; refusing to reuse it"
+                )
             return _info(v)
     import mlflow
 
-    mv = mlflow.register_model(model_uri, name, tags={TAG_RUN_ID: pipeline_run_id, **tags})
+    mv = mlflow.register_model(
+        model_uri, name, tags={TAG_RUN_ID: run.run_id, TAG_RUN_KEY: run.key, TAG_MODEL_DIGEST: model_digest, **tags}
+    )
     return _info(client.get_model_version(name, mv.version))
 
 
+@tracked("read the registered model's aliases")
 def alias_version(name: str, alias: str) -> ModelVersionInfo | None:
+    """The version `alias` points at; None only when the model or the alias does not exist."""
     client = _client()
-    try:
-        return _info(client.get_model_version_by_alias(name, alias))
-    except Exception:
+    model = _registered_model(client, name)
+    if model is None:
         return None
+    version = (model.aliases or {}).get(alias)
+    if version is None:
+        return None
+    return _info(client.get_model_version(name, str(version)))
 
 
+@tracked("move the alias")
 def promote(name: str, version: str, alias: str, tags: dict[str, str] | None = None) -> None:
     client = _client()
     client.set_registered_model_alias(name, alias, version)

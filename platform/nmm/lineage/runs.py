@@ -1,4 +1,10 @@
-"""Pipeline and stage runs in MLflow: find-or-create by tags, log, finish."""
+"""Pipeline and stage runs in MLflow: find-or-create by tags, log, finish.
+
+Runs are found by their run's whole identity (`nmm.run_key`: namespace/pipeline/owner-uid/run-id)
+and stage, in the experiment `<namespace>/<pipeline>`: a pipeline recreated under the same name,
+or the same name in another namespace, never finds another's runs. Every MLflow failure leaves
+this module as a `TrackingError` (nmm.lineage.errors).
+"""
 
 from __future__ import annotations
 
@@ -11,11 +17,16 @@ from pathlib import Path
 from typing import Iterator
 
 from nmm.home import home_dir
+from nmm.identity import RunIdentity
+from nmm.lineage.errors import TrackingError, tracked
 
 log = logging.getLogger(__name__)
 
 TAG_PIPELINE = "nmm.pipeline"
 TAG_RUN_ID = "nmm.run_id"
+TAG_RUN_KEY = "nmm.run_key"
+TAG_NAMESPACE = "nmm.namespace"
+TAG_OWNER_UID = "nmm.owner_uid"
 TAG_STAGE = "nmm.stage"
 TAG_CODE = "nmm.code_version"
 TAG_CACHE = "nmm.cache_key"
@@ -42,20 +53,26 @@ def _client():
     return MlflowClient(tracking_uri=uri)
 
 
-def _experiment_id(client, pipeline: str) -> str:
-    exp = client.get_experiment_by_name(pipeline)
+def _experiment_id(client, name: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     location = None
     if tracking_uri().startswith("sqlite:"):
-        location = (home_dir() / "mlartifacts" / pipeline).as_uri()
+        location = (home_dir() / "mlartifacts" / name).as_uri()
     try:
-        return client.create_experiment(pipeline, artifact_location=location)
-    except Exception:  # created concurrently by another process
-        exp = client.get_experiment_by_name(pipeline)
-        if exp is None:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException as exc:  # created concurrently by another process
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-        return exp.experiment_id
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def _identity_tags(run: RunIdentity) -> dict[str, str]:
+    return {TAG_PIPELINE: run.pipeline, TAG_RUN_ID: run.run_id, TAG_RUN_KEY: run.key,
+            TAG_NAMESPACE: run.namespace, TAG_OWNER_UID: run.owner_uid}
 
 
 def _find(client, exp_id: str, tags: dict[str, str]):
@@ -67,7 +84,7 @@ def _find(client, exp_id: str, tags: dict[str, str]):
 def _open_run(client, exp_id: str, tags: dict[str, str], run_name: str):
     """The run of one stage (or phase) of one pipeline run: found again by its run id and stage
     tags when the step is retried (R13: no duplicate runs) and marked RUNNING, else created."""
-    found = _find(client, exp_id, {TAG_RUN_ID: tags[TAG_RUN_ID], TAG_STAGE: tags[TAG_STAGE]})
+    found = _find(client, exp_id, {TAG_RUN_KEY: tags[TAG_RUN_KEY], TAG_STAGE: tags[TAG_STAGE]})
     if found is None:
         return client.create_run(exp_id, run_name=run_name, tags=tags)
     client.update_run(found.info.run_id, status="RUNNING")
@@ -93,31 +110,36 @@ class StageRun:
     run_id: str
     parent_run_id: str
     experiment_id: str
-    stage: str = ""
-    pipeline_run: str = ""
+    stage: str
+    run: RunIdentity
 
+    @tracked("open a nested run")
     def child(self, name: str, params: dict | None = None) -> "StageRun":
         """A run nested under this one (one per training phase, say), RUNNING until `finish`.
         A retried step finds the same nested run again."""
         stage = f"{self.stage}/{name}"
-        tags = {TAG_RUN_ID: self.pipeline_run, TAG_STAGE: stage, "mlflow.parentRunId": self.run_id}
-        found = _open_run(self.client, self.experiment_id, tags, f"{self.pipeline_run}-{self.stage}-{name}")
-        run = StageRun(self.client, found.info.run_id, self.parent_run_id, self.experiment_id, stage, self.pipeline_run)
+        tags = _identity_tags(self.run) | {TAG_STAGE: stage, "mlflow.parentRunId": self.run_id}
+        found = _open_run(self.client, self.experiment_id, tags, f"{self.run.run_id}-{self.stage}-{name}")
+        run = StageRun(self.client, found.info.run_id, self.parent_run_id, self.experiment_id, stage, self.run)
         if params:
             run.log_params(params)
         return run
 
+    @tracked("finish the run")
     def finish(self, ok: bool = True) -> None:
         self.client.set_terminated(self.run_id, status="FINISHED" if ok else "FAILED")
 
+    @tracked("log params")
     def log_params(self, params: dict) -> None:
         existing = self.client.get_run(self.run_id).data.params
         fresh = {k: str(v)[:6000] for k, v in params.items() if k not in existing}
-        if fresh:
-            from mlflow.entities import Param
+        from mlflow.entities import Param
 
-            self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in fresh.items()])
+        items = [Param(k, v) for k, v in fresh.items()]
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params a batch
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
 
+    @tracked("log metrics")
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         import time
 
@@ -127,14 +149,17 @@ class StageRun:
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         self.client.log_batch(self.run_id, metrics=batch)
 
+    @tracked("set tags")
     def set_tags(self, tags: dict[str, str]) -> None:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, str(v))
 
+    @tracked("tag the pipeline run")
     def set_parent_tags(self, tags: dict[str, str]) -> None:
         for k, v in tags.items():
             self.client.set_tag(self.parent_run_id, k, str(v))
 
+    @tracked("log an artifact")
     def log_bytes(self, data: bytes, name: str, artifact_path: str | None = None) -> None:
         _safe_artifact_path(name)
         _safe_artifact_path(artifact_path)
@@ -143,6 +168,7 @@ class StageRun:
             p.write_bytes(data)
             self.client.log_artifact(self.run_id, str(p), artifact_path)
 
+    @tracked("log the dataset")
     def log_dataset(self, name: str, digest: str, source_uri: str, context: str = "training") -> None:
         """Log a curated dataset as an input of this run (and of the parent run)."""
         import mlflow
@@ -156,6 +182,7 @@ class StageRun:
                 run_id, datasets=[mlflow.entities.DatasetInput(dataset._to_mlflow_entity(), tags)]
             )
 
+    @tracked("log the model")
     def log_pyfunc_model(self, model_dir: str, loader_module: str, pip_requirements: list[str]) -> str:
         """Log a folder as an MLflow pyfunc model served by `loader_module`; returns its URI."""
         import mlflow
@@ -187,60 +214,63 @@ def _dataset_source(uri: str):
         return HTTPDatasetSource(url=uri)
 
 
-def _parent(client, exp_id: str, pipeline: str, run_id: str, code_version: str):
-    parent = _find(client, exp_id, {TAG_RUN_ID: run_id, TAG_STAGE: "pipeline"})
+def _parent(client, exp_id: str, run: RunIdentity, code_version: str):
+    parent = _find(client, exp_id, {TAG_RUN_KEY: run.key, TAG_STAGE: "pipeline"})
     if parent is None:
-        parent = client.create_run(
-            exp_id,
-            run_name=run_id,
-            tags={TAG_PIPELINE: pipeline, TAG_RUN_ID: run_id, TAG_STAGE: "pipeline", TAG_CODE: code_version},
-        )
+        tags = _identity_tags(run) | {TAG_STAGE: "pipeline", TAG_CODE: code_version}
+        parent = client.create_run(exp_id, run_name=run.run_id, tags=tags)
     return parent
 
 
-@contextlib.contextmanager
-def stage_run(
-    pipeline: str, run_id: str, stage: str, *, cache_key: str = "", code_version: str = ""
-) -> Iterator[StageRun]:
-    """Find or create the pipeline's parent run and this stage's child run; finish it on exit.
-
-    A retried step finds the same child run again (R13: no duplicate runs).
-    """
+@tracked("open the stage's run")
+def _open_stage(run: RunIdentity, stage: str, cache_key: str, code_version: str) -> StageRun:
     client = _client()
-    exp_id = _experiment_id(client, pipeline)
-    parent = _parent(client, exp_id, pipeline, run_id, code_version)
-    tags = {
-        TAG_PIPELINE: pipeline,
-        TAG_RUN_ID: run_id,
+    exp_id = _experiment_id(client, run.experiment)
+    parent = _parent(client, exp_id, run, code_version)
+    tags = _identity_tags(run) | {
         TAG_STAGE: stage,
         TAG_CODE: code_version,
         TAG_CACHE: cache_key,
         "mlflow.parentRunId": parent.info.run_id,
     }
-    child = _open_run(client, exp_id, tags, f"{run_id}-{stage}")
-    run = StageRun(client, child.info.run_id, parent.info.run_id, exp_id, stage, run_id)
+    child = _open_run(client, exp_id, tags, f"{run.run_id}-{stage}")
+    return StageRun(client, child.info.run_id, parent.info.run_id, exp_id, stage, run)
+
+
+@contextlib.contextmanager
+def stage_run(run: RunIdentity, stage: str, *, cache_key: str = "", code_version: str = "") -> Iterator[StageRun]:
+    """Find or create the pipeline's parent run and this stage's child run; finish it on exit.
+
+    A retried step finds the same child run again (R13: no duplicate runs).
+    """
+    stage_run_ = _open_stage(run, stage, cache_key, code_version)
     try:
-        yield run
+        yield stage_run_
     except BaseException:
-        client.set_terminated(run.run_id, status="FAILED")
+        try:
+            stage_run_.finish(ok=False)
+        except TrackingError as exc:  # the stage's own error is the one to report
+            log.warning("could not mark run %s failed: %s", stage_run_.run_id, exc)
         raise
-    client.set_terminated(run.run_id, status="FINISHED")
+    stage_run_.finish(ok=True)
 
 
-def find_stage_run(pipeline: str, run_id: str, stage: str):
+@tracked("find the stage's run")
+def find_stage_run(run: RunIdentity, stage: str):
     """The MLflow run entity of a stage, or None."""
     client = _client()
-    exp = client.get_experiment_by_name(pipeline)
+    exp = client.get_experiment_by_name(run.experiment)
     if exp is None:
         return None
-    return _find(client, exp.experiment_id, {TAG_RUN_ID: run_id, TAG_STAGE: stage})
+    return _find(client, exp.experiment_id, {TAG_RUN_KEY: run.key, TAG_STAGE: stage})
 
 
-def finish_pipeline_run(pipeline: str, run_id: str, status: str, code_version: str = "") -> str:
+@tracked("finish the pipeline's run")
+def finish_pipeline_run(run: RunIdentity, status: str, code_version: str = "") -> str:
     """Close the parent run with the workflow's final status (Succeeded/Failed/Error)."""
     client = _client()
-    exp_id = _experiment_id(client, pipeline)
-    parent = _parent(client, exp_id, pipeline, run_id, code_version)
+    exp_id = _experiment_id(client, run.experiment)
+    parent = _parent(client, exp_id, run, code_version)
     mlflow_status = "FINISHED" if status == "Succeeded" else "FAILED"
     client.set_tag(parent.info.run_id, "nmm.workflow_status", status)
     client.set_terminated(parent.info.run_id, status=mlflow_status)

@@ -3,6 +3,7 @@
 from nmm.spec.models import (
     API_VERSION,
     KIND,
+    NamespaceConflict,
     SUITES,
     Gate,
     PipelineSpec,
@@ -15,6 +16,7 @@ from nmm.spec.parse import SpecError, parse_pipeline, parse_pipeline_document
 __all__ = [
     "API_VERSION",
     "KIND",
+    "NamespaceConflict",
     "SUITES",
     "Gate",
     "PipelineSpec",

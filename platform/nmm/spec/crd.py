@@ -8,9 +8,9 @@ and reports unknown fields as a Failed condition — the API server would only p
 
 from __future__ import annotations
 
-from nmm.spec.models import PipelineBody
+from nmm.spec.models import API_VERSION, PipelineBody
 
-GROUP = "nmm.dev"
+GROUP, VERSION = API_VERSION.split("/")
 PLURAL = "nmmpipelines"
 # Not allowed in a structural schema. propertyNames (the allowed keys of a map such as
 # lossWeights) is enforced by the operator's pydantic validation instead.
@@ -94,7 +94,7 @@ def crd() -> dict:
             },
             "versions": [
                 {
-                    "name": "v1alpha1",
+                    "name": VERSION,
                     "served": True,
                     "storage": True,
                     "subresources": {"status": {}},

@@ -12,12 +12,19 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from nmm.spec import names
+from nmm.spec.names import split_step, step_name  # noqa: F401  (re-exported)
+
 API_VERSION = "nmm.dev/v1alpha1"
 KIND = "NMMPipeline"
 
-# DNS-1123 label, short enough that "<name>-<5 char suffix>-<step>" stays under 63 characters.
-NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-MAX_NAME_LENGTH = 40
+# Kubernetes label syntax: an optional DNS-subdomain prefix and "/", then a name; values alike.
+_LABEL_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+LABEL_KEY = re.compile(rf"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?{_LABEL_NAME}$")
+LABEL_VALUE = re.compile(rf"^({_LABEL_NAME})?$")
+# Labels nmm (or Kubernetes) sets itself: a user's label may not take them over.
+RESERVED_LABEL_PREFIXES = ("nmm.dev/", "kubernetes.io/", "k8s.io/")
+RESERVED_LABELS = ("app.kubernetes.io/managed-by",)
 
 # A gate reads "<suite metric> <op> <threshold>", e.g. "m2t.digits.accuracy >= 0.9".
 GATE_PATTERN = re.compile(r"^\s*([a-z0-9_]+\.[a-z0-9_]+\.[a-z0-9_]+)\s*(>=|<=|>|<|==)\s*(-?[0-9]*\.?[0-9]+)\s*$")
@@ -37,6 +44,10 @@ SUITES: dict[str, dict] = {
         "task": "m2t",
     },
 }
+
+
+class NamespaceConflict(ValueError):
+    """A --namespace flag that contradicts metadata.namespace."""
 
 
 class Model(BaseModel):
@@ -61,7 +72,7 @@ class Source(Model):
     samples: Annotated[int, Field(ge=10, le=1_000_000)] = Field(
         default=2000, description="shapes only: how many scenes to render."
     )
-    imageSize: Annotated[int, Field(ge=24, le=256)] = Field(
+    image_size: Annotated[int, Field(ge=24, le=256)] = Field(
         default=32, alias="imageSize", description="shapes only: side of the square image."
     )
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
@@ -88,7 +99,7 @@ class Data(Model):
     sources: Annotated[list[Source], Field(min_length=1, max_length=16)]
     split: Split = Split()
     curation: Curation = Curation()
-    captionsPerImage: Annotated[int, Field(ge=1, le=8)] = 1
+    captions_per_image: Annotated[int, Field(ge=1, le=8)] = 1
 
     @field_validator("sources")
     @classmethod
@@ -104,13 +115,13 @@ class Data(Model):
 
 class TextTokenizer(Model):
     kind: Literal["bpe", "byte"] = "bpe"
-    vocabSize: Annotated[int, Field(ge=64, le=65_536)] = 128
+    vocab_size: Annotated[int, Field(ge=64, le=65_536)] = 128
 
 
 class ImageTokenizer(Model):
     kind: Literal["patch-vq"] = "patch-vq"
-    patchSize: Annotated[int, Field(ge=1, le=32)] = 2
-    codebookSize: Annotated[int, Field(ge=2, le=65_536)] = 128
+    patch_size: Annotated[int, Field(ge=1, le=32)] = 2
+    codebook_size: Annotated[int, Field(ge=2, le=65_536)] = 128
 
 
 class Tokenizers(Model):
@@ -163,16 +174,16 @@ class ModelSpec(Model):
     ]
     size: Size = Size()
     tokenizers: Tokenizers = Tokenizers()
-    zLoss: Annotated[float, Field(ge=0.0, le=1.0)] = 1e-4
-    qkNorm: bool = True
-    imageAttention: Literal["causal", "bidirectional"] = Field(
+    z_loss: Annotated[float, Field(ge=0.0, le=1.0)] = 1e-4
+    qk_norm: bool = True
+    image_attention: Literal["causal", "bidirectional"] = Field(
         default="causal",
         description="causal: every position sees only the past; bidirectional (Transfusion-style): "
         "the positions of an input image (the image of M2T/VQA, not one being generated) see the "
         "whole image. Next-token targets inside such an image are then dropped from the loss "
         "(they would be visible).",
     )
-    lossWeights: dict[Literal["text", "image"], Annotated[float, Field(ge=0.0, le=100.0)]] = Field(
+    loss_weights: dict[Literal["text", "image"], Annotated[float, Field(ge=0.0, le=100.0)]] = Field(
         default={"text": 1.0, "image": 1.0}, description="Per-modality weights of the target tokens' loss."
     )
     encoder: Encoder = Encoder()
@@ -210,12 +221,12 @@ class Phase(Model):
         default=1.0, description="opd only: the student's sampling temperature."
     )
     steps: Annotated[int, Field(ge=1, le=10_000_000)]
-    batchSize: Annotated[int, Field(ge=1, le=65_536)] = 32
+    batch_size: Annotated[int, Field(ge=1, le=65_536)] = 32
     lr: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-3
-    warmupSteps: Annotated[int, Field(ge=0, le=10_000_000)] = 0
-    weightDecay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
+    warmup_steps: Annotated[int, Field(ge=0, le=10_000_000)] = 0
+    weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
     mixture: dict[Literal["m2t", "m2g"], Annotated[float, Field(gt=0.0, le=1.0)]] | None = None
-    captionDropout: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
+    caption_dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
         default=0.0,
         description="Share of M2G sequences whose caption is blanked (padding tokens), so the "
         "model also learns unconditional generation: what classifier-free guidance needs.",
@@ -223,9 +234,9 @@ class Phase(Model):
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> "Phase":
-        if self.warmupSteps >= self.steps:
+        if self.warmup_steps >= self.steps:
             raise ValueError(
-                f"warmupSteps ({self.warmupSteps}) must be smaller than steps ({self.steps})"
+                f"warmupSteps ({self.warmup_steps}) must be smaller than steps ({self.steps})"
             )
         if (self.recipe == "opd") != (self.teacher is not None):
             raise ValueError("teacher: an opd phase needs a teacher phase, and only opd phases take one")
@@ -237,24 +248,24 @@ class Resources(Model):
     locally: processes on this machine (GPUs when present)."""
 
     nodes: Annotated[int, Field(ge=1, le=1024)] = 1
-    processesPerNode: Annotated[int, Field(ge=1, le=64)] | None = None
-    gpusPerNode: Annotated[int, Field(ge=1, le=16)] | None = None
-    gpuProduct: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,62}$")] | None = None
-    gpuMemoryGiB: Annotated[int, Field(ge=1, le=1024)] | None = None
+    processes_per_node: Annotated[int, Field(ge=1, le=64)] | None = None
+    gpus_per_node: Annotated[int, Field(ge=1, le=16)] | None = None
+    gpu_product: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,62}$")] | None = None
+    gpu_memory_gib: Annotated[int, Field(ge=1, le=1024)] | None = Field(default=None, alias="gpuMemoryGiB")
     cpu: Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?m?$")] = "2"
     memory: Annotated[str, Field(pattern=r"^[0-9]+(Ki|Mi|Gi|Ti)?$")] = "4Gi"
 
     @model_validator(mode="after")
     def _one_way_to_count(self) -> "Resources":
-        if self.processesPerNode and self.gpusPerNode:
+        if self.processes_per_node and self.gpus_per_node:
             raise ValueError("set processesPerNode (CPU) or gpusPerNode (GPU), not both")
-        if (self.gpuProduct or self.gpuMemoryGiB) and not self.gpusPerNode:
+        if (self.gpu_product or self.gpu_memory_gib) and not self.gpus_per_node:
             raise ValueError("gpuProduct / gpuMemoryGiB need gpusPerNode")
         return self
 
     @property
     def procs_per_node(self) -> int:
-        return self.gpusPerNode or self.processesPerNode or 1
+        return self.gpus_per_node or self.processes_per_node or 1
 
 
 class Parallelism(Model):
@@ -277,8 +288,8 @@ class Parallelism(Model):
 
 
 class Checkpoint(Model):
-    intervalSteps: Annotated[int, Field(ge=1, le=10_000_000)] = 500
-    keepLatest: Annotated[int, Field(ge=1, le=100)] = 2
+    interval_steps: Annotated[int, Field(ge=1, le=10_000_000)] = 500
+    keep_latest: Annotated[int, Field(ge=1, le=100)] = 2
 
 
 class Training(Model):
@@ -287,7 +298,7 @@ class Training(Model):
     resources: Resources = Resources()
     parallelism: Parallelism = Parallelism()
     checkpoint: Checkpoint = Checkpoint()
-    maxRestarts: Annotated[int, Field(ge=0, le=100)] = 2
+    max_restarts: Annotated[int, Field(ge=0, le=100)] = 2
 
     @field_validator("phases")
     @classmethod
@@ -349,11 +360,11 @@ def parse_gate(text: str) -> Gate:
 class Evaluation(Model):
     suites: Annotated[list[str], Field(min_length=1, max_length=32)]
     gates: Annotated[list[str], Field(max_length=64)] = []
-    generationsPerClass: Annotated[int, Field(ge=1, le=1000)] = 10
-    promptsPerTask: Annotated[int, Field(ge=1, le=10_000)] = Field(
+    generations_per_class: Annotated[int, Field(ge=1, le=1000)] = 10
+    prompts_per_task: Annotated[int, Field(ge=1, le=10_000)] = Field(
         default=50, description="m2g.shapes_geneval: held-out prompts per GenEval task."
     )
-    vqaImages: Annotated[int, Field(ge=1, le=100_000)] = Field(
+    vqa_images: Annotated[int, Field(ge=1, le=100_000)] = Field(
         default=300, description="m2t.shapes_vqa: held-out images whose questions are asked."
     )
     temperature: Annotated[float, Field(gt=0.0, le=5.0)] = 0.7
@@ -389,33 +400,43 @@ class Evaluation(Model):
 
 
 class Rollout(Model):
-    registeredModelName: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
+    registered_model_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
 
 
 # --- the pipeline -----------------------------------------------------------------------
 
 
 class Metadata(Model):
-    name: Annotated[str, Field(min_length=1, max_length=MAX_NAME_LENGTH, pattern=NAME_PATTERN)]
-    namespace: Annotated[str, Field(max_length=63, pattern=NAME_PATTERN)] | None = None
-    labels: dict[str, Annotated[str, Field(max_length=63)]] = {}
+    name: Annotated[str, Field(min_length=1, max_length=names.MAX_PIPELINE_NAME, pattern=names.DNS1035)] = Field(
+        description="A DNS-1035 label (a lowercase letter first): the names derived from it (the run, "
+        "the PyTorchJob and its pods' Services) must stay within 63 characters."
+    )
+    namespace: Annotated[str, Field(max_length=names.MAX_LABEL, pattern=names.DNS1123_LABEL)] | None = None
+    labels: Annotated[dict[str, str], Field(max_length=64)] = Field(
+        default={}, description="Kubernetes labels for the Workflow; nmm.dev/*, kubernetes.io/*, k8s.io/* "
+        "and app.kubernetes.io/managed-by are reserved."
+    )
 
-
-def step_name(stage: str, variant: str | None) -> str:
-    """A stage's Workflow step (and store folder, MLflow run): `train`, or `train-<variant>`."""
-    return f"{stage}-{variant}" if variant else stage
-
-
-def split_step(step: str) -> tuple[str, str | None]:
-    """`train-mid` → ("train", "mid"); `train` → ("train", None). Inverse of step_name."""
-    stage, _, variant = step.partition("-")
-    return stage, variant or None
+    @field_validator("labels")
+    @classmethod
+    def _kubernetes_labels(cls, labels: dict[str, str]) -> dict[str, str]:
+        for key, value in labels.items():
+            prefix, _, name = key.rpartition("/")
+            if not LABEL_KEY.match(key) or len(prefix) > 253 or len(name) > names.MAX_LABEL:
+                raise ValueError(f"{key!r} is not a Kubernetes label key ([prefix/]name, name ≤ 63 characters "
+                                 "of letters, digits, '-', '_', '.')")
+            if key in RESERVED_LABELS or key.startswith(RESERVED_LABEL_PREFIXES):
+                raise ValueError(f"{key!r} is reserved (nmm sets it); choose another key")
+            if len(value) > names.MAX_LABEL or not LABEL_VALUE.match(value):
+                raise ValueError(f"value of {key!r} must be ≤ 63 letters, digits, '-', '_', '.', "
+                                 f"starting and ending alphanumeric (got {value[:70]!r})")
+        return labels
 
 
 class Variant(Model):
     """One arm of an ablation: its own train and evaluate steps on the same data and budget."""
 
-    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9]{0,14}$")]
+    name: Annotated[str, Field(pattern=rf"^[a-z][a-z0-9]{{0,{names.MAX_VARIANT_NAME - 1}}}$")]
     model: dict[str, Any] = Field(
         default={}, description="Overrides of spec.model for this variant (merged key by key)."
     )
@@ -440,7 +461,7 @@ class PipelineBody(Model):
         "train-<name> and evaluate-<name> steps, sibling runs in MLflow); the first variant is "
         "the rollout candidate.",
     )
-    onWorkflowDeleted: Literal["report", "recreate"] | None = Field(
+    on_workflow_deleted: Literal["report", "recreate"] | None = Field(
         default=None,
         description="On a cluster, when this pipeline's Workflow is deleted behind the operator's "
         "back: report it (status Error) or recreate it. Unset: the operator's default.",
@@ -507,16 +528,39 @@ class PipelineBody(Model):
 
 
 class PipelineSpec(Model):
-    apiVersion: Literal["nmm.dev/v1alpha1"]
+    api_version: Literal["nmm.dev/v1alpha1"]
     kind: Literal["NMMPipeline"]
     metadata: Metadata
     spec: PipelineBody
+
+    @model_validator(mode="after")
+    def _derived_names_fit(self) -> "PipelineSpec":
+        longest = names.longest_derived_name(self.metadata.name, self.variant_names)
+        if len(longest) > names.MAX_LABEL:
+            over = len(longest) - names.MAX_LABEL
+            raise ValueError(
+                f"metadata.name: {self.metadata.name!r} with the variants' names makes Kubernetes names of up "
+                f"to {len(longest)} characters ({longest!r}); the limit is {names.MAX_LABEL}: shorten the "
+                f"name or the longest variant by {over}"
+            )
+        return self
 
     def for_variant(self, name: str | None) -> "PipelineSpec":
         """The spec one variant's steps run (itself when `name` is None)."""
         if name is None:
             return self
         return self.model_copy(update={"spec": self.spec.for_variant(name)})
+
+    def resolve_namespace(self, flag: str | None, fallback: str) -> str:
+        """The one precedence for every command (compile, run, submit), kubectl's: a --namespace
+        flag and metadata.namespace must agree when both are given; either wins over the
+        fallback (the kube context's, or the compile settings')."""
+        declared = self.metadata.namespace
+        if flag and declared and flag != declared:
+            raise NamespaceConflict(
+                f"--namespace {flag!r} contradicts metadata.namespace {declared!r}: drop one or make them agree"
+            )
+        return flag or declared or fallback
 
     @property
     def variant_names(self) -> list[str]:

@@ -1,6 +1,8 @@
 """Text → `PipelineSpec`, with every problem reported as `<field path>: <what was expected>`.
 
-No I/O: callers read the file and hand over its text.
+No I/O: callers read the file (at most `MAX_SPEC_BYTES` + 1 bytes of it) and hand over its text.
+Hostile documents are refused before they cost anything: aliases (the "billion laughs" bomb),
+nesting deeper than `MAX_DEPTH`, numbers longer than `MAX_NUMBER_CHARS`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from pydantic import ValidationError
 from nmm.spec.models import PipelineSpec
 
 MAX_SPEC_BYTES = 1024 * 1024
+MAX_DEPTH = 32  # the deepest field of a valid spec sits at depth 7
+MAX_NUMBER_CHARS = 40  # far beyond any valid value; Python refuses ints over 4,300 digits anyway
 _RELATIVE_PATH = re.compile(r"^([A-Za-z][A-Za-z0-9_.\[\]-]*): (.*)$", re.S)
 
 
@@ -27,7 +31,42 @@ class SpecError(ValueError):
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys (PyYAML silently keeps the last one)."""
+    """SafeLoader that rejects duplicate keys (PyYAML silently keeps the last one), aliases,
+    deep nesting and huge numbers, each before building anything from them."""
+
+    _depth = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not allowed in a pipeline; write the value out", self.peek_event().start_mark
+            )
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested deeper than {MAX_DEPTH} levels", self.peek_event().start_mark
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _bounded_number(kind: str):
+    parent = getattr(yaml.SafeLoader, f"construct_yaml_{kind}")
+
+    def construct(loader: _StrictLoader, node: yaml.ScalarNode):
+        if len(node.value) > MAX_NUMBER_CHARS:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"number of {len(node.value)} characters; at most {MAX_NUMBER_CHARS} allowed", node.start_mark
+            )
+        return parent(loader, node)
+
+    return construct
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _bounded_number("int"))
+_StrictLoader.add_constructor("tag:yaml.org,2002:float", _bounded_number("float"))
 
 
 def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False):
@@ -101,9 +140,41 @@ def errors_of(exc: ValidationError) -> list[str]:
     return lines
 
 
+def check_shape(doc: Any) -> str | None:
+    """What makes a decoded document (YAML, JSON, an API object) too hostile to validate: nesting
+    deeper than MAX_DEPTH, an int of more than MAX_NUMBER_CHARS digits. None when it is fine.
+    Iterative, so a deep document cannot exhaust the stack here."""
+    stack = [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return f"<document>: nested deeper than {MAX_DEPTH} levels"
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+        elif isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 4 * MAX_NUMBER_CHARS:
+            return f"<document>: a number with more than {MAX_NUMBER_CHARS} digits"
+    return None
+
+
+def parse_json(text: str, source: str) -> PipelineSpec:
+    """The spec as JSON (a stage's --spec): the same checks as YAML."""
+    import json
+
+    try:
+        doc = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # ValueError: bad JSON, or an int over Python's digit limit
+        raise SpecError(source, [f"<document>: invalid JSON: {str(exc)[:200]}"]) from None
+    return parse_pipeline_document(doc, source)
+
+
 def parse_pipeline_document(doc: Any, source: str = "<spec>") -> PipelineSpec:
     if not isinstance(doc, dict):
         raise SpecError(source, [f"<document>: expected a mapping (an NMMPipeline), got {type(doc).__name__}"])
+    hostile = check_shape(doc)
+    if hostile:
+        raise SpecError(source, [hostile])
     try:
         return PipelineSpec.model_validate(doc)
     except ValidationError as exc:
@@ -116,6 +187,8 @@ def parse_pipeline(text: str, source: str = "<spec>") -> PipelineSpec:
         raise SpecError(source, [f"<document>: expected at most {MAX_SPEC_BYTES} bytes of YAML"])
     try:
         docs = list(yaml.load_all(text, Loader=_StrictLoader))
+    except RecursionError:  # not reached with MAX_DEPTH, kept as the last line of defence
+        raise SpecError(source, [f"<document>: nested deeper than {MAX_DEPTH} levels"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "<document>"

@@ -10,38 +10,51 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nmm import storage
-from nmm.spec import PipelineSpec, parse_pipeline_document, step_name
+from nmm.identity import RunIdentity
+from nmm.spec import PipelineSpec, names, step_name
+from nmm.spec.parse import parse_json
+from nmm.storage import layout
 from nmm.version import code_version
 
 
-STAGES = ("curate", "train", "evaluate", "rollout", "finalize")
-
-
-def stage_uri(store: str, pipeline: str, run_id: str, stage: str) -> str:
-    """`<store>/runs/<pipeline>/<run-id>/<stage>`: where a stage publishes its outputs and logs."""
-    return storage.join(store, "runs", pipeline, run_id, stage)
+STAGES = names.STAGES + (names.EXIT_STAGE,)
 
 
 class UnknownVariant(ValueError):
     """--variant names no variant of the spec."""
 
 
+class ModelMissing(RuntimeError):
+    """A model URI with no published manifest."""
+
+
+class OutputsConflict(RuntimeError):
+    """Outputs already published under this run's identity were made from something else (their
+    cache key differs): nmm neither reuses nor overwrites them."""
+
+
 @dataclass(frozen=True)
 class StageContext:
     spec: PipelineSpec  # with the variant's overrides applied
-    run_id: str
+    run: RunIdentity
     store: str
     outputs: Path
     variant: str | None = None
 
     @classmethod
-    def create(cls, spec_json: str, run_id: str, store: str, outputs: str, variant: str | None = None) -> "StageContext":
-        spec = parse_pipeline_document(json.loads(spec_json), "--spec")
+    def create(cls, spec_json: str, namespace: str, owner_uid: str, run_id: str, store: str, outputs: str,
+               variant: str | None = None) -> "StageContext":
+        spec = parse_json(spec_json, "--spec")
         if variant is not None:
             if variant not in spec.variant_names:
                 raise UnknownVariant(f"{variant!r} is not one of the spec's variants {spec.variant_names}")
             spec = spec.for_variant(variant)
-        return cls(spec, run_id, store.rstrip("/"), Path(outputs), variant)
+        run = RunIdentity(namespace, spec.metadata.name, owner_uid, run_id)
+        return cls(spec, run, store.rstrip("/"), Path(outputs), variant)
+
+    @property
+    def run_id(self) -> str:
+        return self.run.run_id
 
     @property
     def pipeline(self) -> str:
@@ -51,8 +64,25 @@ class StageContext:
         """The step's name: the stage, suffixed with the variant (`train-mid`) in an ablation."""
         return step_name(stage, self.variant)
 
-    def stage_uri(self, stage: str) -> str:
-        return stage_uri(self.store, self.pipeline, self.run_id, stage)
+    def stage_uri(self, step: str) -> str:
+        return layout.stage_uri(self.store, self.run, step)
+
+    def cache_index_uri(self, stage: str, key: str) -> str:
+        return layout.cache_index_uri(self.store, self.run.namespace, stage, key)
+
+    def reusable(self, uri: str, key: str) -> dict | None:
+        """The manifest of outputs published at `uri` under this identity when they were made
+        from the same inputs (cache key); None when nothing is published there. Anything else
+        published there is a conflict, never silently reused."""
+        manifest = storage.read_manifest(uri, verify=True)
+        if manifest is None:
+            return None
+        if manifest.get("cache_key") != key:
+            raise OutputsConflict(
+                f"{uri} already holds outputs of cache key {manifest.get('cache_key')!r}, not {key!r}: they were "
+                "made from another spec, dataset or code version; refusing to reuse or overwrite them"
+            )
+        return manifest
 
     def write_outputs(self, values: dict[str, str]) -> None:
         """Output parameters, one file each (what Argo's `valueFrom.path` reads)."""

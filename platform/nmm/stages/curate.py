@@ -30,9 +30,9 @@ def _load(ctx: StageContext) -> SourceData:
     data = ctx.spec.spec.data
     src = data.sources[0]
     if src.kind == "digits":
-        out = load_digits(data.captionsPerImage)
+        out = load_digits(data.captions_per_image)
     else:
-        out = render_shapes(src.samples, src.imageSize, src.seed, data.captionsPerImage)
+        out = render_shapes(src.samples, src.image_size, src.seed, data.captions_per_image)
     return out
 
 
@@ -93,73 +93,94 @@ def _shards(split: str, data: SourceData, ids: list[str], idx: np.ndarray, codes
     return out
 
 
+def _cached(ctx: StageContext, key: str, index_uri: str, log) -> tuple[str, dict] | None:
+    """(dataset URI, manifest) of this namespace's earlier dataset with this cache key, when it is
+    still whole and really was made from this key."""
+    if not storage.exists(index_uri):
+        return None
+    prior = storage.read_json(index_uri)["dataset_uri"]
+    manifest = storage.read_manifest(prior, verify=True)
+    if manifest is None:
+        log.info("cache entry %s points at a dataset that is gone; curating again", key)
+        return None
+    if manifest.get("cache_key") != key:
+        log.warning("cache entry %s points at %s, made from cache key %s: not reused", key, prior, manifest.get("cache_key"))
+        return None
+    return prior, manifest
+
+
+def _tokenized(ctx: StageContext, log):
+    """Load the source, dedup, split, fit the tokenizers on the train split, tokenize on Ray."""
+    spec = ctx.spec.spec
+    raw = _load(ctx)
+    log.info("loaded %d samples from %s", len(raw.images), raw.name)
+    dropped = 0
+    if spec.data.curation.dedup == "exact":
+        raw, dropped = curate.dedup_exact(raw)
+        log.info("exact dedup dropped %d duplicates", dropped)
+    limit = spec.data.sources[0].limit
+    if limit and len(raw.images) > limit:
+        raw = raw.subset(range(limit))
+    ids = curate.content_ids(raw.images)  # hashed once: split by them, and name samples with them
+    splits = curate.split(ids, spec.data.split.train, spec.data.split.val)
+    log.info("split: %s", {k: len(v) for k, v in splits.items()})
+    tok = spec.model.tokenizers
+    train_idx = splits["train"]
+    vq = PatchVQ.fit(raw.images[train_idx], tok.image.patch_size, tok.image.codebook_size, seed=0)
+    # The instructions of the sft/opd prompts are text too: the tokenizer learns them with the data.
+    captions = sum(len(raw.captions[i]) for i in train_idx)
+    text = TextTokenizer.train(tok.text.kind, raw.texts(train_idx) + instruction_texts(captions), tok.text.vocab_size)
+    vocab = SharedVocab(text_size=text.size, image_size=vq.size)
+    log.info("tokenizers: text %d, image codebook %d (fitted on train only); shared vocab %d", text.size, vq.size, vocab.size)
+    texts = [raw.sample_texts(i) for i in range(len(raw.images))]
+    codes, text_ids = ray_transforms.tokenize_samples(raw.images, texts, vq.to_bytes(), text.to_bytes())
+    ray_transforms.shutdown()
+    stats = {"samples": int(len(raw.images)), "duplicates_dropped": int(dropped), **{f"{k}_images": int(len(v)) for k, v in splits.items()}}
+    return raw, ids, splits, vq, text, vocab, codes, text_ids, stats
+
+
+def _publish(ctx: StageContext, key: str, log) -> tuple[str, dict, dict]:
+    """Curate and publish the dataset (shards, tokenizers, manifest last): (URI, manifest, stats)."""
+    raw, ids, splits, vq, text, vocab, codes, text_ids, stats = _tokenized(ctx, log)
+    files = {"text_tokenizer.json": text.to_bytes(), "image_tokenizer.safetensors": vq.to_bytes()}
+    styles = [Prompts.of(vocab, s, text.encode) for s in STYLES]
+    shard_list = []
+    for name, idx in splits.items():
+        for fname, blob, count in _shards(name, raw, ids, idx, codes, text_ids, styles):
+            files[fname] = blob
+            shard_list.append({"file": fname, "split": name, "images": count})
+    out_uri = ctx.stage_uri("curate")
+    manifest = storage.publish(out_uri, files, {
+        "kind": "nmm.dataset",
+        "source": raw.name,
+        "cache_key": key,
+        "vocab": {"text_size": vocab.text_size, "image_size": vocab.image_size},
+        "tokens_per_image": vq.tokens_per_image,
+        "image_shape": list(vq.image_shape),
+        "shards": shard_list,
+        "stats": stats,
+    })
+    return out_uri, manifest, stats
+
+
 def run(ctx: StageContext) -> None:
     log = setup_logging()
     key = _key(ctx)
-    index_uri = storage.join(ctx.store, "cache", "curate", f"{key}.json")
-    with lineage.stage_run(ctx.pipeline, ctx.run_id, "curate", cache_key=key, code_version=code_version()) as run:
-        if storage.exists(index_uri):
-            prior = storage.read_json(index_uri)["dataset_uri"]
-            manifest = storage.read_manifest(prior, verify=True)
-            if manifest is not None:
-                log.info("cache hit: %s (key %s)", prior, key)
-                run.set_tags({"nmm.cache": "hit"})
-                run.log_dataset(ctx.pipeline, manifest["digest"], prior)
-                ctx.write_outputs({"dataset_uri": prior, "dataset_digest": manifest["digest"], "cache": "hit"})
-                return
-            log.info("cache entry %s points at a dataset that is gone; curating again", key)
-        t0 = time.perf_counter()
-        spec = ctx.spec.spec
-        raw = _load(ctx)
-        log.info("loaded %d samples from %s", len(raw.images), raw.name)
-        dropped = 0
-        if spec.data.curation.dedup == "exact":
-            raw, dropped = curate.dedup_exact(raw)
-            log.info("exact dedup dropped %d duplicates", dropped)
-        limit = spec.data.sources[0].limit
-        if limit and len(raw.images) > limit:
-            raw = raw.subset(range(limit))
-        ids = curate.content_ids(raw.images)  # hashed once: split by them, and name samples with them
-        splits = curate.split(ids, spec.data.split.train, spec.data.split.val)
-        log.info("split: %s", {k: len(v) for k, v in splits.items()})
-        tok = spec.model.tokenizers
-        train_idx = splits["train"]
-        vq = PatchVQ.fit(raw.images[train_idx], tok.image.patchSize, tok.image.codebookSize, seed=0)
-        # The instructions of the sft/opd prompts are text too: the tokenizer learns them with the data.
-        captions = sum(len(raw.captions[i]) for i in train_idx)
-        text = TextTokenizer.train(tok.text.kind, raw.texts(train_idx) + instruction_texts(captions), tok.text.vocabSize)
-        vocab = SharedVocab(text_size=text.size, image_size=vq.size)
-        log.info("tokenizers: text %d, image codebook %d (fitted on train only); shared vocab %d", text.size, vq.size, vocab.size)
-        texts = [raw.sample_texts(i) for i in range(len(raw.images))]
-        codes, text_ids = ray_transforms.tokenize_samples(raw.images, texts, vq.to_bytes(), text.to_bytes())
-        ray_transforms.shutdown()
-        files = {"text_tokenizer.json": text.to_bytes(), "image_tokenizer.safetensors": vq.to_bytes()}
-        styles = [Prompts.of(vocab, s, text.encode) for s in STYLES]
-        shard_list = []
-        for name, idx in splits.items():
-            for fname, blob, count in _shards(name, raw, ids, idx, codes, text_ids, styles):
-                files[fname] = blob
-                shard_list.append({"file": fname, "split": name, "images": count})
-        out_uri = ctx.stage_uri("curate")
-        stats = {"samples": int(len(raw.images)), "duplicates_dropped": int(dropped), **{f"{k}_images": int(len(v)) for k, v in splits.items()}}
-        manifest = storage.publish(
-            out_uri,
-            files,
-            {
-                "kind": "nmm.dataset",
-                "source": raw.name,
-                "cache_key": key,
-                "vocab": {"text_size": vocab.text_size, "image_size": vocab.image_size},
-                "tokens_per_image": vq.tokens_per_image,
-                "image_shape": list(vq.image_shape),
-                "shards": shard_list,
-                "stats": stats,
-            },
-        )
-        storage.write_json(index_uri, {"dataset_uri": out_uri, "digest": manifest["digest"]})
-        run.log_params({"data.source": raw.name, "data.dedup": spec.data.curation.dedup, "vocab.size": vocab.size})
-        run.log_metrics({f"data/{k}": v for k, v in stats.items()})
-        run.log_dataset(ctx.pipeline, manifest["digest"], out_uri)
-        run.set_tags({"nmm.cache": "miss"})
-        log.info("published %s (%s) in %.1fs", out_uri, manifest["digest"], time.perf_counter() - t0)
-        ctx.write_outputs({"dataset_uri": out_uri, "dataset_digest": manifest["digest"], "cache": "miss"})
+    index_uri = ctx.cache_index_uri("curate", key)
+    with lineage.stage_run(ctx.run, "curate", cache_key=key, code_version=code_version()) as run:
+        hit = _cached(ctx, key, index_uri, log)
+        if hit is not None:
+            uri, manifest = hit
+            log.info("cache hit: %s (key %s)", uri, key)
+        else:
+            t0 = time.perf_counter()
+            uri, manifest, stats = _publish(ctx, key, log)
+            storage.write_json(index_uri, {"dataset_uri": uri, "digest": manifest["digest"]})
+            run.log_params({"data.source": manifest["source"], "data.dedup": ctx.spec.spec.data.curation.dedup,
+                            "vocab.size": SharedVocab(**manifest["vocab"]).size})
+            run.log_metrics({f"data/{k}": v for k, v in stats.items()})
+            log.info("published %s (%s) in %.1fs", uri, manifest["digest"], time.perf_counter() - t0)
+        cache = "miss" if hit is None else "hit"
+        run.set_tags({"nmm.cache": cache})
+        run.log_dataset(ctx.pipeline, manifest["digest"], uri)
+        ctx.write_outputs({"dataset_uri": uri, "dataset_digest": manifest["digest"], "cache": cache})

@@ -23,12 +23,8 @@ from nmm.evaluate import digits, gates, seesaw, shapes, shapes_judge
 from nmm.evaluate.grid import png_grid
 from nmm.evaluate.judge import DigitJudge
 from nmm.serve.model_dir import FILES, load_from_files
-from nmm.stages.context import StageContext, cache_key, setup_logging
+from nmm.stages.context import ModelMissing, StageContext, cache_key, setup_logging
 from nmm.version import code_version
-
-
-class ModelMissing(RuntimeError):
-    """The model URI has no published manifest."""
 
 
 def _patches(loaded, images: np.ndarray) -> np.ndarray | None:
@@ -55,11 +51,11 @@ def _suite_digits(suites, loaded, ds: Dataset, ev, seed: int, run_) -> dict[str,
         metrics["m2g.digits.judge_accuracy_real"] = judge.accuracy(real, labels)
         metrics["m2g.digits.judge_accuracy_tokenized"] = judge.accuracy(loaded.vq.decode(test.arrays["codes"]), labels)
         images, wanted = digits.m2g_generate(
-            loaded.model, loaded.prompts, loaded.text, loaded.vq, ev.generationsPerClass, ev.temperature, seed
+            loaded.model, loaded.prompts, loaded.text, loaded.vq, ev.generations_per_class, ev.temperature, seed
         )
         metrics["m2g.digits.accuracy"] = judge.accuracy(images, wanted)
         order = np.argsort(wanted, kind="stable")
-        run_.log_bytes(png_grid(images[order], 10, ev.generationsPerClass), "m2g_digits_grid.png", "eval")
+        run_.log_bytes(png_grid(images[order], 10, ev.generations_per_class), "m2g_digits_grid.png", "eval")
     return metrics
 
 
@@ -69,7 +65,7 @@ def _suite_shapes(suites, loaded, ds: Dataset, ev, seed: int, run_) -> dict[str,
     if test.scenes is None:
         raise DatasetError(f"dataset {ds.uri} has no scenes: was it curated from a shapes source?")
     if "m2g.shapes_geneval" in suites:
-        idx = shapes.pick_scenes(test.scenes, ev.promptsPerTask)
+        idx = shapes.pick_scenes(test.scenes, ev.prompts_per_task)
         scenes = [shapes_data.scene_from_dict(test.scenes[i]) for i in idx]
         m, images = shapes.geneval(loaded.model, loaded.prompts, loaded.text, loaded.vq, scenes,
                                    ev.temperature, ev.guidance, seed)
@@ -79,13 +75,13 @@ def _suite_shapes(suites, loaded, ds: Dataset, ev, seed: int, run_) -> dict[str,
         metrics["m2g.shapes_geneval.judge_real"] = shapes_judge.evaluate(scenes, real)["overall"]
         metrics["m2g.shapes_geneval.judge_tokenized"] = shapes_judge.evaluate(
             scenes, loaded.vq.decode(test.arrays["codes"][idx]))["overall"]
-        cols = min(ev.promptsPerTask, 10)
+        cols = min(ev.prompts_per_task, 10)
         grid = [j for t in shapes_data.TASKS for j in [i for i, s in enumerate(scenes) if s.task == t][:cols]]
         run_.log_bytes(png_grid(images[grid], len(shapes_data.TASKS), cols), "m2g_shapes_grid.png", "eval")
         run_.log_bytes(json.dumps([scenes[j].prompt for j in grid], indent=2).encode(),
                        "m2g_shapes_grid_prompts.json", "eval")
     if "m2t.shapes_vqa" in suites:
-        n = min(ev.vqaImages, len(test.vqa))
+        n = min(ev.vqa_images, len(test.vqa))
         m, examples = shapes.vqa(loaded.model, loaded.prompts, loaded.text, test.arrays["codes"][:n], test.vqa[:n],
                                  _patches(loaded, test.arrays["images"][:n]))
         metrics |= m
@@ -106,9 +102,9 @@ def _seesaw(loaded, manifest: dict, model_uri: str, suite, ds: Dataset, ev, seed
     from safetensors.torch import load
 
     small = ev.model_copy(update={
-        "generationsPerClass": max(1, ev.generationsPerClass // 5),
-        "promptsPerTask": max(1, ev.promptsPerTask // 5),
-        "vqaImages": max(1, ev.vqaImages // 5),
+        "generations_per_class": max(1, ev.generations_per_class // 5),
+        "prompts_per_task": max(1, ev.prompts_per_task // 5),
+        "vqa_images": max(1, ev.vqa_images // 5),
     })
     keys = seesaw.headlines(ev.suites)
     final_weights = {k: v.clone() for k, v in loaded.model.state_dict().items()}
@@ -136,7 +132,7 @@ def run(ctx: StageContext, dataset_uri: str, model_uri: str) -> int:
         raise ModelMissing(f"no model published at {model_uri}")
     ds = Dataset.open(dataset_uri)
     key = cache_key("evaluate", ev.model_dump(mode="json"), manifest["digest"], ds.digest)
-    with lineage.stage_run(ctx.pipeline, ctx.run_id, ctx.step("evaluate"), cache_key=key, code_version=code_version()) as run_:
+    with lineage.stage_run(ctx.run, ctx.step("evaluate"), cache_key=key, code_version=code_version()) as run_:
         t0 = time.perf_counter()
         loaded = load_from_files({name: storage.read_file(model_uri, manifest, name) for name in FILES})
         run_.log_dataset(ctx.pipeline, ds.digest, dataset_uri, context="evaluation")

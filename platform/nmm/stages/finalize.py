@@ -14,7 +14,7 @@ from nmm.version import code_version
 
 def run(ctx: StageContext, status: str) -> int:
     log = setup_logging()
-    parent = lineage.finish_pipeline_run(ctx.pipeline, ctx.run_id, status, code_version())
+    parent = lineage.finish_pipeline_run(ctx.run, status, code_version())
     log.info("pipeline run %s finished: %s (MLflow run %s)", ctx.run_id, status, parent)
     ctx.write_outputs({"mlflow_run_id": parent})
     return 0

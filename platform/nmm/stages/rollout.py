@@ -13,45 +13,68 @@ from __future__ import annotations
 import json
 
 from nmm import lineage, storage
-from nmm.stages.context import StageContext, cache_key, setup_logging
+from nmm.spec import Gate
+from nmm.stages.context import ModelMissing, StageContext, cache_key, setup_logging
 from nmm.version import code_version
 
 METRIC_TAG = "nmm.metric."
 
 
-def decide(gate_ok: bool, candidate: dict[str, float], champion: dict[str, float] | None, gated: list[str]) -> tuple[bool, str]:
-    """(promote?, reason). Pure: tested without MLflow."""
+def worse(gate: Gate, candidate: float, champion: float) -> bool:
+    """Whether the candidate is worse than the champion on the gate's metric, in the gate's
+    direction: `>=`/`>` want more, `<=`/`<` want less, `==` wants the threshold."""
+    if gate.op in (">=", ">"):
+        return candidate < champion
+    if gate.op in ("<=", "<"):
+        return candidate > champion
+    return abs(candidate - gate.threshold) > abs(champion - gate.threshold)
+
+
+def decide(gate_ok: bool, candidate: dict[str, float], champion: dict[str, float] | None,
+           gates: list[Gate]) -> tuple[bool, str]:
+    """(promote?, reason). Fails closed: no gates, or a gated metric missing on either side,
+    is no comparison and so no promotion. Pure: tested without MLflow."""
     if not gate_ok:
         return False, "gates failed"
+    if not gates:
+        return False, "the spec has no gates: nothing to judge the candidate on, not promoting"
+    missing = [g.metric for g in gates if g.metric not in candidate]
+    if missing:
+        return False, f"candidate lacks gated metrics {missing}, not promoting"
     if champion is None:
         return True, "no champion yet"
-    worse = [m for m in gated if m in champion and candidate.get(m, float("-inf")) < champion[m]]
-    if worse:
-        detail = ", ".join(f"{m} {candidate.get(m, float('nan')):.4f} < {champion[m]:.4f}" for m in worse)
+    absent = [g.metric for g in gates if g.metric not in champion]
+    if absent:
+        return False, f"champion has no {absent} to compare with, not promoting (promote by hand if intended)"
+    lost = [g for g in gates if worse(g, candidate[g.metric], champion[g.metric])]
+    if lost:
+        detail = ", ".join(f"{g.metric} {candidate[g.metric]:.4f} vs {champion[g.metric]:.4f} ({g.op})" for g in lost)
         return False, f"worse than champion on {detail}"
-    return True, "at least as good as champion on " + (", ".join(gated) or "no gated metrics")
+    return True, "at least as good as champion on " + ", ".join(g.metric for g in gates)
 
 
 def run(ctx: StageContext, model_uri: str, metrics_json: str, gate: str) -> int:
     log = setup_logging()
-    name = ctx.spec.spec.rollout.registeredModelName
+    name = ctx.spec.spec.rollout.registered_model_name
     manifest = storage.read_manifest(model_uri, verify=True)
     if manifest is None:
-        raise RuntimeError(f"no model published at {model_uri}")
+        raise ModelMissing(f"no model published at {model_uri}")
     metrics = {k: float(v) for k, v in json.loads(metrics_json).items()}
-    gated = [g.metric for g in ctx.spec.spec.evaluation.parsed_gates]
+    gates = ctx.spec.spec.evaluation.parsed_gates
     key = cache_key("rollout", name, manifest["digest"], metrics)
-    with lineage.stage_run(ctx.pipeline, ctx.run_id, "rollout", cache_key=key, code_version=code_version()) as run_:
+    with lineage.stage_run(ctx.run, "rollout", cache_key=key, code_version=code_version()) as run_:
         mv = lineage.register_version(
-            name, manifest["mlflow_model_uri"], ctx.run_id,
+            name, manifest["mlflow_model_uri"], ctx.run, manifest["digest"],
             {METRIC_TAG + k: f"{v:.6f}" for k, v in metrics.items()} | {"nmm.pipeline": ctx.pipeline},
         )
         lineage.promote(name, mv.version, "candidate")
-        champ = lineage.alias_version(name, "champion")
+        champ = lineage.alias_version(name, "champion")  # None only when MLflow says there is none
         champion_metrics = None  # none yet, or this very version already holds it (a retried rollout)
         if champ is not None and champ.version != mv.version:
             champion_metrics = {k[len(METRIC_TAG):]: float(v) for k, v in champ.tags.items() if k.startswith(METRIC_TAG)}
-        promote, reason = decide(gate == "pass", metrics, champion_metrics, gated)
+        promote, reason = decide(gate == "pass", metrics, champion_metrics, gates)
+        if champ is not None and champ.version == mv.version:
+            promote, reason = True, "already champion (a retried rollout)"
         decision = "promoted" if promote else "kept"
         if promote:
             lineage.promote(name, mv.version, "champion")

@@ -14,12 +14,13 @@ manifest last) and logs the model to MLflow as a pyfunc. Exit codes (R17): confi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import tempfile
 import time
 from pathlib import Path
 
-from nmm import __version__, lineage, storage
+from nmm import __version__, exitcodes, lineage, storage
 from nmm.data.dataset import Dataset
 from nmm.data.sequences import style_of
 from nmm.gpu import inventory
@@ -28,81 +29,75 @@ from nmm.serve.model_dir import model_files
 from nmm.stages.context import StageContext, cache_key, setup_logging
 from nmm.train import distributed
 from nmm.train.parallelize import Parallelism
-from nmm.train.trainer import PhaseConfig, Preempted, TrainConfig, train
+from nmm.train.trainer import PhaseConfig, Preempted, TrainConfig, phase_at, phase_bounds, train
 from nmm.version import code_version
 
-EXIT_PREEMPTED = 143
+
+
+def phase_configs(spec) -> tuple[PhaseConfig, ...]:
+    """The trainer's phases: the spec's, field for field (an unset mixture: equal shares of the
+    model's tasks)."""
+    names = {f.name for f in dataclasses.fields(PhaseConfig)}
+    return tuple(
+        PhaseConfig(**{**p.model_dump(include=names), "mixture": dict(p.mixture or {t: 1.0 for t in spec.model.tasks})})
+        for p in spec.training.phases
+    )
 
 
 def train_config(ctx: StageContext, ds: Dataset, seq_len: int) -> TrainConfig:
+    """The trainer's config, derived from the spec (and from the dataset what only it knows:
+    vocabulary, image layout, sequence length)."""
     spec = ctx.spec.spec
-    size = spec.model.size
-    p = spec.model.tokenizers.image.patchSize
+    m, size, patch = spec.model, spec.model.size, spec.model.tokenizers.image.patch_size
     lo, hi = ds.vocab.image_range()
     model = ModelConfig(
-        vocab_size=ds.vocab.size,
-        dim=size.dim,
-        layers=size.layers,
-        heads=size.heads,
-        max_seq_len=seq_len,
-        dropout=size.dropout,
-        qk_norm=spec.model.qkNorm,
-        fusion=spec.model.fusion,
-        image_attention=spec.model.imageAttention,
-        image_lo=lo,
-        image_hi=hi,
-        patch_dim=p * p * ds.manifest["image_shape"][2],
-        tokens_per_image=ds.manifest["tokens_per_image"],
-        encoder_dim=spec.model.encoder.dim,
-        encoder_layers=spec.model.encoder.layers,
+        vocab_size=ds.vocab.size, dim=size.dim, layers=size.layers, heads=size.heads, max_seq_len=seq_len,
+        dropout=size.dropout, qk_norm=m.qk_norm, fusion=m.fusion, image_attention=m.image_attention,
+        image_lo=lo, image_hi=hi, patch_dim=patch * patch * ds.manifest["image_shape"][2],
+        tokens_per_image=ds.manifest["tokens_per_image"], encoder_dim=m.encoder.dim, encoder_layers=m.encoder.layers,
     )
-    phases = tuple(
-        PhaseConfig(
-            name=p.name,
-            steps=p.steps,
-            batch_size=p.batchSize,
-            lr=p.lr,
-            warmup_steps=p.warmupSteps,
-            weight_decay=p.weightDecay,
-            mixture=dict(p.mixture) if p.mixture else {t: 1.0 for t in spec.model.tasks},
-            caption_dropout=p.captionDropout,
-            recipe=p.recipe,
-            teacher=p.teacher,
-            temperature=p.temperature,
-        )
-        for p in spec.training.phases
-    )
-    total = sum(p.steps for p in phases)
+    t = spec.training
     return TrainConfig(
         model=model,
-        phases=phases,
-        seed=spec.training.seed,
-        z_loss=spec.model.zLoss,
-        checkpoint_interval=spec.training.checkpoint.intervalSteps,
-        keep_latest=spec.training.checkpoint.keepLatest,
-        log_every=max(1, min(50, total // 20)),
-        encoder_steps=spec.model.encoder.steps,
-        loss_weights=(spec.model.lossWeights.get("text", 1.0), spec.model.lossWeights.get("image", 1.0)),
-        parallel=Parallelism(**spec.training.parallelism.model_dump()),
+        phases=phase_configs(spec),
+        seed=t.seed,
+        z_loss=m.z_loss,
+        checkpoint_interval=t.checkpoint.interval_steps,
+        keep_latest=t.checkpoint.keep_latest,
+        log_every=max(1, min(50, sum(p.steps for p in t.phases) // 20)),
+        encoder_steps=m.encoder.steps,
+        loss_weights=(m.loss_weights.get("text", 1.0), m.loss_weights.get("image", 1.0)),
+        parallel=Parallelism(**t.parallelism.model_dump()),
     )
+
+
+def flatten(value, prefix: str = "") -> dict[str, object]:
+    """Nested spec data as dotted MLflow params (`training.phases.sft.lr`); list items are named
+    by their `name` when they have one."""
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list) and value and all(isinstance(v, dict) and "name" in v for v in value):
+        items = ((v["name"], v) for v in value)
+    else:
+        return {prefix: value}
+    out: dict[str, object] = {}
+    for k, v in items:
+        out |= flatten(v, f"{prefix}.{k}" if prefix else str(k))
+    return out
 
 
 def _params(ctx: StageContext, cfg: TrainConfig, world_size: int) -> dict:
-    params = {
+    """The spec's model and training sections, flattened, and what only the run knows."""
+    spec = ctx.spec.spec
+    params = flatten({"model": spec.model.model_dump(mode="json", by_alias=True),
+                      "training": spec.training.model_dump(mode="json", by_alias=True)})
+    return params | {
         "variant": ctx.variant or "",
-        "model.fusion": ctx.spec.spec.model.fusion,
-        "model.category": ctx.spec.spec.model.category,
-        "model.dim": cfg.model.dim,
-        "model.layers": cfg.model.layers,
-        "model.heads": cfg.model.heads,
+        "model.category": spec.model.category,
         "model.vocab_size": cfg.model.vocab_size,
         "train.steps": cfg.total_steps,
         "train.world_size": world_size,
-        "train.seed": cfg.seed,
     }
-    for p in cfg.phases:
-        params.update({f"phase.{p.name}.lr": p.lr, f"phase.{p.name}.batch_size": p.batch_size, f"phase.{p.name}.mixture": p.mixture})
-    return params
 
 
 SNAPSHOTS = "snapshots"
@@ -127,12 +122,7 @@ def _snapshot_step(name: str) -> int:
 def prompt_style_at(cfg: TrainConfig, step: int) -> str:
     """The prompt style the weights after `step` were trained on: that of the phase holding
     the step (evaluation and serving prompt a model, or a snapshot, the way it last learned)."""
-    end = 0
-    for p in cfg.phases:
-        end += p.steps
-        if step <= end:
-            return style_of(p.recipe)
-    return style_of(cfg.phases[-1].recipe)
+    return style_of(phase_at(cfg.phases, step).recipe)
 
 
 def _snapshots(out_uri: str, total_steps: int) -> dict[str, bytes]:
@@ -151,11 +141,7 @@ class _PhaseRuns:
     hyperparameters as params, the metrics of its steps."""
 
     def __init__(self, stage_run, cfg: TrainConfig):
-        self.stage_run, self.runs, self.bounds = stage_run, {}, []
-        end = 0
-        for p in cfg.phases:
-            self.bounds.append((end, end + p.steps, p))
-            end += p.steps
+        self.stage_run, self.runs, self.bounds = stage_run, {}, phase_bounds(cfg.phases)
 
     def log(self, metrics: dict, step: int) -> None:
         start, _, p = next(b for b in self.bounds if b[0] < step <= b[1])
@@ -209,68 +195,84 @@ def _publish(ctx: StageContext, run_, ds: Dataset, cfg: TrainConfig, model, summ
     return out_uri
 
 
+def train_key(ctx: StageContext, ds: Dataset) -> str:
+    """What the model is a function of: the model and training spec, whether snapshots are kept,
+    the dataset's digest and the code version. Checkpoints live under it, so a run never resumes
+    from another key's checkpoint."""
+    spec = ctx.spec.spec
+    return cache_key("train", spec.model.model_dump(mode="json"), spec.training.model_dump(mode="json"),
+                     {"seesaw": spec.evaluation.seesaw}, ds.digest)
+
+
 def run(ctx: StageContext, dataset_uri: str) -> int:
     log = setup_logging()
     info = distributed.init()
     out_uri = ctx.stage_uri(ctx.step("train"))
     try:
-        if storage.read_manifest(out_uri, verify=True) is not None:
-            log.info("train already published for this run at %s; nothing to do", out_uri)
+        ds = Dataset.open(dataset_uri)
+        key = train_key(ctx, ds)
+        if ctx.reusable(out_uri, key) is not None:  # a retry after publishing; another key raises
+            log.info("train already published for this run at %s (cache key %s); nothing to do", out_uri, key)
             ctx.write_outputs({"model_uri": out_uri})
             return 0
-        ds = Dataset.open(dataset_uri)
-        a = ds.split("train").arrays
-        cfg = train_config(ctx, ds, a["tokens"].shape[1])
-        pixels = {}
-        if cfg.model.reads_pixels:
-            pixels = {"patches": ds.image_tokenizer().patches(a["images"].astype("float32") / 255.0),
-                      "row_image": a["row_image"]}
-        spec = ctx.spec.spec
-        key = cache_key("train", spec.model.model_dump(mode="json"), spec.training.model_dump(mode="json"), ds.digest)
-        log.info("rank %d/%d on %s: %d sequences, vocab %d, %d steps",
-                 info.rank, info.world_size, info.device, len(a["tokens"]), ds.vocab.size, cfg.total_steps)
-        stage = lineage.stage_run(ctx.pipeline, ctx.run_id, ctx.step("train"), cache_key=key, code_version=code_version())
+        stage = lineage.stage_run(ctx.run, ctx.step("train"), cache_key=key, code_version=code_version())
         with stage if info.is_main else contextlib.nullcontext() as run_:
-            if run_:
-                run_.log_dataset(ctx.pipeline, ds.digest, dataset_uri)
-                run_.log_params(_params(ctx, cfg, info.world_size))
-
-            phases = _PhaseRuns(run_, cfg) if run_ else None
-
-            def emit(metrics: dict, step: int) -> None:
-                if info.device.type == "cuda":
-                    metrics = metrics | inventory.telemetry()  # NVML utilisation and memory
-                log.info("step %d/%d loss %.4f (text %.4f, image %.4f) %.0f tok/s", step, cfg.total_steps,
-                         metrics["train/loss"], metrics["train/loss_text"], metrics["train/loss_image"],
-                         metrics["train/tokens_per_s"])
-                run_.log_metrics(metrics, step)
-                phases.log(metrics, step)
-
-            t0 = time.perf_counter()
-            try:
-                model, summary = train(cfg, a["tokens"], a["loss_mask"], a["task"], ds.vocab.image_range(), info,
-                                       storage.join(out_uri, "checkpoints"), emit, text_range=ds.vocab.text_range(),
-                                       on_checkpoint=_snapshotter(out_uri) if spec.evaluation.seesaw else None,
-                                       style=a["style"], **pixels)
-            except Preempted as exc:
-                log.warning("%s; exiting %d so the job restarts and resumes", exc, EXIT_PREEMPTED)
-                return EXIT_PREEMPTED
-            except BaseException:
-                if phases:
-                    phases.finish(ok=False)
-                raise
-            if phases:
-                phases.finish(ok=True)
-            wall = time.perf_counter() - t0
-            # Every rank is done: leave the process group before rank 0's slow I/O, so no
-            # collective is pending while it logs and publishes; the other ranks exit now.
-            distributed.barrier(info)
-            distributed.shutdown(info)
-            if info.is_main:
-                log.info("trained %d steps in %.1fs; %d parameters", summary["steps"], wall, model.num_params())
-                run_.log_metrics({"train/wall_s": wall, "train/params": model.num_params()}, summary["steps"])
-                _publish(ctx, run_, ds, cfg, model, summary, key)
-                ctx.write_outputs({"model_uri": out_uri})
-        return 0
+            return _train(ctx, ds, key, out_uri, info, run_, log)
     finally:
         distributed.shutdown(info)
+
+
+def _train(ctx: StageContext, ds: Dataset, key: str, out_uri: str, info, run_, log) -> int:
+    """Train on every rank; the main rank (the one holding the MLflow run) logs and publishes."""
+    a = ds.split("train").arrays
+    cfg = train_config(ctx, ds, a["tokens"].shape[1])
+    pixels = {}
+    if cfg.model.reads_pixels:
+        pixels = {"patches": ds.image_tokenizer().patches(a["images"].astype("float32") / 255.0), "row_image": a["row_image"]}
+    log.info("rank %d/%d on %s: %d sequences, vocab %d, %d steps",
+             info.rank, info.world_size, info.device, len(a["tokens"]), ds.vocab.size, cfg.total_steps)
+    phases = _PhaseRuns(run_, cfg) if run_ else None
+    if run_:
+        run_.log_dataset(ctx.pipeline, ds.digest, ds.uri)
+        run_.log_params(_params(ctx, cfg, info.world_size))
+    t0 = time.perf_counter()
+    try:
+        model, summary = train(cfg, a["tokens"], a["loss_mask"], a["task"], ds.vocab.image_range(), info,
+                               storage.join(out_uri, "checkpoints", key), _emitter(cfg, info, run_, phases, log),
+                               text_range=ds.vocab.text_range(), style=a["style"],
+                               on_checkpoint=_snapshotter(out_uri) if ctx.spec.spec.evaluation.seesaw else None, **pixels)
+    except Preempted as exc:
+        log.warning("%s; exiting %d so the job restarts and resumes", exc, exitcodes.PREEMPTED)
+        return exitcodes.PREEMPTED
+    except BaseException:
+        if phases:
+            phases.finish(ok=False)
+        raise
+    if phases:
+        phases.finish(ok=True)
+    wall = time.perf_counter() - t0
+    # Every rank is done: leave the process group before rank 0's slow I/O, so no
+    # collective is pending while it logs and publishes; the other ranks exit now.
+    distributed.barrier(info)
+    distributed.shutdown(info)
+    if info.is_main:
+        log.info("trained %d steps in %.1fs; %d parameters", summary["steps"], wall, model.num_params())
+        run_.log_metrics({"train/wall_s": wall, "train/params": model.num_params()}, summary["steps"])
+        _publish(ctx, run_, ds, cfg, model, summary, key)
+        ctx.write_outputs({"model_uri": out_uri})
+    return 0
+
+
+def _emitter(cfg: TrainConfig, info, run_, phases, log):
+    """What the trainer calls with each logging interval's metrics (main rank only)."""
+
+    def emit(metrics: dict, step: int) -> None:
+        if info.device.type == "cuda":
+            metrics = metrics | inventory.telemetry()  # NVML utilisation and memory
+        log.info("step %d/%d loss %.4f (text %.4f, image %.4f) %.0f tok/s", step, cfg.total_steps,
+                 metrics["train/loss"], metrics["train/loss_text"], metrics["train/loss_image"],
+                 metrics["train/tokens_per_s"])
+        run_.log_metrics(metrics, step)
+        phases.log(metrics, step)
+
+    return emit

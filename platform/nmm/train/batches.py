@@ -1,0 +1,129 @@
+"""The training data on the host and each step's batch: a pure function of (seed, step), so a
+resumed run sees exactly the batches an uninterrupted one would have, at any world size."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from nmm.data.sequences import STYLES, TASKS, pack_documents, style_of
+from nmm.tokenizers.vocab import PAD
+from nmm.train.distributed import DistInfo
+
+SEED_STRIDE = 1_000_003  # seeds of consecutive steps: seed * SEED_STRIDE + step
+CAPTION_DROPOUT_SALT = 7_919  # keeps caption dropout's draws apart from the batch's
+
+
+def batch_indices(rows_by_task: dict[str, np.ndarray], phase, seed: int, step: int) -> np.ndarray:
+    """The global batch of row indices at `step`: a pure function of (seed, step)."""
+    g = torch.Generator().manual_seed(seed * SEED_STRIDE + step)
+    weights = {t: w for t, w in phase.mixture.items() if len(rows_by_task.get(t, ())) > 0}
+    total = sum(weights.values())
+    picks, left = [], phase.batch_size
+    for i, (task, w) in enumerate(sorted(weights.items())):
+        n = left if i == len(weights) - 1 else int(round(phase.batch_size * w / total))
+        left -= n
+        pool = rows_by_task[task]
+        picks.append(pool[torch.randint(len(pool), (n,), generator=g).numpy()])
+    return np.concatenate(picks)
+
+
+def rows_by_phase(task: np.ndarray, style: np.ndarray | None, phases) -> dict[str, dict[str, np.ndarray]]:
+    """Each phase's pools of row indices per task: the rows of its recipe's prompt style.
+    Without a `style` column every row serves every phase (one layout)."""
+    out = {}
+    for phase in phases:
+        keep = np.ones(len(task), bool) if style is None else style == STYLES.index(style_of(phase.recipe))
+        pools = {t: np.flatnonzero(keep & (task == i)) for i, t in enumerate(TASKS)}
+        if not any(len(pools.get(t, ())) for t in phase.mixture if phase.mixture[t] > 0):
+            raise ValueError(f"phase {phase.name}: no {style_of(phase.recipe)} rows for its mixture "
+                             f"{phase.mixture}; was the dataset curated by this version?")
+        out[phase.name] = pools
+    return out
+
+
+def row_lengths(x: torch.Tensor) -> torch.Tensor:
+    """Each row's length up to its last non-padding token (caption dropout pads inside rows)."""
+    cols = torch.arange(1, x.shape[1] + 1, device=x.device)
+    return ((x != PAD) * cols).amax(1)
+
+
+def trim(x: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the padding columns after every row's last token (rows of both prompt styles share
+    one padded width; a batch of the shorter style need not pay for the longer)."""
+    width = int(row_lengths(x).max())
+    return x[:, :width], m[:, :width]
+
+
+def blank_captions(tokens: torch.Tensor, is_m2g: torch.Tensor, p: float, text_range: tuple[int, int],
+                   seed: int, step: int) -> torch.Tensor:
+    """Caption dropout for classifier-free guidance: in a share `p` of the M2G rows (chosen by a
+    pure function of (seed, step)) the text tokens (caption, and instruction) become padding. Positions do not
+    move, so the unconditional prompt at sampling time is the prompt with its text padded out."""
+    g = torch.Generator().manual_seed(seed * SEED_STRIDE + step + CAPTION_DROPOUT_SALT)
+    drop = (torch.rand(len(tokens), generator=g) < p) & is_m2g
+    text = (tokens >= text_range[0]) & (tokens < text_range[1])
+    return torch.where(drop[:, None] & text, torch.zeros_like(tokens), tokens)
+
+
+def pack_batch(x: torch.Tensor, m: torch.Tensor, length: int,
+               spans: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The batch's rows, padding stripped, packed end to end into fewer rows of `length` tokens
+    (nmm.data.sequences.pack_documents). A target whose predecessor is another document's last
+    token is masked out, so the loss has exactly the targets of the unpacked batch. `spans`
+    (bidirectional images) are packed to the same places."""
+    keep = row_lengths(x).tolist()
+    rows = [(x[i, :n].tolist(), m[i, :n].tolist()) for i, n in enumerate(keep)]
+    p = pack_documents(rows, length)
+    docs = torch.from_numpy(p["docs"]).long()
+    mask = torch.from_numpy(p["loss_mask"]).long()
+    mask[:, 1:] *= (docs[:, 1:] == docs[:, :-1]).long()
+    extra = {"docs": docs.to(x.device), "positions": torch.from_numpy(p["positions"]).to(x.device), "spans": None}
+    if spans is not None:  # the layout depends on the row lengths only: pack the ids the same way
+        s = pack_documents([(spans[i, :n].tolist(), m[i, :n].tolist()) for i, n in enumerate(keep)], length)
+        extra["spans"] = torch.from_numpy(s["tokens"]).long().to(x.device)
+    return torch.from_numpy(p["tokens"]).long().to(x.device), mask.to(x.device), extra
+
+
+@dataclass
+class Batch:
+    """One rank's share of a step's batch, on its device."""
+
+    x: torch.Tensor  # tokens
+    m: torch.Tensor  # loss mask (the data's: answers only)
+    patches: torch.Tensor | None  # mid/late fusion: each row's image patches
+    given: torch.Tensor  # rows whose image is an input (M2T), not a target (M2G)
+
+
+@dataclass
+class TrainData:
+    """Every training row on the host, and each phase's pools of rows."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    is_m2g: torch.Tensor
+    pools: dict[str, dict[str, np.ndarray]]
+    patches: torch.Tensor | None = None
+    row_image: torch.Tensor | None = None
+
+    @classmethod
+    def build(cls, tokens: np.ndarray, loss_mask: np.ndarray, task: np.ndarray, style: np.ndarray | None, phases,
+              patches: np.ndarray | None = None, row_image: np.ndarray | None = None) -> "TrainData":
+        pix = torch.from_numpy(patches.astype(np.float32)) if patches is not None else None
+        img_of_row = torch.from_numpy(row_image.astype(np.int64)) if row_image is not None else None
+        return cls(torch.from_numpy(tokens.astype(np.int64)), torch.from_numpy(loss_mask.astype(np.int64)),
+                   torch.from_numpy(task == TASKS.index("m2g")), rows_by_phase(task, style, phases), pix, img_of_row)
+
+    def batch(self, phase, seed: int, step: int, info: DistInfo, text_range: tuple[int, int] | None) -> Batch:
+        rows = batch_indices(self.pools[phase.name], phase, seed, step)
+        x = self.tokens[rows]
+        if phase.caption_dropout > 0 and text_range is not None:
+            x = blank_captions(x, self.is_m2g[rows], phase.caption_dropout, text_range, seed, step)
+        mine = rows[info.rank :: info.world_size]
+        x = x[info.rank :: info.world_size].to(info.device)
+        m = self.mask[mine].to(info.device)
+        x, m = trim(x, m)
+        p = self.patches[self.row_image[mine]].to(info.device) if self.patches is not None else None
+        return Batch(x, m, p, ~self.is_m2g[mine].to(info.device))

@@ -1,0 +1,119 @@
+"""The loss of one step, per recipe:
+
+- `pretrain`: next-token loss on every token of each sequence in the data's plain layout (text
+  and image alike; the image positions of mid/late fusion, which hold pixels, excepted);
+- `sft`: instruction-formatted rows (a user turn with the instruction, the assistant's turn
+  with the answer: nmm.data.sequences), loss on the answers only (the caption, the VQA answer,
+  or the image to draw), with the phase's own mixture;
+- `opd`: on-policy distillation. The student samples continuations of the batch's prompts and
+  a frozen teacher (an earlier phase's final weights) scores every sampled token: loss is the
+  reverse KL(student ‖ teacher) at each of those positions. Its prompts are the instruction ones.
+
+With bidirectional image attention the M2T rows' images are inputs seen whole (M2G rows draw
+theirs causally), and the targets inside such an image leave every recipe's loss.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from nmm.model import ModelConfig
+from nmm.model.generate import generate
+from nmm.model.transformer import image_spans
+from nmm.tokenizers.vocab import EOI, EOS, PAD
+from nmm.train.batches import Batch, pack_batch
+from nmm.train.loss import next_token_loss, reverse_kl_loss
+
+
+def pretrain_mask(x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Every token is a target except padding (and, for mid/late fusion, the image positions,
+    whose inputs are pixels rather than tokens)."""
+    m = x != PAD
+    if cfg.reads_pixels:
+        m &= ~((x >= cfg.image_lo) & (x < cfg.image_hi))
+    return m.long()
+
+
+def input_image_spans(x: torch.Tensor, cfg: ModelConfig, given: torch.Tensor) -> torch.Tensor | None:
+    """The input images of the batch's `given` rows, seen whole under bidirectional image
+    attention (nmm.model.transformer.image_spans); None when attention is causal."""
+    if cfg.image_attention != "bidirectional":
+        return None
+    return image_spans(x, cfg.image_range, cfg.tokens_per_image, given)
+
+
+def hide_seen_targets(m: torch.Tensor, spans: torch.Tensor) -> torch.Tensor:
+    """Drop the targets a bidirectional image gives away: a code predicted from a position of
+    its own image, which already sees it. (The image's first code, predicted from <boi>, stays.)"""
+    m = m.clone()
+    m[:, 1:] *= ~((spans[:, 1:] > 0) & (spans[:, 1:] == spans[:, :-1]))
+    return m
+
+
+@torch.no_grad()
+def student_samples(model, x: torch.Tensor, m: torch.Tensor, patches: torch.Tensor | None, image_range, text_range,
+                    temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """On-policy rollouts: each row's prompt (the tokens before its first target) continued by
+    the student, text rows until <eos>, image rows for a whole image then <eoi>. Returns the
+    right-padded sequences and a mask of the positions the student sampled."""
+    first = m.argmax(1).tolist()
+    lengths = m.sum(1).tolist()
+    is_image = [image_range[0] <= int(x[i, first[i]]) < image_range[1] for i in range(len(x))]
+    seqs: list[list[int]] = [[] for _ in range(len(x))]
+    sampled: list[list[int]] = [[] for _ in range(len(x))]
+    for want_image in (False, True):
+        idx = [i for i in range(len(x)) if is_image[i] == want_image]
+        if not idx:
+            continue
+        prompts = [x[i, : first[i]].tolist() for i in idx]
+        pix = None if patches is None else patches[idx].cpu().numpy()
+        if want_image:
+            n = int(max(lengths[i] for i in idx)) - 1
+            outs = generate(model, prompts, n, image_range, temperature=temperature, patches=pix)
+            tails = [(o, [EOI]) for o in outs]
+        else:
+            n = int(max(lengths[i] for i in idx))
+            outs = generate(model, prompts, n, text_range, stop=EOS, extra_allowed=(EOS,), temperature=temperature, patches=pix)
+            tails = [(o + [EOS], []) if len(o) < n else (o, []) for o in outs]
+        for i, p, (o, forced) in zip(idx, prompts, tails):
+            seqs[i] = p + o + forced
+            sampled[i] = [0] * len(p) + [1] * len(o) + [0] * len(forced)
+    width = min(max(len(q) for q in seqs), model.cfg.max_seq_len)
+    out = torch.full((len(x), width), PAD, dtype=torch.long)
+    mask = torch.zeros((len(x), width), dtype=torch.long)
+    for i, (q, sm) in enumerate(zip(seqs, sampled)):
+        out[i, : len(q[:width])] = torch.tensor(q[:width])
+        mask[i, : len(sm[:width])] = torch.tensor(sm[:width])
+    return out.to(x.device), mask.to(x.device)
+
+
+def next_token_step(recipe: str, b: Batch, ddp, cfg, image_range, amp: Callable) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """pretrain / sft: (loss, its parts, the tokens the model saw)."""
+    x, m = b.x, b.m
+    if recipe == "pretrain":
+        m = pretrain_mask(x, cfg.model)
+    spans = input_image_spans(x, cfg.model, b.given)
+    if spans is not None:
+        m = hide_seen_targets(m, spans)
+    packed = {"spans": spans}
+    if cfg.parallel.pack:
+        x, m, packed = pack_batch(x, m, cfg.model.max_seq_len, spans)
+    with amp():
+        loss, parts = next_token_loss(ddp(x, patches=b.patches, **packed), x, m, image_range, cfg.z_loss,
+                                      cfg.loss_weights)
+    return loss, parts, x
+
+
+def distillation_step(phase, b: Batch, model, ddp, teacher, cfg, image_range, text_range,
+                      amp: Callable) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """opd: the student samples, the teacher scores (reverse KL at the sampled positions)."""
+    x, m = student_samples(model, b.x, b.m, b.patches, image_range, text_range, phase.temperature)
+    model.train()
+    spans = input_image_spans(x, cfg.model, b.given)
+    with torch.no_grad(), amp():
+        scores = teacher(x, patches=b.patches, spans=spans)
+    with amp():
+        loss, parts = reverse_kl_loss(ddp(x, patches=b.patches, spans=spans), scores, x, m, image_range)
+    return loss, parts, x

@@ -1,0 +1,53 @@
+"""One shape per setting (issue 10, item 6): snake_case in Python, camelCase in YAML; the trainer's
+config and the MLflow params are derived from the spec, never re-typed."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import yaml
+
+from nmm.spec import parse_pipeline
+from nmm.spec.models import Parallelism as SpecParallelism
+from nmm.spec.models import Phase
+from nmm.stages.train import flatten, phase_configs
+from nmm.train.parallelize import Parallelism
+from nmm.train.trainer import PhaseConfig
+from tests.conftest import WORKFLOWS
+
+QUICKSTART = (WORKFLOWS / "quickstart.yaml").read_text()
+
+
+def test_attributes_are_snake_case_and_yaml_stays_camel_case():
+    spec = parse_pipeline(QUICKSTART)
+    phase = spec.spec.training.phases[0]
+    assert phase.batch_size == 64 and phase.warmup_steps == 50
+    dumped = spec.model_dump(mode="json", by_alias=True)
+    assert dumped["spec"]["training"]["phases"][0]["batchSize"] == 64
+    assert "batch_size" not in str(dumped) and "apiVersion" in dumped
+
+
+def test_the_trainer_s_phase_is_the_spec_s_phase_field_for_field():
+    trainer = {f.name for f in dataclasses.fields(PhaseConfig)}
+    assert trainer <= set(Phase.model_fields), trainer - set(Phase.model_fields)
+    assert {f.name for f in dataclasses.fields(Parallelism)} == set(SpecParallelism.model_fields)
+
+
+def test_an_unset_mixture_is_equal_shares_of_the_model_s_tasks_in_one_place():
+    doc = yaml.safe_load(QUICKSTART)
+    del doc["spec"]["training"]["phases"][0]["mixture"]
+    doc["spec"]["model"]["tasks"] = ["m2t"]
+    doc["spec"]["model"]["fusion"] = "early"
+    doc["spec"]["evaluation"] = {"suites": ["m2t.digits"], "gates": ["m2t.digits.accuracy >= 0.5"]}
+    doc["spec"]["training"]["phases"][1]["mixture"] = {"m2t": 1.0}
+    spec = parse_pipeline(yaml.safe_dump(doc)).spec
+    pretrain, sft = phase_configs(spec)
+    assert pretrain.mixture == {"m2t": 1.0} and sft.mixture == {"m2t": 1.0}
+    assert (pretrain.batch_size, pretrain.warmup_steps) == (64, 50)
+
+
+def test_mlflow_params_are_a_flattening_of_the_spec():
+    spec = parse_pipeline(QUICKSTART).spec
+    params = flatten({"training": spec.training.model_dump(mode="json", by_alias=True)})
+    assert params["training.phases.sft.batchSize"] == 64 and params["training.phases.pretrain.warmupSteps"] == 50
+    assert params["training.resources.processesPerNode"] == 2 and params["training.checkpoint.intervalSteps"] == 400
