@@ -32,4 +32,4 @@ def test_quickstart_end_to_end_meets_its_gates_and_records_lineage(tmp_path):
     assert ev.data.tags["nmm.gate"] == "pass"
     champion = client.get_model_version_by_alias("nmm-quickstart", "champion")
     assert champion.tags["nmm.rollout.decision"] == "promoted"
-    assert (tmp_path / ".nmm" / "store" / "runs" / "quickstart").is_dir()
+    assert (tmp_path / ".nmm" / "store" / "runs" / "default" / "quickstart").is_dir()  # <namespace>/<pipeline>

@@ -50,7 +50,8 @@ def test_fusion_ablation_trains_and_evaluates_each_variant_side_by_side(tmp_path
     trains = client.search_runs([exp.experiment_id], filter_string="tags.`nmm.stage` LIKE 'train-%'")
     assert {r.data.params["model.fusion"] for r in trains if "/" not in r.data.tags["nmm.stage"]} == {"early", "mid", "late"}
     # Each variant's model folder is its own, under train-<variant>.
-    run_dir = tmp_path / ".nmm" / "store" / "runs" / "it-ablation" / status_file.parent.name
+    # runs/<namespace>/<pipeline>/<owner uid>/<run>: a local run's owner is its Workflow (a UUID).
+    (run_dir,) = (tmp_path / ".nmm" / "store" / "runs" / "default" / "it-ablation").glob(f"*/{status_file.parent.name}")
     for v in variants:
         config = json.loads((run_dir / f"train-{v}" / "config.json").read_text())
         assert config["model"]["fusion"] == ("early" if v == "earlybidir" else v)

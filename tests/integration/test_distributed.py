@@ -61,7 +61,7 @@ def test_sigterm_under_fsdp_stops_every_rank_at_one_step_and_resumes_bitwise(tmp
     stopped_at = json.loads((root / "latest.json").read_text())["latest"]
     assert 8 <= stopped_at < 24 and not (tmp_path / "never.pt").exists()
     resumed = run(root, tmp_path / "resumed.pt", 2, "--fsdp")
-    assert resumed.wait(timeout=180) == 0
+    assert resumed.wait(timeout=180) == 0, resumed.stdout.read()[-4000:]
     assert f"resumed_from {stopped_at}" in resumed.stdout.read()
     a, b = weights(tmp_path / "straight.pt"), weights(tmp_path / "resumed.pt")
     for k in a:

@@ -55,3 +55,11 @@ def test_the_command_is_never_mapped_even_when_it_lives_under_a_mount_path(tmp_p
     sb = Sandbox(mounts={"/tmp": tmp_path})
     argv = sb.map_argv(["/tmp/venv/bin/python", "/tmp/out/x", "--flag", "file:///tmp/store"])
     assert argv == ["/tmp/venv/bin/python", str(tmp_path / "out/x"), "--flag", "file:///tmp/store"]
+
+
+def test_each_variant_s_evaluate_follows_its_train_before_the_next_variant_trains():
+    tasks = [{"name": "curate"}]
+    for v in ("a", "b"):
+        tasks += [{"name": f"train-{v}", "dependencies": ["curate"]}, {"name": f"evaluate-{v}", "dependencies": [f"train-{v}"]}]
+    tasks.append({"name": "rollout", "dependencies": ["evaluate-a", "evaluate-b"]})
+    assert [t["name"] for t in topo_order(tasks)] == ["curate", "train-a", "evaluate-a", "train-b", "evaluate-b", "rollout"]

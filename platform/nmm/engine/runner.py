@@ -81,8 +81,11 @@ def no_local_effect(workflow: dict) -> list[str]:
 
 
 def topo_order(tasks: list[dict]) -> list[dict]:
-    """The DAG's tasks in an order that runs every dependency first (graphlib)."""
+    """The DAG's tasks, each after its dependencies (graphlib): at every point the first task, in
+    the Workflow's own order, whose dependencies are done (so a variant's evaluate follows its
+    train before the next variant's train starts)."""
     by_name = {t["name"]: t for t in tasks}
+    index = {name: i for i, name in enumerate(by_name)}
     graph = graphlib.TopologicalSorter()
     for t in tasks:
         for d in t.get("dependencies", []):
@@ -90,9 +93,16 @@ def topo_order(tasks: list[dict]) -> list[dict]:
                 raise ValueError(f"task {t['name']!r} depends on unknown task {d!r}")
         graph.add(t["name"], *t.get("dependencies", []))
     try:
-        return [by_name[n] for n in graph.static_order()]
+        graph.prepare()
     except graphlib.CycleError as exc:
         raise ValueError(f"DAG has a cycle through {exc.args[1][0]!r}") from None
+    order, ready = [], []
+    while graph.is_active():
+        ready = sorted(ready + list(graph.get_ready()), key=index.__getitem__)
+        name = ready.pop(0)
+        order.append(by_name[name])
+        graph.done(name)
+    return order
 
 
 class Engine:

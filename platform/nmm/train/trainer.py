@@ -104,7 +104,7 @@ def _optimizer(model: torch.nn.Module, phase: PhaseConfig) -> torch.optim.Optimi
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": phase.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=phase.lr, betas=ADAM_BETAS, eps=ADAM_EPS)
+    return schedule.prepare(torch.optim.AdamW(groups, lr=phase.lr, betas=ADAM_BETAS, eps=ADAM_EPS))
 
 
 @dataclass
