@@ -107,7 +107,11 @@ def recheck(body, meta, memo: kopf.Memo, patch: kopf.Patch, **_) -> None:
         patch.status.update(status.not_owned(name, _now()))
         return
     recreate = (body["spec"].get("onWorkflowDeleted") or memo.settings.on_child_deleted) == "recreate"
-    if recreate:
-        kube.create_workflow(builders.build_workflow(body, memo.settings.compile), meta["uid"])
+    try:
+        if recreate:
+            kube.create_workflow(builders.build_workflow(body, memo.settings.compile), meta["uid"])
+    except kube.NotOwned:  # taken meanwhile by a Workflow that is not ours
+        patch.status.update(status.not_owned(name, _now()))
+        return
     patch.status.update(status.child_missing(name, recreate, _now()))
     kopf.warn(body, reason="WorkflowMissing", message=patch.status["message"])

@@ -12,6 +12,7 @@ import torch
 from nmm.model import ModelConfig
 from nmm.train import distributed
 from nmm.train.parallelize import Parallelism
+from nmm.train.batches import TrainData
 from nmm.train.trainer import PhaseConfig, TrainConfig, train
 from tests.integration.resume_worker import data
 
@@ -33,7 +34,7 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     slow = "--slow" in sys.argv
     try:
-        model, summary = train(config("--fsdp" in sys.argv), *data(), (30, 40), info, root,
+        model, summary = train(config("--fsdp" in sys.argv), data(), info, root,
                                lambda m, step: time.sleep(0.3) if slow else None)
         distributed.barrier(info)  # as the train stage does: leave together, then write
         distributed.shutdown(info)
@@ -41,7 +42,8 @@ if __name__ == "__main__":
             torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out)
             print("resumed_from", summary["resumed_from"], flush=True)
     except Exception as exc:  # noqa: BLE001 - the exit code is what the test reads
-        print(type(exc).__name__, exc, flush=True)
+        sys.stdout.write(f"{type(exc).__name__} {exc}\n")  # one write: the two ranks' lines never interleave
+        sys.stdout.flush()
         sys.exit(143 if type(exc).__name__ == "Preempted" else 1)
     finally:
         distributed.shutdown(info)

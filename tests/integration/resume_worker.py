@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from nmm.model import ModelConfig
+from nmm.train.batches import TrainData
 from nmm.train.distributed import DistInfo
 from nmm.train.trainer import PhaseConfig, TrainConfig, train
 
@@ -30,12 +31,12 @@ def data():
     tokens = g.integers(5, 40, (64, 12)).astype(np.int32)
     mask = np.ones_like(tokens, dtype=np.uint8)
     mask[:, :3] = 0
-    return tokens, mask, (np.arange(64) % 2).astype(np.int8)
+    return TrainData(tokens=tokens, loss_mask=mask, task=(np.arange(64) % 2).astype(np.int8), image_range=(30, 40))
 
 
 if __name__ == "__main__":
     root, out = sys.argv[1], sys.argv[2]
     slow = "--slow" in sys.argv
-    model, _ = train(config(), *data(), (30, 40), DistInfo(0, 0, 1, torch.device("cpu")), root,
+    model, _ = train(config(), data(), DistInfo(0, 0, 1, torch.device("cpu")), root,
                      lambda m, step: time.sleep(0.3) if slow else None)
     torch.save(model.state_dict(), out)

@@ -1,5 +1,7 @@
 """Mid and late fusion: image stems put continuous patch embeddings at the image positions."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +9,7 @@ import torch
 from nmm.model import ModelConfig
 from nmm.model.generate import generate
 from nmm.train import encoder as encoder_training
+from nmm.train.batches import TrainData
 from nmm.train.distributed import DistInfo
 from nmm.train.trainer import PhaseConfig, TrainConfig, train
 
@@ -70,8 +73,9 @@ def test_late_fusion_trains_its_encoder_separately_then_freezes_it(tmp_path):
     tc = TrainConfig(model=cfg("late"), phases=(PhaseConfig(name="p", steps=6, batch_size=4, lr=1e-2, mixture={"m2t": 1.0}),),
                      checkpoint_interval=100, encoder_steps=30)
     fresh = cfg("late").build()
-    model, _ = train(tc, tokens, mask, np.zeros(32, np.int8), IMG, CPU, tmp_path.as_uri(), lambda *_: None,
-                     patches=patches, row_image=np.arange(32) % 16)
+    data = TrainData(tokens=tokens, loss_mask=mask, task=np.zeros(32, np.int8), image_range=IMG, patches=patches,
+                     row_image=np.arange(32) % 16)
+    model, _ = train(tc, data, CPU, tmp_path.as_uri(), lambda *_: None)
     enc = model.stem.encoder
     assert not any(p.requires_grad for p in enc.parameters())
     assert all(p.requires_grad for p in model.stem.projector.parameters())
@@ -89,4 +93,4 @@ def test_late_fusion_trains_its_encoder_separately_then_freezes_it(tmp_path):
     feats = (enc(x) - model.stem.feature_mean) / model.stem.feature_std
     assert feats.mean(0).abs().max() < 1e-4 and (feats.std(0) - 1).abs().max() < 1e-3
     with pytest.raises(ValueError, match="pass patches and row_image"):
-        train(tc, tokens, mask, np.zeros(32, np.int8), IMG, CPU, (tmp_path / "b").as_uri(), lambda *_: None)
+        train(tc, dataclasses.replace(data, patches=None, row_image=None), CPU, (tmp_path / "b").as_uri(), lambda *_: None)

@@ -11,9 +11,9 @@ import torch
 from nmm.model import ModelConfig
 from nmm.model.generate import generate
 from nmm.train import checkpoint
+from nmm.train.batches import TrainData, batch_indices
 from nmm.train.distributed import DistInfo
 from nmm.train.loss import next_token_loss
-from nmm.train.batches import batch_indices
 from nmm.train.schedule import lr_at
 from nmm.train.trainer import PhaseConfig, Preempted, TrainConfig, train
 
@@ -186,7 +186,8 @@ def _cfg(steps, interval=1000):  # noqa: D103
 
 def test_sigterm_checkpoints_and_resume_matches_uninterrupted_training_bitwise_r15_r18(tmp_path):
     tokens, mask, task = _data()
-    straight, _ = train(_cfg(12), tokens, mask, task, (30, 40), CPU, (tmp_path / "a").as_uri(), lambda m, s: None)
+    data = TrainData(tokens=tokens, loss_mask=mask, task=task, image_range=(30, 40))
+    straight, _ = train(_cfg(12), data, CPU, (tmp_path / "a").as_uri(), lambda m, s: None)
     # Same config, interrupted: SIGTERM arrives at step 10 (inside phase b), the trainer
     # checkpoints and stops; a fresh call resumes from that checkpoint.
     root = (tmp_path / "b").as_uri()
@@ -196,8 +197,8 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted_training_bitwise_r
             os.kill(os.getpid(), signal.SIGTERM)
 
     with pytest.raises(Preempted):
-        train(_cfg(12), tokens, mask, task, (30, 40), CPU, root, kill_at_ten)
-    resumed, summary = train(_cfg(12), tokens, mask, task, (30, 40), CPU, root, lambda m, s: None)
+        train(_cfg(12), data, CPU, root, kill_at_ten)
+    resumed, summary = train(_cfg(12), data, CPU, root, lambda m, s: None)
     assert summary["resumed_from"] == 10
     for (k, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), k

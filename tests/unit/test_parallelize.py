@@ -99,7 +99,8 @@ def test_packing_trains_to_the_padded_weights(tmp_path):
     from nmm.train.trainer import PhaseConfig, TrainConfig, train
     from tests.integration.resume_worker import data
 
-    tokens, mask, task = data()
+    d = data()
+    tokens, mask = d.tokens, d.loss_mask
     tokens[::2, 6:] = 0  # half the rows are 6 tokens: two of them share a packed row of 16
     mask[::2, 6:] = 0
     cpu = DistInfo(0, 0, 1, torch.device("cpu"))
@@ -107,7 +108,7 @@ def test_packing_trains_to_the_padded_weights(tmp_path):
     for pack in (False, True):
         cfg = TrainConfig(model=tiny(), phases=(PhaseConfig(mixture=MIX, name="p", steps=6, batch_size=8, lr=3e-3, recipe="sft"),),
                           checkpoint_interval=100, parallel=Parallelism(pack=pack))
-        model, _ = train(cfg, tokens, mask, task, (30, 40), cpu, (tmp_path / str(pack)).as_uri(), lambda *_: None)
+        model, _ = train(cfg, d, cpu, (tmp_path / str(pack)).as_uri(), lambda *_: None)
         out.append(model.state_dict())
     for k in out[0]:
         assert torch.allclose(out[0][k], out[1][k], atol=1e-5), k

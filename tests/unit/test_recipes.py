@@ -10,9 +10,9 @@ import torch
 
 from nmm.model import ModelConfig
 from nmm.tokenizers.vocab import BOI, BOS, EOI, EOS, PAD
+from nmm.train.batches import TrainData, rows_by_phase, trim
 from nmm.train.distributed import DistInfo
 from nmm.train.loss import reverse_kl_loss
-from nmm.train.batches import rows_by_phase, trim
 from nmm.train.recipes import pretrain_mask, student_samples
 from nmm.train.trainer import PhaseConfig, Preempted, TrainConfig, train
 
@@ -39,6 +39,11 @@ def data(n: int = 32):
             tokens.append([BOS, *txt, BOI, *img, EOI, PAD])
             mask.append([0] * 6 + [1] * 5 + [0])
     return np.array(tokens, np.int32), np.array(mask, np.uint8), (np.arange(n) % 2).astype(np.int8)
+
+
+def train_data(n: int = 32) -> TrainData:
+    tokens, mask, task = data(n)
+    return TrainData(tokens=tokens, loss_mask=mask, task=task, image_range=IMAGE, text_range=TEXT)
 
 
 def test_pretrain_learns_every_token_but_padding_and_pixel_positions():
@@ -113,15 +118,14 @@ def opd_cfg(**model) -> TrainConfig:
 def test_opd_pulls_the_student_back_towards_its_teacher(tmp_path, attention):
     seen = {}
     model = dict(image_lo=IMAGE[0], image_hi=IMAGE[1], tokens_per_image=4, image_attention=attention)
-    train(opd_cfg(**model), *data(), IMAGE, CPU, tmp_path.as_uri(), lambda m, s: seen.update({s: m["train/loss"]}),
-          text_range=TEXT)
+    train(opd_cfg(**model), train_data(), CPU, tmp_path.as_uri(), lambda m, s: seen.update({s: m["train/loss"]}))
     kl = [seen[s] for s in range(27, 43)]  # the opd phase: steps 27..42
     assert kl[0] > 0.01
     assert np.mean(kl[-4:]) < 0.5 * np.mean(kl[:4])
 
 
 def test_opd_resumes_bitwise_with_its_teacher_from_the_checkpoint(tmp_path):
-    straight, _ = train(opd_cfg(), *data(), IMAGE, CPU, (tmp_path / "a").as_uri(), lambda m, s: None, text_range=TEXT)
+    straight, _ = train(opd_cfg(), train_data(), CPU, (tmp_path / "a").as_uri(), lambda m, s: None)
     root = (tmp_path / "b").as_uri()
 
     def kill_inside_opd(metrics, step):
@@ -129,8 +133,8 @@ def test_opd_resumes_bitwise_with_its_teacher_from_the_checkpoint(tmp_path):
             os.kill(os.getpid(), signal.SIGTERM)
 
     with pytest.raises(Preempted):
-        train(opd_cfg(), *data(), IMAGE, CPU, root, kill_inside_opd, text_range=TEXT)
-    resumed, summary = train(opd_cfg(), *data(), IMAGE, CPU, root, lambda m, s: None, text_range=TEXT)
+        train(opd_cfg(), train_data(), CPU, root, kill_inside_opd)
+    resumed, summary = train(opd_cfg(), train_data(), CPU, root, lambda m, s: None)
     assert summary["resumed_from"] == 30
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k

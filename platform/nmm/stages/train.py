@@ -29,6 +29,7 @@ from nmm.serve.model_dir import model_files
 from nmm.stages.context import StageContext, cache_key, setup_logging
 from nmm.train import distributed
 from nmm.train.parallelize import Parallelism
+from nmm.train.batches import TrainData
 from nmm.train.trainer import PhaseConfig, Preempted, TrainConfig, phase_at, phase_bounds, train
 from nmm.version import code_version
 
@@ -237,10 +238,10 @@ def _train(ctx: StageContext, ds: Dataset, key: str, out_uri: str, info, run_, l
         run_.log_params(_params(ctx, cfg, info.world_size))
     t0 = time.perf_counter()
     try:
-        model, summary = train(cfg, a["tokens"], a["loss_mask"], a["task"], ds.vocab.image_range(), info,
-                               storage.join(out_uri, "checkpoints", key), _emitter(cfg, info, run_, phases, log),
-                               text_range=ds.vocab.text_range(), style=a["style"],
-                               on_checkpoint=_snapshotter(out_uri) if ctx.spec.spec.evaluation.seesaw else None, **pixels)
+        data = TrainData(tokens=a["tokens"], loss_mask=a["loss_mask"], task=a["task"], style=a["style"],
+                         image_range=ds.vocab.image_range(), text_range=ds.vocab.text_range(), **pixels)
+        model, summary = train(cfg, data, info, storage.join(out_uri, "checkpoints", key), _emitter(cfg, info, run_, phases, log),
+                               on_checkpoint=_snapshotter(out_uri) if ctx.spec.spec.evaluation.seesaw else None)
     except Preempted as exc:
         log.warning("%s; exiting %d so the job restarts and resumes", exc, exitcodes.PREEMPTED)
         return exitcodes.PREEMPTED

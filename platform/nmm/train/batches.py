@@ -97,30 +97,37 @@ class Batch:
     given: torch.Tensor  # rows whose image is an input (M2T), not a target (M2G)
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class TrainData:
-    """Every training row on the host, and each phase's pools of rows."""
+    """What a run trains on, as the caller holds it (the curated shards' columns)."""
 
-    tokens: torch.Tensor
-    mask: torch.Tensor
-    is_m2g: torch.Tensor
-    pools: dict[str, dict[str, np.ndarray]]
-    patches: torch.Tensor | None = None
-    row_image: torch.Tensor | None = None
+    tokens: np.ndarray  # (rows, width) token ids
+    loss_mask: np.ndarray  # (rows, width) the data's targets (answers only)
+    task: np.ndarray  # (rows,) index in TASKS
+    image_range: tuple[int, int]  # the image codes' ids
+    text_range: tuple[int, int] | None = None  # the text ids (caption dropout, on-policy sampling)
+    style: np.ndarray | None = None  # (rows,) prompt style, index in STYLES; None: one layout
+    patches: np.ndarray | None = None  # mid/late fusion: (images, tokens_per_image, patch_dim)
+    row_image: np.ndarray | None = None  # mid/late fusion: each row's image
 
-    @classmethod
-    def build(cls, tokens: np.ndarray, loss_mask: np.ndarray, task: np.ndarray, style: np.ndarray | None, phases,
-              patches: np.ndarray | None = None, row_image: np.ndarray | None = None) -> "TrainData":
-        pix = torch.from_numpy(patches.astype(np.float32)) if patches is not None else None
-        img_of_row = torch.from_numpy(row_image.astype(np.int64)) if row_image is not None else None
-        return cls(torch.from_numpy(tokens.astype(np.int64)), torch.from_numpy(loss_mask.astype(np.int64)),
-                   torch.from_numpy(task == TASKS.index("m2g")), rows_by_phase(task, style, phases), pix, img_of_row)
 
-    def batch(self, phase, seed: int, step: int, info: DistInfo, text_range: tuple[int, int] | None) -> Batch:
+class Batches:
+    """Every training row as host tensors, each phase's pools of rows, and each step's batch."""
+
+    def __init__(self, data: TrainData, phases, reads_pixels: bool):
+        self.tokens = torch.from_numpy(data.tokens.astype(np.int64))
+        self.mask = torch.from_numpy(data.loss_mask.astype(np.int64))
+        self.is_m2g = torch.from_numpy(data.task == TASKS.index("m2g"))
+        self.pools = rows_by_phase(data.task, data.style, phases)
+        self.text_range = data.text_range
+        self.patches = torch.from_numpy(data.patches.astype(np.float32)) if reads_pixels else None
+        self.row_image = torch.from_numpy(data.row_image.astype(np.int64)) if reads_pixels else None
+
+    def batch(self, phase, seed: int, step: int, info: DistInfo) -> Batch:
         rows = batch_indices(self.pools[phase.name], phase, seed, step)
         x = self.tokens[rows]
-        if phase.caption_dropout > 0 and text_range is not None:
-            x = blank_captions(x, self.is_m2g[rows], phase.caption_dropout, text_range, seed, step)
+        if phase.caption_dropout > 0 and self.text_range is not None:
+            x = blank_captions(x, self.is_m2g[rows], phase.caption_dropout, self.text_range, seed, step)
         mine = rows[info.rank :: info.world_size]
         x = x[info.rank :: info.world_size].to(info.device)
         m = self.mask[mine].to(info.device)

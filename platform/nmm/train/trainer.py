@@ -25,7 +25,7 @@ import torch
 
 from nmm.model import ModelConfig
 from nmm.train import checkpoint, encoder, parallelize, recipes, schedule
-from nmm.train.batches import SEED_STRIDE, Batch, TrainData
+from nmm.train.batches import SEED_STRIDE, Batch, Batches, TrainData
 from nmm.train.distributed import DistInfo, all_reduce_mean, any_rank, barrier
 
 logger = logging.getLogger(__name__)
@@ -116,8 +116,7 @@ class _Run:
     model: torch.nn.Module
     ddp: torch.nn.Module
     data: TrainData
-    image_range: tuple[int, int]
-    text_range: tuple[int, int] | None
+    batches: Batches
     checkpoint_root: str
     log: Callable[[dict, int], None]
     on_checkpoint: Callable[[int, dict], None] | None
@@ -134,41 +133,26 @@ class _Run:
         return parallelize.autocast(self.cfg.parallel, self.info.device)
 
 
-def train(
-    cfg: TrainConfig,
-    tokens: np.ndarray,
-    loss_mask: np.ndarray,
-    task: np.ndarray,
-    image_range: tuple[int, int],
-    info: DistInfo,
-    checkpoint_root: str,
-    log: Callable[[dict, int], None],
-    text_range: tuple[int, int] | None = None,
-    patches: np.ndarray | None = None,
-    row_image: np.ndarray | None = None,
-    on_checkpoint: Callable[[int, dict], None] | None = None,
-    style: np.ndarray | None = None,
-) -> tuple[torch.nn.Module, dict]:
+def train(cfg: TrainConfig, data: TrainData, info: DistInfo, checkpoint_root: str, log: Callable[[dict, int], None],
+          on_checkpoint: Callable[[int, dict], None] | None = None) -> tuple[torch.nn.Module, dict]:
     """Train through every phase; returns the unwrapped model and a summary.
 
-    `style` is each row's prompt style (index in STYLES): pretrain phases draw from the plain
-    rows, sft and opd phases from the instruction rows.
-
-    Mid/late fusion also need `patches` (images, tokens_per_image, patch_dim) and `row_image`
-    (the image of each row). `on_checkpoint(step, weights)` runs on the main rank after each
-    interval checkpoint (the train stage keeps weight snapshots for the see-saw evaluation)."""
-    _check(cfg, patches, row_image, text_range)
+    Pretrain phases draw from the plain rows, sft and opd phases from the instruction rows (the
+    data's `style`). Mid/late fusion also need the data's `patches` and `row_image`.
+    `log(metrics, step)` gets each logging interval's metrics on the main rank;
+    `on_checkpoint(step, weights)` runs there after each interval checkpoint (the train stage
+    keeps weight snapshots for the see-saw evaluation)."""
+    _check(cfg, data)
     torch.manual_seed(cfg.seed)
     model = cfg.model.build().to(info.device)
-    pixels = cfg.model.reads_pixels
-    data = TrainData.build(tokens, loss_mask, task, style, cfg.phases, patches if pixels else None, row_image if pixels else None)
-    run = _Run(cfg, info, model, model, data, image_range, text_range, checkpoint_root, log, on_checkpoint)
+    run = _Run(cfg, info, model, model, data, Batches(data, cfg.phases, cfg.model.reads_pixels), checkpoint_root, log,
+               on_checkpoint)
     resumed = _resume(run)
     if cfg.model.fusion == "late":
         if not resumed:  # (a checkpoint already holds the trained encoder and its statistics)
-            encoder.pretrain(model.stem.encoder, patches, cfg.encoder_steps, cfg.seed)
+            encoder.pretrain(model.stem.encoder, data.patches, cfg.encoder_steps, cfg.seed)
             model.stem.freeze_encoder()
-            model.stem.calibrate(torch.from_numpy(patches.astype(np.float32)).to(info.device))
+            model.stem.calibrate(torch.from_numpy(data.patches.astype(np.float32)).to(info.device))
         model.stem.freeze_encoder()
     run.ddp = parallelize.apply(model, cfg.parallel, info.world_size)
     run.summary["resumed_from"] = run.start
@@ -183,10 +167,10 @@ def train(
     return _unsharded(run), run.summary
 
 
-def _check(cfg: TrainConfig, patches, row_image, text_range) -> None:
-    if cfg.model.reads_pixels and (patches is None or row_image is None):
+def _check(cfg: TrainConfig, data: TrainData) -> None:
+    if cfg.model.reads_pixels and (data.patches is None or data.row_image is None):
         raise ValueError(f"{cfg.model.fusion} fusion trains on pixels: pass patches and row_image")
-    if any(p.recipe == "opd" for p in cfg.phases) and text_range is None:
+    if any(p.recipe == "opd" for p in cfg.phases) and data.text_range is None:
         raise ValueError("on-policy distillation samples text: pass text_range")
     if cfg.parallel.fsdp and any(p.recipe == "opd" for p in cfg.phases):
         raise ValueError("on-policy distillation samples per rank; it runs with DDP, not FSDP")
@@ -220,7 +204,7 @@ def _train_phase(run: _Run, phase: PhaseConfig, first: int, end: int) -> None:
     for s in range(begin, end):
         torch.manual_seed(step_seed(cfg.seed, s, info.rank))
         rate = opt.param_groups[0]["lr"]
-        batch = run.data.batch(phase, cfg.seed, s, info, run.text_range)
+        batch = run.batches.batch(phase, cfg.seed, s, info)
         x, parts, grad_norm = train_step(run, phase, batch, opt, teacher)
         lr.step()
         done = s + 1
@@ -234,10 +218,10 @@ def _train_phase(run: _Run, phase: PhaseConfig, first: int, end: int) -> None:
 def train_step(run: _Run, phase: PhaseConfig, batch: Batch, opt, teacher) -> tuple[torch.Tensor, dict, torch.Tensor]:
     """Forward, backward and optimizer step of one batch: (tokens seen, loss parts, grad norm)."""
     if teacher is not None:
-        loss, parts, x = recipes.distillation_step(phase, batch, run.model, run.ddp, teacher, run.cfg, run.image_range,
-                                                   run.text_range, run.amp)
+        loss, parts, x = recipes.distillation_step(phase, batch, run.model, run.ddp, teacher, run.cfg, run.data.image_range,
+                                                   run.data.text_range, run.amp)
     else:
-        loss, parts, x = recipes.next_token_step(phase.recipe, batch, run.ddp, run.cfg, run.image_range, run.amp)
+        loss, parts, x = recipes.next_token_step(phase.recipe, batch, run.ddp, run.cfg, run.data.image_range, run.amp)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), CLIP_NORM)
