@@ -72,6 +72,9 @@ def test_a_gated_metric_the_champion_lacks_promotes_nothing():
     assert not ok and "champion has no" in reason
     ok, reason = decide(True, {}, None, gates)
     assert not ok and "candidate lacks" in reason
+    nan = float("nan")  # every comparison with NaN is False: it must not read as "not worse"
+    assert decide(True, {ACC: 0.05}, {ACC: nan}, gates)[0] is False
+    assert decide(True, {ACC: nan}, {ACC: 0.9}, gates)[0] is False
 
 
 def test_worse_follows_the_gate_direction():

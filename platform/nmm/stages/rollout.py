@@ -11,6 +11,7 @@ Output parameters: `decision` (promoted|kept), `version`.
 from __future__ import annotations
 
 import json
+import math
 
 from nmm import lineage, storage
 from nmm.spec import Gate
@@ -32,18 +33,18 @@ def worse(gate: Gate, candidate: float, champion: float) -> bool:
 
 def decide(gate_ok: bool, candidate: dict[str, float], champion: dict[str, float] | None,
            gates: list[Gate]) -> tuple[bool, str]:
-    """(promote?, reason). Fails closed: no gates, or a gated metric missing on either side,
-    is no comparison and so no promotion. Pure: tested without MLflow."""
+    """(promote?, reason). Fails closed: no gates, or a gated metric missing (or not a finite
+    number) on either side, is no comparison and so no promotion. Pure: tested without MLflow."""
     if not gate_ok:
         return False, "gates failed"
     if not gates:
         return False, "the spec has no gates: nothing to judge the candidate on, not promoting"
-    missing = [g.metric for g in gates if g.metric not in candidate]
+    missing = [g.metric for g in gates if not math.isfinite(candidate.get(g.metric, math.nan))]
     if missing:
         return False, f"candidate lacks gated metrics {missing}, not promoting"
     if champion is None:
         return True, "no champion yet"
-    absent = [g.metric for g in gates if g.metric not in champion]
+    absent = [g.metric for g in gates if not math.isfinite(champion.get(g.metric, math.nan))]
     if absent:
         return False, f"champion has no {absent} to compare with, not promoting (promote by hand if intended)"
     lost = [g for g in gates if worse(g, candidate[g.metric], champion[g.metric])]
