@@ -60,10 +60,7 @@ def reconcile(body, meta, memo: kopf.Memo, patch: kopf.Patch, **_) -> None:
         raise kopf.PermanentError("invalid pipeline: " + "; ".join(problems))
     name = wf["metadata"]["name"]
     try:
-        created = kube.create_workflow(wf, meta["uid"])
-        stopped = [w["metadata"]["name"] for w in builders.superseded(kube.pipeline_workflows(meta["namespace"], meta["name"]), body)]
-        for old in stopped:
-            kube.stop_workflow(meta["namespace"], old)
+        created, stopped = kube.ensure_current(wf, body)
     except kube.NotOwned as exc:
         patch.status.update(status.not_owned(name, _now()))
         raise kopf.TemporaryError(str(exc), delay=30)

@@ -70,5 +70,17 @@ def stop_workflow(namespace: str, name: str) -> None:
     )
 
 
+def ensure_current(wf: dict, pipeline: dict) -> tuple[bool, list[str]]:
+    """The pipeline's current Workflow exists (created now: True) and every older generation of
+    its own still running is stopped (their names). Replay-safe: a second call creates and stops
+    nothing."""
+    meta = pipeline["metadata"]
+    created = create_workflow(wf, meta["uid"])
+    stopped = [w["metadata"]["name"] for w in builders.superseded(pipeline_workflows(meta["namespace"], meta["name"]), pipeline)]
+    for name in stopped:
+        stop_workflow(meta["namespace"], name)
+    return created, stopped
+
+
 def patch_pipeline_status(namespace: str, name: str, status: dict) -> None:
     kubeclient.custom_objects().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, {"status": status})

@@ -122,3 +122,19 @@ def test_settings_from_the_chart_configmap():
     assert s.compile.image == "reg/nmm:1" and s.compile.gpu_pools[0].name == "h100" and s.on_child_deleted == "recreate"
     with pytest.raises(ValueError, match="onChildDeleted"):
         from_dict({"onChildDeleted": "ignore"})
+
+
+def test_only_our_older_running_generations_are_superseded():
+    from nmm_operator import builders
+
+    def wf(name, gen, uid="mine", phase="Running", shutdown=None):
+        return {"metadata": {"name": name, "labels": {builders.LABEL_GENERATION: str(gen)},
+                             "ownerReferences": [{"uid": uid, "controller": True}]},
+                "spec": {"shutdown": shutdown} if shutdown else {}, "status": {"phase": phase}}
+
+    pipeline = {"metadata": {"uid": "mine", "generation": 4}}
+    found = [wf("qs-g1", 1, phase="Succeeded"), wf("qs-g2", 2, shutdown="Stop"), wf("qs-g3", 3),
+             wf("qs-g4", 4), wf("x-g1", 1, uid="someone-else")]
+    assert [w["metadata"]["name"] for w in builders.superseded(found, pipeline)] == ["qs-g3"]
+    assert builders.owned_by(found[0], "mine") and not builders.owned_by(found[4], "mine")
+    assert not builders.owned_by({"metadata": {"ownerReferences": [{"uid": "mine"}]}}, "mine")  # not the controller
