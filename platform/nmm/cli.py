@@ -22,6 +22,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from nmm import exitcodes
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help=__doc__)
 gpu_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="GPU inventory of this machine or node.")
 stage_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Stage entrypoints (run inside Workflow steps).")
@@ -29,8 +31,6 @@ app.add_typer(stage_app, name="stage")
 app.add_typer(gpu_app, name="gpu")
 err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 120)
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
-
-from nmm import exitcodes
 
 EXIT_BAD_INPUT = exitcodes.BAD_INPUT
 

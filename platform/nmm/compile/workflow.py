@@ -166,7 +166,7 @@ def build(spec: PipelineSpec, s: CompileSettings) -> dict:
         "kind": "Workflow",
         "metadata": {
             "generateName": f"{name}-",
-            "namespace": s.namespace,  # resolved by the caller (nmm.compile.resolve_namespace)
+            "namespace": s.namespace,  # resolved by the caller (PipelineSpec.resolve_namespace)
             "labels": labels,
             "annotations": {
                 "nmm.dev/spec-sha256": hashlib.sha256(sj.encode()).hexdigest(),
