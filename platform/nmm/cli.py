@@ -8,6 +8,7 @@
     nmm status NAME          its status on the cluster
     nmm logs NAME --stage S  a stage's logs (pods, or the copy archived in the store)
     nmm crd                  the NMMPipeline CustomResourceDefinition
+    nmm data export          a built-in source as WebDataset shards
     nmm gpu inventory        this machine's GPUs (NVML); --label-node labels the node
     nmm stage NAME …         a stage entrypoint (what Workflow steps run)
 """
@@ -26,9 +27,11 @@ from nmm import exitcodes
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help=__doc__)
 gpu_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="GPU inventory of this machine or node.")
+data_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Datasets: export a built-in source in the formats users store data in.")
 stage_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Stage entrypoints (run inside Workflow steps).")
 app.add_typer(stage_app, name="stage")
 app.add_typer(gpu_app, name="gpu")
+app.add_typer(data_app, name="data")
 err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 120)
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 
@@ -331,6 +334,38 @@ def gpu_inventory(
         if interval <= 0:
             return
         time.sleep(interval)
+
+
+@data_app.command("export")
+def data_export(
+    source: str = typer.Option(..., "--source", help="A built-in source: digits or shapes"),
+    fmt: str = typer.Option("webdataset", "--format", help="Output format: webdataset (tar shards of <key>.png + <key>.json)"),
+    out_dir: str = typer.Option(..., "--out", help="Output folder (or s3://bucket/prefix with NMM_S3_ENDPOINT set)"),
+    samples: int = typer.Option(2000, "--samples", min=1, max=1_000_000, help="How many samples (digits: at most 1,797)"),
+    image_size: int = typer.Option(32, "--image-size", min=24, max=256, help="shapes: side of the square image"),
+    seed: int = typer.Option(0, "--seed", min=0, help="shapes: the scenes' seed"),
+    captions: int = typer.Option(2, "--captions-per-image", min=1, max=8, help="Captions kept per image"),
+    shard_size: int = typer.Option(1000, "--shard-size", min=1, max=1_000_000, help="Samples per shard"),
+) -> None:
+    """Write a built-in source as WebDataset shards: the format nmm reads users' data in."""
+    from nmm import storage
+    from nmm.data import export
+
+    if fmt not in export.FORMATS:
+        err.print(f"error: --format: expected one of {', '.join(export.FORMATS)}, got {fmt!r}")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    try:
+        data = export.load_source(source, samples, image_size, seed, captions)
+    except ValueError as exc:
+        err.print(f"error: {exc}", markup=False)
+        raise typer.Exit(EXIT_BAD_INPUT)
+    out_uri = out_dir if "://" in out_dir else Path(out_dir).resolve().as_uri()
+    try:
+        shards = export.export_webdataset(data, out_uri, shard_size)
+    except storage.StorageError as exc:
+        err.print(f"error: {exc}", markup=False)
+        raise typer.Exit(exitcodes.STORE_UNAVAILABLE)
+    out.print(f"wrote {len(data.images)} {source} samples in {len(shards)} WebDataset shard(s) under {out_uri}")
 
 
 # --- stage entrypoints --------------------------------------------------------------------
