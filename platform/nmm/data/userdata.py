@@ -1,0 +1,145 @@
+"""Users' image–text samples, one at a time: WebDataset shards grouped into samples, and each
+sample decoded and validated into an image of the model's shape and a caption, or a ledger
+reason. Bad data never raises here: a truncated or corrupt image, a zero-byte file, an image over
+the decompression-bomb limit, a non-UTF-8 or missing caption, a broken tar member each become a
+`Rejected` with its reason (the per-sample step of curation; issue 11 runs it in Ray Data).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import warnings
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+CAPTION_EXTENSIONS = ("txt", "json")
+REASONS = ("decode_error", "too_small", "bad_aspect", "blank_image", "caption_empty", "caption_length")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    """What a sample must satisfy to be kept."""
+
+    min_side: int = 16  # pixels, before resizing
+    max_aspect: float = 3.0  # longer side / shorter side
+    blank_std: float = 0.02  # a near-constant image: pixel standard deviation (0..1) below this
+    min_words: int = 1
+    max_words: int = 64
+    max_pixels: int = 64 * 1024 * 1024  # decompression-bomb guard: checked from the header, before decoding
+
+
+@dataclass(frozen=True)
+class Decoded:
+    key: str
+    image: np.ndarray  # (size, size, channels) float32 in [0, 1]
+    caption: str
+
+
+@dataclass(frozen=True)
+class Rejected:
+    key: str
+    reason: str  # one of REASONS
+    detail: str
+
+
+def samples(shard: bytes, name: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) per sample of a WebDataset tar: consecutive members sharing the
+    key before the first dot. A broken member ends the shard: the sample it belonged to comes with
+    the parts read before it, then a sample keyed `<name>#broken-<n>` with no parts (the rest of
+    the shard, lost: a `decode_error` row, not a crash)."""
+    key, parts, n = None, {}, 0
+    try:
+        with tarfile.open(fileobj=io.BytesIO(shard), mode="r:") as tar:
+            for member in tar:
+                n += 1
+                if not member.isfile():
+                    continue
+                base = member.name.rsplit("/", 1)[-1]
+                stem, _, ext = base.partition(".")
+                if stem != key and key is not None:
+                    yield key, parts
+                    parts = {}
+                key = stem
+                data = tar.extractfile(member).read()
+                if len(data) != member.size:  # tarfile reads a cut archive's last member short, silently
+                    raise tarfile.ReadError(f"{member.name}: {len(data)} of {member.size} bytes")
+                parts[ext.lower()] = data
+    except (tarfile.TarError, EOFError, OSError):
+        if key is not None:
+            yield key, parts
+        yield f"{name}#broken-{n}", {}
+        return
+    if key is not None:
+        yield key, parts
+
+
+def caption_of(parts: dict[str, bytes]) -> str | Rejected | None:
+    """The caption of a sample's parts (`.txt`, or `.json`'s "caption"); None when there is none."""
+    for ext in CAPTION_EXTENSIONS:
+        if ext not in parts:
+            continue
+        try:
+            text = parts[ext].decode("utf-8")
+        except UnicodeDecodeError:
+            return Rejected("", "decode_error", f"the .{ext} caption is not UTF-8")
+        if ext == "txt":
+            return text.strip()
+        try:
+            record = json.loads(text)
+        except ValueError:
+            return Rejected("", "decode_error", "the .json caption is not JSON")
+        caption = record.get("caption") if isinstance(record, dict) else None
+        return caption.strip() if isinstance(caption, str) else None
+    return None
+
+
+def _image(data: bytes, channels: int, size: int, limits: Limits) -> np.ndarray | tuple[str, str]:
+    from PIL import Image, ImageOps
+
+    if not data:
+        return "decode_error", "zero-byte image"
+    try:
+        with warnings.catch_warnings():  # over Pillow's own limit: ours below says so, as a row
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+        with img:
+            w, h = img.size
+            if w * h > limits.max_pixels:
+                return "decode_error", f"{w}x{h} pixels is over the decompression-bomb limit of {limits.max_pixels}"
+            if min(w, h) < limits.min_side:
+                return "too_small", f"{w}x{h}, the shorter side under {limits.min_side}"
+            if max(w, h) / min(w, h) > limits.max_aspect:
+                return "bad_aspect", f"{w}x{h}, aspect over {limits.max_aspect:g}"
+            img.load()
+            picture = ImageOps.fit(img.convert("L" if channels == 1 else "RGB"), (size, size), Image.Resampling.BICUBIC)
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
+        return "decode_error", f"{type(exc).__name__}: {str(exc)[:120]}"
+    pixels = np.asarray(picture, np.float32) / 255.0
+    return pixels[..., None] if channels == 1 else pixels
+
+
+def decode(key: str, parts: dict[str, bytes], channels: int, size: int, limits: Limits = Limits()) -> Decoded | Rejected:
+    """One sample: its image resized and centre-cropped to `size` (grey for 1 channel, else RGB)
+    and its caption, or why it is dropped."""
+    caption = caption_of(parts)
+    if isinstance(caption, Rejected):
+        return Rejected(key, caption.reason, caption.detail)
+    ext = next((e for e in IMAGE_EXTENSIONS if e in parts), None)
+    if ext is None:
+        return Rejected(key, "decode_error", "no image (.jpg, .jpeg, .png or .webp)" if parts else "broken tar member")
+    image = _image(parts[ext], channels, size, limits)
+    if isinstance(image, tuple):
+        return Rejected(key, *image)
+    if float(image.std()) < limits.blank_std:
+        return Rejected(key, "blank_image", f"pixel standard deviation {float(image.std()):.4f} < {limits.blank_std:g}")
+    if not caption:
+        return Rejected(key, "caption_empty", "no caption" if caption is None else "empty caption")
+    words = len(caption.split())
+    if not limits.min_words <= words <= limits.max_words:
+        return Rejected(key, "caption_length", f"{words} words, outside {limits.min_words}..{limits.max_words}")
+    return Decoded(key, image, caption)
