@@ -59,8 +59,9 @@ def samples(shard: bytes, name: str) -> Iterator[tuple[str, dict[str, bytes]]]:
                 n += 1
                 if not member.isfile():
                     continue
-                base = member.name.rsplit("/", 1)[-1]
+                folder, _, base = member.name.rpartition("/")
                 stem, _, ext = base.partition(".")
+                stem = f"{folder}/{stem}" if folder else stem  # WebDataset keys keep their folder
                 if stem != key and key is not None:
                     yield key, parts
                     parts = {}
