@@ -4,6 +4,7 @@ tiny config with DDP or FSDP2 on CPU (gloo) and saves the final weights from ran
     torchrun --nproc-per-node=2 -m tests.integration.dist_worker ROOT_URI OUT_FILE [--fsdp] [--slow]
 """
 
+import os
 import sys
 import time
 
@@ -41,9 +42,14 @@ if __name__ == "__main__":
         if info.is_main:
             torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out)
             print("resumed_from", summary["resumed_from"], flush=True)
+        code = 0
     except Exception as exc:  # noqa: BLE001 - the exit code is what the test reads
         sys.stdout.write(f"{type(exc).__name__} {exc}\n")  # one write: the two ranks' lines never interleave
-        sys.stdout.flush()
-        sys.exit(143 if type(exc).__name__ == "Preempted" else 1)
+        code = 143 if type(exc).__name__ == "Preempted" else 1
     finally:
         distributed.shutdown(info)
+    sys.stdout.flush()
+    # Once in ~10 full-suite runs a rank that had finished (process group destroyed) aborted in
+    # interpreter teardown ("terminate called without an active exception", gloo's threads):
+    # the work is done and checked by the test, so leave without that teardown.
+    os._exit(code)
