@@ -10,10 +10,10 @@ import kopf
 from nmm.compile import CompileSettings, compile_pipeline
 from nmm.spec import PipelineSpec, SpecError, parse_pipeline_document
 from nmm.spec.names import run_name
+from nmm_operator import status
 
 LABEL_OWNER = "nmm.dev/owner"
 LABEL_GENERATION = "nmm.dev/generation"
-FINISHED = ("Succeeded", "Failed", "Error")
 
 
 def workflow_name(pipeline: str, generation: int) -> str:
@@ -71,6 +71,6 @@ def superseded(workflows: list[dict], pipeline: dict) -> list[dict]:
     return [
         wf for wf in workflows
         if owned_by(wf, uid) and generation_of(wf) < current
-        and (wf.get("status") or {}).get("phase") not in FINISHED
+        and (wf.get("status") or {}).get("phase") not in status.DONE
         and (wf.get("spec") or {}).get("shutdown") not in ("Stop", "Terminate")
     ]

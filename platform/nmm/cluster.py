@@ -25,11 +25,16 @@ def current_namespace() -> str:
         return "default"
 
 
-def _custom() -> client.CustomObjectsApi:
+def _api(factory):
+    """A Kubernetes API object; no configured cluster is a ClusterError (a message, not a traceback)."""
     try:
-        return kubeclient.custom_objects()
+        return factory()
     except kubeclient.KubeConfigError as exc:
         raise ClusterError(str(exc)) from None
+
+
+def _custom() -> client.CustomObjectsApi:
+    return _api(kubeclient.custom_objects)
 
 
 def submit(spec: PipelineSpec, namespace: str) -> tuple[str, int]:
@@ -70,10 +75,7 @@ def get_workflow(name: str, namespace: str) -> dict | None:
 
 def pod_logs(workflow: str, stage: str, namespace: str) -> list[tuple[str, str]]:
     """(pod, log) of the stage's pods that still exist: Argo step pods, or the PyTorchJob's."""
-    try:
-        core = kubeclient.core()
-    except kubeclient.KubeConfigError as exc:
-        raise ClusterError(str(exc)) from None
+    core = _api(kubeclient.core)
     if split_step(stage)[0] == "train":  # train, or train-<variant> in an ablation
         selector, container = f"training.kubeflow.org/job-name={train_job_name(workflow, split_step(stage)[1])}", "pytorch"
     else:

@@ -13,7 +13,6 @@ import torch
 from nmm.model import ModelConfig
 from nmm.train import distributed
 from nmm.train.parallelize import Parallelism
-from nmm.train.batches import TrainData
 from nmm.train.trainer import PhaseConfig, TrainConfig, train
 from tests.integration.resume_worker import data
 

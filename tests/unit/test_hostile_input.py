@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nmm.compile import CompileSettings, compile_pipeline, spec_json
+from nmm.compile import CompileSettings, compile_pipeline
 from nmm.engine.params import expand_env_refs, substitute_all
 from nmm.spec import NamespaceConflict, SpecError, parse_pipeline, parse_pipeline_document
 from nmm.spec import names

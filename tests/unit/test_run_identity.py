@@ -44,9 +44,11 @@ def test_a_recreated_pipeline_gets_its_own_outputs_though_its_run_has_the_same_n
 
 
 def test_two_namespaces_never_share_outputs_or_cache_entries():
-    a = _identity_args(builders.build_workflow(_body("team-a", "u1"), CompileSettings()))
-    b = _identity_args(builders.build_workflow(_body("team-b", "u1"), CompileSettings()))
-    assert a["namespace"] == "{{workflow.namespace}}"  # the namespace the Workflow actually runs in
+    wa = builders.build_workflow(_body("team-a", "u1"), CompileSettings())
+    wb = builders.build_workflow(_body("team-b", "u1"), CompileSettings())
+    assert (wa["metadata"]["namespace"], wb["metadata"]["namespace"]) == ("team-a", "team-b")
+    # Stages read the namespace the Workflow actually runs in.
+    assert _identity_args(wa)["namespace"] == _identity_args(wb)["namespace"] == "{{workflow.namespace}}"
     ra, rb = RunIdentity("team-a", "qs", "u1", "qs-g1"), RunIdentity("team-b", "qs", "u1", "qs-g1")
     assert layout.stage_uri("s3://nmm", ra, "train") != layout.stage_uri("s3://nmm", rb, "train")
     assert layout.cache_index_uri("s3://nmm", "team-a", "curate", "k") != layout.cache_index_uri("s3://nmm", "team-b", "curate", "k")

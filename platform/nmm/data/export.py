@@ -16,19 +16,16 @@ import tarfile
 import numpy as np
 
 from nmm import storage
-from nmm.data.sources import SourceData, load_digits, render_shapes
+from nmm.data import sources
+from nmm.data.sources import SourceData
 
 FORMATS = ("webdataset",)
 
 
 def load_source(kind: str, samples: int, image_size: int, seed: int, captions_per_image: int) -> SourceData:
-    """A built-in source by name (`digits`: all 1,797 real digits, `samples` of them at most)."""
-    if kind == "digits":
-        data = load_digits(captions_per_image)
-        return data.subset(range(min(samples, len(data.images))))
-    if kind == "shapes":
-        return render_shapes(samples, image_size, seed, captions_per_image)
-    raise ValueError(f"--source: expected one of digits, shapes; got {kind!r}")
+    """A built-in source by name, `samples` of it at most (digits has 1,797)."""
+    data = sources.load(kind, captions_per_image, samples, image_size, seed)
+    return data if len(data.images) <= samples else data.subset(range(samples))
 
 
 def png(image: np.ndarray) -> bytes:

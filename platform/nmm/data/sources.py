@@ -89,6 +89,16 @@ def load_digits(captions_per_image: int) -> SourceData:
     return SourceData("digits", images, labels, caps)
 
 
+def load(kind: str, captions_per_image: int, samples: int, image_size: int, seed: int) -> SourceData:
+    """A built-in source by name: `digits` (all of them; samples, size and seed are shapes' own)
+    or `shapes`."""
+    if kind == "digits":
+        return load_digits(captions_per_image)
+    if kind == "shapes":
+        return render_shapes(samples, image_size, seed, captions_per_image)
+    raise ValueError(f"--source: expected one of digits, shapes; got {kind!r}")
+
+
 def render_shapes(samples: int, size: int, seed: int, captions_per_image: int) -> SourceData:
     """GenEval-style scenes (nmm.data.shapes): the six tasks in turn, with caption paraphrases,
     VQA pairs and each scene's ground truth."""

@@ -32,6 +32,11 @@ def not_found(exc: BaseException) -> bool:
     return error_code(exc) == "RESOURCE_DOES_NOT_EXIST"
 
 
+def already_exists(exc: BaseException) -> bool:
+    """Created meanwhile by a concurrent run: not an error for find-or-create."""
+    return error_code(exc) == "RESOURCE_ALREADY_EXISTS"
+
+
 def as_tracking_error(exc: BaseException, doing: str) -> TrackingError:
     code = error_code(exc) or type(exc).__name__
     first = str(exc).splitlines()[0][:300] if str(exc) else ""

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nmm.identity import RunIdentity
-from nmm.lineage.errors import RegistryConflict, not_found, tracked
+from nmm.lineage.errors import RegistryConflict, already_exists, not_found, tracked
 from nmm.lineage.runs import TAG_RUN_ID, TAG_RUN_KEY, _client
 
 TAG_MODEL_DIGEST = "nmm.model_digest"
@@ -47,8 +47,8 @@ def register_version(name: str, model_uri: str, run: RunIdentity, model_digest: 
     if _registered_model(client, name) is None:
         try:
             client.create_registered_model(name)
-        except MlflowException as exc:  # created meanwhile by a concurrent run: fine
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+        except MlflowException as exc:
+            if not already_exists(exc):
                 raise
     for v in client.search_model_versions(f"name='{name}'"):
         vtags = v.tags or {}

@@ -18,7 +18,7 @@ from typing import Iterator
 
 from nmm.home import home_dir
 from nmm.identity import RunIdentity
-from nmm.lineage.errors import TrackingError, tracked
+from nmm.lineage.errors import TrackingError, already_exists, tracked
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,8 @@ def _experiment_id(client, name: str) -> str:
         location = (home_dir() / "mlartifacts" / name).as_uri()
     try:
         return client.create_experiment(name, artifact_location=location)
-    except MlflowException as exc:  # created concurrently by another process
-        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+    except MlflowException as exc:
+        if not already_exists(exc):
             raise
         return client.get_experiment_by_name(name).experiment_id
 

@@ -8,9 +8,8 @@ from nmm.spec.models import (
     Gate,
     PipelineSpec,
     parse_gate,
-    split_step,
-    step_name,
 )
+from nmm.spec.names import split_step, step_name
 from nmm.spec.parse import SpecError, parse_pipeline, parse_pipeline_document
 
 __all__ = [

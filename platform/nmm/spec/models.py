@@ -13,7 +13,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic.alias_generators import to_camel
 
 from nmm.spec import names
-from nmm.spec.names import split_step, step_name  # noqa: F401  (re-exported)
 
 API_VERSION = "nmm.dev/v1alpha1"
 KIND = "NMMPipeline"

@@ -15,10 +15,10 @@ import time
 import numpy as np
 
 from nmm import lineage, storage
-from nmm.data import curate, ray_transforms
+from nmm.data import curate, ray_transforms, sources
 from nmm.data.sequences import STYLES, TASKS, Prompts, instruction_texts, pack_rows
 from nmm.data.shards import encode_shard
-from nmm.data.sources import SourceData, load_digits, render_shapes
+from nmm.data.sources import SourceData
 from nmm.stages.context import StageContext, cache_key, setup_logging
 from nmm.tokenizers import PatchVQ, SharedVocab, TextTokenizer
 from nmm.version import code_version
@@ -29,11 +29,7 @@ SHARD_IMAGES = 4096  # images per shard
 def _load(ctx: StageContext) -> SourceData:
     data = ctx.spec.spec.data
     src = data.sources[0]
-    if src.kind == "digits":
-        out = load_digits(data.captions_per_image)
-    else:
-        out = render_shapes(src.samples, src.image_size, src.seed, data.captions_per_image)
-    return out
+    return sources.load(src.kind, data.captions_per_image, src.samples, src.image_size, src.seed)
 
 
 def _key(ctx: StageContext) -> str:
@@ -93,7 +89,7 @@ def _shards(split: str, data: SourceData, ids: list[str], idx: np.ndarray, codes
     return out
 
 
-def _cached(ctx: StageContext, key: str, index_uri: str, log) -> tuple[str, dict] | None:
+def _cached(key: str, index_uri: str, log) -> tuple[str, dict] | None:
     """(dataset URI, manifest) of this namespace's earlier dataset with this cache key, when it is
     still whole and really was made from this key."""
     if not storage.exists(index_uri):
@@ -168,7 +164,7 @@ def run(ctx: StageContext) -> None:
     key = _key(ctx)
     index_uri = ctx.cache_index_uri("curate", key)
     with lineage.stage_run(ctx.run, "curate", cache_key=key, code_version=code_version()) as run:
-        hit = _cached(ctx, key, index_uri, log)
+        hit = _cached(key, index_uri, log)
         if hit is not None:
             uri, manifest = hit
             log.info("cache hit: %s (key %s)", uri, key)

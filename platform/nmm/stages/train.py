@@ -34,7 +34,6 @@ from nmm.train.trainer import PhaseConfig, Preempted, TrainConfig, phase_at, pha
 from nmm.version import code_version
 
 
-
 def phase_configs(spec) -> tuple[PhaseConfig, ...]:
     """The trainer's phases: the spec's, field for field (an unset mixture: equal shares of the
     model's tasks)."""
