@@ -27,7 +27,7 @@ from nmm import exitcodes
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help=__doc__)
 gpu_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="GPU inventory of this machine or node.")
-data_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Datasets: export a built-in source in the formats users store data in.")
+data_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Datasets: export a built-in source in the formats users store data in; read a dataset's ledger.")
 stage_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Stage entrypoints (run inside Workflow steps).")
 app.add_typer(stage_app, name="stage")
 app.add_typer(gpu_app, name="gpu")
@@ -340,7 +340,7 @@ def gpu_inventory(
 def data_export(
     source: str = typer.Option(..., "--source", help="A built-in source: digits or shapes"),
     fmt: str = typer.Option("webdataset", "--format", help="Output format: webdataset (tar shards of <key>.png + <key>.json)"),
-    out_dir: str = typer.Option(..., "--out", help="Output folder (or s3://bucket/prefix with NMM_S3_ENDPOINT set)"),
+    out_dir: str = typer.Option(..., "--out", help="Output folder, store://prefix (in nmm's store), or s3://bucket/prefix"),
     samples: int = typer.Option(2000, "--samples", min=1, max=1_000_000, help="How many samples (digits: at most 1,797)"),
     image_size: int = typer.Option(32, "--image-size", min=24, max=256, help="shapes: side of the square image"),
     seed: int = typer.Option(0, "--seed", min=0, help="shapes: the scenes' seed"),
@@ -360,12 +360,77 @@ def data_export(
         err.print(f"error: {exc}", markup=False)
         raise typer.Exit(EXIT_BAD_INPUT)
     out_uri = out_dir if "://" in out_dir else Path(out_dir).resolve().as_uri()
+    out_uri = storage.in_store(out_uri, storage.default_store_uri())
     try:
         shards = export.export_webdataset(data, out_uri, shard_size)
     except storage.StorageError as exc:
         err.print(f"error: {exc}", markup=False)
         raise typer.Exit(exitcodes.STORE_UNAVAILABLE)
     out.print(f"wrote {len(data.images)} {source} samples in {len(shards)} WebDataset shard(s) under {out_uri}")
+
+
+def _dataset_uri(run: str) -> str:
+    """A dataset URI as given, or the one a local run's curate step published."""
+    import json
+
+    from nmm import storage
+    from nmm.home import home_dir
+
+    if "://" in run:
+        return storage.in_store(run, storage.default_store_uri())
+    status = home_dir() / "runs" / run / "status.json"
+    if not status.is_file():
+        err.print(f"error: RUN: no local run {run!r} (under {home_dir() / 'runs'}); give a run name or a dataset URI")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    uri = json.loads(status.read_text()).get("steps", {}).get("curate", {}).get("outputs", {}).get("dataset_uri")
+    if not uri:
+        err.print(f"error: run {run!r} has no curated dataset (its curate step did not finish)")
+        raise typer.Exit(exitcodes.FAILED)
+    return uri
+
+
+@data_app.command("ledger")
+def data_ledger(
+    run: str = typer.Argument(..., help="A local run's name (nmm run prints it), or a dataset URI"),
+    reason: Optional[str] = typer.Option(None, "--reason", help="Only rows dropped for this reason (or 'keep')"),
+    rows: int = typer.Option(20, "--rows", min=0, max=100_000, help="How many rows to print"),
+) -> None:
+    """Every input sample's fate: counts per source and reason, then rows."""
+    import pyarrow.compute as pc
+    from rich.table import Table
+
+    from nmm import storage
+    from nmm.data import ledger
+
+    if reason is not None and reason not in (*ledger.REASONS, "keep"):
+        err.print(f"error: --reason: expected keep or one of {', '.join(ledger.REASONS)}, got {reason!r}")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    uri = _dataset_uri(run)
+    try:
+        manifest = storage.read_manifest(uri, verify=False)
+        if manifest is None or ledger.FILE not in manifest.get("files", {}):
+            err.print(f"error: no ledger at {uri} (curated by an older nmm, or not a dataset)")
+            raise typer.Exit(EXIT_BAD_INPUT)
+        table = ledger.from_bytes(storage.read_file(uri, manifest, ledger.FILE))
+    except storage.StorageError as exc:
+        err.print(f"error: {exc}", markup=False)
+        raise typer.Exit(exitcodes.STORE_UNAVAILABLE)
+    counts = ledger.counts(table)
+    summary = Table("source", "samples", "kept", title=f"ledger of {uri}")
+    for name, c in counts["sources"].items():
+        summary.add_row(name, str(c["samples"]), str(c["kept"]))
+    out.print(summary)
+    out.print("dropped: " + (", ".join(f"{r} {n}" for r, n in counts["dropped_by_reason"].items() if n) or "none"))
+    if reason == "keep":
+        table = table.filter(pc.is_null(table["reason"]))
+    elif reason:
+        table = table.filter(pc.equal(table["reason"], reason))
+    picked = table.slice(0, rows).to_pylist()
+    listing = Table("source", "key", "decision", "reason", "duplicate_of", "split", "detail")
+    for r in picked:
+        listing.add_row(*(str(r[c] or "") for c in ("source", "key", "decision", "reason", "duplicate_of", "split", "detail")))
+    if picked:
+        out.print(listing)
 
 
 # --- stage entrypoints --------------------------------------------------------------------
@@ -383,6 +448,7 @@ def _stage(name: str, fn, ident: dict, variant: str | None = None, **kw) -> None
     """Run a stage with its log archived to the store. Exit codes (R17): bad input 2, outputs
     that belong to another spec 3; an unreachable store or MLflow 129/130 (retryable)."""
     from nmm.data.dataset import DatasetError
+    from nmm.data.locate import SourceError
     from nmm.lineage import TrackingError
     from nmm.spec import SpecError
     from nmm.lineage import RegistryConflict
@@ -401,7 +467,7 @@ def _stage(name: str, fn, ident: dict, variant: str | None = None, **kw) -> None
     try:
         with Archive(ctx.stage_uri(ctx.step(name))):
             code = fn(ctx, **kw)
-    except (DatasetError, ModelMissing) as exc:
+    except (DatasetError, ModelMissing, SourceError) as exc:
         err.print(f"error: {exc}", markup=False)
         raise typer.Exit(EXIT_BAD_INPUT)
     except (OutputsConflict, RegistryConflict) as exc:
@@ -422,11 +488,38 @@ def _ident(spec: str, namespace: str, owner_uid: str, run_id: str, store: str, o
 
 @stage_app.command("curate")
 def stage_curate(spec: str = SpecOpt, namespace: str = NsOpt, owner_uid: str = OwnerOpt, run_id: str = RunOpt,
-                 store: str = StoreOpt, outputs: str = OutputsOpt) -> None:
-    """Curate: sources → dedup → split → tokenizers → shards + manifest."""
+                 store: str = StoreOpt, outputs: str = OutputsOpt,
+                 outputs_uri: Optional[str] = typer.Option(None, "--outputs-uri", help="Also write the output parameters "
+                                                           "here, as JSON (a RayJob's driver: see `nmm stage curated`)")) -> None:
+    """Curate: sources → decode, filter, dedup → split → tokenizers → shards, ledger, data card + manifest."""
     from nmm.stages import curate
 
-    _stage("curate", curate.run, _ident(spec, namespace, owner_uid, run_id, store, outputs))
+    _stage("curate", curate.run, _ident(spec, namespace, owner_uid, run_id, store, outputs) | {"outputs_uri": outputs_uri})
+
+
+@stage_app.command("curated")
+def stage_curated(source: str = typer.Option(..., "--from", help="The JSON a RayJob's curate driver wrote (--outputs-uri)"),
+                  outputs: str = OutputsOpt) -> None:
+    """Read the curate RayJob's output parameters back from the store (a resource step has none)."""
+    import json
+
+    from nmm import storage
+
+    try:
+        values = json.loads(storage.read_bytes(source))
+    except storage.StorageError as exc:
+        err.print(f"error: {exc}", markup=False)
+        raise typer.Exit(exitcodes.STORE_UNAVAILABLE)
+    except ValueError:
+        err.print(f"error: --from: {source} is not the JSON of output parameters")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    folder = Path(outputs)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("dataset_uri", "dataset_digest", "cache"):
+        if not isinstance(values.get(name), str):
+            err.print(f"error: {source} has no {name!r}")
+            raise typer.Exit(EXIT_BAD_INPUT)
+        (folder / name).write_text(values[name])
 
 
 @stage_app.command("train")

@@ -18,6 +18,7 @@ import yaml
 HERE = Path(__file__).parent
 ARGO_WORKFLOW = HERE / "argo-workflows-v4.1.2-workflows.yaml"
 PYTORCHJOB = HERE / "kubeflow-training-v1.9.4-pytorchjobs.yaml"
+RAYJOB = HERE / "kuberay-v1.7.0-rayjobs.yaml"
 
 
 def _close(schema):

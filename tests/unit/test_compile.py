@@ -12,7 +12,7 @@ import yaml
 from nmm.compile import CompileSettings, compile_pipeline, to_yaml
 from nmm.spec import parse_pipeline
 from tests.conftest import WORKFLOWS
-from tests.schemas import ARGO_WORKFLOW, PYTORCHJOB, crd_errors
+from tests.schemas import ARGO_WORKFLOW, PYTORCHJOB, RAYJOB, crd_errors
 
 GOLDEN = Path(__file__).parent.parent / "golden"
 EXAMPLES = sorted(WORKFLOWS.glob("*.yaml"))
@@ -22,8 +22,13 @@ def compiled(path: Path, settings: CompileSettings | None = None) -> dict:
     return compile_pipeline(parse_pipeline(path.read_text()), settings or CompileSettings())
 
 
+def resources_of(wf: dict, kind: str) -> list[dict]:
+    found = [yaml.safe_load(t["resource"]["manifest"]) for t in wf["spec"]["templates"] if "resource" in t]
+    return [r for r in found if r["kind"] == kind]
+
+
 def pytorchjobs_of(wf: dict) -> list[dict]:
-    return [yaml.safe_load(t["resource"]["manifest"]) for t in wf["spec"]["templates"] if "resource" in t]
+    return resources_of(wf, "PyTorchJob")
 
 
 def pytorchjob_of(wf: dict) -> dict:
@@ -214,3 +219,34 @@ def test_stage_args_carry_the_canonical_spec():
     args = curate["container"]["args"]
     spec_json = args[args.index("--spec") + 1]
     assert parse_pipeline(path.read_text()).model_dump(mode="json", by_alias=True) == json.loads(spec_json)
+
+
+def test_data_ray_compiles_curate_into_a_kuberay_rayjob_whose_outputs_the_curated_step_reads():
+    import shlex
+
+    path = WORKFLOWS / "byo-webdataset.yaml"
+    spec = parse_pipeline(path.read_text())
+    assert spec.spec.data.ray is not None, "the byo example is the one that curates on a RayJob"
+    wf = compiled(path)
+    (job,) = resources_of(wf, "RayJob")
+    assert crd_errors(RAYJOB, "v1", job) == []
+    templates = {t["name"]: t for t in wf["spec"]["templates"]}
+    assert templates["curate"]["resource"]["setOwnerReference"] is True  # owned by the Workflow, like the PyTorchJob
+    assert "SUCCEEDED" in templates["curate"]["resource"]["successCondition"]
+    workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert workers["replicas"] == spec.spec.data.ray.workers
+    assert workers["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"] == spec.spec.data.ray.cpu
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:3] == ["nmm", "stage", "curate"]
+    out_uri = argv[argv.index("--outputs-uri") + 1]
+    curated = templates["curated"]["container"]["args"]
+    assert curated[curated.index("--from") + 1] == out_uri
+    tasks = {t["name"]: t for t in wf["spec"]["templates"][0]["dag"]["tasks"]}
+    assert tasks["curated"]["dependencies"] == ["curate"] and tasks["train"]["dependencies"] == ["curated"]
+    assert "tasks.curated.outputs.parameters.dataset_uri" in json.dumps(tasks["train"])
+    name = job["metadata"]["name"].replace("{{workflow.name}}", "x" * (len(spec.metadata.name) + 8))
+    assert len(name) <= 47  # KubeRay's limit on RayJob names
+    for group in (job["spec"]["rayClusterSpec"]["headGroupSpec"], workers):
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "ray"}, "spec": group["template"]["spec"]}
+        kubernetes_validate.validate(pod, "1.33", strict=True)
+        assert group["template"]["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True

@@ -1,8 +1,8 @@
 import numpy as np
 
-from nmm.data.curate import content_ids, dedup_exact, split
+from nmm.data.curate import content_ids, split
 from nmm.data.sequences import INSTRUCTIONS, Prompts, blank_text, instruction_texts, pack_rows, style_of
-from nmm.data.sources import SourceData, digit_captions, load_digits, parse_digit
+from nmm.data.sources import digit_captions, load_digits, parse_digit
 from nmm.tokenizers import PatchVQ, SharedVocab, TextTokenizer
 from nmm.tokenizers.vocab import ASSISTANT, BOI, BOS, EOI, EOS, PAD, USER
 
@@ -87,11 +87,8 @@ def test_instruction_rows_wrap_the_same_answers_in_user_and_assistant_turns():
     assert style_of("pretrain") == "plain" and style_of("sft") == style_of("opd") == "instruct"
 
 
-def test_dedup_drops_identical_images_and_split_is_content_stable():
+def test_split_is_content_stable():
     d = load_digits(1)
-    dup = SourceData("x", np.concatenate([d.images[:20], d.images[:5]]), np.concatenate([d.labels[:20], d.labels[:5]]), d.captions[:20] + d.captions[:5])
-    out, dropped = dedup_exact(dup)
-    assert dropped == 5 and len(out.images) == 20
     a = split(content_ids(d.images), 0.7, 0.1)
     perm = np.random.default_rng(1).permutation(len(d.images))
     b = split(content_ids(d.images[perm]), 0.7, 0.1)

@@ -12,7 +12,6 @@ from kubeflow.training import models as kf
 from kubernetes import client as k8s
 
 from nmm.compile import pods
-from nmm.data.sources import DIGITS_SIDE
 from nmm.compile.settings import CompileSettings
 from nmm.gpu import memory, pools
 from nmm.model.config import ModelConfig
@@ -23,8 +22,7 @@ CAPTION_TOKENS = 32  # room for a caption, an instruction and the special tokens
 
 
 def estimated_seq_len(spec: PipelineSpec) -> int:
-    src = spec.spec.data.sources[0]
-    side = DIGITS_SIDE if src.kind == "digits" else src.image_size
+    side, _ = spec.spec.data.image_shape
     patch = spec.spec.model.tokenizers.image.patch_size
     return (side // patch) ** 2 + CAPTION_TOKENS
 

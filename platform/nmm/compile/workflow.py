@@ -1,6 +1,6 @@
 """PipelineSpec + CompileSettings → Argo `Workflow` (argoproj.io/v1alpha1). Pure and deterministic.
 
-DAG: curate → train (a PyTorchJob resource) → evaluate → rollout (only when the gate passed);
+DAG: curate (a container, or a KubeRay RayJob resource + a `curated` step with data.ray) → train (a PyTorchJob resource) → evaluate → rollout (only when the gate passed);
 onExit: finalize (closes the MLflow parent run). Stages hand each other URIs as parameters.
 With variants (an ablation), curate fans out to train-<v> → evaluate-<v> per variant; rollout
 waits for all of them and considers the first variant.
@@ -14,7 +14,7 @@ import json
 import yaml
 
 from nmm import __version__
-from nmm.compile import pods, pytorchjob
+from nmm.compile import pods, pytorchjob, rayjob
 from nmm.compile.settings import CompileSettings
 from nmm.identity import RunIdentity
 from nmm.spec import PipelineSpec, names, step_name
@@ -24,6 +24,7 @@ from nmm.storage.layout import stage_uri
 WF_GROUP, WF_VERSION, WF_PLURAL = "argoproj.io", "v1alpha1", "workflows"
 DAG = "pipeline"
 EXIT = names.EXIT_STAGE
+CURATED = "curated"  # with data.ray: reads the RayJob's outputs back from the store
 
 
 def spec_json(spec: PipelineSpec) -> str:
@@ -95,17 +96,50 @@ def _train_template(spec: PipelineSpec, sj: str, s: CompileSettings, variant: st
     }
 
 
+def _curate_templates(spec: PipelineSpec, sj: str, s: CompileSettings) -> list[dict]:
+    """The curate step: a container, or (with data.ray) a KubeRay RayJob whose outputs the
+    `curated` step reads back from the store."""
+    outputs = ["dataset_uri", "dataset_digest", "cache"]
+    if spec.spec.data.ray is None:
+        return [_container_template("curate", [], [], outputs, sj, s)]
+    out_uri = rayjob_outputs_uri(spec, s)
+    job = rayjob.build(spec, sj, s, out_uri)
+    reader = _container_template(CURATED, [], [], outputs, sj, s)
+    reader["container"]["args"] = ["stage", CURATED, "--from", out_uri, "--outputs", pods.OUTPUTS_DIR]
+    reader["container"]["resources"] = {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}
+    return [{
+        "name": "curate",
+        "retryStrategy": _retry(s),
+        "activeDeadlineSeconds": str(s.step_deadline_seconds),
+        "resource": {
+            "action": "create",
+            "setOwnerReference": True,
+            "successCondition": "status.jobStatus == SUCCEEDED",
+            "failureCondition": "status.jobStatus in (FAILED, STOPPED)",
+            "manifest": yaml.safe_dump(job, sort_keys=False, width=1 << 20),
+        },
+    }, reader]
+
+
+def rayjob_outputs_uri(spec: PipelineSpec, s: CompileSettings) -> str:
+    run = RunIdentity(pods.NAMESPACE, spec.metadata.name, pods.owner_uid(s), pods.RUN_ID)
+    return stage_uri(s.store_uri, run, "curate") + "/outputs.json"
+
+
 def _dag(spec: PipelineSpec, s: CompileSettings) -> dict:
     variants = spec.variant_names or [None]
-    curate_out = "{{tasks.curate.outputs.parameters.dataset_uri}}"
+    source = CURATED if spec.spec.data.ray is not None else "curate"
+    curate_out = f"{{{{tasks.{source}.outputs.parameters.dataset_uri}}}}"
     run = RunIdentity(pods.NAMESPACE, spec.metadata.name, pods.owner_uid(s), pods.RUN_ID)
     model_uris = {v: stage_uri(s.store_uri, run, step_name("train", v)) for v in variants}
     tasks: list[dict] = [{"name": "curate", "template": "curate"}]
+    if source == CURATED:
+        tasks.append({"name": CURATED, "template": CURATED, "dependencies": ["curate"]})
     for v in variants:
         tasks.append({
             "name": step_name("train", v),
             "template": step_name("train", v),
-            "dependencies": ["curate"],
+            "dependencies": [source],
             "arguments": {"parameters": [_arg("dataset_uri", curate_out)]},
         })
         params = [_arg("dataset_uri", curate_out), _arg("model_uri", model_uris[v])]
@@ -145,7 +179,7 @@ def build(spec: PipelineSpec, s: CompileSettings) -> dict:
     variant_args = ["--variant", "{{inputs.parameters.variant}}"] if spec.variant_names else []
     templates = [
         _dag(spec, s),
-        _container_template("curate", [], [], ["dataset_uri", "dataset_digest", "cache"], sj, s),
+        *_curate_templates(spec, sj, s),
         *[_train_template(spec, sj, s, v) for v in (spec.variant_names or [None])],
         _container_template(
             "evaluate",

@@ -1,4 +1,4 @@
-"""Curation steps that need no cluster: exact dedup and a deterministic, content-hashed split."""
+"""Content ids and the deterministic, content-hashed split (the decisions live in nmm.data.dedup)."""
 
 from __future__ import annotations
 
@@ -6,23 +6,9 @@ import hashlib
 
 import numpy as np
 
-from nmm.data.sources import SourceData
-
 
 def content_ids(images: np.ndarray) -> list[str]:
     return [hashlib.sha256(np.ascontiguousarray(img).tobytes()).hexdigest() for img in images]
-
-
-def dedup_exact(data: SourceData) -> tuple[SourceData, int]:
-    """Drop byte-identical images (first one wins). Returns the data and how many were dropped."""
-    ids = content_ids(data.images)
-    seen: set[str] = set()
-    keep = []
-    for i, h in enumerate(ids):
-        if h not in seen:
-            seen.add(h)
-            keep.append(i)
-    return data.subset(keep), len(ids) - len(keep)
 
 
 def split_of(content_id: str, train: float, val: float, salt: str = "") -> str:

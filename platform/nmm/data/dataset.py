@@ -11,6 +11,9 @@ from nmm.data.shards import decode_shard
 from nmm.tokenizers import PatchVQ, SharedVocab, TextTokenizer
 
 
+ROW_COLUMNS = ("tokens", "loss_mask", "task", "style", "row_image")  # one entry per sequence, not per image
+
+
 class DatasetError(RuntimeError):
     """The dataset URI has no published manifest, or its files do not match it."""
 
@@ -22,6 +25,15 @@ class Split:
     ids: list[str]
     scenes: list[dict] | None = None  # shapes: each image's ground-truth scene
     vqa: list[list[list[str]]] | None = None  # shapes: each image's (question, answer, kind)s
+
+    def images_where(self, keep: np.ndarray) -> "Split":
+        """The images (and their per-image columns) where `keep` holds; per-row columns (tokens…)
+        are left out. How a suite grades only the samples that carry its ground truth."""
+        n = len(self.ids)
+        idx = np.flatnonzero(keep)
+        pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
+        arrays = {k: v[idx] for k, v in self.arrays.items() if len(v) == n and k not in ROW_COLUMNS}
+        return Split(arrays, pick(self.captions), pick(self.ids), pick(self.scenes), pick(self.vqa))
 
 
 @dataclass

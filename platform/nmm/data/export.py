@@ -3,7 +3,7 @@ to nmm (`nmm data export`), and the fixtures the curation tests read.
 
 Each shard `shard-000000.tar` holds, per sample, `<key>.png` (8-bit grey or RGB, as the source's
 channels) and `<key>.json` (`{"caption": …, "captions": [...]}`, plus the ground-truth `scene` of a
-shapes sample). Keys are `<source>-<index>`, members sorted, tar headers fixed (mtime 0, uid 0):
+shapes sample, or the `label` of a digit). Keys are `<source>-<index>`, members sorted, tar headers fixed (mtime 0, uid 0):
 the same source and options give byte-identical shards.
 """
 
@@ -54,6 +54,8 @@ def shard(data: SourceData, indices: range) -> bytes:
             meta = {"caption": data.captions[i][0], "captions": list(data.captions[i])}
             if data.scenes is not None:
                 meta["scene"] = data.scenes[i]
+            if data.labels[i] >= 0:
+                meta["label"] = int(data.labels[i])
             _member(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
             _member(tar, f"{key}.png", png(data.images[i]))
     return buf.getvalue()

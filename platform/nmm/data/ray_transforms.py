@@ -13,7 +13,7 @@ import tempfile
 import numpy as np
 
 
-def _init_ray():
+def init_ray():
     import ray
 
     if ray.is_initialized():
@@ -31,7 +31,7 @@ def _init_ray():
 
 def tokenize_samples(images: np.ndarray, texts: list[list[str]], vq_bytes: bytes, text_bytes: bytes):
     """Returns (codes (N, P) int32, per-image list of token-id lists, one per text)."""
-    ray = _init_ray()
+    ray = init_ray()
     import ray.data
 
     ctx = ray.data.DataContext.get_current()

@@ -38,6 +38,10 @@ class Decoded:
     key: str
     image: np.ndarray  # (size, size, channels) float32 in [0, 1]
     caption: str
+    captions: tuple[str, ...] = ()  # every paraphrase, the caption first (a `.json`'s "captions")
+    label: int = -1  # digits ground truth: `.cls`, or "label" in the `.json`
+    scene: dict | None = None  # shapes ground truth: "scene" in the `.json`
+    scores: dict | None = None  # what the filters measured: width, height, pixel_std, words
 
 
 @dataclass(frozen=True)
@@ -79,24 +83,47 @@ def samples(shard: bytes, name: str) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield key, parts
 
 
-def caption_of(parts: dict[str, bytes]) -> str | Rejected | None:
-    """The caption of a sample's parts (`.txt`, or `.json`'s "caption"); None when there is none."""
-    for ext in CAPTION_EXTENSIONS:
+def record_of(parts: dict[str, bytes]) -> dict | Rejected:
+    """A sample's text parts as one record: `caption` (from `.txt`, else the `.json`'s "caption"),
+    and the `.json`'s other fields ("captions", "label", "scene"); `.cls` as "label"."""
+    record: dict = {}
+    for ext in ("json", "txt", "cls"):
         if ext not in parts:
             continue
         try:
             text = parts[ext].decode("utf-8")
         except UnicodeDecodeError:
-            return Rejected("", "decode_error", f"the .{ext} caption is not UTF-8")
-        if ext == "txt":
-            return text.strip()
-        try:
-            record = json.loads(text)
-        except ValueError:
-            return Rejected("", "decode_error", "the .json caption is not JSON")
-        caption = record.get("caption") if isinstance(record, dict) else None
-        return caption.strip() if isinstance(caption, str) else None
-    return None
+            return Rejected("", "decode_error", f"the .{ext} part is not UTF-8")
+        if ext == "json":
+            try:
+                doc = json.loads(text)
+            except ValueError:
+                return Rejected("", "decode_error", "the .json part is not JSON")
+            record.update(doc if isinstance(doc, dict) else {})
+        elif ext == "txt":
+            record["caption"] = text
+        else:
+            record["label"] = text.strip()
+    return record
+
+
+def caption_of(parts: dict[str, bytes]) -> str | Rejected | None:
+    """The caption of a sample's parts (`.txt`, or `.json`'s "caption"); None when there is none."""
+    record = record_of(parts)
+    if isinstance(record, Rejected):
+        return record
+    caption = record.get("caption")
+    return caption.strip() if isinstance(caption, str) else None
+
+
+def _truth(record: dict) -> tuple[int, dict | None]:
+    label = record.get("label", -1)
+    try:
+        label = int(label) if not isinstance(label, bool) else -1
+    except (TypeError, ValueError):
+        label = -1
+    scene = record.get("scene")
+    return (label if 0 <= label < 1_000_000 else -1), (scene if isinstance(scene, dict) else None)
 
 
 def _image(data: bytes, channels: int, size: int, limits: Limits) -> np.ndarray | tuple[str, str]:
@@ -127,20 +154,27 @@ def _image(data: bytes, channels: int, size: int, limits: Limits) -> np.ndarray 
 def decode(key: str, parts: dict[str, bytes], channels: int, size: int, limits: Limits = Limits()) -> Decoded | Rejected:
     """One sample: its image resized and centre-cropped to `size` (grey for 1 channel, else RGB)
     and its caption, or why it is dropped."""
-    caption = caption_of(parts)
-    if isinstance(caption, Rejected):
-        return Rejected(key, caption.reason, caption.detail)
-    ext = next((e for e in IMAGE_EXTENSIONS if e in parts), None)
+    record = record_of(parts)
+    if isinstance(record, Rejected):
+        return Rejected(key, record.reason, record.detail)
+    caption = record.get("caption")
+    caption = caption.strip() if isinstance(caption, str) else None
+    ext = next((e for e in ("image", *IMAGE_EXTENSIONS) if e in parts), None)
     if ext is None:
         return Rejected(key, "decode_error", "no image (.jpg, .jpeg, .png or .webp)" if parts else "broken tar member")
     image = _image(parts[ext], channels, size, limits)
     if isinstance(image, tuple):
         return Rejected(key, *image)
-    if float(image.std()) < limits.blank_std:
-        return Rejected(key, "blank_image", f"pixel standard deviation {float(image.std()):.4f} < {limits.blank_std:g}")
+    std = float(image.std())
+    if std < limits.blank_std:
+        return Rejected(key, "blank_image", f"pixel standard deviation {std:.4f} < {limits.blank_std:g}")
     if not caption:
         return Rejected(key, "caption_empty", "no caption" if caption is None else "empty caption")
     words = len(caption.split())
     if not limits.min_words <= words <= limits.max_words:
         return Rejected(key, "caption_length", f"{words} words, outside {limits.min_words}..{limits.max_words}")
-    return Decoded(key, image, caption)
+    more = record.get("captions")
+    more = [c.strip() for c in more if isinstance(c, str) and c.strip()] if isinstance(more, list) else []
+    captions = (caption, *[c for c in more if c != caption])
+    label, scene = _truth(record)
+    return Decoded(key, image, caption, captions, label, scene, {"pixel_std": std, "words": words})

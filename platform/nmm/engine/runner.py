@@ -11,7 +11,9 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nmm.engine import process, pytorchjob
+import yaml
+
+from nmm.engine import process, pytorchjob, rayjob
 from nmm.engine.params import substitute, substitute_all
 from nmm.engine.progress import Progress
 from nmm.engine.sandbox import Sandbox, container_env, resolve_command
@@ -74,8 +76,6 @@ def no_local_effect(workflow: dict) -> list[str]:
     _present(workflow, set(NO_LOCAL_EFFECT), found)
     for t in workflow["spec"]["templates"]:
         if "resource" in t:
-            import yaml
-
             _present(yaml.safe_load(t["resource"]["manifest"]), set(NO_LOCAL_EFFECT), found)
     return sorted(found)
 
@@ -139,7 +139,11 @@ class Engine:
         deadline = float(template.get("activeDeadlineSeconds", 0)) or None
         if "resource" in template:
             manifest = substitute(template["resource"]["manifest"], scope)
-            group, _ = pytorchjob.launch_job(manifest, step_dir, log_dir, f"{task_name}-{attempt}")
+            kind = yaml.safe_load(manifest).get("kind")
+            if kind == "RayJob":
+                group = rayjob.launch_job(yaml.safe_load(manifest), step_dir, log_dir, f"{task_name}-{attempt}", self.cwd)
+            else:
+                group, _ = pytorchjob.launch_job(manifest, step_dir, log_dir, f"{task_name}-{attempt}")
             sandbox = None
         else:
             c = substitute_all(template["container"], scope)

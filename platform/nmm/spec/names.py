@@ -57,3 +57,13 @@ def longest_derived_name(pipeline: str, variants: list[str]) -> str:
     run = f"{pipeline}-g{MAX_GENERATION}"
     longest = max([None, *variants], key=lambda v: len(v or ""))
     return f"{train_job_name(run, longest)}-worker-1023"
+
+
+MAX_RAYJOB_NAME = 47  # KubeRay rejects longer RayJob names (its RayCluster, pods and Services derive from it)
+
+
+def curate_job_name(run: str, pipeline: str) -> str:
+    """The RayJob of a run's curate step (`data.ray`). `run` may be `{{workflow.name}}`: the suffix
+    is chosen from the longest run name the pipeline can have, so the name always fits."""
+    suffix = "-curate" if len(pipeline) + RUN_SUFFIX + len("-curate") <= MAX_RAYJOB_NAME else "-c"
+    return f"{run}{suffix}"

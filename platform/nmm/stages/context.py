@@ -40,17 +40,18 @@ class StageContext:
     store: str
     outputs: Path
     variant: str | None = None
+    outputs_uri: str | None = None  # also write the output parameters here, as JSON (a RayJob's driver)
 
     @classmethod
     def create(cls, spec_json: str, namespace: str, owner_uid: str, run_id: str, store: str, outputs: str,
-               variant: str | None = None) -> "StageContext":
+               variant: str | None = None, outputs_uri: str | None = None) -> "StageContext":
         spec = parse_json(spec_json, "--spec")
         if variant is not None:
             if variant not in spec.variant_names:
                 raise UnknownVariant(f"{variant!r} is not one of the spec's variants {spec.variant_names}")
             spec = spec.for_variant(variant)
         run = RunIdentity(namespace, spec.metadata.name, owner_uid, run_id)
-        return cls(spec, run, store.rstrip("/"), Path(outputs), variant)
+        return cls(spec, run, store.rstrip("/"), Path(outputs), variant, outputs_uri)
 
     @property
     def run_id(self) -> str:
@@ -89,6 +90,8 @@ class StageContext:
         self.outputs.mkdir(parents=True, exist_ok=True)
         for name, value in values.items():
             (self.outputs / name).write_text(value)
+        if self.outputs_uri:
+            storage.write_json(self.outputs_uri, values)
 
 
 def cache_key(*parts) -> str:

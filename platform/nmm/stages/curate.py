@@ -1,21 +1,25 @@
-"""Curate: raw sources → deduplicated, split, tokenized sequences in shards + a manifest.
+"""Curate: every source → decoded, filtered, deduplicated, split, tokenized sequences in shards,
+a per-sample ledger and a data card, manifest last.
 
 Usage (in a pod, or as a local process of the embedded engine):
     nmm stage curate --spec '<pipeline JSON>' --run-id RUN --store s3://bucket --outputs /tmp/outputs
 
 Output parameters: `dataset_uri`, `dataset_digest`, `cache` (hit|miss).
-The result is content-addressed: same spec, sources and code → the same cache key → the earlier
-dataset is reused (after checking it still exists) and nothing new is written.
+The result is content-addressed: same spec, sources' content (listings with sizes and ETags) and
+code → the same cache key → the earlier dataset is reused (after checking it still exists).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
 from nmm import lineage, storage
-from nmm.data import curate, ray_transforms, sources
+from nmm.data import assemble, datacard, dedup, ledger, ray_transforms, readers, sources, stream, userdata
+from nmm.data.examine import Settings, examine_builtin
+from nmm.data.locate import SourceError
 from nmm.data.sequences import STYLES, TASKS, Prompts, instruction_texts, pack_rows
 from nmm.data.shards import encode_shard
 from nmm.data.sources import SourceData
@@ -24,27 +28,61 @@ from nmm.tokenizers import PatchVQ, SharedVocab, TextTokenizer
 from nmm.version import code_version
 
 SHARD_IMAGES = 4096  # images per shard
+SMALL_INPUT = 2  # units: fewer than this are examined in this process (Ray's start-up would dominate)
 
 
-def _load(ctx: StageContext) -> SourceData:
-    data = ctx.spec.spec.data
-    src = data.sources[0]
-    return sources.load(src.kind, data.captions_per_image, src.samples, src.image_size, src.seed)
+@dataclass
+class Curated:
+    """What curation decided, before tokenization."""
+
+    raw: SourceData  # the kept samples
+    ids: list[str]  # their content ids
+    source_index: np.ndarray  # each kept sample's source, index into the spec's sources
+    splits: dict[str, np.ndarray]
+    ledger: object  # the Arrow table
+    counts: dict
+    leakage: dict
+    grids: dict  # name → (images, caption) examples for the MLflow grids
 
 
-def _key(ctx: StageContext) -> str:
-    import sklearn
-
-    spec = ctx.spec.spec
-    return cache_key(
-        "curate",
-        spec.data.model_dump(mode="json"),
-        spec.model.tokenizers.model_dump(mode="json"),
-        {"sklearn": sklearn.__version__},
-    )
+def _settings(data) -> Settings:
+    c = data.curation
+    side, channels = data.image_shape
+    limits = userdata.Limits(min_side=c.min_side, max_aspect=c.max_aspect, blank_std=c.blank_std,
+                             min_words=c.min_words, max_words=c.max_words)
+    return Settings(side, channels, limits, {s.label: s.truth for s in data.sources}, signatures=data.dedup != "none")
 
 
-def _shards(split: str, data: SourceData, ids: list[str], idx: np.ndarray, codes, text_ids, styles: list[Prompts]) -> list[tuple[str, bytes, int]]:
+def _units(data, store: str) -> tuple[list, dict[str, list], dict[str, int]]:
+    """Every user source's units, the sources' listings, and each built-in's unit index: all
+    numbered in the spec's order of sources (the canonical order). `store://` URIs are in `store`."""
+    units, listing, builtin, index = [], {}, {}, 0
+    for src in data.sources:
+        if src.kind in ("digits", "shapes"):
+            builtin[src.label] = index
+            index += 1
+            continue
+        mine, found = readers.units([src.model_copy(update={"uri": storage.in_store(src.uri, store)})], start=index)
+        units += mine
+        listing.update(found)
+        index += len(mine)
+    return units, listing, builtin
+
+
+def _builtins(data, settings: Settings, builtin: dict[str, int]) -> tuple[list[dict], dict[str, SourceData]]:
+    """The built-in sources, loaded and examined here (small, and clean by construction)."""
+    batches, loaded = [], {}
+    for src in data.sources:
+        if src.label in builtin:
+            raw = sources.load(src.kind, data.captions_per_image, src.samples, src.image_size, src.seed)
+            loaded[src.label] = raw
+            batches.append(examine_builtin(src.label, builtin[src.label], raw.images, raw.captions, raw.labels,
+                                           raw.scenes, settings))
+    return batches, loaded
+
+
+def _shards(split: str, data: SourceData, ids: list[str], idx: np.ndarray, codes, text_ids, styles: list[Prompts],
+            source_index: np.ndarray) -> list[tuple[str, bytes, int]]:
     """Shards of one split. Rows per image and per prompt style: each caption as M2T and as
     M2G, and each VQA pair as an M2T row (`text_ids[i]` holds the captions' ids, then question,
     answer, question, …). `style[r]` is row r's index in STYLES, `task[r]` its index in TASKS."""
@@ -73,6 +111,7 @@ def _shards(split: str, data: SourceData, ids: list[str], idx: np.ndarray, codes
         arrays = {
             "images": (data.images[part] * 255).round().astype(np.uint8),
             "labels": data.labels[part],
+            "source": source_index[part],
             "codes": codes[part],
             "tokens": tokens,
             "loss_mask": mask,
@@ -105,21 +144,85 @@ def _cached(key: str, index_uri: str, log) -> tuple[str, dict] | None:
     return prior, manifest
 
 
-def _tokenized(ctx: StageContext, log):
-    """Load the source, dedup, split, fit the tokenizers on the train split, tokenize on Ray."""
+def _key(ctx: StageContext, listing: dict[str, list]) -> str:
+    """What the dataset is a function of: the data and tokenizer spec, every user source's listing
+    (URIs, sizes, ETags: changed data is a new key) and the versions of what decides."""
+    import datasketch
+    import imagehash
+    import PIL
+    import sklearn
+
     spec = ctx.spec.spec
-    raw = _load(ctx)
-    log.info("loaded %d samples from %s", len(raw.images), raw.name)
-    dropped = 0
-    if spec.data.curation.dedup == "exact":
-        raw, dropped = curate.dedup_exact(raw)
-        log.info("exact dedup dropped %d duplicates", dropped)
-    limit = spec.data.sources[0].limit
-    if limit and len(raw.images) > limit:
-        raw = raw.subset(range(limit))
-    ids = curate.content_ids(raw.images)  # hashed once: split by them, and name samples with them
-    splits = curate.split(ids, spec.data.split.train, spec.data.split.val)
-    log.info("split: %s", {k: len(v) for k, v in splits.items()})
+    return cache_key(
+        "curate",
+        spec.data.model_dump(mode="json"),
+        spec.model.tokenizers.model_dump(mode="json"),
+        {"dedup": spec.data.dedup, "listing": listing},
+        {"sklearn": sklearn.__version__, "pillow": PIL.__version__, "imagehash": imagehash.__version__,
+         "datasketch": datasketch.__version__},
+    )
+
+
+def _examine(ctx: StageContext, units: list, builtin: dict[str, int], log):
+    data = ctx.spec.spec.data
+    settings = _settings(data)
+    first, loaded = _builtins(data, settings, builtin)
+    engine = "ray" if len(units) >= SMALL_INPUT else "loop"
+    log.info("examining %d built-in source(s) and %d unit(s) of your sources on %s", len(first), len(units), engine)
+    return stream.examine(units, settings, first, engine=engine), loaded
+
+
+def _decide(ctx: StageContext, ex) -> dedup.Decisions:
+    data = ctx.spec.spec.data
+    c = data.curation
+    d = dedup.decide(ex.cols, data.dedup, radius=c.image_radius, caption_dedup=c.caption_dedup,
+                     threshold=c.caption_threshold, train=data.split.train, val=data.split.val)
+    assemble.apply_limits(ex.cols, d.reason, {s.label: s.limit for s in data.sources})
+    d.split[[bool(r) for r in d.reason]] = ""
+    return d
+
+
+def _examples(ex, d: dedup.Decisions, per: int = 32) -> dict:
+    """Up to `per` images of the kept samples and of each dropped reason that has pixels."""
+    out = {}
+    for name in ("keep", *ledger.REASONS):
+        rows = [i for i in range(len(d.reason)) if (d.reason[i] or "keep") == name and ex.spill_row[i] >= 0][:per]
+        if rows:
+            out[name] = ex.pixels(rows).astype(np.float32) / 255.0
+    return out
+
+
+def _curate(ctx: StageContext, units: list, builtin: dict[str, int], log) -> Curated:
+    """Examine every sample, decide its fate, and gather the kept ones."""
+    data = ctx.spec.spec.data
+    ex, loaded = _examine(ctx, units, builtin, log)
+    try:
+        d = _decide(ctx, ex)
+        table = ledger.table(ex.cols, d)
+        counts = ledger.counts(table)
+        empty = [name for name, c in counts["sources"].items() if c["kept"] == 0]
+        if empty or len(counts["sources"]) < len(data.sources):
+            none = empty or sorted({s.label for s in data.sources} - set(counts["sources"]))
+            raise SourceError(f"data.sources: {none} kept no samples: see the reasons with `nmm data ledger`"
+                                      f" ({counts['dropped_by_reason']})")
+        rows = assemble.kept(d.reason, ex.cols)
+        raw, ids, source_index = assemble.source_data(ex, rows, [s.label for s in data.sources], data.captions_per_image, loaded)
+        names = np.array([d.split[i] for i in rows])
+        splits = {s: np.flatnonzero(names == s) for s in ("train", "val", "test")}
+        return Curated(raw, ids, source_index, splits, table, counts, d.leakage, _examples(ex, d))
+    finally:
+        stream.cleanup(ex)
+
+
+def _tokenized(ctx: StageContext, cur: Curated, log):
+    """Fit the tokenizers on the train split, tokenize every kept sample on Ray."""
+    spec = ctx.spec.spec
+    raw, splits = cur.raw, cur.splits
+    log.info("kept %d of %d samples; split %s; dropped %s", cur.counts["kept"], cur.counts["kept"] + cur.counts["dropped"],
+             {k: len(v) for k, v in splits.items()}, {k: v for k, v in cur.counts["dropped_by_reason"].items() if v})
+    if not len(splits["train"]) or not len(splits["test"]):
+        raise SourceError(f"data: {len(raw.images)} kept samples leave the train or test split empty "
+                                  f"({ {k: len(v) for k, v in splits.items()} }): add data or loosen data.curation")
     tok = spec.model.tokenizers
     train_idx = splits["train"]
     vq = PatchVQ.fit(raw.images[train_idx], tok.image.patch_size, tok.image.codebook_size, seed=0)
@@ -130,38 +233,78 @@ def _tokenized(ctx: StageContext, log):
     log.info("tokenizers: text %d, image codebook %d (fitted on train only); shared vocab %d", text.size, vq.size, vocab.size)
     texts = [raw.sample_texts(i) for i in range(len(raw.images))]
     codes, text_ids = ray_transforms.tokenize_samples(raw.images, texts, vq.to_bytes(), text.to_bytes())
-    ray_transforms.shutdown()
-    stats = {"samples": int(len(raw.images)), "duplicates_dropped": int(dropped), **{f"{k}_images": int(len(v)) for k, v in splits.items()}}
-    return raw, ids, splits, vq, text, vocab, codes, text_ids, stats
+    return vq, text, vocab, codes, text_ids
 
 
-def _publish(ctx: StageContext, key: str, log) -> tuple[str, dict, dict]:
-    """Curate and publish the dataset (shards, tokenizers, manifest last): (URI, manifest, stats)."""
-    raw, ids, splits, vq, text, vocab, codes, text_ids, stats = _tokenized(ctx, log)
-    files = {"text_tokenizer.json": text.to_bytes(), "image_tokenizer.safetensors": vq.to_bytes()}
+def _stats(cur: Curated) -> dict:
+    c = cur.counts
+    return {"samples": c["kept"] + c["dropped"], "kept": c["kept"], "duplicates_dropped": sum(
+        c["dropped_by_reason"][r] for r in ("exact_duplicate", "near_duplicate", "caption_near_duplicate")),
+        **{f"{k}_images": int(len(v)) for k, v in cur.splits.items()}}
+
+
+def _mixture(ctx: StageContext, cur: Curated) -> dict:
+    """Each source's share of a training epoch (its weight over the sum, among sources with train rows)."""
+    data = ctx.spec.spec.data
+    present = set(cur.source_index[cur.splits["train"]].tolist())
+    total = sum(s.weight for i, s in enumerate(data.sources) if i in present)
+    return {s.label: (s.weight / total if i in present else 0.0) for i, s in enumerate(data.sources)}
+
+
+def _publish(ctx: StageContext, key: str, units: list, builtin: dict[str, int], listing: dict, log) -> tuple[str, dict, Curated]:
+    """Curate and publish the dataset (shards, tokenizers, ledger, data card; manifest last)."""
+    cur = _curate(ctx, units, builtin, log)
+    vq, text, vocab, codes, text_ids = _tokenized(ctx, cur, log)
+    card = datacard.markdown(ctx.spec.spec.data, listing, cur.counts, cur.leakage, _mixture(ctx, cur), key)
+    files = {"text_tokenizer.json": text.to_bytes(), "image_tokenizer.safetensors": vq.to_bytes(),
+             ledger.FILE: ledger.to_bytes(cur.ledger), datacard.FILE: card.encode()}
     styles = [Prompts.of(vocab, s, text.encode) for s in STYLES]
     shard_list = []
-    for name, idx in splits.items():
-        for fname, blob, count in _shards(name, raw, ids, idx, codes, text_ids, styles):
+    for name, idx in cur.splits.items():
+        for fname, blob, count in _shards(name, cur.raw, cur.ids, idx, codes, text_ids, styles, cur.source_index):
             files[fname] = blob
             shard_list.append({"file": fname, "split": name, "images": count})
+    truths = {s.truth for s in ctx.spec.spec.data.sources} - {None}
     out_uri = ctx.stage_uri("curate")
     manifest = storage.publish(out_uri, files, {
         "kind": "nmm.dataset",
-        "source": raw.name,
+        "source": cur.raw.name,
+        "ground_truth": truths.pop() if len(truths) == 1 else None,
+        "sources": [{"name": s.label, "kind": s.kind, "uri": s.uri, "weight": s.weight,
+                     "objects": len(listing.get(s.label, []))} for s in ctx.spec.spec.data.sources],
+        "mixture": _mixture(ctx, cur),
         "cache_key": key,
         "vocab": {"text_size": vocab.text_size, "image_size": vocab.image_size},
         "tokens_per_image": vq.tokens_per_image,
         "image_shape": list(vq.image_shape),
         "shards": shard_list,
-        "stats": stats,
+        "stats": _stats(cur),
+        "curation": {"counts": cur.counts, "leakage": cur.leakage, "dedup": ctx.spec.spec.data.dedup},
     })
-    return out_uri, manifest, stats
+    return out_uri, manifest, cur
+
+
+def _log_curation(run, cur: Curated, manifest: dict) -> None:
+    """Counts as metrics, example grids and the data card as artifacts."""
+    from nmm.evaluate.grid import png_grid
+
+    c = cur.counts
+    metrics = {"curate.kept": c["kept"], "curate.dropped": c["dropped"],
+               **{f"curate.dropped.{r}": n for r, n in c["dropped_by_reason"].items()},
+               **{f"curate.source.{s}.samples": v["samples"] for s, v in c["sources"].items()},
+               **{f"curate.source.{s}.kept": v["kept"] for s, v in c["sources"].items()},
+               **{f"curate.leakage.{k}": v for k, v in cur.leakage.items()},
+               **{f"curate.mixture.{s}": w for s, w in manifest["mixture"].items()}}
+    run.log_metrics(metrics | {f"data/{k}": v for k, v in manifest["stats"].items()})
+    for name, images in cur.grids.items():
+        cols = 8
+        run.log_bytes(png_grid(images, -(-len(images) // cols), cols), f"{name}.png", "curate/examples")
 
 
 def run(ctx: StageContext) -> None:
     log = setup_logging()
-    key = _key(ctx)
+    units, listing, builtin = _units(ctx.spec.spec.data, ctx.store)
+    key = _key(ctx, listing)
     index_uri = ctx.cache_index_uri("curate", key)
     with lineage.stage_run(ctx.run, "curate", cache_key=key, code_version=code_version()) as run:
         hit = _cached(key, index_uri, log)
@@ -170,11 +313,15 @@ def run(ctx: StageContext) -> None:
             log.info("cache hit: %s (key %s)", uri, key)
         else:
             t0 = time.perf_counter()
-            uri, manifest, stats = _publish(ctx, key, log)
+            try:
+                uri, manifest, cur = _publish(ctx, key, units, builtin, listing, log)
+            finally:
+                ray_transforms.shutdown()
             storage.write_json(index_uri, {"dataset_uri": uri, "digest": manifest["digest"]})
-            run.log_params({"data.source": manifest["source"], "data.dedup": ctx.spec.spec.data.curation.dedup,
+            run.log_params({"data.source": manifest["source"], "data.dedup": ctx.spec.spec.data.dedup,
                             "vocab.size": SharedVocab(**manifest["vocab"]).size})
-            run.log_metrics({f"data/{k}": v for k, v in stats.items()})
+            _log_curation(run, cur, manifest)
+            run.log_bytes(storage.read_file(uri, manifest, datacard.FILE), datacard.FILE, "curate")
             log.info("published %s (%s) in %.1fs", uri, manifest["digest"], time.perf_counter() - t0)
         cache = "miss" if hit is None else "hit"
         run.set_tags({"nmm.cache": cache})

@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from nmm import __version__, exitcodes, lineage, storage
 from nmm.data.dataset import Dataset
 from nmm.data.sequences import style_of
@@ -29,7 +31,7 @@ from nmm.serve.model_dir import model_files
 from nmm.stages.context import StageContext, cache_key, setup_logging
 from nmm.train import distributed
 from nmm.train.parallelize import Parallelism
-from nmm.train.batches import TrainData
+from nmm.train.batches import Batches, TrainData, batch_indices
 from nmm.train.trainer import PhaseConfig, Preempted, TrainConfig, phase_at, phase_bounds, train
 from nmm.version import code_version
 
@@ -238,7 +240,9 @@ def _train(ctx: StageContext, ds: Dataset, key: str, out_uri: str, info, run_, l
     t0 = time.perf_counter()
     try:
         data = TrainData(tokens=a["tokens"], loss_mask=a["loss_mask"], task=a["task"], style=a["style"],
-                         image_range=ds.vocab.image_range(), text_range=ds.vocab.text_range(), **pixels)
+                         image_range=ds.vocab.image_range(), text_range=ds.vocab.text_range(), **pixels, **_mixture(ds, a))
+        if run_ and data.source_weights:
+            run_.log_metrics(_realised_mixture(ds, data, cfg))
         model, summary = train(cfg, data, info, storage.join(out_uri, "checkpoints", key), _emitter(cfg, info, run_, phases, log),
                                on_checkpoint=_snapshotter(out_uri) if ctx.spec.spec.evaluation.seesaw else None)
     except Preempted as exc:
@@ -261,6 +265,29 @@ def _train(ctx: StageContext, ds: Dataset, key: str, out_uri: str, info, run_, l
         _publish(ctx, run_, ds, cfg, model, summary, key)
         ctx.write_outputs({"model_uri": out_uri})
     return 0
+
+
+def _mixture(ds: Dataset, a: dict) -> dict:
+    """The sources' mixture, when the train split mixes sources: each row's source, each source's weight."""
+    mixture = ds.manifest.get("mixture") or {}
+    if "source" not in a or sum(1 for w in mixture.values() if w > 0) < 2:
+        return {}
+    names = [s["name"] for s in ds.manifest["sources"]]
+    return {"row_source": a["source"][a["row_image"]].astype(np.int64),
+            "source_weights": {names.index(n): w for n, w in mixture.items()}}
+
+
+def _realised_mixture(ds: Dataset, data, cfg: TrainConfig) -> dict[str, float]:
+    """The share of each source among every row the run's batches draw (they are a pure function
+    of seed and step, so this is what training sees)."""
+    batches = Batches(data, cfg.phases, reads_pixels=False)
+    counts = np.zeros(len(ds.manifest["sources"]), np.int64)
+    for step in range(1, cfg.total_steps + 1):
+        phase = phase_at(cfg.phases, step)
+        rows = batch_indices(batches.pools[phase.name], phase, cfg.seed, step, batches.probs.get(phase.name))
+        counts += np.bincount(data.row_source[rows], minlength=len(counts))
+    total = max(int(counts.sum()), 1)
+    return {f"mixture.realised.{s['name']}": float(c) / total for s, c in zip(ds.manifest["sources"], counts)}
 
 
 def _emitter(cfg: TrainConfig, info, run_, phases, log):

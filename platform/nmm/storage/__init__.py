@@ -10,13 +10,17 @@ objects first and the manifest last, so a reader never sees half a folder.
 """
 
 from nmm.storage.objects import (
+    ObjectInfo,
     StorageError,
     default_store_uri,
     delete,
     exists,
+    in_store,
     join,
     list_names,
+    list_objects,
     read_bytes,
+    stat,
     read_json,
     write_bytes,
     write_json,
@@ -25,18 +29,22 @@ from nmm.storage.publish import MANIFEST, publish, read_file, read_manifest, sha
 
 __all__ = [
     "MANIFEST",
+    "ObjectInfo",
     "StorageError",
     "default_store_uri",
     "delete",
     "exists",
+    "in_store",
     "join",
     "list_names",
+    "list_objects",
     "publish",
     "read_bytes",
     "read_file",
     "read_json",
     "read_manifest",
     "sha256_hex",
+    "stat",
     "write_bytes",
     "write_json",
 ]

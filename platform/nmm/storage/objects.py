@@ -6,6 +6,7 @@ import io
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlparse
@@ -17,6 +18,15 @@ class StorageError(RuntimeError):
     """An object could not be read or written."""
 
 
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object: its URI, size and version tag (the S3 ETag; a local file's size and mtime)."""
+
+    uri: str
+    size: int
+    etag: str
+
+
 def default_store_uri() -> str:
     """`s3://$NMM_S3_BUCKET` when an S3 endpoint is configured, else `file://<cwd>/.nmm/store`."""
     if os.environ.get("NMM_STORE"):
@@ -24,6 +34,11 @@ def default_store_uri() -> str:
     if os.environ.get("NMM_S3_ENDPOINT"):
         return f"s3://{os.environ.get('NMM_S3_BUCKET', 'nmm')}"
     return (home_dir() / "store").as_uri()
+
+
+def in_store(uri: str, store: str) -> str:
+    """`store://key` as the URI of `key` in the given store; any other URI as it is."""
+    return join(store, uri[len("store://"):]) if uri.startswith("store://") else uri
 
 
 def join(uri: str, *parts: str) -> str:
@@ -144,3 +159,50 @@ def list_names(folder_uri: str) -> list[str]:
         return sorted(p.name for p in path.iterdir() if p.is_file() and not p.name.startswith(".")) if path.is_dir() else []
     prefix = key.rstrip("/") + "/"
     return sorted(o.object_name[len(prefix):] for o in s3_client().list_objects(bucket, prefix=prefix) if not o.is_dir)
+
+
+def _file_info(path: Path) -> ObjectInfo:
+    st = path.stat()
+    return ObjectInfo(f"file://{path}", st.st_size, f"{st.st_size}-{st.st_mtime_ns}")  # the path as is: no %-escapes
+
+
+def list_objects(prefix_uri: str) -> list[ObjectInfo]:
+    """Every object under a prefix, at any depth, sorted by URI (hidden files and `.tmp` leftovers
+    of interrupted writes skipped). An unreachable bucket is a StorageError, never an empty list."""
+    scheme, bucket, key = _split(prefix_uri)
+    if scheme == "file":
+        root = Path(key)
+        if root.is_file():
+            return [_file_info(root)]
+        if not root.is_dir():
+            return []
+        found = [p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+        return sorted((_file_info(p) for p in found), key=lambda o: o.uri)
+    prefix = key.rstrip("/") + "/" if key and not key.endswith("/") else key
+    try:
+        objs = list(s3_client().list_objects(bucket, prefix=prefix or None, recursive=True))
+    except Exception as exc:
+        raise StorageError(f"cannot list s3://{bucket}/{prefix}: {exc}") from exc
+    return sorted(
+        (ObjectInfo(f"s3://{bucket}/{o.object_name}", int(o.size or 0), (o.etag or "").strip('"')) for o in objs if not o.is_dir),
+        key=lambda o: o.uri,
+    )
+
+
+def stat(uri: str) -> ObjectInfo | None:
+    """One object's size and version tag; None when it does not exist."""
+    scheme, bucket, key = _split(uri)
+    if scheme == "file":
+        path = Path(key)
+        return _file_info(path) if path.is_file() else None
+    from minio.error import S3Error
+
+    try:
+        st = s3_client().stat_object(bucket, key)
+    except S3Error as exc:
+        if exc.code in ("NoSuchKey", "NoSuchBucket", "NoSuchObject"):
+            return None
+        raise StorageError(f"cannot stat {uri}: {exc}") from exc
+    except Exception as exc:
+        raise StorageError(f"cannot stat {uri}: {exc}") from exc
+    return ObjectInfo(uri, int(st.size or 0), (st.etag or "").strip('"'))

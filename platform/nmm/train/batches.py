@@ -16,8 +16,11 @@ SEED_STRIDE = 1_000_003  # seeds of consecutive steps: seed * SEED_STRIDE + step
 CAPTION_DROPOUT_SALT = 7_919  # keeps caption dropout's draws apart from the batch's
 
 
-def batch_indices(rows_by_task: dict[str, np.ndarray], phase, seed: int, step: int) -> np.ndarray:
-    """The global batch of row indices at `step`: a pure function of (seed, step)."""
+def batch_indices(rows_by_task: dict[str, np.ndarray], phase, seed: int, step: int,
+                  probs: dict[str, torch.Tensor] | None = None) -> np.ndarray:
+    """The global batch of row indices at `step`: a pure function of (seed, step). With `probs`
+    (each task pool's sampling probabilities: the sources' mixture) rows are drawn by them,
+    else uniformly."""
     g = torch.Generator().manual_seed(seed * SEED_STRIDE + step)
     weights = {t: w for t, w in phase.mixture.items() if len(rows_by_task.get(t, ())) > 0}
     total = sum(weights.values())
@@ -26,8 +29,27 @@ def batch_indices(rows_by_task: dict[str, np.ndarray], phase, seed: int, step: i
         n = left if i == len(weights) - 1 else int(round(phase.batch_size * w / total))
         left -= n
         pool = rows_by_task[task]
-        picks.append(pool[torch.randint(len(pool), (n,), generator=g).numpy()])
+        if probs is None:
+            picks.append(pool[torch.randint(len(pool), (n,), generator=g).numpy()])
+        else:
+            picks.append(pool[torch.multinomial(probs[task], n, replacement=True, generator=g).numpy()])
     return np.concatenate(picks)
+
+
+def source_probs(pools: dict[str, np.ndarray], row_source: np.ndarray, weights: dict[int, float]) -> dict[str, torch.Tensor]:
+    """Per task pool, each row's probability of being drawn so that source s gives a share
+    weights[s] / (sum of the weights of the pool's sources) of the rows, evenly over its own rows."""
+    out = {}
+    for task, pool in pools.items():
+        src = row_source[pool]
+        present = sorted(set(src.tolist()))
+        total = sum(weights.get(s, 0.0) for s in present)
+        p = np.zeros(len(pool), np.float64)
+        for s in present:
+            mine = src == s
+            p[mine] = weights.get(s, 0.0) / total / mine.sum() if total > 0 else 0.0
+        out[task] = torch.from_numpy(p if total > 0 else np.full(len(pool), 1.0 / max(len(pool), 1)))
+    return out
 
 
 def rows_by_phase(task: np.ndarray, style: np.ndarray | None, phases) -> dict[str, dict[str, np.ndarray]]:
@@ -109,6 +131,8 @@ class TrainData:
     style: np.ndarray | None = None  # (rows,) prompt style, index in STYLES; None: one layout
     patches: np.ndarray | None = None  # mid/late fusion: (images, tokens_per_image, patch_dim)
     row_image: np.ndarray | None = None  # mid/late fusion: each row's image
+    row_source: np.ndarray | None = None  # each row's source (index), with source_weights: the mixture
+    source_weights: dict[int, float] | None = None  # a source's share of each epoch ∝ its weight; None: uniform rows
 
 
 class Batches:
@@ -119,12 +143,14 @@ class Batches:
         self.mask = torch.from_numpy(data.loss_mask.astype(np.int64))
         self.is_m2g = torch.from_numpy(data.task == TASKS.index("m2g"))
         self.pools = rows_by_phase(data.task, data.style, phases)
+        self.probs = {name: source_probs(pools, data.row_source, data.source_weights) for name, pools in self.pools.items()} \
+            if data.source_weights and data.row_source is not None else {}
         self.text_range = data.text_range
         self.patches = torch.from_numpy(data.patches.astype(np.float32)) if reads_pixels else None
         self.row_image = torch.from_numpy(data.row_image.astype(np.int64)) if reads_pixels else None
 
     def batch(self, phase, seed: int, step: int, info: DistInfo) -> Batch:
-        rows = batch_indices(self.pools[phase.name], phase, seed, step)
+        rows = batch_indices(self.pools[phase.name], phase, seed, step, self.probs.get(phase.name))
         x = self.tokens[rows]
         if phase.caption_dropout > 0 and self.text_range is not None:
             x = blank_captions(x, self.is_m2g[rows], phase.caption_dropout, self.text_range, seed, step)

@@ -1,0 +1,87 @@
+"""Where a user's source lies: its URI (a glob, a brace range, a folder or one object, on S3/MinIO
+or a local disk) turned into the sorted list of objects to read, with their sizes and ETags (what
+the curate cache key covers, so changed data is never a cache hit).
+
+    s3://bucket/laion/shard-{000000..000099}.tar    a brace range
+    s3://bucket/laion/*.tar                         a glob (matched within the listing of its prefix)
+    file:///data/laion/  or  data/laion             a folder: every object under it
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import itertools
+import os
+import re
+from pathlib import Path
+
+from nmm import storage
+from nmm.storage import ObjectInfo
+
+GLOB_CHARS = "*?["
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+SUFFIXES = {"webdataset": (".tar",), "parquet": (".parquet",), "folder": (*IMAGE_SUFFIXES, ".txt", ".jsonl")}
+
+
+class SourceError(ValueError):
+    """A source names no data: a glob that matches nothing, a folder without images (user input: exit 2)."""
+
+
+def absolute(uri: str, base: Path | None = None) -> str:
+    """s3:// and file:// URIs as they are; a relative path as a file:// URI under `base` (the cwd)."""
+    if uri.startswith(("s3://", "file://")):
+        return uri
+    path = os.path.normpath(os.path.join(base or Path.cwd(), uri))  # wildcards stay as they are
+    return f"file://{path}" + ("/" if uri.endswith("/") else "")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """`a{0..2}b{x,y}` → a0bx, a0by, a1bx, …; a range keeps its zero padding."""
+    parts = re.split(r"(\{[^{}]*\})", pattern)
+    choices = []
+    for part in parts:
+        rng = re.fullmatch(r"\{(\d+)\.\.(\d+)\}", part)
+        if rng:
+            width = len(rng[1]) if rng[1].startswith("0") else 0
+            choices.append([f"{i:0{width}d}" for i in range(int(rng[1]), int(rng[2]) + 1)])
+        elif part.startswith("{") and part.endswith("}") and "," in part:
+            choices.append(part[1:-1].split(","))
+        else:
+            choices.append([part])
+    return ["".join(c) for c in itertools.product(*choices)]
+
+
+def _prefix(pattern: str) -> str:
+    """The folder part of a glob before its first wildcard."""
+    cut = min((pattern.index(c) for c in GLOB_CHARS if c in pattern), default=len(pattern))
+    return pattern[:cut].rpartition("/")[0]
+
+
+def find(kind: str, name: str, uri: str) -> list[ObjectInfo]:
+    """The objects of one source, sorted by URI and deduplicated. Raises SourceError when nothing
+    of the format's kind matches, and StorageError (retryable) when the store cannot be listed."""
+    suffixes = SUFFIXES[kind]
+    found: dict[str, ObjectInfo] = {}
+    patterns = expand_braces(absolute(uri))
+    listings: dict[str, list[ObjectInfo]] = {}
+    for pattern in patterns:
+        if any(c in pattern for c in GLOB_CHARS):
+            prefix = _prefix(pattern)
+            if prefix not in listings:
+                listings[prefix] = storage.list_objects(prefix)
+            matched = [o for o in listings[prefix] if fnmatch.fnmatchcase(o.uri, pattern)]
+        elif len(patterns) > 1 or pattern.lower().endswith(suffixes) and kind != "folder":
+            one = storage.stat(pattern)
+            if one is None and len(patterns) > 1:
+                raise SourceError(f"data.sources[{name}].uri: {uri!r} names {pattern}, which does not exist")
+            matched = [one] if one is not None else []
+        else:
+            matched = storage.list_objects(pattern)
+        found.update((o.uri, o) for o in matched if o.uri.lower().endswith(suffixes))
+    if not found:
+        what = {"webdataset": ".tar shards", "parquet": ".parquet files", "folder": "images"}[kind]
+        raise SourceError(
+            f"data.sources[{name}].uri: {uri!r} matches no {what}"
+            + (" (write some with `nmm data export --source digits --format webdataset --out …`)" if kind == "webdataset" else "")
+        )
+    return [found[k] for k in sorted(found)]

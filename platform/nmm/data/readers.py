@@ -1,0 +1,154 @@
+"""Users' sources cut into units of work, and each unit read into raw samples `(key, parts)`.
+
+A unit is what one Ray task reads: WebDataset tars or Parquet files (one, or consecutive small ones
+up to UNIT_BYTES together: a task must be long enough to hide Ray's scheduling), or up to
+FOLDER_CHUNK images of a folder. Units are numbered in source order, then object order: the canonical order
+every later decision follows (first one wins), whatever order Ray finishes them in.
+
+Parts are a sample's bytes by extension, as in a WebDataset tar: the image under its extension
+(`image` for a Parquet cell), the caption as `txt`, other fields as `json`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Iterator
+
+from nmm import storage
+from nmm.data import userdata
+from nmm.data.locate import IMAGE_SUFFIXES, find
+
+FOLDER_CHUNK = 256  # images per unit of a folder source
+UNIT_BYTES = 8 << 20  # small tars or Parquet files are read together, up to this much a unit
+
+
+@dataclass(frozen=True)
+class Unit:
+    index: int  # canonical position among all units of the run
+    source: str  # the source's name
+    kind: str  # webdataset | parquet | folder
+    uris: tuple[str, ...]  # the tars or parquet files; a folder chunk's images
+    captions: dict = field(default_factory=dict)  # folder: image URI → its captions.jsonl record, or its .txt URI
+    columns: tuple[str, str] = ("image", "caption")  # parquet: image and caption columns
+
+
+def _folder_records(objects) -> dict[str, dict | str]:
+    """Each image's captions.jsonl record, by image URI (a file named relative to its jsonl)."""
+    records: dict[str, dict | str] = {}
+    for obj in objects:
+        if not obj.uri.endswith("/captions.jsonl"):
+            continue
+        base = obj.uri.rpartition("/")[0]
+        for line in storage.read_bytes(obj.uri).decode("utf-8", "replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("file"), str):
+                records[f"{base}/{rec['file']}"] = rec
+    return records
+
+
+def units(sources: list, start: int = 0) -> tuple[list[Unit], dict[str, list]]:
+    """The units of the given user sources (spec Source models), and each source's objects (URI,
+    size, ETag: what the cache key covers)."""
+    out: list[Unit] = []
+    listing: dict[str, list] = {}
+    for src in sources:
+        objects = find(src.kind, src.label, src.uri)
+        listing[src.label] = [(o.uri, o.size, o.etag) for o in objects]
+        if src.kind == "folder":
+            records = _folder_records(objects)
+            texts = {o.uri for o in objects if o.uri.endswith(".txt")}
+            images = [o.uri for o in objects if o.uri.lower().endswith(IMAGE_SUFFIXES)]
+            for u in images:
+                txt = u.rpartition(".")[0] + ".txt"
+                if u not in records and txt in texts:
+                    records[u] = txt
+            for i in range(0, len(images), FOLDER_CHUNK):
+                chunk = tuple(images[i : i + FOLDER_CHUNK])
+                caps = {u: records[u] for u in chunk if u in records}
+                out.append(Unit(start + len(out), src.label, "folder", chunk, caps))
+        else:
+            cols = (src.columns.image, src.columns.caption)
+            for group in _groups(objects):
+                out.append(Unit(start + len(out), src.label, src.kind, group, columns=cols))
+    return out, listing
+
+
+def _groups(objects) -> list[tuple[str, ...]]:
+    """Consecutive objects, UNIT_BYTES or less a group (a bigger object alone)."""
+    groups: list[list[str]] = []
+    size = UNIT_BYTES
+    for o in objects:
+        if size + o.size > UNIT_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(o.uri)
+        size += o.size
+    return [tuple(g) for g in groups]
+
+
+def _name(uri: str) -> str:
+    return PurePosixPath(uri).name
+
+
+def _webdataset(unit: Unit, uri: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    shard = storage.read_bytes(uri)  # a store that fails here is retryable (StorageError), not bad data
+    for key, parts in userdata.samples(shard, _name(uri)):
+        yield f"{_name(uri)}/{key}" if "#broken" not in key else key, parts
+
+
+def _parquet(unit: Unit, uri: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    import pyarrow.parquet as pq
+
+    image_col, caption_col = unit.columns
+    data = storage.read_bytes(uri)  # a store that fails here is retryable (StorageError), not bad data
+    try:
+        table = pq.read_table(io.BytesIO(data))
+    except Exception as exc:  # unreadable file, not Parquet: one row says so
+        yield f"{_name(uri)}#unreadable", {"error": f"{type(exc).__name__}: {exc}".encode()}
+        return
+    missing = [c for c in (image_col, caption_col) if c not in table.column_names]
+    if missing:
+        yield f"{_name(uri)}#unreadable", {"error": f"no column(s) {missing}; it has {table.column_names}".encode()}
+        return
+    images = table.column(image_col).to_pylist()
+    captions = table.column(caption_col).to_pylist()
+    labels = table.column("label").to_pylist() if "label" in table.column_names else [None] * len(images)
+    keys = table.column("key").to_pylist() if "key" in table.column_names else [f"{i:08d}" for i in range(len(images))]
+    for key, image, caption, label in zip(keys, images, captions, labels):
+        parts: dict[str, bytes] = {}
+        if isinstance(image, dict):  # Hugging Face's image struct {bytes, path}
+            image = image.get("bytes")
+        if isinstance(image, (bytes, bytearray)):
+            parts["image"] = bytes(image)
+        if isinstance(caption, (bytes, bytearray)):
+            parts["txt"] = bytes(caption)
+        elif isinstance(caption, str):
+            parts["txt"] = caption.encode("utf-8", "surrogatepass")
+        if label is not None:
+            parts["cls"] = str(label).encode()
+        yield f"{_name(uri)}/{key}", parts
+
+
+def _folder(unit: Unit, uri: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    stem, _, ext = uri.rpartition(".")
+    parts = {ext.lower(): storage.read_bytes(uri)}
+    caption = unit.captions.get(uri)
+    if isinstance(caption, str):  # a .txt beside the image
+        parts["txt"] = storage.read_bytes(caption)
+    elif caption is not None:  # its captions.jsonl record
+        parts["json"] = json.dumps(caption).encode()
+    yield "/".join(stem.rsplit("/", 2)[-2:]), parts  # no caption at all: a caption_empty row
+
+
+def read(unit: Unit) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """The raw samples of one unit, in order. Never raises for bad data: an unreadable object is
+    one sample with an `error` part (a decode_error row)."""
+    reader = {"webdataset": _webdataset, "parquet": _parquet, "folder": _folder}[unit.kind]
+    for uri in unit.uris:
+        yield from reader(unit, uri)
