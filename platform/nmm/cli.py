@@ -382,7 +382,10 @@ def _dataset_uri(run: str) -> str:
     if not status.is_file():
         err.print(f"error: RUN: no local run {run!r} (under {home_dir() / 'runs'}); give a run name or a dataset URI")
         raise typer.Exit(EXIT_BAD_INPUT)
-    uri = json.loads(status.read_text()).get("steps", {}).get("curate", {}).get("outputs", {}).get("dataset_uri")
+    steps = json.loads(status.read_text()).get("steps", {})
+    # a curate RayJob (data.ray) hands its outputs to the `curated` step
+    uri = next((steps.get(s, {}).get("outputs", {}).get("dataset_uri") for s in ("curate", "curated")
+                if steps.get(s, {}).get("outputs", {}).get("dataset_uri")), None)
     if not uri:
         err.print(f"error: run {run!r} has no curated dataset (its curate step did not finish)")
         raise typer.Exit(exitcodes.FAILED)

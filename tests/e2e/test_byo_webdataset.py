@@ -1,11 +1,15 @@
 """`make byo`'s job on a fresh checkout: the digits written as WebDataset shards into the store by
 `nmm data export`, then `nmm run workflows/byo-webdataset.yaml` (curate as a RayJob, which the local
 engine runs as a local Ray process) training the quickstart's model on them, passing its gates,
-with the ledger and the data card next to the dataset."""
+with the ledger and the data card next to the dataset. Then the model it registered filters a copy
+of the shards in which every tenth caption names the wrong digit (model-based filtering)."""
 
 import json
 import os
 import subprocess
+
+import numpy as np
+import yaml
 
 import pytest
 
@@ -34,3 +38,38 @@ def test_byo_webdataset_trains_on_shards_in_the_store_and_passes_its_gates(tmp_p
     ledger = subprocess.run([NMM, "data", "ledger", status["name"], "--reason", "near_duplicate", "--rows", "5"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert ledger.returncode == 0 and "digits-shards" in ledger.stdout and "1797" in ledger.stdout, ledger.stdout
+
+    _model_filter_drops_the_wrong_captions(tmp_path, env)
+
+
+def _model_filter_drops_the_wrong_captions(tmp_path, env):
+    from nmm import storage
+    from nmm.data import export, ledger
+    from nmm.data.sources import digit_captions, load_digits
+
+    data = load_digits(2)
+    wrong = set(range(0, len(data.images), 10))
+    for i in wrong:
+        other = (int(data.labels[i]) + 5) % 10
+        data.captions[i] = digit_captions(other, data.images[i].tobytes(), 2)
+    store = (tmp_path / ".nmm" / "store").as_uri()
+    export.export_webdataset(data, storage.join(store, "byo", "mixed"), 500)
+    doc = yaml.safe_load((WORKFLOWS / "byo-webdataset.yaml").read_text())
+    doc["spec"]["data"]["sources"][0]["uri"] = "store://byo/mixed/*.tar"
+    doc["spec"]["data"]["curation"]["modelFilter"] = {"model": "models:/nmm-byo-webdataset@champion", "keepFraction": 0.9}
+    doc["spec"]["data"].pop("ray")
+    r = subprocess.run([NMM, "stage", "curate", "--spec", json.dumps(doc), "--namespace", "default", "--owner-uid", "u1",
+                        "--run-id", "filter-1", "--store", store, "--outputs", str(tmp_path / "out")],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    uri = (tmp_path / "out" / "dataset_uri").read_text()
+    rows = ledger.from_bytes(storage.read_file(uri, storage.read_manifest(uri), ledger.FILE)).to_pylist()
+    index = {f"shard-{i // 500:06d}.tar/digits-{i:08d}": i for i in range(len(data.images))}
+    low = {index[r["key"]] for r in rows if r["reason"] == "low_alignment_score"}
+    scored = [r for r in rows if r["alignment_score"] is not None]
+    assert len(low) == len(scored) - int(np.ceil(0.9 * len(scored)))  # the bottom tenth, exactly
+    caught = len(low & wrong) / len(wrong)
+    assert caught >= 0.8, f"the filter dropped {len(low & wrong)} of {len(wrong)} wrong captions"
+    right = [r["alignment_score"] for r in scored if index[r["key"]] not in wrong]
+    wrongs = [r["alignment_score"] for r in scored if index[r["key"]] in wrong]
+    assert np.median(right) > np.median(wrongs)

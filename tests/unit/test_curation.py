@@ -149,3 +149,12 @@ def test_a_parquet_file_without_the_columns_is_one_ledger_row_not_a_crash(tmp_pa
     ex = stream.examine(units, settings(), engine="loop")
     assert list(ex.cols["reason"]) == ["decode_error", "decode_error"]
     assert "no column(s) ['image']" in ex.cols["detail"][1] or "no column(s) ['image']" in ex.cols["detail"][0]
+
+
+def test_the_model_filter_keeps_the_top_fraction_ties_by_position():
+    from nmm.evaluate.alignment import keep_top
+
+    scores = np.array([-1.0, -3.0, -1.0, -0.5, -2.0, -1.0])
+    assert keep_top(scores, 0.5).tolist() == [True, False, True, True, False, False]
+    assert keep_top(scores, 0.01).tolist() == [False, False, False, True, False, False]  # at least one
+    assert keep_top(scores, 1.0).all()

@@ -31,6 +31,8 @@ def markdown(data, listing: dict[str, list], counts: dict, leakage: dict, mixtur
               f"- images: shorter side >= {c.min_side} px, aspect <= {c.max_aspect:g}, pixel std >= {c.blank_std:g}; "
               f"resized and centre-cropped to {data.image_shape[0]} px, {data.image_shape[1]} channel(s)",
               f"- captions: {c.min_words}..{c.max_words} words",
+              (f"- model filter: {c.model_filter.model}, keep the top {c.model_filter.keep_fraction:g} by caption "
+               "likelihood given the image" if c.model_filter else "- model filter: none"),
               f"- split: train {data.split.train:g}, val {data.split.val:g}, test {data.split.test:g} "
               "(by content hash; near-duplicates never straddle splits under `near`)",
               "", "## Counts", "", f"- kept: **{counts['kept']}**, dropped: **{counts['dropped']}**"]

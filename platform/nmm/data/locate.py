@@ -64,6 +64,7 @@ def find(kind: str, name: str, uri: str) -> list[ObjectInfo]:
     found: dict[str, ObjectInfo] = {}
     patterns = expand_braces(absolute(uri))
     listings: dict[str, list[ObjectInfo]] = {}
+    missing: list[str] = []
     for pattern in patterns:
         if any(c in pattern for c in GLOB_CHARS):
             prefix = _prefix(pattern)
@@ -73,7 +74,7 @@ def find(kind: str, name: str, uri: str) -> list[ObjectInfo]:
         elif len(patterns) > 1 or pattern.lower().endswith(suffixes) and kind != "folder":
             one = storage.stat(pattern)
             if one is None and len(patterns) > 1:
-                raise SourceError(f"data.sources[{name}].uri: {uri!r} names {pattern}, which does not exist")
+                missing.append(pattern)
             matched = [one] if one is not None else []
         else:
             matched = storage.list_objects(pattern)
@@ -84,4 +85,7 @@ def find(kind: str, name: str, uri: str) -> list[ObjectInfo]:
             f"data.sources[{name}].uri: {uri!r} matches no {what}"
             + (" (write some with `nmm data export --source digits --format webdataset --out …`)" if kind == "webdataset" else "")
         )
+    if missing:  # a brace range names every object it means: one missing is a typo or lost data, not nothing
+        raise SourceError(f"data.sources[{name}].uri: {uri!r} names {missing[0]}, which does not exist"
+                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     return [found[k] for k in sorted(found)]

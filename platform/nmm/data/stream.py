@@ -65,7 +65,24 @@ def _ray_batches(units: list[Unit], settings: Settings) -> Iterator[dict]:
 
     ds = ray.data.from_items([{"unit": u.index} for u in units], override_num_blocks=max(1, len(units)))
     ds = ds.map_batches(work, batch_size=1, batch_format="numpy")
-    yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=4)
+    try:
+        yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=4)
+    except Exception as exc:  # Ray wraps a worker's error: surface a store outage as itself (retryable)
+        cause = _storage_cause(exc)
+        if cause is not None:
+            raise cause from exc
+        raise
+
+
+def _storage_cause(exc: BaseException | None):
+    from nmm.storage import StorageError
+
+    seen = 0
+    while exc is not None and seen < 16:
+        if isinstance(exc, StorageError):
+            return StorageError(str(exc))
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
 
 
 def _loop_batches(units: list[Unit], settings: Settings) -> Iterator[dict]:

@@ -178,6 +178,21 @@ class Split(Model):
         return self
 
 
+class ModelFilter(Model):
+    """Model-based filtering (DataComp's CLIP filter, with nmm's own model): score each kept pair as
+    the caption's mean log-likelihood given the image under a registered nmm model; keep the top
+    fraction, drop the rest as `low_alignment_score`."""
+
+    model: Annotated[str, Field(pattern=r"^models:/[A-Za-z0-9][-A-Za-z0-9_.]{0,127}@[a-z][-a-z0-9_]{0,62}$")] = Field(
+        description="models:/<registered model>@<alias>, e.g. models:/nmm-quickstart@champion")
+    keep_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9
+
+    @property
+    def name_alias(self) -> tuple[str, str]:
+        name, _, alias = self.model.removeprefix("models:/").partition("@")
+        return name, alias
+
+
 class Curation(Model):
     """What curation drops. Undecodable images and empty captions always go; the rest is tuned here.
     Every dropped sample is a row of the dataset's ledger, with its reason."""
@@ -197,6 +212,7 @@ class Curation(Model):
     caption_dedup: bool = Field(default=True, description="near: also drop near-duplicate captions")
     caption_threshold: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
         default=0.9, description="near: captions whose word-bigram Jaccard similarity is at least this")
+    model_filter: ModelFilter | None = None
 
     @model_validator(mode="after")
     def _words(self) -> "Curation":

@@ -23,7 +23,7 @@ from nmm.data.locate import SourceError
 from nmm.data.sequences import STYLES, TASKS, Prompts, instruction_texts, pack_rows
 from nmm.data.shards import encode_shard
 from nmm.data.sources import SourceData
-from nmm.stages.context import StageContext, cache_key, setup_logging
+from nmm.stages.context import ModelMissing, StageContext, cache_key, setup_logging
 from nmm.tokenizers import PatchVQ, SharedVocab, TextTokenizer
 from nmm.version import code_version
 
@@ -144,9 +144,10 @@ def _cached(key: str, index_uri: str, log) -> tuple[str, dict] | None:
     return prior, manifest
 
 
-def _key(ctx: StageContext, listing: dict[str, list]) -> str:
+def _key(ctx: StageContext, listing: dict[str, list], version) -> str:
     """What the dataset is a function of: the data and tokenizer spec, every user source's listing
-    (URIs, sizes, ETags: changed data is a new key) and the versions of what decides."""
+    (URIs, sizes, ETags: changed data is a new key), the filter model's version and digest, and the
+    versions of what decides."""
     import datasketch
     import imagehash
     import PIL
@@ -157,7 +158,8 @@ def _key(ctx: StageContext, listing: dict[str, list]) -> str:
         "curate",
         spec.data.model_dump(mode="json"),
         spec.model.tokenizers.model_dump(mode="json"),
-        {"dedup": spec.data.dedup, "listing": listing},
+        {"dedup": spec.data.dedup, "listing": listing,
+         "filter_model": None if version is None else [version.name, version.version, version.tags.get("nmm.model_digest")]},
         {"sklearn": sklearn.__version__, "pillow": PIL.__version__, "imagehash": imagehash.__version__,
          "datasketch": datasketch.__version__},
     )
@@ -172,14 +174,55 @@ def _examine(ctx: StageContext, units: list, builtin: dict[str, int], log):
     return stream.examine(units, settings, first, engine=engine), loaded
 
 
-def _decide(ctx: StageContext, ex) -> dedup.Decisions:
+def filter_model(ctx: StageContext):
+    """The registered model version the model-based filter scores with (None without the filter):
+    resolved once, before the cache key, so a moved alias is a new dataset."""
+    f = ctx.spec.spec.data.curation.model_filter
+    if f is None:
+        return None
+    name, alias = f.name_alias
+    version = lineage.alias_version(name, alias)
+    if version is None:
+        raise ModelMissing(f"data.curation.modelFilter.model: {f.model} does not exist (no such model or alias)")
+    return version
+
+
+def _align(ctx: StageContext, ex, d: dedup.Decisions, version, log) -> np.ndarray:
+    """Score every sample still kept with the filter's model; drop all but the top fraction."""
+    import json
+    import tempfile
+
+    from nmm.evaluate.alignment import caption_scores, keep_top
+    from nmm.serve.model_dir import load_from_dir
+
+    data = ctx.spec.spec.data
+    side, channels = data.image_shape
+    with tempfile.TemporaryDirectory() as tmp:
+        loaded = load_from_dir(lineage.download_version(version.name, version.version, tmp))
+    if tuple(loaded.vq.image_shape) != (side, side, channels):
+        raise SourceError(f"data.curation.modelFilter.model: {version.name} v{version.version} reads "
+                          f"{tuple(loaded.vq.image_shape)} images; the sources give {(side, side, channels)}")
+    rows = assemble.kept(d.reason, ex.cols)
+    captions = [json.loads(ex.cols["captions"][i])[0] for i in rows]
+    scores = caption_scores(loaded, ex.pixels(rows).astype(np.float32) / 255.0, captions)
+    keep = keep_top(scores, data.curation.model_filter.keep_fraction)
+    d.reason[rows[~keep]] = "low_alignment_score"
+    alignment = np.full(len(d.reason), np.nan)
+    alignment[rows] = scores
+    log.info("model filter (%s v%s): kept %d of %d by caption likelihood", version.name, version.version,
+             int(keep.sum()), len(rows))
+    return alignment
+
+
+def _decide(ctx: StageContext, ex, version, log) -> tuple[dedup.Decisions, np.ndarray | None]:
     data = ctx.spec.spec.data
     c = data.curation
     d = dedup.decide(ex.cols, data.dedup, radius=c.image_radius, caption_dedup=c.caption_dedup,
                      threshold=c.caption_threshold, train=data.split.train, val=data.split.val)
+    alignment = _align(ctx, ex, d, version, log) if version is not None else None
     assemble.apply_limits(ex.cols, d.reason, {s.label: s.limit for s in data.sources})
     d.split[[bool(r) for r in d.reason]] = ""
-    return d
+    return d, alignment
 
 
 def _examples(ex, d: dedup.Decisions, per: int = 32) -> dict:
@@ -192,13 +235,13 @@ def _examples(ex, d: dedup.Decisions, per: int = 32) -> dict:
     return out
 
 
-def _curate(ctx: StageContext, units: list, builtin: dict[str, int], log) -> Curated:
+def _curate(ctx: StageContext, units: list, builtin: dict[str, int], version, log) -> Curated:
     """Examine every sample, decide its fate, and gather the kept ones."""
     data = ctx.spec.spec.data
     ex, loaded = _examine(ctx, units, builtin, log)
     try:
-        d = _decide(ctx, ex)
-        table = ledger.table(ex.cols, d)
+        d, alignment = _decide(ctx, ex, version, log)
+        table = ledger.table(ex.cols, d, alignment)
         counts = ledger.counts(table)
         empty = [name for name, c in counts["sources"].items() if c["kept"] == 0]
         if empty or len(counts["sources"]) < len(data.sources):
@@ -251,9 +294,10 @@ def _mixture(ctx: StageContext, cur: Curated) -> dict:
     return {s.label: (s.weight / total if i in present else 0.0) for i, s in enumerate(data.sources)}
 
 
-def _publish(ctx: StageContext, key: str, units: list, builtin: dict[str, int], listing: dict, log) -> tuple[str, dict, Curated]:
+def _publish(ctx: StageContext, key: str, units: list, builtin: dict[str, int], listing: dict, version,
+             log) -> tuple[str, dict, Curated]:
     """Curate and publish the dataset (shards, tokenizers, ledger, data card; manifest last)."""
-    cur = _curate(ctx, units, builtin, log)
+    cur = _curate(ctx, units, builtin, version, log)
     vq, text, vocab, codes, text_ids = _tokenized(ctx, cur, log)
     card = datacard.markdown(ctx.spec.spec.data, listing, cur.counts, cur.leakage, _mixture(ctx, cur), key)
     files = {"text_tokenizer.json": text.to_bytes(), "image_tokenizer.safetensors": vq.to_bytes(),
@@ -304,7 +348,8 @@ def _log_curation(run, cur: Curated, manifest: dict) -> None:
 def run(ctx: StageContext) -> None:
     log = setup_logging()
     units, listing, builtin = _units(ctx.spec.spec.data, ctx.store)
-    key = _key(ctx, listing)
+    version = filter_model(ctx)
+    key = _key(ctx, listing, version)
     index_uri = ctx.cache_index_uri("curate", key)
     with lineage.stage_run(ctx.run, "curate", cache_key=key, code_version=code_version()) as run:
         hit = _cached(key, index_uri, log)
@@ -314,7 +359,7 @@ def run(ctx: StageContext) -> None:
         else:
             t0 = time.perf_counter()
             try:
-                uri, manifest, cur = _publish(ctx, key, units, builtin, listing, log)
+                uri, manifest, cur = _publish(ctx, key, units, builtin, listing, version, log)
             finally:
                 ray_transforms.shutdown()
             storage.write_json(index_uri, {"dataset_uri": uri, "digest": manifest["digest"]})
