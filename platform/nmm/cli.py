@@ -383,8 +383,8 @@ def _dataset_uri(run: str) -> str:
         err.print(f"error: RUN: no local run {run!r} (under {home_dir() / 'runs'}); give a run name or a dataset URI")
         raise typer.Exit(EXIT_BAD_INPUT)
     steps = json.loads(status.read_text()).get("steps", {})
-    # a curate RayJob (data.ray) hands its outputs to the `curated` step
-    uri = next((steps.get(s, {}).get("outputs", {}).get("dataset_uri") for s in ("curate", "curated")
+    # a curate RayJob (data.ray) hands its outputs to the `curate-outputs` step
+    uri = next((steps.get(s, {}).get("outputs", {}).get("dataset_uri") for s in ("curate", "curate-outputs")
                 if steps.get(s, {}).get("outputs", {}).get("dataset_uri")), None)
     if not uri:
         err.print(f"error: run {run!r} has no curated dataset (its curate step did not finish)")
@@ -493,15 +493,15 @@ def _ident(spec: str, namespace: str, owner_uid: str, run_id: str, store: str, o
 def stage_curate(spec: str = SpecOpt, namespace: str = NsOpt, owner_uid: str = OwnerOpt, run_id: str = RunOpt,
                  store: str = StoreOpt, outputs: str = OutputsOpt,
                  outputs_uri: Optional[str] = typer.Option(None, "--outputs-uri", help="Also write the output parameters "
-                                                           "here, as JSON (a RayJob's driver: see `nmm stage curated`)")) -> None:
+                                                           "here, as JSON (a RayJob's driver: see `nmm stage curate-outputs`)")) -> None:
     """Curate: sources → decode, filter, dedup → split → tokenizers → shards, ledger, data card + manifest."""
     from nmm.stages import curate
 
     _stage("curate", curate.run, _ident(spec, namespace, owner_uid, run_id, store, outputs) | {"outputs_uri": outputs_uri})
 
 
-@stage_app.command("curated")
-def stage_curated(source: str = typer.Option(..., "--from", help="The JSON a RayJob's curate driver wrote (--outputs-uri)"),
+@stage_app.command("curate-outputs")
+def stage_curate_outputs(source: str = typer.Option(..., "--from", help="The JSON a RayJob's curate driver wrote (--outputs-uri)"),
                   outputs: str = OutputsOpt) -> None:
     """Read the curate RayJob's output parameters back from the store (a resource step has none)."""
     import json

@@ -31,7 +31,7 @@ def test_byo_webdataset_trains_on_shards_in_the_store_and_passes_its_gates(tmp_p
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (status,) = [json.loads(p.read_text()) for p in (tmp_path / ".nmm" / "runs").glob("*/status.json")
                  if json.loads(p.read_text())["phase"] == "Succeeded"]
-    assert status["steps"]["curated"]["outputs"]["cache"] == "miss"
+    assert status["steps"]["curate-outputs"]["outputs"]["cache"] == "miss"
     metrics = json.loads(status["steps"]["evaluate"]["outputs"]["metrics"])
     assert metrics["m2t.digits.accuracy"] >= 0.9 and metrics["m2g.digits.accuracy"] >= 0.8, metrics
     assert status["steps"]["rollout"]["outputs"]["decision"] == "promoted"

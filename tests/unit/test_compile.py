@@ -221,7 +221,7 @@ def test_stage_args_carry_the_canonical_spec():
     assert parse_pipeline(path.read_text()).model_dump(mode="json", by_alias=True) == json.loads(spec_json)
 
 
-def test_data_ray_compiles_curate_into_a_kuberay_rayjob_whose_outputs_the_curated_step_reads():
+def test_data_ray_compiles_curate_into_a_kuberay_rayjob_whose_outputs_a_second_step_reads():
     import shlex
 
     path = WORKFLOWS / "byo-webdataset.yaml"
@@ -239,11 +239,11 @@ def test_data_ray_compiles_curate_into_a_kuberay_rayjob_whose_outputs_the_curate
     argv = shlex.split(job["spec"]["entrypoint"])
     assert argv[:3] == ["nmm", "stage", "curate"]
     out_uri = argv[argv.index("--outputs-uri") + 1]
-    curated = templates["curated"]["container"]["args"]
-    assert curated[curated.index("--from") + 1] == out_uri
+    reader = templates["curate-outputs"]["container"]["args"]
+    assert reader[:2] == ["stage", "curate-outputs"] and reader[reader.index("--from") + 1] == out_uri
     tasks = {t["name"]: t for t in wf["spec"]["templates"][0]["dag"]["tasks"]}
-    assert tasks["curated"]["dependencies"] == ["curate"] and tasks["train"]["dependencies"] == ["curated"]
-    assert "tasks.curated.outputs.parameters.dataset_uri" in json.dumps(tasks["train"])
+    assert tasks["curate-outputs"]["dependencies"] == ["curate"] and tasks["train"]["dependencies"] == ["curate-outputs"]
+    assert "tasks.curate-outputs.outputs.parameters.dataset_uri" in json.dumps(tasks["train"])
     name = job["metadata"]["name"].replace("{{workflow.name}}", "x" * (len(spec.metadata.name) + 8))
     assert len(name) <= 47  # KubeRay's limit on RayJob names
     for group in (job["spec"]["rayClusterSpec"]["headGroupSpec"], workers):

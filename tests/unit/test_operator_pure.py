@@ -77,6 +77,15 @@ def test_an_ablation_combines_its_variant_steps_into_one_stage_phase():
     assert status.from_workflow(workflow("Failed", nodes), NOW)["stages"]["train"] == "Failed"
 
 
+def test_a_curate_rayjob_and_its_outputs_step_are_one_curate_stage():
+    nodes = {
+        "a": {"displayName": "curate", "type": "Pod", "phase": "Succeeded"},  # the RayJob's resource step
+        "b": {"displayName": "curate-outputs", "type": "Pod", "phase": "Running"},
+    }
+    patch = status.from_workflow(workflow("Running", nodes), NOW)
+    assert patch["stages"]["curate"] == "Running" and patch["stage"] == "curate"
+
+
 def test_succeeded_workflow_reports_champion_and_mlflow_run():
     wf = workflow("Succeeded", {
         "a": node("curate", "Succeeded"), "b": node("train", "Succeeded"), "c": node("evaluate", "Succeeded"),

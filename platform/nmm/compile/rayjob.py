@@ -4,7 +4,7 @@ KubeRay starts a Ray cluster of the requested size (a head and `workers` worker 
 the platform image), runs `nmm stage curate` as the job's driver on it (Ray sets RAY_ADDRESS, so
 the same code that runs a local Ray uses the cluster) and deletes the cluster when the job ends.
 A resource step cannot hand back output parameters, so the stage also writes them to the store
-(`--outputs-uri`) and the `curated` step reads them back for the rest of the DAG.
+(`--outputs-uri`) and the `curate-outputs` step reads them back for the rest of the DAG.
 """
 
 from __future__ import annotations

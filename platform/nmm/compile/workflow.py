@@ -1,6 +1,6 @@
 """PipelineSpec + CompileSettings → Argo `Workflow` (argoproj.io/v1alpha1). Pure and deterministic.
 
-DAG: curate (a container, or a KubeRay RayJob resource + a `curated` step with data.ray) → train (a PyTorchJob resource) → evaluate → rollout (only when the gate passed);
+DAG: curate (a container, or a KubeRay RayJob resource + a `curate-outputs` step with data.ray) → train (a PyTorchJob resource) → evaluate → rollout (only when the gate passed);
 onExit: finalize (closes the MLflow parent run). Stages hand each other URIs as parameters.
 With variants (an ablation), curate fans out to train-<v> → evaluate-<v> per variant; rollout
 waits for all of them and considers the first variant.
@@ -24,7 +24,7 @@ from nmm.storage.layout import stage_uri
 WF_GROUP, WF_VERSION, WF_PLURAL = "argoproj.io", "v1alpha1", "workflows"
 DAG = "pipeline"
 EXIT = names.EXIT_STAGE
-CURATED = "curated"  # with data.ray: reads the RayJob's outputs back from the store
+CURATED = "curate-outputs"  # with data.ray: reads the RayJob's outputs back from the store (part of stage curate)
 
 
 def spec_json(spec: PipelineSpec) -> str:
@@ -98,7 +98,7 @@ def _train_template(spec: PipelineSpec, sj: str, s: CompileSettings, variant: st
 
 def _curate_templates(spec: PipelineSpec, sj: str, s: CompileSettings) -> list[dict]:
     """The curate step: a container, or (with data.ray) a KubeRay RayJob whose outputs the
-    `curated` step reads back from the store."""
+    `curate-outputs` step reads back from the store."""
     outputs = ["dataset_uri", "dataset_digest", "cache"]
     if spec.spec.data.ray is None:
         return [_container_template("curate", [], [], outputs, sj, s)]

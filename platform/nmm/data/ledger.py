@@ -14,6 +14,7 @@ REASONS = ("decode_error", "too_small", "bad_aspect", "blank_image", "caption_em
            "exact_duplicate", "near_duplicate", "caption_near_duplicate", "low_alignment_score",
            "over_limit")  # over_limit: past its source's `limit` (kept otherwise)
 FILE = "ledger.parquet"
+SIGNED = ("exact_duplicate", "near_duplicate", "caption_near_duplicate", "low_alignment_score", "over_limit")  # decoded rows
 
 
 def table(cols: dict, decisions, alignment: np.ndarray | None = None):
@@ -35,7 +36,7 @@ def table(cols: dict, decisions, alignment: np.ndarray | None = None):
         "split": pa.array([x or None for x in pick(decisions.split)], pa.string()),
         "pixel_std": pa.array([None if np.isnan(x) else round(x, 6) for x in std], pa.float64()),
         "caption_words": pa.array([int(x) for x in np.asarray(cols["words"])[order]], pa.int32()),
-        "phash": pa.array([f"{int(h):016x}" if not r or r.endswith("duplicate") else None
+        "phash": pa.array([f"{int(h):016x}" if not r or r in SIGNED else None
                            for h, r in zip(np.asarray(cols["phash"])[order], reason)], pa.string()),
         "hamming": pa.array([None if h < 0 else int(h) for h in decisions.hamming[order]], pa.int16()),
         "caption_jaccard": pa.array([None if np.isnan(x) else round(float(x), 6) for x in decisions.caption_jaccard[order]],

@@ -42,7 +42,7 @@ class Curated:
     ledger: object  # the Arrow table
     counts: dict
     leakage: dict
-    grids: dict  # name → (images, caption) examples for the MLflow grids
+    grids: dict  # "keep" or a reason → example images (N, H, W, C) for the MLflow grids
 
 
 def _settings(data) -> Settings:
