@@ -68,10 +68,17 @@ def first(env):
     return outputs
 
 
-def test_the_ledger_in_the_bucket_has_every_planted_reason_and_keeps_the_clean(env, first):
+def s3_env(env, monkeypatch) -> None:
+    """This process reaches the bucket as the stage did (for this test only)."""
+    for k, v in env["env"].items():
+        if k.startswith("NMM_S3"):
+            monkeypatch.setenv(k, v)
+
+
+def test_the_ledger_in_the_bucket_has_every_planted_reason_and_keeps_the_clean(env, first, monkeypatch):
     from nmm import storage
 
-    os.environ.update({k: v for k, v in env["env"].items() if k.startswith("NMM_S3")})
+    s3_env(env, monkeypatch)
     uri = first["dataset_uri"]
     manifest = storage.read_manifest(uri)
     rows = {r["key"]: r for r in ledger.from_bytes(storage.read_file(uri, manifest, ledger.FILE)).to_pylist()}
@@ -121,3 +128,26 @@ def test_a_glob_that_matches_nothing_exits_2_and_an_unreachable_store_129(env):
     down = dict(env, env=env["env"] | {"NMM_S3_ENDPOINT": "http://127.0.0.1:9"})
     r, _ = stage(down, pipeline(f"s3://{BUCKET}/web/*.tar"), "run-5")
     assert r.returncode == 129 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_ray_and_a_plain_loop_decide_the_same_ledger_bytes(env, first, monkeypatch):
+    """Ray's parallelism and block order change nothing: the ledger of the shards in the bucket,
+    examined on Ray (one unit a shard, so three tasks race) and in a plain loop, is the same bytes."""
+    from nmm.data import dedup, ray_transforms, readers, stream, userdata
+    from nmm.data.examine import Settings
+    from nmm.spec.models import Source
+
+    s3_env(env, monkeypatch)  # before Ray starts: its workers inherit this env
+    src = Source(kind="webdataset", name="web", uri=f"s3://{BUCKET}/web/shard-{{000000..000002}}.tar")
+    units, _ = readers.units([src])
+    units = [readers.Unit(i, u.source, u.kind, (uri,)) for i, (u, uri) in enumerate((u, uri) for u in units for uri in u.uris)]
+    got = []
+    try:
+        for engine in ("ray", "loop"):
+            ex = stream.examine(units, Settings(32, 3, userdata.Limits(), {"web": None}), engine=engine)
+            d = dedup.decide(ex.cols, "near", radius=6, caption_dedup=True, threshold=0.9, train=0.7, val=0.1)
+            got.append(ledger.to_bytes(ledger.table(ex.cols, d)))
+            stream.cleanup(ex)
+    finally:
+        ray_transforms.shutdown()
+    assert len(units) == 3 and got[0] == got[1]
