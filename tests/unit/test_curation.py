@@ -6,6 +6,7 @@ bytes whatever order the units come back in. The per-unit work runs in this proc
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -158,3 +159,63 @@ def test_the_model_filter_keeps_the_top_fraction_ties_by_position():
     assert keep_top(scores, 0.5).tolist() == [True, False, True, True, False, False]
     assert keep_top(scores, 0.01).tolist() == [False, False, False, True, False, False]  # at least one
     assert keep_top(scores, 1.0).all()
+
+
+def test_ground_truth_a_source_promises_is_checked_per_sample(tmp_path):
+    from nmm.data.sources import render_shapes
+
+    good = render_shapes(1, 32, 0, 1)
+    scene = good.scenes[0]
+    pixels = (good.images[0] * 255).astype(np.uint8)
+    hostile = dict(scene, objects=[{"shape": "circle", "colour": "red", "cx": "$(id)", "cy": 1, "size": 8}])
+    (tmp_path / "s.tar").write_bytes(fx.tar([
+        ("ok", {"png": fx.encode(pixels), "json": json.dumps({"caption": "a red circle", "scene": scene}).encode()}),
+        ("no-scene", {"png": fx.encode(pixels), "json": b'{"caption": "a red circle"}'}),
+        ("bad-scene", {"png": fx.encode(pixels), "json": json.dumps({"caption": "a red circle", "scene": hostile}).encode()}),
+    ]))
+    units, _ = readers.units([Source(kind="webdataset", name="web", uri=str(tmp_path), groundTruth="shapes")])
+    s = Settings(32, 3, userdata.Limits(), {"web": "shapes"})
+    ex = stream.examine(units, s, engine="loop")
+    got = dict(zip([k.split("/")[-1] for k in ex.cols["key"]], zip(ex.cols["reason"], ex.cols["detail"])))
+    assert got["ok"] == ("", "")
+    assert got["no-scene"][0] == got["bad-scene"][0] == "decode_error"
+    assert "cx, cy, size are numbers" in got["bad-scene"][1]
+
+
+def test_source_weights_set_each_sources_share_of_the_batches_whatever_its_size():
+    from types import SimpleNamespace
+
+    from nmm.train.batches import batch_indices, source_probs
+
+    row_source = np.array([0] * 900 + [1] * 100)  # source 0 has 9x the rows …
+    pools = {"m2t": np.arange(1000), "m2g": np.arange(0, 1000, 2)}
+    probs = source_probs(pools, row_source, {0: 1.0, 1: 3.0})  # … source 1 three times the weight
+    phase = SimpleNamespace(mixture={"m2t": 0.5, "m2g": 0.5}, batch_size=64)
+    drawn = np.concatenate([batch_indices(pools, phase, 0, step, probs) for step in range(1, 301)])
+    share = float((row_source[drawn] == 1).mean())
+    assert abs(share - 0.75) < 0.02, share
+    again = np.concatenate([batch_indices(pools, phase, 0, step, probs) for step in range(1, 301)])
+    assert np.array_equal(drawn, again)  # a pure function of (seed, step), as before
+    uniform = np.concatenate([batch_indices(pools, phase, 0, step) for step in range(1, 301)])
+    assert abs(float((row_source[uniform] == 1).mean()) - 0.1) < 0.02  # no weights: rows drawn evenly
+
+
+def test_the_train_stage_reads_the_mixture_from_the_manifest_and_logs_what_it_drew():
+    from types import SimpleNamespace
+
+    from nmm.stages.train import _mixture, _realised_mixture
+    from nmm.train.batches import TrainData
+    from nmm.train.trainer import PhaseConfig
+
+    manifest = {"sources": [{"name": "shapes"}, {"name": "web"}], "mixture": {"shapes": 0.75, "web": 0.25}}
+    ds = SimpleNamespace(manifest=manifest)
+    images = np.array([0] * 50 + [1] * 150)  # per image: its source
+    a = {"source": images, "row_image": np.repeat(np.arange(200), 2)}  # two rows an image
+    mix = _mixture(ds, a)
+    assert mix["source_weights"] == {0: 0.75, 1: 0.25} and len(mix["row_source"]) == 400
+    data = TrainData(tokens=np.zeros((400, 4), np.int64), loss_mask=np.ones((400, 4), np.int64),
+                     task=np.tile([0, 1], 200), image_range=(10, 20), **mix)
+    phase = PhaseConfig(name="p", steps=200, batch_size=32, lr=1e-3, mixture={"m2t": 0.5, "m2g": 0.5})
+    got = _realised_mixture(ds, data, SimpleNamespace(phases=(phase,), total_steps=200, seed=0))
+    assert abs(got["mixture.realised.shapes"] - 0.75) < 0.03 and abs(sum(got.values()) - 1.0) < 1e-9
+    assert _mixture(SimpleNamespace(manifest={"mixture": {"digits": 1.0}}), a) == {}  # one source: rows drawn evenly

@@ -48,8 +48,15 @@ def _empty(n: int, s: Settings) -> dict[str, np.ndarray]:
 def _missing_truth(d: userdata.Decoded, truth: str | None) -> str | None:
     if truth == "digits" and not 0 <= d.label <= 9:
         return "no digit label 0-9 (`.cls`, or \"label\" in the .json)"
-    if truth == "shapes" and d.scene is None:
-        return "no \"scene\" in the .json"
+    if truth == "shapes":
+        if d.scene is None:
+            return "no \"scene\" in the .json"
+        from nmm.data import shapes
+
+        try:
+            shapes.check_scene(d.scene)
+        except ValueError as exc:
+            return f"the .json's \"scene\" is not a shapes scene: {str(exc)[:120]}"
     return None
 
 

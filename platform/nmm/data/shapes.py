@@ -193,6 +193,26 @@ def scene_to_dict(scene: Scene) -> dict:
     return asdict(scene)
 
 
+def check_scene(d) -> None:
+    """Raise ValueError unless `d` is a scene as scene_to_dict writes it (a user's ground truth is
+    checked here, before a judge reads it)."""
+    if not isinstance(d, dict) or d.get("task") not in TASKS or not isinstance(d.get("prompt"), str):
+        raise ValueError("needs task (one of the six) and prompt")
+    if d.get("relation") not in (None, *RELATIONS) or not isinstance(d.get("include"), (list, tuple)):
+        raise ValueError("needs include (a list) and relation (null or one of the four)")
+    objects = d.get("objects")
+    if not isinstance(objects, (list, tuple)) or not 1 <= len(objects) <= 16:
+        raise ValueError("needs 1 to 16 objects")
+    for o in objects:
+        if not isinstance(o, dict) or set(o) != {"shape", "colour", "cx", "cy", "size"}:
+            raise ValueError("each object has exactly shape, colour, cx, cy, size")
+        if o["shape"] not in SHAPES or o["colour"] not in COLOURS:
+            raise ValueError(f"unknown shape or colour {o['shape']!r}, {o['colour']!r}")
+        if not all(isinstance(o[k], (int, float)) and not isinstance(o[k], bool) and 0 <= o[k] <= 4096
+                   for k in ("cx", "cy", "size")):
+            raise ValueError("cx, cy, size are numbers in 0..4096")
+
+
 def scene_from_dict(d: dict) -> Scene:
     return Scene(
         task=d["task"],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -99,19 +100,23 @@ def examine(units: list[Unit], settings: Settings, first: Iterable[dict] = (), *
     parts: dict[str, list] = {c: [] for c in SMALL}
     spill_rows, spilled, seen, t0 = [], 0, 0, time.perf_counter()
     stream = _ray_batches(units, settings) if engine == "ray" and units else _loop_batches(units, settings)
-    with open(spill_path, "wb") as spill:
-        for n, batch in enumerate(_chain(first, stream)):
-            passed = np.array([not r for r in batch["reason"]], bool)
-            spill.write(np.ascontiguousarray(np.asarray(batch["pixels"])[passed], np.uint8).tobytes())
-            rows = np.full(len(passed), -1, np.int64)
-            rows[passed] = spilled + np.arange(int(passed.sum()))
-            spilled += int(passed.sum())
-            spill_rows.append(rows)
-            for c in SMALL:
-                parts[c].append(np.asarray(batch[c]))
-            seen += len(passed)
-            if n and n % 50 == 0:
-                log.info("examined %d batches, %d samples (%.0f/s)", n, seen, seen / (time.perf_counter() - t0))
+    try:
+        with open(spill_path, "wb") as spill:
+            for n, batch in enumerate(_chain(first, stream)):
+                passed = np.array([not r for r in batch["reason"]], bool)
+                spill.write(np.ascontiguousarray(np.asarray(batch["pixels"])[passed], np.uint8).tobytes())
+                rows = np.full(len(passed), -1, np.int64)
+                rows[passed] = spilled + np.arange(int(passed.sum()))
+                spilled += int(passed.sum())
+                spill_rows.append(rows)
+                for c in SMALL:
+                    parts[c].append(np.asarray(batch[c]))
+                seen += len(passed)
+                if n and n % 50 == 0:
+                    log.info("examined %d batches, %d samples (%.0f/s)", n, seen, seen / (time.perf_counter() - t0))
+    except BaseException:
+        shutil.rmtree(spill_dir, ignore_errors=True)  # a failed examination leaves no spill behind
+        raise
     cols = {c: _concat(v) for c, v in parts.items()}
     order = np.argsort(cols["order"], kind="stable")
     if not np.array_equal(order, np.arange(len(order))):  # preserve_order should make this moot
