@@ -31,7 +31,7 @@ class Settings:
 
 
 COLUMNS = ("order", "source", "key", "reason", "detail", "content_id", "pixel_std", "words", "phash",
-           "minhash", "pixels", "captions", "label", "scene")
+           "minhash", "pixels", "has_pixels", "captions", "label", "scene")
 
 
 def _empty(n: int, s: Settings) -> dict[str, np.ndarray]:
@@ -40,7 +40,8 @@ def _empty(n: int, s: Settings) -> dict[str, np.ndarray]:
         "reason": np.full(n, "", object), "detail": np.full(n, "", object), "content_id": np.full(n, "", object),
         "pixel_std": np.full(n, np.nan, np.float32), "words": np.zeros(n, np.int32), "phash": np.zeros(n, np.uint64),
         "minhash": np.zeros((n, signatures.NUM_PERM), np.uint64),
-        "pixels": np.zeros((n, s.side, s.side, s.channels), np.uint8), "captions": np.full(n, "[]", object),
+        "pixels": np.zeros((n, s.side, s.side, s.channels), np.uint8), "has_pixels": np.zeros(n, bool),
+        "captions": np.full(n, "[]", object),
         "label": np.full(n, -1, np.int64), "scene": np.full(n, "", object),
     }
 
@@ -67,6 +68,8 @@ def fill(out: dict[str, np.ndarray], i: int, d: userdata.Decoded | userdata.Reje
     if isinstance(d, userdata.Rejected):
         out["reason"][i], out["detail"][i] = d.reason, d.detail
         out["content_id"][i] = hashlib.sha256(raw).hexdigest()
+        if d.image is not None:  # it decoded: kept for the grid of its reason
+            out["pixels"][i], out["has_pixels"][i] = (d.image * 255.0).round().astype(np.uint8), True
         return
     pixels = (d.image * 255.0).round().astype(np.uint8)
     out["content_id"][i] = content_id or hashlib.sha256(pixels.tobytes()).hexdigest()
@@ -75,7 +78,7 @@ def fill(out: dict[str, np.ndarray], i: int, d: userdata.Decoded | userdata.Reje
     if missing:
         out["reason"][i], out["detail"][i] = "decode_error", missing
         return
-    out["pixels"][i] = pixels
+    out["pixels"][i], out["has_pixels"][i] = pixels, True
     out["captions"][i] = json.dumps(list(d.captions or (d.caption,)))
     out["label"][i] = d.label
     out["scene"][i] = json.dumps(d.scene, sort_keys=True) if d.scene is not None else ""

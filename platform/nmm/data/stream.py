@@ -1,6 +1,6 @@
 """Curation as a stream: every unit examined on Ray Data (a local Ray, or the cluster at
 `RAY_ADDRESS`), batches flowing back in canonical order. The driver keeps the small columns
-(keys, hashes, signatures) and appends the pixels of samples that passed the filters to a spill
+(keys, hashes, signatures) and appends the pixels of every sample that decoded to a spill
 file on local disk, so neither it nor any step holds the dataset's pixels in memory.
 
 `examine(..., engine="loop")` does the same work in this process, one unit after another: the
@@ -30,18 +30,18 @@ log = logging.getLogger("nmm.curate")
 
 @dataclass
 class Examined:
-    """Every sample's small columns (canonical order) and a spill file of passed samples' pixels."""
+    """Every sample's small columns (canonical order) and a spill file of the decoded samples' pixels."""
 
     cols: dict[str, np.ndarray]
-    spill_row: np.ndarray  # row → its index in the spill file, -1 when not spilled
+    spill_row: np.ndarray  # row → its index in the spill file, -1 when it has no pixels (did not decode)
     spill_path: Path
     shape: tuple[int, int, int]
 
     def pixels(self, rows) -> np.ndarray:
-        """(len(rows), side, side, channels) uint8 of the given rows (each must have passed)."""
+        """(len(rows), side, side, channels) uint8 of the given rows (each must have decoded)."""
         idx = self.spill_row[np.asarray(rows, dtype=np.int64)]
         if (idx < 0).any():
-            raise ValueError("pixels asked for a sample that did not pass the filters")
+            raise ValueError("pixels asked for a sample that did not decode")
         count = int(self.spill_row.max()) + 1 if len(self.spill_row) else 0
         if count == 0:
             return np.zeros((0, *self.shape), np.uint8)
@@ -103,15 +103,15 @@ def examine(units: list[Unit], settings: Settings, first: Iterable[dict] = (), *
     try:
         with open(spill_path, "wb") as spill:
             for n, batch in enumerate(_chain(first, stream)):
-                passed = np.array([not r for r in batch["reason"]], bool)
-                spill.write(np.ascontiguousarray(np.asarray(batch["pixels"])[passed], np.uint8).tobytes())
-                rows = np.full(len(passed), -1, np.int64)
-                rows[passed] = spilled + np.arange(int(passed.sum()))
-                spilled += int(passed.sum())
+                decoded = np.asarray(batch["has_pixels"], bool)  # the kept, and drops a grid can show
+                spill.write(np.ascontiguousarray(np.asarray(batch["pixels"])[decoded], np.uint8).tobytes())
+                rows = np.full(len(decoded), -1, np.int64)
+                rows[decoded] = spilled + np.arange(int(decoded.sum()))
+                spilled += int(decoded.sum())
                 spill_rows.append(rows)
                 for c in SMALL:
                     parts[c].append(np.asarray(batch[c]))
-                seen += len(passed)
+                seen += len(decoded)
                 if n and n % 50 == 0:
                     log.info("examined %d batches, %d samples (%.0f/s)", n, seen, seen / (time.perf_counter() - t0))
     except BaseException:

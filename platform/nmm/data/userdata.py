@@ -49,6 +49,7 @@ class Rejected:
     key: str
     reason: str  # one of REASONS
     detail: str
+    image: np.ndarray | None = None  # when it decoded (blank, caption faults): what the grids of drops show
 
 
 def samples(shard: bytes, name: str) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -167,12 +168,12 @@ def decode(key: str, parts: dict[str, bytes], channels: int, size: int, limits: 
         return Rejected(key, *image)
     std = float(image.std())
     if std < limits.blank_std:
-        return Rejected(key, "blank_image", f"pixel standard deviation {std:.4f} < {limits.blank_std:g}")
+        return Rejected(key, "blank_image", f"pixel standard deviation {std:.4f} < {limits.blank_std:g}", image)
     if not caption:
-        return Rejected(key, "caption_empty", "no caption" if caption is None else "empty caption")
+        return Rejected(key, "caption_empty", "no caption" if caption is None else "empty caption", image)
     words = len(caption.split())
     if not limits.min_words <= words <= limits.max_words:
-        return Rejected(key, "caption_length", f"{words} words, outside {limits.min_words}..{limits.max_words}")
+        return Rejected(key, "caption_length", f"{words} words, outside {limits.min_words}..{limits.max_words}", image)
     more = record.get("captions")
     more = [c.strip() for c in more if isinstance(c, str) and c.strip()] if isinstance(more, list) else []
     captions = (caption, *[c for c in more if c != caption])
