@@ -292,6 +292,39 @@ def crd() -> None:
 
 
 @app.command()
+def serve(
+    model: str = typer.Argument(..., help="models:/<name>@<alias>, models:/<name>/<version>, or a published model folder"),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 in a pod)"),
+    port: int = typer.Option(8000, min=1, max=65535),
+    store: Optional[str] = typer.Option(None, help="Store URI for store:// folders (default: nmm's store)"),
+    max_batch: int = typer.Option(16, "--max-batch", min=1, max=256, help="Requests per model batch at most"),
+    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", min=0.0, max=1000.0, help="How long a request waits for company"),
+    max_queue: int = typer.Option(256, "--max-queue", min=1, max=100_000, help="Waiting requests at most; more get 429"),
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API (chat with images, image generation)."""
+    import uvicorn
+
+    from nmm import storage
+    from nmm.lineage import TrackingError
+    from nmm.serve.server import ServeError, create_app, load
+
+    try:
+        loaded, name = load(model, store or storage.default_store_uri())
+    except ServeError as exc:
+        err.print(f"error: MODEL: {exc}", markup=False)
+        raise typer.Exit(EXIT_BAD_INPUT)
+    except storage.StorageError as exc:
+        err.print(f"error: {exc}", markup=False)
+        raise typer.Exit(exitcodes.STORE_UNAVAILABLE)
+    except TrackingError as exc:
+        err.print(f"error: {exc}", markup=False)
+        raise typer.Exit(exc.exit_code)
+    app = create_app(loaded, name, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue)
+    out.print(f"serving {name} ({model}) on http://{host}:{port}/v1", highlight=False)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+
+
+@app.command()
 def ui(host: str = "127.0.0.1", port: int = 5000) -> None:
     """Start the MLflow UI on the local tracking store (or $MLFLOW_TRACKING_URI)."""
     import subprocess

@@ -127,7 +127,9 @@ def _truth(record: dict) -> tuple[int, dict | None]:
     return (label if 0 <= label < 1_000_000 else -1), (scene if isinstance(scene, dict) else None)
 
 
-def _image(data: bytes, channels: int, size: int, limits: Limits) -> np.ndarray | tuple[str, str]:
+def decode_image(data: bytes, channels: int, size: int, limits: Limits) -> np.ndarray | tuple[str, str]:
+    """Image bytes → (size, size, channels) float32 in [0, 1], resized and centre-cropped; or
+    (reason, detail) when they are not a usable image. Never raises for bad bytes."""
     from PIL import Image, ImageOps
 
     if not data:
@@ -163,7 +165,7 @@ def decode(key: str, parts: dict[str, bytes], channels: int, size: int, limits: 
     ext = next((e for e in ("image", *IMAGE_EXTENSIONS) if e in parts), None)
     if ext is None:
         return Rejected(key, "decode_error", "no image (.jpg, .jpeg, .png or .webp)" if parts else "broken tar member")
-    image = _image(parts[ext], channels, size, limits)
+    image = decode_image(parts[ext], channels, size, limits)
     if isinstance(image, tuple):
         return Rejected(key, *image)
     std = float(image.std())

@@ -80,6 +80,19 @@ def alias_version(name: str, alias: str) -> ModelVersionInfo | None:
     return _info(client.get_model_version(name, str(version)))
 
 
+@tracked("read the model version")
+def model_version(name: str, version: str) -> ModelVersionInfo | None:
+    """One version; None only when MLflow says it (or the model) does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _info(_client().get_model_version(name, str(version)))
+    except MlflowException as exc:
+        if not_found(exc):
+            return None
+        raise
+
+
 @tracked("move the alias")
 def promote(name: str, version: str, alias: str, tags: dict[str, str] | None = None) -> None:
     client = _client()

@@ -66,7 +66,8 @@ def run(ctx: StageContext, model_uri: str, metrics_json: str, gate: str) -> int:
     with lineage.stage_run(ctx.run, "rollout", cache_key=key, code_version=code_version()) as run_:
         mv = lineage.register_version(
             name, manifest["mlflow_model_uri"], ctx.run, manifest["digest"],
-            {METRIC_TAG + k: f"{v:.6f}" for k, v in metrics.items()} | {"nmm.pipeline": ctx.pipeline},
+            {METRIC_TAG + k: f"{v:.6f}" for k, v in metrics.items()} | {"nmm.pipeline": ctx.pipeline,
+                                                                        "nmm.model_store_uri": model_uri},
         )
         lineage.promote(name, mv.version, "candidate")
         champ = lineage.alias_version(name, "champion")  # None only when MLflow says there is none

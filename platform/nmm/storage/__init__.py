@@ -25,9 +25,10 @@ from nmm.storage.objects import (
     write_bytes,
     write_json,
 )
-from nmm.storage.publish import MANIFEST, publish, read_file, read_manifest, sha256_hex
+from nmm.storage.publish import MANIFEST, IntegrityError, publish, read_file, read_manifest, sha256_hex
 
 __all__ = [
+    "IntegrityError",
     "MANIFEST",
     "ObjectInfo",
     "StorageError",

@@ -10,6 +10,10 @@ from nmm.storage.objects import StorageError, exists, join, read_bytes, write_by
 MANIFEST = "manifest.json"
 
 
+class IntegrityError(StorageError):
+    """A published file's bytes are not the ones its manifest lists (corrupt or tampered)."""
+
+
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -58,5 +62,5 @@ def read_file(folder_uri: str, manifest: dict, name: str) -> bytes:
     data = read_bytes(join(folder_uri, name))
     want = manifest["files"][name]["sha256"]
     if sha256_hex(data) != want:
-        raise StorageError(f"{join(folder_uri, name)}: content does not match its manifest")
+        raise IntegrityError(f"{join(folder_uri, name)}: content does not match its manifest")
     return data

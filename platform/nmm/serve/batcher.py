@@ -1,0 +1,106 @@
+"""Dynamic batching: concurrent requests wait in a bounded queue; one worker thread takes up to
+`max_batch` of them that can share a forward pass (the same kind of work: `key`), waiting at most
+`max_wait_ms` for company, and runs them together. A full queue refuses at once (`QueueFull`, a
+429), so memory stays bounded; `drain` stops taking work and lets what was accepted finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable
+
+
+class QueueFull(Exception):
+    """The queue is at its bound: try again later (HTTP 429)."""
+
+
+class Draining(Exception):
+    """The server is shutting down and takes no new work (HTTP 503)."""
+
+
+@dataclass
+class Job:
+    key: Hashable  # jobs with equal keys can run in one batch
+    payload: Any
+    future: Future = field(default_factory=Future)
+
+
+class Batcher:
+    def __init__(self, run: Callable[[list[Job]], list[Any]], *, max_batch: int = 16, max_wait_ms: float = 5.0,
+                 max_queue: int = 256, on_batch: Callable[[int], None] | None = None):
+        self.run, self.max_batch, self.max_wait = run, max(1, max_batch), max(0.0, max_wait_ms) / 1000.0
+        self.max_queue, self.on_batch = max_queue, on_batch
+        self._queue: collections.deque[Job] = collections.deque()
+        self._cv = threading.Condition()
+        self._draining = False
+        self._busy = 0
+        self._thread = threading.Thread(target=self._loop, name="nmm-batcher", daemon=True)
+        self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue) + self._busy
+
+    async def submit(self, key: Hashable, payload: Any) -> Any:
+        job = Job(key, payload)
+        with self._cv:
+            if self._draining:
+                raise Draining("the server is draining")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"{len(self._queue)} requests are waiting (the bound is {self.max_queue})")
+            self._queue.append(job)
+            self._cv.notify()
+        return await asyncio.wrap_future(job.future)
+
+    def _take(self) -> list[Job]:
+        with self._cv:
+            while not self._queue:
+                if self._draining:
+                    return []
+                self._cv.wait()
+            first = self._queue.popleft()
+            batch = [first]
+            deadline = time.monotonic() + self.max_wait
+            while len(batch) < self.max_batch:
+                same = next((j for j in self._queue if j.key == first.key), None)
+                if same is not None:
+                    self._queue.remove(same)
+                    batch.append(same)
+                    continue
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cv.wait(left)
+            self._busy = len(batch)
+            return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take()
+            if not batch:
+                return
+            if self.on_batch:
+                self.on_batch(len(batch))
+            try:
+                results = self.run(batch)
+                for job, result in zip(batch, results):
+                    job.future.set_result(result)
+            except Exception as exc:  # a fault of the batch fails its requests, not the server
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+            finally:
+                with self._cv:
+                    self._busy = 0
+
+    def drain(self, timeout: float = 30.0) -> None:
+        """Refuse new work, finish what was accepted (SIGTERM's graceful shutdown)."""
+        with self._cv:
+            self._draining = True
+            self._cv.notify_all()
+        self._thread.join(timeout)

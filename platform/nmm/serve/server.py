@@ -1,0 +1,246 @@
+"""`nmm serve`: an OpenAI-compatible HTTP server for an nmm model (FastAPI + uvicorn).
+
+    POST /v1/chat/completions    image (+ question) → text; `stream: true` as server-sent events
+    POST /v1/images/generations  prompt → `n` base64 PNGs (`guidance`: classifier-free guidance)
+    GET  /v1/models, /healthz, /readyz, /metrics (Prometheus)
+
+Requests are batched dynamically on the model (nmm.serve.batcher); a full queue answers 429.
+Streaming sends the answer once it is generated (one content chunk), not token by token yet.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import os
+import time
+import uuid
+
+import numpy as np
+import torch
+from fastapi import FastAPI, Request  # at module level: FastAPI reads the routes' annotations by name
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from nmm.model.generate import generate
+from nmm.serve import openai_api
+from nmm.serve.batcher import Batcher, Draining, QueueFull
+from nmm.serve.model_dir import LoadedModel
+from nmm.tokenizers.vocab import EOS
+
+ROUTES = ("/v1/chat/completions", "/v1/images/generations", "/v1/models")
+
+
+class Metrics:
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("nmm_requests_total", "HTTP requests by route and status", ["route", "status"], registry=r)
+        self.latency = Histogram("nmm_request_seconds", "Request latency by route", ["route"], registry=r)
+        self.first_token = Histogram("nmm_time_to_first_token_seconds", "Time until the first answer token", registry=r)
+        self.tokens = Counter("nmm_generated_tokens_total", "Tokens generated", ["kind"], registry=r)
+        self.queue = Gauge("nmm_queue_depth", "Requests waiting or running", registry=r)
+        self.batch = Histogram("nmm_batch_size", "Requests per model batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+
+
+class Model:
+    """The loaded model and what each batch of work does with it (runs on the batcher's thread)."""
+
+    def __init__(self, m: LoadedModel, metrics: Metrics):
+        self.m, self.metrics = m, metrics
+        self.side, _, self.channels = m.vq.image_shape
+
+    def chat(self, jobs) -> list[dict]:
+        m, v = self.m, self.m.vocab
+        _, max_tokens, temperature, seed = jobs[0].key
+        codes = m.vq.encode(np.stack([j.payload.image for j in jobs]))
+        prompts = [m.prompts.question(c, m.text.encode(j.payload.question)) if j.payload.question else m.prompts.caption(c)
+                   for c, j in zip(codes, jobs)]
+        patches = torch.from_numpy(m.vq.patches(np.stack([j.payload.image for j in jobs]))) if m.model.cfg.reads_pixels else None
+        g = torch.Generator().manual_seed(seed if seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little"))
+        outs = generate(m.model, prompts, max_tokens, v.text_range(), stop=EOS, extra_allowed=(EOS,),
+                        temperature=temperature, generator=g, patches=patches)
+        self.metrics.tokens.labels("text").inc(sum(len(o) for o in outs))
+        return [{"text": m.text.decode([t - v.text_offset for t in o if t != EOS]).strip(), "prompt_tokens": len(p),
+                 "completion_tokens": len(o), "finish_reason": "stop" if EOS in o else "length"}
+                for o, p in zip(outs, prompts)]
+
+    def images(self, jobs) -> list[list[str]]:
+        from nmm.data.sequences import blank_text
+
+        m, v = self.m, self.m.vocab
+        _, guidance, temperature, seed = jobs[0].key
+        asked = [m.prompts.draw(m.text.encode(j.payload.prompt)) for j in jobs for _ in range(j.payload.n)]
+        g = torch.Generator().manual_seed(seed if seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little"))
+        outs = generate(m.model, asked, m.vq.tokens_per_image, v.image_range(), temperature=temperature, generator=g,
+                        guidance=guidance, uncond=[blank_text(p, v) for p in asked] if guidance != 1.0 else None)
+        self.metrics.tokens.labels("image").inc(sum(len(o) for o in outs))
+        pixels = m.vq.decode(np.array([[t - v.image_offset for t in o] for o in outs], dtype=np.int64))
+        pngs = [_png(p) for p in pixels]
+        out, at = [], 0
+        for j in jobs:
+            out.append(pngs[at : at + j.payload.n])
+            at += j.payload.n
+        return out
+
+    def run(self, jobs) -> list:
+        return self.chat(jobs) if jobs[0].key[0] == "chat" else self.images(jobs)
+
+
+def _png(pixels: np.ndarray) -> str:
+    from PIL import Image
+
+    px = (np.clip(pixels, 0, 1) * 255).round().astype(np.uint8)
+    img = Image.fromarray(px[..., 0], "L") if px.shape[-1] == 1 else Image.fromarray(px, "RGB")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _completion(name: str, out: dict) -> dict:
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()), "model": name,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": out["text"]}, "finish_reason": out["finish_reason"]}],
+        "usage": {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
+                  "total_tokens": out["prompt_tokens"] + out["completion_tokens"]},
+    }
+
+
+def _events(name: str, out: dict):
+    base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()), "model": name}
+    for delta, finish in (({"role": "assistant", "content": ""}, None), ({"content": out["text"]}, None),
+                          ({}, out["finish_reason"])):
+        yield f"data: {json.dumps(base | {'choices': [{'index': 0, 'delta': delta, 'finish_reason': finish}]})}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def create_app(loaded: LoadedModel, name: str, *, max_batch: int = 16, max_wait_ms: float = 5.0, max_queue: int = 256):
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    metrics = Metrics()
+    model = Model(loaded, metrics)
+    batcher = Batcher(model.run, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                      on_batch=metrics.batch.observe)
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        batcher.drain()  # uvicorn stopped taking requests on SIGTERM; the accepted ones finish
+
+    app = FastAPI(title="nmm serve", openapi_url=None, docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.batcher = batcher
+
+    def error(route: str, exc: Exception) -> JSONResponse:
+        if isinstance(exc, openai_api.APIError):
+            status, body = exc.status, exc.body()
+        elif isinstance(exc, QueueFull):
+            status, body = 429, openai_api.APIError(429, f"busy: {exc}", kind="rate_limit_error").body()
+        elif isinstance(exc, Draining):
+            status, body = 503, openai_api.APIError(503, "shutting down", kind="server_error").body()
+        else:
+            raise exc
+        metrics.requests.labels(route, str(status)).inc()
+        return JSONResponse(body, status_code=status)
+
+    async def body_of(request: Request):
+        raw = await request.body()
+        if len(raw) > 12 << 20:
+            raise openai_api.APIError(413, "the request body is over 12 MiB")
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise openai_api.APIError(400, "the request body is not JSON") from None
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        route, t0 = "/v1/chat/completions", time.perf_counter()
+        try:
+            req = openai_api.parse_chat(await body_of(request), name, model.channels, model.side)
+            key = ("chat", req.max_tokens, req.temperature, req.seed if req.temperature > 0 else None)
+            metrics.queue.set(batcher.depth + 1)
+            out = await batcher.submit(key, req)
+        except Exception as exc:
+            return error(route, exc)
+        metrics.first_token.observe(time.perf_counter() - t0)
+        metrics.latency.labels(route).observe(time.perf_counter() - t0)
+        metrics.requests.labels(route, "200").inc()
+        if req.stream:
+            return StreamingResponse(_events(name, out), media_type="text/event-stream")
+        return _completion(name, out)
+
+    @app.post("/v1/images/generations")
+    async def images(request: Request):
+        route, t0 = "/v1/images/generations", time.perf_counter()
+        try:
+            req = openai_api.parse_images(await body_of(request))
+            if req.model not in (None, name):
+                raise openai_api.APIError(404, f"model {req.model!r} is not served here", "model", "not_found_error")
+            key = ("image", req.guidance, req.temperature, req.seed)
+            pngs = await batcher.submit(key, req)
+        except Exception as exc:
+            return error(route, exc)
+        metrics.latency.labels(route).observe(time.perf_counter() - t0)
+        metrics.requests.labels(route, "200").inc()
+        return {"created": int(time.time()), "data": [{"b64_json": p} for p in pngs]}
+
+    @app.get("/v1/models")
+    async def models():
+        metrics.requests.labels("/v1/models", "200").inc()
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "nmm"}]}
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz():
+        return {"status": "ready"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        metrics.queue.set(batcher.depth)
+        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+class ServeError(RuntimeError):
+    """The model to serve cannot be found or does not match its manifest (exit 2)."""
+
+
+def load(source: str, store: str) -> tuple[LoadedModel, str]:
+    """(the model, the name it is served under) from `models:/<name>@<alias>`,
+    `models:/<name>/<version>` or a published model folder (a store URI or path). Every file is
+    checked against the folder's manifest; a registered version's manifest digest must be the one
+    it was registered with."""
+    from nmm import lineage, storage
+    from nmm.serve.model_dir import FILES, load_from_files
+
+    name, digest = "nmm", None
+    folder = storage.in_store(source, store)
+    if source.startswith("models:/"):
+        name, sep, alias = source.removeprefix("models:/").partition("@")
+        if sep:
+            info = lineage.alias_version(name, alias)
+        else:
+            name, _, version = name.partition("/")
+            info = lineage.model_version(name, version)
+        if info is None:
+            raise ServeError(f"{source}: no such registered model, version or alias")
+        folder, digest = info.tags.get("nmm.model_store_uri"), info.tags.get("nmm.model_digest")
+        if not folder:
+            raise ServeError(f"{source}: version {info.version} records no model folder (registered by an older nmm); "
+                             "serve its folder in the store instead")
+    elif "://" not in folder:
+        folder = f"file://{os.path.abspath(folder)}"
+    manifest = storage.read_manifest(folder, verify=True)
+    if manifest is None or manifest.get("kind") != "nmm.model":
+        raise ServeError(f"{folder}: no published nmm model (manifest.json missing or not a model)")
+    if digest is not None and manifest["digest"] != digest:
+        raise ServeError(f"{folder}: holds {manifest['digest']}, but {source} was registered as {digest}")
+    try:
+        files = {n: storage.read_file(folder, manifest, n) for n in FILES}
+    except storage.IntegrityError as exc:
+        raise ServeError(f"refusing to serve: {exc}") from None
+    return load_from_files(files), name
