@@ -31,12 +31,14 @@ test-fast: $(STAMP)
 	$(VENV)/bin/pytest -m "not slow"
 
 # Speed figures (never asserted in tests), each a ratio against a baseline measured in the same run:
-# training vs a same-size Hugging Face Llama; curation on Ray vs a single-process loop.
+# training vs a same-size Hugging Face Llama; curation on Ray vs a single-process loop; serving with
+# dynamic batching vs without.
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) benchmarks/train_throughput.py --device cpu
 	$(PY) benchmarks/train_throughput.py --device cpu --size small
 	$(PY) benchmarks/curate_throughput.py
+	$(PY) benchmarks/serve_load.py
 
 golden: $(STAMP)
 	NMM_UPDATE_GOLDEN=1 $(VENV)/bin/pytest -q tests/unit/test_compile.py tests/unit/test_crd.py tests/unit/test_chart.py
