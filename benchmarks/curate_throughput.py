@@ -26,7 +26,7 @@ from pathlib import Path
 
 from nmm.data import dedup, export, ledger, ray_transforms, readers, stream, userdata
 from nmm.data.examine import Settings
-from nmm.spec.models import Source
+from nmm.spec.data import Source
 
 SHARD = 1000
 
@@ -51,7 +51,7 @@ def settings() -> Settings:
 def curate(uri: str, engine: str) -> tuple[float, float, int]:
     """(seconds for the whole pipeline, of which near-dup decisions, samples)."""
     t0 = time.perf_counter()
-    units, _ = readers.units([Source(kind="webdataset", name="web", uri=uri)])
+    units, _ = readers.units(Source(kind="webdataset", name="web", uri=uri))
     ex = stream.examine(units, settings(), engine=engine)
     t1 = time.perf_counter()
     d = dedup.decide(ex.cols, "near", radius=6, caption_dedup=True, threshold=0.9, train=0.7, val=0.1)

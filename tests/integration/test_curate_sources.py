@@ -136,11 +136,11 @@ def test_ray_and_a_plain_loop_decide_the_same_ledger_bytes(env, first, monkeypat
     examined on Ray (one unit a shard, so three tasks race) and in a plain loop, is the same bytes."""
     from nmm.data import dedup, ray_transforms, readers, stream, userdata
     from nmm.data.examine import Settings
-    from nmm.spec.models import Source
+    from nmm.spec.data import Source
 
     s3_env(env, monkeypatch)  # before Ray starts: its workers inherit this env
     src = Source(kind="webdataset", name="web", uri=f"s3://{BUCKET}/web/shard-{{000000..000002}}.tar")
-    units, _ = readers.units([src])
+    units, _ = readers.units(src)
     units = [readers.Unit(i, u.source, u.kind, (uri,)) for i, (u, uri) in enumerate((u, uri) for u in units for uri in u.uris)]
     got = []
     try:

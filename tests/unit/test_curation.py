@@ -16,7 +16,7 @@ from nmm.data.curate import split_of
 from nmm.data.examine import Settings, examine_builtin
 from nmm.data.locate import SourceError, expand_braces, find
 from nmm.data.sources import load_digits
-from nmm.spec.models import Source
+from nmm.spec.data import Source
 from tests import curation_fixture as fx
 
 RADIUS = 6
@@ -32,7 +32,7 @@ def write(folder) -> None:
 
 
 def curate(uri: str, engine: str = "loop", reverse: bool = False):
-    units, _ = readers.units([Source(kind="webdataset", name="web", uri=uri)])
+    units, _ = readers.units(Source(kind="webdataset", name="web", uri=uri))
     ex = stream.examine(units[::-1] if reverse else units, settings(), engine=engine)
     d = dedup.decide(ex.cols, "near", radius=RADIUS, caption_dedup=True, threshold=0.9, train=0.7, val=0.1)
     return ex, d
@@ -133,7 +133,7 @@ def test_parquet_and_folder_sources_read_the_same_samples(tmp_path):
     got = {}
     for src in (Source(kind="parquet", name="web", uri=f"{tmp_path}/*.parquet", columns={"image": "jpeg", "caption": "text"}),
                 Source(kind="folder", name="web", uri=f"{tmp_path}/imgs")):
-        units, listing = readers.units([src])
+        units, listing = readers.units(src)
         ex = stream.examine(units, settings(), engine="loop")
         assert list(ex.cols["reason"]) == [""] * 6, ex.cols["detail"]
         got[src.kind] = sorted(ex.cols["content_id"])
@@ -146,7 +146,7 @@ def test_a_parquet_file_without_the_columns_is_one_ledger_row_not_a_crash(tmp_pa
 
     pq.write_table(pa.table({"pixels": [b"x"], "caption": ["y"]}), tmp_path / "p.parquet")
     (tmp_path / "junk.parquet").write_bytes(b"not parquet at all")
-    units, _ = readers.units([Source(kind="parquet", name="web", uri=str(tmp_path))])
+    units, _ = readers.units(Source(kind="parquet", name="web", uri=str(tmp_path)))
     ex = stream.examine(units, settings(), engine="loop")
     assert list(ex.cols["reason"]) == ["decode_error", "decode_error"]
     assert "no column(s) ['image']" in ex.cols["detail"][1] or "no column(s) ['image']" in ex.cols["detail"][0]
@@ -173,7 +173,7 @@ def test_ground_truth_a_source_promises_is_checked_per_sample(tmp_path):
         ("no-scene", {"png": fx.encode(pixels), "json": b'{"caption": "a red circle"}'}),
         ("bad-scene", {"png": fx.encode(pixels), "json": json.dumps({"caption": "a red circle", "scene": hostile}).encode()}),
     ]))
-    units, _ = readers.units([Source(kind="webdataset", name="web", uri=str(tmp_path), groundTruth="shapes")])
+    units, _ = readers.units(Source(kind="webdataset", name="web", uri=str(tmp_path), groundTruth="shapes"))
     s = Settings(32, 3, userdata.Limits(), {"web": "shapes"})
     ex = stream.examine(units, s, engine="loop")
     got = dict(zip([k.split("/")[-1] for k in ex.cols["key"]], zip(ex.cols["reason"], ex.cols["detail"])))

@@ -12,20 +12,20 @@ from nmm.data.stream import Examined
 
 
 def apply_limits(cols: dict, reason: np.ndarray, limits: dict[str, int | None]) -> None:
-    """A source's samples past its `limit` (counting kept ones, in canonical order) become
-    `over_limit` drops."""
+    """A source's samples past its `limit` (counting kept ones, in the canonical order `cols` are
+    in) become `over_limit` drops."""
     taken: dict[str, int] = {}
-    for i in np.argsort(cols["order"], kind="stable"):
+    for i, name in enumerate(cols["source"]):
         if reason[i]:
             continue
-        name = cols["source"][i]
         taken[name] = taken.get(name, 0) + 1
         if limits.get(name) and taken[name] > limits[name]:
             reason[i] = "over_limit"
 
 
-def kept(reason: np.ndarray, cols: dict) -> np.ndarray:
-    return np.array([i for i in np.argsort(cols["order"], kind="stable") if not reason[i]], np.int64)
+def kept(reason: np.ndarray) -> np.ndarray:
+    """The kept rows, in canonical order."""
+    return np.array([i for i, r in enumerate(reason) if not r], np.int64)
 
 
 def _vqa(scene: dict, content_id: str):

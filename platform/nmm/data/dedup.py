@@ -34,12 +34,11 @@ class Decisions:
     leakage: dict = field(default_factory=dict)
 
 
-def _exact(cols: dict, order: np.ndarray, d: Decisions) -> None:
+def _exact(cols: dict, d: Decisions) -> None:
     first: dict[str, int] = {}
-    for i in order:
+    for i, cid in enumerate(cols["content_id"]):
         if d.reason[i]:
             continue
-        cid = cols["content_id"][i]
         if cid in first:
             d.reason[i], d.duplicate_of[i] = "exact_duplicate", cols["key"][first[cid]]
         else:
@@ -115,9 +114,9 @@ def caption_edges(sigs: np.ndarray, threshold: float) -> list[tuple[int, int]]:
 
 
 def _greedy(group: np.ndarray, edges: list[tuple[int, int]], alive: np.ndarray) -> dict[int, int]:
-    """Walk the ranks in canonical order. A rank whose group (identical hash) already has a kept
-    rank duplicates it; else one whose group has an edge to a group with a kept rank duplicates
-    the earliest such; else it is kept. Returns {duplicate rank: kept rank}; `alive` updated."""
+    """Walk the rows in canonical order. A row whose group (identical hash) already has a kept row
+    duplicates it; else one whose group has an edge to a group with a kept row duplicates the
+    earliest such; else it is kept. Returns {duplicate row: kept row}; `alive` updated."""
     near: dict[int, list[int]] = {}
     for a, b in edges:
         near.setdefault(a, []).append(b)
@@ -155,40 +154,41 @@ def leakage(group: np.ndarray, edges: list[tuple[int, int]], naive: np.ndarray) 
             "naive_leakage_fraction": round(leaked / tests, 6) if tests else 0.0}
 
 
-def _mark(d: Decisions, cols: dict, order: np.ndarray, dup: dict[int, int], reason: str) -> None:
+def _mark(d: Decisions, cols: dict, dup: dict[int, int], reason: str) -> None:
     for later, kept in dup.items():
-        i, j = order[later], order[kept]
-        d.reason[i], d.duplicate_of[i] = reason, cols["key"][j]
+        d.reason[later], d.duplicate_of[later] = reason, cols["key"][kept]
 
 
 def decide(cols: dict, mode: str, *, radius: int, caption_dedup: bool, threshold: float,
            train: float, val: float) -> Decisions:
-    """Every row's fate. `cols["reason"]` holds the per-sample filters' verdicts ("" = passed)."""
+    """Every row's fate. `cols` are in canonical order (as stream.examine returns them), and
+    `cols["reason"]` holds the per-sample filters' verdicts ("" = passed)."""
+    if np.any(np.diff(np.asarray(cols["order"])) <= 0):
+        raise ValueError("dedup.decide needs the rows in canonical order (stream.examine sorts them)")
     n = len(cols["key"])
     d = Decisions(
         reason=np.array(cols["reason"], dtype=object, copy=True), duplicate_of=np.full(n, "", object),
         hamming=np.full(n, -1, np.int16), caption_jaccard=np.full(n, np.nan, np.float32), split=np.full(n, "", object),
     )
-    order = np.argsort(cols["order"], kind="stable")  # rank → row
+    # Each passing sample's split by its content: what a naive split gives it, and what it gets if kept.
+    splits = np.array([split_of(cid, train, val) if not r else "" for cid, r in zip(cols["content_id"], d.reason)], object)
     if mode != "none":
-        _exact(cols, order, d)
-        alive = np.array([not d.reason[i] for i in order], bool)  # by rank
-        phash = np.asarray(cols["phash"], np.uint64)[order]
+        _exact(cols, d)
+        alive = np.array([not r for r in d.reason], bool)
+        phash = np.asarray(cols["phash"], np.uint64)
         uniq, group = _unique(np.where(alive, phash, np.uint64(0)))
         edges = image_edges(uniq, radius)
-        naive = np.array([split_of(cols["content_id"][i], train, val) if alive[k] else "" for k, i in enumerate(order)])
-        d.leakage = leakage(np.where(alive, group, 0), edges, naive)
+        d.leakage = leakage(np.where(alive, group, 0), edges, np.where(alive, splits, ""))
         if mode == "near":
             dup = _greedy(group, edges, alive)
-            _mark(d, cols, order, dup, "near_duplicate")
-            d.hamming[order[list(dup)]] = [signatures.hamming(int(phash[a]), int(phash[b])) for a, b in dup.items()]
+            _mark(d, cols, dup, "near_duplicate")
+            d.hamming[list(dup)] = [signatures.hamming(int(phash[a]), int(phash[b])) for a, b in dup.items()]
             if caption_dedup:
-                sigs = np.asarray(cols["minhash"])[order]
+                sigs = np.asarray(cols["minhash"])
                 uniq, group = _unique(sigs)
                 dup = _greedy(group, caption_edges(uniq, threshold), alive)
-                _mark(d, cols, order, dup, "caption_near_duplicate")
-                d.caption_jaccard[order[list(dup)]] = [signatures.jaccard(sigs[a], sigs[b]) for a, b in dup.items()]
-    for i in order:
-        if not d.reason[i]:
-            d.split[i] = split_of(cols["content_id"][i], train, val)
+                _mark(d, cols, dup, "caption_near_duplicate")
+                d.caption_jaccard[list(dup)] = [signatures.jaccard(sigs[a], sigs[b]) for a, b in dup.items()]
+    kept = np.array([not r for r in d.reason], bool)
+    d.split[kept] = splits[kept]
     return d

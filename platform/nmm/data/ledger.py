@@ -18,31 +18,28 @@ SIGNED = ("exact_duplicate", "near_duplicate", "caption_near_duplicate", "low_al
 
 
 def table(cols: dict, decisions, alignment: np.ndarray | None = None):
-    """The ledger as an Arrow table, in canonical order."""
+    """The ledger as an Arrow table: a row per sample, in the canonical order `cols` are in."""
     import pyarrow as pa
 
-    order = np.argsort(cols["order"], kind="stable")
-    pick = lambda a: [a[i] for i in order]  # noqa: E731
-    reason = pick(decisions.reason)
-    std = [float(x) for x in np.asarray(cols["pixel_std"])[order]]
+    reason = list(decisions.reason)
+    optional = lambda xs: [x or None for x in xs]  # noqa: E731  ("" is no value)
+    score = lambda xs: [None if np.isnan(x) else round(float(x), 6) for x in xs]  # noqa: E731
     data = {
-        "source": pa.array(pick(cols["source"]), pa.string()),
-        "key": pa.array(pick(cols["key"]), pa.string()),
-        "content_id": pa.array(pick(cols["content_id"]), pa.string()),
+        "source": pa.array(list(cols["source"]), pa.string()),
+        "key": pa.array(list(cols["key"]), pa.string()),
+        "content_id": pa.array(list(cols["content_id"]), pa.string()),
         "decision": pa.array(["drop" if r else "keep" for r in reason], pa.string()),
-        "reason": pa.array([r or None for r in reason], pa.string()),
-        "detail": pa.array([x or None for x in pick(cols["detail"])], pa.string()),
-        "duplicate_of": pa.array([x or None for x in pick(decisions.duplicate_of)], pa.string()),
-        "split": pa.array([x or None for x in pick(decisions.split)], pa.string()),
-        "pixel_std": pa.array([None if np.isnan(x) else round(x, 6) for x in std], pa.float64()),
-        "caption_words": pa.array([int(x) for x in np.asarray(cols["words"])[order]], pa.int32()),
+        "reason": pa.array(optional(reason), pa.string()),
+        "detail": pa.array(optional(cols["detail"]), pa.string()),
+        "duplicate_of": pa.array(optional(decisions.duplicate_of), pa.string()),
+        "split": pa.array(optional(decisions.split), pa.string()),
+        "pixel_std": pa.array(score(cols["pixel_std"]), pa.float64()),
+        "caption_words": pa.array([int(x) for x in cols["words"]], pa.int32()),
         "phash": pa.array([f"{int(h):016x}" if not r or r in SIGNED else None
-                           for h, r in zip(np.asarray(cols["phash"])[order], reason)], pa.string()),
-        "hamming": pa.array([None if h < 0 else int(h) for h in decisions.hamming[order]], pa.int16()),
-        "caption_jaccard": pa.array([None if np.isnan(x) else round(float(x), 6) for x in decisions.caption_jaccard[order]],
-                                    pa.float64()),
-        "alignment_score": pa.array([None] * len(order) if alignment is None else
-                                    [None if np.isnan(x) else round(float(x), 6) for x in alignment[order]], pa.float64()),
+                           for h, r in zip(np.asarray(cols["phash"]), reason)], pa.string()),
+        "hamming": pa.array([None if h < 0 else int(h) for h in decisions.hamming], pa.int16()),
+        "caption_jaccard": pa.array(score(decisions.caption_jaccard), pa.float64()),
+        "alignment_score": pa.array([None] * len(reason) if alignment is None else score(alignment), pa.float64()),
     }
     return pa.table(data)
 

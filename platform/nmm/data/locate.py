@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import itertools
-import os
 import re
-from pathlib import Path
 
 from nmm import storage
 from nmm.storage import ObjectInfo
@@ -25,14 +23,6 @@ SUFFIXES = {"webdataset": (".tar",), "parquet": (".parquet",), "folder": (*IMAGE
 
 class SourceError(ValueError):
     """A source names no data: a glob that matches nothing, a folder without images (user input: exit 2)."""
-
-
-def absolute(uri: str, base: Path | None = None) -> str:
-    """s3:// and file:// URIs as they are; a relative path as a file:// URI under `base` (the cwd)."""
-    if uri.startswith(("s3://", "file://")):
-        return uri
-    path = os.path.normpath(os.path.join(base or Path.cwd(), uri))  # wildcards stay as they are
-    return f"file://{path}" + ("/" if uri.endswith("/") else "")
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -62,7 +52,7 @@ def find(kind: str, name: str, uri: str) -> list[ObjectInfo]:
     of the format's kind matches, and StorageError (retryable) when the store cannot be listed."""
     suffixes = SUFFIXES[kind]
     found: dict[str, ObjectInfo] = {}
-    patterns = expand_braces(absolute(uri))
+    patterns = expand_braces(storage.uri_of(uri))
     listings: dict[str, list[ObjectInfo]] = {}
     missing: list[str] = []
     for pattern in patterns:

@@ -52,31 +52,23 @@ def _folder_records(objects) -> dict[str, dict | str]:
     return records
 
 
-def units(sources: list, start: int = 0) -> tuple[list[Unit], dict[str, list]]:
-    """The units of the given user sources (spec Source models), and each source's objects (URI,
-    size, ETag: what the cache key covers)."""
-    out: list[Unit] = []
-    listing: dict[str, list] = {}
-    for src in sources:
-        objects = find(src.kind, src.label, src.uri)
-        listing[src.label] = [(o.uri, o.size, o.etag) for o in objects]
-        if src.kind == "folder":
-            records = _folder_records(objects)
-            texts = {o.uri for o in objects if o.uri.endswith(".txt")}
-            images = [o.uri for o in objects if o.uri.lower().endswith(IMAGE_SUFFIXES)]
-            for u in images:
-                txt = u.rpartition(".")[0] + ".txt"
-                if u not in records and txt in texts:
-                    records[u] = txt
-            for i in range(0, len(images), FOLDER_CHUNK):
-                chunk = tuple(images[i : i + FOLDER_CHUNK])
-                caps = {u: records[u] for u in chunk if u in records}
-                out.append(Unit(start + len(out), src.label, "folder", chunk, caps))
-        else:
-            cols = (src.columns.image, src.columns.caption)
-            for group in _groups(objects):
-                out.append(Unit(start + len(out), src.label, src.kind, group, columns=cols))
-    return out, listing
+def units(src, start: int = 0) -> tuple[list[Unit], list[tuple[str, int, str]]]:
+    """A user source's units (a spec Source; numbered from `start`), and its objects (URI, size,
+    ETag: what the cache key covers)."""
+    objects = find(src.kind, src.label, src.uri)
+    listing = [(o.uri, o.size, o.etag) for o in objects]
+    if src.kind != "folder":
+        cols = (src.columns.image, src.columns.caption)
+        return [Unit(start + i, src.label, src.kind, group, columns=cols) for i, group in enumerate(_groups(objects))], listing
+    records = _folder_records(objects)
+    texts = {o.uri for o in objects if o.uri.endswith(".txt")}
+    images = [o.uri for o in objects if o.uri.lower().endswith(IMAGE_SUFFIXES)]
+    for u in images:
+        txt = u.rpartition(".")[0] + ".txt"
+        if u not in records and txt in texts:
+            records[u] = txt
+    chunks = [tuple(images[i : i + FOLDER_CHUNK]) for i in range(0, len(images), FOLDER_CHUNK)]
+    return [Unit(start + i, src.label, "folder", c, {u: records[u] for u in c if u in records}) for i, c in enumerate(chunks)], listing
 
 
 def _groups(objects) -> list[tuple[str, ...]]:

@@ -108,15 +108,6 @@ def record_of(parts: dict[str, bytes]) -> dict | Rejected:
     return record
 
 
-def caption_of(parts: dict[str, bytes]) -> str | Rejected | None:
-    """The caption of a sample's parts (`.txt`, or `.json`'s "caption"); None when there is none."""
-    record = record_of(parts)
-    if isinstance(record, Rejected):
-        return record
-    caption = record.get("caption")
-    return caption.strip() if isinstance(caption, str) else None
-
-
 def _truth(record: dict) -> tuple[int, dict | None]:
     label = record.get("label", -1)
     try:

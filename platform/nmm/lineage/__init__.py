@@ -9,7 +9,7 @@ under `.nmm/mlartifacts`.
 """
 
 from nmm.lineage.errors import RegistryConflict, TrackingError
-from nmm.lineage.registry import ModelVersionInfo, alias_version, download_version, model_version, promote, register_version
+from nmm.lineage.registry import ModelVersionInfo, alias_version, model_version, promote, register_version
 from nmm.lineage.runs import (
     StageRun,
     finish_pipeline_run,
@@ -25,7 +25,6 @@ __all__ = [
     "StageRun",
     "TrackingError",
     "alias_version",
-    "download_version",
     "model_version",
     "find_stage_run",
     "finish_pipeline_run",

@@ -99,17 +99,3 @@ def promote(name: str, version: str, alias: str, tags: dict[str, str] | None = N
     client.set_registered_model_alias(name, alias, version)
     for k, v in (tags or {}).items():
         client.set_model_version_tag(name, version, k, str(v))
-
-
-@tracked("download the model version")
-def download_version(name: str, version: str, dst: str) -> str:
-    """The files of a registered model version (the folder holding its config.json), under dst."""
-    from pathlib import Path
-
-    import mlflow
-
-    root = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=dst))
-    found = sorted(p.parent for p in root.rglob("config.json"))
-    if not found:
-        raise RegistryConflict(f"{name} version {version} holds no nmm model folder (no config.json)")
-    return str(found[0])

@@ -58,3 +58,42 @@ def load_from_files(files: dict[str, bytes], device: str | torch.device = "cpu")
 def load_from_dir(path: str | Path) -> LoadedModel:
     path = Path(path)
     return load_from_files({name: (path / name).read_bytes() for name in FILES})
+
+
+class ServeError(RuntimeError):
+    """A published model that cannot be found or does not match its manifest (user input: exit 2)."""
+
+
+def load_published(source: str, store: str) -> tuple[LoadedModel, str]:
+    """(the model, the name it is served under) — for `nmm serve` and curation's model filter — from `models:/<name>@<alias>`,
+    `models:/<name>/<version>` or a published model folder (a store URI or path). Every file is
+    checked against the folder's manifest; a registered version's manifest digest must be the one
+    it was registered with."""
+    from nmm import lineage, storage
+
+    name, digest = "nmm", None
+    if not source.startswith("models:/"):
+        folder = storage.in_store(storage.uri_of(source), store)
+    else:
+        name, sep, alias = source.removeprefix("models:/").partition("@")
+        if sep:
+            info = lineage.alias_version(name, alias)
+        else:
+            name, _, version = name.partition("/")
+            info = lineage.model_version(name, version)
+        if info is None:
+            raise ServeError(f"{source}: no such registered model, version or alias")
+        folder, digest = info.tags.get("nmm.model_store_uri"), info.tags.get("nmm.model_digest")
+        if not folder:
+            raise ServeError(f"{source}: version {info.version} records no model folder (registered by an older nmm); "
+                             "serve its folder in the store instead")
+    manifest = storage.read_manifest(folder, verify=True)
+    if manifest is None or manifest.get("kind") != "nmm.model":
+        raise ServeError(f"{folder}: no published nmm model (manifest.json missing or not a model)")
+    if digest is not None and manifest["digest"] != digest:
+        raise ServeError(f"{folder}: holds {manifest['digest']}, but {source} was registered as {digest}")
+    try:
+        files = {n: storage.read_file(folder, manifest, n) for n in FILES}
+    except storage.IntegrityError as exc:
+        raise ServeError(f"refusing to serve: {exc}") from None
+    return load_from_files(files), name

@@ -14,7 +14,6 @@ import base64
 import contextlib
 import io
 import json
-import os
 import time
 import uuid
 
@@ -59,7 +58,7 @@ class Model:
         prompts = [m.prompts.question(c, m.text.encode(j.payload.question)) if j.payload.question else m.prompts.caption(c)
                    for c, j in zip(codes, jobs)]
         patches = torch.from_numpy(m.vq.patches(np.stack([j.payload.image for j in jobs]))) if m.model.cfg.reads_pixels else None
-        g = torch.Generator().manual_seed(seed if seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little"))
+        g = _generator(seed)
         outs = generate(m.model, prompts, max_tokens, v.text_range(), stop=EOS, extra_allowed=(EOS,),
                         temperature=temperature, generator=g, patches=patches)
         self.metrics.tokens.labels("text").inc(sum(len(o) for o in outs))
@@ -73,7 +72,7 @@ class Model:
         m, v = self.m, self.m.vocab
         _, guidance, temperature, seed = jobs[0].key
         asked = [m.prompts.draw(m.text.encode(j.payload.prompt)) for j in jobs for _ in range(j.payload.n)]
-        g = torch.Generator().manual_seed(seed if seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little"))
+        g = _generator(seed)
         outs = generate(m.model, asked, m.vq.tokens_per_image, v.image_range(), temperature=temperature, generator=g,
                         guidance=guidance, uncond=[blank_text(p, v) for p in asked] if guidance != 1.0 else None)
         self.metrics.tokens.labels("image").inc(sum(len(o) for o in outs))
@@ -87,6 +86,11 @@ class Model:
 
     def run(self, jobs) -> list:
         return self.chat(jobs) if jobs[0].key[0] == "chat" else self.images(jobs)
+
+
+def _generator(seed: int | None) -> torch.Generator:
+    """The request's seed, or a fresh random one."""
+    return torch.Generator().manual_seed(seed if seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little"))
 
 
 def _png(pixels: np.ndarray) -> str:
@@ -203,44 +207,3 @@ def create_app(loaded: LoadedModel, name: str, *, max_batch: int = 16, max_wait_
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
-
-
-class ServeError(RuntimeError):
-    """The model to serve cannot be found or does not match its manifest (exit 2)."""
-
-
-def load(source: str, store: str) -> tuple[LoadedModel, str]:
-    """(the model, the name it is served under) from `models:/<name>@<alias>`,
-    `models:/<name>/<version>` or a published model folder (a store URI or path). Every file is
-    checked against the folder's manifest; a registered version's manifest digest must be the one
-    it was registered with."""
-    from nmm import lineage, storage
-    from nmm.serve.model_dir import FILES, load_from_files
-
-    name, digest = "nmm", None
-    folder = storage.in_store(source, store)
-    if source.startswith("models:/"):
-        name, sep, alias = source.removeprefix("models:/").partition("@")
-        if sep:
-            info = lineage.alias_version(name, alias)
-        else:
-            name, _, version = name.partition("/")
-            info = lineage.model_version(name, version)
-        if info is None:
-            raise ServeError(f"{source}: no such registered model, version or alias")
-        folder, digest = info.tags.get("nmm.model_store_uri"), info.tags.get("nmm.model_digest")
-        if not folder:
-            raise ServeError(f"{source}: version {info.version} records no model folder (registered by an older nmm); "
-                             "serve its folder in the store instead")
-    elif "://" not in folder:
-        folder = f"file://{os.path.abspath(folder)}"
-    manifest = storage.read_manifest(folder, verify=True)
-    if manifest is None or manifest.get("kind") != "nmm.model":
-        raise ServeError(f"{folder}: no published nmm model (manifest.json missing or not a model)")
-    if digest is not None and manifest["digest"] != digest:
-        raise ServeError(f"{folder}: holds {manifest['digest']}, but {source} was registered as {digest}")
-    try:
-        files = {n: storage.read_file(folder, manifest, n) for n in FILES}
-    except storage.IntegrityError as exc:
-        raise ServeError(f"refusing to serve: {exc}") from None
-    return load_from_files(files), name

@@ -23,6 +23,7 @@ from nmm.data.locate import SourceError
 from nmm.data.sequences import STYLES, TASKS, Prompts, instruction_texts, pack_rows
 from nmm.data.shards import encode_shard
 from nmm.data.sources import SourceData
+from nmm.spec.data import BUILT_IN_SOURCES
 from nmm.stages.context import ModelMissing, StageContext, cache_key, setup_logging
 from nmm.tokenizers import PatchVQ, SharedVocab, TextTokenizer
 from nmm.version import code_version
@@ -58,13 +59,12 @@ def _units(data, store: str) -> tuple[list, dict[str, list], dict[str, int]]:
     numbered in the spec's order of sources (the canonical order). `store://` URIs are in `store`."""
     units, listing, builtin, index = [], {}, {}, 0
     for src in data.sources:
-        if src.kind in ("digits", "shapes"):
+        if src.kind in BUILT_IN_SOURCES:
             builtin[src.label] = index
             index += 1
             continue
-        mine, found = readers.units([src.model_copy(update={"uri": storage.in_store(src.uri, store)})], start=index)
+        mine, listing[src.label] = readers.units(src.model_copy(update={"uri": storage.in_store(src.uri, store)}), index)
         units += mine
-        listing.update(found)
         index += len(mine)
     return units, listing, builtin
 
@@ -190,19 +190,20 @@ def filter_model(ctx: StageContext):
 def _align(ctx: StageContext, ex, d: dedup.Decisions, version, log) -> np.ndarray:
     """Score every sample still kept with the filter's model; drop all but the top fraction."""
     import json
-    import tempfile
 
     from nmm.evaluate.alignment import caption_scores, keep_top
-    from nmm.serve.model_dir import load_from_dir
+    from nmm.serve.model_dir import ServeError, load_published
 
     data = ctx.spec.spec.data
     side, channels = data.image_shape
-    with tempfile.TemporaryDirectory() as tmp:
-        loaded = load_from_dir(lineage.download_version(version.name, version.version, tmp))
+    try:  # the version's folder in the store, every file checked against its manifest (as `nmm serve` reads it)
+        loaded, _ = load_published(f"models:/{version.name}/{version.version}", ctx.store)
+    except ServeError as exc:
+        raise ModelMissing(f"data.curation.modelFilter.model: {exc}") from None
     if tuple(loaded.vq.image_shape) != (side, side, channels):
         raise SourceError(f"data.curation.modelFilter.model: {version.name} v{version.version} reads "
                           f"{tuple(loaded.vq.image_shape)} images; the sources give {(side, side, channels)}")
-    rows = assemble.kept(d.reason, ex.cols)
+    rows = assemble.kept(d.reason)
     captions = [json.loads(ex.cols["captions"][i])[0] for i in rows]
     scores = caption_scores(loaded, ex.pixels(rows).astype(np.float32) / 255.0, captions)
     keep = keep_top(scores, data.curation.model_filter.keep_fraction)
@@ -227,12 +228,12 @@ def _decide(ctx: StageContext, ex, version, log) -> tuple[dedup.Decisions, np.nd
 
 def _examples(ex, d: dedup.Decisions, per: int = 32) -> dict:
     """Up to `per` images of the kept samples and of each dropped reason that has pixels."""
-    out = {}
-    for name in ("keep", *ledger.REASONS):
-        rows = [i for i in range(len(d.reason)) if (d.reason[i] or "keep") == name and ex.spill_row[i] >= 0][:per]
-        if rows:
-            out[name] = ex.pixels(rows).astype(np.float32) / 255.0
-    return out
+    rows: dict[str, list[int]] = {}
+    for i in np.flatnonzero(ex.spill_row >= 0):
+        mine = rows.setdefault(d.reason[i] or "keep", [])
+        if len(mine) < per:
+            mine.append(int(i))
+    return {name: ex.pixels(r).astype(np.float32) / 255.0 for name, r in rows.items()}
 
 
 def _curate(ctx: StageContext, units: list, builtin: dict[str, int], version, log) -> Curated:
@@ -248,7 +249,7 @@ def _curate(ctx: StageContext, units: list, builtin: dict[str, int], version, lo
             none = empty or sorted({s.label for s in data.sources} - set(counts["sources"]))
             raise SourceError(f"data.sources: {none} kept no samples: see the reasons with `nmm data ledger`"
                                       f" ({counts['dropped_by_reason']})")
-        rows = assemble.kept(d.reason, ex.cols)
+        rows = assemble.kept(d.reason)
         raw, ids, source_index = assemble.source_data(ex, rows, [s.label for s in data.sources], data.captions_per_image, loaded)
         names = np.array([d.split[i] for i in rows])
         splits = {s: np.flatnonzero(names == s) for s in ("train", "val", "test")}
@@ -299,7 +300,8 @@ def _publish(ctx: StageContext, key: str, units: list, builtin: dict[str, int], 
     """Curate and publish the dataset (shards, tokenizers, ledger, data card; manifest last)."""
     cur = _curate(ctx, units, builtin, version, log)
     vq, text, vocab, codes, text_ids = _tokenized(ctx, cur, log)
-    card = datacard.markdown(ctx.spec.spec.data, listing, cur.counts, cur.leakage, _mixture(ctx, cur), key)
+    mixture = _mixture(ctx, cur)
+    card = datacard.markdown(ctx.spec.spec.data, listing, cur.counts, cur.leakage, mixture, key)
     files = {"text_tokenizer.json": text.to_bytes(), "image_tokenizer.safetensors": vq.to_bytes(),
              ledger.FILE: ledger.to_bytes(cur.ledger), datacard.FILE: card.encode()}
     styles = [Prompts.of(vocab, s, text.encode) for s in STYLES]
@@ -316,7 +318,7 @@ def _publish(ctx: StageContext, key: str, units: list, builtin: dict[str, int], 
         "ground_truth": truths.pop() if len(truths) == 1 else None,
         "sources": [{"name": s.label, "kind": s.kind, "uri": s.uri, "weight": s.weight,
                      "objects": len(listing.get(s.label, []))} for s in ctx.spec.spec.data.sources],
-        "mixture": _mixture(ctx, cur),
+        "mixture": mixture,
         "cache_key": key,
         "vocab": {"text_size": vocab.text_size, "image_size": vocab.image_size},
         "tokens_per_image": vq.tokens_per_image,

@@ -22,6 +22,7 @@ from nmm.storage.objects import (
     read_bytes,
     stat,
     read_json,
+    uri_of,
     write_bytes,
     write_json,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "read_manifest",
     "sha256_hex",
     "stat",
+    "uri_of",
     "write_bytes",
     "write_json",
 ]

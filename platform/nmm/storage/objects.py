@@ -36,6 +36,15 @@ def default_store_uri() -> str:
     return (home_dir() / "store").as_uri()
 
 
+def uri_of(location: str) -> str:
+    """A URI as given (s3://, file://, store://); a path as the file:// URI of its absolute path,
+    written as is (not %-escaped, so a glob's wildcards stay wildcards)."""
+    if location.startswith(("s3://", "file://", "store://")):
+        return location
+    path = os.path.normpath(os.path.join(os.getcwd(), location))
+    return f"file://{path}" + ("/" if location.endswith("/") else "")
+
+
 def in_store(uri: str, store: str) -> str:
     """`store://key` as the URI of `key` in the given store; any other URI as it is."""
     return join(store, uri[len("store://"):]) if uri.startswith("store://") else uri

@@ -8,7 +8,8 @@
     nmm status NAME          its status on the cluster
     nmm logs NAME --stage S  a stage's logs (pods, or the copy archived in the store)
     nmm crd                  the NMMPipeline CustomResourceDefinition
-    nmm data export          a built-in source as WebDataset shards
+    nmm serve MODEL          an OpenAI-compatible server for a model
+    nmm data export|ledger   a built-in source as WebDataset shards; a dataset's per-sample ledger
     nmm gpu inventory        this machine's GPUs (NVML); --label-node labels the node
     nmm stage NAME …         a stage entrypoint (what Workflow steps run)
 """
@@ -21,21 +22,17 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
 from nmm import exitcodes
+from nmm.cli.data import data_app
+from nmm.cli.output import EXIT_BAD_INPUT, err, exits, out
+from nmm.cli.stage import stage_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help=__doc__)
 gpu_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="GPU inventory of this machine or node.")
-data_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Datasets: export a built-in source in the formats users store data in; read a dataset's ledger.")
-stage_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Stage entrypoints (run inside Workflow steps).")
 app.add_typer(stage_app, name="stage")
 app.add_typer(gpu_app, name="gpu")
 app.add_typer(data_app, name="data")
-err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 120)
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
-
-EXIT_BAD_INPUT = exitcodes.BAD_INPUT
 
 
 def _load_spec(path: Path):
@@ -305,20 +302,15 @@ def serve(
     import uvicorn
 
     from nmm import storage
-    from nmm.lineage import TrackingError
-    from nmm.serve.server import ServeError, create_app, load
+    from nmm.serve.model_dir import ServeError, load_published
+    from nmm.serve.server import create_app
 
     try:
-        loaded, name = load(model, store or storage.default_store_uri())
+        with exits():
+            loaded, name = load_published(model, store or storage.default_store_uri())
     except ServeError as exc:
         err.print(f"error: MODEL: {exc}", markup=False)
         raise typer.Exit(EXIT_BAD_INPUT)
-    except storage.StorageError as exc:
-        err.print(f"error: {exc}", markup=False)
-        raise typer.Exit(exitcodes.STORE_UNAVAILABLE)
-    except TrackingError as exc:
-        err.print(f"error: {exc}", markup=False)
-        raise typer.Exit(exc.exit_code)
     app = create_app(loaded, name, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue)
     out.print(f"serving {name} ({model}) on http://{host}:{port}/v1", highlight=False)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
@@ -367,236 +359,3 @@ def gpu_inventory(
         if interval <= 0:
             return
         time.sleep(interval)
-
-
-@data_app.command("export")
-def data_export(
-    source: str = typer.Option(..., "--source", help="A built-in source: digits or shapes"),
-    fmt: str = typer.Option("webdataset", "--format", help="Output format: webdataset (tar shards of <key>.png + <key>.json)"),
-    out_dir: str = typer.Option(..., "--out", help="Output folder, store://prefix (in nmm's store), or s3://bucket/prefix"),
-    samples: int = typer.Option(2000, "--samples", min=1, max=1_000_000, help="How many samples (digits: at most 1,797)"),
-    image_size: int = typer.Option(32, "--image-size", min=24, max=256, help="shapes: side of the square image"),
-    seed: int = typer.Option(0, "--seed", min=0, help="shapes: the scenes' seed"),
-    captions: int = typer.Option(2, "--captions-per-image", min=1, max=8, help="Captions kept per image"),
-    shard_size: int = typer.Option(1000, "--shard-size", min=1, max=1_000_000, help="Samples per shard"),
-) -> None:
-    """Write a built-in source as WebDataset shards: the format nmm reads users' data in."""
-    from nmm import storage
-    from nmm.data import export
-
-    if fmt not in export.FORMATS:
-        err.print(f"error: --format: expected one of {', '.join(export.FORMATS)}, got {fmt!r}")
-        raise typer.Exit(EXIT_BAD_INPUT)
-    try:
-        data = export.load_source(source, samples, image_size, seed, captions)
-    except ValueError as exc:
-        err.print(f"error: {exc}", markup=False)
-        raise typer.Exit(EXIT_BAD_INPUT)
-    out_uri = out_dir if "://" in out_dir else Path(out_dir).resolve().as_uri()
-    out_uri = storage.in_store(out_uri, storage.default_store_uri())
-    try:
-        shards = export.export_webdataset(data, out_uri, shard_size)
-    except storage.StorageError as exc:
-        err.print(f"error: {exc}", markup=False)
-        raise typer.Exit(exitcodes.STORE_UNAVAILABLE)
-    out.print(f"wrote {len(data.images)} {source} samples in {len(shards)} WebDataset shard(s) under {out_uri}")
-
-
-def _dataset_uri(run: str) -> str:
-    """A dataset URI as given, or the one a local run's curate step published."""
-    import json
-
-    from nmm import storage
-    from nmm.home import home_dir
-
-    if "://" in run:
-        return storage.in_store(run, storage.default_store_uri())
-    status = home_dir() / "runs" / run / "status.json"
-    if not status.is_file():
-        err.print(f"error: RUN: no local run {run!r} (under {home_dir() / 'runs'}); give a run name or a dataset URI")
-        raise typer.Exit(EXIT_BAD_INPUT)
-    steps = json.loads(status.read_text()).get("steps", {})
-    # a curate RayJob (data.ray) hands its outputs to the `curate-outputs` step
-    uri = next((steps.get(s, {}).get("outputs", {}).get("dataset_uri") for s in ("curate", "curate-outputs")
-                if steps.get(s, {}).get("outputs", {}).get("dataset_uri")), None)
-    if not uri:
-        err.print(f"error: run {run!r} has no curated dataset (its curate step did not finish)")
-        raise typer.Exit(exitcodes.FAILED)
-    return uri
-
-
-@data_app.command("ledger")
-def data_ledger(
-    run: str = typer.Argument(..., help="A local run's name (nmm run prints it), or a dataset URI"),
-    reason: Optional[str] = typer.Option(None, "--reason", help="Only rows dropped for this reason (or 'keep')"),
-    rows: int = typer.Option(20, "--rows", min=0, max=100_000, help="How many rows to print"),
-) -> None:
-    """Every input sample's fate: counts per source and reason, then rows."""
-    import pyarrow.compute as pc
-    from rich.table import Table
-
-    from nmm import storage
-    from nmm.data import ledger
-
-    if reason is not None and reason not in (*ledger.REASONS, "keep"):
-        err.print(f"error: --reason: expected keep or one of {', '.join(ledger.REASONS)}, got {reason!r}")
-        raise typer.Exit(EXIT_BAD_INPUT)
-    uri = _dataset_uri(run)
-    try:
-        manifest = storage.read_manifest(uri, verify=False)
-        if manifest is None or ledger.FILE not in manifest.get("files", {}):
-            err.print(f"error: no ledger at {uri} (curated by an older nmm, or not a dataset)")
-            raise typer.Exit(EXIT_BAD_INPUT)
-        table = ledger.from_bytes(storage.read_file(uri, manifest, ledger.FILE))
-    except storage.StorageError as exc:
-        err.print(f"error: {exc}", markup=False)
-        raise typer.Exit(exitcodes.STORE_UNAVAILABLE)
-    counts = ledger.counts(table)
-    summary = Table("source", "samples", "kept", title=f"ledger of {uri}")
-    for name, c in counts["sources"].items():
-        summary.add_row(name, str(c["samples"]), str(c["kept"]))
-    out.print(summary)
-    out.print("dropped: " + (", ".join(f"{r} {n}" for r, n in counts["dropped_by_reason"].items() if n) or "none"))
-    if reason == "keep":
-        table = table.filter(pc.is_null(table["reason"]))
-    elif reason:
-        table = table.filter(pc.equal(table["reason"], reason))
-    picked = table.slice(0, rows).to_pylist()
-    listing = Table("source", "key", "decision", "reason", "duplicate_of", "split", "detail")
-    for r in picked:
-        listing.add_row(*(str(r[c] or "") for c in ("source", "key", "decision", "reason", "duplicate_of", "split", "detail")))
-    if picked:
-        out.print(listing)
-
-
-# --- stage entrypoints --------------------------------------------------------------------
-
-SpecOpt = typer.Option(..., "--spec", help="The pipeline spec as JSON (compiled into the step)")
-RunOpt = typer.Option(..., "--run-id", help="The pipeline run (the Workflow's name)")
-NsOpt = typer.Option(..., "--namespace", help="The run's namespace (part of its identity)")
-OwnerOpt = typer.Option(..., "--owner-uid", help="UID of the run's owner: the NMMPipeline, or the Workflow itself")
-StoreOpt = typer.Option(..., "--store", help="Store URI")
-OutputsOpt = typer.Option(..., "--outputs", help="Folder for output parameters")
-VariantOpt = typer.Option(None, "--variant", help="The ablation variant this step trains or evaluates")
-
-
-def _stage(name: str, fn, ident: dict, variant: str | None = None, **kw) -> None:
-    """Run a stage with its log archived to the store. Exit codes (R17): bad input 2, outputs
-    that belong to another spec 3; an unreachable store or MLflow 129/130 (retryable)."""
-    from nmm.data.dataset import DatasetError
-    from nmm.data.locate import SourceError
-    from nmm.lineage import TrackingError
-    from nmm.spec import SpecError
-    from nmm.lineage import RegistryConflict
-    from nmm.stages.context import ModelMissing, OutputsConflict, StageContext, UnknownVariant
-    from nmm.stages.logs import Archive
-    from nmm.storage import StorageError
-
-    try:
-        ctx = StageContext.create(variant=variant, **ident)
-    except SpecError as exc:
-        err.print("error: invalid --spec:\n  " + "\n  ".join(exc.problems), markup=False)
-        raise typer.Exit(EXIT_BAD_INPUT)
-    except (UnknownVariant, ValueError) as exc:  # a variant or an identity part that cannot be
-        err.print(f"error: {exc}", markup=False)
-        raise typer.Exit(EXIT_BAD_INPUT)
-    try:
-        with Archive(ctx.stage_uri(ctx.step(name))):
-            code = fn(ctx, **kw)
-    except (DatasetError, ModelMissing, SourceError) as exc:
-        err.print(f"error: {exc}", markup=False)
-        raise typer.Exit(EXIT_BAD_INPUT)
-    except (OutputsConflict, RegistryConflict) as exc:
-        err.print(f"error: {exc}", markup=False)
-        raise typer.Exit(exitcodes.CONFLICT)
-    except StorageError as exc:
-        err.print(f"error: {exc}", markup=False)
-        raise typer.Exit(exitcodes.STORE_UNAVAILABLE)
-    except TrackingError as exc:
-        err.print(f"error: {exc}", markup=False)
-        raise typer.Exit(exc.exit_code)
-    raise typer.Exit(code or 0)
-
-
-def _ident(spec: str, namespace: str, owner_uid: str, run_id: str, store: str, outputs: str) -> dict:
-    return dict(spec_json=spec, namespace=namespace, owner_uid=owner_uid, run_id=run_id, store=store, outputs=outputs)
-
-
-@stage_app.command("curate")
-def stage_curate(spec: str = SpecOpt, namespace: str = NsOpt, owner_uid: str = OwnerOpt, run_id: str = RunOpt,
-                 store: str = StoreOpt, outputs: str = OutputsOpt,
-                 outputs_uri: Optional[str] = typer.Option(None, "--outputs-uri", help="Also write the output parameters "
-                                                           "here, as JSON (a RayJob's driver: see `nmm stage curate-outputs`)")) -> None:
-    """Curate: sources → decode, filter, dedup → split → tokenizers → shards, ledger, data card + manifest."""
-    from nmm.stages import curate
-
-    _stage("curate", curate.run, _ident(spec, namespace, owner_uid, run_id, store, outputs) | {"outputs_uri": outputs_uri})
-
-
-@stage_app.command("curate-outputs")
-def stage_curate_outputs(source: str = typer.Option(..., "--from", help="The JSON a RayJob's curate driver wrote (--outputs-uri)"),
-                  outputs: str = OutputsOpt) -> None:
-    """Read the curate RayJob's output parameters back from the store (a resource step has none)."""
-    import json
-
-    from nmm import storage
-
-    try:
-        values = json.loads(storage.read_bytes(source))
-    except storage.StorageError as exc:
-        err.print(f"error: {exc}", markup=False)
-        raise typer.Exit(exitcodes.STORE_UNAVAILABLE)
-    except ValueError:
-        err.print(f"error: --from: {source} is not the JSON of output parameters")
-        raise typer.Exit(EXIT_BAD_INPUT)
-    folder = Path(outputs)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in ("dataset_uri", "dataset_digest", "cache"):
-        if not isinstance(values.get(name), str):
-            err.print(f"error: {source} has no {name!r}")
-            raise typer.Exit(EXIT_BAD_INPUT)
-        (folder / name).write_text(values[name])
-
-
-@stage_app.command("train")
-def stage_train(spec: str = SpecOpt, namespace: str = NsOpt, owner_uid: str = OwnerOpt, run_id: str = RunOpt,
-                store: str = StoreOpt, outputs: str = OutputsOpt,
-                dataset_uri: str = typer.Option(..., "--dataset-uri"), variant: str = VariantOpt) -> None:
-    """Train the model (one process, or one of many under torchrun)."""
-    from nmm.stages import train
-
-    _stage("train", train.run, _ident(spec, namespace, owner_uid, run_id, store, outputs), variant, dataset_uri=dataset_uri)
-
-
-@stage_app.command("evaluate")
-def stage_evaluate(spec: str = SpecOpt, namespace: str = NsOpt, owner_uid: str = OwnerOpt, run_id: str = RunOpt,
-                   store: str = StoreOpt, outputs: str = OutputsOpt,
-                   dataset_uri: str = typer.Option(..., "--dataset-uri"), model_uri: str = typer.Option(..., "--model-uri"),
-                   variant: str = VariantOpt) -> None:
-    """Evaluate the model on held-out data and decide the gates."""
-    from nmm.stages import evaluate
-
-    _stage("evaluate", evaluate.run, _ident(spec, namespace, owner_uid, run_id, store, outputs), variant,
-           dataset_uri=dataset_uri, model_uri=model_uri)
-
-
-@stage_app.command("rollout")
-def stage_rollout(spec: str = SpecOpt, namespace: str = NsOpt, owner_uid: str = OwnerOpt, run_id: str = RunOpt,
-                  store: str = StoreOpt, outputs: str = OutputsOpt,
-                  model_uri: str = typer.Option(..., "--model-uri"), metrics: str = typer.Option(..., "--metrics"),
-                  gate: str = typer.Option(..., "--gate")) -> None:
-    """Register the model version; move `champion` when it earns it."""
-    from nmm.stages import rollout
-
-    _stage("rollout", rollout.run, _ident(spec, namespace, owner_uid, run_id, store, outputs),
-           model_uri=model_uri, metrics_json=metrics, gate=gate)
-
-
-@stage_app.command("finalize")
-def stage_finalize(spec: str = SpecOpt, namespace: str = NsOpt, owner_uid: str = OwnerOpt, run_id: str = RunOpt,
-                   store: str = StoreOpt, outputs: str = OutputsOpt,
-                   status: str = typer.Option(..., "--status")) -> None:
-    """Close the pipeline's MLflow parent run (the Workflow's onExit handler)."""
-    from nmm.stages import finalize
-
-    _stage("finalize", finalize.run, _ident(spec, namespace, owner_uid, run_id, store, outputs), status=status)

@@ -1,0 +1,34 @@
+"""What every command prints to and how it fails: the two consoles, and the exit codes of the
+failures commands share (an unreachable store 129, MLflow 130 or 4)."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Iterator
+
+import typer
+from rich.console import Console
+
+from nmm import exitcodes
+
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 120)
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+
+EXIT_BAD_INPUT = exitcodes.BAD_INPUT
+
+
+@contextlib.contextmanager
+def exits() -> Iterator[None]:
+    """An unreachable store or tracking server as one line and its retryable exit code, not a traceback."""
+    from nmm.lineage import TrackingError
+    from nmm.storage import StorageError
+
+    try:
+        yield
+    except StorageError as exc:
+        err.print(f"error: {exc}", markup=False)
+        raise typer.Exit(exitcodes.STORE_UNAVAILABLE)
+    except TrackingError as exc:
+        err.print(f"error: {exc}", markup=False)
+        raise typer.Exit(exc.exit_code)

@@ -1,0 +1,215 @@
+"""`spec.data`: the sources (built in, or the user's at a URI), the split, curation and the Ray
+workers that curate on a cluster. No I/O here."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from nmm.data.sources import DIGITS_SIDE
+from nmm.spec.base import Model
+
+BUILT_IN_SOURCES = ("digits", "shapes")
+USER_SOURCES = ("webdataset", "parquet", "folder")
+# A source URI: store://key (in the run's store), s3://bucket/key, file:///abs/path, /abs/path, or
+# a path relative to where nmm runs; a glob
+# (*, ?, [..]) and brace ranges ({000000..000099}, {a,b}) in its last parts.
+_URI = r"^(store://[^\s$`]+|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s$`]*)?|file:///[^\s$`]*|[A-Za-z0-9_./][^\s$`:]*)$"
+MAX_EXPANDED_URIS = 100_000  # what one brace pattern may name
+
+
+def brace_count(uri: str) -> int:
+    """How many names a URI's brace groups expand to ({000..099} is 100, {a,b} is 2)."""
+    total = 1
+    for group in re.findall(r"\{([^{}]*)\}", uri):
+        rng = re.fullmatch(r"(\d{1,9})\.\.(\d{1,9})", group)
+        if rng:
+            lo, hi = int(rng[1]), int(rng[2])
+            if hi < lo:
+                raise ValueError(f"brace range {{{group}}} runs backwards")
+            total *= hi - lo + 1
+        else:
+            total *= len(group.split(","))
+        if total > MAX_EXPANDED_URIS:
+            raise ValueError(f"brace groups name over {MAX_EXPANDED_URIS:,} objects")
+    return total
+
+
+class Columns(Model):
+    """parquet only: which columns hold the image bytes and the caption."""
+
+    image: Annotated[str, Field(min_length=1, max_length=128)] = "image"
+    caption: Annotated[str, Field(min_length=1, max_length=128)] = "caption"
+
+
+class Source(Model):
+    """One raw-data source. Built in: `digits` (scikit-learn's 1,797 real handwritten digits) and
+    `shapes` (procedural scenes of coloured shapes with templated captions). Yours: `webdataset`
+    tar shards, `parquet` files of image bytes + captions, or a `folder` of images with
+    `captions.jsonl` or a `.txt` beside each, at `uri`."""
+
+    kind: Literal["digits", "shapes", "webdataset", "parquet", "folder"]
+    name: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?$")] | None = Field(
+        default=None, description="How the ledger, the mixture and the metrics name it (default: its kind)."
+    )
+    uri: Annotated[str, Field(max_length=1024, pattern=_URI)] | None = Field(
+        default=None, description="webdataset, parquet, folder: where the data lies (a glob or brace range)."
+    )
+    weight: Annotated[float, Field(gt=0.0, le=1000.0)] = Field(
+        default=1.0, description="Mixture weight: this source's share of each training epoch is weight / sum of weights."
+    )
+    limit: Annotated[int, Field(ge=10, le=10_000_000)] | None = Field(
+        default=None, description="Use at most this many samples (after dedup)."
+    )
+    samples: Annotated[int, Field(ge=10, le=1_000_000)] = Field(
+        default=2000, description="shapes only: how many scenes to render."
+    )
+    image_size: Annotated[int, Field(ge=8, le=256)] = Field(
+        default=32, alias="imageSize", description="shapes: the side it renders; yours: the side images are resized "
+        "and centre-cropped to."
+    )
+    channels: Literal[1, 3] = Field(default=3, description="yours: 1 decodes to grey, 3 to RGB.")
+    columns: Columns = Columns()
+    ground_truth: Literal["digits", "shapes"] | None = Field(
+        default=None, description="yours: the samples carry the ground truth of the built-in suites: digits, "
+        "a class 0-9 (`.cls`, or \"label\" in the `.json`); shapes, a \"scene\" in the `.json`.",
+    )
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
+
+    @model_validator(mode="after")
+    def _uri_for_yours_only(self) -> "Source":
+        if self.kind in USER_SOURCES:
+            if not self.uri:
+                raise ValueError(f"a {self.kind} source needs uri (store://prefix/…, s3://bucket/prefix/…, file:///…, or a path)")
+            try:
+                brace_count(self.uri)
+            except ValueError as exc:
+                raise ValueError(f"uri: {exc}") from None
+        else:
+            if self.uri is not None:
+                raise ValueError(f"uri: the built-in {self.kind} source takes no uri")
+            if self.ground_truth is not None:
+                raise ValueError(f"groundTruth: the built-in {self.kind} source brings its own")
+        if self.kind == "shapes" and self.image_size < 24:
+            raise ValueError(f"imageSize: shapes renders at 24 pixels or more, got {self.image_size}")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or self.kind
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        """(side, channels) of the images this source yields."""
+        if self.kind == "digits":
+            return DIGITS_SIDE, 1
+        if self.kind == "shapes":
+            return self.image_size, 3
+        return self.image_size, self.channels
+
+    @property
+    def truth(self) -> str | None:
+        """Which built-in suites' ground truth its samples carry."""
+        return self.kind if self.kind in BUILT_IN_SOURCES else self.ground_truth
+
+
+class Split(Model):
+    train: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.7
+    val: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    test: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> "Split":
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must add up to 1.0, got {total:g}")
+        return self
+
+
+class ModelFilter(Model):
+    """Model-based filtering (DataComp's CLIP filter, with nmm's own model): score each kept pair as
+    the caption's mean log-likelihood given the image under a registered nmm model; keep the top
+    fraction, drop the rest as `low_alignment_score`."""
+
+    model: Annotated[str, Field(pattern=r"^models:/[A-Za-z0-9][-A-Za-z0-9_.]{0,127}@[a-z][-a-z0-9_]{0,62}$")] = Field(
+        description="models:/<registered model>@<alias>, e.g. models:/nmm-quickstart@champion")
+    keep_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9
+
+    @property
+    def name_alias(self) -> tuple[str, str]:
+        name, _, alias = self.model.removeprefix("models:/").partition("@")
+        return name, alias
+
+
+class Curation(Model):
+    """What curation drops. Undecodable images and empty captions always go; the rest is tuned here.
+    Every dropped sample is a row of the dataset's ledger, with its reason."""
+
+    dedup: Literal["exact", "near", "none"] | None = Field(
+        default=None, description="exact: identical decoded pixels; near: exact, then near-duplicate images "
+        "(perceptual hash) and captions (MinHash). Default: near when a source is yours, else exact.",
+    )
+    min_side: Annotated[int, Field(ge=1, le=8192)] = Field(default=16, description="pixels, before resizing")
+    max_aspect: Annotated[float, Field(ge=1.0, le=100.0)] = 3.0
+    blank_std: Annotated[float, Field(ge=0.0, le=0.5)] = Field(
+        default=0.02, description="drop near-constant images: pixel standard deviation (0..1) under this")
+    min_words: Annotated[int, Field(ge=0, le=1000)] = 1
+    max_words: Annotated[int, Field(ge=1, le=10_000)] = 64
+    image_radius: Annotated[int, Field(ge=0, le=16)] = Field(
+        default=6, description="near: images whose 64-bit perceptual hashes differ in at most this many bits")
+    caption_dedup: bool = Field(default=True, description="near: also drop near-duplicate captions")
+    caption_threshold: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+        default=0.9, description="near: captions whose word-bigram Jaccard similarity is at least this")
+    model_filter: ModelFilter | None = None
+
+    @model_validator(mode="after")
+    def _words(self) -> "Curation":
+        if self.min_words > self.max_words:
+            raise ValueError(f"minWords ({self.min_words}) is over maxWords ({self.max_words})")
+        return self
+
+
+class RayWorkers(Model):
+    """On Kubernetes, curate runs as a KubeRay RayJob of this size (locally: a local Ray)."""
+
+    workers: Annotated[int, Field(ge=1, le=1000)] = 2
+    cpu: Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?m?$")] = "2"
+    memory: Annotated[str, Field(pattern=r"^[0-9]+(Ki|Mi|Gi|Ti)?$")] = "4Gi"
+
+
+class Data(Model):
+    sources: Annotated[list[Source], Field(min_length=1, max_length=16)]
+    split: Split = Split()
+    curation: Curation = Curation()
+    captions_per_image: Annotated[int, Field(ge=1, le=8)] = 1
+    ray: RayWorkers | None = None
+
+    @field_validator("sources")
+    @classmethod
+    def _one_image_shape(cls, sources: list[Source]) -> list[Source]:
+        labels = [s.label for s in sources]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"each source needs its own name (default: its kind), got {labels}")
+        for kind in BUILT_IN_SOURCES:
+            if sum(s.kind == kind for s in sources) > 1:
+                raise ValueError(f"the built-in {kind} source may appear once")
+        shapes = {s.label: s.image_shape for s in sources}
+        if len(set(shapes.values())) > 1:
+            raise ValueError(
+                "all sources must give images of one shape (one image tokenizer): "
+                + ", ".join(f"{k} {side}x{side}x{c}" for k, (side, c) in shapes.items())
+            )
+        return sources
+
+    @property
+    def dedup(self) -> str:
+        """The dedup in force: as set, else near when a source is the user's, else exact."""
+        if self.curation.dedup:
+            return self.curation.dedup
+        return "near" if any(s.kind in USER_SOURCES for s in self.sources) else "exact"
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        return self.sources[0].image_shape
