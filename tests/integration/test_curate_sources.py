@@ -152,3 +152,16 @@ def test_ray_and_a_plain_loop_decide_the_same_ledger_bytes(env, first, monkeypat
     finally:
         ray_transforms.shutdown()
     assert len(units) == 3 and got[0] == got[1]
+
+
+def test_a_source_that_keeps_nothing_exits_2_with_the_reasons(env):
+    import io
+
+    import numpy as np
+
+    blank = fx.encode(np.full((64, 64, 3), 128, np.uint8))
+    shard = fx.tar([(f"blank-{i}", {"png": blank, "txt": fx.caption(i).encode()}) for i in range(5)])
+    env["mc"].put_object(BUCKET, "blank/shard-000000.tar", io.BytesIO(shard), len(shard))
+    r, _ = stage(env, pipeline(f"s3://{BUCKET}/blank/*.tar"), "run-6")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "['web'] kept no samples" in r.stderr and "'blank_image': 5" in r.stderr

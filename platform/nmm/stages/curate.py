@@ -244,11 +244,10 @@ def _curate(ctx: StageContext, units: list, builtin: dict[str, int], version, lo
         d, alignment = _decide(ctx, ex, version, log)
         table = ledger.table(ex.cols, d, alignment)
         counts = ledger.counts(table)
-        empty = [name for name, c in counts["sources"].items() if c["kept"] == 0]
-        if empty or len(counts["sources"]) < len(data.sources):
-            none = empty or sorted({s.label for s in data.sources} - set(counts["sources"]))
-            raise SourceError(f"data.sources: {none} kept no samples: see the reasons with `nmm data ledger`"
-                                      f" ({counts['dropped_by_reason']})")
+        empty = [s.label for s in data.sources if counts["sources"].get(s.label, {}).get("kept", 0) == 0]
+        if empty:  # nothing is published then, so the reasons go in the message
+            dropped = {r: n for r, n in counts["dropped_by_reason"].items() if n}
+            raise SourceError(f"data.sources: {empty} kept no samples (dropped: {dropped})")
         rows = assemble.kept(d.reason)
         raw, ids, source_index = assemble.source_data(ex, rows, [s.label for s in data.sources], data.captions_per_image, loaded)
         names = np.array([d.split[i] for i in rows])
