@@ -148,7 +148,7 @@ class Engine:
         else:
             c = substitute_all(template["container"], scope)
             sandbox = Sandbox.for_container(c, self.volumes, step_dir)
-            env = container_env(c, sandbox)
+            env = container_env(c, sandbox, {"NMM_ENGINE": "local"})
             argv = resolve_command(sandbox.map_argv(c.get("command", []) + c.get("args", [])))
             group = [process.launch(task_name, argv, env, log_dir / f"{task_name}-{attempt}.log", cwd=self.cwd)]
         logs = [p.log_path for p in group]

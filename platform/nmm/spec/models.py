@@ -14,6 +14,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from nmm.spec import names
 from nmm.spec.base import Model
 from nmm.spec.data import Data
+from nmm.spec.serving import MODEL_NAME, Serving
 
 API_VERSION = "nmm.dev/v1alpha1"
 KIND = "NMMPipeline"
@@ -340,7 +341,11 @@ class Evaluation(Model):
 
 
 class Rollout(Model):
-    registered_model_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
+    registered_model_name: Annotated[str, Field(pattern=MODEL_NAME)]
+    serving: Serving | None = Field(
+        default=None, description="Serve the model and roll a promoted version out as a canary (judged by "
+        "SLOs and a quality probe); unset, promotion only moves the registry alias.",
+    )
 
 
 # --- the pipeline -----------------------------------------------------------------------

@@ -67,3 +67,14 @@ def curate_job_name(run: str, pipeline: str) -> str:
     is chosen from the longest run name the pipeline can have, so the name always fits."""
     suffix = "-curate" if len(pipeline) + RUN_SUFFIX + len("-curate") <= MAX_RAYJOB_NAME else "-c"
     return f"{run}{suffix}"
+
+
+# An NMMService's children: KServe's InferenceService "<service>" (its predictor Deployments add
+# "-predictor-00001-deployment-<hash>"), or the gateway backend's "<service>-stable" and
+# "<service>-canary" Deployments and Services plus an HTTPRoute "<service>".
+MAX_SERVICE_NAME = 40
+
+
+def serving_backend_name(service: str, track: str) -> str:
+    """The gateway backend's Deployment and Service of a track (stable | canary)."""
+    return f"{service}-{track}"

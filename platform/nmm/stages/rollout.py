@@ -5,7 +5,10 @@ Usage:
     nmm stage rollout --spec '<pipeline JSON>' --run-id RUN --store URI \
         --model-uri URI --metrics '<JSON>' --gate pass --outputs DIR
 
-Output parameters: `decision` (promoted|kept), `version`.
+With `spec.rollout.serving`, a promoted version is first rolled out as a canary against the
+champion (nmm.stages.canary): locally here, on a cluster by the operator through the NMMService.
+
+Output parameters: `decision` (promoted | kept | rolled_back | rolling_out), `version`.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import math
 
 from nmm import lineage, storage
 from nmm.spec import Gate
+from nmm.stages import canary
 from nmm.stages.context import ModelMissing, StageContext, cache_key, setup_logging
 from nmm.version import code_version
 
@@ -61,7 +65,7 @@ def run(ctx: StageContext, model_uri: str, metrics_json: str, gate: str) -> int:
     if manifest is None:
         raise ModelMissing(f"no model published at {model_uri}")
     metrics = {k: float(v) for k, v in json.loads(metrics_json).items()}
-    gates = ctx.spec.spec.evaluation.parsed_gates
+    serving = ctx.spec.spec.rollout.serving
     key = cache_key("rollout", name, manifest["digest"], metrics)
     with lineage.stage_run(ctx.run, "rollout", cache_key=key, code_version=code_version()) as run_:
         mv = lineage.register_version(
@@ -74,11 +78,13 @@ def run(ctx: StageContext, model_uri: str, metrics_json: str, gate: str) -> int:
         champion_metrics = None  # none yet, or this very version already holds it (a retried rollout)
         if champ is not None and champ.version != mv.version:
             champion_metrics = {k[len(METRIC_TAG):]: float(v) for k, v in champ.tags.items() if k.startswith(METRIC_TAG)}
-        promote, reason = decide(gate == "pass", metrics, champion_metrics, gates)
+        promote, reason = decide(gate == "pass", metrics, champion_metrics, ctx.spec.spec.evaluation.parsed_gates)
         if champ is not None and champ.version == mv.version:
             promote, reason = True, "already champion (a retried rollout)"
         decision = "promoted" if promote else "kept"
-        if promote:
+        if promote and serving is not None:
+            decision, reason = _serve(ctx, run_, name, mv.version, champ, manifest, reason, log)
+        if decision == "promoted":
             lineage.promote(name, mv.version, "champion")
         tags = {"nmm.rollout.decision": decision, "nmm.rollout.reason": reason, "nmm.rollout.version": mv.version}
         run_.set_tags(tags)
@@ -87,3 +93,23 @@ def run(ctx: StageContext, model_uri: str, metrics_json: str, gate: str) -> int:
         log.info("model %s version %s: %s (%s)", name, mv.version, decision, reason)
         ctx.write_outputs({"decision": decision, "version": mv.version})
     return 0
+
+
+def _serve(ctx: StageContext, run_, name: str, version: str, champ, manifest: dict, reason: str, log) -> tuple[str, str]:
+    """(decision, reason) once the version passed the offline comparison: locally a canary
+    against the champion, run here (promoted | rolled_back); on a cluster the NMMService is
+    pointed at the version and the operator rolls it out (rolling_out)."""
+    serving = ctx.spec.spec.rollout.serving
+    cases_uri, cases = canary.write_probe(ctx, serving, manifest)
+    if not canary.local_engine():
+        how = canary.apply_service(canary.service_body(ctx, serving, name, version, cases_uri))
+        return "rolling_out", (f"{reason}; NMMService {ctx.pipeline} {how}: the operator rolls version {version} out "
+                               "as a canary and moves champion when every step passes")
+    if champ is None or champ.version == version:
+        return "promoted", f"{reason}; no other version served to compare against: no canary"
+    outcome = canary.run_local(ctx, run_, serving, f"models:/{name}/{champ.version}", f"models:/{name}/{version}", cases, log)
+    run_.set_tags({"nmm.canary.result": "promoted" if outcome.promoted else "rolled_back", "nmm.canary.reason": outcome.reason,
+                   "nmm.canary.stable": champ.version})
+    if outcome.promoted:
+        return "promoted", f"{reason}; canary against version {champ.version}: {outcome.reason}"
+    return "rolled_back", f"canary against version {champ.version} rolled back: {outcome.reason}"

@@ -1,0 +1,139 @@
+"""The rollout stage's serving half (`spec.rollout.serving`): roll a promoted version out as a
+canary against the champion, and record every step in the rollout's MLflow run.
+
+- Local engine (NMM_ENGINE=local): for real on this machine (nmm.serve.canary): both versions
+  served on loopback, traffic split by weight, analysed at each step; the stage waits for the
+  outcome and moves `champion` only when every step passed.
+- On a cluster: the pipeline's `NMMService` is created or updated to serve the new version; the
+  operator runs the same steps and analysis and moves `champion` itself.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+
+from nmm import storage
+from nmm.data.dataset import Dataset
+from nmm.serve import analysis, probe
+from nmm.serve.canary import LocalCanary, Outcome, Step, StepResult
+from nmm.spec.serving import Serving
+from nmm.stages.context import StageContext
+
+PROBE_FILE = "probe.jsonl"
+SERVICE_GROUP, SERVICE_VERSION, SERVICE_PLURAL = "nmm.dev", "v1alpha1", "nmmservices"
+
+
+def local_engine() -> bool:
+    return os.environ.get("NMM_ENGINE") == "local"
+
+
+def limits(serving: Serving) -> analysis.Limits:
+    a = serving.canary.analysis
+    return analysis.Limits(a.max_error_rate, a.max_p95_latency_ms, a.max_time_to_first_token_ms, a.min_requests,
+                           a.quality_probe.max_quality_drop if a.quality_probe else None)
+
+
+def write_probe(ctx: StageContext, serving: Serving, model_manifest: dict) -> tuple[str | None, list[dict]]:
+    """The quality probe's cases from the model's dataset's test split, written next to the
+    rollout's outputs (the operator reads them there); (None, []) without a probe."""
+    qp = serving.canary.analysis.quality_probe
+    if qp is None:
+        return None, []
+    if qp.cases_uri:
+        return qp.cases_uri, probe.loads(storage.read_bytes(storage.in_store(qp.cases_uri, ctx.store)), qp.cases)
+    ds = Dataset.open(model_manifest["dataset_uri"])
+    cases = probe.cases_from_split(ds.split("test"), ctx.spec.spec.evaluation.suites, qp.cases)
+    if not cases:
+        raise probe.ProbeError("the quality probe needs an M2T suite (m2t.digits, m2t.shapes_vqa) with held-out "
+                               "cases; set analysis.qualityProbe: null to roll out on SLOs alone")
+    uri = storage.join(ctx.stage_uri(ctx.step("rollout")), PROBE_FILE)
+    storage.write_bytes(uri, probe.dumps(cases))
+    return uri, cases
+
+
+def run_local(ctx: StageContext, run_, serving: Serving, stable: str, candidate: str, cases: list[dict], log) -> Outcome:
+    steps = [Step(s.weight, s.pause_seconds) for s in serving.canary.steps]
+    batching = {"max_batch": serving.batching.max_batch, "max_wait_ms": serving.batching.max_wait_ms,
+                "max_queue": serving.batching.max_queue}
+    with tempfile.TemporaryDirectory(prefix="nmm-canary-") as tmp:
+        canary = LocalCanary(stable, candidate, steps, limits(serving), cases, Path(tmp), store=ctx.store, batching=batching)
+        results: list[StepResult] = []
+
+        def on_step(r: StepResult) -> None:
+            results.append(r)
+            run_.log_metrics({"canary.weight": r.weight, "canary.ok": float(r.ok), "canary.stable_requests": r.stable_requests,
+                              **{f"canary.{k}": v for k, v in r.measured.items()}}, step=r.index + 1)
+
+        outcome = canary.run(on_step, log=log.info)
+        for track in ("stable", "candidate"):
+            log_file = Path(tmp) / f"{track}.log"
+            if log_file.exists():
+                run_.log_bytes(log_file.read_bytes()[-1_000_000:], f"{track}.log", "canary")
+    if results:
+        run_.log_bytes(plot(results), "canary.png", "canary")
+    return outcome
+
+
+def plot(results: list[StepResult]) -> bytes:
+    """Per step: weight, candidate p95 latency and time to first token, quality of both."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [r.index + 1 for r in results]
+    series = lambda k: [r.measured.get(k, float("nan")) for r in results]  # noqa: E731
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    axes[0].step(x, [r.weight for r in results], where="post", color="tab:blue")
+    axes[0].set(title="candidate weight (%)", xlabel="step", ylim=(0, 105))
+    for r in results:
+        if not r.ok:
+            axes[0].axvline(r.index + 1, color="tab:red", linestyle="--")
+    axes[1].plot(x, series("p95_latency_ms"), "o-", label="p95 latency")
+    axes[1].plot(x, series("p95_ttft_ms"), "s-", label="p95 time to first token")
+    axes[1].set(title="candidate latency (ms)", xlabel="step")
+    axes[1].legend(fontsize=7)
+    axes[2].plot(x, series("quality_candidate"), "o-", label="candidate")
+    axes[2].plot(x, series("quality_stable"), "s--", label="stable")
+    axes[2].set(title="quality probe", xlabel="step", ylim=(-0.05, 1.05))
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def service_body(ctx: StageContext, serving: Serving, name: str, version: str, cases_uri: str | None) -> dict:
+    """The pipeline's NMMService serving `version` (the operator rolls it out as a canary)."""
+    spec = serving.model_dump(by_alias=True, exclude_none=True, mode="json")
+    if cases_uri and spec["canary"]["analysis"].get("qualityProbe") is not None:
+        spec["canary"]["analysis"]["qualityProbe"]["casesUri"] = cases_uri
+    spec["model"] = {"name": name, "version": int(version)}
+    return {
+        "apiVersion": f"{SERVICE_GROUP}/{SERVICE_VERSION}", "kind": "NMMService",
+        "metadata": {"name": ctx.pipeline, "namespace": ctx.run.namespace,
+                     "labels": {"nmm.dev/pipeline": ctx.pipeline, "app.kubernetes.io/managed-by": "nmm"}},
+        "spec": spec,
+    }
+
+
+def apply_service(body: dict) -> str:
+    """Create the NMMService, or point the existing one at the new version ("created" | "updated")."""
+    from kubernetes.client.exceptions import ApiException
+
+    from nmm import kubeclient
+
+    api, meta = kubeclient.custom_objects(), body["metadata"]
+    args = (SERVICE_GROUP, SERVICE_VERSION, meta["namespace"], SERVICE_PLURAL)
+    try:
+        api.create_namespaced_custom_object(*args, body)
+        return "created"
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+    api.patch_namespaced_custom_object(*args, meta["name"], {"spec": body["spec"]})
+    return "updated"

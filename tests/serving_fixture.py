@@ -1,0 +1,94 @@
+"""Two real local pipeline runs of a small digits captioner with `rollout.serving`, shared by the
+canary tests: `weak` trains 60 steps (becomes the champion: nothing to canary against), `good`
+trains 400 steps, passes the offline comparison and is rolled out as a canary against `weak`.
+`early_model` publishes an interval checkpoint of `good` (step 100) as a model folder: the
+deliberately worse candidate."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from tests.conftest import NMM
+
+SPEC = """\
+apiVersion: nmm.dev/v1alpha1
+kind: NMMPipeline
+metadata:
+  name: canary
+spec:
+  data:
+    sources: [{kind: digits}]
+    split: {train: 0.7, val: 0.1, test: 0.2}
+    curation: {dedup: exact}
+    captionsPerImage: 2
+  model:
+    fusion: early
+    tasks: [m2t]
+    size: {dim: 64, layers: 2, heads: 2, dropout: 0.0}
+    tokenizers:
+      text: {kind: bpe, vocabSize: 160}
+      image: {kind: patch-vq, patchSize: 2, codebookSize: 32}
+  training:
+    seed: 0
+    phases:
+      - {name: sft, recipe: sft, steps: STEPS, batchSize: 64, lr: 0.003, warmupSteps: 20, mixture: {m2t: 1.0}}
+    resources: {nodes: 1, processesPerNode: 1}
+    checkpoint: {intervalSteps: 100, keepLatest: 1}
+  evaluation:
+    suites: [m2t.digits]
+    gates: ["m2t.digits.accuracy >= 0.0"]
+    seesaw: SEESAW
+  rollout:
+    registeredModelName: nmm-canary
+    serving:
+      canary:
+        steps: [{weight: 20, pauseSeconds: 2}, {weight: 50, pauseSeconds: 2}, {weight: 100, pauseSeconds: 1}]
+        analysis:
+          minRequests: 5
+          maxP95LatencyMs: 20000
+          maxTimeToFirstTokenMs: 20000
+          qualityProbe: {cases: 40, maxQualityDrop: 0.05}
+"""
+
+
+def clean_env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_TRACKING_URI", "NMM_HOME", "NMM_STORE", "NMM_S3_ENDPOINT", "NMM_S3_BUCKET", "RAY_ADDRESS")}
+    return env | {"NMM_HOME": str(home)}
+
+
+def run_pipeline(cwd: Path, name: str, steps: int, seesaw: bool) -> subprocess.CompletedProcess:
+    spec = cwd / f"{name}.yaml"
+    spec.write_text(SPEC.replace("STEPS", str(steps)).replace("SEESAW", str(seesaw).lower()))
+    r = subprocess.run([NMM, "run", str(spec)], cwd=cwd, env=clean_env(cwd / ".nmm"), capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def model_folder(cwd: Path, version: int) -> str:
+    """The published folder of a registered version (its registry tag)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{cwd / '.nmm' / 'mlflow.db'}")
+    return client.get_model_version("nmm-canary", str(version)).tags["nmm.model_store_uri"]
+
+
+def early_model(folder: str, out: str) -> int:
+    """Publish the earliest interval checkpoint of the model at `folder` as a model folder at
+    `out` (same tokenizers, its own prompt style); returns its step."""
+    from nmm import storage
+    from nmm.serve.model_dir import CONFIG, IMAGE_TOKENIZER, TEXT_TOKENIZER, WEIGHTS
+
+    manifest = storage.read_manifest(folder, verify=True)
+    snap = min(manifest["snapshots"], key=lambda s: s["step"])
+    config = json.loads(storage.read_file(folder, manifest, CONFIG)) | {"prompts": snap["prompts"]}
+    files = {WEIGHTS: storage.read_file(folder, manifest, snap["file"]),
+             CONFIG: json.dumps(config, indent=2, sort_keys=True).encode(),
+             TEXT_TOKENIZER: storage.read_file(folder, manifest, TEXT_TOKENIZER),
+             IMAGE_TOKENIZER: storage.read_file(folder, manifest, IMAGE_TOKENIZER)}
+    storage.publish(out, files, {"kind": "nmm.model", "steps": snap["step"]})
+    return snap["step"]

@@ -1,0 +1,120 @@
+"""The canary's pure parts: reading Prometheus text, windows between scrapes, quantiles as
+Prometheus computes them, the verdict failing closed, the router's exact split, the policy's
+validation."""
+
+import math
+
+import pytest
+
+from nmm.serve import analysis
+from nmm.serve.router import Router
+
+PAGE = """\
+# HELP nmm_requests_total HTTP requests by route and status
+# TYPE nmm_requests_total counter
+nmm_requests_total{route="/v1/chat/completions",status="200"} %(ok)s
+nmm_requests_total{route="/v1/chat/completions",status="503"} %(bad)s
+nmm_requests_total{route="/v1/chat/completions",status="400"} 7.0
+nmm_requests_total{route="/v1/models",status="200"} 99.0
+# HELP nmm_request_seconds Request latency by route
+# TYPE nmm_request_seconds histogram
+nmm_request_seconds_bucket{le="0.1",route="/v1/chat/completions"} %(fast)s
+nmm_request_seconds_bucket{le="0.5",route="/v1/chat/completions"} %(ok)s
+nmm_request_seconds_bucket{le="+Inf",route="/v1/chat/completions"} %(ok)s
+nmm_request_seconds_count{route="/v1/chat/completions"} %(ok)s
+nmm_request_seconds_sum{route="/v1/chat/completions"} 1.0
+# HELP nmm_time_to_first_token_seconds Time until the first answer token
+# TYPE nmm_time_to_first_token_seconds histogram
+nmm_time_to_first_token_seconds_bucket{le="0.1"} %(fast)s
+nmm_time_to_first_token_seconds_bucket{le="0.5"} %(ok)s
+nmm_time_to_first_token_seconds_bucket{le="+Inf"} %(ok)s
+nmm_time_to_first_token_seconds_count %(ok)s
+nmm_time_to_first_token_seconds_sum 1.0
+# HELP nmm_queue_depth Requests waiting or running
+# TYPE nmm_queue_depth gauge
+nmm_queue_depth 0.0
+"""
+
+LIMITS = analysis.Limits(max_error_rate=0.05, max_p95_latency_ms=400, max_time_to_first_token_ms=400, min_requests=10,
+                         max_quality_drop=0.05)
+
+
+def page(ok, bad, fast):
+    return analysis.parse(PAGE % {"ok": float(ok), "bad": float(bad), "fast": float(fast)})
+
+
+def test_a_window_counts_only_the_traffic_between_two_scrapes_and_reads_p95_like_prometheus():
+    before, after = page(10, 0, 10), page(110, 5, 60)  # 100 new 200s (50 under 0.1 s), 5 new 503s
+    o = analysis.window(before, after)
+    assert (o.requests, o.errors) == (105, 5)  # /v1/models is not served traffic; 4xx are the client's, not errors
+    # rank 95 of 100: in the (0.1, 0.5] bucket holding 50..100 → 0.1 + 0.4 * 45/50
+    assert o.p95_latency_ms == pytest.approx(460.0)
+    assert o.p95_ttft_ms == pytest.approx(460.0)
+
+
+def test_a_restarted_server_is_read_from_zero():
+    o = analysis.window(page(500, 0, 500), page(20, 0, 20))
+    assert o.requests == 27 and o.p95_latency_ms == pytest.approx(95.0)  # 4xx answers count as served
+
+
+def test_quantile_edge_cases():
+    assert math.isnan(analysis.quantile(0.95, ()))
+    assert math.isnan(analysis.quantile(0.95, ((0.1, 0.0), (math.inf, 0.0))))
+    assert analysis.quantile(0.95, ((0.1, 0.0), (1.0, 0.0), (math.inf, 4.0))) == 1.0  # all in +Inf: the last bound
+
+
+def test_a_page_without_nmm_metrics_is_refused():
+    with pytest.raises(analysis.MetricsError):
+        analysis.parse("# TYPE up gauge\nup 1\n")
+    with pytest.raises(analysis.MetricsError):
+        analysis.parse("nmm_queue_depth{ not prometheus")
+
+
+def test_the_verdict_passes_a_healthy_step_and_fails_each_limit_by_name():
+    healthy = analysis.Observation(100, 1, 300.0, 200.0)
+    assert analysis.judge(LIMITS, healthy, (0.80, 0.82)).ok
+    v = analysis.judge(LIMITS, analysis.Observation(100, 10, 900.0, 800.0), (0.5, 0.8))
+    assert not v.ok and len(v.reasons) == 4
+    assert any("maxErrorRate" in r for r in v.reasons) and any("maxP95LatencyMs" in r for r in v.reasons)
+    assert any("maxTimeToFirstTokenMs" in r for r in v.reasons) and any("maxQualityDrop" in r for r in v.reasons)
+
+
+@pytest.mark.parametrize("candidate, quality, why", [
+    ("http://x/metrics: connection refused", (0.9, 0.8), "not observable"),
+    (analysis.Observation(3, 0, 10.0, 10.0), (0.9, 0.8), "no evidence"),
+    (analysis.Observation(100, 0, math.nan, math.nan), (0.9, 0.8), "p95 latency nan"),
+    (analysis.Observation(100, 0, 10.0, 10.0), "candidate: answered 500", "quality probe did not run"),
+    (analysis.Observation(100, 0, 10.0, 10.0), None, "quality probe did not run"),
+])
+def test_what_cannot_be_measured_fails_the_step(candidate, quality, why):
+    v = analysis.judge(LIMITS, candidate, quality)
+    assert not v.ok and any(why in r for r in v.reasons), v.reasons
+
+
+def test_without_a_probe_the_slos_alone_decide():
+    limits = analysis.Limits(0.05, 400, 400, 10, None)
+    assert analysis.judge(limits, analysis.Observation(50, 0, 100.0, 100.0), None).ok
+
+
+@pytest.mark.parametrize("weight", [0, 10, 25, 50, 90, 100])
+def test_the_router_sends_exactly_the_weight(weight):
+    r = Router("http://s", "http://c", 0)
+    r.set_weight(weight)
+    picks = [r.pick() for _ in range(1000)]
+    assert picks.count("candidate") == weight * 10
+    first_ten = [r.pick() for _ in range(10)]
+    assert first_ten.count("candidate") == weight // 10  # spread evenly, not in a burst
+
+
+def test_the_policy_is_validated():
+    from nmm.spec.serving import Canary, Serving, ServedModel
+
+    with pytest.raises(ValueError, match="rise strictly"):
+        Canary.model_validate({"steps": [{"weight": 50}, {"weight": 10}, {"weight": 100}]})
+    with pytest.raises(ValueError, match="weight 100"):
+        Canary.model_validate({"steps": [{"weight": 10}, {"weight": 50}]})
+    with pytest.raises(ValueError, match="exactly one of alias and version"):
+        ServedModel.model_validate({"name": "m", "alias": "champion", "version": 3})
+    with pytest.raises(ValueError, match="gpus is 0"):
+        Serving.model_validate({"resources": {"gpuPool": "a100"}})
+    assert [s.weight for s in Canary().steps] == [10, 50, 100]
