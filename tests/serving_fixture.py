@@ -1,4 +1,9 @@
-"""Two real local pipeline runs of a small digits captioner with `rollout.serving`, shared by the
+"""Models to serve in tests.
+
+`publish_small_model`: a small untrained model published as train publishes it (its words are
+noise; protocols are what such tests check).
+
+Two real local pipeline runs of a small digits captioner with `rollout.serving`, shared by the
 canary tests: `weak` trains 60 steps (becomes the champion: nothing to canary against), `good`
 trains 400 steps, passes the offline comparison and is rolled out as a canary against `weak`.
 `early_model` publishes an interval checkpoint of `good` (step 100) as a model folder: the
@@ -6,10 +11,15 @@ deliberately worse candidate."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import subprocess
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 from tests.conftest import NMM
 
@@ -92,3 +102,28 @@ def early_model(folder: str, out: str) -> int:
              IMAGE_TOKENIZER: storage.read_file(folder, manifest, IMAGE_TOKENIZER)}
     storage.publish(out, files, {"kind": "nmm.model", "steps": snap["step"]})
     return snap["step"]
+
+
+def publish_small_model(folder: str) -> None:
+    from nmm import storage
+    from nmm.data.sequences import instruction_texts
+    from nmm.data.sources import load_digits
+    from nmm.model import ModelConfig
+    from nmm.serve.model_dir import model_files
+    from nmm.tokenizers import PatchVQ, SharedVocab, TextTokenizer
+
+    d = load_digits(1)
+    vq = PatchVQ.fit(d.images[:300], 2, 16, seed=0)
+    text = TextTokenizer.train("bpe", [c for cs in d.captions[:300] for c in cs] + instruction_texts(50), 128)
+    vocab = SharedVocab(text_size=text.size, image_size=vq.size)
+    torch_model = ModelConfig(vocab_size=vocab.size, dim=32, layers=1, heads=2, max_seq_len=96).build()
+    config = {"model": json.loads(torch_model.cfg.to_json()), "vocab": {"text_size": vocab.text_size, "image_size": vocab.image_size},
+              "tokens_per_image": vq.tokens_per_image, "image_shape": list(vq.image_shape), "source": "digits", "prompts": "plain"}
+    storage.publish(folder, model_files(torch_model, config, text.to_bytes(), vq.to_bytes()), {"kind": "nmm.model"})
+
+
+def png_url(side: int = 8) -> str:
+    pixels = (np.random.default_rng(0).random((side, side)) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels, "L").save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()

@@ -10,6 +10,7 @@ module: the recheck timer's interval is fixed when its decorator runs.
 from __future__ import annotations
 
 import datetime
+import importlib
 import logging
 import os
 
@@ -112,3 +113,7 @@ def recheck(body, meta, memo: kopf.Memo, patch: kopf.Patch, **_) -> None:
         return
     patch.status.update(status.child_missing(name, recreate, _now()))
     kopf.warn(body, reason="WorkflowMissing", message=patch.status["message"])
+
+
+# NMMService's handlers register with kopf when this module (the one `kopf run -m` names) loads.
+importlib.import_module("nmm_operator.service_handlers")

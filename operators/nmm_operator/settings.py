@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from nmm.compile import CompileSettings
@@ -20,6 +21,13 @@ class OperatorSettings:
     on_child_deleted: str = "report"  # recreate | report
     recheck_seconds: float = 60.0  # the recheck timer's interval (chart: operator.recheckSeconds)
     log_level: str = "INFO"  # chart: operator.logLevel
+    serving_backend: str = "kserve"  # chart: serving.backend (kserve | gateway)
+    gateway_parent: dict = field(default_factory=lambda: {"name": "nmm-gateway"})  # chart: serving.gateway
+    serving_tick_seconds: float = 10.0  # how often an NMMService's rollout is looked at
+    serving_ready_timeout: float = 600.0  # a canary that does not answer for this long fails
+    # {"<namespace>/<service>": {"stable": URL, "candidate": URL}}: for an operator running outside
+    # the cluster (kubectl port-forward); in the cluster the Services' DNS names are used.
+    endpoints: dict = field(default_factory=dict)
 
 
 def from_dict(raw: dict) -> OperatorSettings:
@@ -34,6 +42,7 @@ def from_dict(raw: dict) -> OperatorSettings:
         s3_endpoint=raw.get("s3Endpoint", base.s3_endpoint),
         s3_secret_name=raw.get("s3SecretName", base.s3_secret_name),
         gpu_pools=pools or base.gpu_pools,
+        serving_service_account=raw.get("servingServiceAccount", base.serving_service_account),
     )
     policy = raw.get("onChildDeleted", "report")
     if policy not in ("recreate", "report"):
@@ -44,9 +53,23 @@ def from_dict(raw: dict) -> OperatorSettings:
     recheck = float(raw.get("recheckSeconds", 60))
     if not 1 <= recheck <= 86_400:
         raise ValueError(f"recheckSeconds must be within 1..86400, got {recheck:g}")
-    return OperatorSettings(compile_settings, policy, recheck, level)
+    serving = raw.get("serving") or {}
+    backend = serving.get("backend", "kserve")
+    if backend not in ("kserve", "gateway"):
+        raise ValueError(f"serving.backend must be 'kserve' or 'gateway', got {backend!r}")
+    tick = float(serving.get("tickSeconds", 10))
+    if not 0.2 <= tick <= 3600:
+        raise ValueError(f"serving.tickSeconds must be within 0.2..3600, got {tick:g}")
+    gateway = serving.get("gateway") or {"name": "nmm-gateway"}
+    if not isinstance(gateway, dict) or not gateway.get("name"):
+        raise ValueError("serving.gateway must name the Gateway ({name, namespace?})")
+    return OperatorSettings(compile_settings, policy, recheck, level, backend,
+                            {k: gateway[k] for k in ("name", "namespace", "sectionName") if gateway.get(k)},
+                            tick, float(serving.get("readyTimeoutSeconds", 600)), dict(serving.get("endpoints") or {}))
 
 
+@functools.lru_cache(maxsize=1)
 def load() -> OperatorSettings:
+    """Read once per process: every handler module shares the same settings."""
     path = os.environ.get("NMM_OPERATOR_SETTINGS")
     return from_dict(json.loads(Path(path).read_text()) if path else {})

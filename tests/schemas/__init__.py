@@ -48,3 +48,9 @@ def crd_validator(path: Path, version: str) -> jsonschema.Draft7Validator:
 def crd_errors(path: Path, version: str, obj: dict) -> list[str]:
     v = crd_validator(path, version)
     return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in v.iter_errors(obj)]
+
+
+INFERENCE_SERVICE = HERE / "kserve-v0.20.0-inferenceservices.yaml"
+CLUSTER_SERVING_RUNTIME = HERE / "kserve-v0.20.0-clusterservingruntimes.yaml"
+HTTP_ROUTE = HERE / "gateway-api-v1.6.1-httproutes.yaml"
+SERVICE_MONITOR = HERE / "prometheus-operator-v0.93.0-servicemonitors.yaml"

@@ -60,7 +60,7 @@ def test_every_rendered_object_validates_against_kubernetes_1_33(rendered):
 def test_crds_ship_with_the_chart_and_validate():
     with helm_python.Chart.load(str(CHART)) as chart:
         crds = chart.crds
-    assert [c["name"] for c in crds] == ["crds/nmmpipelines.nmm.dev.yaml"]
+    assert sorted(c["name"] for c in crds) == ["crds/nmmpipelines.nmm.dev.yaml", "crds/nmmservices.nmm.dev.yaml"]
     for c in crds:
         doc = yaml.safe_load(c["data"] if isinstance(c["data"], str) else c["data"].decode())
         kubernetes_validate.validate(doc, "1.33", strict=True)

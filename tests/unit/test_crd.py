@@ -51,3 +51,29 @@ def test_crd_schema_rejects_a_wrong_type():
     doc["spec"]["training"]["phases"][0]["steps"] = "many"
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.Draft4Validator(schema).validate(doc)
+
+
+SERVICE_CHECKED_IN = ROOT / "charts" / "nmm-platform" / "crds" / "nmmservices.nmm.dev.yaml"
+SERVICE = {"apiVersion": "nmm.dev/v1alpha1", "kind": "NMMService", "metadata": {"name": "digits"},
+           "spec": {"model": {"name": "nmm-quickstart", "alias": "candidate"}, "replicas": 2,
+                    "canary": {"steps": [{"weight": 10, "pauseSeconds": 60}, {"weight": 100}],
+                               "analysis": {"maxErrorRate": 0.01, "qualityProbe": {"cases": 50, "maxQualityDrop": 0.02}}}}}
+
+
+def test_the_service_crd_is_checked_in_valid_and_accepts_a_service():
+    from nmm.spec.crd import service_crd
+
+    text = yaml.safe_dump(service_crd(), sort_keys=False, width=100)
+    if os.environ.get("NMM_UPDATE_GOLDEN"):
+        SERVICE_CHECKED_IN.write_text(text)
+    assert SERVICE_CHECKED_IN.read_text() == text, "the NMMService CRD drifted from nmm.spec.serving; run `make golden`"
+    kubernetes_validate.validate(service_crd(), "1.33", strict=True)
+    v = service_crd()["spec"]["versions"][0]
+    assert service_crd()["spec"]["names"]["shortNames"] == ["nmms"]
+    assert [c["name"] for c in v["additionalPrinterColumns"]] == ["Model", "Stable", "Canary", "Weight", "Phase", "Age"]
+    schema = v["schema"]["openAPIV3Schema"]
+    jsonschema.Draft4Validator(schema).validate(SERVICE)
+    bad = json.loads(json.dumps(SERVICE))
+    bad["spec"]["canary"]["steps"][0]["weight"] = 150
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft4Validator(schema).validate(bad)

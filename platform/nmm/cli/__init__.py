@@ -279,13 +279,17 @@ def logs(
 
 
 @app.command()
-def crd() -> None:
-    """Print the NMMPipeline CustomResourceDefinition (generated from the spec models)."""
+def crd(kind: str = typer.Option("pipeline", help="pipeline (NMMPipeline) or service (NMMService)")) -> None:
+    """Print a CustomResourceDefinition (generated from the spec models)."""
     import yaml
 
-    from nmm.spec.crd import crd as build
+    from nmm.spec.crd import crd as pipeline_crd, service_crd
 
-    sys.stdout.write(yaml.safe_dump(build(), sort_keys=False, width=100))
+    builds = {"pipeline": pipeline_crd, "service": service_crd}
+    if kind not in builds:
+        err.print(f"error: --kind: expected pipeline or service, got {kind!r}", markup=False)
+        raise typer.Exit(EXIT_BAD_INPUT)
+    sys.stdout.write(yaml.safe_dump(builds[kind](), sort_keys=False, width=100))
 
 
 @app.command()

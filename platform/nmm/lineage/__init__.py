@@ -9,7 +9,7 @@ under `.nmm/mlartifacts`.
 """
 
 from nmm.lineage.errors import RegistryConflict, TrackingError
-from nmm.lineage.registry import ModelVersionInfo, alias_version, model_version, promote, register_version
+from nmm.lineage.registry import ModelVersionInfo, alias_version, model_version, promote, register_version, tag_version
 from nmm.lineage.runs import (
     StageRun,
     finish_pipeline_run,
@@ -31,6 +31,7 @@ __all__ = [
     "promote",
     "register_version",
     "stage_run",
+    "tag_version",
     "tracking_uri",
     "ui_command",
 ]

@@ -99,3 +99,11 @@ def promote(name: str, version: str, alias: str, tags: dict[str, str] | None = N
     client.set_registered_model_alias(name, alias, version)
     for k, v in (tags or {}).items():
         client.set_model_version_tag(name, version, k, str(v))
+
+
+@tracked("tag the model version")
+def tag_version(name: str, version: str, tags: dict[str, str]) -> None:
+    """Record on a version what happened to it (a canary's rollback and its reason)."""
+    client = _client()
+    for k, v in tags.items():
+        client.set_model_version_tag(name, str(version), k, str(v)[:5000])

@@ -52,6 +52,17 @@ class Verdict:
     measured: dict[str, float] = field(default_factory=dict)
 
 
+def to_dict(s: Snapshot) -> dict:
+    """A snapshot as JSON (an NMMService's status keeps its step's baseline there)."""
+    return {"byStatus": s.by_status, "latency": [list(b) for b in s.latency], "ttft": [list(b) for b in s.ttft]}
+
+
+def from_dict(d: dict) -> Snapshot:
+    pairs = lambda xs: tuple((float(le), float(c)) for le, c in xs)  # noqa: E731
+    return Snapshot({str(k): float(v) for k, v in d.get("byStatus", {}).items()}, pairs(d.get("latency", [])),
+                    pairs(d.get("ttft", [])))
+
+
 class MetricsError(ValueError):
     """A /metrics page that is not Prometheus text or lacks nmm's metrics."""
 

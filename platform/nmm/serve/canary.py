@@ -118,6 +118,29 @@ def scrape(url: str) -> analysis.Snapshot | str:
         return f"{url}/metrics: {exc}"
 
 
+def judge_step(limits: analysis.Limits, baseline: analysis.Snapshot, urls: dict[str, str], cases: list[dict],
+               stable_quality: float | None) -> tuple[analysis.Verdict, analysis.Snapshot | None, float | None]:
+    """One step of a canary whose servers run elsewhere (the operator's): the candidate's traffic
+    since `baseline`, and the quality probe against both tracks (the stable score measured once:
+    pass it back in). Returns (verdict, the next step's baseline — scraped after the probe, whose
+    requests are not traffic —, the stable score)."""
+    after = scrape(urls["candidate"])
+    observed = after if isinstance(after, str) else analysis.window(baseline, after)
+    quality: tuple[float, float] | str | None = None
+    if limits.max_quality_drop is not None:
+        try:
+            if not cases:
+                raise probe.ProbeError("no probe cases (qualityProbe.casesUri)")
+            if stable_quality is None:
+                stable_quality = probe.score(urls["stable"], cases)
+            quality = (probe.score(urls["candidate"], cases), stable_quality)
+        except probe.ProbeError as exc:
+            quality = str(exc)
+    if quality is not None and not isinstance(after, str):
+        after = scrape(urls["candidate"])
+    return analysis.judge(limits, observed, quality), (None if isinstance(after, str) else after), stable_quality
+
+
 class Traffic:
     """Client threads sending the cases through the router until stopped."""
 

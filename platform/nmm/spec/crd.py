@@ -1,4 +1,4 @@
-"""The NMMPipeline CustomResourceDefinition, generated from the pydantic models (no I/O).
+"""The NMMPipeline and NMMService CustomResourceDefinitions, generated from the pydantic models (no I/O).
 
 Pydantic's JSON Schema becomes a Kubernetes *structural* schema: `$ref`s inlined, `X | None`
 as `nullable`, `const` as a one-value `enum`, numeric `exclusiveMinimum/Maximum` as OpenAPI v3.0
@@ -9,9 +9,11 @@ and reports unknown fields as a Failed condition — the API server would only p
 from __future__ import annotations
 
 from nmm.spec.models import API_VERSION, PipelineBody
+from nmm.spec.serving import ServiceBody
 
 GROUP, VERSION = API_VERSION.split("/")
 PLURAL = "nmmpipelines"
+SERVICE_PLURAL = "nmmservices"
 # Not allowed in a structural schema. propertyNames (the allowed keys of a map such as
 # lossWeights) is enforced by the operator's pydantic validation instead.
 DROP = {"title", "default", "examples", "propertyNames"}
@@ -57,9 +59,13 @@ def _structural(node, defs: dict):
     return out
 
 
-def spec_schema() -> dict:
-    raw = PipelineBody.model_json_schema(by_alias=True)
+def _schema_of(model) -> dict:
+    raw = model.model_json_schema(by_alias=True)
     return _structural(raw, raw.get("$defs", {}))
+
+
+def spec_schema() -> dict:
+    return _schema_of(PipelineBody)
 
 
 def status_schema() -> dict:
@@ -76,20 +82,20 @@ def status_schema() -> dict:
     }
 
 
-def crd() -> dict:
+def _definition(kind: str, plural: str, short: str, description: str, spec: dict, status: dict, columns: list[dict]) -> dict:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{PLURAL}.{GROUP}", "labels": {"app.kubernetes.io/part-of": "nmm-platform"}},
+        "metadata": {"name": f"{plural}.{GROUP}", "labels": {"app.kubernetes.io/part-of": "nmm-platform"}},
         "spec": {
             "group": GROUP,
             "scope": "Namespaced",
             "names": {
-                "kind": "NMMPipeline",
-                "listKind": "NMMPipelineList",
-                "plural": PLURAL,
-                "singular": "nmmpipeline",
-                "shortNames": ["nmmp"],
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": plural,
+                "singular": kind.lower(),
+                "shortNames": [short],
                 "categories": ["nmm"],
             },
             "versions": [
@@ -98,23 +104,19 @@ def crd() -> dict:
                     "served": True,
                     "storage": True,
                     "subresources": {"status": {}},
-                    "additionalPrinterColumns": [
-                        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-                        {"name": "Stage", "type": "string", "jsonPath": ".status.stage"},
-                        {"name": "Champion", "type": "string", "jsonPath": ".status.champion"},
-                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-                    ],
+                    "additionalPrinterColumns": columns + [
+                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}],
                     "schema": {
                         "openAPIV3Schema": {
                             "type": "object",
-                            "description": "A native-multimodal-model pipeline: curate, train, evaluate, roll out.",
+                            "description": description,
                             "required": ["spec"],
                             "properties": {
                                 "apiVersion": {"type": "string"},
                                 "kind": {"type": "string"},
                                 "metadata": {"type": "object"},
-                                "spec": spec_schema(),
-                                "status": status_schema(),
+                                "spec": spec,
+                                "status": status,
                             },
                         }
                     },
@@ -122,3 +124,41 @@ def crd() -> dict:
             ],
         },
     }
+
+
+def crd() -> dict:
+    """The NMMPipeline CRD."""
+    return _definition("NMMPipeline", PLURAL, "nmmp", "A native-multimodal-model pipeline: curate, train, evaluate, roll out.",
+                       spec_schema(), status_schema(), [
+                           {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+                           {"name": "Stage", "type": "string", "jsonPath": ".status.stage"},
+                           {"name": "Champion", "type": "string", "jsonPath": ".status.champion"},
+                       ])
+
+
+def service_status_schema() -> dict:
+    return {
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": True,
+        "properties": {
+            "phase": {"type": "string", "enum": ["Progressing", "Healthy", "Degraded", "RolledBack", "Failed"]},
+            "stableVersion": {"type": "integer"},
+            "canaryVersion": {"type": "integer"},
+            "weight": {"type": "integer"},
+            "step": {"type": "integer"},
+            "message": {"type": "string"},
+            "observedGeneration": {"type": "integer"},
+        },
+    }
+
+
+def service_crd() -> dict:
+    """The NMMService CRD: a served model and its canary rollouts."""
+    return _definition("NMMService", SERVICE_PLURAL, "nmms", "A served native multimodal model, rolled out progressively.",
+                       _schema_of(ServiceBody)["properties"]["spec"], service_status_schema(), [
+                           {"name": "Model", "type": "string", "jsonPath": ".spec.model.name"},
+                           {"name": "Stable", "type": "integer", "jsonPath": ".status.stableVersion"},
+                           {"name": "Canary", "type": "integer", "jsonPath": ".status.canaryVersion"},
+                           {"name": "Weight", "type": "integer", "jsonPath": ".status.weight"},
+                           {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+                       ])

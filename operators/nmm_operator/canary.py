@@ -1,0 +1,151 @@
+"""Pure: the NMMService rollout as a state machine over its status. Each tick of the operator's
+timer calls `plan` with the version the spec asks for; the handler does the I/O the plan asks
+for (a baseline scrape of the canary, the step's analysis), then `after_baseline` or
+`after_analysis`, and writes the children, the registry and the status. All state lives in the
+status, so a restarted operator carries on where the last one stopped (nothing in memory).
+
+    (none) ──first version──▶ Healthy ──new version──▶ Progressing ─every step passed─▶ Healthy
+                                                          │ a step failed
+                                                          ▼
+                                     Degraded (weight 0 applied) ──next tick──▶ RolledBack
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+from dataclasses import dataclass, field
+
+from nmm.spec.serving import ServiceSpec
+
+MAX_RESULTS = 50  # status.analysis keeps the latest results
+
+
+@dataclass
+class Tick:
+    status: dict
+    events: list[tuple[str, str, str]] = field(default_factory=list)  # (Normal|Warning, reason, message)
+    need_baseline: bool = False  # scrape the canary before its step's pause starts
+    analyse: bool = False  # the step's pause is over: judge it
+    promote: int | None = None  # move `champion` to this version
+    rolled_back: tuple[int, str] | None = None  # (version, reason) for the registry
+
+    @property
+    def versions(self) -> tuple[int | None, int | None, int]:
+        """(stable, canary, weight) the children must serve."""
+        s = self.status
+        return s.get("stableVersion"), s.get("canaryVersion"), int(s.get("weight") or 0)
+
+
+def iso(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def epoch(text: str | None) -> float | None:
+    if not text:
+        return None
+    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc).timestamp()
+
+
+def _condition(status: dict, ready: bool, reason: str, message: str, now: float) -> None:
+    conds = [c for c in status.get("conditions", []) if c.get("type") != "Ready"]
+    old = next((c for c in status.get("conditions", []) if c.get("type") == "Ready"), {})
+    value = "True" if ready else "False"
+    since = old.get("lastTransitionTime") if old.get("status") == value else iso(now)
+    status["conditions"] = conds + [{"type": "Ready", "status": value, "reason": reason, "message": message[:1000],
+                                     "lastTransitionTime": since}]
+    status["message"] = message[:1000]
+
+
+def plan(spec: ServiceSpec, status: dict | None, desired: int, now: float, promote_now: int | None = None) -> Tick:
+    """`promote_now`: a version `nmm promote`/`nmm rollback` asked to serve at once (no canary)."""
+    st = copy.deepcopy(status or {})
+    stable, canary, phase = st.get("stableVersion"), st.get("canaryVersion"), st.get("phase")
+    t = Tick(st)
+    if stable is not None and promote_now == desired and desired != stable:
+        st.update(stableVersion=desired, previousStableVersion=stable, canaryVersion=None, weight=0, phase="Healthy",
+                  step=None, baseline=None)
+        _condition(st, True, "PromotedByHand", f"version {desired} serves all traffic (promoted by hand, no canary)", now)
+        t.events.append(("Normal", "PromotedByHand", f"version {desired} replaces version {stable} without a canary"))
+        return t
+    if stable is None:
+        st.update(stableVersion=desired, canaryVersion=None, weight=0, phase="Healthy")
+        _condition(st, True, "Deployed", f"serving version {desired}", now)
+        t.events.append(("Normal", "Deployed", f"serving {spec.model.name} version {desired}"))
+        return t
+    if canary is not None and phase == "Degraded":  # the last tick sent every request back to stable
+        st.update(canaryVersion=None, weight=0, phase="RolledBack", step=None, baseline=None)
+        _condition(st, True, "RolledBack", f"version {canary} rolled back; serving version {stable}: {st.get('reason', '')}", now)
+        t.events.append(("Warning", "RolledBack", f"version {canary} rolled back, version {stable} serves all traffic"))
+        return t
+    if desired == stable:
+        if canary is not None:
+            st.update(canaryVersion=None, weight=0, phase="Healthy", step=None, baseline=None)
+            _condition(st, True, "CanaryAborted", f"the spec asks for the stable version {stable} again", now)
+            t.events.append(("Normal", "CanaryAborted", f"canary {canary} stopped: the spec asks for version {stable}"))
+        return t
+    if canary != desired:
+        if canary is None and desired == st.get("rolledBackVersion"):
+            return t  # stays rolled back until the spec names another version (or nmm promote)
+        first = spec.canary.steps[0]
+        st.update(canaryVersion=desired, step=1, weight=first.weight, phase="Progressing", baseline=None,
+                  stepStartedAt=None, canaryStartedAt=iso(now), stableQuality=None, reason=None)
+        _condition(st, False, "CanaryStarted", f"rolling version {desired} out: step 1 at {first.weight}%", now)
+        t.events.append(("Normal", "CanaryStarted", f"version {desired} canary against version {stable}: {first.weight}% of traffic"))
+        t.need_baseline = True
+        return t
+    if st.get("baseline") is None:
+        t.need_baseline = True
+        return t
+    pause = spec.canary.steps[st["step"] - 1].pause_seconds
+    t.analyse = now - (epoch(st.get("stepStartedAt")) or now) >= pause
+    return t
+
+
+def after_baseline(t: Tick, baseline: dict | str, spec: ServiceSpec, now: float, ready_timeout: float) -> Tick:
+    """The canary's metrics at the start of its step; a canary not reachable for `ready_timeout`
+    fails the rollout."""
+    st = t.status
+    if isinstance(baseline, dict):
+        st.update(baseline=baseline, stepStartedAt=iso(now))
+        return t
+    waited = now - (epoch(st.get("canaryStartedAt")) or now)
+    if waited < ready_timeout:
+        _condition(st, False, "WaitingForCanary", f"waiting for version {st['canaryVersion']} to answer: {baseline}", now)
+        return t
+    return _fail(t, spec, [f"canary not ready after {waited:.0f} s: {baseline}"], {}, now)
+
+
+def after_analysis(t: Tick, spec: ServiceSpec, ok: bool, reasons: list[str], measured: dict, after: dict | None,
+                   now: float) -> Tick:
+    st = t.status
+    step, weight = st["step"], st["weight"]
+    st["analysis"] = (st.get("analysis") or [])[-(MAX_RESULTS - 1):] + [{
+        "version": st["canaryVersion"], "step": step, "weight": weight, "ok": ok, "reasons": reasons,
+        "measured": {k: round(float(v), 6) for k, v in measured.items() if v == v}, "at": iso(now)}]
+    if not ok:
+        return _fail(t, spec, reasons, measured, now)
+    if step == len(spec.canary.steps):
+        version = st["canaryVersion"]
+        t.promote = version
+        st.update(stableVersion=version, previousStableVersion=st["stableVersion"], canaryVersion=None, weight=0,
+                  phase="Healthy", step=None, baseline=None)
+        _condition(st, True, "Promoted", f"version {version} passed every step and serves all traffic", now)
+        t.events.append(("Normal", "Promoted", f"version {version} promoted: champion moved, stable replaced"))
+        return t
+    nxt = spec.canary.steps[step]
+    st.update(step=step + 1, weight=nxt.weight, baseline=after, stepStartedAt=iso(now))
+    _condition(st, False, "StepPassed", f"step {step} passed; step {step + 1} at {nxt.weight}%", now)
+    t.events.append(("Normal", "StepPassed", f"step {step} ({weight}%) passed; now {nxt.weight}% to version {st['canaryVersion']}"))
+    return t
+
+
+def _fail(t: Tick, spec: ServiceSpec, reasons: list[str], measured: dict, now: float) -> Tick:
+    st = t.status
+    version, step = st["canaryVersion"], st.get("step")
+    reason = f"step {step} ({st.get('weight')}%): " + "; ".join(reasons)
+    st.update(weight=0, phase="Degraded", reason=reason, rolledBackVersion=version)
+    _condition(st, False, "AnalysisFailed", reason, now)
+    t.events.append(("Warning", "AnalysisFailed", f"version {version} {reason}; all traffic back to version {st['stableVersion']}"))
+    t.rolled_back = (version, reason)
+    return t

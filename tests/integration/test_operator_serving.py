@@ -1,0 +1,272 @@
+"""The NMMService controller (`kopf run`, a real subprocess) against the Kubernetes emulator, a real
+model registry (MLflow, sqlite) and real `nmm serve` processes on loopback standing in for the
+pods Kubernetes would run. The test plays the data plane too: a traffic thread reads the split the
+operator wrote (the InferenceService's `canaryTrafficPercent`, or the HTTPRoute's weights) and
+sends requests to the two servers in that proportion, as KServe or a Gateway would.
+
+- KServe backend: the first version is served; moving the `candidate` alias starts a canary that
+  passes every step (the operator is killed and restarted mid-canary and carries on from its
+  status) and is promoted: `champion` moves, one InferenceService throughout.
+- Gateway backend: a candidate whose server dies mid-canary is rolled back (weight 0, Degraded,
+  then RolledBack), the reason on the status and on the registry version, `champion` untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from kubernetes import client
+
+from nmm.serve import probe
+from tests.conftest import NMM, free_port, wait_http
+from tests.integration.kube_emulator import EmulatorThread
+from tests.serving_fixture import publish_small_model
+
+pytestmark = pytest.mark.integration
+VERBS = ["get", "list", "watch", "create", "patch", "update", "delete"]
+RESOURCES = {
+    "nmm.dev/v1alpha1/nmmservices": dict(kind="NMMService", namespaced=True, verbs=VERBS, subresources=["status"]),
+    "serving.kserve.io/v1beta1/inferenceservices": dict(kind="InferenceService", namespaced=True, verbs=VERBS),
+    "gateway.networking.k8s.io/v1/httproutes": dict(kind="HTTPRoute", namespaced=True, verbs=VERBS),
+}
+KOPF = str(Path(sys.executable).parent / "kopf")
+MODEL = "nmm-svc"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The emulator, a registry with versions 1 and 2 of one model folder, probe cases."""
+    tmp = tmp_path_factory.mktemp("serving")
+    folder = (tmp / "model").as_uri()
+    publish_small_model(folder)
+    db = f"sqlite:///{tmp / 'mlflow.db'}"
+    from mlflow.tracking import MlflowClient
+
+    mlflow = MlflowClient(tracking_uri=db, registry_uri=db)
+    mlflow.create_registered_model(MODEL)
+    for _ in range(2):
+        mlflow.create_model_version(MODEL, source=folder, tags={"nmm.model_store_uri": folder})
+    mlflow.set_registered_model_alias(MODEL, "candidate", "1")
+    mlflow.set_registered_model_alias(MODEL, "champion", "1")
+    rng = np.random.default_rng(0)
+    pixels = (rng.random((8, 8, 8, 1)) * 255).astype(np.uint8)
+    cases = [{"image": probe._data_url(p), "question": None, "expect": {"digit": i % 10}} for i, p in enumerate(pixels)]
+    (tmp / "probe.jsonl").write_bytes(probe.dumps(cases))
+    with EmulatorThread(RESOURCES) as emu:
+        cfg = client.Configuration()
+        cfg.host = emu.url
+        api = client.ApiClient(cfg)
+        yield {"tmp": tmp, "folder": folder, "db": db, "mlflow": mlflow, "emu": emu, "api": api,
+               "custom": client.CustomObjectsApi(api), "cases": (tmp / "probe.jsonl").as_uri()}
+
+
+class Server:
+    def __init__(self, folder: str, log: Path):
+        self.port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("NMM_S3", "MLFLOW"))}
+        self.proc = subprocess.Popen([NMM, "serve", folder, "--port", str(self.port)], env=env,
+                                     stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        wait_http(self.url + "/healthz", 60, self.proc)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+class Operator:
+    def __init__(self, world, settings: dict, log: Path):
+        path = log.with_suffix(".json")
+        path.write_text(json.dumps(settings))
+        self.env = dict(os.environ, NMM_KUBE_SERVER=world["emu"].url, NMM_OPERATOR_SETTINGS=str(path),
+                        MLFLOW_TRACKING_URI=world["db"])
+        self.log = log
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([KOPF, "run", "--standalone", "--all-namespaces", "-m", "nmm_operator.handlers"],
+                                     env=self.env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+
+    def kill(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+class DataPlane(threading.Thread):
+    """Sends chat requests to stable or candidate in the proportion `weight()` reads."""
+
+    def __init__(self, urls: dict, weight, cases: list[dict]):
+        super().__init__(daemon=True)
+        self.urls, self.weight, self.cases, self.stop = urls, weight, cases, threading.Event()
+        self.sent = {"stable": 0, "candidate": 0}
+
+    def run(self) -> None:
+        rnd, n, w, read_at = random.Random(0), 0, 0, 0.0
+        while not self.stop.is_set():
+            if time.monotonic() - read_at > 0.2:  # what the data plane was last told
+                w, read_at = self.weight(), time.monotonic()
+            track = "candidate" if rnd.random() * 100 < w else "stable"
+            body = probe.chat_body(self.cases[n % len(self.cases)], "nmm", max_tokens=4)
+            req = urllib.request.Request(self.urls[track] + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+            try:
+                urllib.request.urlopen(req, timeout=10).read()
+            except OSError:
+                time.sleep(0.05)
+            n += 1
+            self.sent[track] += 1
+
+
+def wait_for(fn, timeout: float = 60.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what() if callable(what) else what}; last value: {last!r}")
+
+
+def service(cases_uri: str) -> dict:
+    return {"apiVersion": "nmm.dev/v1alpha1", "kind": "NMMService", "metadata": {"name": "digits"},
+            "spec": {"model": {"name": MODEL, "alias": "candidate"},
+                     "canary": {"steps": [{"weight": 50, "pauseSeconds": 1.5}, {"weight": 100, "pauseSeconds": 1.5}],
+                                "analysis": {"minRequests": 3, "maxP95LatencyMs": 30000, "maxTimeToFirstTokenMs": 30000,
+                                             "qualityProbe": {"cases": 8, "maxQualityDrop": 0.05, "casesUri": cases_uri}}}}}
+
+
+def settings(world, backend: str, ns: str, urls: dict) -> dict:
+    return {"storeUri": (world["tmp"] / "store").as_uri(), "recheckSeconds": 60,
+            "serving": {"backend": backend, "tickSeconds": 0.5, "readyTimeoutSeconds": 30,
+                        "gateway": {"name": "web", "namespace": "gateways"}, "endpoints": {f"{ns}/digits": urls}}}
+
+
+def get(world, ns: str) -> dict:
+    return world["custom"].get_namespaced_custom_object("nmm.dev", "v1alpha1", ns, "nmmservices", "digits")
+
+
+def events(world, ns: str) -> list[str]:
+    objs = [o.raw for (res, n, _), o in list(world["emu"].emulator.objects.items())
+            if res.plural == "events" and n == ns and not o.deleted]
+    return [e.get("reason") for e in objs if e.get("involvedObject", {}).get("name") == "digits"]
+
+
+def test_kserve_canary_passes_every_step_survives_a_restart_and_promotes(world):
+    ns, tmp, custom = "team-kserve", world["tmp"], world["custom"]
+    stable, candidate = Server(world["folder"], tmp / "k-stable.log"), Server(world["folder"], tmp / "k-candidate.log")
+    urls = {"stable": stable.url, "candidate": candidate.url}
+    op = Operator(world, settings(world, "kserve", ns, urls), tmp / "k-operator.log")
+    isvcs = lambda: custom.list_namespaced_custom_object("serving.kserve.io", "v1beta1", ns, "inferenceservices")["items"]  # noqa: E731
+
+    def weight() -> int:
+        items = isvcs()
+        pct = items[0]["spec"]["predictor"].get("canaryTrafficPercent") if items else None
+        return 0 if pct is None else pct
+
+    plane = DataPlane(urls, weight, probe.loads((tmp / "probe.jsonl").read_bytes(), 8))
+    plane.start()
+    try:
+        custom.create_namespaced_custom_object("nmm.dev", "v1alpha1", ns, "nmmservices", service(world["cases"]))
+        wait_for(lambda: get(world, ns).get("status", {}).get("phase") == "Healthy", what="Healthy on version 1")
+        (isvc,) = isvcs()
+        assert isvc["spec"]["predictor"]["containers"][0]["args"][1] == f"models:/{MODEL}/1"
+        assert "canaryTrafficPercent" not in isvc["spec"]["predictor"]
+        assert isvc["metadata"]["ownerReferences"][0]["kind"] == "NMMService"
+
+        world["mlflow"].set_registered_model_alias(MODEL, "candidate", "2")
+        wait_for(lambda: weight() == 50, what="the canary at 50%")
+        assert isvcs()[0]["spec"]["predictor"]["containers"][0]["args"][1] == f"models:/{MODEL}/2"
+        op.kill()  # mid-canary: everything the rollout knows is in the status
+        op.start()
+        done = wait_for(lambda: (s := get(world, ns).get("status", {})).get("stableVersion") == 2 and s, 90, "promotion")
+        assert done["phase"] == "Healthy" and done.get("canaryVersion") is None
+        assert [(a["weight"], a["ok"]) for a in done["analysis"]] == [(50, True), (100, True)]
+        assert all(a["measured"]["requests"] >= 3 and a["measured"]["quality_drop"] <= 0.05 for a in done["analysis"])
+        assert str(world["mlflow"].get_model_version_by_alias(MODEL, "champion").version) == "2"
+        (isvc,) = isvcs()  # one InferenceService per service, throughout
+        assert "canaryTrafficPercent" not in isvc["spec"]["predictor"]
+        assert {"Deployed", "CanaryStarted", "StepPassed", "Promoted"} <= set(events(world, ns))
+        assert next(c for c in done["conditions"] if c["type"] == "Ready")["reason"] == "Promoted"
+    finally:
+        plane.stop.set()
+        custom.delete_namespaced_custom_object("nmm.dev", "v1alpha1", ns, "nmmservices", "digits")
+        wait_for(lambda: not custom.list_namespaced_custom_object("nmm.dev", "v1alpha1", ns, "nmmservices")["items"],
+                 15, "the service gone (kopf released its finalizer)")
+        op.stop()
+        stable.kill()
+        candidate.kill()
+
+
+def test_gateway_canary_whose_server_dies_is_rolled_back_with_the_reason(world):
+    ns, tmp, custom = "team-gateway", world["tmp"], world["custom"]
+    world["mlflow"].set_registered_model_alias(MODEL, "candidate", "1")
+    world["mlflow"].set_registered_model_alias(MODEL, "champion", "1")
+    stable, candidate = Server(world["folder"], tmp / "g-stable.log"), Server(world["folder"], tmp / "g-candidate.log")
+    urls = {"stable": stable.url, "candidate": candidate.url}
+    op = Operator(world, settings(world, "gateway", ns, urls), tmp / "g-operator.log")
+    apps = client.AppsV1Api(world["api"])
+    route = lambda: custom.get_namespaced_custom_object("gateway.networking.k8s.io", "v1", ns, "httproutes", "digits")  # noqa: E731
+
+    def weight() -> int:
+        try:
+            return route()["spec"]["rules"][0]["backendRefs"][1]["weight"]
+        except client.exceptions.ApiException:
+            return 0
+
+    plane = DataPlane(urls, weight, probe.loads((tmp / "probe.jsonl").read_bytes(), 8))
+    plane.start()
+    try:
+        body = service(world["cases"])
+        body["spec"]["canary"]["steps"] = [{"weight": 30, "pauseSeconds": 1.5}, {"weight": 60, "pauseSeconds": 4},
+                                           {"weight": 100, "pauseSeconds": 1}]
+        custom.create_namespaced_custom_object("nmm.dev", "v1alpha1", ns, "nmmservices", body)
+        wait_for(lambda: get(world, ns).get("status", {}).get("phase") == "Healthy", what="Healthy on version 1")
+        assert apps.read_namespaced_deployment("digits-canary", ns).spec.replicas == 0
+        world["mlflow"].set_registered_model_alias(MODEL, "candidate", "2")
+        wait_for(lambda: weight() == 60, 60, lambda: f"step 2 at 60%: {get(world, ns).get('status')}, sent {plane.sent}")
+        assert apps.read_namespaced_deployment("digits-canary", ns).spec.replicas == 1
+        candidate.kill()  # the canary's pod dies during step 2
+        rolled = wait_for(lambda: (s := get(world, ns).get("status", {})).get("phase") == "RolledBack" and s, 60, "RolledBack")
+        assert rolled["stableVersion"] == 1 and rolled.get("canaryVersion") is None and rolled["weight"] == 0
+        assert "step 2 (60%)" in rolled["reason"] and "candidate not observable" in rolled["reason"], rolled["reason"]
+        assert [a["ok"] for a in rolled["analysis"]] == [True, False]
+        assert weight() == 0 and route()["spec"]["rules"][0]["backendRefs"][0]["weight"] == 100
+        assert apps.read_namespaced_deployment("digits-canary", ns).spec.replicas == 0
+        v2 = world["mlflow"].get_model_version(MODEL, "2")
+        assert v2.tags["nmm.serving.decision"] == "rolled_back" and "not observable" in v2.tags["nmm.serving.reason"]
+        assert str(world["mlflow"].get_model_version_by_alias(MODEL, "champion").version) == "1"
+        assert {"CanaryStarted", "StepPassed", "AnalysisFailed", "RolledBack"} <= set(events(world, ns))
+        time.sleep(2)  # the spec still names version 2: no new canary starts
+        assert get(world, ns)["status"]["phase"] == "RolledBack"
+    finally:
+        plane.stop.set()
+        custom.delete_namespaced_custom_object("nmm.dev", "v1alpha1", ns, "nmmservices", "digits")
+        wait_for(lambda: not custom.list_namespaced_custom_object("nmm.dev", "v1alpha1", ns, "nmmservices")["items"],
+                 15, "the service gone (kopf released its finalizer)")
+        op.stop()
+        stable.kill()
+        candidate.kill()
