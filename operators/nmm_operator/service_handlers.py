@@ -11,6 +11,7 @@ import time
 
 import kopf
 from kubernetes.client.exceptions import ApiException
+from prometheus_client import Counter, Gauge, start_http_server
 from pydantic import ValidationError
 
 from nmm import lineage, storage
@@ -22,6 +23,30 @@ from nmm_operator import canary, serving_kube, settings as operator_settings
 
 SETTINGS = operator_settings.load()
 ANNOTATION_PROMOTE = "nmm.dev/promote"  # `nmm promote` / `nmm rollback`: serve this version now
+LABELS = ["namespace", "service"]
+WEIGHT = Gauge("nmm_canary_weight", "Percent of an NMMService's traffic on its canary", LABELS)
+QUALITY = Gauge("nmm_canary_quality", "Quality probe score of a version (canary analysis)", LABELS + ["track", "version"])
+STEPS = Counter("nmm_canary_steps", "Canary steps analysed, by result", LABELS + ["result"])
+
+
+@kopf.on.startup(id="nmm-operator-metrics")
+def serve_metrics(**_) -> None:
+    if SETTINGS.metrics_port:
+        start_http_server(SETTINGS.metrics_port)
+
+
+def _export(meta: dict, t: canary.Tick) -> None:
+    ids = (meta["namespace"], meta["name"])
+    WEIGHT.labels(*ids).set(t.versions[2] if t.versions[1] else 0)
+    results = t.status.get("analysis") or []
+    if t.analyse and results:
+        last = results[-1]
+        STEPS.labels(*ids, "passed" if last["ok"] else "failed").inc()
+        for track, key, version in (("candidate", "quality_candidate", last["version"]),
+                                    ("stable", "quality_stable", t.status.get("previousStableVersion")
+                                     if t.promote else t.status.get("stableVersion"))):
+            if key in last["measured"] and version is not None:
+                QUALITY.labels(*ids, track, str(version)).set(last["measured"][key])
 
 
 def _spec_problems(exc: ValidationError) -> str:
@@ -120,5 +145,6 @@ def rollout(body, meta, spec, status, patch: kopf.Patch, **_) -> None:
         raise kopf.TemporaryError(f"serving objects: {exc.status} {exc.reason}", delay=10) from None
     _registry(t, svc, meta)
     patch.status.update(t.status | {"observedGeneration": meta.get("generation")})
+    _export(meta, t)
     for kind, reason, message in t.events:
         kopf.event(body, type=kind, reason=reason, message=message)

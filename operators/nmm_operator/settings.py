@@ -28,6 +28,7 @@ class OperatorSettings:
     # {"<namespace>/<service>": {"stable": URL, "candidate": URL}}: for an operator running outside
     # the cluster (kubectl port-forward); in the cluster the Services' DNS names are used.
     endpoints: dict = field(default_factory=dict)
+    metrics_port: int = 9090  # the operator's Prometheus metrics (canary weight, quality probe); 0: off
 
 
 def from_dict(raw: dict) -> OperatorSettings:
@@ -65,7 +66,8 @@ def from_dict(raw: dict) -> OperatorSettings:
         raise ValueError("serving.gateway must name the Gateway ({name, namespace?})")
     return OperatorSettings(compile_settings, policy, recheck, level, backend,
                             {k: gateway[k] for k in ("name", "namespace", "sectionName") if gateway.get(k)},
-                            tick, float(serving.get("readyTimeoutSeconds", 600)), dict(serving.get("endpoints") or {}))
+                            tick, float(serving.get("readyTimeoutSeconds", 600)), dict(serving.get("endpoints") or {}),
+                            int(raw.get("metricsPort", 9090)))
 
 
 @functools.lru_cache(maxsize=1)

@@ -103,3 +103,29 @@ def store_of(workflow: dict) -> str | None:
         if "--store" in args:
             return args[args.index("--store") + 1]
     return None
+
+
+SERVICE_PLURAL = "nmmservices"
+ANNOTATION_PROMOTE = "nmm.dev/promote"  # the operator serves this version at once (no canary)
+
+
+def get_service(name: str, namespace: str) -> dict | None:
+    """The NMMService, or None when there is none (404)."""
+    try:
+        return _custom().get_namespaced_custom_object(GROUP, VERSION, namespace, SERVICE_PLURAL, name)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise ClusterError(f"cannot read NMMService {namespace}/{name}: {exc.status} {exc.reason}") from None
+
+
+def serve_version(name: str, namespace: str, version: int, at_once: bool) -> None:
+    """Point the NMMService at `version`: as a canary, or (`at_once`) replacing stable directly."""
+    model = (get_service(name, namespace) or {}).get("spec", {}).get("model", {})
+    body: dict = {"spec": {"model": {"name": model.get("name"), "version": version, "alias": None}}}
+    if at_once:
+        body["metadata"] = {"annotations": {ANNOTATION_PROMOTE: str(version)}}
+    try:
+        _custom().patch_namespaced_custom_object(GROUP, VERSION, namespace, SERVICE_PLURAL, name, body)
+    except ApiException as exc:
+        raise ClusterError(f"cannot update NMMService {namespace}/{name}: {exc.status} {exc.reason}") from None

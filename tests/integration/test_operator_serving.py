@@ -159,8 +159,8 @@ def service(cases_uri: str) -> dict:
                                              "qualityProbe": {"cases": 8, "maxQualityDrop": 0.05, "casesUri": cases_uri}}}}}
 
 
-def settings(world, backend: str, ns: str, urls: dict) -> dict:
-    return {"storeUri": (world["tmp"] / "store").as_uri(), "recheckSeconds": 60,
+def settings(world, backend: str, ns: str, urls: dict, metrics_port: int = 0) -> dict:
+    return {"storeUri": (world["tmp"] / "store").as_uri(), "recheckSeconds": 60, "metricsPort": metrics_port,
             "serving": {"backend": backend, "tickSeconds": 0.5, "readyTimeoutSeconds": 30,
                         "gateway": {"name": "web", "namespace": "gateways"}, "endpoints": {f"{ns}/digits": urls}}}
 
@@ -179,7 +179,8 @@ def test_kserve_canary_passes_every_step_survives_a_restart_and_promotes(world):
     ns, tmp, custom = "team-kserve", world["tmp"], world["custom"]
     stable, candidate = Server(world["folder"], tmp / "k-stable.log"), Server(world["folder"], tmp / "k-candidate.log")
     urls = {"stable": stable.url, "candidate": candidate.url}
-    op = Operator(world, settings(world, "kserve", ns, urls), tmp / "k-operator.log")
+    metrics_port = free_port()
+    op = Operator(world, settings(world, "kserve", ns, urls, metrics_port), tmp / "k-operator.log")
     isvcs = lambda: custom.list_namespaced_custom_object("serving.kserve.io", "v1beta1", ns, "inferenceservices")["items"]  # noqa: E731
 
     def weight() -> int:
@@ -211,6 +212,9 @@ def test_kserve_canary_passes_every_step_survives_a_restart_and_promotes(world):
         assert "canaryTrafficPercent" not in isvc["spec"]["predictor"]
         assert {"Deployed", "CanaryStarted", "StepPassed", "Promoted"} <= set(events(world, ns))
         assert next(c for c in done["conditions"] if c["type"] == "Ready")["reason"] == "Promoted"
+        exported = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        assert f'nmm_canary_quality{{namespace="{ns}",service="digits",track="candidate",version="2"}}' in exported
+        assert f'nmm_canary_weight{{namespace="{ns}",service="digits"}} 0.0' in exported
     finally:
         plane.stop.set()
         custom.delete_namespaced_custom_object("nmm.dev", "v1alpha1", ns, "nmmservices", "digits")
@@ -270,3 +274,73 @@ def test_gateway_canary_whose_server_dies_is_rolled_back_with_the_reason(world):
         op.stop()
         stable.kill()
         candidate.kill()
+
+
+def run_nmm(world, *args) -> subprocess.CompletedProcess:
+    env = dict(os.environ, NMM_KUBE_SERVER=world["emu"].url, MLFLOW_TRACKING_URI=world["db"])
+    return subprocess.run([NMM, *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_nmm_promote_and_rollback_move_champion_and_what_is_served_without_a_canary(world):
+    ns, tmp, custom, mlflow = "team-cli", world["tmp"], world["custom"], world["mlflow"]
+    mlflow.set_registered_model_alias(MODEL, "candidate", "1")
+    mlflow.set_registered_model_alias(MODEL, "champion", "1")
+    op = Operator(world, settings(world, "kserve", ns, {}), tmp / "c-operator.log")
+    served = lambda: custom.get_namespaced_custom_object(  # noqa: E731
+        "serving.kserve.io", "v1beta1", ns, "inferenceservices", "digits")["spec"]["predictor"]["containers"][0]["args"][1]
+    try:
+        custom.create_namespaced_custom_object("nmm.dev", "v1alpha1", ns, "nmmservices", service(world["cases"]))
+        wait_for(lambda: get(world, ns).get("status", {}).get("stableVersion") == 1, what="serving version 1")
+        r = run_nmm(world, "promote", "digits", "2", "-n", ns)
+        assert r.returncode == 0, r.stderr
+        st = wait_for(lambda: (s := get(world, ns).get("status", {})).get("stableVersion") == 2 and s, what="version 2 by hand")
+        assert st["phase"] == "Healthy" and st.get("canaryVersion") is None and st["previousStableVersion"] == 1
+        assert next(c for c in st["conditions"] if c["type"] == "Ready")["reason"] == "PromotedByHand"
+        assert str(mlflow.get_model_version_by_alias(MODEL, "champion").version) == "2"
+        wait_for(lambda: served() == f"models:/{MODEL}/2", what="the InferenceService on version 2")
+
+        r = run_nmm(world, "rollback", "digits", "-n", ns)
+        assert r.returncode == 0, r.stderr
+        wait_for(lambda: get(world, ns).get("status", {}).get("stableVersion") == 1, what="back on version 1")
+        assert str(mlflow.get_model_version_by_alias(MODEL, "champion").version) == "1"
+        wait_for(lambda: served() == f"models:/{MODEL}/1", what="the InferenceService on version 1")
+
+        r = run_nmm(world, "rollback", "nosuch", "-n", ns)
+        assert r.returncode == 2 and "no NMMService team-cli/nosuch" in r.stderr and "Traceback" not in r.stderr
+        r = run_nmm(world, "promote", "digits", "9", "-n", ns)
+        assert r.returncode == 2 and "has no version 9" in r.stderr
+    finally:
+        custom.delete_namespaced_custom_object("nmm.dev", "v1alpha1", ns, "nmmservices", "digits")
+        wait_for(lambda: not custom.list_namespaced_custom_object("nmm.dev", "v1alpha1", ns, "nmmservices")["items"], 15)
+        op.stop()
+
+
+def test_the_rollout_stage_creates_then_updates_the_pipeline_s_nmmservice(world, monkeypatch):
+    import yaml
+
+    from nmm.spec.crd import service_crd
+    from nmm.stages import canary as stage_canary
+    from nmm.stages.context import StageContext
+    from tests.conftest import WORKFLOWS
+
+    monkeypatch.setenv("NMM_KUBE_SERVER", world["emu"].url)
+    from nmm import kubeclient
+
+    kubeclient.api_client.cache_clear()
+    doc = yaml.safe_load((WORKFLOWS / "quickstart.yaml").read_text())
+    doc["spec"]["rollout"]["serving"] = {"replicas": 2, "canary": {"steps": [{"weight": 25, "pauseSeconds": 30}, {"weight": 100}]}}
+    ctx = StageContext.create(json.dumps(doc), "team-stage", "uid-1", "quickstart-abcde", "file:///tmp/store", str(world["tmp"]))
+    schema = service_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    import jsonschema
+
+    first = stage_canary.service_body(ctx, ctx.spec.spec.rollout.serving, "nmm-quickstart", "3", "store://probe.jsonl")
+    jsonschema.Draft4Validator(schema).validate(first)
+    assert stage_canary.apply_service(first) == "created"
+    second = stage_canary.service_body(ctx, ctx.spec.spec.rollout.serving, "nmm-quickstart", "4", "store://probe.jsonl")
+    assert stage_canary.apply_service(second) == "updated"
+    svc = world["custom"].get_namespaced_custom_object(
+        "nmm.dev", "v1alpha1", "team-stage", "nmmservices", "quickstart")
+    assert svc["spec"]["model"] == {"name": "nmm-quickstart", "version": 4}
+    assert svc["spec"]["canary"]["analysis"]["qualityProbe"]["casesUri"] == "store://probe.jsonl"
+    assert svc["spec"]["replicas"] == 2 and svc["metadata"]["labels"]["nmm.dev/pipeline"] == "quickstart"
+    kubeclient.api_client.cache_clear()

@@ -46,13 +46,20 @@ def rendered(request):
 
 
 def test_there_are_ci_scenarios():
-    assert {p.name for p in SCENARIOS} >= {"minimal-values.yaml", "minio-values.yaml", "external-mlflow-values.yaml"}
+    assert {p.name for p in SCENARIOS} >= {"minimal-values.yaml", "minio-values.yaml", "external-mlflow-values.yaml",
+                                           "serving-values.yaml"}
 
 
 def test_every_rendered_object_validates_against_kubernetes_1_33(rendered):
+    from tests.schemas import CLUSTER_SERVING_RUNTIME, SERVICE_MONITOR, crd_errors
+
+    custom = {"ServiceMonitor": (SERVICE_MONITOR, "v1"), "ClusterServingRuntime": (CLUSTER_SERVING_RUNTIME, "v1alpha1")}
     kinds = set()
     for doc in rendered:
-        kubernetes_validate.validate(doc, "1.33", strict=True)
+        if doc["kind"] in custom:  # custom resources: their upstream CRD schemas
+            assert crd_errors(*custom[doc["kind"]], doc) == [], doc["metadata"]["name"]
+        else:
+            kubernetes_validate.validate(doc, "1.33", strict=True)
         kinds.add(doc["kind"])
     assert {"Deployment", "ServiceAccount", "ClusterRole", "Role", "ConfigMap", "Job"} <= kinds
 
@@ -212,3 +219,29 @@ def test_the_chart_s_security_contexts_are_generated_from_the_compiler_s():
     pod = operator["spec"]["template"]["spec"]
     assert pod["securityContext"] == pods.pod_security_context(CompileSettings())
     assert pod["containers"][0]["securityContext"] == pods.container_security_context()
+
+
+def test_serving_values_render_the_runtime_monitor_dashboard_and_exactly_the_backend_s_rbac():
+    docs = render(values(CHART / "ci" / "serving-values.yaml"))
+    kinds = [d["kind"] for d in docs]
+    assert kinds.count("ServiceMonitor") == 2 and "ClusterServingRuntime" in kinds
+    (dash,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["labels"].get("grafana_dashboard") == "1"]
+    board = json.loads(dash["data"]["nmm-serving.json"])
+    exprs = " ".join(t["expr"] for p in board["panels"] for t in p["targets"])
+    from nmm.serve.server import Metrics
+
+    served = {m.name for m in Metrics().registry.collect()}  # every series the dashboard reads exists
+    for name in ("nmm_requests", "nmm_request_seconds", "nmm_time_to_first_token_seconds", "nmm_queue_depth", "nmm_batch_size"):
+        assert name in served and name in exprs
+    assert "nmm_canary_quality" in exprs and "nmm_canary_weight" in exprs
+    (role,) = [d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"].endswith("-operator")]
+    groups = {g for r in role["rules"] for g in r["apiGroups"]}
+    assert "gateway.networking.k8s.io" in groups and "apps" in groups and "serving.kserve.io" not in groups
+    settings = _operator_settings(docs)
+    assert settings.serving_backend == "gateway" and settings.gateway_parent == {"name": "shared-gateway", "namespace": "gateways"}
+    assert settings.serving_tick_seconds == 5.0
+    (op,) = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-operator")]
+    env = {e["name"] for e in op["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert {"MLFLOW_TRACKING_URI", "NMM_S3_ENDPOINT", "NMM_S3_ACCESS_KEY", "NMM_OPERATOR_SETTINGS"} <= env
+    (wf_role,) = [d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == "nmm-workflow"]
+    assert {"apiGroups": ["nmm.dev"], "resources": ["nmmservices"], "verbs": ["create", "patch"]} in wf_role["rules"]

@@ -9,6 +9,8 @@
     nmm logs NAME --stage S  a stage's logs (pods, or the copy archived in the store)
     nmm crd                  the NMMPipeline CustomResourceDefinition
     nmm serve MODEL          an OpenAI-compatible server for a model
+    nmm promote NAME VER     serve a version at once (champion moves; no canary)
+    nmm rollback NAME        stop a canary, or go back to the version served before
     nmm data export|ledger   a built-in source as WebDataset shards; a dataset's per-sample ledger
     nmm gpu inventory        this machine's GPUs (NVML); --label-node labels the node
     nmm stage NAME …         a stage entrypoint (what Workflow steps run)
@@ -26,6 +28,7 @@ import typer
 from nmm import exitcodes
 from nmm.cli.data import data_app
 from nmm.cli.output import EXIT_BAD_INPUT, err, exits, out
+from nmm.cli.serving import promote, rollback
 from nmm.cli.stage import stage_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help=__doc__)
@@ -33,6 +36,8 @@ gpu_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_excepti
 app.add_typer(stage_app, name="stage")
 app.add_typer(gpu_app, name="gpu")
 app.add_typer(data_app, name="data")
+app.command()(promote)
+app.command()(rollback)
 
 
 def _load_spec(path: Path):

@@ -72,6 +72,7 @@ def _placement(spec: ServiceSpec, s: CompileSettings) -> dict:
 def _pod_spec(spec: ServiceSpec, version: int, s: CompileSettings, container_name: str) -> dict:
     return {
         "serviceAccountName": s.serving_service_account,
+        "automountServiceAccountToken": False,
         "securityContext": pods.pod_security_context(s),
         "containers": [container(spec, version, s, container_name)],
         "volumes": [pods.tmp_volume()],

@@ -21,8 +21,8 @@ class CompileSettings:
     owner_uid: str | None = None
     # Workflow pods' service account: the Argo executor's minimum rights (+ create PyTorchJobs).
     service_account: str = "nmm-workflow"
-    # Serving pods' service account (nmm serve reads the registry and the store; no API rights).
-    serving_service_account: str = "nmm-serving"
+    # Serving pods' service account: they need no API rights (no token is mounted).
+    serving_service_account: str = "default"
     # Where stages publish outputs: s3://bucket/prefix on a cluster, file:///… locally.
     store_uri: str = "s3://nmm"
     # MLflow tracking server the stages log to; None leaves MLFLOW_TRACKING_URI unset.

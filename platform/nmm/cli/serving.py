@@ -1,0 +1,91 @@
+"""`nmm promote` and `nmm rollback`: move the registry's `champion` alias and what an NMMService
+serves, by hand, without a canary (the operator records it as PromotedByHand)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from nmm import exitcodes
+from nmm.cli.output import EXIT_BAD_INPUT, err, exits, out
+
+
+def _service(name: str, namespace: Optional[str]) -> tuple[dict, str]:
+    from nmm import cluster
+
+    ns = namespace or cluster.current_namespace()
+    try:
+        svc = cluster.get_service(name, ns)
+    except cluster.ClusterError as exc:
+        err.print(f"error: {exc}", markup=False)
+        raise typer.Exit(exitcodes.FAILED)
+    if svc is None:
+        err.print(f"error: NAME: no NMMService {ns}/{name} (use --model-only to move the registry alias alone)", markup=False)
+        raise typer.Exit(EXIT_BAD_INPUT)
+    return svc, ns
+
+
+def _move_champion(model: str, version: int) -> None:
+    from nmm import lineage
+
+    with exits():
+        if lineage.model_version(model, str(version)) is None:
+            err.print(f"error: VERSION: {model} has no version {version}", markup=False)
+            raise typer.Exit(EXIT_BAD_INPUT)
+        lineage.promote(model, str(version), "champion", {"nmm.serving.decision": "promoted_by_hand"})
+    out.print(f"{model}: champion → version {version}", highlight=False)
+
+
+def _serve(name: str, ns: str, version: int) -> None:
+    from nmm import cluster
+
+    try:
+        cluster.serve_version(name, ns, version, at_once=True)
+    except cluster.ClusterError as exc:
+        err.print(f"error: {exc}", markup=False)
+        raise typer.Exit(exitcodes.FAILED)
+    out.print(f"NMMService {ns}/{name}: serving version {version} (no canary); watch: kubectl get nmms {name} -n {ns} -w",
+              highlight=False)
+
+
+def promote(
+    name: str = typer.Argument(..., help="An NMMService (or, with --model-only, a registered model)"),
+    version: int = typer.Argument(..., min=1, help="The registered version to promote"),
+    namespace: Optional[str] = typer.Option(None, "--namespace", "-n", help="The NMMService's namespace (default: the kube context's)"),
+    model_only: bool = typer.Option(False, "--model-only", help="NAME is a registered model: move its champion alias only"),
+) -> None:
+    """Make VERSION the champion and serve it at once, skipping the canary."""
+    if model_only:
+        _move_champion(name, version)
+        return
+    svc, ns = _service(name, namespace)
+    _move_champion(svc["spec"]["model"]["name"], version)
+    _serve(name, ns, version)
+
+
+def rollback(
+    name: str = typer.Argument(..., help="An NMMService (or, with --model-only, a registered model)"),
+    to: Optional[int] = typer.Option(None, "--to", min=1, help="The version to go back to (default: the one served before)"),
+    namespace: Optional[str] = typer.Option(None, "--namespace", "-n", help="The NMMService's namespace (default: the kube context's)"),
+    model_only: bool = typer.Option(False, "--model-only", help="NAME is a registered model: move its champion alias to --to"),
+) -> None:
+    """Stop a canary in progress, or go back to the version served before (champion moves too)."""
+    if model_only:
+        if to is None:
+            err.print("error: --to: a registered model alone keeps no history; name the version to go back to")
+            raise typer.Exit(EXIT_BAD_INPUT)
+        _move_champion(name, to)
+        return
+    svc, ns = _service(name, namespace)
+    status = svc.get("status") or {}
+    if to is None and status.get("canaryVersion") is not None:
+        to = status.get("stableVersion")  # a canary in progress: all traffic back to stable, champion unchanged
+        _serve(name, ns, to)
+        return
+    to = to or status.get("previousStableVersion")
+    if to is None:
+        err.print(f"error: NMMService {ns}/{name} has served no other version; name one with --to", markup=False)
+        raise typer.Exit(EXIT_BAD_INPUT)
+    _move_champion(svc["spec"]["model"]["name"], to)
+    _serve(name, ns, to)
