@@ -23,6 +23,7 @@ def generate(
     guidance: float = 1.0,
     uncond: list[list[int]] | None = None,
     patches=None,
+    on_step=None,
 ) -> list[list[int]]:
     """Continue each prompt by up to `max_new` tokens drawn from [allowed[0], allowed[1]) plus
     `extra_allowed`; temperature 0 is greedy. Prompts of equal length are batched together, so
@@ -32,6 +33,8 @@ def generate(
     Classifier-free guidance: with `uncond` (one prompt per prompt, same length, the condition
     blanked out) and `guidance` ≠ 1, logits are uncond + guidance · (cond − uncond).
     Mid/late fusion: `patches[i]` are the pixels of prompt i's image (read once, at prefill).
+    `on_step(indices, tokens)`: after each decoding step, the prompts' indices and the token each
+    just got (None once it stopped; the stop token itself is passed) — what streaming reads.
     With bidirectional image attention, the whole images in a prompt are inputs, seen whole at
     prefill; the image being drawn stays causal."""
     if uncond is not None and [len(p) for p in uncond] != [len(p) for p in prompts]:
@@ -44,13 +47,16 @@ def generate(
         batch = [prompts[i] for i in idx]
         blank = [uncond[i] for i in idx] if uncond is not None and guidance != 1.0 else None
         pix = None if patches is None else torch.as_tensor(patches[idx], dtype=torch.float32)
-        res = _generate_batch(model, batch, blank, pix, guidance, max_new, allowed, stop, extra_allowed, temperature, generator)
+        step = None if on_step is None else (lambda toks, idx=idx: on_step(idx, toks))
+        res = _generate_batch(model, batch, blank, pix, guidance, max_new, allowed, stop, extra_allowed, temperature, generator,
+                              step)
         for i, o in zip(idx, res):
             out[i] = o
     return out
 
 
-def _generate_batch(model, prompts, uncond, patches, guidance, max_new, allowed, stop, extra_allowed, temperature, generator):
+def _generate_batch(model, prompts, uncond, patches, guidance, max_new, allowed, stop, extra_allowed, temperature, generator,
+                    on_step=None):
     model.eval()
     device = next(model.parameters()).device
     n = len(prompts)
@@ -81,9 +87,13 @@ def _generate_batch(model, prompts, uncond, patches, guidance, max_new, allowed,
             nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         else:
             nxt = logits.argmax(-1)
+        emitted = [None] * n
         for i, tok in enumerate(nxt.tolist()):
             if not done[i]:
                 out[i].append(tok)
+                emitted[i] = tok
+        if on_step is not None:
+            on_step(emitted)
         if stop is not None:
             done |= nxt == stop
             if bool(done.all()):

@@ -28,6 +28,8 @@ class Job:
     key: Hashable  # jobs with equal keys can run in one batch
     payload: Any
     future: Future = field(default_factory=Future)
+    stream: Callable[[int], None] | None = None  # called with each token as it is generated
+    first_token_at: float | None = None  # perf_counter() when its first token came (set by the run)
 
 
 class Batcher:
@@ -46,8 +48,9 @@ class Batcher:
     def depth(self) -> int:
         return len(self._queue) + self._busy
 
-    async def submit(self, key: Hashable, payload: Any) -> Any:
-        job = Job(key, payload)
+    def enqueue(self, key: Hashable, payload: Any, stream: Callable[[int], None] | None = None) -> Job:
+        """Queue a job now (QueueFull or Draining at once, before any answer has started)."""
+        job = Job(key, payload, stream=stream)
         with self._cv:
             if self._draining:
                 raise Draining("the server is draining")
@@ -55,7 +58,11 @@ class Batcher:
                 raise QueueFull(f"{len(self._queue)} requests are waiting (the bound is {self.max_queue})")
             self._queue.append(job)
             self._cv.notify()
-        return await asyncio.wrap_future(job.future)
+        return job
+
+    async def submit(self, key: Hashable, payload: Any) -> tuple[Any, Job]:
+        job = self.enqueue(key, payload)
+        return await asyncio.wrap_future(job.future), job
 
     def _take(self) -> list[Job]:
         with self._cv:

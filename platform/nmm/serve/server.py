@@ -5,11 +5,13 @@
     GET  /v1/models, /healthz, /readyz, /metrics (Prometheus)
 
 Requests are batched dynamically on the model (nmm.serve.batcher); a full queue answers 429.
-Streaming sends the answer once it is generated (one content chunk), not token by token yet.
+`stream: true` sends each token's text as it is generated (server-sent events), from inside the
+batch it shares with other requests. Time to first token is measured for every request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import io
@@ -60,11 +62,14 @@ class Model:
         patches = torch.from_numpy(m.vq.patches(np.stack([j.payload.image for j in jobs]))) if m.model.cfg.reads_pixels else None
         g = _generator(seed)
         outs = generate(m.model, prompts, max_tokens, v.text_range(), stop=EOS, extra_allowed=(EOS,),
-                        temperature=temperature, generator=g, patches=patches)
+                        temperature=temperature, generator=g, patches=patches, on_step=_on_step(jobs))
         self.metrics.tokens.labels("text").inc(sum(len(o) for o in outs))
         return [{"text": m.text.decode([t - v.text_offset for t in o if t != EOS]).strip(), "prompt_tokens": len(p),
                  "completion_tokens": len(o), "finish_reason": "stop" if EOS in o else "length"}
                 for o, p in zip(outs, prompts)]
+
+    def text_of(self, tokens: list[int]) -> str:
+        return self.m.text.decode([t - self.m.vocab.text_offset for t in tokens if t != EOS]).strip()
 
     def images(self, jobs) -> list[list[str]]:
         from nmm.data.sequences import blank_text
@@ -73,8 +78,10 @@ class Model:
         _, guidance, temperature, seed = jobs[0].key
         asked = [m.prompts.draw(m.text.encode(j.payload.prompt)) for j in jobs for _ in range(j.payload.n)]
         g = _generator(seed)
+        per_job = [j for j in jobs for _ in range(j.payload.n)]
         outs = generate(m.model, asked, m.vq.tokens_per_image, v.image_range(), temperature=temperature, generator=g,
-                        guidance=guidance, uncond=[blank_text(p, v) for p in asked] if guidance != 1.0 else None)
+                        guidance=guidance, uncond=[blank_text(p, v) for p in asked] if guidance != 1.0 else None,
+                        on_step=_on_step(per_job))
         self.metrics.tokens.labels("image").inc(sum(len(o) for o in outs))
         pixels = m.vq.decode(np.array([[t - v.image_offset for t in o] for o in outs], dtype=np.int64))
         pngs = [_png(p) for p in pixels]
@@ -86,6 +93,21 @@ class Model:
 
     def run(self, jobs) -> list:
         return self.chat(jobs) if jobs[0].key[0] == "chat" else self.images(jobs)
+
+
+def _on_step(jobs):
+    """Per decoding step: stamp each job's first token, hand streamed jobs their new token."""
+    def on_step(indices: list[int], tokens: list[int | None]) -> None:
+        now = time.perf_counter()
+        for i, tok in zip(indices, tokens):
+            if tok is None:
+                continue
+            job = jobs[i]
+            if job.first_token_at is None:
+                job.first_token_at = now
+            if job.stream is not None and tok != EOS:
+                job.stream(tok)
+    return on_step
 
 
 def _generator(seed: int | None) -> torch.Generator:
@@ -112,12 +134,43 @@ def _completion(name: str, out: dict) -> dict:
     }
 
 
-def _events(name: str, out: dict):
+def _chunk(base: dict, delta: dict, finish: str | None = None) -> str:
+    return f"data: {json.dumps(base | {'choices': [{'index': 0, 'delta': delta, 'finish_reason': finish}]})}\n\n"
+
+
+async def _stream(name: str, model: Model, job, tokens: asyncio.Queue, done):
+    """Server-sent events: the role, then each token's text as it comes, then the finish reason.
+    Text is sent once it is stable (decoded from all tokens so far, whitespace held back until a
+    word follows), so the chunks add up to exactly the non-streamed answer. `done` runs however
+    the stream ends (a client that hung up included)."""
     base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()), "model": name}
-    for delta, finish in (({"role": "assistant", "content": ""}, None), ({"content": out["text"]}, None),
-                          ({}, out["finish_reason"])):
-        yield f"data: {json.dumps(base | {'choices': [{'index': 0, 'delta': delta, 'finish_reason': finish}]})}\n\n"
-    yield "data: [DONE]\n\n"
+    fut = asyncio.wrap_future(job.future)
+    try:
+        yield _chunk(base, {"role": "assistant", "content": ""})
+        got: list[int] = []
+        sent = ""
+        while True:
+            nxt = asyncio.ensure_future(tokens.get())
+            finished, _ = await asyncio.wait({nxt, fut}, return_when=asyncio.FIRST_COMPLETED)
+            if nxt not in finished:
+                nxt.cancel()
+                break
+            got.append(nxt.result())
+            text = model.text_of(got)
+            if text.startswith(sent) and len(text) > len(sent):
+                yield _chunk(base, {"content": text[len(sent):]})
+                sent = text
+        try:
+            out = fut.result()
+        except Exception as exc:  # the batch failed after the stream began: say so in the stream
+            yield f"data: {json.dumps({'error': {'message': f'generation failed: {type(exc).__name__}', 'type': 'server_error'}})}\n\n"
+            return
+        if out["text"].startswith(sent) and len(out["text"]) > len(sent):
+            yield _chunk(base, {"content": out["text"][len(sent):]})
+        yield _chunk(base, {}, out["finish_reason"])
+        yield "data: [DONE]\n\n"
+    finally:
+        done()
 
 
 def create_app(loaded: LoadedModel, name: str, *, max_batch: int = 16, max_wait_ms: float = 5.0, max_queue: int = 256):
@@ -163,15 +216,25 @@ def create_app(loaded: LoadedModel, name: str, *, max_batch: int = 16, max_wait_
             req = openai_api.parse_chat(await body_of(request), name, model.channels, model.side)
             key = ("chat", req.max_tokens, req.temperature, req.seed if req.temperature > 0 else None)
             metrics.queue.set(batcher.depth + 1)
-            out = await batcher.submit(key, req)
+            if req.stream:
+                loop, tokens = asyncio.get_running_loop(), asyncio.Queue()
+                job = batcher.enqueue(key, req, stream=lambda tok: loop.call_soon_threadsafe(tokens.put_nowait, tok))
+            else:
+                out, job = await batcher.submit(key, req)
         except Exception as exc:
             return error(route, exc)
-        metrics.first_token.observe(time.perf_counter() - t0)
+        if req.stream:
+            def done() -> None:
+                finished(route, t0, job)
+            return StreamingResponse(_stream(name, model, job, tokens, done), media_type="text/event-stream")
+        finished(route, t0, job)
+        return _completion(name, out)
+
+    def finished(route: str, t0: float, job) -> None:
+        if job.first_token_at is not None:
+            metrics.first_token.observe(job.first_token_at - t0)
         metrics.latency.labels(route).observe(time.perf_counter() - t0)
         metrics.requests.labels(route, "200").inc()
-        if req.stream:
-            return StreamingResponse(_events(name, out), media_type="text/event-stream")
-        return _completion(name, out)
 
     @app.post("/v1/images/generations")
     async def images(request: Request):
@@ -181,11 +244,10 @@ def create_app(loaded: LoadedModel, name: str, *, max_batch: int = 16, max_wait_
             if req.model not in (None, name):
                 raise openai_api.APIError(404, f"model {req.model!r} is not served here", "model", "not_found_error")
             key = ("image", req.guidance, req.temperature, req.seed)
-            pngs = await batcher.submit(key, req)
+            pngs, job = await batcher.submit(key, req)
         except Exception as exc:
             return error(route, exc)
-        metrics.latency.labels(route).observe(time.perf_counter() - t0)
-        metrics.requests.labels(route, "200").inc()
+        finished(route, t0, job)
         return {"created": int(time.time()), "data": [{"b64_json": p} for p in pngs]}
 
     @app.get("/v1/models")
