@@ -118,3 +118,19 @@ def test_the_policy_is_validated():
     with pytest.raises(ValueError, match="gpus is 0"):
         Serving.model_validate({"resources": {"gpuPool": "a100"}})
     assert [s.weight for s in Canary().steps] == [10, 50, 100]
+
+
+def test_local_traffic_mixes_chat_and_image_requests_for_a_model_that_does_both():
+    from nmm.serve.canary import Traffic
+
+    case = {"image": "data:image/png;base64,AAAA", "question": None, "expect": {"digit": 1}}
+    t = Traffic("http://router", [case], ["a handwritten digit 3"])
+    t.model = "m"
+    paths = [t._request(n)[0] for n in range(8)]
+    assert paths.count("/v1/images/generations") == 2 and paths.count("/v1/chat/completions") == 6
+    assert [t._request(n)[1].get("stream") for n in range(4)] == [None, True, False, False]
+    only_images = Traffic("http://router", [], ["a 3"])
+    only_images.model = "m"
+    assert {only_images._request(n)[0] for n in range(4)} == {"/v1/images/generations"}
+    with pytest.raises(Exception, match="nothing to send"):
+        Traffic("http://router", [], []).start()

@@ -142,18 +142,26 @@ def judge_step(limits: analysis.Limits, baseline: analysis.Snapshot, urls: dict[
 
 
 class Traffic:
-    """Client threads sending the cases through the router until stopped."""
+    """Client threads sending requests through the router until stopped: the probe's cases as chat
+    requests (one in four streamed, sampled with a seed), and captions as image generations."""
 
-    def __init__(self, url: str, cases: list[dict], threads: int = 2):
-        self.url, self.cases, self.threads = url, cases, threads
+    def __init__(self, url: str, cases: list[dict], prompts: list[str] = (), threads: int = 2):
+        self.url, self.cases, self.prompts, self.threads = url, cases, list(prompts), threads
         self._stop = threading.Event()
         self._workers = [threading.Thread(target=self._loop, args=(i,), daemon=True) for i in range(threads)]
+
+    def _request(self, n: int) -> tuple[str, dict]:
+        if self.cases and (not self.prompts or n % 4):
+            body = probe.chat_body(self.cases[n % len(self.cases)], self.model, temperature=0.7, seed=n, stream=n % 4 == 1)
+            return "/v1/chat/completions", body
+        return "/v1/images/generations", {"model": self.model, "prompt": self.prompts[n % len(self.prompts)], "n": 1,
+                                          "response_format": "b64_json", "seed": n}
 
     def _loop(self, worker: int) -> None:
         n = worker
         while not self._stop.is_set():
-            body = probe.chat_body(self.cases[n % len(self.cases)], self.model, temperature=0.7, seed=n, stream=n % 4 == 0)
-            req = urllib.request.Request(self.url + "/v1/chat/completions", data=json.dumps(body).encode(),
+            path, body = self._request(n)
+            req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
             try:
                 with urllib.request.urlopen(req, timeout=60) as r:
@@ -163,6 +171,8 @@ class Traffic:
             n += self.threads
 
     def start(self) -> Traffic:
+        if not self.cases and not self.prompts:
+            raise probe.ProbeError("nothing to send: no probe cases and no prompts")
         self.model = probe.served_model(self.url)
         for w in self._workers:
             w.start()
@@ -178,10 +188,10 @@ class LocalCanary:
     """`run()` once: starts both servers and the router, steps through, stops everything."""
 
     def __init__(self, stable: str, candidate: str, steps: list[Step], limits: analysis.Limits, cases: list[dict],
-                 workdir: Path, *, store: str | None = None, batching: dict | None = None, traffic_threads: int = 2,
-                 ready_timeout: float = 180.0, max_extra_wait: float = 60.0):
+                 workdir: Path, *, prompts: list[str] = (), store: str | None = None, batching: dict | None = None,
+                 traffic_threads: int = 2, ready_timeout: float = 180.0, max_extra_wait: float = 60.0):
         self.sources = {"stable": stable, "candidate": candidate}
-        self.steps, self.limits, self.cases = steps, limits, cases
+        self.steps, self.limits, self.cases, self.prompts = steps, limits, cases, list(prompts)
         self.workdir, self.store, self.batching = Path(workdir), store, batching or {}
         self.traffic_threads, self.ready_timeout, self.max_extra_wait = traffic_threads, ready_timeout, max_extra_wait
         self.servers: dict[str, Server] = {}
@@ -201,7 +211,7 @@ class LocalCanary:
             self.router = Router(self.servers["stable"].url, self.servers["candidate"].url, free_port()).start()
             log(f"canary router on {self.router.url}: stable {self.sources['stable']}, candidate {self.sources['candidate']}")
             try:
-                traffic = Traffic(self.router.url, self.cases, self.traffic_threads).start()
+                traffic = Traffic(self.router.url, self.cases, self.prompts, self.traffic_threads).start()
             except probe.ProbeError as exc:
                 return Outcome(False, f"no traffic through the router: {exc}")
             outcome = Outcome(True, "healthy at every step: " + ", ".join(f"{s.weight}%" for s in self.steps))

@@ -47,6 +47,10 @@ SUITES: dict[str, dict] = {
 }
 
 
+# The suites whose held-out cases a canary's quality probe asks (nmm.serve.probe grades them).
+PROBE_SUITES = ("m2t.digits", "m2t.shapes_vqa")
+
+
 class NamespaceConflict(ValueError):
     """A --namespace flag that contradicts metadata.namespace."""
 
@@ -458,6 +462,14 @@ class PipelineBody(Model):
                     f"evaluation.gates: {gate.metric!r} is not measured by the listed suites "
                     f"(they measure {sorted(measured)})"
                 )
+        probe = self.rollout.serving.canary.analysis.quality_probe if self.rollout.serving else None
+        m2t = [s for s in self.evaluation.suites if s in PROBE_SUITES]
+        if probe is not None and probe.cases_uri is None and not m2t:
+            raise ValueError(
+                "rollout.serving.canary.analysis.qualityProbe: the probe asks held-out M2T cases "
+                f"({', '.join(PROBE_SUITES)}) and evaluation.suites has none; give casesUri, or "
+                "qualityProbe: null to judge canaries on SLOs alone"
+            )
         if self.training.parallelism.pack and self.model.fusion != "early":
             raise ValueError(
                 f"training.parallelism.pack: packing needs fusion early (mid/late fusion rows each "

@@ -37,11 +37,15 @@ def limits(serving: Serving) -> analysis.Limits:
 
 
 def write_probe(ctx: StageContext, serving: Serving, model_manifest: dict) -> tuple[str | None, list[dict]]:
-    """The quality probe's cases from the model's dataset's test split, written next to the
-    rollout's outputs (the operator reads them there); (None, []) without a probe."""
+    """(URI, cases): the quality probe's cases from the model's dataset's test split, written next to
+    the rollout's outputs (the operator reads them there). Without a probe: (None, cases that only
+    make the local canary's chat traffic), or (None, []) for a model that does not caption."""
     qp = serving.canary.analysis.quality_probe
-    if qp is None:
-        return None, []
+    if qp is None:  # no probe: the cases still make the local canary's chat traffic
+        if "m2t" not in ctx.spec.spec.model.tasks:
+            return None, []
+        return None, probe.cases_from_split(Dataset.open(model_manifest["dataset_uri"]).split("test"),
+                                            ctx.spec.spec.evaluation.suites, 40)
     if qp.cases_uri:
         return qp.cases_uri, probe.loads(storage.read_bytes(storage.in_store(qp.cases_uri, ctx.store)), qp.cases)
     ds = Dataset.open(model_manifest["dataset_uri"])
@@ -54,12 +58,22 @@ def write_probe(ctx: StageContext, serving: Serving, model_manifest: dict) -> tu
     return uri, cases
 
 
-def run_local(ctx: StageContext, run_, serving: Serving, stable: str, candidate: str, cases: list[dict], log) -> Outcome:
+def prompts(ctx: StageContext, model_manifest: dict, limit: int = 32) -> list[str]:
+    """Held-out captions to draw, the local canary's image traffic (models that generate)."""
+    if "m2g" not in ctx.spec.spec.model.tasks:
+        return []
+    split = Dataset.open(model_manifest["dataset_uri"]).split("test")
+    return [caps[0] for caps in split.captions if caps][:limit]
+
+
+def run_local(ctx: StageContext, run_, serving: Serving, stable: str, candidate: str, cases: list[dict],
+              drawn: list[str], log) -> Outcome:
     steps = [Step(s.weight, s.pause_seconds) for s in serving.canary.steps]
     batching = {"max_batch": serving.batching.max_batch, "max_wait_ms": serving.batching.max_wait_ms,
                 "max_queue": serving.batching.max_queue}
     with tempfile.TemporaryDirectory(prefix="nmm-canary-") as tmp:
-        canary = LocalCanary(stable, candidate, steps, limits(serving), cases, Path(tmp), store=ctx.store, batching=batching)
+        canary = LocalCanary(stable, candidate, steps, limits(serving), cases, Path(tmp), prompts=drawn, store=ctx.store,
+                             batching=batching)
         results: list[StepResult] = []
 
         def on_step(r: StepResult) -> None:

@@ -107,7 +107,8 @@ def _serve(ctx: StageContext, run_, name: str, version: str, champ, manifest: di
                                "as a canary and moves champion when every step passes")
     if champ is None or champ.version == version:
         return "promoted", f"{reason}; no other version served to compare against: no canary"
-    outcome = canary.run_local(ctx, run_, serving, f"models:/{name}/{champ.version}", f"models:/{name}/{version}", cases, log)
+    outcome = canary.run_local(ctx, run_, serving, f"models:/{name}/{champ.version}", f"models:/{name}/{version}", cases,
+                               canary.prompts(ctx, manifest), log)
     run_.set_tags({"nmm.canary.result": "promoted" if outcome.promoted else "rolled_back", "nmm.canary.reason": outcome.reason,
                    "nmm.canary.stable": champ.version})
     if outcome.promoted:
