@@ -3,11 +3,11 @@
 `publish_small_model`: a small untrained model published as train publishes it (its words are
 noise; protocols are what such tests check).
 
-Two real local pipeline runs of a small digits captioner with `rollout.serving`, shared by the
-canary tests: `weak` trains 60 steps (becomes the champion: nothing to canary against), `good`
-trains 400 steps, passes the offline comparison and is rolled out as a canary against `weak`.
-`early_model` publishes an interval checkpoint of `good` (step 100) as a model folder: the
-deliberately worse candidate."""
+For the canary tests: `register_champion` registers a weak model (the small untrained one) as
+version 1 and `champion` of the registry a local run uses; then one real local pipeline run of a
+small digits captioner with `rollout.serving` (400 steps) passes the offline comparison and is
+rolled out as a canary against it. `early_model` publishes an interval checkpoint of that run
+(step 100) as a model folder: the deliberately worse candidate."""
 
 from __future__ import annotations
 
@@ -77,6 +77,26 @@ def run_pipeline(cwd: Path, name: str, steps: int, seesaw: bool) -> subprocess.C
                        timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
+
+
+def register_champion(cwd: Path, name: str, accuracy: float) -> str:
+    """The small untrained model published under `cwd`'s store and registered as version 1 of
+    `name`, holding `champion`, with the metric the rollout compares against; its folder URI."""
+    from mlflow.tracking import MlflowClient
+
+    from nmm import storage
+
+    folder = (cwd / ".nmm" / "store" / "champion").as_uri()
+    publish_small_model(folder)
+    manifest = storage.read_manifest(folder, verify=True)
+    db = f"sqlite:///{cwd / '.nmm' / 'mlflow.db'}"
+    (cwd / ".nmm").mkdir(exist_ok=True)
+    client = MlflowClient(tracking_uri=db, registry_uri=db)
+    client.create_registered_model(name)
+    client.create_model_version(name, source=folder, tags={
+        "nmm.model_store_uri": folder, "nmm.model_digest": manifest["digest"], "nmm.metric.m2t.digits.accuracy": f"{accuracy:.6f}"})
+    client.set_registered_model_alias(name, "champion", "1")
+    return folder
 
 
 def model_folder(cwd: Path, version: int) -> str:

@@ -1,8 +1,8 @@
-"""Progressive rollout for real on this machine: two local pipeline runs with `rollout.serving`
-(tests/serving_fixture.py), then canaries driven directly:
+"""Progressive rollout for real on this machine: a weak champion registered by hand and one local
+pipeline run with `rollout.serving` (tests/serving_fixture.py), then canaries driven directly:
 
-- the better model (400 steps) is rolled out through the pipeline's rollout stage against the
-  weaker champion (60 steps) and promoted through every step, each step in MLflow;
+- the trained model (400 steps) is rolled out through the pipeline's rollout stage against the
+  weak champion (an untrained model) and promoted through every step, each step in MLflow;
 - a deliberately worse candidate (the good run's step-100 checkpoint) is rolled back at the first
   step by the quality probe, with the reason;
 - a candidate whose server dies mid-canary is rolled back at the next step.
@@ -15,7 +15,7 @@ import pytest
 
 from nmm.serve import analysis
 from nmm.serve.canary import LocalCanary, Step
-from tests.serving_fixture import early_model, model_folder, run_pipeline
+from tests.serving_fixture import early_model, model_folder, register_champion, run_pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,7 @@ LIMITS = analysis.Limits(max_error_rate=0.02, max_p95_latency_ms=20_000, max_tim
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("canary")
-    weak = run_pipeline(cwd, "weak", 60, seesaw=False)
+    weak = register_champion(cwd, "nmm-canary", accuracy=0.1)
     good = run_pipeline(cwd, "good", 400, seesaw=True)
     return cwd, weak, good
 
@@ -41,8 +41,7 @@ def cases(cwd, n=40):
 
 
 def test_the_pipeline_rolls_the_better_model_out_through_every_step(runs):
-    cwd, weak, good = runs
-    assert "nmm-canary version 1: promoted" in weak.stdout  # nothing served yet: no canary
+    cwd, _, good = runs
     assert "nmm-canary version 2: promoted" in good.stdout, good.stdout[-2000:]
 
     from mlflow.tracking import MlflowClient
@@ -79,8 +78,9 @@ def test_a_worse_candidate_is_rolled_back_by_the_quality_probe(runs, tmp_path):
 
 
 def test_a_candidate_that_crashes_mid_canary_is_rolled_back(runs, tmp_path):
-    cwd, _, _ = runs
-    canary = LocalCanary(model_folder(cwd, 1), model_folder(cwd, 2), STEPS, LIMITS, cases(cwd), tmp_path / "work")
+    cwd = runs[0]
+    _, weak, _ = runs
+    canary = LocalCanary(weak, model_folder(cwd, 2), STEPS, LIMITS, cases(cwd), tmp_path / "work")
     seen = []
 
     def on_step(result):
