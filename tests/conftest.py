@@ -37,6 +37,19 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen) -> None:
     raise TimeoutError(f"{url} did not answer within {timeout}s")
 
 
+def wait_for(fn, timeout: float = 30.0, what="condition"):
+    """Poll `fn` until it returns something truthy (returned); `what` (or a callable giving it)
+    names what was awaited in the failure."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what() if callable(what) else what}; last value: {last!r}")
+
+
 @pytest.fixture
 def clean_env(monkeypatch, tmp_path):
     """No MLflow/S3 settings leak in from the developer's shell; NMM_HOME under tmp_path."""

@@ -64,13 +64,18 @@ def get_pipeline(name: str, namespace: str) -> dict:
         raise ClusterError(f"cannot read {namespace}/{name}: {exc.status} {exc.reason}") from None
 
 
-def get_workflow(name: str, namespace: str) -> dict | None:
+def _get_or_none(kind: str, group: str, version: str, plural: str, name: str, namespace: str) -> dict | None:
+    """The object, or None when there is none (404); any other refusal is a ClusterError."""
     try:
-        return _custom().get_namespaced_custom_object(WF_GROUP, WF_VERSION, namespace, WF_PLURAL, name)
+        return _custom().get_namespaced_custom_object(group, version, namespace, plural, name)
     except ApiException as exc:
         if exc.status == 404:
             return None
-        raise ClusterError(f"cannot read workflow {namespace}/{name}: {exc.status} {exc.reason}") from None
+        raise ClusterError(f"cannot read {kind} {namespace}/{name}: {exc.status} {exc.reason}") from None
+
+
+def get_workflow(name: str, namespace: str) -> dict | None:
+    return _get_or_none("workflow", WF_GROUP, WF_VERSION, WF_PLURAL, name, namespace)
 
 
 def pod_logs(workflow: str, stage: str, namespace: str) -> list[tuple[str, str]]:
@@ -110,13 +115,7 @@ ANNOTATION_PROMOTE = "nmm.dev/promote"  # the operator serves this version at on
 
 
 def get_service(name: str, namespace: str) -> dict | None:
-    """The NMMService, or None when there is none (404)."""
-    try:
-        return _custom().get_namespaced_custom_object(GROUP, VERSION, namespace, SERVICE_PLURAL, name)
-    except ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise ClusterError(f"cannot read NMMService {namespace}/{name}: {exc.status} {exc.reason}") from None
+    return _get_or_none("NMMService", GROUP, VERSION, SERVICE_PLURAL, name, namespace)
 
 
 def serve_version(name: str, namespace: str, version: int, at_once: bool) -> None:

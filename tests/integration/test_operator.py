@@ -18,7 +18,7 @@ from kubernetes import client
 from nmm.compile import CompileSettings
 from nmm.spec.crd import crd
 from nmm_operator import builders
-from tests.conftest import ROOT, WORKFLOWS
+from tests.conftest import ROOT, WORKFLOWS, wait_for
 from tests.integration.kube_emulator import EmulatorThread
 
 pytestmark = pytest.mark.integration
@@ -78,17 +78,6 @@ def operator(emu, tmp_path):
     op = Operator(emu.url, tmp_path / "operator.log", settings).start()
     yield op
     op.stop()
-
-
-def wait_for(fn, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}; last value: {last!r}")
 
 
 def pipeline(name: str, **spec_changes) -> dict:

@@ -29,7 +29,7 @@ import pytest
 from kubernetes import client
 
 from nmm.serve import probe
-from tests.conftest import NMM, free_port, wait_http
+from tests.conftest import NMM, free_port, wait_for, wait_http
 from tests.integration.kube_emulator import EmulatorThread
 from tests.serving_fixture import publish_small_model
 
@@ -140,17 +140,6 @@ class DataPlane(threading.Thread):
             self.sent[track] += 1
 
 
-def wait_for(fn, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what() if callable(what) else what}; last value: {last!r}")
-
-
 def service(cases_uri: str) -> dict:
     return {"apiVersion": "nmm.dev/v1alpha1", "kind": "NMMService", "metadata": {"name": "digits"},
             "spec": {"model": {"name": MODEL, "alias": "candidate"},
@@ -192,14 +181,14 @@ def test_kserve_canary_passes_every_step_survives_a_restart_and_promotes(world):
     plane.start()
     try:
         custom.create_namespaced_custom_object("nmm.dev", "v1alpha1", ns, "nmmservices", service(world["cases"]))
-        wait_for(lambda: get(world, ns).get("status", {}).get("phase") == "Healthy", what="Healthy on version 1")
+        wait_for(lambda: get(world, ns).get("status", {}).get("phase") == "Healthy", timeout=60, what="Healthy on version 1")
         (isvc,) = isvcs()
         assert isvc["spec"]["predictor"]["containers"][0]["args"][1] == f"models:/{MODEL}/1"
         assert "canaryTrafficPercent" not in isvc["spec"]["predictor"]
         assert isvc["metadata"]["ownerReferences"][0]["kind"] == "NMMService"
 
         world["mlflow"].set_registered_model_alias(MODEL, "candidate", "2")
-        wait_for(lambda: weight() == 50, what="the canary at 50%")
+        wait_for(lambda: weight() == 50, 60, "the canary at 50%")
         assert isvcs()[0]["spec"]["predictor"]["containers"][0]["args"][1] == f"models:/{MODEL}/2"
         op.kill()  # mid-canary: everything the rollout knows is in the status
         op.start()
@@ -216,13 +205,7 @@ def test_kserve_canary_passes_every_step_survives_a_restart_and_promotes(world):
         assert f'nmm_canary_quality{{namespace="{ns}",service="digits",track="candidate",version="2"}}' in exported
         assert f'nmm_canary_weight{{namespace="{ns}",service="digits"}} 0.0' in exported
     finally:
-        plane.stop.set()
-        custom.delete_namespaced_custom_object("nmm.dev", "v1alpha1", ns, "nmmservices", "digits")
-        wait_for(lambda: not custom.list_namespaced_custom_object("nmm.dev", "v1alpha1", ns, "nmmservices")["items"],
-                 15, "the service gone (kopf released its finalizer)")
-        op.stop()
-        stable.kill()
-        candidate.kill()
+        tear_down(world, ns, op, plane, stable, candidate)
 
 
 def test_gateway_canary_whose_server_dies_is_rolled_back_with_the_reason(world):
@@ -248,7 +231,7 @@ def test_gateway_canary_whose_server_dies_is_rolled_back_with_the_reason(world):
         body["spec"]["canary"]["steps"] = [{"weight": 30, "pauseSeconds": 1.5}, {"weight": 60, "pauseSeconds": 4},
                                            {"weight": 100, "pauseSeconds": 1}]
         custom.create_namespaced_custom_object("nmm.dev", "v1alpha1", ns, "nmmservices", body)
-        wait_for(lambda: get(world, ns).get("status", {}).get("phase") == "Healthy", what="Healthy on version 1")
+        wait_for(lambda: get(world, ns).get("status", {}).get("phase") == "Healthy", timeout=60, what="Healthy on version 1")
         assert apps.read_namespaced_deployment("digits-canary", ns).spec.replicas == 0
         world["mlflow"].set_registered_model_alias(MODEL, "candidate", "2")
         wait_for(lambda: weight() == 60, 60, lambda: f"step 2 at 60%: {get(world, ns).get('status')}, sent {plane.sent}")
@@ -267,13 +250,21 @@ def test_gateway_canary_whose_server_dies_is_rolled_back_with_the_reason(world):
         time.sleep(2)  # the spec still names version 2: no new canary starts
         assert get(world, ns)["status"]["phase"] == "RolledBack"
     finally:
-        plane.stop.set()
-        custom.delete_namespaced_custom_object("nmm.dev", "v1alpha1", ns, "nmmservices", "digits")
-        wait_for(lambda: not custom.list_namespaced_custom_object("nmm.dev", "v1alpha1", ns, "nmmservices")["items"],
-                 15, "the service gone (kopf released its finalizer)")
-        op.stop()
-        stable.kill()
-        candidate.kill()
+        tear_down(world, ns, op, plane, stable, candidate)
+
+
+def tear_down(world, ns: str, op: Operator, *stopping) -> None:
+    """Delete the service (kopf releases its finalizer), stop the operator and the rest."""
+    custom = world["custom"]
+    custom.delete_namespaced_custom_object("nmm.dev", "v1alpha1", ns, "nmmservices", "digits")
+    wait_for(lambda: not custom.list_namespaced_custom_object("nmm.dev", "v1alpha1", ns, "nmmservices")["items"],
+             15, "the service gone (kopf released its finalizer)")
+    op.stop()
+    for thing in stopping:
+        if isinstance(thing, DataPlane):
+            thing.stop.set()
+        else:
+            thing.kill()
 
 
 def run_nmm(world, *args) -> subprocess.CompletedProcess:
@@ -310,9 +301,7 @@ def test_nmm_promote_and_rollback_move_champion_and_what_is_served_without_a_can
         r = run_nmm(world, "promote", "digits", "9", "-n", ns)
         assert r.returncode == 2 and "has no version 9" in r.stderr
     finally:
-        custom.delete_namespaced_custom_object("nmm.dev", "v1alpha1", ns, "nmmservices", "digits")
-        wait_for(lambda: not custom.list_namespaced_custom_object("nmm.dev", "v1alpha1", ns, "nmmservices")["items"], 15)
-        op.stop()
+        tear_down(world, ns, op)
 
 
 def test_the_rollout_stage_creates_then_updates_the_pipeline_s_nmmservice(world, monkeypatch):
