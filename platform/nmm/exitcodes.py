@@ -8,6 +8,7 @@ CONFLICT = 3  # outputs under this run's identity were made from something else
 TRACKING_DENIED = 4  # MLflow refused us (credentials, permissions): retrying will not help
 STORE_UNAVAILABLE = 129  # the object store cannot be reached or fails: retry
 TRACKING_UNAVAILABLE = 130  # MLflow cannot be reached or fails: retry
+CLUSTER_UNAVAILABLE = 131  # the Kubernetes API cannot be reached or fails (5xx, 429): retry
 PREEMPTED = 143  # SIGTERM (128 + 15) after a checkpoint: the restart resumes
 
 

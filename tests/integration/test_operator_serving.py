@@ -332,4 +332,19 @@ def test_the_rollout_stage_creates_then_updates_the_pipeline_s_nmmservice(world,
     assert svc["spec"]["model"] == {"name": "nmm-quickstart", "version": 4}
     assert svc["spec"]["canary"]["analysis"]["qualityProbe"]["casesUri"] == "store://probe.jsonl"
     assert svc["spec"]["replicas"] == 2 and svc["metadata"]["labels"]["nmm.dev/pipeline"] == "quickstart"
+    # Probe off in the pipeline: the updated service has none (the field goes; absent is off for an NMMService).
+    from nmm.spec.serving import Serving
+
+    off = Serving.model_validate({"canary": {"analysis": {"qualityProbe": None}}})
+    assert stage_canary.apply_service(stage_canary.service_body(ctx, off, "nmm-quickstart", "5", None)) == "updated"
+    svc = world["custom"].get_namespaced_custom_object("nmm.dev", "v1alpha1", "team-stage", "nmmservices", "quickstart")
+    assert "qualityProbe" not in svc["spec"]["canary"]["analysis"] and svc["spec"]["model"]["version"] == 5
+    from nmm.spec.serving import ServiceSpec
+
+    assert ServiceSpec.model_validate(svc["spec"]).canary.analysis.quality_probe is None  # what the operator reads
+    kubeclient.api_client.cache_clear()
+    monkeypatch.setenv("NMM_KUBE_SERVER", f"http://127.0.0.1:{free_port()}")  # nobody listens: retryable
+    with pytest.raises(stage_canary.ClusterRefused) as refused:
+        stage_canary.apply_service(second)
+    assert refused.value.retryable
     kubeclient.api_client.cache_clear()

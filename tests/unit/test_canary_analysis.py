@@ -118,6 +118,13 @@ def test_the_policy_is_validated():
     with pytest.raises(ValueError, match="gpus is 0"):
         Serving.model_validate({"resources": {"gpuPool": "a100"}})
     assert [s.weight for s in Canary().steps] == [10, 50, 100]
+    from nmm.spec.serving import ServiceSpec
+
+    model = {"name": "m", "alias": "candidate"}
+    assert ServiceSpec.model_validate({"model": model}).canary.analysis.quality_probe is None  # an NMMService: off unless given
+    with pytest.raises(ValueError, match="casesUri"):
+        ServiceSpec.model_validate({"model": model, "canary": {"analysis": {"qualityProbe": {"cases": 10}}}})
+    assert Serving().canary.analysis.quality_probe is not None  # a pipeline: on (it writes the cases)
 
 
 def test_local_traffic_mixes_chat_and_image_requests_for_a_model_that_does_both():

@@ -25,12 +25,15 @@ VariantOpt = typer.Option(None, "--variant", help="The ablation variant this ste
 
 def _stage(name: str, fn, ident: dict, variant: str | None = None, **kw) -> None:
     """Run a stage with its log archived to the store. Exit codes (R17): bad input 2, outputs
-    that belong to another spec 3; an unreachable store or MLflow 129/130 (retryable)."""
+    that belong to another spec 3; an unreachable store, MLflow or Kubernetes API 129/130/131
+    (retryable); a Kubernetes API that refuses (403, 422) 1."""
     from nmm.data.dataset import DatasetError
     from nmm.data.locate import SourceError
     from nmm.lineage import TrackingError
     from nmm.spec import SpecError
     from nmm.lineage import RegistryConflict
+    from nmm.serve.probe import ProbeError
+    from nmm.stages.canary import ClusterRefused
     from nmm.stages.context import ModelMissing, OutputsConflict, StageContext, UnknownVariant
     from nmm.stages.logs import Archive
     from nmm.storage import StorageError
@@ -46,9 +49,12 @@ def _stage(name: str, fn, ident: dict, variant: str | None = None, **kw) -> None
     try:
         with Archive(ctx.stage_uri(ctx.step(name))):
             code = fn(ctx, **kw)
-    except (DatasetError, ModelMissing, SourceError) as exc:
+    except (DatasetError, ModelMissing, SourceError, ProbeError) as exc:
         err.print(f"error: {exc}", markup=False)
         raise typer.Exit(EXIT_BAD_INPUT)
+    except ClusterRefused as exc:
+        err.print(f"error: {exc}", markup=False)
+        raise typer.Exit(exitcodes.CLUSTER_UNAVAILABLE if exc.retryable else exitcodes.FAILED)
     except (OutputsConflict, RegistryConflict) as exc:
         err.print(f"error: {exc}", markup=False)
         raise typer.Exit(exitcodes.CONFLICT)

@@ -109,10 +109,29 @@ class ServedModel(Model):
         return f"models:/{self.name}@{self.alias}" if self.alias else f"models:/{self.name}/{self.version}"
 
 
+class ServiceAnalysis(Analysis):
+    """An NMMService's analysis: the quality probe runs when it is given, with its cases (a
+    pipeline's rollout writes them and fills `casesUri` in)."""
+
+    quality_probe: QualityProbe | None = None
+
+    @model_validator(mode="after")
+    def _probe_has_cases(self) -> ServiceAnalysis:
+        if self.quality_probe is not None and not self.quality_probe.cases_uri:
+            raise ValueError("qualityProbe.casesUri: an NMMService's probe needs its cases (JSON lines of "
+                             "{image, question, expect}; a pipeline's rollout writes them)")
+        return self
+
+
+class ServiceCanary(Canary):
+    analysis: ServiceAnalysis = ServiceAnalysis()
+
+
 class ServiceSpec(Serving):
     """An `NMMService`: the model to serve; a change of model is rolled out as a canary."""
 
     model: ServedModel
+    canary: ServiceCanary = ServiceCanary()
 
 
 class ServiceMetadata(Model):

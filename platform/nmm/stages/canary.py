@@ -123,8 +123,8 @@ def plot(results: list[StepResult]) -> bytes:
 
 def service_body(ctx: StageContext, serving: Serving, name: str, version: str, cases_uri: str | None) -> dict:
     """The pipeline's NMMService serving `version` (the operator rolls it out as a canary)."""
-    spec = serving.model_dump(by_alias=True, exclude_none=True, mode="json")
-    if cases_uri and spec["canary"]["analysis"].get("qualityProbe") is not None:
+    spec = serving.model_dump(by_alias=True, exclude_none=True, mode="json")  # no qualityProbe: none (NMMService)
+    if cases_uri and "qualityProbe" in spec["canary"]["analysis"]:
         spec["canary"]["analysis"]["qualityProbe"]["casesUri"] = cases_uri
     spec["model"] = {"name": name, "version": int(version)}
     return {
@@ -135,19 +135,40 @@ def service_body(ctx: StageContext, serving: Serving, name: str, version: str, c
     }
 
 
+class ClusterRefused(RuntimeError):
+    """The Kubernetes API would not take the NMMService: unreachable or 5xx/429 (retryable), or a
+    refusal such as 403 or 422 (not)."""
+
+    def __init__(self, message: str, retryable: bool):
+        super().__init__(message)
+        self.retryable = retryable
+
+
 def apply_service(body: dict) -> str:
-    """Create the NMMService, or point the existing one at the new version ("created" | "updated")."""
+    """Create the NMMService, or point the existing one at the new version ("created" | "updated").
+    The update replaces the whole spec (a JSON patch), so what the pipeline no longer sets goes."""
     from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
 
     from nmm import kubeclient
 
-    api, meta = kubeclient.custom_objects(), body["metadata"]
-    args = (SERVICE_GROUP, SERVICE_VERSION, meta["namespace"], SERVICE_PLURAL)
+    meta = body["metadata"]
+    where = f"NMMService {meta['namespace']}/{meta['name']}"
     try:
-        api.create_namespaced_custom_object(*args, body)
-        return "created"
+        api = kubeclient.custom_objects()
+        args = (SERVICE_GROUP, SERVICE_VERSION, meta["namespace"], SERVICE_PLURAL)
+        try:
+            api.create_namespaced_custom_object(*args, body)
+            return "created"
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+        api.patch_namespaced_custom_object(*args, meta["name"], [{"op": "replace", "path": "/spec", "value": body["spec"]}])
+        return "updated"
+    except kubeclient.KubeConfigError as exc:
+        raise ClusterRefused(f"{where}: {exc}", retryable=False) from None
     except ApiException as exc:
-        if exc.status != 409:
-            raise
-    api.patch_namespaced_custom_object(*args, meta["name"], {"spec": body["spec"]})
-    return "updated"
+        raise ClusterRefused(f"{where}: the API server answered {exc.status} {exc.reason}",
+                             retryable=exc.status == 0 or exc.status == 429 or exc.status >= 500) from None
+    except (OSError, HTTPError) as exc:  # connection refused, DNS: the API server is not there right now
+        raise ClusterRefused(f"{where}: {exc}", retryable=True) from None
