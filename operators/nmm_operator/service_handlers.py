@@ -145,6 +145,8 @@ def rollout(body, meta, spec, status, patch: kopf.Patch, **_) -> None:
         raise kopf.TemporaryError(f"serving objects: {exc.status} {exc.reason}", delay=10) from None
     _registry(t, svc, meta)
     patch.status.update(t.status | {"observedGeneration": meta.get("generation")})
+    if asked and any(reason == "PromotedByHand" for _, reason, _ in t.events):
+        patch.metadata.annotations[ANNOTATION_PROMOTE] = None  # honoured once: a later return to it is a canary
     _export(meta, t)
     for kind, reason, message in t.events:
         kopf.event(body, type=kind, reason=reason, message=message)

@@ -287,6 +287,8 @@ def test_nmm_promote_and_rollback_move_champion_and_what_is_served_without_a_can
         st = wait_for(lambda: (s := get(world, ns).get("status", {})).get("stableVersion") == 2 and s, what="version 2 by hand")
         assert st["phase"] == "Healthy" and st.get("canaryVersion") is None and st["previousStableVersion"] == 1
         assert next(c for c in st["conditions"] if c["type"] == "Ready")["reason"] == "PromotedByHand"
+        wait_for(lambda: "nmm.dev/promote" not in (get(world, ns)["metadata"].get("annotations") or {}),
+                 what="the promote annotation honoured once and removed")
         assert str(mlflow.get_model_version_by_alias(MODEL, "champion").version) == "2"
         wait_for(lambda: served() == f"models:/{MODEL}/2", what="the InferenceService on version 2")
 
