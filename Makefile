@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py --device cpu --size small
 	$(PY) benchmarks/curate_throughput.py
 	$(PY) benchmarks/serve_load.py
+	$(PY) benchmarks/generate.py --device cpu
 
 golden: $(STAMP)
 	NMM_UPDATE_GOLDEN=1 $(VENV)/bin/pytest -q tests/unit/test_compile.py tests/unit/test_crd.py tests/unit/test_chart.py

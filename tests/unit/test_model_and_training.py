@@ -240,3 +240,43 @@ def test_generation_stops_at_the_context_length_without_a_stop_token():
     m = ModelConfig(vocab_size=40, dim=32, layers=1, heads=2, max_seq_len=12).build()
     (out,) = generate(m, [list(range(1, 11))], max_new=24, allowed=(20, 30), stop=2)
     assert len(out) == 2  # 10 prompt tokens + 2 = the 12-token context
+
+
+def _reference_next_token_loss(logits, tokens, loss_mask, image_range, z_loss, weights=(1.0, 1.0)):
+    """The loss as it was: one fp32 copy of all the logits, cross_entropy and a separate logsumexp."""
+    import torch.nn.functional as F
+
+    logits = logits[:, :-1].float()
+    targets = tokens[:, 1:].long()
+    mask = loss_mask[:, 1:].float()
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none").view_as(mask)
+    is_image = ((targets >= image_range[0]) & (targets < image_range[1])).float() * (mask > 0).float()
+    is_text = (mask > 0).float() - is_image
+    w = weights[0] * is_text + weights[1] * is_image
+    wsum = w.sum().clamp(min=1e-9)
+    z = (torch.logsumexp(logits, dim=-1).pow(2) * w).sum() / wsum
+    return (ce * w).sum() / wsum + z_loss * z, logits.detach().norm(dim=-1)
+
+
+@pytest.mark.parametrize("batch,seq,chunk", [(3, 7, 2048), (4, 33, 16), (2, 50, 7)])
+def test_chunked_loss_equals_the_reference_loss_and_gradients(batch, seq, chunk, monkeypatch):
+    from nmm.train import loss as loss_mod
+
+    monkeypatch.setattr(loss_mod, "CHUNK_TOKENS", chunk)  # 16 and 7: several chunks, a ragged last one
+    g = torch.Generator().manual_seed(batch * seq)
+    vocab = 40
+    logits = torch.randn(batch, seq, vocab, generator=g, dtype=torch.float64).float() * 3
+    tokens = torch.randint(0, vocab, (batch, seq), generator=g)
+    mask = (torch.rand(batch, seq, generator=g) > 0.3).to(torch.uint8)
+    a = logits.clone().requires_grad_(True)
+    b = logits.clone().requires_grad_(True)
+    got, parts = next_token_loss(a, tokens, mask, (30, 40), 1e-3, (1.0, 0.5))
+    want, norms = _reference_next_token_loss(b, tokens, mask, (30, 40), 1e-3, (1.0, 0.5))
+    got.backward()
+    want.backward()
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)
+    assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=0)
+    on = mask[:, 1:].float()
+    is_image = ((tokens[:, 1:] >= 30) & (tokens[:, 1:] < 40)).float() * on
+    text_norm = (norms * (on - is_image)).sum() / (on - is_image).sum()
+    assert torch.allclose(parts["logit_norm_text"], text_norm, atol=1e-5)

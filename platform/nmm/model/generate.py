@@ -55,8 +55,13 @@ def generate(
     return out
 
 
+SYNC_EVERY = 16  # without a streaming callback, the host looks at the device's `done` flags this often
+
+
 def _generate_batch(model, prompts, uncond, patches, guidance, max_new, allowed, stop, extra_allowed, temperature, generator,
                     on_step=None):
+    """Tokens and `done` flags stay on the device; the host reads them once at the end (and every
+    SYNC_EVERY steps, to stop early when every row has stopped), or each step for `on_step`."""
     model.eval()
     device = next(model.parameters()).device
     n = len(prompts)
@@ -67,7 +72,7 @@ def _generate_batch(model, prompts, uncond, patches, guidance, max_new, allowed,
     for t in extra_allowed:
         mask[t] = 0.0
     cache = KVCache(model.cfg, len(seq), device)
-    out = [[] for _ in range(n)]
+    emitted = torch.empty((n, max_new), dtype=torch.long, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
     step_in = seq
     cfg = model.cfg
@@ -76,7 +81,8 @@ def _generate_batch(model, prompts, uncond, patches, guidance, max_new, allowed,
         patches = patches.to(device)
         if uncond is not None:
             patches = torch.cat([patches, patches])
-    for _ in range(max_new):
+    steps = 0
+    for step in range(max_new):
         logits = model(step_in, cache, patches, spans=spans)[:, -1, :].float()
         patches = spans = None  # the image sits in the prompt: only the prefill reads it
         if uncond is not None:
@@ -87,16 +93,14 @@ def _generate_batch(model, prompts, uncond, patches, guidance, max_new, allowed,
             nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         else:
             nxt = logits.argmax(-1)
-        emitted = [None] * n
-        for i, tok in enumerate(nxt.tolist()):
-            if not done[i]:
-                out[i].append(tok)
-                emitted[i] = tok
+        emitted[:, step] = torch.where(done, -1, nxt)  # -1: the row had already stopped
+        steps = step + 1
         if on_step is not None:
-            on_step(emitted)
+            on_step([None if t < 0 else t for t in emitted[:, step].tolist()])
         if stop is not None:
             done |= nxt == stop
-            if bool(done.all()):
+            if (on_step is not None or steps % SYNC_EVERY == 0) and bool(done.all()):
                 break
         step_in = (torch.cat([nxt, nxt]) if uncond is not None else nxt)[:, None]
-    return [[t for t in o if t != stop] for o in out]
+    rows = emitted[:, :steps].tolist()  # the one copy to the host
+    return [[t for t in row if t >= 0 and t != stop] for row in rows]
