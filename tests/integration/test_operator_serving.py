@@ -13,6 +13,7 @@ sends requests to the two servers in that proportion, as KServe or a Gateway wou
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import random
@@ -134,7 +135,7 @@ class DataPlane(threading.Thread):
                                          headers={"Content-Type": "application/json"})
             try:
                 urllib.request.urlopen(req, timeout=10).read()
-            except OSError:
+            except (OSError, http.client.HTTPException):  # a server killed mid-answer cuts the response
                 time.sleep(0.05)
             n += 1
             self.sent[track] += 1
@@ -260,11 +261,13 @@ def tear_down(world, ns: str, op: Operator, *stopping) -> None:
     wait_for(lambda: not custom.list_namespaced_custom_object("nmm.dev", "v1alpha1", ns, "nmmservices")["items"],
              15, "the service gone (kopf released its finalizer)")
     op.stop()
-    for thing in stopping:
-        if isinstance(thing, DataPlane):
-            thing.stop.set()
-        else:
-            thing.kill()
+    planes = [t for t in stopping if isinstance(t, DataPlane)]
+    for plane in planes:  # quiet before the servers go
+        plane.stop.set()
+        plane.join(15)
+    for server in stopping:
+        if not isinstance(server, DataPlane):
+            server.kill()
 
 
 def run_nmm(world, *args) -> subprocess.CompletedProcess:

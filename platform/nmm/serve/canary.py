@@ -10,6 +10,7 @@ streamed, sent by a few client threads through the router for as long as each st
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -92,7 +93,7 @@ class Server:
                 with urllib.request.urlopen(self.url + "/readyz", timeout=2) as r:
                     if r.status == 200:
                         return None
-            except (OSError, urllib.error.URLError):
+            except (OSError, http.client.HTTPException):
                 pass
             time.sleep(0.2)
         return f"{self.track} server ({self.source}) not ready after {timeout:.0f} s"
@@ -114,7 +115,7 @@ def scrape(url: str) -> analysis.Snapshot | str:
     try:
         with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
             return analysis.parse(r.read().decode())
-    except (OSError, urllib.error.URLError, analysis.MetricsError) as exc:
+    except (OSError, http.client.HTTPException, analysis.MetricsError) as exc:
         return f"{url}/metrics: {exc}"
 
 
@@ -166,7 +167,7 @@ class Traffic:
             try:
                 with urllib.request.urlopen(req, timeout=60) as r:
                     r.read()
-            except (OSError, urllib.error.URLError):
+            except (OSError, http.client.HTTPException):  # URLError is an OSError; a cut stream an HTTPException
                 time.sleep(0.05)  # the router answered an error (counted there): keep the pace sane
             n += self.threads
 

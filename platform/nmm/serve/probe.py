@@ -13,6 +13,7 @@ exactly (m2t.shapes_vqa). Sent greedily (temperature 0), so both versions are as
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import urllib.error
@@ -88,7 +89,7 @@ def served_model(base_url: str, timeout: float = 10.0) -> str:
     try:
         with urllib.request.urlopen(base_url.rstrip("/") + "/v1/models", timeout=timeout) as r:
             return json.loads(r.read())["data"][0]["id"]
-    except (OSError, ValueError, KeyError, IndexError) as exc:
+    except (OSError, http.client.HTTPException, ValueError, KeyError, IndexError) as exc:
         raise ProbeError(f"{base_url}/v1/models: {exc}") from None
 
 
@@ -109,7 +110,7 @@ def _ask(base_url: str, model: str, case: dict, timeout: float) -> str:
             return json.loads(r.read())["choices"][0]["message"]["content"]
     except urllib.error.HTTPError as exc:
         raise ProbeError(f"{base_url} answered {exc.code} to a probe case") from None
-    except (OSError, ValueError, KeyError, IndexError) as exc:
+    except (OSError, http.client.HTTPException, ValueError, KeyError, IndexError) as exc:
         raise ProbeError(f"{base_url}: {exc}") from None
 
 

@@ -5,7 +5,8 @@ candidate `nmm serve`, sending `weight` percent of requests to the candidate —
 Smooth weighted round robin (nginx's), so 10 % means exactly one request in ten, not a coin
 flip: short local steps see the share they asked for. Each response carries `x-nmm-track`
 (stable | candidate). Requests a backend could not take (connection refused: a crashed server)
-answer 502 and are counted per track, so the analysis sees them.
+answer 502 and are counted per track, so the analysis sees them; an answer the backend cuts
+after it began (a stream when the server dies) is cut for the client too, and counted the same.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class Router:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
         with self._lock:
             self.sent[track] += 1
+        out = None
         try:
             async with self._session.request(request.method, self.urls[track] + request.rel_url.path_qs,
                                              data=body, headers=headers) as upstream:
@@ -74,6 +76,10 @@ class Router:
         except (ClientError, asyncio.TimeoutError, ConnectionError) as exc:
             with self._lock:
                 self.failed[track] += 1
+            if out is not None:  # the answer had begun (a stream cut by a dying server): cut ours too
+                if request.transport is not None:
+                    request.transport.close()
+                return out
             body = {"error": {"message": f"{track} backend unavailable: {type(exc).__name__}", "type": "server_error",
                               "param": None, "code": "backend_unavailable"}}
             return web.json_response(body, status=502, headers={"x-nmm-track": track})
