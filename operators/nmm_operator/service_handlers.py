@@ -18,11 +18,10 @@ from nmm import lineage, storage
 from nmm.compile import serving as build
 from nmm.gpu.pools import PlacementError
 from nmm.serve import analysis, canary as serve_canary, probe
-from nmm.spec.serving import ServiceSpec
+from nmm.spec.serving import ANNOTATION_PROMOTE, ServiceSpec
 from nmm_operator import canary, serving_kube, settings as operator_settings
 
 SETTINGS = operator_settings.load()
-ANNOTATION_PROMOTE = "nmm.dev/promote"  # `nmm promote` / `nmm rollback`: serve this version now
 LABELS = ["namespace", "service"]
 WEIGHT = Gauge("nmm_canary_weight", "Percent of an NMMService's traffic on its canary", LABELS)
 QUALITY = Gauge("nmm_canary_quality", "Quality probe score of a version (canary analysis)", LABELS + ["track", "version"])
@@ -65,12 +64,6 @@ def resolve(spec: ServiceSpec) -> int:
     return int(info.version)
 
 
-def limits(spec: ServiceSpec) -> analysis.Limits:
-    a = spec.canary.analysis
-    return analysis.Limits(a.max_error_rate, a.max_p95_latency_ms, a.max_time_to_first_token_ms, a.min_requests,
-                           a.quality_probe.max_quality_drop if a.quality_probe else None)
-
-
 def _cases(spec: ServiceSpec) -> list[dict]:
     qp = spec.canary.analysis.quality_probe
     if qp is None or not qp.cases_uri:
@@ -88,7 +81,7 @@ def endpoints(meta: dict) -> dict[str, str]:
 
 def _analyse(t: canary.Tick, spec: ServiceSpec, meta: dict, now: float) -> canary.Tick:
     st = t.status
-    verdict, after, stable_q = serve_canary.judge_step(limits(spec), analysis.from_dict(st["baseline"]), endpoints(meta),
+    verdict, after, stable_q = serve_canary.judge_step(analysis.Limits.of(spec.canary.analysis), analysis.from_dict(st["baseline"]), endpoints(meta),
                                                        _cases(spec), st.get("stableQuality"))
     st["stableQuality"] = stable_q
     return canary.after_analysis(t, spec, verdict.ok, verdict.reasons, verdict.measured,

@@ -9,8 +9,9 @@ from kubernetes.client.exceptions import ApiException
 from nmm import kubeclient
 from nmm.compile import WF_GROUP, WF_PLURAL, WF_VERSION
 from nmm.spec import PipelineSpec, split_step
-from nmm.spec.crd import GROUP, PLURAL, VERSION
+from nmm.spec.crd import GROUP, PLURAL, SERVICE_PLURAL, VERSION
 from nmm.spec.names import train_job_name
+from nmm.spec.serving import ANNOTATION_PROMOTE
 
 
 class ClusterError(RuntimeError):
@@ -110,8 +111,6 @@ def store_of(workflow: dict) -> str | None:
     return None
 
 
-SERVICE_PLURAL = "nmmservices"
-ANNOTATION_PROMOTE = "nmm.dev/promote"  # the operator serves this version at once (no canary)
 
 
 def get_service(name: str, namespace: str) -> dict | None:

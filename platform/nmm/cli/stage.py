@@ -29,14 +29,12 @@ def _stage(name: str, fn, ident: dict, variant: str | None = None, **kw) -> None
     (retryable); a Kubernetes API that refuses (403, 422) 1."""
     from nmm.data.dataset import DatasetError
     from nmm.data.locate import SourceError
-    from nmm.lineage import TrackingError
     from nmm.spec import SpecError
     from nmm.lineage import RegistryConflict
     from nmm.serve.probe import ProbeError
     from nmm.stages.canary import ClusterRefused
     from nmm.stages.context import ModelMissing, OutputsConflict, StageContext, UnknownVariant
     from nmm.stages.logs import Archive
-    from nmm.storage import StorageError
 
     try:
         ctx = StageContext.create(variant=variant, **ident)
@@ -47,7 +45,7 @@ def _stage(name: str, fn, ident: dict, variant: str | None = None, **kw) -> None
         err.print(f"error: {exc}", markup=False)
         raise typer.Exit(EXIT_BAD_INPUT)
     try:
-        with Archive(ctx.stage_uri(ctx.step(name))):
+        with exits(), Archive(ctx.stage_uri(ctx.step(name))):  # an unreachable store or MLflow: 129/130
             code = fn(ctx, **kw)
     except (DatasetError, ModelMissing, SourceError, ProbeError) as exc:
         err.print(f"error: {exc}", markup=False)
@@ -58,12 +56,6 @@ def _stage(name: str, fn, ident: dict, variant: str | None = None, **kw) -> None
     except (OutputsConflict, RegistryConflict) as exc:
         err.print(f"error: {exc}", markup=False)
         raise typer.Exit(exitcodes.CONFLICT)
-    except StorageError as exc:
-        err.print(f"error: {exc}", markup=False)
-        raise typer.Exit(exitcodes.STORE_UNAVAILABLE)
-    except TrackingError as exc:
-        err.print(f"error: {exc}", markup=False)
-        raise typer.Exit(exc.exit_code)
     raise typer.Exit(code or 0)
 
 

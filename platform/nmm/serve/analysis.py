@@ -44,6 +44,13 @@ class Limits:
     min_requests: int
     max_quality_drop: float | None  # None: no quality probe
 
+    @classmethod
+    def of(cls, policy) -> Limits:
+        """From a canary policy's analysis (nmm.spec.serving.Analysis, a pipeline's or an NMMService's)."""
+        probe = policy.quality_probe
+        return cls(policy.max_error_rate, policy.max_p95_latency_ms, policy.max_time_to_first_token_ms,
+                   policy.min_requests, probe.max_quality_drop if probe else None)
+
 
 @dataclass
 class Verdict:

@@ -11,6 +11,7 @@ from nmm.spec import names
 from nmm.spec.base import Model
 
 SERVICE_KIND = "NMMService"
+ANNOTATION_PROMOTE = "nmm.dev/promote"  # `nmm promote` / `nmm rollback`: the operator serves this version at once
 MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 ALIAS = r"^[A-Za-z][A-Za-z0-9_-]{0,62}$"
 

@@ -10,46 +10,42 @@ canary against the champion, and record every step in the rollout's MLflow run.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from nmm import storage
-from nmm.data.dataset import Dataset
+from nmm.data.dataset import Dataset, Split
 from nmm.serve import analysis, probe
 from nmm.serve.canary import LocalCanary, Outcome, Step, StepResult
-from nmm.spec.serving import Serving
+from nmm.spec.crd import GROUP, SERVICE_PLURAL, VERSION
+from nmm.spec.serving import SERVICE_KIND, Serving
 from nmm.stages.context import StageContext
 
 PROBE_FILE = "probe.jsonl"
-SERVICE_GROUP, SERVICE_VERSION, SERVICE_PLURAL = "nmm.dev", "v1alpha1", "nmmservices"
 
 
 def local_engine() -> bool:
     return os.environ.get("NMM_ENGINE") == "local"
 
 
-def limits(serving: Serving) -> analysis.Limits:
-    a = serving.canary.analysis
-    return analysis.Limits(a.max_error_rate, a.max_p95_latency_ms, a.max_time_to_first_token_ms, a.min_requests,
-                           a.quality_probe.max_quality_drop if a.quality_probe else None)
+def held_out(model_manifest: dict) -> Callable[[], Split]:
+    """The model's dataset's test split, read on first use and then kept (probe cases, traffic)."""
+    return functools.cache(lambda: Dataset.open(model_manifest["dataset_uri"]).split("test"))
 
 
-def write_probe(ctx: StageContext, serving: Serving, model_manifest: dict) -> tuple[str | None, list[dict]]:
-    """(URI, cases): the quality probe's cases from the model's dataset's test split, written next to
-    the rollout's outputs (the operator reads them there). Without a probe: (None, cases that only
-    make the local canary's chat traffic), or (None, []) for a model that does not caption."""
+def write_probe(ctx: StageContext, serving: Serving, test: Callable[[], Split]) -> tuple[str | None, list[dict]]:
+    """(URI, cases): the quality probe's cases from the test split, written next to the rollout's
+    outputs (the operator reads them there); (None, []) without a probe."""
     qp = serving.canary.analysis.quality_probe
-    if qp is None:  # no probe: the cases still make the local canary's chat traffic
-        if "m2t" not in ctx.spec.spec.model.tasks:
-            return None, []
-        return None, probe.cases_from_split(Dataset.open(model_manifest["dataset_uri"]).split("test"),
-                                            ctx.spec.spec.evaluation.suites, 40)
+    if qp is None:
+        return None, []
     if qp.cases_uri:
         return qp.cases_uri, probe.loads(storage.read_bytes(storage.in_store(qp.cases_uri, ctx.store)), qp.cases)
-    ds = Dataset.open(model_manifest["dataset_uri"])
-    cases = probe.cases_from_split(ds.split("test"), ctx.spec.spec.evaluation.suites, qp.cases)
+    cases = probe.cases_from_split(test(), ctx.spec.spec.evaluation.suites, qp.cases)
     if not cases:
         raise probe.ProbeError("the quality probe needs an M2T suite (m2t.digits, m2t.shapes_vqa) with held-out "
                                "cases; set analysis.qualityProbe: null to roll out on SLOs alone")
@@ -58,12 +54,14 @@ def write_probe(ctx: StageContext, serving: Serving, model_manifest: dict) -> tu
     return uri, cases
 
 
-def prompts(ctx: StageContext, model_manifest: dict, limit: int = 32) -> list[str]:
-    """Held-out captions to draw, the local canary's image traffic (models that generate)."""
-    if "m2g" not in ctx.spec.spec.model.tasks:
-        return []
-    split = Dataset.open(model_manifest["dataset_uri"]).split("test")
-    return [caps[0] for caps in split.captions if caps][:limit]
+def traffic(ctx: StageContext, cases: list[dict], test: Callable[[], Split], limit: int = 32) -> tuple[list[dict], list[str]]:
+    """What the local canary sends: (chat cases — the probe's, or held-out ones when there is no
+    probe —, captions to draw for models that generate)."""
+    tasks = ctx.spec.spec.model.tasks
+    if not cases and "m2t" in tasks:
+        cases = probe.cases_from_split(test(), ctx.spec.spec.evaluation.suites, 40)
+    drawn = [caps[0] for caps in test().captions if caps][:limit] if "m2g" in tasks else []
+    return cases, drawn
 
 
 def run_local(ctx: StageContext, run_, serving: Serving, stable: str, candidate: str, cases: list[dict],
@@ -72,7 +70,7 @@ def run_local(ctx: StageContext, run_, serving: Serving, stable: str, candidate:
     batching = {"max_batch": serving.batching.max_batch, "max_wait_ms": serving.batching.max_wait_ms,
                 "max_queue": serving.batching.max_queue}
     with tempfile.TemporaryDirectory(prefix="nmm-canary-") as tmp:
-        canary = LocalCanary(stable, candidate, steps, limits(serving), cases, Path(tmp), prompts=drawn, store=ctx.store,
+        canary = LocalCanary(stable, candidate, steps, analysis.Limits.of(serving.canary.analysis), cases, Path(tmp), prompts=drawn, store=ctx.store,
                              batching=batching)
         results: list[StepResult] = []
 
@@ -128,7 +126,7 @@ def service_body(ctx: StageContext, serving: Serving, name: str, version: str, c
         spec["canary"]["analysis"]["qualityProbe"]["casesUri"] = cases_uri
     spec["model"] = {"name": name, "version": int(version)}
     return {
-        "apiVersion": f"{SERVICE_GROUP}/{SERVICE_VERSION}", "kind": "NMMService",
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": SERVICE_KIND,
         "metadata": {"name": ctx.pipeline, "namespace": ctx.run.namespace,
                      "labels": {"nmm.dev/pipeline": ctx.pipeline, "app.kubernetes.io/managed-by": "nmm"}},
         "spec": spec,
@@ -156,7 +154,7 @@ def apply_service(body: dict) -> str:
     where = f"NMMService {meta['namespace']}/{meta['name']}"
     try:
         api = kubeclient.custom_objects()
-        args = (SERVICE_GROUP, SERVICE_VERSION, meta["namespace"], SERVICE_PLURAL)
+        args = (GROUP, VERSION, meta["namespace"], SERVICE_PLURAL)
         try:
             api.create_namespaced_custom_object(*args, body)
             return "created"
