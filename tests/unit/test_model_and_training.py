@@ -258,25 +258,54 @@ def _reference_next_token_loss(logits, tokens, loss_mask, image_range, z_loss, w
     return (ce * w).sum() / wsum + z_loss * z, logits.detach().norm(dim=-1)
 
 
-@pytest.mark.parametrize("batch,seq,chunk", [(3, 7, 2048), (4, 33, 16), (2, 50, 7)])
-def test_chunked_loss_equals_the_reference_loss_and_gradients(batch, seq, chunk, monkeypatch):
+@pytest.mark.parametrize("batch,seq,chunk,z", [(3, 7, 2048, 1e-3), (4, 33, 16, 1e-3), (2, 50, 7, 1e-4), (2, 9, 5, 0.0)])
+def test_fused_loss_equals_the_reference_loss_and_gradients(batch, seq, chunk, z, monkeypatch):
+    """The fused output layer + cross-entropy + z-loss, chunk by chunk, against the plain fp32
+    loss over full logits: loss, gradients of the hidden states and of the output weight, parts."""
     from nmm.train import loss as loss_mod
 
-    monkeypatch.setattr(loss_mod, "CHUNK_TOKENS", chunk)  # 16 and 7: several chunks, a ragged last one
+    monkeypatch.setattr(loss_mod, "CHUNK_TOKENS", chunk)  # 16, 7, 5: several chunks, a ragged last one
     g = torch.Generator().manual_seed(batch * seq)
-    vocab = 40
-    logits = torch.randn(batch, seq, vocab, generator=g, dtype=torch.float64).float() * 3
+    vocab, dim = 40, 12
+    hidden = torch.randn(batch, seq, dim, generator=g)
+    weight = torch.randn(vocab, dim, generator=g) * 0.7
     tokens = torch.randint(0, vocab, (batch, seq), generator=g)
     mask = (torch.rand(batch, seq, generator=g) > 0.3).to(torch.uint8)
-    a = logits.clone().requires_grad_(True)
-    b = logits.clone().requires_grad_(True)
-    got, parts = next_token_loss(a, tokens, mask, (30, 40), 1e-3, (1.0, 0.5))
-    want, norms = _reference_next_token_loss(b, tokens, mask, (30, 40), 1e-3, (1.0, 0.5))
-    got.backward()
-    want.backward()
+    h1, w1 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    h2, w2 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    got, parts = loss_mod.fused_next_token_loss(h1, w1, tokens, mask, (30, 40), z, (1.0, 0.5))
+    want, norms = _reference_next_token_loss(h2 @ w2.t(), tokens, mask, (30, 40), z, (1.0, 0.5))
+    (got * 1.7).backward()  # a scaled upstream gradient reaches both inputs
+    (want * 1.7).backward()
     assert torch.allclose(got, want, atol=1e-5, rtol=0)
-    assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=0)
+    assert torch.allclose(h1.grad, h2.grad, atol=1e-5, rtol=0)
+    assert torch.allclose(w1.grad, w2.grad, atol=1e-5, rtol=0)
     on = mask[:, 1:].float()
     is_image = ((tokens[:, 1:] >= 30) & (tokens[:, 1:] < 40)).float() * on
     text_norm = (norms * (on - is_image)).sum() / (on - is_image).sum()
     assert torch.allclose(parts["logit_norm_text"], text_norm, atol=1e-5)
+    plain, plain_parts = next_token_loss(hidden @ weight.t(), tokens, mask, (30, 40), z, (1.0, 0.5))
+    assert torch.allclose(plain, want.detach(), atol=1e-5)
+    for k in ("ce", "ce_text", "ce_image", "z", "tokens_text", "tokens_image"):
+        assert torch.allclose(parts[k], plain_parts[k], atol=1e-5), k
+    _, quiet = loss_mod.fused_next_token_loss(hidden, weight, tokens, mask, (30, 40), z, norms=False)
+    assert "logit_norm_text" not in quiet and torch.allclose(quiet["ce"], parts["ce"], atol=1e-6)
+
+
+def test_a_model_with_the_fused_head_trains_like_one_with_logits():
+    """`model(x, head=head_loss(…))` gives the loss and parameter gradients of the logits path."""
+    from nmm.train.loss import head_loss
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=48, dim=32, layers=2, heads=2, max_seq_len=16)
+    a, b = cfg.build(), cfg.build()
+    b.load_state_dict(a.state_dict())
+    x = torch.randint(0, 48, (3, 16))
+    mask = torch.ones_like(x)
+    la, _ = a(x, head=head_loss(x, mask, (40, 48), 1e-4))
+    lb, _ = next_token_loss(b(x), x, mask, (40, 48), 1e-4)
+    la.backward()
+    lb.backward()
+    assert torch.allclose(la, lb, atol=1e-5)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(pa.grad, pb.grad, atol=1e-5), name

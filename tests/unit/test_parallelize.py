@@ -112,3 +112,39 @@ def test_packing_trains_to_the_padded_weights(tmp_path):
         out.append(model.state_dict())
     for k in out[0]:
         assert torch.allclose(out[0][k], out[1][k], atol=1e-5), k
+
+
+def test_micro_batches_train_to_the_whole_batchs_weights(tmp_path):
+    """Gradient accumulation over micro-batches of 3 (and a ragged last one of 2) of a batch of
+    8 rows, each micro-batch's loss scaled by the whole batch's target weight, gives the
+    weights of the whole batch at once (fp32); and the parts logged are the whole batch's."""
+    from nmm.train.distributed import DistInfo
+    from nmm.train.trainer import PhaseConfig, TrainConfig, train
+    from tests.integration.resume_worker import data
+
+    cpu = DistInfo(0, 0, 1, torch.device("cpu"))
+    out, logged = [], []
+    for micro in (None, 3):
+        cfg = TrainConfig(model=tiny(), phases=(PhaseConfig(mixture=MIX, name="p", steps=4, batch_size=8, lr=3e-3),),
+                          checkpoint_interval=100, log_every=2, loss_weights=(1.0, 0.5), micro_batch=micro)
+        metrics = []
+        model, summary = train(cfg, data(), cpu, (tmp_path / str(micro)).as_uri(), lambda m, step: metrics.append(m))
+        out.append(model.state_dict())
+        logged.append((metrics[-1], summary["tokens_text"], summary["tokens_image"]))
+    for k in out[0]:
+        assert torch.allclose(out[0][k], out[1][k], atol=1e-5), k
+    (whole, text, image), (micro, text3, image3) = logged
+    assert (text, image) == (text3, image3) and text + image > 0
+    for k in ("train/loss", "train/loss_text", "train/loss_image", "train/z_loss", "train/logit_norm_text"):
+        assert whole[k] == pytest.approx(micro[k], rel=1e-5), k
+
+
+def test_auto_compiles_and_packs_on_gpus_only():
+    p = Parallelism()
+    assert p.resolved(torch.device("cpu"), "early") == Parallelism(compile=False, pack=False)
+    assert p.resolved(torch.device("cuda"), "early") == Parallelism(compile=True, pack=True)
+    assert p.resolved(torch.device("cuda"), "mid") == Parallelism(compile=True, pack=False)
+    assert Parallelism(compile=False, pack=True).resolved(torch.device("cuda"), "early") == Parallelism(compile=False, pack=True)
+    assert parallelize.micro_batch(tiny(), 8, None, p, torch.device("cpu")) is None  # CPU: the whole batch
+    assert parallelize.micro_batch(tiny(), 8, 3, p, torch.device("cpu")) == 3
+    assert parallelize.micro_batch(tiny(), 2, 3, p, torch.device("cpu")) == 2

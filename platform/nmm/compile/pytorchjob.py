@@ -29,20 +29,23 @@ def estimated_seq_len(spec: PipelineSpec) -> int:
 
 def check_memory(spec: PipelineSpec, gpu_memory_gib: float) -> memory.MemoryEstimate:
     """Reject a model that cannot train on one GPU of `gpu_memory_gib` (data parallel: a full
-    replica per GPU). The model's shape comes from nmm.model's own config, the vocabulary's
-    from nmm.tokenizers: nothing is re-derived here."""
+    replica per GPU) even one row at a time; a batch bigger than what fits trains in
+    micro-batches (the trainer accumulates gradients). Returns the estimate of the micro-batch
+    the trainer will choose. The model's shape comes from nmm.model's own config, the
+    vocabulary's from nmm.tokenizers: nothing is re-derived here."""
     m, t, r = spec.spec.model, spec.spec.training, spec.spec.training.resources
     vocab = SharedVocab(m.tokenizers.text.vocab_size, m.tokenizers.image.codebook_size).size
     cfg = ModelConfig(vocab_size=vocab, dim=m.size.dim, layers=m.size.layers, heads=m.size.heads, qk_norm=m.qk_norm)
-    micro = -(-max(p.batch_size for p in t.phases) // (r.nodes * r.procs_per_node))
-    est = memory.estimate(cfg.dim, cfg.layers, cfg.heads, cfg.vocab_size, estimated_seq_len(spec), micro,
-                          ffn_dim=cfg.ffn_dim, qk_norm=cfg.qk_norm)
-    if not est.fits(gpu_memory_gib):
+    rows = -(-max(p.batch_size for p in t.phases) // (r.nodes * r.procs_per_node))
+    shape = dict(dim=cfg.dim, layers=cfg.layers, heads=cfg.heads, vocab=cfg.vocab_size, seq_len=estimated_seq_len(spec),
+                 ffn_dim=cfg.ffn_dim, qk_norm=cfg.qk_norm)
+    micro = memory.largest_micro_batch(rows, gpu_memory_gib, **shape)
+    if micro is None:
         raise pools.PlacementError(
-            f"spec.model.size: the model does not fit a {gpu_memory_gib:g} GiB GPU: {est.describe()}; "
-            "shrink the model or the batch, or ask for GPUs with more memory"
+            f"spec.model.size: the model does not fit a {gpu_memory_gib:g} GiB GPU even one row at a time: "
+            f"{memory.estimate(micro_batch=1, **shape).describe()}; shrink the model, or ask for GPUs with more memory"
         )
-    return est
+    return memory.estimate(micro_batch=micro, **shape)
 
 
 def _resources(spec: PipelineSpec) -> k8s.V1ResourceRequirements:

@@ -71,7 +71,7 @@ def _generate_batch(model, prompts, uncond, patches, guidance, max_new, allowed,
     mask[allowed[0] : allowed[1]] = 0.0
     for t in extra_allowed:
         mask[t] = 0.0
-    cache = KVCache(model.cfg, len(seq), device)
+    cache = KVCache(model.cfg, len(seq), device, dtype=next(model.parameters()).dtype)  # static, the model's dtype
     emitted = torch.empty((n, max_new), dtype=torch.long, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
     step_in = seq

@@ -45,20 +45,21 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: "KVCache | None" = None,
-                layer: int = 0, docs: "torch.Tensor | None" = None, spans: "torch.Tensor | None" = None) -> torch.Tensor:
+                layer: int = 0, mask=None) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.cfg.heads, self.cfg.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = self.q_norm(q), self.k_norm(k)
+        if self.cfg.qk_norm:  # in fp32, the norm's own dtype (under autocast q and k come out of a bf16 matmul)
+            q, k = self.q_norm(q.float()), self.k_norm(k.float())
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         drop = self.cfg.dropout if self.training else 0.0
         past = 0
         if cache is not None:
             past = cache.length
             k, v = cache.update(layer, k, v)
-        if docs is not None or spans is not None:  # packed rows, images seen whole
+        if mask is not None:  # packed rows, images seen whole (`block_mask`)
             if past:
                 raise ValueError("document and image-span masks apply to a whole sequence, not after a cached prefix")
-            y = masked_attention(q, k, v, docs, spans, drop)
+            y = masked_attention(q, k, v, mask, drop)
         elif past == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
         elif t == 1:  # one new token attends to everything cached
@@ -98,21 +99,39 @@ def attention_mask(t: int, device, docs: torch.Tensor | None = None, spans: torc
     return allowed[:, None]
 
 
-def masked_attention(q, k, v, docs: torch.Tensor | None, spans: torch.Tensor | None, dropout: float) -> torch.Tensor:
-    """Attention over packed rows and/or with images seen whole. On CUDA, FlexAttention with a
-    block mask (whole blocks of other documents are skipped); elsewhere SDPA with the dense mask."""
-    docs_ = docs if docs is not None else torch.zeros(q.shape[0], q.shape[2], dtype=torch.long, device=q.device)
-    spans_ = spans if spans is not None else torch.zeros_like(docs_)
-    if q.is_cuda and dropout == 0.0:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+def block_mask(t: int, device, docs: torch.Tensor | None, spans: torch.Tensor | None, flex: bool):
+    """The mask of packed rows and/or images seen whole, built once per batch for every layer:
+    FlexAttention's block mask (`flex`: CUDA; whole blocks of other documents are skipped), or
+    the dense (B, 1, T, T) boolean mask for SDPA elsewhere."""
+    if not flex:
+        return attention_mask(t, device, docs, spans)
+    from torch.nn.attention.flex_attention import create_block_mask
 
-        def allowed(b, h, qi, ki):
-            same_image = (spans_[b, qi] == spans_[b, ki]) & (spans_[b, qi] > 0)
-            return ((qi >= ki) | same_image) & (docs_[b, qi] == docs_[b, ki])
+    ref = docs if docs is not None else spans
+    docs_ = docs if docs is not None else torch.zeros_like(ref)
+    spans_ = spans if spans is not None else torch.zeros_like(ref)
 
-        block = create_block_mask(allowed, docs_.shape[0], None, q.shape[2], k.shape[2], device=q.device)
-        return flex_attention(q, k, v, block_mask=block)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(q.shape[2], q.device, docs, spans), dropout_p=dropout)
+    def allowed(b, h, qi, ki):
+        same_image = (spans_[b, qi] == spans_[b, ki]) & (spans_[b, qi] > 0)
+        return ((qi >= ki) | same_image) & (docs_[b, qi] == docs_[b, ki])
+
+    return create_block_mask(allowed, ref.shape[0], None, t, t, device=device)
+
+
+_flex = None
+
+
+def masked_attention(q, k, v, mask, dropout: float) -> torch.Tensor:
+    """Attention under `block_mask`'s mask: FlexAttention, compiled (eager FlexAttention is a
+    slow reference), for a block mask; SDPA for a dense one."""
+    if isinstance(mask, torch.Tensor):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    global _flex
+    if _flex is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _flex = torch.compile(flex_attention, dynamic=False)
+    return _flex(q, k, v, block_mask=mask)
 
 
 class KVCache:
@@ -161,8 +180,8 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
-                layer: int = 0, docs: torch.Tensor | None = None, spans: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, cache, layer, docs, spans))
+                layer: int = 0, mask=None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, cache, layer, mask))
         return x + self.drop(self.ffn(self.ffn_norm(x)))
 
 
@@ -191,8 +210,10 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, patches: torch.Tensor | None = None,
                 docs: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                spans: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (B, T) → logits (B, T, vocab). With a cache, `tokens` continue the cached
+                spans: torch.Tensor | None = None, head=None):
+        """tokens (B, T) → logits (B, T, vocab); or, with `head`, whatever `head(states, weight)`
+        makes of the final normed states (B, T, dim) and the output layer's weight (V, dim) —
+        training's fused loss (nmm.train.loss.head_loss), which never holds the logits. With a cache, `tokens` continue the cached
         prefix (positions start at cache.length) and their keys and values are appended.
         Mid/late fusion: `patches` (B, tokens_per_image, patch_dim) are the pixels of each row's
         image, whose positions hold image ids in the token sequence.
@@ -202,7 +223,8 @@ class Transformer(nn.Module):
         image_attention is bidirectional."""
         if self.cfg.image_attention != "bidirectional":
             spans = None
-        return self.head(self.norm(self.hidden(self.embed_inputs(tokens, patches), cache, docs, positions, spans)))
+        states = self.norm(self.hidden(self.embed_inputs(tokens, patches), cache, docs, positions, spans))
+        return self.head(states) if head is None else head(states, self.head.weight)
 
     def embed_inputs(self, tokens: torch.Tensor, patches: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embed(tokens)
@@ -228,8 +250,12 @@ class Transformer(nn.Module):
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         else:
             cos, sin = self.rope_cos[start : start + t], self.rope_sin[start : start + t]
+        mask = None
+        if docs is not None or spans is not None:
+            flex = x.is_cuda and not (self.training and self.cfg.dropout > 0)
+            mask = block_mask(t, x.device, docs, spans, flex)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache, i, docs, spans)
+            x = block(x, cos, sin, cache, i, mask)
         if cache is not None:
             cache.advance()
         return x

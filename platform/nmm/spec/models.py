@@ -219,16 +219,19 @@ class Parallelism(Model):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         default="auto", description="auto: bf16 autocast on GPUs, fp32 on CPUs."
     )
-    compile: bool = Field(default=False, description="torch.compile each transformer block.")
+    compile: Literal["auto"] | bool = Field(
+        default="auto", description="torch.compile each transformer block; auto: on GPUs, not on CPUs."
+    )
     fsdp: bool = Field(
         default=False,
         description="Shard parameters, gradients and optimizer state across ranks (FSDP2) "
         "instead of replicating them (DDP): for models that do not fit one device.",
     )
-    pack: bool = Field(
-        default=False,
+    pack: Literal["auto"] | bool = Field(
+        default="auto",
         description="Pack each batch's sequences end to end with document masks (FlexAttention "
-        "on GPUs) instead of padding them: pretrain and sft phases of early-fusion models.",
+        "on GPUs) instead of padding them: pretrain and sft phases of early-fusion models. "
+        "auto: on GPUs for early fusion, not on CPUs.",
     )
 
 
@@ -470,7 +473,7 @@ class PipelineBody(Model):
                 f"({', '.join(PROBE_SUITES)}) and evaluation.suites has none; give casesUri, or "
                 "qualityProbe: null to judge canaries on SLOs alone"
             )
-        if self.training.parallelism.pack and self.model.fusion != "early":
+        if self.training.parallelism.pack is True and self.model.fusion != "early":
             raise ValueError(
                 f"training.parallelism.pack: packing needs fusion early (mid/late fusion rows each "
                 f"carry one image's pixels); model.fusion is {self.model.fusion!r}"

@@ -111,12 +111,17 @@ def pack_batch(x: torch.Tensor, m: torch.Tensor, length: int,
 
 @dataclass
 class Batch:
-    """One rank's share of a step's batch, on its device."""
+    """One rank's share of a step's batch: made on the host (so trimming and packing read the
+    host's copy, never the device's), then moved with `to`."""
 
     x: torch.Tensor  # tokens
     m: torch.Tensor  # loss mask (the data's: answers only)
     patches: torch.Tensor | None  # mid/late fusion: each row's image patches
     given: torch.Tensor  # rows whose image is an input (M2T), not a target (M2G)
+
+    def to(self, device) -> "Batch":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Batch(move(self.x), move(self.m), move(self.patches), move(self.given))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,13 +155,12 @@ class Batches:
         self.row_image = torch.from_numpy(data.row_image.astype(np.int64)) if reads_pixels else None
 
     def batch(self, phase, seed: int, step: int, info: DistInfo) -> Batch:
+        """This rank's share of the batch at `step`, on the host."""
         rows = batch_indices(self.pools[phase.name], phase, seed, step, self.probs.get(phase.name))
         x = self.tokens[rows]
         if phase.caption_dropout > 0 and self.text_range is not None:
             x = blank_captions(x, self.is_m2g[rows], phase.caption_dropout, self.text_range, seed, step)
         mine = rows[info.rank :: info.world_size]
-        x = x[info.rank :: info.world_size].to(info.device)
-        m = self.mask[mine].to(info.device)
-        x, m = trim(x, m)
-        p = self.patches[self.row_image[mine]].to(info.device) if self.patches is not None else None
-        return Batch(x, m, p, ~self.is_m2g[mine].to(info.device))
+        x, m = trim(x[info.rank :: info.world_size], self.mask[mine])
+        p = self.patches[self.row_image[mine]] if self.patches is not None else None
+        return Batch(x, m, p, ~self.is_m2g[mine])

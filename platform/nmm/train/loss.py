@@ -1,14 +1,25 @@
 """Training objectives over the shared vocabulary, reported per modality.
 
-- `next_token_loss`: cross-entropy on the weighted targets, plus z-loss.
+- `fused_next_token_loss`: what training uses. The output layer, cross-entropy on the weighted
+  targets and z-loss in one pass over chunks of CHUNK_TOKENS rows (Liger's fused linear +
+  cross-entropy): each chunk's logits are made in the compute dtype, upcast to fp32, turned into
+  the loss and its gradients at once, and dropped. Neither (B, T, V) logits nor their fp32 copy
+  ever exist; backward only scales the gradients kept from forward. `head_loss` wraps it for
+  `Transformer.forward(head=…)`, so the output layer's weight is read inside the model's
+  forward (where DDP and FSDP expect it).
+- `next_token_loss`: the same objective from logits the caller already holds (evaluation, tests).
 - `reverse_kl_loss`: on-policy distillation; KL(student ‖ teacher) at every position that
   predicts a token the student sampled.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
+
+CHUNK_TOKENS = 2048  # rows of logits made, upcast to fp32 and differentiated at once
 
 
 def _modality(targets: torch.Tensor, mask: torch.Tensor, image_range: tuple[int, int]):
@@ -16,43 +27,58 @@ def _modality(targets: torch.Tensor, mask: torch.Tensor, image_range: tuple[int,
     return (mask > 0).float() - is_image, is_image
 
 
-def _parts(per_token: torch.Tensor, norms: torch.Tensor, mask: torch.Tensor, is_text, is_image) -> dict[str, torch.Tensor]:
-    """Detached summaries: mean of `per_token` overall and per modality, mean logit norm per
-    modality (Chameleon's divergence signal) and target counts per modality."""
+def _parts(per_token: torch.Tensor, norms: torch.Tensor | None, mask: torch.Tensor, is_text, is_image) -> dict[str, torch.Tensor]:
+    """Detached summaries, on the device: mean of `per_token` overall and per modality, mean
+    logit norm per modality (Chameleon's divergence signal; when `norms` were computed) and
+    target counts per modality."""
     on = (mask > 0).float()
     mean = lambda v, w: ((v.detach() * w).sum() / w.sum().clamp(min=1.0)).detach()  # noqa: E731
-    return {
+    out = {
         "ce": mean(per_token, on),
         "ce_text": mean(per_token, is_text),
         "ce_image": mean(per_token, is_image),
-        "logit_norm_text": mean(norms, is_text),
-        "logit_norm_image": mean(norms, is_image),
         "tokens_text": is_text.sum().detach(),
         "tokens_image": is_image.sum().detach(),
     }
+    if norms is not None:
+        out["logit_norm_text"] = mean(norms, is_text)
+        out["logit_norm_image"] = mean(norms, is_image)
+    return out
 
 
-CHUNK_TOKENS = 2048  # rows of logits upcast to fp32 at once
+def _targets(tokens: torch.Tensor, loss_mask: torch.Tensor, image_range, weights, total: torch.Tensor | None = None):
+    """(targets, mask, is_text, is_image, per-target weight / total weight) for positions 0…T-2;
+    `total` defaults to these targets' own weight."""
+    targets = tokens[:, 1:].long()
+    mask = loss_mask[:, 1:].float()
+    is_text, is_image = _modality(targets, mask, image_range)
+    w = weights[0] * is_text + weights[1] * is_image
+    return targets, mask, is_text, is_image, w / (w.sum() if total is None else total).clamp(min=1e-9)
 
 
-def _per_token(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(cross-entropy, log Z, detached logit norm) per row of (N, V) logits, in fp32."""
-    lf = logits.float()
-    logz = torch.logsumexp(lf, dim=-1)
-    ce = logz - lf.gather(-1, targets[:, None]).squeeze(-1)
-    return ce, logz, lf.detach().norm(dim=-1)
+def target_weight(tokens: torch.Tensor, loss_mask: torch.Tensor, image_range: tuple[int, int],
+                  weights: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
+    """The summed weight of a batch's targets: the `total` that makes the losses of its
+    micro-batches add up to the loss of the whole batch."""
+    is_text, is_image = _modality(tokens[:, 1:].long(), loss_mask[:, 1:].float(), image_range)
+    return (weights[0] * is_text + weights[1] * is_image).sum()
 
 
-def _chunked(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`_per_token` over chunks of CHUNK_TOKENS rows, each recomputed in backward (activation
-    checkpointing): the fp32 copy of the logits exists one chunk at a time, never as (B, T, V)."""
-    if logits.shape[0] <= CHUNK_TOKENS or not torch.is_grad_enabled():
-        return _per_token(logits, targets)
-    from torch.utils.checkpoint import checkpoint
-
-    outs = [checkpoint(_per_token, logits[i : i + CHUNK_TOKENS], targets[i : i + CHUNK_TOKENS], use_reentrant=False)
-            for i in range(0, logits.shape[0], CHUNK_TOKENS)]
-    return tuple(torch.cat(parts) for parts in zip(*outs))
+def merge_parts(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The parts of a whole batch from its micro-batches' (each a mean over its own targets):
+    means weighted by target counts, counts summed, z summed (each micro-batch's z is already a
+    share of the batch's)."""
+    if len(parts) == 1:
+        return parts[0]
+    text = torch.stack([p["tokens_text"] for p in parts])
+    image = torch.stack([p["tokens_image"] for p in parts])
+    weighted = lambda k, n: (torch.stack([p[k] for p in parts]) * n).sum() / n.sum().clamp(min=1.0)  # noqa: E731
+    out = {"ce": weighted("ce", text + image), "ce_text": weighted("ce_text", text), "ce_image": weighted("ce_image", image),
+           "tokens_text": text.sum(), "tokens_image": image.sum(), "z": torch.stack([p["z"] for p in parts]).sum()}
+    if "logit_norm_text" in parts[0]:
+        out["logit_norm_text"] = weighted("logit_norm_text", text)
+        out["logit_norm_image"] = weighted("logit_norm_image", image)
+    return out
 
 
 def next_token_loss(
@@ -68,22 +94,103 @@ def next_token_loss(
     `weights` = (text, image): per-modality loss weights on the targets. z-loss (PaLM/Chameleon)
     penalises log(Z)^2 to keep the softmax normaliser near 1. Returns the scalar to minimise and
     detached parts: ce (unweighted), z, ce on text and on image targets, mean logit norm per
-    modality and target token counts per modality. Cross-entropy, log Z and the logit norm come
-    from one fp32 pass per chunk of rows (`_chunked`), in the logits' own dtype until then.
-    """
-    b, t, v = logits.shape
-    targets = tokens[:, 1:].long()
-    mask = loss_mask[:, 1:].float()
-    # Every position, so the logits are a view and not a copy; the last one predicts nothing.
-    padded = torch.cat([targets, torch.zeros_like(targets[:, :1])], dim=1)
-    ce, logz, norms = (x.view(b, t)[:, :-1] for x in _chunked(logits.reshape(-1, v), padded.reshape(-1)))
-    is_text, is_image = _modality(targets, mask, image_range)
-    w = weights[0] * is_text + weights[1] * is_image
-    wsum = w.sum().clamp(min=1e-9)
-    z_mean = (logz.pow(2) * w).sum() / wsum
-    parts = _parts(ce, norms, mask, is_text, is_image)
+    modality and target token counts per modality. In fp32 over all the logits: for logits
+    already held; training uses `fused_next_token_loss`."""
+    targets, mask, is_text, is_image, scale = _targets(tokens, loss_mask, image_range, weights)
+    lf = logits[:, :-1].float()
+    logz = torch.logsumexp(lf, dim=-1)
+    ce = logz - lf.gather(-1, targets[..., None]).squeeze(-1)
+    z_mean = (logz.pow(2) * scale).sum()
+    parts = _parts(ce, lf.detach().norm(dim=-1), mask, is_text, is_image)
     parts["z"] = z_mean.detach()
-    return (ce * w).sum() / wsum + z_loss * z_mean, parts
+    return (ce * scale).sum() + z_loss * z_mean, parts
+
+
+def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    device = weight.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """loss = Σ scale·(log Z − logit[target]) + z_loss · Σ scale·(log Z)², logits = hidden @ Wᵀ.
+
+    Forward walks the rows chunk by chunk and computes, with the chunk's logits still at hand,
+    d loss / d logits = scale · (softmax · (1 + 2·z_loss·log Z) − onehot), then the gradients of
+    the hidden states and of W from it. Also returns per row: cross-entropy, log Z and (when
+    asked) the logit norm, detached."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, scale, z_loss: float, norms: bool):
+        dtype = _compute_dtype(weight)
+        grads = hidden.requires_grad or weight.requires_grad
+        n = hidden.shape[0]
+        ce = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        logz = torch.empty_like(ce)
+        norm = torch.empty_like(ce) if norms else None
+        grad_h = torch.empty_like(hidden) if grads else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grads else None
+        w = weight.to(dtype)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for i in range(0, n, CHUNK_TOKENS):
+                h, t, s = hidden[i : i + CHUNK_TOKENS].to(dtype), targets[i : i + CHUNK_TOKENS], scale[i : i + CHUNK_TOKENS]
+                lf = (h @ w.t()).float()
+                lz = torch.logsumexp(lf, dim=-1)
+                ce[i : i + len(t)] = lz - lf.gather(-1, t[:, None]).squeeze(-1)
+                logz[i : i + len(t)] = lz
+                if norm is not None:
+                    norm[i : i + len(t)] = lf.norm(dim=-1)
+                if grads:
+                    g = torch.exp(lf - lz[:, None]).mul_((s * (1 + 2 * z_loss * lz))[:, None])
+                    g.scatter_add_(1, t[:, None], -s[:, None])
+                    g = g.to(dtype)
+                    grad_h[i : i + len(t)] = g @ w
+                    grad_w += (g.t() @ h).float()
+        loss = (ce * scale).sum() + z_loss * (logz.pow(2) * scale).sum()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        ctx.mark_non_differentiable(ce, logz, *([norm] if norm is not None else []))
+        return loss, ce, logz, norm
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss.to(grad_h.dtype), (grad_w * grad_loss).to(ctx.weight_dtype), None, None, None, None
+
+
+def fused_next_token_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    tokens: torch.Tensor,
+    loss_mask: torch.Tensor,
+    image_range: tuple[int, int],
+    z_loss: float,
+    weights: tuple[float, float] = (1.0, 1.0),
+    *,
+    norms: bool = True,
+    total: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`next_token_loss` of the logits `hidden @ weight.T` (hidden (B, T, D): the final normed
+    states; weight (V, D): the output layer), without ever holding them: see
+    `_LinearCrossEntropy`. `norms=False` skips the logit norms (a full-vocabulary reduction
+    the trainer needs only at logging steps). `total`: see `target_weight`."""
+    b, t, d = hidden.shape
+    targets, mask, is_text, is_image, scale = _targets(tokens, loss_mask, image_range, weights, total)
+    # Every position, so the hidden states are a view and not a copy; the last one weighs 0.
+    pad = lambda v: torch.cat([v, torch.zeros_like(v[:, :1])], dim=1).reshape(-1)  # noqa: E731
+    loss, ce, logz, norm = _LinearCrossEntropy.apply(hidden.reshape(-1, d), weight, pad(targets), pad(scale), z_loss, norms)
+    per_row = lambda v: None if v is None else v.view(b, t)[:, :-1]  # noqa: E731
+    parts = _parts(per_row(ce), per_row(norm), mask, is_text, is_image)
+    parts["z"] = (per_row(logz).pow(2) * scale).sum().detach()
+    return loss, parts
+
+
+def head_loss(tokens: torch.Tensor, loss_mask: torch.Tensor, image_range: tuple[int, int], z_loss: float,
+              weights: tuple[float, float] = (1.0, 1.0), *, norms: bool = True,
+              total: torch.Tensor | None = None) -> Callable:
+    """The `head` a model's forward applies in place of its output layer: (hidden, weight) →
+    (loss, parts) of `fused_next_token_loss`."""
+    return lambda hidden, weight: fused_next_token_loss(hidden, weight, tokens, loss_mask, image_range, z_loss, weights,
+                                                        norms=norms, total=total)
 
 
 def reverse_kl_loss(

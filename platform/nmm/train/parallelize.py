@@ -1,6 +1,7 @@
 """The GPU path, torchtitan style: bf16 autocast, `torch.compile` per transformer block, FSDP2
-(`fully_shard`) for configs too big to replicate, and MFU. Every piece is optional; on CPU the
-defaults are fp32, eager, DDP (or a single process).
+(`fully_shard`) for configs too big to replicate, micro-batches from the memory estimate, and
+MFU. Every piece is optional; the defaults ("auto") are bf16, compiled and packed on CUDA, and
+fp32, eager, padded elsewhere.
 
 MFU counts FLOPs the torchtitan way: 6·N + 12·L·H·Q·T per token (N parameters without the
 embedding table, L layers, H heads, Q head dim, T sequence length), against the device's dense
@@ -10,12 +11,17 @@ bf16 peak (H100: 989 TFLOP/s).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import logging
 from dataclasses import dataclass
 
 import torch
 
+from nmm.gpu import memory
 from nmm.model import ModelConfig
+
+logger = logging.getLogger(__name__)
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
 
@@ -23,9 +29,15 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e1
 @dataclass(frozen=True, kw_only=True)
 class Parallelism:
     precision: str = "auto"  # auto: bf16 on CUDA, fp32 elsewhere; or "bf16" / "fp32"
-    compile: bool = False
+    compile: bool | str = "auto"  # auto: on CUDA
     fsdp: bool = False
-    pack: bool = False  # pack each batch's rows end to end with document masks (early fusion)
+    pack: bool | str = "auto"  # pack each batch's rows end to end with document masks; auto: on CUDA, early fusion
+
+    def resolved(self, device: torch.device, fusion: str) -> "Parallelism":
+        """The same with every "auto" decided for `device` and the model's fusion."""
+        cuda = device.type == "cuda"
+        return dataclasses.replace(self, compile=cuda if self.compile == "auto" else bool(self.compile),
+                                   pack=(cuda and fusion == "early") if self.pack == "auto" else bool(self.pack))
 
     def dtype(self, device: torch.device) -> torch.dtype | None:
         """The autocast dtype, or None for full fp32."""
@@ -59,6 +71,46 @@ def apply(model: torch.nn.Module, p: Parallelism, world_size: int) -> torch.nn.M
 
         return DDP(model)
     return model
+
+
+def micro_batch(model: ModelConfig, rows: int, requested: int | None, p: Parallelism, device: torch.device) -> int | None:
+    """Rows per forward on one rank: `requested` when set; on CUDA the most rows (of `rows`)
+    whose memory estimate (nmm.gpu.memory, at the model's full context) fits the device, the
+    rest made up by gradient accumulation; elsewhere None, the whole batch at once."""
+    if requested:
+        return min(requested, rows)
+    if device.type != "cuda":
+        return None
+    gib = torch.cuda.get_device_properties(device).total_memory / memory.GIB
+    shape = dict(dim=model.dim, layers=model.layers, heads=model.heads, vocab=model.vocab_size, seq_len=model.max_seq_len,
+                 ffn_dim=model.ffn_dim, qk_norm=model.qk_norm, precision="bf16" if p.dtype(device) else "fp32")
+    n = memory.largest_micro_batch(rows, gib, **shape)
+    if n is None:
+        logger.warning("one row is estimated not to fit this %.0f GiB GPU (%s); trying one row per forward", gib,
+                       memory.estimate(micro_batch=1, **shape).describe())
+        return 1
+    if n < rows:
+        logger.info("%d rows per rank do not fit at once: %d micro-batches of up to %d rows", rows, -(-rows // n), n)
+    return n
+
+
+@contextlib.contextmanager
+def gradient_sync(module: torch.nn.Module, sync: bool):
+    """Backward inside this block synchronises gradients across ranks only when `sync` (the
+    last micro-batch): DDP's `no_sync`, FSDP2's `set_requires_gradient_sync`."""
+    if sync:
+        yield
+    elif hasattr(module, "no_sync"):
+        with module.no_sync():
+            yield
+    elif hasattr(module, "set_requires_gradient_sync"):
+        module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            module.set_requires_gradient_sync(True)
+    else:
+        yield
 
 
 def sharded(p: Parallelism, world_size: int) -> bool:

@@ -15,6 +15,7 @@ theirs causally), and the targets inside such an image leave every recipe's loss
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -24,7 +25,7 @@ from nmm.model.generate import generate
 from nmm.model.transformer import image_spans
 from nmm.tokenizers.vocab import EOI, EOS, PAD
 from nmm.train.batches import Batch, pack_batch
-from nmm.train.loss import next_token_loss, reverse_kl_loss
+from nmm.train.loss import head_loss, reverse_kl_loss
 
 
 def pretrain_mask(x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
@@ -89,21 +90,50 @@ def student_samples(model, x: torch.Tensor, m: torch.Tensor, patches: torch.Tens
     return out.to(x.device), mask.to(x.device)
 
 
-def next_token_step(recipe: str, b: Batch, ddp, cfg, image_range, amp: Callable) -> tuple[torch.Tensor, dict, torch.Tensor]:
-    """pretrain / sft: (loss, its parts, the tokens the model saw)."""
+@dataclass
+class Laid:
+    """A pretrain/sft batch the way the model reads it: tokens, targets (the recipe's mask, the
+    seen image codes hidden), pixels, and the packing and image-span masks (`extra`)."""
+
+    x: torch.Tensor
+    m: torch.Tensor
+    patches: torch.Tensor | None
+    extra: dict
+
+    def to(self, device) -> "Laid":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Laid(move(self.x), move(self.m), move(self.patches), {k: move(v) for k, v in self.extra.items()})
+
+    def split(self, rows: int) -> list["Laid"]:
+        """Micro-batches of `rows` rows each (the last may be smaller)."""
+        cut = lambda t, i: None if t is None else t[i : i + rows]  # noqa: E731
+        return [Laid(self.x[i : i + rows], self.m[i : i + rows], cut(self.patches, i), {k: cut(v, i) for k, v in self.extra.items()})
+                for i in range(0, len(self.x), rows)]
+
+
+def lay_out(recipe: str, b: Batch, cfg) -> Laid:
+    """pretrain / sft: the batch's targets and masks, packed when the run packs. On the host
+    (packing reads row lengths): the step itself then never waits on the device."""
     x, m = b.x, b.m
     if recipe == "pretrain":
         m = pretrain_mask(x, cfg.model)
     spans = input_image_spans(x, cfg.model, b.given)
     if spans is not None:
         m = hide_seen_targets(m, spans)
-    packed = {"spans": spans}
+    extra = {"spans": spans}
     if cfg.parallel.pack:
-        x, m, packed = pack_batch(x, m, cfg.model.max_seq_len, spans)
+        x, m, extra = pack_batch(x, m, cfg.model.max_seq_len, spans)
+    return Laid(x, m, b.patches, extra)
+
+
+def next_token_step(laid: Laid, ddp, cfg, image_range, amp: Callable, *, norms: bool = True,
+                    total: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """pretrain / sft: (loss, its parts) of a laid-out batch (or micro-batch: `total`, the whole
+    batch's target weight, makes the micro-batches' losses add up to the batch's). The loss is
+    fused with the output layer (nmm.train.loss.head_loss); `norms`: the logit norms too."""
+    head = head_loss(laid.x, laid.m, image_range, cfg.z_loss, cfg.loss_weights, norms=norms, total=total)
     with amp():
-        loss, parts = next_token_loss(ddp(x, patches=b.patches, **packed), x, m, image_range, cfg.z_loss,
-                                      cfg.loss_weights)
-    return loss, parts, x
+        return ddp(laid.x, patches=laid.patches, head=head, **laid.extra)
 
 
 def distillation_step(phase, b: Batch, model, ddp, teacher, cfg, image_range, text_range,

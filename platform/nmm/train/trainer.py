@@ -14,6 +14,7 @@ derives `TrainConfig` from the spec.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import time
@@ -27,6 +28,7 @@ from nmm.model import ModelConfig
 from nmm.train import checkpoint, encoder, parallelize, recipes, schedule
 from nmm.train.batches import SEED_STRIDE, Batch, Batches, TrainData
 from nmm.train.distributed import DistInfo, all_reduce_mean, any_rank, barrier
+from nmm.train.loss import merge_parts, target_weight
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +67,7 @@ class TrainConfig:
     log_every: int = 20
     encoder_steps: int = 300  # late fusion: masked-patch pretraining of the image encoder
     loss_weights: tuple[float, float] = (1.0, 1.0)  # (text, image) targets
+    micro_batch: int | None = None  # rows per forward on each rank; None: from the memory estimate (parallelize.micro_batch)
     parallel: parallelize.Parallelism = field(default_factory=parallelize.Parallelism)
 
     @property
@@ -104,7 +107,8 @@ def _optimizer(model: torch.nn.Module, phase: PhaseConfig) -> torch.optim.Optimi
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": phase.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return schedule.prepare(torch.optim.AdamW(groups, lr=phase.lr, betas=ADAM_BETAS, eps=ADAM_EPS))
+    # fused: one kernel per step and no host read of the step counter (the for-each path calls .item())
+    return schedule.prepare(torch.optim.AdamW(groups, lr=phase.lr, betas=ADAM_BETAS, eps=ADAM_EPS, fused=True))
 
 
 @dataclass
@@ -125,9 +129,14 @@ class _Run:
     teachers: dict = field(default_factory=dict)  # phase name → its final weights, for a later opd phase
     stop: bool = False  # SIGTERM arrived
     t0: float = field(default_factory=time.perf_counter)
-    tokens_seen: float = 0.0
+    counts: torch.Tensor | None = None  # target tokens (text, image) trained on, all ranks: on the device, read when logging
     processed: int = 0
+    micro: int | None = None  # rows per forward in this phase (None: the whole batch)
     summary: dict = field(default_factory=lambda: {"tokens_text": 0.0, "tokens_image": 0.0})
+
+    def tokens(self) -> tuple[float, float]:
+        """(text, image) target tokens so far: one read of the device."""
+        return (0.0, 0.0) if self.counts is None else tuple(self.counts.tolist())
 
     def amp(self):
         return parallelize.autocast(self.cfg.parallel, self.info.device)
@@ -143,6 +152,7 @@ def train(cfg: TrainConfig, data: TrainData, info: DistInfo, checkpoint_root: st
     `on_checkpoint(step, weights)` runs there after each interval checkpoint (the train stage
     keeps weight snapshots for the see-saw evaluation)."""
     _check(cfg, data)
+    cfg = dataclasses.replace(cfg, parallel=cfg.parallel.resolved(info.device, cfg.model.fusion))
     torch.manual_seed(cfg.seed)
     model = cfg.model.build().to(info.device)
     run = _Run(cfg, info, model, model, data, Batches(data, cfg.phases, cfg.model.reads_pixels), checkpoint_root, log,
@@ -164,6 +174,7 @@ def train(cfg: TrainConfig, data: TrainData, info: DistInfo, checkpoint_root: st
     finally:
         signal.signal(signal.SIGTERM, previous)
     run.summary["steps"] = cfg.total_steps
+    run.summary["tokens_text"], run.summary["tokens_image"] = run.tokens()
     return _unsharded(run), run.summary
 
 
@@ -200,43 +211,67 @@ def _train_phase(run: _Run, phase: PhaseConfig, first: int, end: int) -> None:
                 f", teacher: phase {phase.teacher}" if teacher is not None else "")
     begin = max(run.start, first)
     lr = schedule.scheduler(opt, phase, begin - first)
+    run.micro = parallelize.micro_batch(cfg.model, phase.batch_size // info.world_size, cfg.micro_batch, cfg.parallel,
+                                        info.device)
     run.ddp.train()
     for s in range(begin, end):
         torch.manual_seed(step_seed(cfg.seed, s, info.rank))
         rate = opt.param_groups[0]["lr"]
-        batch = run.batches.batch(phase, cfg.seed, s, info)
-        x, parts, grad_norm = train_step(run, phase, batch, opt, teacher)
-        lr.step()
         done = s + 1
+        logs = done % cfg.log_every == 0 or done == cfg.total_steps
+        batch = run.batches.batch(phase, cfg.seed, s, info)
+        seq_len, parts, grad_norm = train_step(run, phase, batch, opt, teacher, norms=logs)
+        lr.step()
         if done == end and phase.name in cfg.teachers:
             run.teachers[phase.name] = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
-        if done % cfg.log_every == 0 or done == cfg.total_steps:
-            _log_metrics(run, parts, rate, grad_norm, x.shape[1], done)
+        if logs:
+            _log_metrics(run, parts, rate, grad_norm, seq_len, done)
         _checkpoint_policy(run, opt, done)
 
 
-def train_step(run: _Run, phase: PhaseConfig, batch: Batch, opt, teacher) -> tuple[torch.Tensor, dict, torch.Tensor]:
-    """Forward, backward and optimizer step of one batch: (tokens seen, loss parts, grad norm)."""
-    if teacher is not None:
-        loss, parts, x = recipes.distillation_step(phase, batch, run.model, run.ddp, teacher, run.cfg, run.data.image_range,
-                                                   run.data.text_range, run.amp)
-    else:
-        loss, parts, x = recipes.next_token_step(phase.recipe, batch, run.ddp, run.cfg, run.data.image_range, run.amp)
+def train_step(run: _Run, phase: PhaseConfig, batch: Batch, opt, teacher, *,
+               norms: bool = True) -> tuple[int, dict, torch.Tensor]:
+    """Forward, backward and optimizer step of one (host) batch: (sequence length, loss parts,
+    grad norm). Nothing here reads the device: parts, norm and token counts stay tensors until a
+    logging step reads them (on-policy distillation excepted: its sampling is the host's).
+    `norms`: also the logit norms (logging steps)."""
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    if teacher is not None:
+        loss, parts, x = recipes.distillation_step(phase, batch.to(run.info.device), run.model, run.ddp, teacher, run.cfg,
+                                                   run.data.image_range, run.data.text_range, run.amp)
+        loss.backward()
+    else:
+        laid = recipes.lay_out(phase.recipe, batch, run.cfg).to(run.info.device)
+        parts, x = _accumulate(run, laid, norms), laid.x
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), CLIP_NORM)
     opt.step()
     world = run.info.world_size
-    run.tokens_seen += float(parts["tokens_text"] + parts["tokens_image"]) * world
+    counts = torch.stack([parts["tokens_text"], parts["tokens_image"]]).detach() * world
+    run.counts = counts if run.counts is None else run.counts + counts
     run.processed += x.numel() * world
-    run.summary["tokens_text"] += float(parts["tokens_text"]) * world
-    run.summary["tokens_image"] += float(parts["tokens_image"]) * world
-    return x, parts, grad_norm
+    return x.shape[1], parts, grad_norm
+
+
+def _accumulate(run: _Run, laid: recipes.Laid, norms: bool) -> dict:
+    """Forward and backward of a laid-out batch in micro-batches of `run.micro` rows, gradients
+    accumulated (synchronised across ranks on the last one only); each micro-batch's loss is
+    scaled by the whole batch's target weight, so the gradients are the whole batch's."""
+    chunks = laid.split(run.micro) if run.micro and run.micro < len(laid.x) else [laid]
+    total = target_weight(laid.x, laid.m, run.data.image_range, run.cfg.loss_weights) if len(chunks) > 1 else None
+    parts = []
+    for i, chunk in enumerate(chunks):
+        with parallelize.gradient_sync(run.ddp, i == len(chunks) - 1):
+            loss, p = recipes.next_token_step(chunk, run.ddp, run.cfg, run.data.image_range, run.amp, norms=norms, total=total)
+            loss.backward()
+        parts.append(p)
+    return merge_parts(parts)
 
 
 def _log_metrics(run: _Run, parts: dict, lr: float, grad_norm: torch.Tensor, seq_len: int, step: int) -> None:
     """Loss parts averaged over ranks, rates and token counts; the main rank hands them to `log`."""
     vals = {k: float(all_reduce_mean(v, run.info)) for k, v in parts.items() if not k.startswith("tokens")}
+    text, image = run.tokens()
+    run.summary.update(tokens_text=text, tokens_image=image)
     elapsed = max(time.perf_counter() - run.t0, 1e-9)
     metrics = {
         "train/loss": vals["ce"],
@@ -247,7 +282,7 @@ def _log_metrics(run: _Run, parts: dict, lr: float, grad_norm: torch.Tensor, seq
         "train/logit_norm_image": vals["logit_norm_image"],
         "train/lr": lr,
         "train/grad_norm": float(grad_norm),
-        "train/tokens_per_s": run.tokens_seen / elapsed,
+        "train/tokens_per_s": (text + image) / elapsed,
         "train/tokens_text_total": run.summary["tokens_text"],
         "train/tokens_image_total": run.summary["tokens_image"],
     }
