@@ -121,3 +121,33 @@ def test_the_compiled_model_gives_the_eager_logits_and_gradients():
     assert torch.allclose(losses[0], losses[1], atol=1e-5)
     for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-5), name
+
+
+def _uncached(model, prompts, new, allowed):
+    """The full forward over everything so far for each new token: the reference decode."""
+    seq = torch.tensor(prompts)
+    for _ in range(new):
+        logits = model(seq)[:, -1, allowed[0]:allowed[1]]
+        seq = torch.cat([seq, allowed[0] + logits.argmax(-1, keepdim=True)], dim=1)
+    return seq[:, len(prompts[0]):].tolist()
+
+
+def test_the_static_decode_step_gives_the_full_forwards_tokens():
+    torch.manual_seed(0)
+    model = tiny(max_seq_len=40, qk_norm=True).build().eval()
+    prompts = [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10], [11, 12, 13, 14, 15]]
+    got = generate(model, prompts, 30, (5, 30), compiled=False)
+    assert got == _uncached(model, prompts, 30, (5, 30))
+
+
+@pytest.mark.slow
+def test_the_compiled_decode_step_gives_the_eager_tokens():
+    """`generate(compiled=True)`: the decode step through torch.compile (on a GPU with CUDA
+    graphs), here on the CPU: the same tokens as eager, guidance batched in."""
+    torch.manual_seed(0)
+    model = tiny(max_seq_len=40).build().eval()
+    prompts = [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]
+    uncond = [[1, 0, 0, 0, 5], [6, 0, 0, 0, 10]]
+    eager = generate(model, prompts, 20, (5, 30), guidance=2.0, uncond=uncond, compiled=False)
+    compiled = generate(model, prompts, 20, (5, 30), guidance=2.0, uncond=uncond, compiled=True)
+    assert compiled == eager and all(len(row) == 20 for row in eager)

@@ -24,6 +24,7 @@ def generate(
     uncond: list[list[int]] | None = None,
     patches=None,
     on_step=None,
+    compiled: bool | None = None,
 ) -> list[list[int]]:
     """Continue each prompt by up to `max_new` tokens drawn from [allowed[0], allowed[1]) plus
     `extra_allowed`; temperature 0 is greedy. Prompts of equal length are batched together, so
@@ -36,7 +37,10 @@ def generate(
     `on_step(indices, tokens)`: after each decoding step, the prompts' indices and the token each
     just got (None once it stopped; the stop token itself is passed) — what streaming reads.
     With bidirectional image attention, the whole images in a prompt are inputs, seen whole at
-    prefill; the image being drawn stays causal."""
+    prefill; the image being drawn stays causal.
+    After the prefill every step is `Transformer.decode` (static KV cache and shapes);
+    `compiled` (default: on CUDA) runs it through torch.compile, as a CUDA graph on a GPU
+    (gpt-fast's recipe). One compilation per batch shape."""
     if uncond is not None and [len(p) for p in uncond] != [len(p) for p in prompts]:
         raise ValueError("each unconditional prompt must have its prompt's length")
     out: list[list[int]] = [[] for _ in prompts]
@@ -49,7 +53,7 @@ def generate(
         pix = None if patches is None else torch.as_tensor(patches[idx], dtype=torch.float32)
         step = None if on_step is None else (lambda toks, idx=idx: on_step(idx, toks))
         res = _generate_batch(model, batch, blank, pix, guidance, max_new, allowed, stop, extra_allowed, temperature, generator,
-                              step)
+                              step, compiled)
         for i, o in zip(idx, res):
             out[i] = o
     return out
@@ -58,8 +62,21 @@ def generate(
 SYNC_EVERY = 16  # without a streaming callback, the host looks at the device's `done` flags this often
 
 
+def decoder(model, compiled: bool | None = None):
+    """`model.decode`, or its compiled form (kept on the model: compiled once, reused).
+    `compiled` None: on CUDA, with CUDA graphs ("reduce-overhead")."""
+    cuda = next(model.parameters()).is_cuda
+    if not (cuda if compiled is None else compiled):
+        return model.decode
+    fn = model.__dict__.get("_nmm_compiled_decode")
+    if fn is None:
+        fn = torch.compile(model.decode, mode="reduce-overhead" if cuda else None, fullgraph=True, dynamic=False)
+        model.__dict__["_nmm_compiled_decode"] = fn
+    return fn
+
+
 def _generate_batch(model, prompts, uncond, patches, guidance, max_new, allowed, stop, extra_allowed, temperature, generator,
-                    on_step=None):
+                    on_step=None, compiled=None):
     """Tokens and `done` flags stay on the device; the host reads them once at the end (and every
     SYNC_EVERY steps, to stop early when every row has stopped), or each step for `on_step`."""
     model.eval()
@@ -82,9 +99,14 @@ def _generate_batch(model, prompts, uncond, patches, guidance, max_new, allowed,
         if uncond is not None:
             patches = torch.cat([patches, patches])
     steps = 0
+    decode = decoder(model, compiled)
+    pos = torch.full((1,), seq.shape[1], dtype=torch.long, device=device)  # the next token's position
     for step in range(max_new):
-        logits = model(step_in, cache, patches, spans=spans)[:, -1, :].float()
-        patches = spans = None  # the image sits in the prompt: only the prefill reads it
+        if step == 0:  # the prefill; the image sits in the prompt: only it reads the pixels
+            logits = model(step_in, cache, patches, spans=spans)[:, -1, :].float()
+        else:
+            logits = decode(step_in, cache, pos).float()
+            pos += 1
         if uncond is not None:
             logits = logits[n:] + guidance * (logits[:n] - logits[n:])
         logits = logits + mask

@@ -44,13 +44,32 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
 
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q, k, v (B, H, T, D) of x: QK-normed in fp32 (the norm's own dtype; under autocast q
+        and k come out of a bf16 matmul) and rotated, then in v's dtype for attention."""
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.cfg.heads, self.cfg.head_dim).permute(2, 0, 3, 1, 4)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q.float()), self.k_norm(k.float())
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q.to(v.dtype), k.to(v.dtype), v
+
+    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: "KVCache", layer: int,
+               pos: torch.Tensor) -> torch.Tensor:
+        """One new token per row (x: (B, 1, dim)) at position `pos` ((1,), on the device): its
+        keys and values are written into the static cache and it attends to the whole cache with
+        the positions after `pos` masked. No shape ever changes, so the step compiles once and a
+        CUDA graph can replay it."""
+        q, k, v = self.project(x, cos, sin)
+        cache.k[layer].index_copy_(2, pos, k)
+        cache.v[layer].index_copy_(2, pos, v)
+        y = F.scaled_dot_product_attention(q, cache.k[layer], cache.v[layer], attn_mask=(cache.positions <= pos).view(1, 1, 1, -1))
+        return self.out(y.transpose(1, 2).reshape(x.shape[0], 1, self.cfg.dim))
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: "KVCache | None" = None,
                 layer: int = 0, mask=None) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.cfg.heads, self.cfg.head_dim).permute(2, 0, 3, 1, 4)
-        if self.cfg.qk_norm:  # in fp32, the norm's own dtype (under autocast q and k come out of a bf16 matmul)
-            q, k = self.q_norm(q.float()), self.k_norm(k.float())
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.project(x, cos, sin)
         drop = self.cfg.dropout if self.training else 0.0
         past = 0
         if cache is not None:
@@ -136,12 +155,15 @@ def masked_attention(q, k, v, mask, dropout: float) -> torch.Tensor:
 
 class KVCache:
     """Keys and values of the tokens seen so far, per layer: (B, H, T, D) each, preallocated to
-    max_seq_len. `length` counts the cached positions; the new tokens sit right after them."""
+    max_seq_len (static: decoding never reallocates). `length` counts the positions a prefill
+    (`forward` with the cache) has written; `Transformer.decode` takes its position as a device
+    tensor instead and leaves `length` alone."""
 
     def __init__(self, cfg: ModelConfig, batch: int, device, dtype=torch.float32):
         shape = (cfg.layers, batch, cfg.heads, cfg.max_seq_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.positions = torch.arange(cfg.max_seq_len, device=device)
         self.length = 0
         self._pending = 0
 
@@ -183,6 +205,11 @@ class Block(nn.Module):
                 layer: int = 0, mask=None) -> torch.Tensor:
         x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, cache, layer, mask))
         return x + self.drop(self.ffn(self.ffn_norm(x)))
+
+    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, layer: int,
+               pos: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn.decode(self.attn_norm(x), cos, sin, cache, layer, pos)
+        return x + self.ffn(self.ffn_norm(x))
 
 
 class Transformer(nn.Module):
@@ -259,6 +286,16 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.advance()
         return x
+
+    def decode(self, tokens: torch.Tensor, cache: KVCache, pos: torch.Tensor) -> torch.Tensor:
+        """One decoding step with static shapes: tokens (B, 1) at position `pos` ((1,) long, on
+        the device; the caller advances it) → logits (B, vocab). Text and image codes only (a
+        mid/late-fusion image is read at prefill). What nmm.model.generate compiles."""
+        x = self.embed(tokens)
+        cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+        for i, block in enumerate(self.blocks):
+            x = block.decode(x, cos, sin, cache, i, pos)
+        return self.head(self.norm(x))[:, -1]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
