@@ -120,12 +120,18 @@ def decoding(device, shape, batch=16, prompt=64, new=256) -> dict:
         model = model.to(torch.bfloat16)
     prompts = torch.randint(0, vocab, (batch, prompt), device=device)
     allowed = (0, vocab)
-    generate(model, prompts[:, :8].tolist(), 4, allowed)  # warm up
-    _, cached_s = gen_bench.timed(lambda: generate(model, prompts.tolist(), new, allowed), device.type)
+    out = {"batch": batch, "prompt": prompt, "new_tokens": new, "dtype": str(next(model.parameters()).dtype)}
+    for step in ("compiled", "eager"):  # generate's decode step: compiled (a CUDA graph on GPUs) or eager
+        compiled = step == "compiled"
+        generate(model, prompts.tolist(), 4, allowed, compiled=compiled)  # warm up (and compile) at this batch shape
+        _, seconds = gen_bench.timed(lambda: generate(model, prompts.tolist(), new, allowed, compiled=compiled), device.type)
+        out[f"cached_{step}_tokens_per_s"] = round(batch * new / seconds, 1)
+        out[f"cached_{step}_ms_per_step"] = round(1000 * seconds / new, 2)
     _, uncached_s = gen_bench.timed(lambda: gen_bench.uncached(model, prompts, new, allowed), device.type)
-    return {"batch": batch, "prompt": prompt, "new_tokens": new, "dtype": str(next(model.parameters()).dtype),
-            "cached_tokens_per_s": round(batch * new / cached_s, 1), "uncached_tokens_per_s": round(batch * new / uncached_s, 1),
-            "cached_ms_per_step": round(1000 * cached_s / new, 2), "cached_over_uncached_ratio": round(uncached_s / cached_s, 2)}
+    out["uncached_tokens_per_s"] = round(batch * new / uncached_s, 1)
+    best = max(out["cached_compiled_tokens_per_s"], out["cached_eager_tokens_per_s"])
+    out["cached_over_uncached_ratio"] = round(best / out["uncached_tokens_per_s"], 2)
+    return out
 
 
 def flex_vs_dense(device, shape, batch=8) -> dict:

@@ -151,3 +151,9 @@ def test_the_compiled_decode_step_gives_the_eager_tokens():
     eager = generate(model, prompts, 20, (5, 30), guidance=2.0, uncond=uncond, compiled=False)
     compiled = generate(model, prompts, 20, (5, 30), guidance=2.0, uncond=uncond, compiled=True)
     assert compiled == eager and all(len(row) == 20 for row in eager)
+    # three prompts are padded to a batch of four (a copy of the first), and only three come back
+    three = [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10], [11, 12, 13, 14, 15]]
+    streamed = []
+    got = generate(model, three, 6, (5, 30), compiled=True, on_step=lambda idx, toks: streamed.append((idx, toks)))
+    assert got == generate(model, three, 6, (5, 30), compiled=False)
+    assert all(idx == [0, 1, 2] and len(toks) == 3 for idx, toks in streamed)

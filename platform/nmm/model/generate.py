@@ -40,20 +40,28 @@ def generate(
     prefill; the image being drawn stays causal.
     After the prefill every step is `Transformer.decode` (static KV cache and shapes);
     `compiled` (default: on CUDA) runs it through torch.compile, as a CUDA graph on a GPU
-    (gpt-fast's recipe). One compilation per batch shape."""
+    (gpt-fast's recipe). A compiled batch is padded to the next power of two with copies of its
+    first prompt, so a server's or an evaluation's varying batches compile a few times, not once
+    per batch size."""
     if uncond is not None and [len(p) for p in uncond] != [len(p) for p in prompts]:
         raise ValueError("each unconditional prompt must have its prompt's length")
     out: list[list[int]] = [[] for _ in prompts]
     by_len: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
         by_len.setdefault(len(p), []).append(i)
+    compiled = compiles(model, compiled)
     for _, idx in sorted(by_len.items()):
         batch = [prompts[i] for i in idx]
         blank = [uncond[i] for i in idx] if uncond is not None and guidance != 1.0 else None
         pix = None if patches is None else torch.as_tensor(patches[idx], dtype=torch.float32)
-        step = None if on_step is None else (lambda toks, idx=idx: on_step(idx, toks))
+        n = len(batch)
+        if compiled and (extra := (1 << (n - 1).bit_length()) - n):
+            batch = batch + [batch[0]] * extra
+            blank = None if blank is None else blank + [blank[0]] * extra
+            pix = None if pix is None else torch.cat([pix, pix[:1].expand(extra, *pix.shape[1:])])
+        step = None if on_step is None else (lambda toks, idx=idx, n=n: on_step(idx, toks[:n]))
         res = _generate_batch(model, batch, blank, pix, guidance, max_new, allowed, stop, extra_allowed, temperature, generator,
-                              step, compiled)
+                              step, compiled)[:n]
         for i, o in zip(idx, res):
             out[i] = o
     return out
@@ -62,14 +70,19 @@ def generate(
 SYNC_EVERY = 16  # without a streaming callback, the host looks at the device's `done` flags this often
 
 
-def decoder(model, compiled: bool | None = None):
-    """`model.decode`, or its compiled form (kept on the model: compiled once, reused).
-    `compiled` None: on CUDA, with CUDA graphs ("reduce-overhead")."""
-    cuda = next(model.parameters()).is_cuda
-    if not (cuda if compiled is None else compiled):
+def compiles(model, compiled: bool | None) -> bool:
+    """Whether decoding goes through the compiled step: `compiled`, or by default on CUDA."""
+    return next(model.parameters()).is_cuda if compiled is None else compiled
+
+
+def decoder(model, compiled: bool):
+    """`model.decode`, or its compiled form (kept on the model: compiled once per batch shape,
+    reused), with CUDA graphs ("reduce-overhead") on a GPU."""
+    if not compiled:
         return model.decode
     fn = model.__dict__.get("_nmm_compiled_decode")
     if fn is None:
+        cuda = next(model.parameters()).is_cuda
         fn = torch.compile(model.decode, mode="reduce-overhead" if cuda else None, fullgraph=True, dynamic=False)
         model.__dict__["_nmm_compiled_decode"] = fn
     return fn
