@@ -164,6 +164,8 @@ def _summary(result, spec) -> None:
 def run(
     file: Path = typer.Argument(..., help="Pipeline YAML"),
     store: Optional[str] = typer.Option(None, help="Store URI; default .nmm/store, or s3://$NMM_S3_BUCKET when NMM_S3_ENDPOINT is set"),
+    resume: Optional[str] = typer.Option(None, "--resume", metavar="RUN", help="Resume the local run RUN of this pipeline "
+                                         "(failed or killed): its succeeded steps are kept, the rest runs again"),
 ) -> None:
     """Compile the pipeline and run the compiled Workflow here (embedded local engine)."""
     spec = _load_spec(file)
@@ -171,27 +173,77 @@ def run(
 
     from nmm import storage
     from nmm.compile import CompileSettings
-    from nmm.engine import run_workflow
-    from nmm.engine.process import tail
-    from nmm.engine.progress import Progress
     from nmm.engine.runner import no_local_effect, workflow_name
-    from nmm.home import home_dir
 
     local = CompileSettings.local(store or storage.default_store_uri())
     workflow = _compile(spec, replace(local, namespace=_namespace(spec, None, local.namespace)))
     ignored = no_local_effect(workflow)
     if ignored:
         err.print(f"[yellow]warning[/]: no local effect (cluster only): {', '.join(ignored)}")
-    name = workflow_name(workflow["metadata"]["generateName"])
+    _run_local(workflow, spec, resume or workflow_name(workflow["metadata"]["generateName"]), resume is not None)
+
+
+@app.command()
+def retry(run_name: str = typer.Argument(..., metavar="RUN", help="A local run (see .nmm/runs)")) -> None:
+    """Resume a failed or killed local run with the Workflow it ran (`nmm run FILE --resume RUN`
+    without the file): succeeded steps are kept, training resumes from its latest checkpoint."""
+    import yaml
+
+    from nmm.engine.runner import WORKFLOW_FILE
+    from nmm.home import home_dir
+    from nmm.spec.parse import parse_json
+
+    folder = home_dir() / "runs" / run_name
+    if not (folder / WORKFLOW_FILE).is_file() or not (folder / SPEC_FILE).is_file():
+        err.print(f"[red]error[/]: no local run named {run_name} (looked in {folder.parent})", highlight=False)
+        raise typer.Exit(EXIT_BAD_INPUT)
+    workflow = yaml.safe_load((folder / WORKFLOW_FILE).read_text())
+    _run_local(workflow, parse_json((folder / SPEC_FILE).read_text(), str(folder / SPEC_FILE)), run_name, True)
+
+
+SPEC_FILE = "spec.json"  # next to a local run's workflow.yaml: what `nmm retry` summarises with
+
+
+def _run_local(workflow: dict, spec, name: str, resume: bool) -> None:
+    """Run (or resume) `workflow` as the local run `name`, with live progress and a summary."""
+    from nmm.engine import run_workflow
+    from nmm.engine.process import tail
+    from nmm.engine.progress import Progress
+    from nmm.engine.runner import NotResumable, resumable
+    from nmm.engine.state import RunBusy
+    from nmm.home import home_dir
+
+    runs = home_dir() / "runs"
+    if resume:
+        try:
+            prior = resumable(runs / name, workflow)
+        except NotResumable as exc:
+            err.print(f"[red]error[/]: {exc}", highlight=False)
+            raise typer.Exit(EXIT_BAD_INPUT)
+        if prior["phase"] == "Succeeded":
+            out.print(f"run {name} already succeeded; nothing to resume")
+            return
+        err.print(f"resuming run {name} (uid {prior['uid']}, attempt {prior.get('attempt', 1) + 1}): steps that "
+                  "succeeded are kept")
+    else:
+        from nmm.compile.workflow import spec_json
+
+        (runs / name).mkdir(parents=True, exist_ok=True)
+        (runs / name / SPEC_FILE).write_text(spec_json(spec))
     steps = [t["name"] for t in workflow["spec"]["templates"][0]["dag"]["tasks"]] + [workflow["spec"]["onExit"]]
-    with Progress(name, steps, err) as progress:
-        result = run_workflow(workflow, home_dir() / "runs", progress, name=name)
+    try:
+        with exits(), Progress(name, steps, err) as progress:
+            result = run_workflow(workflow, runs, progress, name=name, resume=resume)
+    except RunBusy as exc:
+        err.print(f"[red]error[/]: {exc}", highlight=False)
+        raise typer.Exit(exitcodes.FAILED)
     _summary(result, spec)
     if result.phase != "Succeeded":
         for s in result.steps.values():
             if s.phase == "Failed":
                 err.print(f"[red]step {s.name} failed[/] ({s.message}); last lines of {s.logs[-1]}:")
                 sys.stderr.write(tail(s.logs[-1]) + "\n")
+        err.print(f"resume it: nmm retry {name}", highlight=False)
         raise typer.Exit(exitcodes.FAILED)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import graphlib
-import json
 import secrets
 import string
 import time
@@ -13,7 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from nmm.engine import process, pytorchjob, rayjob
+from nmm import storage
+from nmm.engine import process, pytorchjob, rayjob, state
 from nmm.engine.params import substitute, substitute_all
 from nmm.engine.progress import Progress
 from nmm.engine.sandbox import Sandbox, container_env, resolve_command
@@ -106,17 +106,32 @@ def topo_order(tasks: list[dict]) -> list[dict]:
 
 
 class Engine:
-    def __init__(self, workflow: dict, runs_dir: Path, progress: Progress | None = None, name: str | None = None, cwd: str | None = None):
+    def __init__(self, workflow: dict, runs_dir: Path, progress: Progress | None = None, name: str | None = None,
+                 cwd: str | None = None, prior: dict | None = None):
+        """`prior`: the status record of an earlier attempt of this run (`state.read_status`):
+        the run keeps its name and UID, and its succeeded steps are reused."""
         self.wf = workflow
         self.templates = {t["name"]: t for t in workflow["spec"]["templates"]}
         self.name = name or workflow_name(workflow["metadata"]["generateName"])
-        self.uid = str(uuid.uuid4())  # what the API server gives a new Workflow
+        self.uid = prior["uid"] if prior else str(uuid.uuid4())  # what the API server gives a new Workflow
+        self.attempt = prior.get("attempt", 1) + 1 if prior else 1
+        self.prior = prior["steps"] if prior else {}
         self.folder = runs_dir / self.name
         self.volumes = workflow["spec"].get("volumes", [])
         self.cwd = cwd
         self.progress = progress
         self.steps: dict[str, StepResult] = {}
         self.status: str | None = None
+        self.groups: list[dict] = []  # the process groups of the step running now
+        self.t0 = time.time()
+
+    def record(self, phase: str = "Running") -> None:
+        """Write the run's status (atomically): after every transition, so a kill leaves it whole."""
+        state.write_status(self.folder, {
+            "name": self.name, "uid": self.uid, "phase": phase, "attempt": self.attempt,
+            "wall_s": round(time.time() - self.t0, 2), "groups": self.groups,
+            "steps": {k: {"phase": v.phase, "attempts": v.attempts, "outputs": v.outputs, "message": v.message}
+                      for k, v in self.steps.items()}})
 
     def _scope(self) -> dict[str, str]:
         scope = {"workflow.name": self.name, "workflow.uid": self.uid,
@@ -152,7 +167,12 @@ class Engine:
             argv = resolve_command(sandbox.map_argv(c.get("command", []) + c.get("args", [])))
             group = [process.launch(task_name, argv, env, log_dir / f"{task_name}-{attempt}.log", cwd=self.cwd)]
         logs = [p.log_path for p in group]
-        codes = process.wait_all(group, deadline, on_tick=lambda: self._notify(task_name, note=process.last_line(logs[0])))
+        self.groups = [{"step": task_name, "pgid": p.proc.pid, "start": state.start_time(p.proc.pid)} for p in group]
+        self.record()
+        try:
+            codes = process.wait_all(group, deadline, on_tick=lambda: self._notify(task_name, note=process.last_line(logs[0])))
+        finally:
+            self.groups = []
         code = next((c for c in codes.values() if c != 0), 0)
         outputs = {}
         if code == 0 and sandbox is not None:
@@ -184,12 +204,30 @@ class Engine:
             result.phase = "Failed"
         result.finished = time.time()
         self._notify(name, phase=result.phase, note=result.message if result.phase == "Failed" else "")
+        self.record()
         return result
 
+    def reuse(self, task: dict, ran: set[str]) -> bool:
+        """Keep a step that succeeded in an earlier attempt of this run: when none of its
+        dependencies ran again in this one and every store folder among its outputs is still
+        whole (its manifest and every file listed; a store that cannot be read is an error, not
+        a reason to rerun)."""
+        before = self.prior.get(task["name"])
+        if not before or before["phase"] != "Succeeded" or ran & set(task.get("dependencies", [])):
+            return False
+        for value in before["outputs"].values():
+            if value.startswith(("file://", "s3://")) and storage.read_manifest(value, verify=True) is None:
+                return False
+        self.steps[task["name"]] = StepResult(task["name"], "Succeeded", before["attempts"], dict(before["outputs"]),
+                                              message="reused: succeeded in an earlier attempt of this run")
+        self._notify(task["name"], phase="Succeeded", note="reused")
+        return True
+
     def run(self) -> RunResult:
-        t0 = time.time()
         entry = self.templates[self.wf["spec"]["entrypoint"]]
         failed = False
+        ran: set[str] = set()  # steps run in this attempt: what depends on them runs again too
+        self.record()
         for task in topo_order(entry["dag"]["tasks"]):
             deps = [self.steps[d] for d in task.get("dependencies", [])]
             if failed or any(d.phase in ("Failed", "Error", "Omitted") for d in deps):
@@ -200,6 +238,9 @@ class Engine:
                 self.steps[task["name"]] = StepResult(task["name"], phase="Skipped", message=f"when: {substitute(task['when'], self._scope())}")
                 self._notify(task["name"], phase="Skipped")
                 continue
+            if self.reuse(task, ran):
+                continue
+            ran.add(task["name"])
             if self.run_task(task).phase != "Succeeded":
                 failed = True
         phase = "Failed" if failed else "Succeeded"
@@ -207,18 +248,42 @@ class Engine:
         if exit_name:
             self.status = phase  # {{workflow.status}} is defined for the exit handler
             self.run_task({"name": exit_name, "template": exit_name})
-        return RunResult(self.name, phase, self.folder, self.steps, time.time() - t0, no_local_effect(self.wf))
+        self.record(phase)
+        return RunResult(self.name, phase, self.folder, self.steps, time.time() - self.t0, no_local_effect(self.wf))
 
 
-def run_workflow(workflow: dict, runs_dir: Path, progress: Progress | None = None, name: str | None = None, cwd: str | None = None) -> RunResult:
-    engine = Engine(workflow, runs_dir, progress, name, cwd)
-    engine.folder.mkdir(parents=True, exist_ok=True)
-    import yaml
+WORKFLOW_FILE = "workflow.yaml"
 
-    (engine.folder / "workflow.yaml").write_text(yaml.safe_dump(workflow, sort_keys=False, width=1 << 20))
-    result = engine.run()
-    (engine.folder / "status.json").write_text(json.dumps(
-        {"name": result.name, "phase": result.phase, "wall_s": round(result.wall_s, 2),
-         "steps": {k: {"phase": v.phase, "attempts": v.attempts, "outputs": v.outputs, "message": v.message} for k, v in result.steps.items()}},
-        indent=2))
-    return result
+
+def run_workflow(workflow: dict, runs_dir: Path, progress: Progress | None = None, name: str | None = None, cwd: str | None = None,
+                 resume: bool = False) -> RunResult:
+    """Run the Workflow as `name` (default: generateName + 5 characters). `resume`: run `name`
+    again, the same compiled Workflow under the same UID, reusing the steps that succeeded
+    (`Engine.reuse`); what is left of its earlier attempt's processes is stopped first."""
+    folder = runs_dir / (name or workflow_name(workflow["metadata"]["generateName"]))
+    with state.locked(folder):
+        prior = None
+        if resume:
+            prior = resumable(folder, workflow)
+            state.stop_groups(prior.get("groups", []))
+        engine = Engine(workflow, runs_dir, progress, folder.name, cwd, prior)
+        if not resume:
+            (folder / WORKFLOW_FILE).write_text(yaml.safe_dump(workflow, sort_keys=False, width=1 << 20))
+        return engine.run()
+
+
+class NotResumable(Exception):
+    """This run cannot be resumed as asked (the message says why)."""
+
+
+def resumable(folder: Path, workflow: dict | None = None) -> dict:
+    """The status record of a run that can be resumed with `workflow` (default: its own)."""
+    prior = state.read_status(folder)
+    if prior is None or not (folder / WORKFLOW_FILE).is_file():
+        raise NotResumable(f"no local run named {folder.name} (looked in {folder.parent})")
+    if "uid" not in prior:
+        raise NotResumable(f"run {folder.name} was recorded without its UID (by an older nmm); start a new run")
+    if workflow is not None and yaml.safe_load((folder / WORKFLOW_FILE).read_text()) != workflow:
+        raise NotResumable(f"the pipeline compiles to another Workflow than run {folder.name} ran: a resume runs the same "
+                           "one (same spec, same store); start a new run for the changed pipeline")
+    return prior

@@ -219,6 +219,8 @@ def _parent(client, exp_id: str, run: RunIdentity, code_version: str):
     if parent is None:
         tags = _identity_tags(run) | {TAG_STAGE: "pipeline", TAG_CODE: code_version}
         parent = client.create_run(exp_id, run_name=run.run_id, tags=tags)
+    elif parent.info.status != "RUNNING":  # a resumed run: the same parent, reopened (finalize closes it)
+        client.update_run(parent.info.run_id, status="RUNNING")
     return parent
 
 
