@@ -83,11 +83,20 @@ def mirror(body, type, **_) -> None:
         return  # pipeline gone (GC in progress), a deletion the recheck timer handles, or not ours
     if body["metadata"]["name"] != builders.workflow_name(owner, pipeline["metadata"].get("generation", 1)):
         return  # a Workflow of an older generation
-    new = status.from_workflow(body, _now())
+    new = _observed(body)
     change = status.transition(pipeline.get("status"), new)
     kube.patch_pipeline_status(ns, owner, new)
     if change:
         kopf.info(pipeline, reason=change[0], message=change[1])
+
+
+def _observed(wf: dict) -> dict:
+    """The pipeline's status from its Workflow, and, while it trains, whether Kueue still holds
+    the training job (phase Queued: the recheck timer sees an admission within recheckSeconds)."""
+    new = status.from_workflow(wf, _now())
+    if status.training(new):
+        new = status.queued(new, kube.suspended_jobs(wf["metadata"]["namespace"], wf["metadata"]["name"]), _now())
+    return new
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.recheck_seconds, initial_delay=SETTINGS.recheck_seconds, id="nmm-recheck-child")
@@ -99,7 +108,7 @@ def recheck(body, meta, memo: kopf.Memo, patch: kopf.Patch, **_) -> None:
         return
     wf = kube.get_workflow(meta["namespace"], name)
     if wf is not None and builders.owned_by(wf, meta["uid"]):
-        patch.status.update(status.from_workflow(wf, _now()))
+        patch.status.update(_observed(wf))
         return
     if wf is not None:
         patch.status.update(status.not_owned(name, _now()))

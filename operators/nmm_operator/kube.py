@@ -84,3 +84,23 @@ def ensure_current(wf: dict, pipeline: dict) -> tuple[bool, list[str]]:
 
 def patch_pipeline_status(namespace: str, name: str, status: dict) -> None:
     kubeclient.custom_objects().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, {"status": status})
+
+
+def suspended_jobs(namespace: str, workflow: str) -> list[str]:
+    """The run's PyTorchJobs that are suspended: Kueue holds them until it admits their whole
+    gang (`kueue.x-k8s.io/queue-name`). None when Kubeflow's CRD is not installed (404)."""
+    try:
+        found = kubeclient.custom_objects().list_namespaced_custom_object(
+            "kubeflow.org", "v1", namespace, "pytorchjobs", label_selector=f"nmm.dev/run={workflow}"
+        )
+    except ApiException as exc:
+        if exc.status == 404:
+            return []
+        raise
+    out = []
+    for job in found.get("items", []):
+        conditions = (job.get("status") or {}).get("conditions") or []
+        suspended = any(c.get("type") == "Suspended" and c.get("status") == "True" for c in conditions)
+        if suspended or ((job.get("spec") or {}).get("runPolicy") or {}).get("suspend"):
+            out.append(job["metadata"]["name"])
+    return sorted(out)

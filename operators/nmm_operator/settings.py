@@ -44,6 +44,7 @@ def from_dict(raw: dict) -> OperatorSettings:
         s3_secret_name=raw.get("s3SecretName", base.s3_secret_name),
         gpu_pools=pools or base.gpu_pools,
         serving_service_account=raw.get("servingServiceAccount", base.serving_service_account),
+        default_queue=raw.get("defaultQueue") or None,
     )
     policy = raw.get("onChildDeleted", "report")
     if policy not in ("recreate", "report"):

@@ -71,6 +71,20 @@ def from_workflow(wf: dict, now: str) -> dict:
     return {k: v for k, v in patch.items() if v is not None}
 
 
+def training(patch: dict) -> bool:
+    """Whether the mirrored Workflow is running its train stage (where a job can be queued)."""
+    return patch.get("phase") == "Running" and patch.get("stages", {}).get("train") == "Running"
+
+
+def queued(patch: dict, jobs: list[str], now: str) -> dict:
+    """A running pipeline whose training jobs Kueue has not admitted yet: phase Queued."""
+    if not jobs:
+        return patch
+    message = f"training job(s) {', '.join(jobs)} wait for Kueue to admit them"
+    return patch | {"phase": "Queued", "stage": "train", "message": message, "conditions": [
+        _condition("Ready", False, "Queued", message, now), _condition("Failed", False, "Queued", "", now)]}
+
+
 def _failed(phase: str, reason: str, message: str, now: str) -> dict:
     return {
         "phase": phase,

@@ -26,6 +26,7 @@ VERBS = ["get", "list", "watch", "create", "patch", "update", "delete"]
 RESOURCES = {
     "nmm.dev/v1alpha1/nmmpipelines": dict(kind="NMMPipeline", namespaced=True, verbs=VERBS, subresources=["status"]),
     "argoproj.io/v1alpha1/workflows": dict(kind="Workflow", namespaced=True, verbs=VERBS),
+    "kubeflow.org/v1/pytorchjobs": dict(kind="PyTorchJob", namespaced=True, verbs=VERBS),
 }
 KOPF = str(Path(sys.executable).parent / "kopf")
 
@@ -154,6 +155,31 @@ def test_workflow_status_flows_into_pipeline_status_and_printer_columns(api, ope
     events = [o.raw for (res, ns, _), o in list(emu.emulator.objects.items()) if res.plural == "events" and not o.deleted]
     reasons = {e.get("reason") for e in events if e.get("involvedObject", {}).get("name") == "qs"}
     assert {"WorkflowCreated", "WorkflowSucceeded"} <= reasons
+
+
+def test_a_training_job_kueue_holds_makes_the_pipeline_queued_until_admitted(api, operator):
+    """Kueue suspends a PyTorchJob labelled with a queue until it admits the whole gang. While the
+    run's job is suspended the pipeline's phase is Queued (Ready False, reason Queued, the job
+    named); once admitted it is Running again (the recheck timer looks within recheckSeconds)."""
+    create(api, "ns-queue", pipeline("qs"))
+    wait_for(lambda: workflows(api, "ns-queue"), what="a workflow")
+    nodes = {"1": {"displayName": "curate", "type": "Pod", "phase": "Succeeded"},
+             "2": {"displayName": "train", "type": "Retry", "phase": "Running"}}
+    job = {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
+           "metadata": {"name": "qs-g1-train", "labels": {"nmm.dev/run": "qs-g1", "kueue.x-k8s.io/queue-name": "nmm"}},
+           "spec": {"runPolicy": {"suspend": True}, "pytorchReplicaSpecs": {}},
+           "status": {"conditions": [{"type": "Suspended", "status": "True", "reason": "JobSuspended"}]}}
+    api.create_namespaced_custom_object("kubeflow.org", "v1", "ns-queue", "pytorchjobs", job)
+    api.patch_namespaced_custom_object("argoproj.io", "v1alpha1", "ns-queue", "workflows", "qs-g1",
+                                       {"status": {"phase": "Running", "nodes": nodes}})
+    queued = wait_for(lambda: (s := get(api, "ns-queue", "qs")).get("status", {}).get("phase") == "Queued" and s, what="Queued")
+    assert columns(queued)["Phase"] == "Queued" and columns(queued)["Stage"] == "train"
+    ready = next(c for c in queued["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "False" and ready["reason"] == "Queued" and "qs-g1-train" in ready["message"]
+    api.patch_namespaced_custom_object("kubeflow.org", "v1", "ns-queue", "pytorchjobs", "qs-g1-train", {
+        "spec": {"runPolicy": {"suspend": False}},
+        "status": {"conditions": [{"type": "Suspended", "status": "False", "reason": "JobResumed"}]}})
+    wait_for(lambda: get(api, "ns-queue", "qs").get("status", {}).get("phase") == "Running", 15, "Running once admitted")
 
 
 def test_deleting_the_pipeline_garbage_collects_its_workflow_r5(api, operator):

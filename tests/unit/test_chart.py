@@ -47,13 +47,17 @@ def rendered(request):
 
 def test_there_are_ci_scenarios():
     assert {p.name for p in SCENARIOS} >= {"minimal-values.yaml", "minio-values.yaml", "external-mlflow-values.yaml",
-                                           "serving-values.yaml"}
+                                           "serving-values.yaml", "kueue-values.yaml"}
 
 
 def test_every_rendered_object_validates_against_kubernetes_1_33(rendered):
     from tests.schemas import CLUSTER_SERVING_RUNTIME, SERVICE_MONITOR, crd_errors
 
-    custom = {"ServiceMonitor": (SERVICE_MONITOR, "v1"), "ClusterServingRuntime": (CLUSTER_SERVING_RUNTIME, "v1alpha1")}
+    from tests.schemas import KUEUE_CLUSTER_QUEUE, KUEUE_LOCAL_QUEUE, KUEUE_PRIORITY_CLASS, KUEUE_RESOURCE_FLAVOR
+
+    custom = {"ServiceMonitor": (SERVICE_MONITOR, "v1"), "ClusterServingRuntime": (CLUSTER_SERVING_RUNTIME, "v1alpha1"),
+              "ClusterQueue": (KUEUE_CLUSTER_QUEUE, "v1beta2"), "LocalQueue": (KUEUE_LOCAL_QUEUE, "v1beta2"),
+              "ResourceFlavor": (KUEUE_RESOURCE_FLAVOR, "v1beta2"), "WorkloadPriorityClass": (KUEUE_PRIORITY_CLASS, "v1beta2")}
     kinds = set()
     for doc in rendered:
         if doc["kind"] in custom:  # custom resources: their upstream CRD schemas
@@ -249,3 +253,32 @@ def test_serving_values_render_the_runtime_monitor_dashboard_and_exactly_the_bac
     assert {"MLFLOW_TRACKING_URI", "NMM_S3_ENDPOINT", "NMM_S3_ACCESS_KEY", "NMM_OPERATOR_SETTINGS"} <= env
     (wf_role,) = [d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == "nmm-workflow"]
     assert {"apiGroups": ["nmm.dev"], "resources": ["nmmservices"], "verbs": ["create", "patch"]} in wf_role["rules"]
+
+
+def test_kueue_values_render_flavors_per_pool_quota_queues_and_the_default_queue():
+    docs = render(values(CHART / "ci" / "kueue-values.yaml"))
+    by_kind: dict[str, list[dict]] = {}
+    for d in docs:
+        by_kind.setdefault(d["kind"], []).append(d)
+    flavors = {f["metadata"]["name"]: f["spec"] for f in by_kind["ResourceFlavor"]}
+    assert flavors == {"nmm-gpu-cpu": {}, "nmm-gpu-h100": {"nodeLabels": {"nmm.dev/gpu.pool": "h100"}, "tolerations": [
+        {"key": "nvidia.com/gpu", "operator": "Equal", "value": "present", "effect": "NoSchedule"}]},
+        "nmm-gpu-l4": {"nodeLabels": {"nmm.dev/gpu.pool": "l4"}, "tolerations": [
+        {"key": "nvidia.com/gpu", "operator": "Equal", "value": "present", "effect": "NoSchedule"}]}}
+    (cq,) = by_kind["ClusterQueue"]
+    assert cq["spec"]["cohortName"] == "ml"
+    quota = {f["name"]: {r["name"]: r["nominalQuota"] for r in f["resources"]} for f in cq["spec"]["resourceGroups"][0]["flavors"]}
+    assert quota["nmm-gpu-h100"]["nvidia.com/gpu"] == 16 and quota["nmm-gpu-l4"]["nvidia.com/gpu"] == 8
+    assert quota["nmm-gpu-cpu"] == {"cpu": "128", "memory": "512Gi", "nvidia.com/gpu": 0}
+    assert sorted((q["metadata"]["namespace"], q["spec"]["clusterQueue"]) for q in by_kind["LocalQueue"]) == [
+        ("nmm", "nmm-gpu"), ("research", "nmm-gpu")]
+    assert [(p["metadata"]["name"], p["value"]) for p in by_kind["WorkloadPriorityClass"]] == [("nmm-high", 1000)]
+    assert _operator_settings(docs).compile.default_queue == "nmm"
+    assert _operator_settings(render(values(CHART / "ci" / "minimal-values.yaml"))).compile.default_queue is None
+
+
+def test_kueue_quota_for_an_undeclared_pool_fails_with_its_name():
+    vals = values(CHART / "ci" / "kueue-values.yaml")
+    vals["kueue"]["gpuQuota"] = {"b200": 8}
+    with pytest.raises(Exception, match="kueue.gpuQuota.b200: no such GPU pool"):
+        render(vals)

@@ -68,3 +68,47 @@ def test_a_model_that_cannot_fit_is_rejected_with_the_estimate():
         compile_pipeline(too_big, CompileSettings())
     msg = str(exc.value)
     assert "does not fit a 24 GiB GPU" in msg and "parameters need" in msg and "optimizer" in msg
+
+
+def train_job(spec, settings: CompileSettings | None = None) -> dict:
+    wf = compile_pipeline(spec, settings or CompileSettings())
+    (t,) = [t for t in wf["spec"]["templates"] if "resource" in t]
+    return yaml.safe_load(t["resource"]["manifest"])
+
+
+def queued(queue: str | None = None, priority: str | None = None):
+    doc = yaml.safe_load((WORKFLOWS / "quickstart.yaml").read_text())
+    doc["spec"]["training"]["resources"] = {"nodes": 2, "gpusPerNode": 8, "gpuMemoryGiB": 80}
+    doc["spec"]["training"].update({k: v for k, v in (("queue", queue), ("priorityClass", priority)) if v})
+    return parse_pipeline_document(doc)
+
+
+def test_a_queued_training_job_carries_kueue_s_labels_and_exact_gpu_requests():
+    """Kueue holds a PyTorchJob with the queue-name label suspended until its whole gang (master
+    and workers) is admitted; it admits on requests, so GPU requests equal limits."""
+    from tests.schemas import PYTORCHJOB, crd_errors
+
+    job = train_job(queued("gpu-queue", "nmm-high"))
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "nmm-high"
+    assert crd_errors(PYTORCHJOB, "v1", job) == []
+    for replica in job["spec"]["pytorchReplicaSpecs"].values():
+        res = replica["template"]["spec"]["containers"][0]["resources"]
+        assert res["requests"]["nvidia.com/gpu"] == res["limits"]["nvidia.com/gpu"] == "8"
+    default = train_job(queued(), CompileSettings(default_queue="nmm"))  # the chart's LocalQueue
+    assert default["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "nmm"
+    assert "kueue.x-k8s.io/queue-name" not in train_job(queued())["metadata"]["labels"]  # no Kueue: no label
+
+
+def test_a_priority_without_a_queue_is_rejected_and_a_bad_queue_name_never_parses():
+    with pytest.raises(PlacementError, match="spec.training.priorityClass"):
+        train_job(queued(priority="nmm-high"))
+    with pytest.raises(Exception, match="queue"):
+        queued("Not_A_Queue")
+
+
+def test_the_local_engine_says_a_queue_has_no_local_effect():
+    from nmm.engine.runner import no_local_effect
+
+    wf = compile_pipeline(queued("gpu-queue"), CompileSettings.local("file:///tmp/store"))
+    assert "kueue.x-k8s.io/queue-name" in no_local_effect(wf)

@@ -48,6 +48,25 @@ def check_memory(spec: PipelineSpec, gpu_memory_gib: float) -> memory.MemoryEsti
     return memory.estimate(micro_batch=micro, **shape)
 
 
+KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+KUEUE_PRIORITY = "kueue.x-k8s.io/priority-class"
+
+
+def queue_labels(spec: PipelineSpec, s: CompileSettings) -> dict[str, str]:
+    """Kueue's labels: the LocalQueue (the spec's, else the platform default) makes Kueue hold the
+    PyTorchJob suspended until the whole gang is admitted on the queue's quota (admission counts
+    requests: GPU requests equal limits); the WorkloadPriorityClass orders the queue."""
+    t = spec.spec.training
+    queue = t.queue or s.default_queue
+    if t.priority_class and not queue:
+        raise pools.PlacementError("spec.training.priorityClass: a priority orders a Kueue queue; set "
+                                   "spec.training.queue (or the chart's kueue.localQueue)")
+    labels = {KUEUE_QUEUE: queue} if queue else {}
+    if t.priority_class:
+        labels[KUEUE_PRIORITY] = t.priority_class
+    return labels
+
+
 def _resources(spec: PipelineSpec) -> k8s.V1ResourceRequirements:
     r = spec.spec.training.resources
     requests = {"cpu": r.cpu, "memory": r.memory}
@@ -117,7 +136,7 @@ def build(spec: PipelineSpec, spec_json: str, s: CompileSettings, variant: str |
         kind="PyTorchJob",
         metadata=k8s.V1ObjectMeta(
             name=names.train_job_name(pods.RUN_ID, variant),
-            labels={"nmm.dev/pipeline": spec.metadata.name, "nmm.dev/run": pods.RUN_ID},
+            labels={"nmm.dev/pipeline": spec.metadata.name, "nmm.dev/run": pods.RUN_ID} | queue_labels(spec, s),
         ),
         spec=kf.KubeflowOrgV1PyTorchJobSpec(
             nproc_per_node=str(r.procs_per_node),

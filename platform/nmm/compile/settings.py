@@ -40,6 +40,8 @@ class CompileSettings:
     run_as_user: int = 1000
     # GPU node pools (chart values `gpuPools`); None = no placement (the local engine).
     gpu_pools: tuple[GpuPool, ...] | None = EXAMPLE_POOLS
+    # Kueue LocalQueue for training jobs whose spec names none (chart: kueue.localQueue when kueue.enabled).
+    default_queue: str | None = None
 
     @classmethod
     def local(cls, store_uri: str) -> "CompileSettings":

@@ -23,7 +23,7 @@ from nmm.engine.when import evaluate
 NO_LOCAL_EFFECT = (
     "image", "imagePullPolicy", "resources", "securityContext", "serviceAccountName", "podGC", "ttlStrategy",
     "podMetadata", "nodeSelector", "affinity", "tolerations", "backoff", "setOwnerReference", "runPolicy",
-    "automountServiceAccountToken", "secretKeyRef", "namespace",
+    "automountServiceAccountToken", "secretKeyRef", "namespace", "kueue.x-k8s.io/queue-name", "kueue.x-k8s.io/priority-class",
 )
 
 

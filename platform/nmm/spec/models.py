@@ -247,6 +247,14 @@ class Training(Model):
     parallelism: Parallelism = Parallelism()
     checkpoint: Checkpoint = Checkpoint()
     max_restarts: Annotated[int, Field(ge=0, le=100)] = 2
+    queue: Annotated[str, Field(max_length=names.MAX_LABEL, pattern=names.DNS1123_LABEL)] | None = Field(
+        default=None,
+        description="Kueue LocalQueue of the training job (cluster only): the PyTorchJob waits, suspended, until "
+        "Kueue admits the whole gang on the queue's quota. Default: the chart's kueue.localQueue when Kueue is on.",
+    )
+    priority_class: Annotated[str, Field(max_length=names.MAX_LABEL, pattern=names.DNS1123_LABEL)] | None = Field(
+        default=None, description="Kueue WorkloadPriorityClass of the training job (cluster only; needs a queue)."
+    )
 
     @field_validator("phases")
     @classmethod
