@@ -87,13 +87,22 @@ _StrictLoader.add_constructor(
 )
 
 
+_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$")
+
+
 def format_loc(loc: tuple) -> str:
+    """A field path: `spec.training.phases[0].steps`. A key that is not a plain name (an unknown
+    key of any text: newlines, quotes, a megabyte) is shown quoted and cut, so a problem stays one
+    bounded line."""
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        else:
+        elif _PLAIN_KEY.match(str(part)):
             out += ("." if out else "") + str(part)
+        else:
+            text = repr(str(part))
+            out += f"[{text[:40]}{'…' if len(text) > 40 else ''}]"
     return out or "<document>"
 
 
