@@ -45,6 +45,7 @@ def from_dict(raw: dict) -> OperatorSettings:
         gpu_pools=pools or base.gpu_pools,
         serving_service_account=raw.get("servingServiceAccount", base.serving_service_account),
         default_queue=raw.get("defaultQueue") or None,
+        mlflow_secret_name=raw.get("mlflowSecretName") or None,
     )
     policy = raw.get("onChildDeleted", "report")
     if policy not in ("recreate", "report"):

@@ -154,9 +154,14 @@ def test_operator_settings_carry_the_gpu_pools():
 
 
 @pytest.mark.parametrize("missing,message", [
-    ({"s3": {"endpoint": "http://minio:9000"}, "mlflow": {"existingSecret": "db"}}, "s3.existingSecret is required"),
-    ({"s3": {"endpoint": "http://minio:9000", "existingSecret": "s3"}}, "mlflow.existingSecret is required"),
-    ({"s3": {"existingSecret": "s3"}, "mlflow": {"existingSecret": "db"}}, "s3.endpoint is required"),
+    ({"s3": {"endpoint": "http://minio:9000"}, "mlflow": {"existingSecret": "db", "auth": {"existingSecret": "a"}}},
+     "s3.existingSecret is required"),
+    ({"s3": {"endpoint": "http://minio:9000", "existingSecret": "s3"}, "mlflow": {"auth": {"existingSecret": "a"}}},
+     "mlflow.existingSecret is required"),
+    ({"s3": {"existingSecret": "s3"}, "mlflow": {"existingSecret": "db", "auth": {"existingSecret": "a"}}},
+     "s3.endpoint is required"),
+    ({"s3": {"endpoint": "http://minio:9000", "existingSecret": "s3"}, "mlflow": {"existingSecret": "db"}},
+     "mlflow.auth.existingSecret is required"),
     ({"s3": {"endpoint": "http://m:9000", "existingSecret": "s3"}, "mlflow": {"enabled": False}}, "mlflow.externalUri is required"),
 ])
 def test_rendering_without_a_secret_fails_with_a_clear_message_s9(missing, message):
@@ -282,3 +287,38 @@ def test_kueue_quota_for_an_undeclared_pool_fails_with_its_name():
     vals["kueue"]["gpuQuota"] = {"b200": 8}
     with pytest.raises(Exception, match="kueue.gpuQuota.b200: no such GPU pool"):
         render(vals)
+
+
+def test_mlflow_asks_every_client_to_sign_in_and_no_secret_is_on_a_command_line():
+    """MLflow's basic-auth app is on by default; the admin comes from an existing Secret, the
+    platform's clients (operator, Workflow steps) sign in with it by secretKeyRef, and the
+    database URIs reach the server by env and by a file its init container writes into /tmp:
+    nothing secret in args (visible in /proc/<pid>/cmdline) or in a ConfigMap."""
+    docs = render(values(CHART / "ci" / "minimal-values.yaml"))
+    (ml,) = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-mlflow")]
+    pod = ml["spec"]["template"]["spec"]
+    (server,) = pod["containers"]
+    assert "--app-name=basic-auth" in server["args"]
+    assert not any("$(" in a or "URI" in a for a in server["args"])
+    env = {e["name"]: e for e in server["env"]}
+    assert env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"] == {"name": "nmm-mlflow-db", "key": "backendStoreUri"}
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "nmm-mlflow-admin", "key": "password"}
+    (init,) = pod["initContainers"]
+    assert "os.environ[\"AUTH_DATABASE_URI\"]" in init["args"][0]
+    (op,) = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-operator")]
+    op_env = {e["name"]: e for e in op["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert op_env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "nmm-mlflow-admin"
+    settings = _operator_settings(docs)
+    assert settings.compile.mlflow_secret_name == "nmm-mlflow-admin"
+    for d in docs:  # no value of a secret anywhere: only references
+        assert "password" not in json.dumps(d.get("data", {})).lower()
+
+    from nmm.compile import compile_pipeline
+    from nmm.spec import parse_pipeline
+
+    wf = compile_pipeline(parse_pipeline((ROOT / "workflows" / "quickstart.yaml").read_text()), settings.compile)
+    steps = [c for t in wf["spec"]["templates"] if (c := t.get("container"))]
+    assert steps and all({"name": "MLFLOW_TRACKING_USERNAME", "valueFrom": {"secretKeyRef": {"key": "username", "name": "nmm-mlflow-admin"}}}
+                         in c["env"] for c in steps)
+    train = next(t for t in wf["spec"]["templates"] if "resource" in t)["resource"]["manifest"]
+    assert "MLFLOW_TRACKING_PASSWORD" in train  # the PyTorchJob's pods sign in too

@@ -65,12 +65,29 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- end -}}
 
+{{/* The Secret (keys username, password) of MLflow's basic auth; empty when auth is off. */}}
+{{- define "nmm-platform.mlflowAuthSecret" -}}
+{{- if and .Values.mlflow.enabled .Values.mlflow.auth.enabled -}}
+{{- required "mlflow.auth.existingSecret is required when mlflow.auth.enabled: a Secret with keys username and password (MLflow's admin; the platform's clients sign in with it) and flaskSecretKey" .Values.mlflow.auth.existingSecret -}}
+{{- else if not .Values.mlflow.enabled -}}
+{{- .Values.mlflow.auth.existingSecret -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Env pointing a pod at MLflow and the object store (credentials by secretKeyRef only). */}}
 {{- define "nmm-platform.platformEnv" -}}
 - name: HOME
   value: /tmp
 - name: MLFLOW_TRACKING_URI
   value: {{ include "nmm-platform.mlflowUri" . | quote }}
+{{- with include "nmm-platform.mlflowAuthSecret" . }}
+- name: MLFLOW_TRACKING_USERNAME
+  valueFrom:
+    secretKeyRef: {name: {{ . }}, key: username}
+- name: MLFLOW_TRACKING_PASSWORD
+  valueFrom:
+    secretKeyRef: {name: {{ . }}, key: password}
+{{- end }}
 - name: NMM_S3_ENDPOINT
   value: {{ include "nmm-platform.s3Endpoint" . | quote }}
 - name: NMM_S3_BUCKET

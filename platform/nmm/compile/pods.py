@@ -65,6 +65,9 @@ def env(s: CompileSettings) -> list[dict]:
     ]
     if s.mlflow_tracking_uri:
         out.append({"name": "MLFLOW_TRACKING_URI", "value": s.mlflow_tracking_uri})
+    if s.mlflow_secret_name:  # MLflow's basic auth: the client reads these two
+        for name, key in (("MLFLOW_TRACKING_USERNAME", "username"), ("MLFLOW_TRACKING_PASSWORD", "password")):
+            out.append({"name": name, "valueFrom": {"secretKeyRef": {"name": s.mlflow_secret_name, "key": key}}})
     if s.s3_endpoint:
         out.append({"name": "NMM_S3_ENDPOINT", "value": s.s3_endpoint})
     if s.s3_secret_name:

@@ -30,6 +30,9 @@ class CompileSettings:
     # MinIO/S3 endpoint and the Secret holding its credentials (keys accessKey, secretKey).
     s3_endpoint: str | None = "http://minio.nmm.svc:9000"
     s3_secret_name: str | None = "nmm-s3-credentials"
+    # The Secret (keys username, password) the stages authenticate to MLflow with (chart:
+    # mlflow.auth.existingSecret); None: MLflow without authentication (a laptop).
+    mlflow_secret_name: str | None = None
     # Limits: per step attempt, per workflow, and retries of a failed step.
     step_deadline_seconds: int = 6 * 3600
     train_deadline_seconds: int = 48 * 3600
