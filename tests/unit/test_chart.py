@@ -322,3 +322,138 @@ def test_mlflow_asks_every_client_to_sign_in_and_no_secret_is_on_a_command_line(
                          in c["env"] for c in steps)
     train = next(t for t in wf["spec"]["templates"] if "resource" in t)["resource"]["manifest"]
     assert "MLFLOW_TRACKING_PASSWORD" in train  # the PyTorchJob's pods sign in too
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for e in selector.get("matchExpressions", []):
+        if (e["operator"] == "Exists") != (e["key"] in labels):
+            return False
+    return True
+
+
+def _peer_matches(peer: dict, pod: dict, policy_ns: str) -> bool:
+    if "ipBlock" in peer:
+        return pod.get("ip", False)  # an address outside the cluster's pods
+    if "namespaceSelector" in peer:
+        if not _selects(peer["namespaceSelector"], {"kubernetes.io/metadata.name": pod["ns"]}):
+            return False
+    elif pod["ns"] != policy_ns:
+        return False
+    return _selects(peer.get("podSelector", {}), pod["labels"])
+
+
+def _allowed(policies: list[dict], src: dict, dst: dict, port: int, protocol: str = "TCP") -> bool:
+    """NetworkPolicy semantics: a pod selected by a policy of a direction only gets the traffic
+    some rule of such a policy allows; unselected pods are open in that direction."""
+    def side(pod: dict, direction: str, peer_key: str, other: dict) -> bool:
+        chosen = [p for p in policies if p["metadata"]["namespace"] == pod["ns"] and direction in p["spec"]["policyTypes"]
+                  and _selects(p["spec"]["podSelector"], pod["labels"])]
+        if not chosen or pod.get("ip"):
+            return True
+        for p in chosen:
+            for rule in p["spec"].get(direction.lower(), []):
+                peers = rule.get(peer_key)
+                ports = rule.get("ports")
+                if (peers is None or any(_peer_matches(x, other, p["metadata"]["namespace"]) for x in peers)) and (
+                        ports is None or any(x["port"] == port and x.get("protocol", "TCP") == protocol for x in ports)):
+                    return True
+        return False
+
+    return side(src, "Egress", "to", dst) and side(dst, "Ingress", "from", src)
+
+
+def test_network_policies_deny_by_default_and_allow_exactly_nmm_s_flows():
+    docs = render(values(CHART / "ci" / "minimal-values.yaml"))
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    release = {"app.kubernetes.io/instance": "nmm", "app.kubernetes.io/name": "nmm-platform"}
+    pod = lambda component, ns="nmm": {"ns": ns, "labels": release | {"app.kubernetes.io/component": component}}  # noqa: E731
+    mlflow, operator, inventory, test = pod("mlflow"), pod("operator"), pod("inventory"), pod("test")
+    step = {"ns": "team-a", "labels": {"nmm.dev/pipeline": "qs"}}
+    local_step = {"ns": "nmm", "labels": {"nmm.dev/pipeline": "qs"}}
+    server = {"ns": "team-a", "labels": {"app.kubernetes.io/name": "nmm-serve"}}
+    stranger = {"ns": "team-a", "labels": {"app": "notebook"}}
+    outside = {"ns": "", "labels": {}, "ip": True}
+    dns = {"ns": "kube-system", "labels": {"k8s-app": "kube-dns"}}
+    for who in (operator, step, local_step, server, test):
+        assert _allowed(policies, who, mlflow, 5000), who
+    assert not _allowed(policies, stranger, mlflow, 5000)  # any other pod: refused
+    assert not _allowed(policies, inventory, mlflow, 5000)
+    assert not _allowed(policies, operator, mlflow, 22)
+    for who in (operator, inventory, local_step):
+        assert _allowed(policies, who, outside, 6443) and _allowed(policies, who, dns, 53, "UDP")
+    assert _allowed(policies, mlflow, outside, 9000) and _allowed(policies, mlflow, outside, 5432)  # bucket, database
+    assert not _allowed(policies, mlflow, outside, 6443)  # MLflow never talks to the API server
+    assert not _allowed(policies, inventory, outside, 9000)
+    assert _allowed(policies, operator, server, 8080)  # canary scrapes and probes
+    assert _allowed(policies, local_step, local_step, 29500)  # DDP between a job's pods
+    assert not _allowed(policies, stranger, local_step, 29500)
+    assert not _allowed(policies, stranger, operator, 8080) and _allowed(policies, stranger, operator, 9090)
+    selected = {tuple(sorted(p["spec"]["podSelector"].get("matchLabels", {}).items())) for p in policies}
+    assert (("app.kubernetes.io/instance", "nmm"),) in selected  # the default deny covers every pod of the release
+
+
+def _cel(expression: str, **activation):
+    import celpy
+
+    env = celpy.Environment()
+    return bool(env.program(env.compile(expression)).evaluate({k: celpy.json_to_cel(v) for k, v in activation.items()}))
+
+
+def _admits(policy: dict, **activation) -> tuple[bool, list[str]]:
+    """(matches, messages of the failed validations) of a ValidatingAdmissionPolicy, its CEL
+    evaluated by cel-python the way the API server evaluates it."""
+    spec = policy["spec"]
+    if not all(_cel(c["expression"], **activation) for c in spec.get("matchConditions", [])):
+        return False, []
+    variables = {}
+    for v in spec.get("variables", []):
+        import celpy
+
+        env = celpy.Environment()
+        variables[v["name"]] = env.program(env.compile(v["expression"])).evaluate(
+            {k: celpy.json_to_cel(x) for k, x in activation.items()} | {"variables": celpy.json_to_cel(variables)})
+    failed = [x["message"] for x in spec["validations"] if not _cel(x["expression"], variables=variables, **activation)]
+    return True, failed
+
+
+def test_admission_policies_hold_training_pods_to_the_image_and_the_inventory_to_its_node():
+    docs = render(values(CHART / "ci" / "minimal-values.yaml"))
+    policies = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ValidatingAdmissionPolicy"}
+    bindings = [d for d in docs if d["kind"] == "ValidatingAdmissionPolicyBinding"]
+    assert {b["spec"]["policyName"] for b in bindings} == set(policies) and all(b["spec"]["validationActions"] == ["Deny"] for b in bindings)
+    training = policies["nmm-nmm-platform-training-pods"]
+
+    from nmm.compile import compile_pipeline
+    from nmm.spec import parse_pipeline
+
+    wf = compile_pipeline(parse_pipeline((ROOT / "workflows" / "quickstart.yaml").read_text()), _operator_settings(docs).compile)
+    job = yaml.safe_load(next(t for t in wf["spec"]["templates"] if "resource" in t)["resource"]["manifest"])
+    step = {"userInfo": {"username": "system:serviceaccount:team-a:nmm-workflow", "extra": {}}}
+    assert _admits(training, request=step, object=job) == (True, [])  # what nmm compiles passes
+    evil = yaml.safe_load(yaml.safe_dump(job))
+    master = evil["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    master["containers"][0]["image"] = "docker.io/evil/miner:1"
+    master["serviceAccountName"] = "cluster-admin-sa"
+    master["volumes"].append({"name": "root", "hostPath": {"path": "/"}})
+    matched, failed = _admits(training, request=step, object=evil)
+    assert matched and len(failed) == 3, failed
+    someone = {"userInfo": {"username": "alice@example.com", "extra": {}}}
+    assert _admits(training, request=someone, object=evil)[0] is False  # people are RBAC's business
+
+    inventory = policies["nmm-nmm-platform-inventory-own-node"]
+    me = {"userInfo": {"username": "system:serviceaccount:nmm:nmm-nmm-platform-inventory",
+                       "extra": {"authentication.kubernetes.io/node-name": ["gpu-1"]}}}
+    node = {"metadata": {"name": "gpu-1", "labels": {"kubernetes.io/hostname": "gpu-1"}}, "spec": {"taints": []}}
+    labelled = yaml.safe_load(yaml.safe_dump(node))
+    labelled["metadata"]["labels"]["nmm.dev/gpu.pool"] = "h100"
+    assert _admits(inventory, request=me, object=labelled, oldObject=node) == (True, [])
+    other = yaml.safe_load(yaml.safe_dump(labelled))
+    other["metadata"]["name"] = "gpu-2"
+    assert _admits(inventory, request=me, object=other, oldObject=node | {"metadata": node["metadata"] | {"name": "gpu-2"}})[1] == [
+        "the inventory labels only the node it runs on"]
+    hijack = yaml.safe_load(yaml.safe_dump(labelled))
+    hijack["metadata"]["labels"]["node-role.kubernetes.io/control-plane"] = ""
+    hijack["spec"]["taints"] = [{"key": "x", "effect": "NoSchedule"}]
+    assert len(_admits(inventory, request=me, object=hijack, oldObject=node)[1]) == 2
