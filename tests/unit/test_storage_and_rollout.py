@@ -9,9 +9,9 @@ def test_publish_writes_manifest_last_with_digests(tmp_path, monkeypatch):
     order = []
     real = storage.publish.__globals__["write_bytes"]
 
-    def spy(uri, data):
+    def spy(uri, data, **kw):
         order.append(uri.rsplit("/", 1)[-1])
-        real(uri, data)
+        real(uri, data, **kw)
 
     monkeypatch.setitem(storage.publish.__globals__, "write_bytes", spy)
     folder = (tmp_path / "out").as_uri()
@@ -95,3 +95,18 @@ def test_lineage_refuses_artifact_paths_that_escape_the_run_s8(bad):
     with pytest.raises(ValueError, match="refusing artifact path"):
         _safe_artifact_path(bad)
     assert _safe_artifact_path("eval") == "eval"
+
+
+def test_an_exclusive_publish_on_a_file_store_commits_once_and_keeps_the_winner(tmp_path):
+    """R21 on a file:// store (hard links): the second writer of other contents gets
+    PublishConflict and the winner's files are untouched; an identical second publish (a
+    retried attempt) is accepted; a create-only write of a taken key is AlreadyExists."""
+    folder = (tmp_path / "out").as_uri()
+    first = storage.publish(folder, {"d.bin": b"first"}, {"by": "a"}, exclusive=True)
+    with pytest.raises(storage.PublishConflict):
+        storage.publish(folder, {"d.bin": b"other"}, {"by": "b"}, exclusive=True)
+    assert storage.read_file(folder, storage.read_manifest(folder, verify=True), "d.bin") == b"first"
+    assert storage.publish(folder, {"d.bin": b"first"}, {"by": "a"}, exclusive=True)["digest"] == first["digest"]
+    with pytest.raises(storage.AlreadyExists):
+        storage.write_bytes(storage.join(folder, "d.bin"), b"x", create_only=True)
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]  # no leftovers

@@ -1,5 +1,5 @@
 """What every command prints to and how it fails: the two consoles, and the exit codes of the
-failures commands share (an unreachable store 129, MLflow 130 or 4)."""
+failures commands share (an unreachable store 129, MLflow 130 or 4, a publish conflict 3)."""
 
 from __future__ import annotations
 
@@ -22,10 +22,13 @@ EXIT_BAD_INPUT = exitcodes.BAD_INPUT
 def exits() -> Iterator[None]:
     """An unreachable store or tracking server as one line and its retryable exit code, not a traceback."""
     from nmm.lineage import TrackingError
-    from nmm.storage import StorageError
+    from nmm.storage import PublishConflict, StorageError
 
     try:
         yield
+    except PublishConflict as exc:  # another writer's outputs are there: retrying will not help
+        err.print(f"error: {exc}", markup=False)
+        raise typer.Exit(exitcodes.CONFLICT)
     except StorageError as exc:
         err.print(f"error: {exc}", markup=False)
         raise typer.Exit(exitcodes.STORE_UNAVAILABLE)

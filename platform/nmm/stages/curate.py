@@ -325,7 +325,7 @@ def _publish(ctx: StageContext, key: str, units: list, builtin: dict[str, int], 
         "shards": shard_list,
         "stats": _stats(cur),
         "curation": {"counts": cur.counts, "leakage": cur.leakage, "dedup": ctx.spec.spec.data.dedup},
-    })
+    }, exclusive=True)  # of two attempts racing on this run's folder exactly one commits (R21)
     return out_uri, manifest, cur
 
 

@@ -193,7 +193,7 @@ def _publish(ctx: StageContext, run_, ds: Dataset, cfg: TrainConfig, model, summ
         "steps": summary["steps"],
         "final_loss": summary.get("final_loss"),
         "cache_key": key,
-    }, written=snapshots)
+    }, written=snapshots, exclusive=True)  # of two attempts racing on this run's folder exactly one commits (R21)
     return out_uri
 
 

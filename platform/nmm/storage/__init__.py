@@ -10,6 +10,7 @@ objects first and the manifest last, so a reader never sees half a folder.
 """
 
 from nmm.storage.objects import (
+    AlreadyExists,
     ObjectInfo,
     StorageError,
     default_store_uri,
@@ -26,10 +27,12 @@ from nmm.storage.objects import (
     write_bytes,
     write_json,
 )
-from nmm.storage.publish import MANIFEST, IntegrityError, publish, read_file, read_manifest, sha256_hex
+from nmm.storage.publish import MANIFEST, IntegrityError, PublishConflict, publish, read_file, read_manifest, sha256_hex
 
 __all__ = [
+    "AlreadyExists",
     "IntegrityError",
+    "PublishConflict",
     "MANIFEST",
     "ObjectInfo",
     "StorageError",

@@ -18,6 +18,17 @@ class StorageError(RuntimeError):
     """An object could not be read or written."""
 
 
+class AlreadyExists(StorageError):
+    """A create-only write found its key taken: another writer got there first."""
+
+
+# Every S3 call: bounded waits (a store that hangs fails, it does not stall a stage for the
+# client's default 5 minutes a try) and retries with exponential backoff on 500/502/503/504 and
+# on connection errors and timeouts (0.5, 1, 2, 4, 8 s). Seconds, overridable for tests.
+S3_TIMEOUT_S = float(os.environ.get("NMM_S3_TIMEOUT_S", "60"))
+S3_RETRIES = int(os.environ.get("NMM_S3_RETRIES", "5"))
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     """One object: its URI, size and version tag (the S3 ETag; a local file's size and mtime)."""
@@ -68,9 +79,17 @@ def _split(uri: str) -> tuple[str, str, str]:
 
 @lru_cache(maxsize=4)
 def _minio(endpoint: str, access: str, secret: str, secure: bool, region: str):
+    import certifi
+    import urllib3
     from minio import Minio
 
-    return Minio(endpoint, access_key=access, secret_key=secret, secure=secure, region=region)
+    http = urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=min(S3_TIMEOUT_S, 10.0), read=S3_TIMEOUT_S), maxsize=10,
+        cert_reqs="CERT_REQUIRED", ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+        retries=urllib3.Retry(total=S3_RETRIES, backoff_factor=0.5, status_forcelist=[500, 502, 503, 504],
+                              allowed_methods=None),  # every S3 call nmm makes is idempotent (create-only puts too)
+    )
+    return Minio(endpoint, access_key=access, secret_key=secret, secure=secure, region=region, http_client=http)
 
 
 def s3_client():
@@ -85,28 +104,47 @@ def s3_client():
     return _minio(endpoint, access, secret, secure, region)
 
 
-def write_bytes(uri: str, data: bytes) -> None:
-    """Write one object atomically: readers see the old object or the whole new one."""
+def write_bytes(uri: str, data: bytes, *, create_only: bool = False) -> None:
+    """Write one object atomically: readers see the old object or the whole new one.
+    `create_only`: only if the key is free (S3's conditional write, If-None-Match: *; a hard
+    link on a file system), else AlreadyExists: of two racing writers exactly one wins."""
     scheme, bucket, key = _split(uri)
     if scheme == "file":
-        path = Path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        _write_file(Path(key), data, create_only, uri)
         return
     client = s3_client()
+    from minio.error import S3Error
+
     try:
-        client.put_object(bucket, key, io.BytesIO(data), len(data))
-    except Exception as exc:  # minio raises S3Error, urllib3 errors, …
+        if create_only:  # (put_object would send the condition as user metadata)
+            client._put_object(bucket, key, data, headers={"If-None-Match": "*", "Content-Type": "application/octet-stream"})
+        else:
+            client.put_object(bucket, key, io.BytesIO(data), len(data))
+    except S3Error as exc:
+        if exc.code in ("PreconditionFailed", "ConditionalRequestConflict"):
+            raise AlreadyExists(f"{uri} exists: another writer created it first") from exc
         raise StorageError(f"cannot write {uri}: {exc}") from exc
+    except Exception as exc:  # urllib3 errors after the retries, …
+        raise StorageError(f"cannot write {uri}: {exc}") from exc
+
+
+def _write_file(path: Path, data: bytes, create_only: bool, uri: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if create_only:
+            try:
+                os.link(tmp, path)  # atomic, and fails if the name is taken
+            except FileExistsError:
+                raise AlreadyExists(f"{uri} exists: another writer created it first") from None
+        else:
+            os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def read_bytes(uri: str) -> bytes:
@@ -141,6 +179,8 @@ def exists(uri: str) -> bool:
         if exc.code in ("NoSuchKey", "NoSuchBucket", "NoSuchObject"):
             return False
         raise StorageError(f"cannot stat {uri}: {exc}") from exc
+    except Exception as exc:  # the store did not answer (after the retries): "cannot tell", never "absent"
+        raise StorageError(f"cannot stat {uri}: {exc}") from exc
 
 
 def delete(uri: str) -> None:
@@ -148,7 +188,10 @@ def delete(uri: str) -> None:
     if scheme == "file":
         Path(key).unlink(missing_ok=True)
         return
-    s3_client().remove_object(bucket, key)
+    try:
+        s3_client().remove_object(bucket, key)
+    except Exception as exc:
+        raise StorageError(f"cannot delete {uri}: {exc}") from exc
 
 
 def write_json(uri: str, obj) -> None:
@@ -167,7 +210,10 @@ def list_names(folder_uri: str) -> list[str]:
         path = Path(key)
         return sorted(p.name for p in path.iterdir() if p.is_file() and not p.name.startswith(".")) if path.is_dir() else []
     prefix = key.rstrip("/") + "/"
-    return sorted(o.object_name[len(prefix):] for o in s3_client().list_objects(bucket, prefix=prefix) if not o.is_dir)
+    try:
+        return sorted(o.object_name[len(prefix):] for o in s3_client().list_objects(bucket, prefix=prefix) if not o.is_dir)
+    except Exception as exc:
+        raise StorageError(f"cannot list {folder_uri}: {exc}") from exc
 
 
 def _file_info(path: Path) -> ObjectInfo:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from nmm.storage.objects import StorageError, exists, join, read_bytes, write_bytes
+from nmm.storage.objects import AlreadyExists, StorageError, exists, join, read_bytes, write_bytes
 
 MANIFEST = "manifest.json"
 
@@ -14,21 +14,29 @@ class IntegrityError(StorageError):
     """A published file's bytes are not the ones its manifest lists (corrupt or tampered)."""
 
 
+class PublishConflict(StorageError):
+    """Another writer published this folder first, with other contents."""
+
+
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def publish(folder_uri: str, files: dict[str, bytes], manifest: dict, written: dict[str, bytes] | None = None) -> dict:
+def publish(folder_uri: str, files: dict[str, bytes], manifest: dict, written: dict[str, bytes] | None = None, *,
+            exclusive: bool = False) -> dict:
     """Write `files` under `folder_uri`, then the manifest listing each with its sha256.
     `written`: files already in the folder (their bytes as written), listed but not rewritten.
 
     Returns the manifest as written; its `digest` is the sha256 of the canonical file list
     plus the caller's fields, so the same content always gets the same digest.
+    `exclusive`: the manifest is written only if none exists (a conditional write): of two
+    writers racing on the folder exactly one commits; the other gets the winner's manifest back
+    when it is the same content, else PublishConflict.
     """
     listing = {}
     for name in sorted(files):
         data = files[name]
-        write_bytes(join(folder_uri, name), data)
+        _write(join(folder_uri, name), data, exclusive)
         listing[name] = {"sha256": sha256_hex(data), "bytes": len(data)}
     for name, data in sorted((written or {}).items()):
         listing[name] = {"sha256": sha256_hex(data), "bytes": len(data)}
@@ -37,8 +45,25 @@ def publish(folder_uri: str, files: dict[str, bytes], manifest: dict, written: d
     body.pop("digest", None)
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
     body["digest"] = "sha256:" + sha256_hex(canonical)
-    write_bytes(join(folder_uri, MANIFEST), json.dumps(body, indent=2, sort_keys=True).encode())
+    try:
+        write_bytes(join(folder_uri, MANIFEST), json.dumps(body, indent=2, sort_keys=True).encode(), create_only=exclusive)
+    except AlreadyExists:
+        winner = json.loads(read_bytes(join(folder_uri, MANIFEST)))
+        if winner.get("digest") != body["digest"]:
+            raise PublishConflict(f"{folder_uri} was published by another writer with other contents "
+                                  f"({winner.get('digest')}, not {body['digest']}); refusing to replace it") from None
+        return winner
     return body
+
+
+def _write(uri: str, data: bytes, exclusive: bool) -> None:
+    """A data file of a publish. Exclusive: never over another writer's file; the same bytes
+    already there (our own earlier, interrupted attempt, or an identical racer) are kept."""
+    try:
+        write_bytes(uri, data, create_only=exclusive)
+    except AlreadyExists:
+        if sha256_hex(read_bytes(uri)) != sha256_hex(data):
+            raise PublishConflict(f"{uri} holds another writer's different bytes; refusing to replace them") from None
 
 
 def read_manifest(folder_uri: str, verify: bool = False) -> dict | None:
