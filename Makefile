@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/serve_load.py
 	$(PY) benchmarks/generate.py --device cpu
 	$(PY) benchmarks/gpu_check.py --device cpu
+	$(PY) benchmarks/operator_load.py
 
 golden: $(STAMP)
 	NMM_UPDATE_GOLDEN=1 $(VENV)/bin/pytest -q tests/unit/test_compile.py tests/unit/test_crd.py tests/unit/test_chart.py

@@ -50,10 +50,10 @@ def test_a_crash_while_writing_the_commit_marker_leaves_the_previous_checkpoint_
     checkpoint.save(root, 4, {"w": torch.ones(2)}, keep_latest=2)
     real = storage.publish.__globals__["write_bytes"]
 
-    def crash_on_manifest(uri, data):
+    def crash_on_manifest(uri, data, **kw):
         if uri.endswith("manifest.json"):
             raise OSError("disk full")  # the process dies here in real life
-        real(uri, data)
+        real(uri, data, **kw)
 
     monkeypatch.setitem(storage.publish.__globals__, "write_bytes", crash_on_manifest)
     with pytest.raises(OSError):

@@ -45,13 +45,13 @@ def api(emu) -> client.CustomObjectsApi:
 
 
 class Operator:
-    def __init__(self, url: str, log: Path, settings: Path):
-        self.url, self.log, self.settings, self.proc = url, log, settings, None
+    def __init__(self, url: str, log: Path, settings: Path, verbose: bool = True):
+        self.url, self.log, self.settings, self.proc, self.verbose = url, log, settings, None, verbose
 
     def start(self) -> "Operator":
         env = dict(os.environ, NMM_KUBE_SERVER=self.url, NMM_OPERATOR_SETTINGS=str(self.settings))
         self.proc = subprocess.Popen(
-            [KOPF, "run", "--standalone", "--all-namespaces", "-m", "nmm_operator.handlers", "--verbose"],
+            [KOPF, "run", "--standalone", "--all-namespaces", "-m", "nmm_operator.handlers"] + (["--verbose"] if self.verbose else []),
             env=env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
         )
         return self

@@ -129,8 +129,13 @@ def write_bytes(uri: str, data: bytes, *, create_only: bool = False) -> None:
 
 
 def _write_file(path: Path, data: bytes, create_only: bool, uri: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Temporary file, fsync, then rename (or link): a full disk or a crash leaves the old object,
+    never a partial one; the temporary file is removed either way."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise StorageError(f"cannot write {uri}: {exc.strerror}") from exc
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -143,6 +148,8 @@ def _write_file(path: Path, data: bytes, create_only: bool, uri: str) -> None:
                 raise AlreadyExists(f"{uri} exists: another writer created it first") from None
         else:
             os.replace(tmp, path)
+    except OSError as exc:  # ENOSPC, EDQUOT, EIO, …
+        raise StorageError(f"cannot write {uri}: {exc.strerror}") from exc
     finally:
         Path(tmp).unlink(missing_ok=True)
 
