@@ -1,5 +1,5 @@
-"""The acceptance of `nmm run --resume` on the quickstart itself (a shorter budget: 200 steps,
-a checkpoint every 40): `nmm run` killed with SIGKILL while train runs (after its first
+"""The acceptance of `nmm run --resume` on the quickstart itself (a shorter budget: 120 steps,
+a checkpoint every 30): `nmm run` killed with SIGKILL while train runs (after its first
 checkpoint; the trainer's processes live on as orphans), then `nmm run FILE --resume RUN`.
 
 Must hold: curate is not rerun; the orphans are stopped; train resumes from its checkpoint; the
@@ -25,9 +25,9 @@ pytestmark = pytest.mark.slow
 def short_quickstart(path: Path) -> Path:
     doc = yaml.safe_load((WORKFLOWS / "quickstart.yaml").read_text())
     pretrain, sft = doc["spec"]["training"]["phases"]
-    pretrain.update(steps=80, warmupSteps=10)
-    sft.update(steps=120, warmupSteps=10)
-    doc["spec"]["training"]["checkpoint"] = {"intervalSteps": 40, "keepLatest": 2}
+    pretrain.update(steps=40, warmupSteps=10)
+    sft.update(steps=80, warmupSteps=10)
+    doc["spec"]["training"]["checkpoint"] = {"intervalSteps": 30, "keepLatest": 2}
     doc["spec"]["evaluation"]["gates"] = ["m2t.digits.accuracy >= 0.0", "m2g.digits.accuracy >= 0.0"]
     path.write_text(yaml.safe_dump(doc))
     return path
