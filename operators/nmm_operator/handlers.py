@@ -19,6 +19,7 @@ from kubernetes.client.exceptions import ApiException
 
 from nmm.gpu.pools import PlacementError
 from nmm.spec import SpecError
+from nmm.spec.crd import ANNOTATION_RETRY
 from nmm_operator import builders, kube, settings as operator_settings, status
 
 GROUP, VERSION, PLURAL = kube.GROUP, kube.VERSION, kube.PLURAL
@@ -122,6 +123,33 @@ def recheck(body, meta, memo: kopf.Memo, patch: kopf.Patch, **_) -> None:
         return
     patch.status.update(status.child_missing(name, recreate, _now()))
     kopf.warn(body, reason="WorkflowMissing", message=patch.status["message"])
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL, annotations={ANNOTATION_RETRY: kopf.PRESENT}, id="nmm-retry")
+def retry(body, meta, type, **_) -> None:
+    """`nmm retry NAME` (a new value of the nmm.dev/retry annotation): the current generation's
+    Workflow, if it failed, is retried the way `argo retry` does it: its succeeded steps are
+    kept, the failed ones run again (training resumes from its checkpoint: the run's identity is
+    unchanged). Level-triggered and replay-safe: the value handled is kept in status.retryRequest
+    (kopf leaves annotations under its own nmm.dev/ prefix out of its diffs, so this is an event
+    handler). Counted in status.retries, told in an event; a Workflow that has not failed is not
+    retried, and the event says why."""
+    value, st = meta["annotations"][ANNOTATION_RETRY], body.get("status") or {}
+    if type == "DELETED" or value == st.get("retryRequest"):
+        return
+    ns, name = meta["namespace"], builders.workflow_name(meta["name"], meta.get("generation", 1))
+    wf = kube.get_workflow(ns, name)
+    phase = (wf.get("status") or {}).get("phase") if wf is not None else None
+    update = {"retryRequest": value}
+    if wf is None or not builders.owned_by(wf, meta["uid"]):
+        kopf.warn(body, reason="RetryRefused", message=f"no workflow {name} of this pipeline to retry")
+    elif phase not in ("Failed", "Error"):
+        kopf.info(body, reason="RetryIgnored", message=f"workflow {name} is {phase or 'Pending'}: only a failed one is retried")
+    else:
+        kube.retry_workflow(ns, name, status.retry_patch(wf))
+        update["retries"] = int(st.get("retries") or 0) + 1
+        kopf.info(body, reason="WorkflowRetried", message=f"retrying workflow {name}: its failed steps run again")
+    kube.patch_pipeline_status(ns, meta["name"], update)
 
 
 # NMMService's handlers register with kopf when this module (the one `kopf run -m` names) loads.

@@ -104,3 +104,8 @@ def suspended_jobs(namespace: str, workflow: str) -> list[str]:
         if suspended or ((job.get("spec") or {}).get("runPolicy") or {}).get("suspend"):
             out.append(job["metadata"]["name"])
     return sorted(out)
+
+
+def retry_workflow(namespace: str, name: str, patch: dict) -> None:
+    """Apply `status.retry_patch` (what `argo retry` does) as a merge patch."""
+    kubeclient.custom_objects().patch_namespaced_custom_object(WF_GROUP, WF_VERSION, namespace, WF_PLURAL, name, patch)

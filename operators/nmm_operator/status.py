@@ -122,3 +122,38 @@ def transition(old: dict | None, new: dict) -> tuple[str, str] | None:
     if new.get("stage") and old.get("stage") != new.get("stage"):
         return "StageStarted", f"stage {new['stage']} running"
     return None
+
+
+# Node types that stand for a group of steps (kept, reset to Running, when a step under them is retried).
+_BOUNDARIES = ("DAG", "Steps", "StepGroup", "TaskGroup", "Retry")
+
+
+def retry_patch(wf: dict) -> dict:
+    """The merge patch that does to a failed Workflow what `argo retry` does (the argo-server's
+    FormulateRetryWorkflow): nodes that succeeded or were skipped stay (their steps are not run
+    again); failed and errored steps, the exit handler's nodes and everything omitted are dropped,
+    so the controller schedules them anew; the groups above a dropped step are Running again, and
+    so is the Workflow."""
+    nodes = (wf.get("status") or {}).get("nodes") or {}
+    exit_handler = wf.get("spec", {}).get("onExit")
+    on_exit = {i for i, n in nodes.items() if exit_handler and n.get("templateName") == exit_handler}
+    for i, n in nodes.items():  # everything under the exit handler goes with it
+        if any(p in on_exit for p in _ancestors(nodes, i)):
+            on_exit.add(i)
+    dropped = {i for i, n in nodes.items() if i in on_exit or (
+        n.get("type") not in _BOUNDARIES and n.get("phase") not in ("Succeeded", "Skipped"))}
+    reset = {p for i in dropped if i not in on_exit for p in _ancestors(nodes, i)}
+    patch_nodes: dict = {i: None for i in dropped}
+    for i in reset - dropped:
+        patch_nodes[i] = {"phase": "Running", "finishedAt": None, "message": None}
+    return {"metadata": {"labels": {"workflows.argoproj.io/completed": "false"}},
+            "status": {"phase": "Running", "finishedAt": None, "message": None, "nodes": patch_nodes}}
+
+
+def _ancestors(nodes: dict, node_id: str) -> list[str]:
+    parents = {c: i for i, n in nodes.items() for c in n.get("children", [])}
+    out, cur = [], parents.get(node_id)
+    while cur is not None and cur not in out:
+        out.append(cur)
+        cur = parents.get(cur)
+    return out

@@ -182,6 +182,53 @@ def test_a_training_job_kueue_holds_makes_the_pipeline_queued_until_admitted(api
     wait_for(lambda: get(api, "ns-queue", "qs").get("status", {}).get("phase") == "Running", 15, "Running once admitted")
 
 
+def test_nmm_retry_retries_the_failed_workflow_like_argo_retry(api, operator, emu):
+    """`nmm retry NAME -n NS` sets the nmm.dev/retry annotation; the operator resets the failed
+    Workflow the way `argo retry` does: succeeded steps stay, the failed step's nodes and the exit
+    handler's go, the groups above them and the Workflow are Running again; status.retries counts
+    it and an event says so. A retry of a Workflow that has not failed is refused with an event."""
+    from nmm import cluster
+
+    create(api, "ns-retry", pipeline("qs"))
+    wait_for(lambda: workflows(api, "ns-retry"), what="a workflow")
+    nodes = {
+        "qs-g1": {"id": "qs-g1", "displayName": "qs-g1", "type": "DAG", "phase": "Failed", "templateName": "pipeline",
+                  "children": ["c", "t"]},
+        "c": {"id": "c", "displayName": "curate", "type": "Pod", "phase": "Succeeded", "templateName": "curate"},
+        "t": {"id": "t", "displayName": "train", "type": "Retry", "phase": "Failed", "templateName": "train", "children": ["t0"]},
+        "t0": {"id": "t0", "displayName": "train(0)", "type": "Pod", "phase": "Failed", "templateName": "train"},
+        "f": {"id": "f", "displayName": "finalize", "type": "Pod", "phase": "Succeeded", "templateName": "finalize"},
+    }
+    api.patch_namespaced_custom_object("argoproj.io", "v1alpha1", "ns-retry", "workflows", "qs-g1",
+                                       {"status": {"phase": "Failed", "finishedAt": "2026-11-30T10:00:00Z", "nodes": nodes}})
+    wait_for(lambda: get(api, "ns-retry", "qs").get("status", {}).get("phase") == "Failed", what="Failed")
+    os.environ["NMM_KUBE_SERVER"] = emu.url
+    try:
+        cluster.retry("qs", "ns-retry")
+    finally:
+        del os.environ["NMM_KUBE_SERVER"]
+    wf = wait_for(lambda: (w := api.get_namespaced_custom_object("argoproj.io", "v1alpha1", "ns-retry", "workflows", "qs-g1"))
+                  ["status"]["phase"] == "Running" and w, what="the workflow retried")
+    assert set(wf["status"]["nodes"]) == {"qs-g1", "c", "t"}  # failed pod and exit handler dropped, curate kept
+    assert wf["status"]["nodes"]["t"]["phase"] == "Running" and wf["status"]["nodes"]["qs-g1"]["phase"] == "Running"
+    assert wf["status"]["nodes"]["c"]["phase"] == "Succeeded" and "finishedAt" not in wf["status"]
+    assert wf["metadata"]["labels"]["workflows.argoproj.io/completed"] == "false"
+    assert wait_for(lambda: get(api, "ns-retry", "qs").get("status", {}).get("retries") == 1, what="status.retries")
+
+    def reasons() -> set:
+        events = [o.raw for (res, ns, _), o in list(emu.emulator.objects.items()) if res.plural == "events" and not o.deleted]
+        return {e.get("reason") for e in events if e.get("involvedObject", {}).get("name") == "qs"}
+
+    wait_for(lambda: "WorkflowRetried" in reasons(), what="the WorkflowRetried event")
+    os.environ["NMM_KUBE_SERVER"] = emu.url
+    try:
+        cluster.retry("qs", "ns-retry")  # running now: nothing to retry
+    finally:
+        del os.environ["NMM_KUBE_SERVER"]
+    wait_for(lambda: "RetryIgnored" in reasons(), what="the RetryIgnored event")
+    assert get(api, "ns-retry", "qs")["status"]["retries"] == 1
+
+
 def test_deleting_the_pipeline_garbage_collects_its_workflow_r5(api, operator):
     create(api, "ns-delete", pipeline("qs"))
     wait_for(lambda: workflows(api, "ns-delete"), what="a workflow")

@@ -184,9 +184,18 @@ def run(
 
 
 @app.command()
-def retry(run_name: str = typer.Argument(..., metavar="RUN", help="A local run (see .nmm/runs)")) -> None:
+def retry(run_name: str = typer.Argument(..., metavar="RUN", help="A local run (see .nmm/runs), or with -n a pipeline"),
+          namespace: Optional[str] = typer.Option(None, "--namespace", "-n", help="Retry the pipeline RUN on the cluster")) -> None:
     """Resume a failed or killed local run with the Workflow it ran (`nmm run FILE --resume RUN`
-    without the file): succeeded steps are kept, training resumes from its latest checkpoint."""
+    without the file): succeeded steps are kept, training resumes from its latest checkpoint.
+    With -n: the operator retries the pipeline's failed Workflow the way `argo retry` does."""
+    if namespace is not None:
+        from nmm import cluster
+
+        value = _cluster_call(cluster.retry, run_name, namespace)
+        out.print(f"nmmpipeline {namespace}/{run_name}: retry asked (nmm.dev/retry={value}); follow it: "
+                  f"nmm status {run_name} -n {namespace}")
+        return
     import yaml
 
     from nmm.engine.runner import WORKFLOW_FILE

@@ -13,6 +13,7 @@ from nmm.spec.serving import ServiceBody
 
 GROUP, VERSION = API_VERSION.split("/")
 PLURAL = "nmmpipelines"
+ANNOTATION_RETRY = "nmm.dev/retry"  # `nmm retry NAME -n NS`: any new value asks the operator to retry the failed Workflow
 SERVICE_PLURAL = "nmmservices"
 # Not allowed in a structural schema. propertyNames (the allowed keys of a map such as
 # lossWeights) is enforced by the operator's pydantic validation instead.
@@ -78,6 +79,7 @@ def status_schema() -> dict:
             "champion": {"type": "string"},
             "workflow": {"type": "string"},
             "observedGeneration": {"type": "integer"},
+            "retries": {"type": "integer", "description": "Times `nmm retry` retried the failed Workflow."},
         },
     }
 
