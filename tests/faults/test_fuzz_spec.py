@@ -74,6 +74,17 @@ def check(problems: list[str]) -> None:
         assert FIELD.match(p), f"no field path or location: {p[:200]!r}"
 
 
+def accepted_or_refused(parse) -> None:
+    """The parse either refuses with well-formed problems or accepts a spec that compiles;
+    any other exception fails the test (a traceback a user would see)."""
+    try:
+        spec = parse()
+    except SpecError as exc:
+        check(exc.problems)
+        return
+    accepted_compiles(spec)
+
+
 def accepted_compiles(spec) -> None:
     try:
         compile_pipeline(spec, CompileSettings())
@@ -84,13 +95,7 @@ def accepted_compiles(spec) -> None:
 @FUZZ
 @given(st.sampled_from(PATHS), st.sampled_from(["replace", "delete", "add", "wrap"]), VALUES)
 def test_a_mutated_quickstart_is_accepted_or_refused_with_field_paths(path, op, value):
-    doc = mutate(QUICKSTART, path, op, value)
-    try:
-        spec = parse_pipeline_document(doc, "fuzz")
-    except SpecError as exc:
-        check(exc.problems)
-        return
-    accepted_compiles(spec)
+    accepted_or_refused(lambda: parse_pipeline_document(mutate(QUICKSTART, path, op, value), "fuzz"))
 
 
 @FUZZ
@@ -98,12 +103,7 @@ def test_a_mutated_quickstart_is_accepted_or_refused_with_field_paths(path, op, 
                  st.builds(lambda path, op, v: yaml.safe_dump(mutate(QUICKSTART, path, op, v), allow_unicode=True),
                            st.sampled_from(PATHS), st.sampled_from(["replace", "delete", "add", "wrap"]), VALUES)))
 def test_random_text_and_yaml_never_escape_the_parser(text):
-    try:
-        spec = parse_pipeline(text, "fuzz.yaml")
-    except SpecError as exc:
-        check(exc.problems)
-        return
-    accepted_compiles(spec)
+    accepted_or_refused(lambda: parse_pipeline(text, "fuzz.yaml"))
 
 
 @pytest.mark.parametrize("path,op,value,named", [

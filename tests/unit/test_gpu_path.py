@@ -35,23 +35,22 @@ class Reads:
 
             monkeypatch.setattr(torch.Tensor, name, read)
 
-    def during(self, fn):
+    def _counting(self, fn, on: bool):
         def wrapped(*a, **k):
-            before, self.on = self.on, True
+            before, self.on = self.on, on
             try:
                 return fn(*a, **k)
             finally:
                 self.on = before
         return wrapped
 
+    def during(self, fn):
+        """`fn` with its host reads counted."""
+        return self._counting(fn, True)
+
     def paused(self, fn):
-        def wrapped(*a, **k):
-            before, self.on = self.on, False
-            try:
-                return fn(*a, **k)
-            finally:
-                self.on = before
-        return wrapped
+        """`fn` with its host reads not counted (host-side work inside a counted call)."""
+        return self._counting(fn, False)
 
 
 def tiny(**kw) -> ModelConfig:
