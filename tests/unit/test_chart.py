@@ -175,6 +175,7 @@ def test_rendering_without_a_secret_fails_with_a_clear_message_s9(missing, messa
     ({"image": {"tag": "latest"}}, "/image/tag"),
     ({"gpuPools": {"h100": {"product": "x", "memoryGiB": "80", "gpusPerNode": 8}}}, "memoryGiB"),
     ({"unknownTopLevel": 1}, "unknownTopLevel"),
+    ({"argo-workflows": {"enabled": True, "server": {"authModes": ["server"]}}}, "authModes"),  # S5
 ])
 def test_values_schema_rejects_unknown_keys_and_wrong_types_s10(bad, where):
     vals = values(CHART / "ci" / "minimal-values.yaml") | bad
