@@ -143,3 +143,17 @@ def test_an_engine_killed_mid_step_leaves_a_whole_record_and_the_resume_stops_it
     lift.join()
     assert again.phase == "Succeeded" and runs_of(tmp_path / "a.count") == 1
     assert not ours(orphan)  # stopped (SIGTERM) before the step ran again
+
+
+def test_nmm_retry_of_an_unknown_or_old_run_says_so_with_exit_2(tmp_path):
+    from tests.conftest import NMM
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "NMM_STORE", "NMM_S3_ENDPOINT")}
+    env["NMM_HOME"] = str(tmp_path / ".nmm")
+    r = subprocess.run([NMM, "retry", "nowhere-1"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "no local run named nowhere-1" in r.stderr and "Traceback" not in r.stderr
+    old = tmp_path / ".nmm" / "runs" / "old-1"
+    old.mkdir(parents=True)
+    (old / "workflow.yaml").write_text("kind: Workflow\n")
+    r = subprocess.run([NMM, "retry", "old-1"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "nmm run FILE --resume old-1" in r.stderr

@@ -203,8 +203,12 @@ def retry(run_name: str = typer.Argument(..., metavar="RUN", help="A local run (
     from nmm.spec.parse import parse_json
 
     folder = home_dir() / "runs" / run_name
-    if not (folder / WORKFLOW_FILE).is_file() or not (folder / SPEC_FILE).is_file():
+    if not (folder / WORKFLOW_FILE).is_file():
         err.print(f"[red]error[/]: no local run named {run_name} (looked in {folder.parent})", highlight=False)
+        raise typer.Exit(EXIT_BAD_INPUT)
+    if not (folder / SPEC_FILE).is_file():
+        err.print(f"[red]error[/]: run {run_name} was made by an older nmm (no {SPEC_FILE}); resume it with "
+                  f"nmm run FILE --resume {run_name}", highlight=False)
         raise typer.Exit(EXIT_BAD_INPUT)
     workflow = yaml.safe_load((folder / WORKFLOW_FILE).read_text())
     _run_local(workflow, parse_json((folder / SPEC_FILE).read_text(), str(folder / SPEC_FILE)), run_name, True)
