@@ -29,7 +29,8 @@ def faulty(s3_server, monkeypatch):
     monkeypatch.setenv("NMM_S3_ACCESS_KEY", s3_server["access_key"])
     monkeypatch.setenv("NMM_S3_SECRET_KEY", s3_server["secret_key"])
     monkeypatch.setattr(objects, "S3_TIMEOUT_S", 1.0)  # a hang shows within a second a try
-    monkeypatch.setattr(objects, "S3_RETRIES", 3)  # backoff 0.5, 1, 2 s
+    monkeypatch.setattr(objects, "S3_RETRIES", 3)
+    monkeypatch.setattr(objects, "S3_BACKOFF_S", 0.5)  # backoff 0.5, 1, 2 s
     objects._minio.cache_clear()
     yield proxy
     objects._minio.cache_clear()
