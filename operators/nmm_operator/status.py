@@ -135,14 +135,15 @@ def retry_patch(wf: dict) -> dict:
     so the controller schedules them anew; the groups above a dropped step are Running again, and
     so is the Workflow."""
     nodes = (wf.get("status") or {}).get("nodes") or {}
+    parents = {c: i for i, n in nodes.items() for c in n.get("children", [])}
     exit_handler = wf.get("spec", {}).get("onExit")
     on_exit = {i for i, n in nodes.items() if exit_handler and n.get("templateName") == exit_handler}
-    for i, n in nodes.items():  # everything under the exit handler goes with it
-        if any(p in on_exit for p in _ancestors(nodes, i)):
+    for i in nodes:  # everything under the exit handler goes with it
+        if any(p in on_exit for p in _ancestors(parents, i)):
             on_exit.add(i)
     dropped = {i for i, n in nodes.items() if i in on_exit or (
         n.get("type") not in _BOUNDARIES and n.get("phase") not in ("Succeeded", "Skipped"))}
-    reset = {p for i in dropped if i not in on_exit for p in _ancestors(nodes, i)}
+    reset = {p for i in dropped if i not in on_exit for p in _ancestors(parents, i)}
     patch_nodes: dict = {i: None for i in dropped}
     for i in reset - dropped:
         patch_nodes[i] = {"phase": "Running", "finishedAt": None, "message": None}
@@ -150,8 +151,8 @@ def retry_patch(wf: dict) -> dict:
             "status": {"phase": "Running", "finishedAt": None, "message": None, "nodes": patch_nodes}}
 
 
-def _ancestors(nodes: dict, node_id: str) -> list[str]:
-    parents = {c: i for i, n in nodes.items() for c in n.get("children", [])}
+def _ancestors(parents: dict[str, str], node_id: str) -> list[str]:
+    """The node's parent, its parent's, … (`parents`: child id → parent id)."""
     out, cur = [], parents.get(node_id)
     while cur is not None and cur not in out:
         out.append(cur)

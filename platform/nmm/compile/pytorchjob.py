@@ -37,8 +37,7 @@ def check_memory(spec: PipelineSpec, gpu_memory_gib: float) -> memory.MemoryEsti
     vocab = SharedVocab(m.tokenizers.text.vocab_size, m.tokenizers.image.codebook_size).size
     cfg = ModelConfig(vocab_size=vocab, dim=m.size.dim, layers=m.size.layers, heads=m.size.heads, qk_norm=m.qk_norm)
     rows = -(-max(p.batch_size for p in t.phases) // (r.nodes * r.procs_per_node))
-    shape = dict(dim=cfg.dim, layers=cfg.layers, heads=cfg.heads, vocab=cfg.vocab_size, seq_len=estimated_seq_len(spec),
-                 ffn_dim=cfg.ffn_dim, qk_norm=cfg.qk_norm)
+    shape = memory.model_shape(cfg, estimated_seq_len(spec))
     micro = memory.largest_micro_batch(rows, gpu_memory_gib, **shape)
     if micro is None:
         raise pools.PlacementError(

@@ -33,6 +33,13 @@ USABLE_FRACTION = 0.92  # leave headroom for fragmentation
 LOSS_CHUNK_TOKENS = 2048  # nmm.train.loss.CHUNK_TOKENS (nmm.gpu sits below nmm.train: kept equal by a test)
 
 
+def model_shape(cfg, seq_len: int) -> dict:
+    """`estimate`'s shape arguments of a model config (nmm.model.ModelConfig's dim, layers,
+    heads, vocab_size, ffn_dim, qk_norm: read by name, nmm.gpu sits below nmm.model)."""
+    return dict(dim=cfg.dim, layers=cfg.layers, heads=cfg.heads, vocab=cfg.vocab_size, seq_len=seq_len,
+                ffn_dim=cfg.ffn_dim, qk_norm=cfg.qk_norm)
+
+
 def count_params(dim: int, layers: int, heads: int, vocab: int, ffn_dim: int, qk_norm: bool) -> int:
     """Exactly nmm.model.Transformer's count: attention, SwiGLU (`ffn_dim` as the model config
     derives it), norms (and QK-norm when on), embeddings, head."""

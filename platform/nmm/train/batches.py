@@ -109,6 +109,11 @@ def pack_batch(x: torch.Tensor, m: torch.Tensor, length: int,
     return torch.from_numpy(p["tokens"]).long().to(x.device), mask.to(x.device), extra
 
 
+def to_device(t: torch.Tensor | None, device) -> torch.Tensor | None:
+    """A host tensor (or None) moved without waiting for the copy."""
+    return None if t is None else t.to(device, non_blocking=True)
+
+
 @dataclass
 class Batch:
     """One rank's share of a step's batch: made on the host (so trimming and packing read the
@@ -120,8 +125,7 @@ class Batch:
     given: torch.Tensor  # rows whose image is an input (M2T), not a target (M2G)
 
     def to(self, device) -> "Batch":
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(move(self.x), move(self.m), move(self.patches), move(self.given))
+        return Batch(*(to_device(t, device) for t in (self.x, self.m, self.patches, self.given)))
 
 
 @dataclass(frozen=True, kw_only=True)

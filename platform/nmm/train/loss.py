@@ -46,13 +46,18 @@ def _parts(per_token: torch.Tensor, norms: torch.Tensor | None, mask: torch.Tens
     return out
 
 
-def _targets(tokens: torch.Tensor, loss_mask: torch.Tensor, image_range, weights, total: torch.Tensor | None = None):
-    """(targets, mask, is_text, is_image, per-target weight / total weight) for positions 0…T-2;
-    `total` defaults to these targets' own weight."""
+def _weighted(tokens: torch.Tensor, loss_mask: torch.Tensor, image_range, weights):
+    """(targets, mask, is_text, is_image, per-target weight) for positions 0…T-2."""
     targets = tokens[:, 1:].long()
     mask = loss_mask[:, 1:].float()
     is_text, is_image = _modality(targets, mask, image_range)
-    w = weights[0] * is_text + weights[1] * is_image
+    return targets, mask, is_text, is_image, weights[0] * is_text + weights[1] * is_image
+
+
+def _targets(tokens: torch.Tensor, loss_mask: torch.Tensor, image_range, weights, total: torch.Tensor | None = None):
+    """`_weighted` with the weights divided by the total weight; `total` defaults to these
+    targets' own."""
+    targets, mask, is_text, is_image, w = _weighted(tokens, loss_mask, image_range, weights)
     return targets, mask, is_text, is_image, w / (w.sum() if total is None else total).clamp(min=1e-9)
 
 
@@ -60,8 +65,7 @@ def target_weight(tokens: torch.Tensor, loss_mask: torch.Tensor, image_range: tu
                   weights: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
     """The summed weight of a batch's targets: the `total` that makes the losses of its
     micro-batches add up to the loss of the whole batch."""
-    is_text, is_image = _modality(tokens[:, 1:].long(), loss_mask[:, 1:].float(), image_range)
-    return (weights[0] * is_text + weights[1] * is_image).sum()
+    return _weighted(tokens, loss_mask, image_range, weights)[-1].sum()
 
 
 def merge_parts(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -82,8 +82,7 @@ def micro_batch(model: ModelConfig, rows: int, requested: int | None, p: Paralle
     if device.type != "cuda":
         return None
     gib = torch.cuda.get_device_properties(device).total_memory / memory.GIB
-    shape = dict(dim=model.dim, layers=model.layers, heads=model.heads, vocab=model.vocab_size, seq_len=model.max_seq_len,
-                 ffn_dim=model.ffn_dim, qk_norm=model.qk_norm, precision="bf16" if p.dtype(device) else "fp32")
+    shape = memory.model_shape(model, model.max_seq_len) | {"precision": "bf16" if p.dtype(device) else "fp32"}
     n = memory.largest_micro_batch(rows, gib, **shape)
     if n is None:
         logger.warning("one row is estimated not to fit this %.0f GiB GPU (%s); trying one row per forward", gib,

@@ -24,7 +24,7 @@ from nmm.model import ModelConfig
 from nmm.model.generate import generate
 from nmm.model.transformer import image_spans
 from nmm.tokenizers.vocab import EOI, EOS, PAD
-from nmm.train.batches import Batch, pack_batch
+from nmm.train.batches import Batch, pack_batch, to_device
 from nmm.train.loss import head_loss, reverse_kl_loss
 
 
@@ -101,8 +101,8 @@ class Laid:
     extra: dict
 
     def to(self, device) -> "Laid":
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Laid(move(self.x), move(self.m), move(self.patches), {k: move(v) for k, v in self.extra.items()})
+        return Laid(*(to_device(t, device) for t in (self.x, self.m, self.patches)),
+                    {k: to_device(v, device) for k, v in self.extra.items()})
 
     def split(self, rows: int) -> list["Laid"]:
         """Micro-batches of `rows` rows each (the last may be smaller)."""
