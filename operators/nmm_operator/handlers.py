@@ -146,9 +146,11 @@ def retry(body, meta, type, **_) -> None:
     elif phase not in ("Failed", "Error"):
         kopf.info(body, reason="RetryIgnored", message=f"workflow {name} is {phase or 'Pending'}: only a failed one is retried")
     else:
+        deleted = kube.delete_failed_jobs(ns, wf)  # first: a failure here leaves the Workflow failed, retried next event
         kube.retry_workflow(ns, name, status.retry_patch(wf))
         update["retries"] = int(st.get("retries") or 0) + 1
-        kopf.info(body, reason="WorkflowRetried", message=f"retrying workflow {name}: its failed steps run again")
+        gone = f" (deleted the failed {', '.join(deleted)})" if deleted else ""
+        kopf.info(body, reason="WorkflowRetried", message=f"retrying workflow {name}: its failed steps run again{gone}")
     kube.patch_pipeline_status(ns, meta["name"], update)
 
 

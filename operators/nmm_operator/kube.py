@@ -106,6 +106,46 @@ def suspended_jobs(namespace: str, workflow: str) -> list[str]:
     return sorted(out)
 
 
+# The jobs a Workflow's resource steps create, and how each says it failed for good.
+JOBS = (("kubeflow.org", "v1", "pytorchjobs"), ("ray.io", "v1", "rayjobs"))
+
+
+def _failed(job: dict) -> bool:
+    st = job.get("status") or {}
+    if any(c.get("type") == "Failed" and c.get("status") == "True" for c in st.get("conditions") or []):
+        return True  # PyTorchJob
+    return st.get("jobStatus") in ("FAILED", "STOPPED") or st.get("jobDeploymentStatus") == "Failed"  # RayJob
+
+
+def delete_failed_jobs(namespace: str, wf: dict) -> list[str]:
+    """Delete the failed PyTorchJobs and RayJobs of this Workflow (its `nmm.dev/run` label AND
+    an ownerReference to its UID: nothing else is touched), so that the retried step can create
+    its job under the same name (a `create` of an existing name fails: argo-workflows#6150).
+    A kind whose CRD is not installed has none (404). Returns "kind/name" of each deleted."""
+    name, uid = wf["metadata"]["name"], wf["metadata"]["uid"]
+    deleted = []
+    for group, version, plural in JOBS:
+        try:
+            found = kubeclient.custom_objects().list_namespaced_custom_object(
+                group, version, namespace, plural, label_selector=f"nmm.dev/run={name}")
+        except ApiException as exc:
+            if exc.status == 404:
+                continue
+            raise
+        for job in found.get("items", []):
+            owners = job["metadata"].get("ownerReferences") or []
+            if not _failed(job) or not any(o.get("uid") == uid for o in owners):
+                continue
+            try:
+                kubeclient.custom_objects().delete_namespaced_custom_object(
+                    group, version, namespace, plural, job["metadata"]["name"], propagation_policy="Background")
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+            deleted.append(f"{plural}/{job['metadata']['name']}")
+    return deleted
+
+
 def retry_workflow(namespace: str, name: str, patch: dict) -> None:
     """Apply `status.retry_patch` (what `argo retry` does) as a merge patch."""
     kubeclient.custom_objects().patch_namespaced_custom_object(WF_GROUP, WF_VERSION, namespace, WF_PLURAL, name, patch)

@@ -96,3 +96,35 @@ def test_missing_output_parameter_fails_the_step(tmp_path):
     wf = workflow([{"name": "a", "template": "a"}], [step("a", "print('no output written')", outputs=["x"])])
     r = run_workflow(wf, tmp_path)
     assert r.phase == "Failed" and "was not written" in r.steps["a"].message
+
+
+def pytorchjob_step(name: str, code: str, backoff_limit: int, nproc_replicas: int = 2) -> dict:
+    """A train-like resource step: a PyTorchJob of `nproc_replicas` pods running `code`."""
+    import yaml
+
+    pod = {"spec": {"containers": [{"name": "pytorch", "image": "x:1", "command": [PY, "-c", code], "args": []}]}}
+    job = {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "metadata": {"name": "{{workflow.name}}-train"},
+           "spec": {"pytorchReplicaSpecs": {"Master": {"replicas": 1, "template": pod},
+                                            "Worker": {"replicas": nproc_replicas - 1, "template": pod}},
+                    "runPolicy": {"backoffLimit": backoff_limit}}}
+    return {"name": name, "retryStrategy": {"limit": "0"}, "activeDeadlineSeconds": "60",
+            "resource": {"action": "create", "manifest": yaml.safe_dump(job)}}
+
+
+def test_a_pytorchjob_whose_replica_dies_is_started_again_within_its_backoff_limit_r19(tmp_path):
+    """Fault: one replica (rank 1) dies on its first two starts. Must hold: the whole group starts
+    again, as many times as `runPolicy.backoffLimit` allows and no more; the restarts are
+    recorded and written into the step's log."""
+    marker = tmp_path / "starts"
+    code = (f"import os,pathlib,sys; p=pathlib.Path({str(marker)!r}); rank=os.environ['RANK']; "
+            "n=len(p.read_text().split()) if p.exists() else 0\n"
+            "if rank == '1': p.write_text(p.read_text() + ' x' if p.exists() else 'x')\n"
+            "sys.exit(9 if rank == '1' and n < 2 else 0)")
+    ok = run_workflow(workflow([{"name": "train", "template": "train"}], [pytorchjob_step("train", code, 2)]), tmp_path / "a")
+    assert ok.phase == "Succeeded" and ok.steps["train"].attempts == 1 and ok.steps["train"].restarts == 2
+    log = ok.steps["train"].logs[0].read_text()
+    assert "restart 1 of backoffLimit 2" in log and "restart 2 of backoffLimit 2" in log
+    marker.unlink()
+    bounded = run_workflow(workflow([{"name": "train", "template": "train"}], [pytorchjob_step("train", code, 1)]), tmp_path / "b")
+    assert bounded.phase == "Failed" and bounded.steps["train"].restarts == 1
+    assert bounded.steps["train"].message == "exit code 9"

@@ -202,6 +202,20 @@ def test_nmm_retry_retries_the_failed_workflow_like_argo_retry(api, operator, em
     api.patch_namespaced_custom_object("argoproj.io", "v1alpha1", "ns-retry", "workflows", "qs-g1",
                                        {"status": {"phase": "Failed", "finishedAt": "2026-11-30T10:00:00Z", "nodes": nodes}})
     wait_for(lambda: get(api, "ns-retry", "qs").get("status", {}).get("phase") == "Failed", what="Failed")
+    uid = api.get_namespaced_custom_object("argoproj.io", "v1alpha1", "ns-retry", "workflows", "qs-g1")["metadata"]["uid"]
+
+    def job(plural: str, name: str, owner: str | None, status: dict) -> None:
+        group, kind = ("ray.io", "RayJob") if plural == "rayjobs" else ("kubeflow.org", "PyTorchJob")
+        owners = [{"apiVersion": "argoproj.io/v1alpha1", "kind": "Workflow", "name": "qs-g1", "uid": owner}] if owner else []
+        api.create_namespaced_custom_object(group, "v1", "ns-retry", plural, {
+            "apiVersion": f"{group}/v1", "kind": kind, "status": status, "spec": {},
+            "metadata": {"name": name, "labels": {"nmm.dev/run": "qs-g1"}, "ownerReferences": owners}})
+
+    failed = {"conditions": [{"type": "Failed", "status": "True", "reason": "PyTorchJobFailed"}]}
+    job("pytorchjobs", "qs-g1-train", uid, failed)  # the failed step's job: deleted, so the retry can create it again
+    job("pytorchjobs", "qs-g1-train-mid", uid, {"conditions": [{"type": "Running", "status": "True"}]})  # not failed: kept
+    job("pytorchjobs", "impostor", None, failed)  # the run's label, not owned by its Workflow: kept
+    job("rayjobs", "qs-g1-curate", uid, {"jobStatus": "FAILED"})  # deleted
     os.environ["NMM_KUBE_SERVER"] = emu.url
     try:
         cluster.retry("qs", "ns-retry")
@@ -220,6 +234,9 @@ def test_nmm_retry_retries_the_failed_workflow_like_argo_retry(api, operator, em
         return {e.get("reason") for e in events if e.get("involvedObject", {}).get("name") == "qs"}
 
     wait_for(lambda: "WorkflowRetried" in reasons(), what="the WorkflowRetried event")
+    left = {o["metadata"]["name"] for plural, group in (("pytorchjobs", "kubeflow.org"), ("rayjobs", "ray.io"))
+            for o in api.list_namespaced_custom_object(group, "v1", "ns-retry", plural)["items"]}
+    assert left == {"qs-g1-train-mid", "impostor"}, left
     os.environ["NMM_KUBE_SERVER"] = emu.url
     try:
         cluster.retry("qs", "ns-retry")  # running now: nothing to retry

@@ -122,11 +122,21 @@ def test_stages_hand_each_other_uris_not_artifacts():
         assert "artifacts" not in t.get("inputs", {}) and "artifacts" not in t.get("outputs", {})
 
 
-def test_every_pod_template_has_retry_and_deadline_r11():
-    wf = compiled(WORKFLOWS / "quickstart.yaml")
+@pytest.mark.parametrize("path", [WORKFLOWS / "quickstart.yaml", WORKFLOWS / "byo-webdataset.yaml"], ids=lambda p: p.name)
+def test_every_pod_template_has_retry_and_deadline_r11(path):
+    """Container steps retry through Argo. A resource step's job retries itself (PyTorchJob
+    `runPolicy.backoffLimit` = training.maxRestarts, RayJob `backoffLimit`) and has no Argo
+    retryStrategy: Argo's retry of a `create` meets the failed job's name (argo-workflows#6150)."""
+    wf = compiled(path)
     for t in leaf_templates(wf):
-        assert int(t["retryStrategy"]["limit"]) >= 1, t["name"]
         assert int(t["activeDeadlineSeconds"]) > 0, t["name"]
+        if "container" in t:
+            assert int(t["retryStrategy"]["limit"]) >= 1, t["name"]
+            continue
+        assert "retryStrategy" not in t, t["name"]
+        job = yaml.safe_load(t["resource"]["manifest"])
+        limit = job["spec"]["runPolicy"]["backoffLimit"] if job["kind"] == "PyTorchJob" else job["spec"]["backoffLimit"]
+        assert limit >= 1, t["name"]
     assert wf["spec"]["podGC"]["strategy"]
     assert wf["spec"]["ttlStrategy"]["secondsAfterSuccess"] > 0
     assert wf["spec"]["serviceAccountName"] == "nmm-workflow"

@@ -63,7 +63,7 @@ def build(spec: PipelineSpec, spec_json: str, s: CompileSettings, out_uri: str) 
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": s.ttl_after_success_seconds,
             "activeDeadlineSeconds": s.step_deadline_seconds,
-            "backoffLimit": 0,  # Argo's retryStrategy retries the step (a fresh RayJob)
+            "backoffLimit": s.retry_limit,  # a fresh RayCluster per retry; Argo does not retry a create
             "rayClusterSpec": {
                 "rayVersion": version("ray"),
                 "headGroupSpec": {

@@ -84,7 +84,8 @@ def _train_template(spec: PipelineSpec, sj: str, s: CompileSettings, variant: st
     return {
         "name": step_name("train", variant),
         "inputs": {"parameters": [_param("dataset_uri")]},
-        "retryStrategy": _retry(s),
+        # No retryStrategy: Argo's retry of a `create` meets the failed job's name (AlreadyExists,
+        # argo-workflows#6150). The PyTorchJob restarts its own failed pods (`training.maxRestarts`).
         "activeDeadlineSeconds": str(s.train_deadline_seconds),
         "resource": {
             "action": "create",
@@ -108,8 +109,7 @@ def _curate_templates(spec: PipelineSpec, sj: str, s: CompileSettings) -> list[d
     reader["container"]["args"] = ["stage", CURATED, "--from", out_uri, "--outputs", pods.OUTPUTS_DIR]
     reader["container"]["resources"] = {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}
     return [{
-        "name": "curate",
-        "retryStrategy": _retry(s),
+        "name": "curate",  # no retryStrategy: the RayJob retries itself (backoffLimit), as train does
         "activeDeadlineSeconds": str(s.step_deadline_seconds),
         "resource": {
             "action": "create",

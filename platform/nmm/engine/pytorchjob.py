@@ -19,6 +19,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def backoff_limit(job: dict) -> int:
+    """How often the job's failed processes are started again (`runPolicy.backoffLimit`)."""
+    return int((job.get("spec", {}).get("runPolicy") or {}).get("backoffLimit") or 0)
+
+
 def launch_job(manifest_text: str, step_dir: Path, log_dir: Path, log_prefix: str) -> tuple[list[Launched], dict]:
     job = yaml.safe_load(manifest_text)
     if job.get("kind") != "PyTorchJob":

@@ -11,6 +11,11 @@ from nmm.engine.process import Launched, launch
 from nmm.engine.sandbox import Sandbox, container_env, resolve_command
 
 
+def backoff_limit(job: dict) -> int:
+    """How often KubeRay submits the job again after a failure (`spec.backoffLimit`)."""
+    return int(job["spec"].get("backoffLimit") or 0)
+
+
 def launch_job(job: dict, step_dir: Path, log_dir: Path, log_prefix: str, cwd: str | None = None) -> list[Launched]:
     spec = job["spec"]
     pod = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]

@@ -22,7 +22,7 @@ from nmm.engine.when import evaluate
 # Fields the local engine reads but that have no effect on this machine (warned about once).
 NO_LOCAL_EFFECT = (
     "image", "imagePullPolicy", "resources", "securityContext", "serviceAccountName", "podGC", "ttlStrategy",
-    "podMetadata", "nodeSelector", "affinity", "tolerations", "backoff", "setOwnerReference", "runPolicy",
+    "podMetadata", "nodeSelector", "affinity", "tolerations", "backoff", "setOwnerReference", "cleanPodPolicy", "ttlSecondsAfterFinished",
     "automountServiceAccountToken", "secretKeyRef", "namespace", "kueue.x-k8s.io/queue-name", "kueue.x-k8s.io/priority-class",
 )
 
@@ -37,6 +37,7 @@ class StepResult:
     started: float | None = None
     finished: float | None = None
     message: str = ""
+    restarts: int = 0  # a PyTorchJob's group started again within its attempts (backoffLimit)
 
     @property
     def duration(self) -> float:
@@ -130,7 +131,7 @@ class Engine:
         state.write_status(self.folder, {
             "name": self.name, "uid": self.uid, "phase": phase, "attempt": self.attempt,
             "wall_s": round(time.time() - self.t0, 2), "groups": self.groups,
-            "steps": {k: {"phase": v.phase, "attempts": v.attempts, "outputs": v.outputs, "message": v.message}
+            "steps": {k: {"phase": v.phase, "attempts": v.attempts, "restarts": v.restarts, "outputs": v.outputs, "message": v.message}
                       for k, v in self.steps.items()}})
 
     def _scope(self) -> dict[str, str]:
@@ -152,28 +153,29 @@ class Engine:
         step_dir = self.folder / "steps" / f"{task_name}-{attempt}"
         log_dir = self.folder / "logs"
         deadline = float(template.get("activeDeadlineSeconds", 0)) or None
+        prefix = f"{task_name}-{attempt}"
+        restart_limit = 0  # how often a failed group is started again within this attempt
         if "resource" in template:
             manifest = substitute(template["resource"]["manifest"], scope)
-            kind = yaml.safe_load(manifest).get("kind")
-            if kind == "RayJob":
-                group = rayjob.launch_job(yaml.safe_load(manifest), step_dir, log_dir, f"{task_name}-{attempt}", self.cwd)
+            doc = yaml.safe_load(manifest)
+            if doc.get("kind") == "RayJob":
+                def start():
+                    return rayjob.launch_job(doc, step_dir, log_dir, prefix, self.cwd)
+                restart_limit = rayjob.backoff_limit(doc)
             else:
-                group, _ = pytorchjob.launch_job(manifest, step_dir, log_dir, f"{task_name}-{attempt}")
+                def start():
+                    return pytorchjob.launch_job(manifest, step_dir, log_dir, prefix)[0]
+                restart_limit = pytorchjob.backoff_limit(doc)
             sandbox = None
         else:
             c = substitute_all(template["container"], scope)
             sandbox = Sandbox.for_container(c, self.volumes, step_dir)
             env = container_env(c, sandbox, {"NMM_ENGINE": "local"})
             argv = resolve_command(sandbox.map_argv(c.get("command", []) + c.get("args", [])))
-            group = [process.launch(task_name, argv, env, log_dir / f"{task_name}-{attempt}.log", cwd=self.cwd)]
-        logs = [p.log_path for p in group]
-        self.groups = [{"step": task_name, "pgid": p.proc.pid, "start": state.start_time(p.proc.pid)} for p in group]
-        self.record()
-        try:
-            codes = process.wait_all(group, deadline, on_tick=lambda: self._notify(task_name, note=process.last_line(logs[0])))
-        finally:
-            self.groups = []
-        code = next((c for c in codes.values() if c != 0), 0)
+
+            def start():
+                return [process.launch(task_name, argv, env, log_dir / f"{prefix}.log", cwd=self.cwd)]
+        code, logs = self._run_group(task_name, start, deadline, restart_limit)
         outputs = {}
         if code == 0 and sandbox is not None:
             for p in template.get("outputs", {}).get("parameters", []):
@@ -182,6 +184,36 @@ class Engine:
                     return 1, logs, {"_error": f"output parameter {p['name']!r}: {p['valueFrom']['path']} was not written"}
                 outputs[p["name"]] = path.read_text()
         return code, logs, outputs
+
+    def _run_group(self, task_name: str, start, deadline: float | None, restart_limit: int) -> tuple[int, list[Path]]:
+        """Run one attempt's processes to the end. A job's failed group is started again up to its
+        backoffLimit: a PyTorchJob's `runPolicy.backoffLimit` (the spec's `training.maxRestarts`),
+        as the Training Operator restarts a failed replica (`restartPolicy: OnFailure`), and the
+        trainer resumes from its latest checkpoint (R19); a RayJob's `backoffLimit`. Restarts
+        share the attempt's deadline and log files."""
+        t0 = time.monotonic()
+        logs: list[Path] = []
+        restarts = 0
+        while True:
+            group = start()
+            logs += [p.log_path for p in group if p.log_path not in logs]
+            self.groups = [{"step": task_name, "pgid": p.proc.pid, "start": state.start_time(p.proc.pid)} for p in group]
+            self.record()
+            left = None if deadline is None else max(0.0, deadline - (time.monotonic() - t0))
+            try:
+                codes = process.wait_all(group, left, on_tick=lambda: self._notify(task_name, note=process.last_line(logs[0])))
+            finally:
+                self.groups = []
+            code = next((c for c in codes.values() if c != 0), 0)
+            if code in (0, 124) or restarts >= restart_limit:
+                return code, logs
+            restarts += 1
+            self.steps[task_name].restarts += 1
+            failed = ", ".join(f"{k} exit {c}" for k, c in codes.items() if c != 0)
+            line = f"nmm: a replica failed ({failed}); starting the job's processes again (restart {restarts} of backoffLimit {restart_limit})"
+            with open(logs[0], "a") as f:
+                f.write(line + "\n")
+            self._notify(task_name, note=line)
 
     def run_task(self, task: dict) -> StepResult:
         name = task["name"]
@@ -218,8 +250,9 @@ class Engine:
         for value in before["outputs"].values():
             if value.startswith(("file://", "s3://")) and storage.read_manifest(value, verify=True) is None:
                 return False
-        self.steps[task["name"]] = StepResult(task["name"], "Succeeded", before["attempts"], dict(before["outputs"]),
-                                              message="reused: succeeded in an earlier attempt of this run")
+        self.steps[task["name"]] = StepResult(
+            task["name"], "Succeeded", attempts=before["attempts"], outputs=dict(before["outputs"]),
+            restarts=before.get("restarts", 0), message="reused: succeeded in an earlier attempt of this run")
         self._notify(task["name"], phase="Succeeded", note="reused")
         return True
 

@@ -47,6 +47,15 @@ SUITES: dict[str, dict] = {
 }
 
 
+# The rewards a grpo phase can score completions with: the task whose rows each scores, and the
+# ground truth it reads (None: the row's own reference answer).
+REWARDS: dict[str, dict] = {
+    "vqa_exact": {"task": "m2t", "source": None},  # the written answer equals the row's reference answer
+    "digits_judge": {"task": "m2g", "source": "digits"},  # the digits classifier reads the prompt's digit
+    "shapes_geneval": {"task": "m2g", "source": "shapes"},  # the GenEval rules hold for the prompt's scene
+}
+
+
 # The suites whose held-out cases a canary's quality probe asks (nmm.serve.probe grades them).
 PROBE_SUITES = ("m2t.digits", "m2t.shapes_vqa")
 
@@ -153,18 +162,30 @@ class ModelSpec(Model):
 
 class Phase(Model):
     name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,30}$")] = "pretrain"
-    recipe: Literal["pretrain", "sft", "opd"] = Field(
+    recipe: Literal["pretrain", "sft", "opd", "grpo"] = Field(
         default="pretrain",
         description="pretrain: next-token loss on every token; sft: loss on the answers only "
         "(caption, VQA answer, image to draw); opd: on-policy distillation, the student samples "
-        "and the teacher phase's final weights score every sampled token (reverse KL).",
+        "and the teacher phase's final weights score every sampled token (reverse KL); grpo: "
+        "reinforcement learning with verifiable rewards (group-normalised advantages, clipped "
+        "objective, KL penalty to the reference phase's final weights).",
     )
     teacher: Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,30}$")] | None = Field(
         default=None, description="opd only: the earlier phase whose final weights teach."
     )
     temperature: Annotated[float, Field(gt=0.0, le=5.0)] = Field(
-        default=1.0, description="opd only: the student's sampling temperature."
+        default=1.0, description="opd and grpo: the sampling temperature."
     )
+    reference: Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,30}$")] | None = Field(
+        default=None, description="grpo only: the earlier phase whose final weights the KL penalty keeps the policy near."
+    )
+    reward: dict[Literal["vqa_exact", "digits_judge", "shapes_geneval"], Annotated[float, Field(gt=0.0, le=100.0)]] | None = Field(
+        default=None, description="grpo only: a reward's name, or {name: weight, …} summed: vqa_exact (M2T rows), "
+        "digits_judge and shapes_geneval (M2G rows).",
+    )
+    group: Annotated[int, Field(ge=2, le=64)] = Field(default=4, description="grpo: completions sampled per prompt.")
+    clip: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(default=0.2, description="grpo: the ratio's clip range, 1 ± clip.")
+    kl_weight: Annotated[float, Field(ge=0.0, le=10.0)] = Field(default=0.04, description="grpo: the KL penalty's weight.")
     steps: Annotated[int, Field(ge=1, le=10_000_000)]
     batch_size: Annotated[int, Field(ge=1, le=65_536)] = 32
     lr: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-3
@@ -177,6 +198,11 @@ class Phase(Model):
         "model also learns unconditional generation: what classifier-free guidance needs.",
     )
 
+    @field_validator("reward", mode="before")
+    @classmethod
+    def _one_reward(cls, v: Any) -> Any:
+        return {v: 1.0} if isinstance(v, str) else v
+
     @model_validator(mode="after")
     def _warmup_fits(self) -> "Phase":
         if self.warmup_steps >= self.steps:
@@ -185,6 +211,10 @@ class Phase(Model):
             )
         if (self.recipe == "opd") != (self.teacher is not None):
             raise ValueError("teacher: an opd phase needs a teacher phase, and only opd phases take one")
+        if (self.recipe == "grpo") != (self.reference is not None):
+            raise ValueError("reference: a grpo phase needs a reference phase, and only grpo phases take one")
+        if (self.recipe == "grpo") != bool(self.reward):
+            raise ValueError(f"reward: a grpo phase needs a reward (one of {sorted(REWARDS)}), and only grpo phases take one")
         return self
 
 
@@ -266,19 +296,21 @@ class Training(Model):
 
     @model_validator(mode="after")
     def _fsdp_without_opd(self) -> "Training":
-        if self.parallelism.fsdp and any(p.recipe == "opd" for p in self.phases):
-            raise ValueError("parallelism.fsdp: on-policy distillation samples per rank and runs with DDP; "
-                             "turn fsdp off or drop the opd phase")
+        sampling = [p.name for p in self.phases if p.recipe in ("opd", "grpo")]
+        if self.parallelism.fsdp and sampling:
+            raise ValueError(f"parallelism.fsdp: on-policy distillation and grpo sample per rank and run with DDP; "
+                             f"turn fsdp off or drop the phases {sampling}")
         return self
 
     @model_validator(mode="after")
     def _teachers_come_first(self) -> "Training":
         names = [p.name for p in self.phases]
         for i, p in enumerate(self.phases):
-            if p.teacher is not None and p.teacher not in names[:i]:
-                raise ValueError(
-                    f"phases[{i}].teacher: {p.teacher!r} must name an earlier phase, one of {names[:i]}"
-                )
+            for field, frozen in (("teacher", p.teacher), ("reference", p.reference)):
+                if frozen is not None and frozen not in names[:i]:
+                    raise ValueError(
+                        f"phases[{i}].{field}: {frozen!r} must name an earlier phase, one of {names[:i]}"
+                    )
         return self
 
 
@@ -492,7 +524,33 @@ class PipelineBody(Model):
                     f"training.phases[{i}].mixture: names tasks {sorted(phase.mixture)} "
                     f"outside model.tasks {self.model.tasks}"
                 )
+            self._rewards_fit(i, phase, truths)
         return self
+
+    def _rewards_fit(self, i: int, phase: Phase, truths: set) -> None:
+        """A grpo phase's rewards score the rows its mixture draws: each reward's task is in the
+        mixture, each task of the mixture has a reward, and a judge's ground truth is in the data."""
+        if not phase.reward:
+            return
+        tasks = set(phase.mixture or self.model.tasks)
+        for name in phase.reward:
+            need = REWARDS[name]
+            if need["task"] not in tasks:
+                raise ValueError(
+                    f"training.phases[{i}].reward: {name!r} scores {need['task']} rows, and the phase trains "
+                    f"on {sorted(tasks)}"
+                )
+            if need["source"] is not None and need["source"] not in truths:
+                raise ValueError(
+                    f"training.phases[{i}].reward: {name!r} judges with {need['source']} ground truth; no "
+                    f"source has it (a {need['source']} source, or one with groundTruth: {need['source']})"
+                )
+        unscored = tasks - {REWARDS[n]["task"] for n in phase.reward}
+        if unscored:
+            raise ValueError(
+                f"training.phases[{i}].reward: nothing scores the phase's {sorted(unscored)} rows; add a "
+                f"reward for them or drop them from the mixture"
+            )
 
 
 class PipelineSpec(Model):

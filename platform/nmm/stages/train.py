@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from nmm import __version__, exitcodes, lineage, storage
 from nmm.data.dataset import Dataset
@@ -32,6 +33,7 @@ from nmm.stages.context import StageContext, cache_key, setup_logging
 from nmm.train import distributed
 from nmm.train.parallelize import Parallelism
 from nmm.train.batches import Batches, TrainData, batch_indices
+from nmm.train.rewards import Reward, answer_exact, drawn_images
 from nmm.train.trainer import PhaseConfig, Preempted, TrainConfig, phase_at, phase_bounds, train
 from nmm.version import code_version
 
@@ -41,7 +43,8 @@ def phase_configs(spec) -> tuple[PhaseConfig, ...]:
     model's tasks)."""
     names = {f.name for f in dataclasses.fields(PhaseConfig)}
     return tuple(
-        PhaseConfig(**{**p.model_dump(include=names), "mixture": dict(p.mixture or {t: 1.0 for t in spec.model.tasks})})
+        PhaseConfig(**{**p.model_dump(include=names), "mixture": dict(p.mixture or {t: 1.0 for t in spec.model.tasks}),
+                       "reward": tuple(sorted((p.reward or {}).items()))})
         for p in spec.training.phases
     )
 
@@ -244,7 +247,8 @@ def _train(ctx: StageContext, ds: Dataset, key: str, out_uri: str, info, run_, l
         if run_ and data.source_weights:
             run_.log_metrics(_realised_mixture(ds, data, cfg))
         model, summary = train(cfg, data, info, storage.join(out_uri, "checkpoints", key), _emitter(cfg, info, run_, phases, log),
-                               on_checkpoint=_snapshotter(out_uri) if ctx.spec.spec.evaluation.seesaw else None)
+                               on_checkpoint=_snapshotter(out_uri) if ctx.spec.spec.evaluation.seesaw else None,
+                               rewards=rewards(cfg, ds, a))
     except Preempted as exc:
         log.warning("%s; exiting %d so the job restarts and resumes", exc, exitcodes.PREEMPTED)
         return exitcodes.PREEMPTED
@@ -265,6 +269,46 @@ def _train(ctx: StageContext, ds: Dataset, key: str, out_uri: str, info, run_, l
         _publish(ctx, run_, ds, cfg, model, summary, key)
         ctx.write_outputs({"model_uri": out_uri})
     return 0
+
+
+def rewards(cfg: TrainConfig, ds: Dataset, a: dict) -> dict[str, Reward]:
+    """The rewards the run's grpo phases name, over the train split's rows (the judges see the
+    train split only, as the evaluation's do)."""
+    wanted = {name for p in cfg.phases for name, _ in p.reward}
+    out = {}
+    if "vqa_exact" in wanted:
+        out["vqa_exact"] = Reward("vqa_exact", "m2t", answer_exact(a["tokens"], a["loss_mask"]))
+    if wanted & {"digits_judge", "shapes_geneval"}:
+        split, vq, image_range = ds.split("train"), ds.image_tokenizer(), ds.vocab.image_range()
+
+        def drawn(tokens, sampled) -> np.ndarray:
+            return vq.decode(drawn_images(tokens, sampled, image_range, cfg.model.tokens_per_image))
+    if "digits_judge" in wanted:
+        from nmm.evaluate.judge import DigitJudge
+
+        labels = split.arrays["labels"]
+        known = labels >= 0  # a mixed dataset: the digits among other sources' images
+        judge = DigitJudge(split.arrays["images"][known].astype(np.float32) / 255.0, labels[known], seed=cfg.seed)
+
+        def digit_drawn(rows, tokens, sampled):
+            want = labels[a["row_image"][rows]]
+            return torch.from_numpy((judge.predict(drawn(tokens, sampled)) == want).astype(np.float32))
+
+        out["digits_judge"] = Reward("digits_judge", "m2g", digit_drawn)
+    if "shapes_geneval" in wanted:
+        from nmm.data import shapes as shapes_data
+        from nmm.evaluate import shapes_judge
+
+        def scene_drawn(rows, tokens, sampled):
+            images = drawn(tokens, sampled)
+            scores = []
+            for r, image in zip(rows, images):
+                scene = split.scenes[a["row_image"][r]] if split.scenes else None
+                scores.append(float(scene is not None and shapes_judge.score(shapes_data.scene_from_dict(scene), image)))
+            return torch.tensor(scores)
+
+        out["shapes_geneval"] = Reward("shapes_geneval", "m2g", scene_drawn)
+    return out
 
 
 def _mixture(ds: Dataset, a: dict) -> dict:
@@ -296,9 +340,13 @@ def _emitter(cfg: TrainConfig, info, run_, phases, log):
     def emit(metrics: dict, step: int) -> None:
         if info.device.type == "cuda":
             metrics = metrics | inventory.telemetry()  # NVML utilisation and memory
-        log.info("step %d/%d loss %.4f (text %.4f, image %.4f) %.0f tok/s", step, cfg.total_steps,
-                 metrics["train/loss"], metrics["train/loss_text"], metrics["train/loss_image"],
-                 metrics["train/tokens_per_s"])
+        if "train/reward" in metrics:  # a grpo phase
+            log.info("step %d/%d reward %.3f (±%.3f in a group) kl %.4f %.0f tok/s", step, cfg.total_steps,
+                     metrics["train/reward"], metrics["train/reward_std"], metrics["train/kl"], metrics["train/tokens_per_s"])
+        else:
+            log.info("step %d/%d loss %.4f (text %.4f, image %.4f) %.0f tok/s", step, cfg.total_steps,
+                     metrics["train/loss"], metrics["train/loss_text"], metrics["train/loss_image"],
+                     metrics["train/tokens_per_s"])
         run_.log_metrics(metrics, step)
         phases.log(metrics, step)
 

@@ -123,9 +123,16 @@ class Batch:
     m: torch.Tensor  # loss mask (the data's: answers only)
     patches: torch.Tensor | None  # mid/late fusion: each row's image patches
     given: torch.Tensor  # rows whose image is an input (M2T), not a target (M2G)
+    rows: np.ndarray | None = None  # each row's index in the training data (what a reward looks up)
 
     def to(self, device) -> "Batch":
-        return Batch(*(to_device(t, device) for t in (self.x, self.m, self.patches, self.given)))
+        return Batch(*(to_device(t, device) for t in (self.x, self.m, self.patches, self.given)), self.rows)
+
+    def repeat(self, n: int) -> "Batch":
+        """Each row `n` times in a row (GRPO's group of completions per prompt)."""
+        rep = lambda t: None if t is None else t.repeat_interleave(n, 0)  # noqa: E731
+        return Batch(rep(self.x), rep(self.m), rep(self.patches), rep(self.given),
+                     None if self.rows is None else np.repeat(self.rows, n))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -167,4 +174,4 @@ class Batches:
         mine = rows[info.rank :: info.world_size]
         x, m = trim(x[info.rank :: info.world_size], self.mask[mine])
         p = self.patches[self.row_image[mine]] if self.patches is not None else None
-        return Batch(x, m, p, ~self.is_m2g[mine])
+        return Batch(x, m, p, ~self.is_m2g[mine], mine)

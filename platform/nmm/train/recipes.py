@@ -8,6 +8,12 @@
 - `opd`: on-policy distillation. The student samples continuations of the batch's prompts and
   a frozen teacher (an earlier phase's final weights) scores every sampled token: loss is the
   reverse KL(student ‖ teacher) at each of those positions. Its prompts are the instruction ones.
+- `grpo`: reinforcement learning with verifiable rewards. The policy completes each prompt
+  `group` times (the answer for M2T rows, the image for M2G rows); each completion is scored by
+  the phase's rewards (nmm.train.rewards), advantages are standardised within each group, and
+  the loss is GRPO's clipped objective with a KL penalty to a frozen reference (an earlier
+  phase's final weights): nmm.train.grpo. One update per sampled batch, so the policy that
+  sampled is the one updated (its ratio starts at 1).
 
 With bidirectional image attention the M2T rows' images are inputs seen whole (M2G rows draw
 theirs causally), and the targets inside such an image leave every recipe's loss.
@@ -24,8 +30,10 @@ from nmm.model import ModelConfig
 from nmm.model.generate import generate
 from nmm.model.transformer import image_spans
 from nmm.tokenizers.vocab import EOI, EOS, PAD
+from nmm.train import grpo
 from nmm.train.batches import Batch, pack_batch, to_device
 from nmm.train.loss import head_loss, reverse_kl_loss
+from nmm.train.rewards import Reward
 
 
 def pretrain_mask(x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
@@ -146,4 +154,53 @@ def distillation_step(phase, b: Batch, model, ddp, teacher, cfg, image_range, te
         scores = teacher(x, patches=b.patches, spans=spans)
     with amp():
         loss, parts = reverse_kl_loss(ddp(x, patches=b.patches, spans=spans), scores, x, m, image_range)
+    return loss, parts, x
+
+
+def score(phase, rewards: dict[str, Reward], b: Batch, x: torch.Tensor, sampled: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Each completion's reward: the phase's weighted sum of the rewards of its row's task (on
+    the host). Also each component's scores, NaN on the rows it does not score."""
+    xs, ss, given = x.cpu(), sampled.cpu(), b.given.cpu()
+    total = torch.zeros(len(xs))
+    parts = {}
+    for name, weight in phase.reward:
+        r = rewards[name]
+        mine = (given if r.task == "m2t" else ~given).nonzero().flatten()
+        got = torch.full((len(xs),), float("nan"))
+        if len(mine):
+            got[mine] = r.fn(b.rows[mine.numpy()], xs[mine], ss[mine]).float()
+            total[mine] += weight * got[mine]
+        parts[name] = got
+    return total, parts
+
+
+def policy_step(phase, b: Batch, model, ddp, reference, cfg, image_range, text_range, amp: Callable,
+                rewards: dict[str, Reward]) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """grpo: `phase.group` completions per prompt, scored, and the clipped policy-gradient loss
+    with the KL penalty to the reference. Parts: the loss's (pg, kl, clip_fraction), the reward's
+    mean and per-group spread, each reward's mean over the rows it scores."""
+    group = b.repeat(phase.group)
+    x, sampled = student_samples(model, group.x, group.m, group.patches, image_range, text_range, phase.temperature)
+    total, components = score(phase, rewards, group, x, sampled)
+    advantages = grpo.group_advantages(total, phase.group).to(x.device)
+    model.train()
+    spans = input_image_spans(x, cfg.model, group.given)
+    with torch.no_grad(), amp():
+        ref = grpo.token_logprobs(reference(x, patches=group.patches, spans=spans), x, phase.temperature)
+    with amp():
+        logp = grpo.token_logprobs(ddp(x, patches=group.patches, spans=spans), x, phase.temperature)
+    loss, parts = grpo.policy_loss(logp, logp.detach(), ref, advantages, sampled, phase.clip, phase.kl_weight)
+    is_image = (x >= image_range[0]) & (x < image_range[1])
+    on_host = {
+        "reward": total.mean(),
+        "reward_std": total.view(-1, phase.group).std(dim=1).mean() if phase.group > 1 else torch.zeros(()),
+    }
+    for name, got in components.items():
+        seen = got[~got.isnan()]
+        on_host[f"reward/{name}"] = seen.mean() if len(seen) else torch.tensor(float("nan"))
+    parts |= {k: v.to(x.device) for k, v in on_host.items()} | {
+        "ce": loss.detach(),
+        "tokens_text": (sampled.bool() & ~is_image).sum().float(),
+        "tokens_image": (sampled.bool() & is_image).sum().float(),
+    }
     return loss, parts, x

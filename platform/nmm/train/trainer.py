@@ -53,7 +53,18 @@ class PhaseConfig:
     caption_dropout: float = 0.0
     recipe: str = "pretrain"
     teacher: str | None = None  # opd: the earlier phase whose final weights teach
-    temperature: float = 1.0  # opd: the student's sampling temperature
+    temperature: float = 1.0  # opd, grpo: the sampling temperature
+    reference: str | None = None  # grpo: the earlier phase whose final weights the KL penalty keeps near
+    reward: tuple[tuple[str, float], ...] = ()  # grpo: (reward name, weight) pairs, summed
+    group: int = 4  # grpo: completions per prompt
+    clip: float = 0.2  # grpo: the ratio's clip range, 1 ± clip
+    kl_weight: float = 0.04  # grpo: the KL penalty's weight
+
+    @property
+    def frozen(self) -> str | None:
+        """The earlier phase whose final weights this one scores against (opd's teacher,
+        grpo's reference)."""
+        return self.teacher or self.reference
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,7 +83,8 @@ class TrainConfig:
 
     @property
     def teachers(self) -> set[str]:
-        return {p.teacher for p in self.phases if p.teacher}
+        """The phases whose final weights a later phase needs (teachers, references)."""
+        return {p.frozen for p in self.phases if p.frozen}
 
     @property
     def total_steps(self) -> int:
@@ -126,7 +138,8 @@ class _Run:
     on_checkpoint: Callable[[int, dict], None] | None
     start: int = 0  # the first step to train (a resumed run's checkpoint step)
     opt_state: dict | None = None  # a resumed run's optimizer state, for the phase it resumes in
-    teachers: dict = field(default_factory=dict)  # phase name → its final weights, for a later opd phase
+    teachers: dict = field(default_factory=dict)  # phase name → its final weights, for a later opd/grpo phase
+    rewards: dict = field(default_factory=dict)  # name → nmm.train.rewards.Reward, for grpo phases
     stop: bool = False  # SIGTERM arrived
     t0: float = field(default_factory=time.perf_counter)
     counts: torch.Tensor | None = None  # target tokens (text, image) trained on, all ranks: on the device, read when logging
@@ -143,20 +156,21 @@ class _Run:
 
 
 def train(cfg: TrainConfig, data: TrainData, info: DistInfo, checkpoint_root: str, log: Callable[[dict, int], None],
-          on_checkpoint: Callable[[int, dict], None] | None = None) -> tuple[torch.nn.Module, dict]:
+          on_checkpoint: Callable[[int, dict], None] | None = None, rewards: dict | None = None) -> tuple[torch.nn.Module, dict]:
     """Train through every phase; returns the unwrapped model and a summary.
 
     Pretrain phases draw from the plain rows, sft and opd phases from the instruction rows (the
     data's `style`). Mid/late fusion also need the data's `patches` and `row_image`.
     `log(metrics, step)` gets each logging interval's metrics on the main rank;
     `on_checkpoint(step, weights)` runs there after each interval checkpoint (the train stage
-    keeps weight snapshots for the see-saw evaluation)."""
-    _check(cfg, data)
+    keeps weight snapshots for the see-saw evaluation). `rewards`: name → Reward, what grpo
+    phases score their completions with."""
+    _check(cfg, data, rewards or {})
     cfg = dataclasses.replace(cfg, parallel=cfg.parallel.resolved(info.device, cfg.model.fusion))
     torch.manual_seed(cfg.seed)
     model = cfg.model.build().to(info.device)
     run = _Run(cfg, info, model, model, data, Batches(data, cfg.phases, cfg.model.reads_pixels), checkpoint_root, log,
-               on_checkpoint)
+               on_checkpoint, rewards=rewards or {})
     resumed = _resume(run)
     if cfg.model.fusion == "late":
         if not resumed:  # (a checkpoint already holds the trained encoder and its statistics)
@@ -178,13 +192,22 @@ def train(cfg: TrainConfig, data: TrainData, info: DistInfo, checkpoint_root: st
     return _unsharded(run), run.summary
 
 
-def _check(cfg: TrainConfig, data: TrainData) -> None:
+SAMPLING = ("opd", "grpo")  # the recipes whose policy samples during training
+
+
+def _check(cfg: TrainConfig, data: TrainData, rewards: dict) -> None:
     if cfg.model.reads_pixels and (data.patches is None or data.row_image is None):
         raise ValueError(f"{cfg.model.fusion} fusion trains on pixels: pass patches and row_image")
-    if any(p.recipe == "opd" for p in cfg.phases) and data.text_range is None:
-        raise ValueError("on-policy distillation samples text: pass text_range")
-    if cfg.parallel.fsdp and any(p.recipe == "opd" for p in cfg.phases):
-        raise ValueError("on-policy distillation samples per rank; it runs with DDP, not FSDP")
+    if any(p.recipe in SAMPLING for p in cfg.phases) and data.text_range is None:
+        raise ValueError("on-policy distillation and grpo sample text: pass text_range")
+    if cfg.parallel.fsdp and any(p.recipe in SAMPLING for p in cfg.phases):
+        raise ValueError("on-policy distillation and grpo sample per rank; they run with DDP, not FSDP")
+    for p in cfg.phases:
+        if (p.recipe in SAMPLING) != (p.frozen is not None):
+            raise ValueError(f"phase {p.name}: opd needs a teacher and grpo a reference, and only they take one")
+        missing = [name for name, _ in p.reward if name not in rewards]
+        if p.recipe == "grpo" and (not p.reward or missing):
+            raise ValueError(f"phase {p.name}: grpo needs its rewards passed in; missing {missing or 'all'}")
 
 
 def _resume(run: _Run) -> bool:
@@ -206,9 +229,9 @@ def _train_phase(run: _Run, phase: PhaseConfig, first: int, end: int) -> None:
     if run.opt_state is not None:
         parallelize.load_optimizer(run.model, opt, run.opt_state, cfg.parallel, info.world_size)
         run.opt_state = None
-    teacher = _teacher(cfg, run.teachers[phase.teacher], info) if phase.recipe == "opd" else None
+    teacher = _teacher(cfg, run.teachers[phase.frozen], info) if phase.frozen else None
     logger.info("phase %s (%s) steps %d-%d%s", phase.name, phase.recipe, first + 1, end,
-                f", teacher: phase {phase.teacher}" if teacher is not None else "")
+                f", {'teacher' if phase.teacher else 'reference'}: phase {phase.frozen}" if teacher is not None else "")
     begin = max(run.start, first)
     lr = schedule.scheduler(opt, phase, begin - first)
     run.micro = parallelize.micro_batch(cfg.model, phase.batch_size // info.world_size, cfg.micro_batch, cfg.parallel,
@@ -236,7 +259,11 @@ def train_step(run: _Run, phase: PhaseConfig, batch: Batch, opt, teacher, *,
     logging step reads them (on-policy distillation excepted: its sampling is the host's).
     `norms`: also the logit norms (logging steps)."""
     opt.zero_grad(set_to_none=True)
-    if teacher is not None:
+    if phase.recipe == "grpo":
+        loss, parts, x = recipes.policy_step(phase, batch.to(run.info.device), run.model, run.ddp, teacher, run.cfg,
+                                             run.data.image_range, run.data.text_range, run.amp, run.rewards)
+        loss.backward()
+    elif teacher is not None:
         loss, parts, x = recipes.distillation_step(phase, batch.to(run.info.device), run.model, run.ddp, teacher, run.cfg,
                                                    run.data.image_range, run.data.text_range, run.amp)
         loss.backward()
@@ -273,13 +300,9 @@ def _log_metrics(run: _Run, parts: dict, lr: float, grad_norm: torch.Tensor, seq
     text, image = run.tokens()
     run.summary.update(tokens_text=text, tokens_image=image)
     elapsed = max(time.perf_counter() - run.t0, 1e-9)
-    metrics = {
-        "train/loss": vals["ce"],
-        "train/loss_text": vals["ce_text"],
-        "train/loss_image": vals["ce_image"],
-        "train/z_loss": vals["z"],
-        "train/logit_norm_text": vals["logit_norm_text"],
-        "train/logit_norm_image": vals["logit_norm_image"],
+    names = {"ce": "loss", "ce_text": "loss_text", "ce_image": "loss_image", "z": "z_loss"}
+    metrics = {f"train/{names.get(k, k)}": v for k, v in vals.items() if v == v}  # (NaN: a reward no row of this step had)
+    metrics |= {
         "train/lr": lr,
         "train/grad_norm": float(grad_norm),
         "train/tokens_per_s": (text + image) / elapsed,
