@@ -223,6 +223,40 @@ def scene_from_dict(d: dict) -> Scene:
     )
 
 
+INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def parse_colour_shape(text: str) -> tuple[str, str]:
+    """"red circle" → ("red", "circle"); ValueError naming what is known otherwise."""
+    words = text.split()
+    if len(words) != 2 or words[0] not in COLOURS or words[1] not in SHAPES:
+        raise ValueError(f"{text!r}: expected '<colour> <shape>', a colour of {list(COLOURS)} and a shape of {list(SHAPES)}")
+    return words[0], words[1]
+
+
+def parse_position_pair(text: str) -> tuple[str, str, str]:
+    """"circle left of square" → ("circle", "left of", "square")."""
+    for rel in RELATIONS:
+        a, sep, b = text.partition(f" {rel} ")
+        if sep and a in SHAPES and b in SHAPES and a != b:
+            return a, rel, b
+    raise ValueError(f"{text!r}: expected '<shape> <relation> <other shape>', shapes of {list(SHAPES)}, "
+                     f"relations of {list(RELATIONS)}")
+
+
+def held_out(scene: dict, colour_shape: set[tuple[str, str]], position_pairs: set[tuple[str, str, str]]) -> bool:
+    """Whether a scene shows a held-out composition: an object of a held-out colour and shape
+    (whatever the prompt says), or a held-out relation between two shapes (either way round:
+    "circle left of square" is "square right of circle")."""
+    if any((o["colour"], o["shape"]) in colour_shape for o in scene["objects"]):
+        return True
+    rel = scene.get("relation")
+    if rel is None or len(scene["include"]) < 2:
+        return False
+    a, b = scene["include"][0]["shape"], scene["include"][1]["shape"]
+    return (a, rel, b) in position_pairs or (b, INVERSE[rel], a) in position_pairs
+
+
 def generate(samples: int, image_size: int, seed: int) -> list[Scene]:
     """`samples` scenes, the six tasks in turn."""
     rng = np.random.default_rng(seed)

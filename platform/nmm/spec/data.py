@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from nmm.data import shapes
 from nmm.data.sources import DIGITS_SIDE
 from nmm.spec.base import Model
 
@@ -44,6 +45,35 @@ class Columns(Model):
     caption: Annotated[str, Field(min_length=1, max_length=128)] = "caption"
 
 
+class HeldOut(Model):
+    """Compositions a shapes source keeps out of training: every scene showing one goes to the
+    test split, so no training prompt or image has it; evaluation scores seen and held-out
+    scenes apart (`heldout_*` metrics)."""
+
+    colour_shape: Annotated[list[str], Field(max_length=64)] = Field(
+        default=[], description="\"<colour> <shape>\" pairs, e.g. \"red circle\": no such object in any training image.")
+    position_pairs: Annotated[list[str], Field(max_length=64)] = Field(
+        default=[], description="\"<shape> <relation> <shape>\", e.g. \"circle left of square\" (either way round).")
+
+    @field_validator("colour_shape")
+    @classmethod
+    def _known_colour_shapes(cls, v: list[str]) -> list[str]:
+        for text in v:
+            shapes.parse_colour_shape(text)
+        return v
+
+    @field_validator("position_pairs")
+    @classmethod
+    def _known_pairs(cls, v: list[str]) -> list[str]:
+        for text in v:
+            shapes.parse_position_pair(text)
+        return v
+
+    def holds_out(self, scene: dict) -> bool:
+        return shapes.held_out(scene, {shapes.parse_colour_shape(t) for t in self.colour_shape},
+                               {shapes.parse_position_pair(t) for t in self.position_pairs})
+
+
 class Source(Model):
     """One raw-data source. Built in: `digits` (scikit-learn's 1,797 real handwritten digits) and
     `shapes` (procedural scenes of coloured shapes with templated captions). Yours: `webdataset`
@@ -77,6 +107,8 @@ class Source(Model):
         "a class 0-9 (`.cls`, or \"label\" in the `.json`); shapes, a \"scene\" in the `.json`.",
     )
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
+    held_out: HeldOut | None = Field(
+        default=None, description="shapes only: compositions kept out of training (to the test split) and scored apart.")
 
     @model_validator(mode="after")
     def _uri_for_yours_only(self) -> "Source":
@@ -92,6 +124,8 @@ class Source(Model):
                 raise ValueError(f"uri: the built-in {self.kind} source takes no uri")
             if self.ground_truth is not None:
                 raise ValueError(f"groundTruth: the built-in {self.kind} source brings its own")
+        if self.held_out is not None and self.kind != "shapes":
+            raise ValueError(f"heldOut: only a shapes source holds compositions out, not {self.kind}")
         if self.kind == "shapes" and self.image_size < 24:
             raise ValueError(f"imageSize: shapes renders at 24 pixels or more, got {self.image_size}")
         return self

@@ -36,6 +36,8 @@ SUITES: dict[str, dict] = {
     "m2t.digits": {"metrics": ["accuracy"], "source": "digits", "task": "m2t"},
     "m2g.digits": {"metrics": ["accuracy"], "source": "digits", "task": "m2g"},
     # GenEval's rules on held-out shapes prompts: overall = mean of the six task columns.
+    # With held-out compositions (data.sources[].heldOut) the seen scenes give these and the
+    # held-out ones the same names prefixed heldout_.
     "m2g.shapes_geneval": {"metrics": ["overall", *GENEVAL_TASKS], "source": "shapes", "task": "m2g"},
     # VQA exact match on held-out scenes; POPE: yes/no existence probes, F1 with "yes" positive.
     "m2t.shapes_vqa": {
@@ -498,12 +500,17 @@ class PipelineBody(Model):
                     f"evaluation.suites: {suite!r} evaluates task {need['task']!r} "
                     f"but model.tasks is {self.model.tasks}"
                 )
+        held = any(s.held_out is not None for s in self.data.sources)
         measured = {f"{s}.{m}" for s in self.evaluation.suites for m in SUITES[s]["metrics"]}
+        if held:  # the shapes suites score held-out compositions apart
+            measured |= {f"{s}.heldout_{m}" for s in self.evaluation.suites if SUITES[s]["source"] == "shapes"
+                         for m in SUITES[s]["metrics"]}
         for gate in self.evaluation.parsed_gates:
             if gate.metric not in measured:
+                hint = "; heldout_ metrics need a shapes source with heldOut" if ".heldout_" in gate.metric else ""
                 raise ValueError(
                     f"evaluation.gates: {gate.metric!r} is not measured by the listed suites "
-                    f"(they measure {sorted(measured)})"
+                    f"(they measure {sorted(measured)}){hint}"
                 )
         probe = self.rollout.serving.canary.analysis.quality_probe if self.rollout.serving else None
         m2t = [s for s in self.evaluation.suites if s in PROBE_SUITES]

@@ -11,6 +11,7 @@ code → the same cache key → the earlier dataset is reused (after checking it
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 
@@ -189,8 +190,6 @@ def filter_model(ctx: StageContext):
 
 def _align(ctx: StageContext, ex, d: dedup.Decisions, version, log) -> np.ndarray:
     """Score every sample still kept with the filter's model; drop all but the top fraction."""
-    import json
-
     from nmm.evaluate.alignment import caption_scores, keep_top
     from nmm.serve.model_dir import ServeError, load_published
 
@@ -223,7 +222,23 @@ def _decide(ctx: StageContext, ex, version, log) -> tuple[dedup.Decisions, np.nd
     alignment = _align(ctx, ex, d, version, log) if version is not None else None
     assemble.apply_limits(ex.cols, d.reason, {s.label: s.limit for s in data.sources})
     d.split[[bool(r) for r in d.reason]] = ""
+    _hold_out(data, ex.cols, d, log)
     return d, alignment
+
+
+def _hold_out(data, cols: dict, d: dedup.Decisions, log) -> None:
+    """Move every kept scene that shows a held-out composition (its source's `heldOut`) to the
+    test split: no training (or validation) prompt or image has it."""
+    held = {s.label: s.held_out for s in data.sources if s.held_out is not None}
+    if not held:
+        return
+    moved = total = 0
+    for i, (src, scene) in enumerate(zip(cols["source"], cols["scene"])):
+        if src in held and scene and d.split[i] and held[src].holds_out(json.loads(scene)):
+            total += 1
+            moved += d.split[i] != "test"
+            d.split[i] = "test"
+    log.info("held out %d scenes showing held-out compositions (%d moved to test)", total, moved)
 
 
 def _examples(ex, d: dedup.Decisions, per: int = 32) -> dict:

@@ -10,6 +10,7 @@ Output parameters: `gate` (pass|fail), `metrics` (JSON object of every measured 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 
@@ -65,35 +66,49 @@ def _suite_digits(suites, loaded, ds: Dataset, ev, seed: int, run_) -> dict[str,
     return metrics
 
 
-def _suite_shapes(suites, loaded, ds: Dataset, ev, seed: int, run_) -> dict[str, float]:
+def _suite_shapes(suites, loaded, ds: Dataset, ev, seed: int, run_, held=None) -> dict[str, float]:
+    """GenEval and VQA on the test split's scenes. With held-out compositions (`held`: scene →
+    whether it shows one) the seen scenes give the usual metrics and the held-out ones the same
+    metrics prefixed `heldout_`."""
     metrics: dict[str, float] = {}
     test = ds.split("test")
     if test.scenes is None or not any(test.scenes):
         raise DatasetError(f"dataset {ds.uri} has no scenes: was it curated from a shapes source?")
     if not all(test.scenes):  # a mixed dataset: grade the images that carry a scene
         test = test.images_where(np.array([s is not None for s in test.scenes]))
-    if "m2g.shapes_geneval" in suites:
-        idx = shapes.pick_scenes(test.scenes, ev.prompts_per_task)
-        scenes = [shapes_data.scene_from_dict(test.scenes[i]) for i in idx]
-        m, images = shapes.geneval(loaded.model, loaded.prompts, loaded.text, loaded.vq, scenes,
-                                   ev.temperature, ev.guidance, seed)
-        metrics |= m
-        # The judge's ceiling on the same prompts: the real renders, and their VQ reconstruction.
-        real = test.arrays["images"][idx].astype(np.float32) / 255.0
-        metrics["m2g.shapes_geneval.judge_real"] = shapes_judge.evaluate(scenes, real)["overall"]
-        metrics["m2g.shapes_geneval.judge_tokenized"] = shapes_judge.evaluate(
-            scenes, loaded.vq.decode(test.arrays["codes"][idx]))["overall"]
-        cols = min(ev.prompts_per_task, 10)
-        grid = [j for t in shapes_data.TASKS for j in [i for i, s in enumerate(scenes) if s.task == t][:cols]]
-        run_.log_bytes(png_grid(images[grid], len(shapes_data.TASKS), cols), "m2g_shapes_grid.png", "eval")
-        run_.log_bytes(json.dumps([scenes[j].prompt for j in grid], indent=2).encode(),
-                       "m2g_shapes_grid_prompts.json", "eval")
-    if "m2t.shapes_vqa" in suites:
-        n = min(ev.vqa_images, len(test.vqa))
-        m, examples = shapes.vqa(loaded.model, loaded.prompts, loaded.text, test.arrays["codes"][:n], test.vqa[:n],
-                                 _patches(loaded, test.arrays["images"][:n]))
-        metrics |= m
-        run_.log_bytes(json.dumps(examples, indent=2).encode(), "m2t_shapes_vqa_examples.json", "eval")
+    flags = np.array([bool(held is not None and held(sc)) for sc in test.scenes])
+    groups = [("", np.flatnonzero(~flags))] + ([("heldout_", np.flatnonzero(flags))] if flags.any() else [])
+    for prefix, rows in groups:
+        if "m2g.shapes_geneval" in suites:
+            metrics |= _geneval(loaded, test, rows, prefix, ev, seed, run_)
+        if "m2t.shapes_vqa" in suites:
+            n = rows[: ev.vqa_images]
+            m, examples = shapes.vqa(loaded.model, loaded.prompts, loaded.text, test.arrays["codes"][n], [test.vqa[i] for i in n],
+                                     _patches(loaded, test.arrays["images"][n]))
+            metrics |= {k.replace("m2t.shapes_vqa.", f"m2t.shapes_vqa.{prefix}"): v for k, v in m.items()}
+            run_.log_bytes(json.dumps(examples, indent=2).encode(), f"m2t_shapes_vqa_{prefix}examples.json", "eval")
+    return metrics
+
+
+def _geneval(loaded, test, rows: np.ndarray, prefix: str, ev, seed: int, run_) -> dict[str, float]:
+    """GenEval on the first `promptsPerTask` scenes of each task among `rows` of the test split."""
+    idx = rows[shapes.pick_scenes([test.scenes[i] for i in rows], ev.prompts_per_task)]
+    scenes = [shapes_data.scene_from_dict(test.scenes[i]) for i in idx]
+    m, images = shapes.geneval(loaded.model, loaded.prompts, loaded.text, loaded.vq, scenes,
+                               ev.temperature, ev.guidance, seed)
+    metrics = {k.replace("m2g.shapes_geneval.", f"m2g.shapes_geneval.{prefix}"): v for k, v in m.items()}
+    if prefix:
+        return metrics
+    # The judge's ceiling on the same prompts: the real renders, and their VQ reconstruction.
+    real = test.arrays["images"][idx].astype(np.float32) / 255.0
+    metrics["m2g.shapes_geneval.judge_real"] = shapes_judge.evaluate(scenes, real)["overall"]
+    metrics["m2g.shapes_geneval.judge_tokenized"] = shapes_judge.evaluate(
+        scenes, loaded.vq.decode(test.arrays["codes"][idx]))["overall"]
+    cols = min(ev.prompts_per_task, 10)
+    grid = [j for t in shapes_data.TASKS for j in [i for i, s in enumerate(scenes) if s.task == t][:cols]]
+    run_.log_bytes(png_grid(images[grid], len(shapes_data.TASKS), cols), "m2g_shapes_grid.png", "eval")
+    run_.log_bytes(json.dumps([scenes[j].prompt for j in grid], indent=2).encode(),
+                   "m2g_shapes_grid_prompts.json", "eval")
     return metrics
 
 
@@ -145,7 +160,9 @@ def run(ctx: StageContext, dataset_uri: str, model_uri: str) -> int:
         loaded = load_from_files({name: storage.read_file(model_uri, manifest, name) for name in FILES})
         run_.log_dataset(ctx.pipeline, ds.digest, dataset_uri, context="evaluation")
         truth = ds.manifest.get("ground_truth") or ds.manifest["source"]  # datasets of 0.1.0 name only the source
-        suite = _suite_shapes if truth == "shapes" else _suite_digits
+        helds = [src.held_out for src in spec.data.sources if src.held_out is not None]
+        held = (lambda scene: any(h.holds_out(scene) for h in helds)) if helds else None
+        suite = functools.partial(_suite_shapes, held=held) if truth == "shapes" else _suite_digits
         metrics = suite(set(ev.suites), loaded, ds, ev, spec.training.seed, run_)
         if ev.seesaw and manifest.get("snapshots"):
             _seesaw(loaded, manifest, model_uri, suite, ds, ev, spec.training.seed, metrics, run_, log)
