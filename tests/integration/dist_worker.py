@@ -1,9 +1,13 @@
 """A training process for the multi-process tests (run under torchrun, or alone): trains the
 tiny config with DDP or FSDP2 on CPU (gloo) and saves the final weights from rank 0.
 
-    torchrun --nproc-per-node=2 -m tests.integration.dist_worker ROOT_URI OUT_FILE [--fsdp] [--slow]
+    torchrun --nproc-per-node=2 -m tests.integration.dist_worker ROOT_URI OUT_FILE [--fsdp] [--slow] [--grpo]
+
+--grpo: the tiny model and data of tests/unit/test_recipes, pretrained then trained by a grpo
+phase on the toy reward of tests/unit/test_grpo ("draw colour 3"), each rank sampling its own.
 """
 
+import dataclasses
 import os
 import sys
 import time
@@ -28,14 +32,23 @@ def config(fsdp: bool) -> TrainConfig:
     )
 
 
+def grpo():
+    """(config, data, rewards) of the --grpo run."""
+    from nmm.train.rewards import Reward
+    from tests.unit.test_grpo import colour, rl_cfg
+    from tests.unit.test_recipes import train_data
+
+    return dataclasses.replace(rl_cfg(8), checkpoint_interval=4), train_data(), {"colour": Reward("colour", "m2g", colour)}
+
+
 if __name__ == "__main__":
     root, out = sys.argv[1], sys.argv[2]
     info = distributed.init()
     torch.set_num_threads(1)
     slow = "--slow" in sys.argv
+    cfg, rows, rewards = grpo() if "--grpo" in sys.argv else (config("--fsdp" in sys.argv), data(), None)
     try:
-        model, summary = train(config("--fsdp" in sys.argv), data(), info, root,
-                               lambda m, step: time.sleep(0.3) if slow else None)
+        model, summary = train(cfg, rows, info, root, lambda m, step: time.sleep(0.3) if slow else None, rewards=rewards)
         distributed.barrier(info)  # as the train stage does: leave together, then write
         distributed.shutdown(info)
         if info.is_main:

@@ -66,3 +66,30 @@ def test_sigterm_under_fsdp_stops_every_rank_at_one_step_and_resumes_bitwise(tmp
     a, b = weights(tmp_path / "straight.pt"), weights(tmp_path / "resumed.pt")
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_grpo_under_ddp_stops_at_one_step_and_resumes_bitwise(tmp_path):
+    """A grpo phase on two DDP ranks (each sampling its own completions, the sampling a pure
+    function of seed, rank and step): SIGTERM inside the phase, then a restart, ends with the
+    weights of an uninterrupted run."""
+    straight = run(tmp_path / "straight", tmp_path / "straight.pt", 2, "--grpo")
+    assert straight.wait(timeout=180) == 0, straight.stdout.read()[-4000:]
+    root = tmp_path / "stopped"
+    victim = run(root, tmp_path / "never.pt", 2, "--grpo", "--slow")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # inside the grpo phase: steps 21-28
+        index = root / "latest.json"
+        if index.exists() and json.loads(index.read_text())["latest"] >= 24:
+            break
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGTERM)
+    victim.wait(timeout=60)
+    assert "Preempted SIGTERM at step" in victim.stdout.read()
+    stopped_at = json.loads((root / "latest.json").read_text())["latest"]
+    assert 24 <= stopped_at < 28
+    resumed = run(root, tmp_path / "resumed.pt", 2, "--grpo")
+    assert resumed.wait(timeout=180) == 0, resumed.stdout.read()[-4000:]
+    assert f"resumed_from {stopped_at}" in resumed.stdout.read()
+    a, b = weights(tmp_path / "straight.pt"), weights(tmp_path / "resumed.pt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

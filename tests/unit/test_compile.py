@@ -89,9 +89,9 @@ def test_dag_is_curate_train_evaluate_rollout_with_gate_and_exit_handler():
 
 
 def test_variants_fan_out_train_and_evaluate_and_rollout_waits_for_all():
-    wf = compiled(WORKFLOWS / "fusion-ablation.yaml")
+    wf = compiled(WORKFLOWS / "fusion-ablation.yaml")  # (each variant on 3 seeds: runs <variant>s<k>)
     dag = {t["name"]: t for t in wf["spec"]["templates"][0]["dag"]["tasks"]}
-    variants = ("early", "earlybidir", "mid", "late")
+    variants = tuple(f"{v}s{k}" for v in ("early", "earlybidir", "mid", "late") for k in range(3))
     assert list(dag) == ["curate", *[f"{s}-{v}" for v in variants for s in ("train", "evaluate")], "rollout"]
     for v in variants:
         assert dag[f"train-{v}"]["dependencies"] == ["curate"]
@@ -99,16 +99,16 @@ def test_variants_fan_out_train_and_evaluate_and_rollout_waits_for_all():
         params = {p["name"]: p["value"] for p in dag[f"evaluate-{v}"]["arguments"]["parameters"]}
         assert params["variant"] == v and params["model_uri"].endswith(f"/train-{v}")
     assert dag["rollout"]["dependencies"] == [f"evaluate-{v}" for v in variants]
-    assert dag["rollout"]["when"] == "{{tasks.evaluate-early.outputs.parameters.gate}} == pass"
+    assert dag["rollout"]["when"] == "{{tasks.evaluate-earlys0.outputs.parameters.gate}} == pass"
     jobs = {j["metadata"]["name"]: j for j in pytorchjobs_of(wf)}
     assert set(jobs) == {f"{{{{workflow.name}}}}-train-{v}" for v in variants}
-    args = jobs["{{workflow.name}}-train-mid"]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["args"]
-    assert args[-2:] == ["--variant", "mid"]
+    args = jobs["{{workflow.name}}-train-mids1"]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["args"]
+    assert args[-2:] == ["--variant", "mids1"]
 
 
 def test_a_variant_is_the_spec_with_its_model_overrides():
     spec = parse_pipeline((WORKFLOWS / "fusion-ablation.yaml").read_text())
-    mid = spec.for_variant("mid")
+    mid = spec.for_variant("mids0")
     assert mid.spec.model.fusion == "mid" and mid.spec.variants == []
     assert mid.spec.model.size == spec.spec.model.size and mid.spec.training == spec.spec.training
     assert spec.for_variant(None) is spec

@@ -112,6 +112,28 @@ def _compile(spec, settings) -> dict:
         raise typer.Exit(EXIT_BAD_INPUT)
 
 
+def _seed_summary(per_run: dict[str, dict[str, float]], groups: dict[str, list[str]], gate: str) -> None:
+    """An ablation on several seeds: mean ± standard deviation per variant, then the differences
+    larger than the seed spread (nmm.evaluate.seeds)."""
+    from rich.table import Table
+
+    from nmm.evaluate import seeds
+
+    agg = seeds.aggregate(per_run, groups)
+    m = Table(title=f"evaluation across seeds: mean ± std (seeds measured); {gate}")
+    m.add_column("metric")
+    for v in agg:
+        m.add_column(v, justify="right")
+    for k in sorted({k for ms in agg.values() for k in ms}, key=lambda k: (k.split(".")[0], k)):
+        m.add_row(k, *[f"{ms[k][0]:.4f} ± {ms[k][1]:.4f} ({ms[k][2]})" if k in ms else "" for ms in agg.values()])
+    out.print(m)
+    pairs = seeds.apart(agg)
+    for k, a, b in pairs:
+        out.print(f"{k}: {a} and {b} differ by more than the seed spread")
+    if not pairs:
+        out.print("no difference between variants is larger than the seed spread")
+
+
 def _summary(result, spec) -> None:
     from rich.table import Table
 
@@ -128,7 +150,11 @@ def _summary(result, spec) -> None:
 
     evals = {split_step(n)[1] or "": s for n, s in steps.items()
              if split_step(n)[0] == "evaluate" and s.outputs.get("metrics")}
-    if evals:
+    if evals and spec.seed_groups:
+        first = next(iter(evals))
+        _seed_summary({v: json.loads(s.outputs["metrics"]) for v, s in evals.items()}, spec.seed_groups,
+                      f"rollout candidate {first}: gate {evals[first].outputs.get('gate')}")
+    elif evals:
         gates = {g.metric: g for g in spec.spec.evaluation.parsed_gates}
         table = {v: json.loads(s.outputs["metrics"]) for v, s in evals.items()}
         first = next(iter(table))

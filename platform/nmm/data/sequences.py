@@ -48,7 +48,7 @@ def instruction_texts(captions: int = 1) -> list[str]:
 
 
 def style_of(recipe: str) -> str:
-    """Pretraining reads the plain layout; sft and opd read instructions."""
+    """Pretraining reads the plain layout; sft, opd and grpo read instructions."""
     return "plain" if recipe == "pretrain" else "instruct"
 
 

@@ -267,6 +267,28 @@ def find_stage_run(run: RunIdentity, stage: str):
     return _find(client, exp.experiment_id, {TAG_RUN_KEY: run.key, TAG_STAGE: stage})
 
 
+@tracked("read the pipeline's run")
+def pipeline_tags(run: RunIdentity, code_version: str = "") -> dict[str, str]:
+    """The tags of the pipeline's parent run (each evaluation files its metrics there)."""
+    client = _client()
+    return dict(_parent(client, _experiment_id(client, run.experiment), run, code_version).data.tags)
+
+
+@tracked("log the pipeline's metrics")
+def log_pipeline_metrics(run: RunIdentity, metrics: dict[str, float], code_version: str = "") -> None:
+    """Metrics on the pipeline's parent run (an ablation's per-variant aggregates)."""
+    import time
+
+    from mlflow.entities import Metric
+
+    client = _client()
+    parent = _parent(client, _experiment_id(client, run.experiment), run, code_version)
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+    for i in range(0, len(items), 1000):
+        client.log_batch(parent.info.run_id, metrics=items[i : i + 1000])
+
+
 @tracked("finish the pipeline's run")
 def finish_pipeline_run(run: RunIdentity, status: str, code_version: str = "") -> str:
     """Close the parent run with the workflow's final status (Succeeded/Failed/Error)."""

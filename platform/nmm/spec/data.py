@@ -55,18 +55,12 @@ class HeldOut(Model):
     position_pairs: Annotated[list[str], Field(max_length=64)] = Field(
         default=[], description="\"<shape> <relation> <shape>\", e.g. \"circle left of square\" (either way round).")
 
-    @field_validator("colour_shape")
+    @field_validator("colour_shape", "position_pairs")
     @classmethod
-    def _known_colour_shapes(cls, v: list[str]) -> list[str]:
+    def _known_compositions(cls, v: list[str], info) -> list[str]:
+        parse = shapes.parse_colour_shape if info.field_name == "colour_shape" else shapes.parse_position_pair
         for text in v:
-            shapes.parse_colour_shape(text)
-        return v
-
-    @field_validator("position_pairs")
-    @classmethod
-    def _known_pairs(cls, v: list[str]) -> list[str]:
-        for text in v:
-            shapes.parse_position_pair(text)
+            parse(text)
         return v
 
     def holds_out(self, scene: dict) -> bool:

@@ -434,6 +434,22 @@ class Variant(Model):
     model: dict[str, Any] = Field(
         default={}, description="Overrides of spec.model for this variant (merged key by key)."
     )
+    seeds: Annotated[int, Field(ge=1, le=10)] = Field(
+        default=1, description="Run the variant on this many seeds (training.seed, +1, …): steps "
+        "train-<name>s<k> / evaluate-<name>s<k>, and the metrics' mean and standard deviation.",
+    )
+
+    @model_validator(mode="after")
+    def _seeded_names_fit(self) -> "Variant":
+        if self.seeds > 1 and len(self.runs[-1][0]) > names.MAX_VARIANT_NAME:
+            raise ValueError(f"name: {self.name!r} with {self.seeds} seeds makes step names like "
+                             f"{self.runs[-1][0]!r}, over {names.MAX_VARIANT_NAME} characters; shorten it")
+        return self
+
+    @property
+    def runs(self) -> list[tuple[str, int]]:
+        """(run name, seed offset) of each seed: the name itself for one seed, else <name>s<k>."""
+        return [(self.name, 0)] if self.seeds == 1 else [(f"{self.name}s{k}", k) for k in range(self.seeds)]
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -462,22 +478,26 @@ class PipelineBody(Model):
     )
 
     def for_variant(self, name: str) -> "PipelineBody":
-        """This body with the variant's model overrides applied (and no variants)."""
-        v = next((v for v in self.variants if v.name == name), None)
-        if v is None:
-            raise ValueError(f"no variant {name!r}; variants are {[v.name for v in self.variants]}")
+        """This body with a variant's model overrides applied (and no variants); `name` is one of
+        its runs (<name>s<k> on seed training.seed + k when it has several seeds)."""
+        found = next(((v, k) for v in self.variants for run, k in v.runs if run == name), None)
+        if found is None:
+            raise ValueError(f"no variant {name!r}; variants are {[r for v in self.variants for r, _ in v.runs]}")
+        v, k = found
         body = self.model_dump(mode="json", by_alias=True)
         body.update(model=_merge(body["model"], v.model), variants=[])
+        body["training"]["seed"] += k
         return PipelineBody.model_validate(body)
 
     @model_validator(mode="after")
     def _variants_valid(self) -> "PipelineBody":
         names = [v.name for v in self.variants]
-        if len(set(names)) != len(names):
-            raise ValueError(f"variants: names must be unique, got {names}")
+        runs = [r for v in self.variants for r, _ in v.runs]
+        if len(set(names)) != len(names) or len(set(runs)) != len(runs):
+            raise ValueError(f"variants: names (and their seeds' runs) must be unique, got {runs}")
         for i, v in enumerate(self.variants):
             try:
-                self.for_variant(v.name)
+                self.for_variant(v.runs[-1][0])  # (its last seed: the seed's range is checked too)
             except ValidationError as exc:
                 err = exc.errors(include_url=False)[0]
                 where = ".".join(str(p) for p in err["loc"])
@@ -597,4 +617,13 @@ class PipelineSpec(Model):
 
     @property
     def variant_names(self) -> list[str]:
-        return [v.name for v in self.spec.variants]
+        """The variants' runs: each variant's name, or <name>s<k> per seed (its own train and
+        evaluate steps)."""
+        return [r for v in self.spec.variants for r, _ in v.runs]
+
+    @property
+    def seed_groups(self) -> dict[str, list[str]]:
+        """Variant → its runs, when a variant runs on several seeds (else empty)."""
+        if not any(v.seeds > 1 for v in self.spec.variants):
+            return {}
+        return {v.name: [r for r, _ in v.runs] for v in self.spec.variants}
