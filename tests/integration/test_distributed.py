@@ -43,15 +43,18 @@ def test_two_ranks_reach_the_single_process_weights(tmp_path, mode):
         assert diff.max() < 5e-4 and diff.mean() < 5e-6, (k, diff.max().item(), diff.mean().item())
 
 
-def test_sigterm_under_fsdp_stops_every_rank_at_one_step_and_resumes_bitwise(tmp_path):
-    straight = run(tmp_path / "straight", tmp_path / "straight.pt", 2, "--fsdp")
-    assert straight.wait(timeout=180) == 0, straight.stdout.read()
+def sigterm_and_resume_bitwise(tmp_path, flags: tuple[str, ...], at: int, end: int) -> None:
+    """Two ranks with `flags`, straight through; again with SIGTERM once a checkpoint at step `at`
+    or later is committed, then a restart: it must resume from the checkpoint every rank stopped
+    at (before `end`) and end with the straight run's weights, bitwise."""
+    straight = run(tmp_path / "straight", tmp_path / "straight.pt", 2, *flags)
+    assert straight.wait(timeout=180) == 0, straight.stdout.read()[-4000:]
     root = tmp_path / "stopped"
-    victim = run(root, tmp_path / "never.pt", 2, "--fsdp", "--slow")
+    victim = run(root, tmp_path / "never.pt", 2, *flags, "--slow")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         index = root / "latest.json"
-        if index.exists() and json.loads(index.read_text())["latest"] >= 8:
+        if index.exists() and json.loads(index.read_text())["latest"] >= at:
             break
         time.sleep(0.05)
     victim.send_signal(signal.SIGTERM)  # torchrun forwards it to both ranks
@@ -59,37 +62,21 @@ def test_sigterm_under_fsdp_stops_every_rank_at_one_step_and_resumes_bitwise(tmp
     log = victim.stdout.read()
     assert "Preempted SIGTERM at step" in log, log
     stopped_at = json.loads((root / "latest.json").read_text())["latest"]
-    assert 8 <= stopped_at < 24 and not (tmp_path / "never.pt").exists()
-    resumed = run(root, tmp_path / "resumed.pt", 2, "--fsdp")
+    assert at <= stopped_at < end and not (tmp_path / "never.pt").exists()
+    resumed = run(root, tmp_path / "resumed.pt", 2, *flags)
     assert resumed.wait(timeout=180) == 0, resumed.stdout.read()[-4000:]
     assert f"resumed_from {stopped_at}" in resumed.stdout.read()
     a, b = weights(tmp_path / "straight.pt"), weights(tmp_path / "resumed.pt")
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_sigterm_under_fsdp_stops_every_rank_at_one_step_and_resumes_bitwise(tmp_path):
+    sigterm_and_resume_bitwise(tmp_path, ("--fsdp",), at=8, end=24)
 
 
 def test_grpo_under_ddp_stops_at_one_step_and_resumes_bitwise(tmp_path):
     """A grpo phase on two DDP ranks (each sampling its own completions, the sampling a pure
-    function of seed, rank and step): SIGTERM inside the phase, then a restart, ends with the
-    weights of an uninterrupted run."""
-    straight = run(tmp_path / "straight", tmp_path / "straight.pt", 2, "--grpo")
-    assert straight.wait(timeout=180) == 0, straight.stdout.read()[-4000:]
-    root = tmp_path / "stopped"
-    victim = run(root, tmp_path / "never.pt", 2, "--grpo", "--slow")
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # inside the grpo phase: steps 21-28
-        index = root / "latest.json"
-        if index.exists() and json.loads(index.read_text())["latest"] >= 24:
-            break
-        time.sleep(0.05)
-    victim.send_signal(signal.SIGTERM)
-    victim.wait(timeout=60)
-    assert "Preempted SIGTERM at step" in victim.stdout.read()
-    stopped_at = json.loads((root / "latest.json").read_text())["latest"]
-    assert 24 <= stopped_at < 28
-    resumed = run(root, tmp_path / "resumed.pt", 2, "--grpo")
-    assert resumed.wait(timeout=180) == 0, resumed.stdout.read()[-4000:]
-    assert f"resumed_from {stopped_at}" in resumed.stdout.read()
-    a, b = weights(tmp_path / "straight.pt"), weights(tmp_path / "resumed.pt")
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    function of seed, rank and step): SIGTERM inside the phase (steps 21-28), then a restart,
+    ends with the weights of an uninterrupted run."""
+    sigterm_and_resume_bitwise(tmp_path, ("--grpo",), at=24, end=28)
