@@ -8,8 +8,8 @@ import dataclasses
 import yaml
 
 from nmm.spec import parse_pipeline
-from nmm.spec.models import Parallelism as SpecParallelism
-from nmm.spec.models import Phase
+from nmm.spec.training import Parallelism as SpecParallelism
+from nmm.spec.training import Phase
 from nmm.stages.train import flatten, phase_configs
 from nmm.train.parallelize import Parallelism
 from nmm.train.trainer import PhaseConfig
