@@ -86,19 +86,31 @@ def patch_pipeline_status(namespace: str, name: str, status: dict) -> None:
     kubeclient.custom_objects().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, {"status": status})
 
 
-def suspended_jobs(namespace: str, workflow: str) -> list[str]:
-    """The run's PyTorchJobs that are suspended: Kueue holds them until it admits their whole
-    gang (`kueue.x-k8s.io/queue-name`). None when Kubeflow's CRD is not installed (404)."""
+# The jobs a Workflow's resource steps create.
+PYTORCHJOBS = ("kubeflow.org", "v1", "pytorchjobs")
+JOBS = (PYTORCHJOBS, ("ray.io", "v1", "rayjobs"))
+
+
+def run_jobs(namespace: str, workflow: str, kind: tuple[str, str, str]) -> list[dict]:
+    """The jobs of one kind (group, version, plural) carrying the run's `nmm.dev/run` label;
+    none when the kind's CRD is not installed (404)."""
+    group, version, plural = kind
     try:
         found = kubeclient.custom_objects().list_namespaced_custom_object(
-            "kubeflow.org", "v1", namespace, "pytorchjobs", label_selector=f"nmm.dev/run={workflow}"
+            group, version, namespace, plural, label_selector=f"nmm.dev/run={workflow}"
         )
     except ApiException as exc:
         if exc.status == 404:
             return []
         raise
+    return found.get("items", [])
+
+
+def suspended_jobs(namespace: str, workflow: str) -> list[str]:
+    """The run's PyTorchJobs that are suspended: Kueue holds them until it admits their whole
+    gang (`kueue.x-k8s.io/queue-name`). None when Kubeflow's CRD is not installed (404)."""
     out = []
-    for job in found.get("items", []):
+    for job in run_jobs(namespace, workflow, PYTORCHJOBS):
         conditions = (job.get("status") or {}).get("conditions") or []
         suspended = any(c.get("type") == "Suspended" and c.get("status") == "True" for c in conditions)
         if suspended or ((job.get("spec") or {}).get("runPolicy") or {}).get("suspend"):
@@ -106,11 +118,8 @@ def suspended_jobs(namespace: str, workflow: str) -> list[str]:
     return sorted(out)
 
 
-# The jobs a Workflow's resource steps create, and how each says it failed for good.
-JOBS = (("kubeflow.org", "v1", "pytorchjobs"), ("ray.io", "v1", "rayjobs"))
-
-
 def _failed(job: dict) -> bool:
+    """Whether a job failed for good: a PyTorchJob's Failed condition, a RayJob's status."""
     st = job.get("status") or {}
     if any(c.get("type") == "Failed" and c.get("status") == "True" for c in st.get("conditions") or []):
         return True  # PyTorchJob
@@ -124,18 +133,12 @@ def delete_failed_jobs(namespace: str, wf: dict) -> list[str]:
     A kind whose CRD is not installed has none (404). Returns "kind/name" of each deleted."""
     name, uid = wf["metadata"]["name"], wf["metadata"]["uid"]
     deleted = []
-    for group, version, plural in JOBS:
-        try:
-            found = kubeclient.custom_objects().list_namespaced_custom_object(
-                group, version, namespace, plural, label_selector=f"nmm.dev/run={name}")
-        except ApiException as exc:
-            if exc.status == 404:
-                continue
-            raise
-        for job in found.get("items", []):
+    for kind in JOBS:
+        for job in run_jobs(namespace, name, kind):
             owners = job["metadata"].get("ownerReferences") or []
             if not _failed(job) or not any(o.get("uid") == uid for o in owners):
                 continue
+            group, version, plural = kind
             try:
                 kubeclient.custom_objects().delete_namespaced_custom_object(
                     group, version, namespace, plural, job["metadata"]["name"], propagation_policy="Background")

@@ -267,11 +267,16 @@ def find_stage_run(run: RunIdentity, stage: str):
     return _find(client, exp.experiment_id, {TAG_RUN_KEY: run.key, TAG_STAGE: stage})
 
 
+def _pipeline_run(run: RunIdentity, code_version: str):
+    """(client, the pipeline's parent run)."""
+    client = _client()
+    return client, _parent(client, _experiment_id(client, run.experiment), run, code_version)
+
+
 @tracked("read the pipeline's run")
 def pipeline_tags(run: RunIdentity, code_version: str = "") -> dict[str, str]:
     """The tags of the pipeline's parent run (each evaluation files its metrics there)."""
-    client = _client()
-    return dict(_parent(client, _experiment_id(client, run.experiment), run, code_version).data.tags)
+    return dict(_pipeline_run(run, code_version)[1].data.tags)
 
 
 @tracked("log the pipeline's metrics")
@@ -281,8 +286,7 @@ def log_pipeline_metrics(run: RunIdentity, metrics: dict[str, float], code_versi
 
     from mlflow.entities import Metric
 
-    client = _client()
-    parent = _parent(client, _experiment_id(client, run.experiment), run, code_version)
+    client, parent = _pipeline_run(run, code_version)
     now = int(time.time() * 1000)
     items = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
     for i in range(0, len(items), 1000):
@@ -292,9 +296,7 @@ def log_pipeline_metrics(run: RunIdentity, metrics: dict[str, float], code_versi
 @tracked("finish the pipeline's run")
 def finish_pipeline_run(run: RunIdentity, status: str, code_version: str = "") -> str:
     """Close the parent run with the workflow's final status (Succeeded/Failed/Error)."""
-    client = _client()
-    exp_id = _experiment_id(client, run.experiment)
-    parent = _parent(client, exp_id, run, code_version)
+    client, parent = _pipeline_run(run, code_version)
     mlflow_status = "FINISHED" if status == "Succeeded" else "FAILED"
     client.set_tag(parent.info.run_id, "nmm.workflow_status", status)
     client.set_terminated(parent.info.run_id, status=mlflow_status)

@@ -63,9 +63,11 @@ class HeldOut(Model):
             parse(text)
         return v
 
-    def holds_out(self, scene: dict) -> bool:
-        return shapes.held_out(scene, {shapes.parse_colour_shape(t) for t in self.colour_shape},
-                               {shapes.parse_position_pair(t) for t in self.position_pairs})
+    def predicate(self):
+        """scene (dict) → whether it shows a held-out composition; the texts parsed once."""
+        colour_shape = {shapes.parse_colour_shape(t) for t in self.colour_shape}
+        pairs = {shapes.parse_position_pair(t) for t in self.position_pairs}
+        return lambda scene: shapes.held_out(scene, colour_shape, pairs)
 
 
 class Source(Model):

@@ -229,12 +229,12 @@ def _decide(ctx: StageContext, ex, version, log) -> tuple[dedup.Decisions, np.nd
 def _hold_out(data, cols: dict, d: dedup.Decisions, log) -> None:
     """Move every kept scene that shows a held-out composition (its source's `heldOut`) to the
     test split: no training (or validation) prompt or image has it."""
-    held = {s.label: s.held_out for s in data.sources if s.held_out is not None}
+    held = {s.label: s.held_out.predicate() for s in data.sources if s.held_out is not None}
     if not held:
         return
     moved = total = 0
     for i, (src, scene) in enumerate(zip(cols["source"], cols["scene"])):
-        if src in held and scene and d.split[i] and held[src].holds_out(json.loads(scene)):
+        if src in held and scene and d.split[i] and held[src](json.loads(scene)):
             total += 1
             moved += d.split[i] != "test"
             d.split[i] = "test"
