@@ -37,6 +37,19 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen) -> None:
     raise TimeoutError(f"{url} did not answer within {timeout}s")
 
 
+def half_budget(workflow: str, path: Path) -> Path:
+    """The workflow with half its training steps (gates unchanged), written to `path`: for the
+    end-to-end tests of `make run` and `make byo`, whose subject is the path through every stage
+    and the gates; the full budget's figures are measured by `make run` itself (README)."""
+    import yaml
+
+    doc = yaml.safe_load((WORKFLOWS / workflow).read_text())
+    for phase in doc["spec"]["training"]["phases"]:
+        phase["steps"] //= 2
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
 def wait_for(fn, timeout: float = 30.0, what="condition"):
     """Poll `fn` until it returns something truthy (returned); `what` (or a callable giving it)
     names what was awaited in the failure."""

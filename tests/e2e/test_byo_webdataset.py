@@ -1,4 +1,4 @@
-"""`make byo`'s job on a fresh checkout (at half its training steps: see `half_budget`): the digits
+"""`make byo`'s job on a fresh checkout (at half its training steps: see `tests.conftest.half_budget`): the digits
 written as WebDataset shards into the store by `nmm data export`, then `nmm run` of
 workflows/byo-webdataset.yaml (curate as a RayJob, which the local
 engine runs as a local Ray process) training the quickstart's model on them, passing its gates,
@@ -14,25 +14,14 @@ import yaml
 
 import pytest
 
-from tests.conftest import NMM, WORKFLOWS
+from tests.conftest import NMM, WORKFLOWS, half_budget
 
 pytestmark = pytest.mark.slow
 
 
-def half_budget(path):
-    """`make byo`'s pipeline with half its training steps (its gates unchanged): the data path,
-    the gates and the model filter are what this test is about; the quickstart e2e test holds the
-    full budget's figures for the same model on the same digits."""
-    doc = yaml.safe_load((WORKFLOWS / "byo-webdataset.yaml").read_text())
-    for phase in doc["spec"]["training"]["phases"]:
-        phase["steps"] //= 2
-    path.write_text(yaml.safe_dump(doc))
-    return path
-
-
 def test_byo_webdataset_trains_on_shards_in_the_store_and_passes_its_gates(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "NMM_HOME", "NMM_STORE", "NMM_S3_ENDPOINT", "RAY_ADDRESS")}
-    spec = half_budget(tmp_path / "byo-webdataset.yaml")
+    spec = half_budget("byo-webdataset.yaml", tmp_path / "byo-webdataset.yaml")
     missing = subprocess.run([NMM, "run", str(spec)], cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=300)
     assert missing.returncode != 0 and "matches no .tar shards" in missing.stdout + missing.stderr  # no data yet: says so

@@ -1,10 +1,12 @@
 """Fault: one DDP rank of a training job SIGKILLed mid-run (R19), run by the local engine as it
 runs the train step's PyTorchJob: torchrun with two ranks of the tiny trainer
-(tests.integration.dist_worker, a checkpoint every 4 of its 24 steps).
+(tests.integration.dist_worker --grpo: 20 pretrain steps, then 8 grpo steps in which each rank
+samples its own completions; a checkpoint every 4 steps). The rank dies inside the grpo phase.
 
 Must hold: torchrun stops the surviving rank and fails; the PyTorchJob's processes start again
 (one restart, within `runPolicy.backoffLimit` = the spec's `training.maxRestarts`); training
-resumes from the latest checkpoint and ends with weights bitwise equal to an uninterrupted run;
+resumes from the latest checkpoint (the grpo reference restored from it, the sampling a pure
+function of seed, rank and step) and ends with weights bitwise equal to an uninterrupted run;
 the step succeeds on its first attempt, its restart recorded and logged."""
 
 from __future__ import annotations
@@ -57,15 +59,15 @@ def rank_one() -> list[int]:
 
 
 def test_a_killed_ddp_rank_restarts_the_job_which_resumes_to_the_uninterrupted_weights_r19(tmp_path):
-    straight = run_workflow(job_workflow(tmp_path / "straight", tmp_path / "straight.pt"), tmp_path / "runs-a")
+    straight = run_workflow(job_workflow(tmp_path / "straight", tmp_path / "straight.pt", "--grpo"), tmp_path / "runs-a")
     assert straight.phase == "Succeeded", straight.steps["train"].message
 
     root, result = tmp_path / "killed", {}
     engine = threading.Thread(target=lambda: result.update(
-        r=run_workflow(job_workflow(root, tmp_path / "resumed.pt", "--slow"), tmp_path / "runs-b")))
+        r=run_workflow(job_workflow(root, tmp_path / "resumed.pt", "--grpo", "--slow"), tmp_path / "runs-b")))
     engine.start()
-    wait_for(lambda: (root / "latest.json").exists() and json.loads((root / "latest.json").read_text())["latest"] >= 8,
-             120, "a checkpoint at step 8")
+    wait_for(lambda: (root / "latest.json").exists() and json.loads((root / "latest.json").read_text())["latest"] >= 24,
+             120, "a checkpoint at step 24, inside the grpo phase")
     (victim,) = wait_for(rank_one, 30, "rank 1")
     os.kill(victim, signal.SIGKILL)
     engine.join(timeout=300)
@@ -75,7 +77,7 @@ def test_a_killed_ddp_rank_restarts_the_job_which_resumes_to_the_uninterrupted_w
     log = "".join(p.read_text() for p in train.logs)
     assert "restart 1 of backoffLimit 2" in log
     killed_at = int(log.split("resumed_from ")[-1].split()[0])
-    assert 8 <= killed_at < 24  # the restart resumed from a checkpoint, not from the start
+    assert 24 <= killed_at < 28  # the restart resumed inside the grpo phase, not from the start
     a = torch.load(tmp_path / "straight.pt", weights_only=True)
     b = torch.load(tmp_path / "resumed.pt", weights_only=True)
     for k in a:

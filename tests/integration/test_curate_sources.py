@@ -126,17 +126,23 @@ def test_a_glob_that_matches_nothing_exits_2_and_an_unreachable_store_129(env):
     r, _ = stage(env, pipeline(f"s3://{BUCKET}/nothing/*.tar"), "run-4")
     assert r.returncode == 2 and "data.sources[web].uri" in r.stderr and "matches no .tar shards" in r.stderr
     assert "Traceback" not in r.stderr
-    down = dict(env, env=env["env"] | {"NMM_S3_ENDPOINT": "http://127.0.0.1:9"})
+    # (two retries, not five: the backoff itself is tests/faults/test_store_faults.py's subject)
+    down = dict(env, env=env["env"] | {"NMM_S3_ENDPOINT": "http://127.0.0.1:9", "NMM_S3_RETRIES": "2"})
     r, _ = stage(down, pipeline(f"s3://{BUCKET}/web/*.tar"), "run-5")
     assert r.returncode == 129 and "Traceback" not in r.stderr, r.stderr
 
 
 def test_ray_and_a_plain_loop_decide_the_same_ledger_bytes(env, first, monkeypatch):
     """Ray's parallelism and block order change nothing: the ledger of the shards in the bucket,
-    examined on Ray (one unit a shard, so three tasks race) and in a plain loop, is the same bytes."""
+    examined on Ray (one unit a shard, so three tasks race) and in a plain loop, is the same bytes;
+    and tokenizing on Ray (several batches) and in the loop gives the same codes and token ids."""
+    import numpy as np
+
     from nmm.data import dedup, ray_transforms, readers, stream, userdata
     from nmm.data.examine import Settings
     from nmm.spec.data import Source
+    from nmm.tokenizers.image import PatchVQ
+    from nmm.tokenizers.text import TextTokenizer
 
     s3_env(env, monkeypatch)  # before Ray starts: its workers inherit this env
     src = Source(kind="webdataset", name="web", uri=f"s3://{BUCKET}/web/shard-{{000000..000002}}.tar")
@@ -149,9 +155,19 @@ def test_ray_and_a_plain_loop_decide_the_same_ledger_bytes(env, first, monkeypat
             d = dedup.decide(ex.cols, "near", radius=6, caption_dedup=True, threshold=0.9, train=0.7, val=0.1)
             got.append(ledger.to_bytes(ledger.table(ex.cols, d)))
             stream.cleanup(ex)
+        rng = np.random.default_rng(0)
+        images = rng.integers(0, 256, (600, 16, 16, 3), dtype=np.uint8)
+        texts = [[f"a photo of {i % 7} things", f"number {i}"] for i in range(len(images))]
+        vq = PatchVQ.fit(images, 4, 16).to_bytes()
+        text = TextTokenizer.train("bpe", [t for pair in texts for t in pair], 64).to_bytes()
+        tokenized = [ray_transforms.tokenize_samples(images, texts, vq, text, engine=e, batch_size=128)
+                     for e in ("ray", "loop")]
     finally:
         ray_transforms.shutdown()
     assert len(units) == 3 and got[0] == got[1]
+    (ray_codes, ray_ids), (loop_codes, loop_ids) = tokenized
+    assert ray_codes.shape == (600, 16) and ray_codes.dtype == loop_codes.dtype == np.int32
+    assert np.array_equal(ray_codes, loop_codes) and ray_ids == loop_ids and len(ray_ids[0]) == 2
 
 
 def test_a_source_that_keeps_nothing_exits_2_with_the_reasons(env):

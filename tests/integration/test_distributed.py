@@ -73,10 +73,3 @@ def sigterm_and_resume_bitwise(tmp_path, flags: tuple[str, ...], at: int, end: i
 
 def test_sigterm_under_fsdp_stops_every_rank_at_one_step_and_resumes_bitwise(tmp_path):
     sigterm_and_resume_bitwise(tmp_path, ("--fsdp",), at=8, end=24)
-
-
-def test_grpo_under_ddp_stops_at_one_step_and_resumes_bitwise(tmp_path):
-    """A grpo phase on two DDP ranks (each sampling its own completions, the sampling a pure
-    function of seed, rank and step): SIGTERM inside the phase (steps 21-28), then a restart,
-    ends with the weights of an uninterrupted run."""
-    sigterm_and_resume_bitwise(tmp_path, ("--grpo",), at=24, end=28)

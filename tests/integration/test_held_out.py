@@ -1,6 +1,11 @@
 """Held-out compositions (`data.sources[].heldOut`) through a tiny shapes pipeline: curate puts
 every scene that shows one in the test split (no training or validation image or prompt has
-it), and evaluation scores the seen and the held-out test scenes apart (`heldout_*`)."""
+it), and evaluation scores the seen and the held-out test scenes apart (`heldout_*`).
+
+The same pipeline trains a short grpo phase on both shapes rewards (a drawn scene judged by the
+GenEval rules, a written answer by exact match) with grid image positions: the train stage builds
+the rewards over the train split, and the phase's MLflow run gets its reward metrics and its
+sample grids."""
 
 import json
 import os
@@ -25,9 +30,13 @@ def spec() -> dict:
             "data": {"sources": [{"kind": "shapes", "samples": 360, "imageSize": 24, "heldOut": HELD}],
                      "split": {"train": 0.7, "val": 0.1, "test": 0.2}, "captionsPerImage": 1},
             "model": {"fusion": "early", "tasks": ["m2t", "m2g"], "size": {"dim": 32, "layers": 1, "heads": 2},
+                      "imagePositions": "grid",
                       "tokenizers": {"text": {"kind": "bpe", "vocabSize": 160}, "image": {"kind": "patch-vq", "patchSize": 4, "codebookSize": 32}}},
-            "training": {"phases": [{"name": "pretrain", "steps": 10, "batchSize": 16, "mixture": {"m2t": 0.5, "m2g": 0.5}}],
-                         "resources": {"processesPerNode": 1}, "checkpoint": {"intervalSteps": 10, "keepLatest": 1}},
+            "training": {"phases": [
+                {"name": "pretrain", "steps": 10, "batchSize": 16, "mixture": {"m2t": 0.5, "m2g": 0.5}},
+                {"name": "rl", "recipe": "grpo", "reference": "pretrain", "steps": 3, "batchSize": 4, "group": 2,
+                 "samplesEvery": 2, "reward": {"shapes_geneval": 1.0, "vqa_exact": 1.0}, "mixture": {"m2t": 0.5, "m2g": 0.5}}],
+                         "resources": {"processesPerNode": 1}, "checkpoint": {"intervalSteps": 13, "keepLatest": 1}},
             "evaluation": {"suites": ["m2g.shapes_geneval", "m2t.shapes_vqa"], "promptsPerTask": 2, "vqaImages": 12,
                            "seesaw": False, "gates": ["m2g.shapes_geneval.heldout_overall >= 0.0"]},
             "rollout": {"registeredModelName": "nmm-held-out"},
@@ -54,4 +63,19 @@ def test_held_out_scenes_are_only_in_test_and_scored_apart(tmp_path):
     for name in ("m2g.shapes_geneval.overall", "m2g.shapes_geneval.heldout_overall",
                  "m2t.shapes_vqa.accuracy", "m2t.shapes_vqa.heldout_accuracy"):
         assert 0.0 <= metrics[name] <= 1.0, name
-    assert "m2g.shapes_geneval.heldout_judge_real" not in metrics  # the judge's ceiling: seen scenes only
+    assert "m2g.shapes_geneval.heldout_judge_real" not in metrics  # the judge's ceiling on real renders: seen scenes only
+    assert 0.0 <= metrics["m2g.shapes_geneval.heldout_judge_tokenized"] <= 1.0  # the codebook's, on held-out ones too
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / '.nmm' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("default/held-out")
+    (rl,) = client.search_runs([exp.experiment_id], filter_string="tags.`nmm.stage` = 'train/rl'")
+    assert rl.data.params["recipe"] == "grpo" and rl.data.params["reference"] == "pretrain" and rl.data.params["group"] == "2"
+    for name in ("reward", "reward/shapes_geneval", "reward/vqa_exact", "reward_std/vqa_exact", "kl"):
+        assert {m.step for m in client.get_metric_history(rl.info.run_id, f"train/{name}")} == {11, 12, 13}, name
+    samples = sorted(a.path for a in client.list_artifacts(rl.info.run_id, "samples"))
+    # every 2nd step of the phase and its last: the drawn images as a grid, the written answers as text
+    assert samples == [f"samples/step-{s:06d}.{ext}" for s in (12, 13) for ext in ("png", "txt")], samples
+    answers = client.download_artifacts(rl.info.run_id, "samples/step-000013.txt", str(tmp_path))
+    assert "?" in open(answers).read()  # the questions, each with the answer the policy wrote

@@ -156,3 +156,8 @@ def test_the_compiled_decode_step_gives_the_eager_tokens():
     got = generate(model, three, 6, (5, 30), compiled=True, on_step=lambda idx, toks: streamed.append((idx, toks)))
     assert got == generate(model, three, 6, (5, 30), compiled=False)
     assert all(idx == [0, 1, 2] and len(toks) == 3 for idx, toks in streamed)
+    # grid positions: the compiled step counts the image codes it draws in the cache, as eager does
+    grid = tiny(max_seq_len=40, tokens_per_image=4, image_positions="grid").build().eval()
+    draw = [[1, 2, 3], [6, 7, 3]]
+    eager = generate(grid, draw, 4, (30, 40), compiled=False)
+    assert generate(grid, draw, 4, (30, 40), compiled=True) == eager == _uncached(grid, draw, 4, (30, 40))

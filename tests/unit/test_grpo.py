@@ -110,20 +110,39 @@ def rl_cfg(steps: int = 24, **phase) -> TrainConfig:
 
 
 def test_an_rl_phase_raises_the_mean_reward_of_a_toy_reward(tmp_path):
-    seen = {}
-    train(rl_cfg(), train_data(), CPU, tmp_path.as_uri(), lambda m, s: seen.update({s: m}),
-          rewards={"colour": Reward("colour", "m2g", colour)})
+    seen, samples = {}, {}
+    train(rl_cfg(samples_every=10), train_data(), CPU, tmp_path.as_uri(), lambda m, s: seen.update({s: m}),
+          rewards={"colour": Reward("colour", "m2g", colour)},
+          on_samples=lambda step, phase, x, sampled: samples.update({step: (phase, x, sampled)}))
     rl = [seen[s] for s in range(21, 45)]
-    assert {"train/reward", "train/reward/colour", "train/reward_std", "train/kl", "train/clip_fraction"} <= set(rl[0])
+    assert {"train/reward", "train/reward/colour", "train/reward_std", "train/reward_std/colour", "train/kl",
+            "train/clip_fraction"} <= set(rl[0])
+    # the phase's completions every 10 steps and at its end: 4 prompts × a group of 8 each
+    assert sorted(samples) == [30, 40, 44] and all(p == "rl" and x.shape[0] == 32 for p, x, _ in samples.values())
+    _, x, sampled = samples[44]
+    assert (sampled.sum(1) == 4).all()  # each completion: one whole image drawn, nothing else sampled
+    assert ((x[sampled.bool()] >= IMAGE[0]) & (x[sampled.bool()] < IMAGE[1])).all()
     first, last = np.mean([m["train/reward"] for m in rl[:4]]), np.mean([m["train/reward"] for m in rl[-4:]])
     assert first < 0.3 and last > first + 0.3, (first, last)
     assert all(m["train/clip_fraction"] == 0.0 for m in rl)  # one update per sample: the ratio is 1
     assert rl[-1]["train/kl"] > 0.0  # the policy moved off its reference
 
 
-def test_an_rl_phase_resumes_bitwise(tmp_path):
+def test_several_updates_on_each_sample_make_the_clip_bind_and_still_raise_the_reward(tmp_path):
+    seen = {}
+    train(rl_cfg(12, updates=3, clip=0.05), train_data(), CPU, tmp_path.as_uri(), lambda m, s: seen.update({s: m}),
+          rewards={"colour": Reward("colour", "m2g", colour)})
+    rl = [seen[s] for s in range(21, 33)]
+    assert max(m["train/clip_fraction"] for m in rl) > 0.05  # later updates move the ratio past 1 ± clip
+    first, last = np.mean([m["train/reward"] for m in rl[:3]]), np.mean([m["train/reward"] for m in rl[-3:]])
+    assert last > first + 0.2, (first, last)
+
+
+@pytest.mark.parametrize("updates", [1, 2])
+def test_an_rl_phase_resumes_bitwise(tmp_path, updates):
     rewards = {"colour": Reward("colour", "m2g", colour)}
-    straight, _ = train(rl_cfg(8), train_data(), CPU, (tmp_path / "a").as_uri(), lambda m, s: None, rewards=rewards)
+    cfg = rl_cfg(8, updates=updates)
+    straight, _ = train(cfg, train_data(), CPU, (tmp_path / "a").as_uri(), lambda m, s: None, rewards=rewards)
     root = (tmp_path / "b").as_uri()
 
     def kill_inside_rl(metrics, step):
@@ -131,8 +150,8 @@ def test_an_rl_phase_resumes_bitwise(tmp_path):
             os.kill(os.getpid(), signal.SIGTERM)
 
     with pytest.raises(Preempted):
-        train(rl_cfg(8), train_data(), CPU, root, kill_inside_rl, rewards=rewards)
-    resumed, summary = train(rl_cfg(8), train_data(), CPU, root, lambda m, s: None, rewards=rewards)
+        train(cfg, train_data(), CPU, root, kill_inside_rl, rewards=rewards)
+    resumed, summary = train(cfg, train_data(), CPU, root, lambda m, s: None, rewards=rewards)
     assert summary["resumed_from"] == 24
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k

@@ -138,6 +138,40 @@ def test_cached_greedy_generation_equals_recomputing_the_whole_sequence():
     assert out == seq[len(prompt):]
 
 
+def test_grid_positions_index_each_image_in_raster_order_and_survive_the_kv_cache():
+    from nmm.model.transformer import KVCache, image_index
+
+    # <bos> <boi> 4 codes <eoi> text <boi> 2 codes (an image being drawn); 2×2 grid, ids 30..39
+    row = torch.tensor([[1, 3, 30, 31, 32, 33, 4, 10, 3, 35, 36]])
+    assert image_index(row, (30, 40), 4).tolist() == [[-1, -1, 0, 1, 2, 3, -1, -1, -1, 0, 1]]
+    assert image_index(row[:, 3:6], (30, 40), 4, before=torch.tensor([1])).tolist() == [[1, 2, 3]]
+    assert image_index(torch.tensor([[30] * 6]), (30, 40), 4).tolist() == [[0, 1, 2, 3, -1, -1]]  # never past the grid
+
+    torch.manual_seed(0)
+    kw = dict(image_lo=30, image_hi=40, tokens_per_image=4)
+    grid = tiny(**kw, image_positions="grid").build().eval()
+    assert grid.image_row.weight.shape == grid.image_col.weight.shape == (2, 32)
+    plain = tiny(**kw).build().eval()
+    plain.load_state_dict({k: v for k, v in grid.state_dict().items() if not k.startswith("image_")})
+    text = torch.tensor([[1, 5, 7, 10, 11]])
+    assert torch.allclose(grid(text), plain(text), atol=1e-6)  # no image: the grid adds nothing
+    assert not torch.allclose(grid(row), plain(row))
+    swapped = row.clone()
+    swapped[0, 2:6] = torch.tensor([31, 30, 33, 32])  # the same codes, columns swapped
+    assert not torch.allclose(grid(swapped)[:, -1], grid(row)[:, -1])
+
+    full = grid(row)
+    cache = KVCache(grid.cfg, 1, "cpu")
+    steps = [grid(row[:, :4], cache)] + [grid(row[:, i : i + 1], cache) for i in range(4, 11)]
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+    prompt = [1, 10, 3]  # M2G: draw an image after <boi>; the decode path counts the codes
+    seq = list(prompt)
+    for _ in range(4):
+        seq.append(30 + int(grid(torch.tensor([seq]))[0, -1, 30:40].argmax()))
+    (out,) = generate(grid, [prompt], 4, allowed=(30, 40))
+    assert out == seq[len(prompt):]
+
+
 def test_guidance_one_is_plain_sampling_and_guidance_moves_towards_the_condition():
     torch.manual_seed(0)
     m = tiny().build().eval()

@@ -5,11 +5,16 @@ stem puts continuous patch embeddings at the image positions from the first laye
 separately trained, frozen patch encoder plus a projector does (the non-native baseline).
 image_attention: `causal` — every position sees only the past; `bidirectional` — the positions of
 an input image (one the caller marks in `spans`) also see the rest of that image (Transfusion).
+image_positions: `sequence` — an image token's only position is its place in the sequence (1-D
+RoPE, as Chameleon); `grid` — each image position also gets a learned embedding of its row and one
+of its column in the image's patch grid, so where a patch sits in the picture is given, not
+worked out from the sequence position modulo the grid's width.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 
 
@@ -26,6 +31,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     fusion: str = "early"
     image_attention: str = "causal"
+    image_positions: str = "sequence"
     # mid and late fusion: image positions are the ids in [image_lo, image_hi) of the sequence;
     # the stem reads raw patches of patch_dim pixels each, tokens_per_image per image.
     image_lo: int = 0
@@ -45,6 +51,11 @@ class ModelConfig:
         # SwiGLU: 2/3 of 4*dim, rounded up to a multiple of 32 (Llama).
         hidden = int(2 * 4 * self.dim / 3)
         return 32 * ((hidden + 31) // 32)
+
+    @property
+    def grid_side(self) -> int:
+        """The image's patch grid is grid_side × grid_side (square images)."""
+        return math.isqrt(self.tokens_per_image)
 
     @property
     def image_range(self) -> tuple[int, int]:

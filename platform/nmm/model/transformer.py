@@ -107,6 +107,20 @@ def image_spans(tokens: torch.Tensor, image_range: tuple[int, int], tokens_per_i
     return torch.where(at & whole, ids, 0)
 
 
+def image_index(tokens: torch.Tensor, image_range: tuple[int, int], tokens_per_image: int,
+                before: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) the index of each image position inside its image (0 … tokens_per_image - 1, in
+    raster order), -1 elsewhere. `before` (B,): the image positions that directly precede the
+    first token (an image continued across a KV-cache boundary)."""
+    at = (tokens >= image_range[0]) & (tokens < image_range[1])
+    pos = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    last_other = torch.where(at, -1, pos).cummax(1).values  # the last non-image position so far
+    k = pos - last_other - 1
+    if before is not None:
+        k = torch.where(last_other < 0, k + before[:, None], k)
+    return torch.where(at & (k < tokens_per_image), k, -1)
+
+
 def attention_mask(t: int, device, docs: torch.Tensor | None = None, spans: torch.Tensor | None = None) -> torch.Tensor:
     """(B, 1, T, T) boolean mask: causal, or both ways inside one image span (`spans` ids > 0),
     and only inside one document (`docs` ids)."""
@@ -164,6 +178,7 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.positions = torch.arange(cfg.max_seq_len, device=device)
+        self.image_run = torch.zeros(batch, dtype=torch.long, device=device)  # image positions ending the sequence
         self.length = 0
         self._pending = 0
 
@@ -221,6 +236,9 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.image_positions == "grid":  # row and column of each image position in the patch grid
+            self.image_row = nn.Embedding(cfg.grid_side, cfg.dim)
+            self.image_col = nn.Embedding(cfg.grid_side, cfg.dim)
         cos, sin = rope_cache(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -250,8 +268,23 @@ class Transformer(nn.Module):
         image_attention is bidirectional."""
         if self.cfg.image_attention != "bidirectional":
             spans = None
-        states = self.norm(self.hidden(self.embed_inputs(tokens, patches), cache, docs, positions, spans))
+        x = self.embed_inputs(tokens, patches)
+        if self.cfg.image_positions == "grid":
+            x = x + self.grid_embedding(tokens, cache)
+        states = self.norm(self.hidden(x, cache, docs, positions, spans))
         return self.head(states) if head is None else head(states, self.head.weight)
+
+    def grid_embedding(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """(B, T, dim): row + column embeddings at the image positions, 0 elsewhere. With a cache,
+        an image continued from the cached prefix keeps counting, and the cache learns how many
+        image positions end these tokens."""
+        cfg = self.cfg
+        k = image_index(tokens, cfg.image_range, cfg.tokens_per_image, None if cache is None else cache.image_run)
+        if cache is not None:
+            run = (k[:, -1] + 1).clamp(min=0)
+            cache.image_run.copy_(torch.where(k[:, -1] >= 0, run, 0))
+        kk = k.clamp(min=0)
+        return (self.image_row(kk // cfg.grid_side) + self.image_col(kk % cfg.grid_side)) * (k >= 0)[..., None]
 
     def embed_inputs(self, tokens: torch.Tensor, patches: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embed(tokens)
@@ -292,6 +325,8 @@ class Transformer(nn.Module):
         the device; the caller advances it) → logits (B, vocab). Text and image codes only (a
         mid/late-fusion image is read at prefill). What nmm.model.generate compiles."""
         x = self.embed(tokens)
+        if self.cfg.image_positions == "grid":
+            x = x + self.grid_embedding(tokens, cache)
         cos, sin = self.rope_cos[pos], self.rope_sin[pos]
         for i, block in enumerate(self.blocks):
             x = block.decode(x, cos, sin, cache, i, pos)

@@ -250,9 +250,12 @@ class LocalCanary:
         candidate = self.servers["candidate"]
         self.router.set_weight(step.weight)
         before, (sent0, failed0) = scrape(candidate.url), self.router.counts()
+        done0 = self.router.finished_counts()["candidate"]
         deadline = t0 + step.pause_seconds
+        # The step lasts its pause, and longer (bounded) until the candidate has answered
+        # minRequests: requests still in flight are not in its metrics yet.
         while time.monotonic() < deadline or (
-            self.router.counts()[0]["candidate"] - sent0["candidate"] < self.limits.min_requests
+            self.router.finished_counts()["candidate"] - done0 < self.limits.min_requests
             and time.monotonic() < deadline + self.max_extra_wait and candidate.proc.poll() is None
         ):
             time.sleep(0.1)

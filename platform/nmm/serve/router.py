@@ -27,6 +27,7 @@ class Router:
         self._lock = threading.Lock()
         self.sent = {t: 0 for t in TRACKS}
         self.failed = {t: 0 for t in TRACKS}  # could not be delivered (502)
+        self.finished = {t: 0 for t in TRACKS}  # answered to the end, or failed: no longer in flight
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
@@ -53,6 +54,11 @@ class Router:
     def counts(self) -> tuple[dict[str, int], dict[str, int]]:
         with self._lock:
             return dict(self.sent), dict(self.failed)
+
+    def finished_counts(self) -> dict[str, int]:
+        """Requests per track that are no longer in flight (answered to the end, or failed)."""
+        with self._lock:
+            return dict(self.finished)
 
     async def _handle(self, request):
         from aiohttp import ClientError, web
@@ -83,6 +89,9 @@ class Router:
             body = {"error": {"message": f"{track} backend unavailable: {type(exc).__name__}", "type": "server_error",
                               "param": None, "code": "backend_unavailable"}}
             return web.json_response(body, status=502, headers={"x-nmm-track": track})
+        finally:
+            with self._lock:
+                self.finished[track] += 1
 
     async def _serve(self) -> None:
         import aiohttp

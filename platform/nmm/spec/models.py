@@ -131,6 +131,13 @@ class ModelSpec(Model):
         "whole image. Next-token targets inside such an image are then dropped from the loss "
         "(they would be visible).",
     )
+    image_positions: Literal["sequence", "grid"] = Field(
+        default="sequence",
+        description="sequence: an image position's only position is its place in the sequence "
+        "(1-D RoPE, as Chameleon); grid: each image position also gets learned row and column "
+        "embeddings of its patch in the image, so the model need not work out where a patch sits "
+        "from its sequence position (relations such as 'left of' read off directly).",
+    )
     loss_weights: dict[Literal["text", "image"], Annotated[float, Field(ge=0.0, le=100.0)]] = Field(
         default={"text": 1.0, "image": 1.0}, description="Per-modality weights of the target tokens' loss."
     )

@@ -47,6 +47,12 @@ class Phase(Model):
     group: Annotated[int, Field(ge=2, le=64)] = Field(default=4, description="grpo: completions sampled per prompt.")
     clip: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(default=0.2, description="grpo: the ratio's clip range, 1 ± clip.")
     kl_weight: Annotated[float, Field(ge=0.0, le=10.0)] = Field(default=0.04, description="grpo: the KL penalty's weight.")
+    updates: Annotated[int, Field(ge=1, le=8)] = Field(
+        default=1, description="grpo: optimizer steps on each sampled batch; above 1 the ratio to the sampling "
+        "policy moves off 1 and the clip can bind.")
+    samples_every: Annotated[int, Field(ge=1, le=10_000_000)] = Field(
+        default=50, description="grpo: a grid of the phase's sampled images (and its sampled answers) goes to "
+        "its MLflow run every this many steps, and at its last step.")
     steps: Annotated[int, Field(ge=1, le=10_000_000)]
     batch_size: Annotated[int, Field(ge=1, le=65_536)] = 32
     lr: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-3

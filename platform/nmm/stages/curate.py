@@ -30,7 +30,7 @@ from nmm.tokenizers import PatchVQ, SharedVocab, TextTokenizer
 from nmm.version import code_version
 
 SHARD_IMAGES = 4096  # images per shard
-SMALL_INPUT = 2  # units: fewer than this are examined in this process (Ray's start-up would dominate)
+SMALL_INPUT = 2  # units: fewer than this are examined and tokenized in this process (Ray's start-up would dominate)
 
 
 @dataclass
@@ -166,11 +166,16 @@ def _key(ctx: StageContext, listing: dict[str, list], version) -> str:
     )
 
 
+def _engine(units: list) -> str:
+    """Ray for the sources' units, in this process when there are too few for Ray to pay off."""
+    return "ray" if len(units) >= SMALL_INPUT else "loop"
+
+
 def _examine(ctx: StageContext, units: list, builtin: dict[str, int], log):
     data = ctx.spec.spec.data
     settings = _settings(data)
     first, loaded = _builtins(data, settings, builtin)
-    engine = "ray" if len(units) >= SMALL_INPUT else "loop"
+    engine = _engine(units)
     log.info("examining %d built-in source(s) and %d unit(s) of your sources on %s", len(first), len(units), engine)
     return stream.examine(units, settings, first, engine=engine), loaded
 
@@ -272,8 +277,9 @@ def _curate(ctx: StageContext, units: list, builtin: dict[str, int], version, lo
         stream.cleanup(ex)
 
 
-def _tokenized(ctx: StageContext, cur: Curated, log):
-    """Fit the tokenizers on the train split, tokenize every kept sample on Ray."""
+def _tokenized(ctx: StageContext, cur: Curated, engine: str, log):
+    """Fit the tokenizers on the train split, tokenize every kept sample (on Ray, or in this
+    process for a small input, as `_examine` does)."""
     spec = ctx.spec.spec
     raw, splits = cur.raw, cur.splits
     log.info("kept %d of %d samples; split %s; dropped %s", cur.counts["kept"], cur.counts["kept"] + cur.counts["dropped"],
@@ -290,7 +296,7 @@ def _tokenized(ctx: StageContext, cur: Curated, log):
     vocab = SharedVocab(text_size=text.size, image_size=vq.size)
     log.info("tokenizers: text %d, image codebook %d (fitted on train only); shared vocab %d", text.size, vq.size, vocab.size)
     texts = [raw.sample_texts(i) for i in range(len(raw.images))]
-    codes, text_ids = ray_transforms.tokenize_samples(raw.images, texts, vq.to_bytes(), text.to_bytes())
+    codes, text_ids = ray_transforms.tokenize_samples(raw.images, texts, vq.to_bytes(), text.to_bytes(), engine=engine)
     return vq, text, vocab, codes, text_ids
 
 
@@ -313,7 +319,7 @@ def _publish(ctx: StageContext, key: str, units: list, builtin: dict[str, int], 
              log) -> tuple[str, dict, Curated]:
     """Curate and publish the dataset (shards, tokenizers, ledger, data card; manifest last)."""
     cur = _curate(ctx, units, builtin, version, log)
-    vq, text, vocab, codes, text_ids = _tokenized(ctx, cur, log)
+    vq, text, vocab, codes, text_ids = _tokenized(ctx, cur, _engine(units), log)
     mixture = _mixture(ctx, cur)
     card = datacard.markdown(ctx.spec.spec.data, listing, cur.counts, cur.leakage, mixture, key)
     files = {"text_tokenizer.json": text.to_bytes(), "image_tokenizer.safetensors": vq.to_bytes(),

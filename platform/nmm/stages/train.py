@@ -26,6 +26,7 @@ import torch
 from nmm import __version__, exitcodes, lineage, storage
 from nmm.data.dataset import Dataset
 from nmm.data.sequences import style_of
+from nmm.evaluate.grid import png_grid
 from nmm.gpu import inventory
 from nmm.model import ModelConfig
 from nmm.serve.model_dir import model_files
@@ -58,6 +59,7 @@ def train_config(ctx: StageContext, ds: Dataset, seq_len: int) -> TrainConfig:
     model = ModelConfig(
         vocab_size=ds.vocab.size, dim=size.dim, layers=size.layers, heads=size.heads, max_seq_len=seq_len,
         dropout=size.dropout, qk_norm=m.qk_norm, fusion=m.fusion, image_attention=m.image_attention,
+        image_positions=m.image_positions,
         image_lo=lo, image_hi=hi, patch_dim=patch * patch * ds.manifest["image_shape"][2],
         tokens_per_image=ds.manifest["tokens_per_image"], encoder_dim=m.encoder.dim, encoder_layers=m.encoder.layers,
     )
@@ -148,15 +150,21 @@ class _PhaseRuns:
     def __init__(self, stage_run, cfg: TrainConfig):
         self.stage_run, self.runs, self.bounds = stage_run, {}, phase_bounds(cfg.phases)
 
-    def log(self, metrics: dict, step: int) -> None:
+    def run_at(self, step: int):
+        """The MLflow run of the phase that trains `step` (opened on first use)."""
         start, _, p = next(b for b in self.bounds if b[0] < step <= b[1])
         if p.name not in self.runs:
-            self.runs[p.name] = self.stage_run.child(p.name, {
-                "recipe": p.recipe, "steps": p.steps, "first_step": start + 1, "lr": p.lr,
-                "batch_size": p.batch_size, "mixture": p.mixture, "caption_dropout": p.caption_dropout,
-                "teacher": p.teacher or "",
-            })
-        self.runs[p.name].log_metrics(metrics, step)
+            params = {"recipe": p.recipe, "steps": p.steps, "first_step": start + 1, "lr": p.lr,
+                      "batch_size": p.batch_size, "mixture": p.mixture, "caption_dropout": p.caption_dropout,
+                      "teacher": p.teacher or ""}
+            if p.recipe == "grpo":
+                params |= {"reference": p.reference, "reward": dict(p.reward), "group": p.group, "clip": p.clip,
+                           "kl_weight": p.kl_weight, "updates": p.updates, "temperature": p.temperature}
+            self.runs[p.name] = self.stage_run.child(p.name, params)
+        return self.runs[p.name]
+
+    def log(self, metrics: dict, step: int) -> None:
+        self.run_at(step).log_metrics(metrics, step)
 
     def finish(self, ok: bool) -> None:
         for r in self.runs.values():
@@ -248,7 +256,7 @@ def _train(ctx: StageContext, ds: Dataset, key: str, out_uri: str, info, run_, l
             run_.log_metrics(_realised_mixture(ds, data, cfg))
         model, summary = train(cfg, data, info, storage.join(out_uri, "checkpoints", key), _emitter(cfg, info, run_, phases, log),
                                on_checkpoint=_snapshotter(out_uri) if ctx.spec.spec.evaluation.seesaw else None,
-                               rewards=rewards(cfg, ds, a))
+                               rewards=rewards(cfg, ds, a), on_samples=_sample_logger(ds, cfg, phases))
     except Preempted as exc:
         log.warning("%s; exiting %d so the job restarts and resumes", exc, exitcodes.PREEMPTED)
         return exitcodes.PREEMPTED
@@ -269,6 +277,36 @@ def _train(ctx: StageContext, ds: Dataset, key: str, out_uri: str, info, run_, l
         _publish(ctx, run_, ds, cfg, model, summary, key)
         ctx.write_outputs({"model_uri": out_uri})
     return 0
+
+
+def _sample_logger(ds: Dataset, cfg: TrainConfig, phases: _PhaseRuns | None):
+    """grpo's completions in the phase's MLflow run: the images it drew as a PNG grid (one row
+    per prompt, its group across) and the answers it wrote as text, under `samples/`."""
+    if phases is None or not any(p.recipe == "grpo" for p in cfg.phases):
+        return None
+    vq, text, vocab = ds.image_tokenizer(), ds.text_tokenizer(), ds.vocab
+
+    def on_samples(step: int, phase: str, x: torch.Tensor, sampled: torch.Tensor) -> None:
+        group = next(p.group for p in cfg.phases if p.name == phase)
+        x, sampled = x.cpu(), sampled.cpu()
+        is_image = ((x >= vocab.image_range()[0]) & (x < vocab.image_range()[1]) & sampled.bool()).any(1)
+        run = phases.run_at(step)
+        drew = is_image.nonzero().flatten()[: 8 * group]
+        if len(drew):
+            codes = drawn_images(x[drew], sampled[drew], vocab.image_range(), cfg.model.tokens_per_image)
+            run.log_bytes(png_grid(vq.decode(codes), -(-len(drew) // group), group), f"step-{step:06d}.png", "samples")
+        wrote = (~is_image).nonzero().flatten()[: 8 * group]
+        if len(wrote):
+            lines = []
+            for i in wrote.tolist():
+                ids = x[i].tolist()
+                first = int(sampled[i].argmax())
+                prompt = text.decode([t - vocab.text_offset for t in ids[:first]])
+                answer = text.decode([t - vocab.text_offset for t, s in zip(ids, sampled[i].tolist()) if s])
+                lines.append(f"{prompt.strip()} → {answer.strip()}")
+            run.log_bytes("\n".join(lines).encode(), f"step-{step:06d}.txt", "samples")
+
+    return on_samples
 
 
 def rewards(cfg: TrainConfig, ds: Dataset, a: dict) -> dict[str, Reward]:

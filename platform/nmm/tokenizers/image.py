@@ -35,6 +35,7 @@ class PatchVQ:
     @classmethod
     def fit(cls, images: np.ndarray, patch: int, codebook_size: int, seed: int = 0) -> "PatchVQ":
         from sklearn.cluster import KMeans
+        from threadpoolctl import threadpool_limits
 
         n, h, w, c = images.shape
         if h % patch or w % patch:
@@ -42,7 +43,11 @@ class PatchVQ:
         flat = _patches(images, patch).reshape(-1, patch * patch * c)
         uniq = np.unique(flat, axis=0)
         k = min(codebook_size, len(uniq))
-        km = KMeans(n_clusters=k, n_init=1, random_state=seed, max_iter=100).fit(flat)
+        # One OpenMP thread: scikit-learn's threads add their partial sums into the centres in
+        # whatever order they finish, so the codebook's last bits (and the dataset's digest)
+        # would change from run to run.
+        with threadpool_limits(limits=1, user_api="openmp"):
+            km = KMeans(n_clusters=k, n_init=1, random_state=seed, max_iter=100).fit(flat)
         return cls(km.cluster_centers_, patch, (h, w, c))
 
     @property

@@ -175,10 +175,16 @@ def score(phase, rewards: dict[str, Reward], b: Batch, x: torch.Tensor, sampled:
 
 
 def policy_step(phase, b: Batch, model, ddp, reference, cfg, image_range, text_range, amp: Callable,
-                rewards: dict[str, Reward]) -> tuple[torch.Tensor, dict, torch.Tensor]:
+                rewards: dict[str, Reward], update: Callable[[torch.Tensor], None] | None = None,
+                ) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
     """grpo: `phase.group` completions per prompt, scored, and the clipped policy-gradient loss
     with the KL penalty to the reference. Parts: the loss's (pg, kl, clip_fraction), the reward's
-    mean and per-group spread, each reward's mean over the rows it scores."""
+    mean and per-group spread, and each reward's mean and per-group spread over the prompts it
+    scores. Also returns the completed sequences and the mask of the sampled positions.
+
+    `phase.updates` > 1 reuses the samples: `update(loss)` (backward and optimizer step) runs
+    for each but the last update, whose loss is returned; the ratio is then taken against the
+    policy that sampled, so the clip can bind (its share: `clip_fraction`, of the last update)."""
     group = b.repeat(phase.group)
     x, sampled = student_samples(model, group.x, group.m, group.patches, image_range, text_range, phase.temperature)
     total, components = score(phase, rewards, group, x, sampled)
@@ -187,20 +193,28 @@ def policy_step(phase, b: Batch, model, ddp, reference, cfg, image_range, text_r
     spans = input_image_spans(x, cfg.model, group.given)
     with torch.no_grad(), amp():
         ref = grpo.token_logprobs(reference(x, patches=group.patches, spans=spans), x, phase.temperature)
-    with amp():
-        logp = grpo.token_logprobs(ddp(x, patches=group.patches, spans=spans), x, phase.temperature)
-    loss, parts = grpo.policy_loss(logp, logp.detach(), ref, advantages, sampled, phase.clip, phase.kl_weight)
+    old = None
+    for u in range(phase.updates):
+        with amp():
+            logp = grpo.token_logprobs(ddp(x, patches=group.patches, spans=spans), x, phase.temperature)
+        old = logp.detach() if old is None else old  # the sampling policy's (the first pass's)
+        loss, parts = grpo.policy_loss(logp, old, ref, advantages, sampled, phase.clip, phase.kl_weight)
+        if u < phase.updates - 1:
+            update(loss)
     is_image = (x >= image_range[0]) & (x < image_range[1])
     on_host = {
         "reward": total.mean(),
         "reward_std": total.view(-1, phase.group).std(dim=1).mean() if phase.group > 1 else torch.zeros(()),
     }
     for name, got in components.items():
-        seen = got[~got.isnan()]
-        on_host[f"reward/{name}"] = seen.mean() if len(seen) else torch.tensor(float("nan"))
+        groups = got.view(-1, phase.group)
+        groups = groups[~groups.isnan().any(1)]  # the prompts this reward scores (a whole group, or none of it)
+        nan = torch.tensor(float("nan"))
+        on_host[f"reward/{name}"] = groups.mean() if len(groups) else nan
+        on_host[f"reward_std/{name}"] = groups.std(dim=1).mean() if len(groups) and phase.group > 1 else nan
     parts |= {k: v.to(x.device) for k, v in on_host.items()} | {
         "ce": loss.detach(),
         "tokens_text": (sampled.bool() & ~is_image).sum().float(),
         "tokens_image": (sampled.bool() & is_image).sum().float(),
     }
-    return loss, parts, x
+    return loss, parts, x, sampled

@@ -59,6 +59,8 @@ class PhaseConfig:
     group: int = 4  # grpo: completions per prompt
     clip: float = 0.2  # grpo: the ratio's clip range, 1 ± clip
     kl_weight: float = 0.04  # grpo: the KL penalty's weight
+    updates: int = 1  # grpo: optimizer steps on each sampled batch
+    samples_every: int = 50  # grpo: the phase's completions go to `on_samples` every this many steps
 
     @property
     def frozen(self) -> str | None:
@@ -140,6 +142,8 @@ class _Run:
     opt_state: dict | None = None  # a resumed run's optimizer state, for the phase it resumes in
     teachers: dict = field(default_factory=dict)  # phase name → its final weights, for a later opd/grpo phase
     rewards: dict = field(default_factory=dict)  # name → nmm.train.rewards.Reward, for grpo phases
+    on_samples: Callable[[int, str, torch.Tensor, torch.Tensor], None] | None = None
+    samples: tuple | None = None  # grpo: the last step's (sequences, sampled mask), for on_samples
     stop: bool = False  # SIGTERM arrived
     t0: float = field(default_factory=time.perf_counter)
     counts: torch.Tensor | None = None  # target tokens (text, image) trained on, all ranks: on the device, read when logging
@@ -156,7 +160,8 @@ class _Run:
 
 
 def train(cfg: TrainConfig, data: TrainData, info: DistInfo, checkpoint_root: str, log: Callable[[dict, int], None],
-          on_checkpoint: Callable[[int, dict], None] | None = None, rewards: dict | None = None) -> tuple[torch.nn.Module, dict]:
+          on_checkpoint: Callable[[int, dict], None] | None = None, rewards: dict | None = None,
+          on_samples: Callable[[int, str, torch.Tensor, torch.Tensor], None] | None = None) -> tuple[torch.nn.Module, dict]:
     """Train through every phase; returns the unwrapped model and a summary.
 
     Pretrain phases draw from the plain rows, sft and opd phases from the instruction rows (the
@@ -164,13 +169,14 @@ def train(cfg: TrainConfig, data: TrainData, info: DistInfo, checkpoint_root: st
     `log(metrics, step)` gets each logging interval's metrics on the main rank;
     `on_checkpoint(step, weights)` runs there after each interval checkpoint (the train stage
     keeps weight snapshots for the see-saw evaluation). `rewards`: name → Reward, what grpo
-    phases score their completions with."""
+    phases score their completions with; `on_samples(step, phase, sequences, sampled)` gets a
+    grpo phase's completions (the main rank's) every `samples_every` steps and at its end."""
     _check(cfg, data, rewards or {})
     cfg = dataclasses.replace(cfg, parallel=cfg.parallel.resolved(info.device, cfg.model.fusion))
     torch.manual_seed(cfg.seed)
     model = cfg.model.build().to(info.device)
     run = _Run(cfg, info, model, model, data, Batches(data, cfg.phases, cfg.model.reads_pixels), checkpoint_root, log,
-               on_checkpoint, rewards=rewards or {})
+               on_checkpoint, rewards=rewards or {}, on_samples=on_samples)
     resumed = _resume(run)
     if cfg.model.fusion == "late":
         if not resumed:  # (a checkpoint already holds the trained encoder and its statistics)
@@ -249,6 +255,9 @@ def _train_phase(run: _Run, phase: PhaseConfig, first: int, end: int) -> None:
             run.teachers[phase.name] = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
         if logs:
             _log_metrics(run, parts, rate, grad_norm, seq_len, done)
+        if run.samples is not None and run.on_samples and info.is_main and ((done - first) % phase.samples_every == 0 or done == end):
+            run.on_samples(done, phase.name, *run.samples)
+        run.samples = None
         _checkpoint_policy(run, opt, done)
 
 
@@ -260,9 +269,17 @@ def train_step(run: _Run, phase: PhaseConfig, batch: Batch, opt, teacher, *,
     `norms`: also the logit norms (logging steps)."""
     opt.zero_grad(set_to_none=True)
     if phase.recipe == "grpo":
-        loss, parts, x = recipes.policy_step(phase, batch.to(run.info.device), run.model, run.ddp, teacher, run.cfg,
-                                             run.data.image_range, run.data.text_range, run.amp, run.rewards)
+        def update(loss: torch.Tensor) -> None:  # one of several updates on the same samples
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(run.model.parameters(), CLIP_NORM)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        loss, parts, x, sampled = recipes.policy_step(phase, batch.to(run.info.device), run.model, run.ddp, teacher,
+                                                      run.cfg, run.data.image_range, run.data.text_range, run.amp,
+                                                      run.rewards, update)
         loss.backward()
+        run.samples = (x.detach(), sampled)
     elif teacher is not None:
         loss, parts, x = recipes.distillation_step(phase, batch.to(run.info.device), run.model, run.ddp, teacher, run.cfg,
                                                    run.data.image_range, run.data.text_range, run.amp)
