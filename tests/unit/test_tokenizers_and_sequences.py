@@ -30,6 +30,28 @@ def test_patch_vq_fits_train_only_and_round_trips_through_bytes():
     assert again.image_shape == (8, 8, 1)
 
 
+def test_patch_vq_bytes_are_the_same_in_every_process_and_old_files_still_load():
+    """A dataset's digest covers its tokenizer file: the same codebook must give the same bytes
+    in every process. (safetensors writes its metadata map in no fixed order: with two entries,
+    two processes wrote two different files about half the time.)"""
+    import hashlib
+    import json
+    import subprocess
+    import sys
+
+    code = ("import hashlib, numpy as np; from nmm.tokenizers import PatchVQ; "
+            "print(hashlib.sha256(PatchVQ(np.arange(48, dtype=np.float32).reshape(4, 12), 2, (8, 8, 3)).to_bytes()).hexdigest())")
+    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout for _ in range(6)}
+    vq = PatchVQ(np.arange(48, dtype=np.float32).reshape(4, 12), 2, (8, 8, 3))
+    assert digests == {hashlib.sha256(vq.to_bytes()).hexdigest() + "\n"}
+
+    from safetensors.numpy import save
+
+    old = save({"codebook": vq.codebook}, metadata={"patch": "2", "image_shape": json.dumps([8, 8, 3])})  # nmm 0.1.0's layout
+    back = PatchVQ.from_bytes(old)
+    assert back.patch == 2 and back.image_shape == (8, 8, 3) and np.array_equal(back.codebook, vq.codebook)
+
+
 def test_vq_reconstruction_of_digits_stays_close():
     d = load_digits(1)
     vq = PatchVQ.fit(d.images[:800], 2, 32, seed=0)

@@ -35,7 +35,6 @@ class PatchVQ:
     @classmethod
     def fit(cls, images: np.ndarray, patch: int, codebook_size: int, seed: int = 0) -> "PatchVQ":
         from sklearn.cluster import KMeans
-        from threadpoolctl import threadpool_limits
 
         n, h, w, c = images.shape
         if h % patch or w % patch:
@@ -43,11 +42,7 @@ class PatchVQ:
         flat = _patches(images, patch).reshape(-1, patch * patch * c)
         uniq = np.unique(flat, axis=0)
         k = min(codebook_size, len(uniq))
-        # One OpenMP thread: scikit-learn's threads add their partial sums into the centres in
-        # whatever order they finish, so the codebook's last bits (and the dataset's digest)
-        # would change from run to run.
-        with threadpool_limits(limits=1, user_api="openmp"):
-            km = KMeans(n_clusters=k, n_init=1, random_state=seed, max_iter=100).fit(flat)
+        km = KMeans(n_clusters=k, n_init=1, random_state=seed, max_iter=100).fit(flat)
         return cls(km.cluster_centers_, patch, (h, w, c))
 
     @property
@@ -79,7 +74,10 @@ class PatchVQ:
     def to_bytes(self) -> bytes:
         from safetensors.numpy import save
 
-        meta = {"patch": str(self.patch), "image_shape": json.dumps(list(self.image_shape))}
+        # One metadata entry: safetensors writes its metadata map in no fixed order (a hash map),
+        # so with two entries the file's bytes, and the dataset's digest, changed from process
+        # to process for the same codebook.
+        meta = {"patchvq": json.dumps({"patch": self.patch, "image_shape": list(self.image_shape)}, sort_keys=True)}
         return save({"codebook": self.codebook}, metadata=meta)
 
     @classmethod
@@ -89,4 +87,8 @@ class PatchVQ:
         arrays = load(data)
         header_len = int.from_bytes(data[:8], "little")
         meta = json.loads(data[8 : 8 + header_len])["__metadata__"]
+        if "patchvq" in meta:
+            cfg = json.loads(meta["patchvq"])
+            return cls(arrays["codebook"], int(cfg["patch"]), tuple(cfg["image_shape"]))
+        # written by nmm 0.1.0 before the single entry: two entries
         return cls(arrays["codebook"], int(meta["patch"]), tuple(json.loads(meta["image_shape"])))
