@@ -81,6 +81,7 @@ def test_the_gradient_pushes_up_completions_with_positive_advantage():
 
 # --- the recipe in the trainer, on the tiny model and data of test_recipes -------------------
 
+import dataclasses  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
 
@@ -155,6 +156,15 @@ def test_an_rl_phase_resumes_bitwise(tmp_path, updates):
     assert summary["resumed_from"] == 24
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_a_sampling_phase_is_logged_at_least_twenty_times():
+    from nmm.train.trainer import log_interval
+
+    cfg = dataclasses.replace(rl_cfg(250), log_every=50)  # the train stage's interval for a long run
+    pre, rl = cfg.phases
+    assert log_interval(cfg, pre) == 50 and log_interval(cfg, rl) == 12
+    assert log_interval(cfg, dataclasses.replace(rl, steps=10)) == 1
 
 
 def test_a_grpo_phase_without_its_reward_is_refused():

@@ -201,6 +201,14 @@ def train(cfg: TrainConfig, data: TrainData, info: DistInfo, checkpoint_root: st
 SAMPLING = ("opd", "grpo")  # the recipes whose policy samples during training
 
 
+def log_interval(cfg: TrainConfig, phase: PhaseConfig) -> int:
+    """Steps between logged metrics: the run's interval, or for a sampling phase (few, costly
+    steps whose reward curve is what one watches) one that gives it at least 20 points."""
+    if phase.recipe in SAMPLING:
+        return max(1, min(cfg.log_every, phase.steps // 20))
+    return cfg.log_every
+
+
 def _check(cfg: TrainConfig, data: TrainData, rewards: dict) -> None:
     if cfg.model.reads_pixels and (data.patches is None or data.row_image is None):
         raise ValueError(f"{cfg.model.fusion} fusion trains on pixels: pass patches and row_image")
@@ -243,11 +251,12 @@ def _train_phase(run: _Run, phase: PhaseConfig, first: int, end: int) -> None:
     run.micro = parallelize.micro_batch(cfg.model, phase.batch_size // info.world_size, cfg.micro_batch, cfg.parallel,
                                         info.device)
     run.ddp.train()
+    every = log_interval(cfg, phase)
     for s in range(begin, end):
         torch.manual_seed(step_seed(cfg.seed, s, info.rank))
         rate = opt.param_groups[0]["lr"]
         done = s + 1
-        logs = done % cfg.log_every == 0 or done == cfg.total_steps
+        logs = done % every == 0 or done == cfg.total_steps
         batch = run.batches.batch(phase, cfg.seed, s, info)
         seq_len, parts, grad_norm = train_step(run, phase, batch, opt, teacher, norms=logs)
         lr.step()
