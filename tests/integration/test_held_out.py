@@ -78,4 +78,5 @@ def test_held_out_scenes_are_only_in_test_and_scored_apart(tmp_path):
     # every 2nd step of the phase and its last: the drawn images as a grid, the written answers as text
     assert samples == [f"samples/step-{s:06d}.{ext}" for s in (12, 13) for ext in ("png", "txt")], samples
     answers = client.download_artifacts(rl.info.run_id, "samples/step-000013.txt", str(tmp_path))
-    assert "?" in open(answers).read()  # the questions, each with the answer the policy wrote
+    lines = open(answers).read().splitlines()  # each prompt (a question, or a caption request) → what the policy wrote
+    assert lines and all(" → " in line for line in lines), lines
