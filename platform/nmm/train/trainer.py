@@ -280,8 +280,7 @@ def train_step(run: _Run, phase: PhaseConfig, batch: Batch, opt, teacher, *,
     if phase.recipe == "grpo":
         def update(loss: torch.Tensor) -> None:  # one of several updates on the same samples
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(run.model.parameters(), CLIP_NORM)
-            opt.step()
+            _clip_and_step(run, opt)
             opt.zero_grad(set_to_none=True)
 
         loss, parts, x, sampled = recipes.policy_step(phase, batch.to(run.info.device), run.model, run.ddp, teacher,
@@ -296,13 +295,19 @@ def train_step(run: _Run, phase: PhaseConfig, batch: Batch, opt, teacher, *,
     else:
         laid = recipes.lay_out(phase.recipe, batch, run.cfg).to(run.info.device)
         parts, x = _accumulate(run, laid, norms), laid.x
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), CLIP_NORM)
-    opt.step()
+    grad_norm = _clip_and_step(run, opt)
     world = run.info.world_size
     counts = torch.stack([parts["tokens_text"], parts["tokens_image"]]).detach() * world
     run.counts = counts if run.counts is None else run.counts + counts
     run.processed += x.numel() * world
     return x.shape[1], parts, grad_norm
+
+
+def _clip_and_step(run: _Run, opt) -> torch.Tensor:
+    """Clip the gradients to CLIP_NORM and take the optimizer step; returns the norm before clipping."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), CLIP_NORM)
+    opt.step()
+    return grad_norm
 
 
 def _accumulate(run: _Run, laid: recipes.Laid, norms: bool) -> dict:
