@@ -12,7 +12,9 @@ from rich.console import Console
 
 from nmm import exitcodes
 
-err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 120)
+# Errors and warnings are never hard-wrapped (soft_wrap): a message split at column 120 can no longer be
+# grepped or pasted, and where the split falls depends on the length of the paths in it.
+err = Console(stderr=True, highlight=False, soft_wrap=True, width=None if sys.stderr.isatty() else 120)
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 
 EXIT_BAD_INPUT = exitcodes.BAD_INPUT
