@@ -1,26 +1,18 @@
 """`make run`'s job: the quickstart end to end with embedded defaults (local store, sqlite MLflow),
-at half its training steps (`tests.conftest.half_budget`; its gates unchanged), then the metrics
-read back from `.nmm/mlflow.db` on the evaluate run. The full budget's figures are in the README,
-measured by `make run`."""
-
-import os
-import subprocess
+at half its training steps (`tests.conftest.half_budget`; its gates unchanged; the run is
+`tests/e2e/conftest.quickstart_half`), then the metrics read back from `.nmm/mlflow.db` on the
+evaluate run. The full budget's figures are in the README, measured by `make run`."""
 
 import pytest
-
-from tests.conftest import NMM, half_budget
 
 pytestmark = pytest.mark.slow
 
 
-def test_quickstart_end_to_end_meets_its_gates_and_records_lineage(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "NMM_HOME", "NMM_STORE", "NMM_S3_ENDPOINT")}
-    spec = half_budget("quickstart.yaml", tmp_path / "quickstart.yaml")
-    r = subprocess.run([NMM, "run", str(spec)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+def test_quickstart_end_to_end_meets_its_gates_and_records_lineage(quickstart_half):
+    r, folder = quickstart_half.result, quickstart_half.folder
     assert "m2t.digits.accuracy" in r.stdout and "m2g.digits.accuracy" in r.stdout
     assert "Succeeded" in r.stdout
-    db = tmp_path / ".nmm" / "mlflow.db"
+    db = folder / ".nmm" / "mlflow.db"
     assert db.exists()
 
     from mlflow.tracking import MlflowClient
@@ -36,4 +28,4 @@ def test_quickstart_end_to_end_meets_its_gates_and_records_lineage(tmp_path):
     assert ev.data.tags["nmm.gate"] == "pass"
     champion = client.get_model_version_by_alias("nmm-quickstart", "champion")
     assert champion.tags["nmm.rollout.decision"] == "promoted"
-    assert (tmp_path / ".nmm" / "store" / "runs" / "default" / "quickstart").is_dir()  # <namespace>/<pipeline>
+    assert (folder / ".nmm" / "store" / "runs" / "default" / "quickstart").is_dir()  # <namespace>/<pipeline>

@@ -149,10 +149,7 @@ def _key(ctx: StageContext, listing: dict[str, list], version) -> str:
     """What the dataset is a function of: the data and tokenizer spec, every user source's listing
     (URIs, sizes, ETags: changed data is a new key), the filter model's version and digest, and the
     versions of what decides."""
-    import datasketch
-    import imagehash
-    import PIL
-    import sklearn
+    from importlib.metadata import version as installed  # not the imports: scikit-learn's alone takes a second
 
     spec = ctx.spec.spec
     return cache_key(
@@ -161,8 +158,8 @@ def _key(ctx: StageContext, listing: dict[str, list], version) -> str:
         spec.model.tokenizers.model_dump(mode="json"),
         {"dedup": spec.data.dedup, "listing": listing,
          "filter_model": None if version is None else [version.name, version.version, version.tags.get("nmm.model_digest")]},
-        {"sklearn": sklearn.__version__, "pillow": PIL.__version__, "imagehash": imagehash.__version__,
-         "datasketch": datasketch.__version__},
+        {"sklearn": installed("scikit-learn"), "pillow": installed("pillow"), "imagehash": installed("ImageHash"),
+         "datasketch": installed("datasketch")},
     )
 
 
