@@ -65,6 +65,7 @@ def test_shared_vocab_ranges_do_not_overlap():
     lo_i, hi_i = v.image_range()
     assert {PAD, BOS, EOS, BOI, EOI, USER, ASSISTANT} == set(range(lo_t))
     assert hi_t == lo_i and hi_i == v.size == 7 + 40 + 32
+    assert v.text_ids([0, 5, 39]) == [7, 12, 46] and v.text_local(v.text_ids([0, 5, 39])) == [0, 5, 39]
 
 
 def test_m2t_and_m2g_sequences_mask_only_the_target():

@@ -24,7 +24,7 @@ def m2t_accuracy(model, prompts: Prompts, text: TextTokenizer, codes: np.ndarray
     asked = [prompts.caption(c, k=i) for i, c in enumerate(codes)]
     outs = generate(model, asked, max_new=24, allowed=vocab.text_range(), stop=EOS, extra_allowed=(EOS,),
                     patches=patches)
-    captions = [text.decode([t - vocab.text_offset for t in o]) for o in outs]
+    captions = [text.decode(vocab.text_local(o)) for o in outs]
     parsed = [parse_digit(c) for c in captions]
     correct = [p == int(y) for p, y in zip(parsed, labels)]
     return float(np.mean(correct)) if correct else 0.0, captions

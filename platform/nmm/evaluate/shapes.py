@@ -51,7 +51,7 @@ def vqa(
     asks = [prompts.question(codes[i], text.encode(q)) for i, q, _, _ in asked]
     outs = generate(model, asks, max_new=8, allowed=vocab.text_range(), stop=EOS, extra_allowed=(EOS,),
                     patches=pix)
-    said = [text.decode([t - vocab.text_offset for t in o]).strip() for o in outs]
+    said = [text.decode(vocab.text_local(o)).strip() for o in outs]
     right = np.array([s == a for s, (_, _, a, _) in zip(said, asked)])
     kinds = np.array([k for *_, k in asked])
     m = {"accuracy": float(right.mean()) if len(right) else 0.0}

@@ -40,7 +40,7 @@ class Predictor:
                 q = row.get("question")
                 prompt = prompts.question(codes, m.text.encode(q)) if q else prompts.caption(codes)
                 ids = generate(m.model, [prompt], 16, v.text_range(), stop=EOS, extra_allowed=(EOS,), patches=patches)[0]
-                out.append({"text": m.text.decode([t - v.text_offset for t in ids]).strip()})
+                out.append({"text": m.text.decode(v.text_local(ids)).strip()})
         return out
 
 

@@ -64,12 +64,12 @@ class Model:
         outs = generate(m.model, prompts, max_tokens, v.text_range(), stop=EOS, extra_allowed=(EOS,),
                         temperature=temperature, generator=g, patches=patches, on_step=_on_step(jobs))
         self.metrics.tokens.labels("text").inc(sum(len(o) for o in outs))
-        return [{"text": m.text.decode([t - v.text_offset for t in o if t != EOS]).strip(), "prompt_tokens": len(p),
+        return [{"text": m.text.decode(v.text_local(t for t in o if t != EOS)).strip(), "prompt_tokens": len(p),
                  "completion_tokens": len(o), "finish_reason": "stop" if EOS in o else "length"}
                 for o, p in zip(outs, prompts)]
 
     def text_of(self, tokens: list[int]) -> str:
-        return self.m.text.decode([t - self.m.vocab.text_offset for t in tokens if t != EOS]).strip()
+        return self.m.text.decode(self.m.vocab.text_local(t for t in tokens if t != EOS)).strip()
 
     def images(self, jobs) -> list[list[str]]:
         from nmm.data.sequences import blank_text

@@ -301,8 +301,8 @@ def _sample_logger(ds: Dataset, cfg: TrainConfig, phases: _PhaseRuns | None):
             for i in wrote.tolist():
                 ids = x[i].tolist()
                 first = int(sampled[i].argmax())
-                prompt = text.decode([t - vocab.text_offset for t in ids[:first]])
-                answer = text.decode([t - vocab.text_offset for t, s in zip(ids, sampled[i].tolist()) if s])
+                prompt = text.decode(vocab.text_local(ids[:first]))
+                answer = text.decode(vocab.text_local(t for t, s in zip(ids, sampled[i].tolist()) if s))
                 lines.append(f"{prompt.strip()} → {answer.strip()}")
             run.log_bytes("\n".join(lines).encode(), f"step-{step:06d}.txt", "samples")
 

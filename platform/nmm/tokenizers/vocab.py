@@ -28,6 +28,10 @@ class SharedVocab:
     def text_ids(self, local: list[int]) -> list[int]:
         return [self.text_offset + i for i in local]
 
+    def text_local(self, ids) -> list[int]:
+        """The inverse of `text_ids`: shared ids of text tokens → the text tokenizer's own ids."""
+        return [i - self.text_offset for i in ids]
+
     def image_ids(self, codes):
         return codes + self.image_offset
 
