@@ -39,8 +39,9 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen) -> None:
 
 def half_budget(workflow: str, path: Path) -> Path:
     """The workflow with half its training steps (gates unchanged), written to `path`: for the
-    end-to-end tests of `make run` and `make byo`, whose subject is the path through every stage
-    and the gates; the full budget's figures are measured by `make run` itself (README)."""
+    end-to-end test of `make run` (tests/e2e/conftest.quickstart_half), whose subject is the path
+    through every stage and the gates; the full budget's figures are measured by `make run`
+    itself (README)."""
     import yaml
 
     doc = yaml.safe_load((WORKFLOWS / workflow).read_text())
