@@ -12,7 +12,7 @@ shapes workflows use (128 codes fitted on the training images). Questions come f
 `nmm.data.shapes.vqa_pairs`; `where` adds "is the <shape> on the left ?" / "at the top ?" about one
 object (an absolute position, no comparison). Loss and accuracy on the yes/no answer only,
 held-out scenes. Prints accuracy per kind and writes
-benchmarks/results/position_vqa-<tokens>-<layout>-<steps>.json.
+benchmarks/results/position_vqa-<tokens>-<layout>-<steps>-lr<lr>.json.
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def main() -> None:
     print(f"{args.tokens} tokens, {args.positions} positions, {args.layout}, {args.steps} steps of {args.batch}")
     results = [run(kind, scenes, codes, n_codes, args) for kind in args.kinds.split(",")]
     out = {"machine": platform.processor() or platform.machine(), "config": vars(args), "results": results}
-    path = Path(__file__).parent / "results" / f"position_vqa-{args.tokens}-{args.layout}-{args.steps}.json"
+    path = Path(__file__).parent / "results" / f"position_vqa-{args.tokens}-{args.layout}-{args.steps}-lr{args.lr:g}.json"
     path.write_text(json.dumps(out, indent=2))
     for r in results:
         print(f"{r['kind']:9s} held-out accuracy {r['test_accuracy']:.3f} (majority answer {r['majority_answer_share']:.3f}; "
