@@ -47,12 +47,8 @@ def oracle_codes(scenes: list[shapes.Scene]) -> tuple[np.ndarray, int]:
     colours, kinds = list(shapes.COLOURS), list(shapes.SHAPES)
     codes = np.zeros((len(scenes), GRID * GRID), np.int64)
     for i, s in enumerate(scenes):
-        label = np.zeros((SIDE, SIDE), np.int64)
-        for o in s.objects:
-            mask = shapes._mask(o.shape, o.size)
-            y0, x0 = int(round(o.cy - o.size / 2)), int(round(o.cx - o.size / 2))
-            region = label[y0 : y0 + o.size, x0 : x0 + o.size]
-            region[mask[: region.shape[0], : region.shape[1]]] = 1 + colours.index(o.colour) * len(kinds) + kinds.index(o.shape)
+        label = shapes.paint(np.zeros((SIDE, SIDE), np.int64), s.objects,
+                             lambda o: 1 + colours.index(o.colour) * len(kinds) + kinds.index(o.shape))
         for p in range(GRID * GRID):
             block = label[(p // GRID) * PATCH : (p // GRID + 1) * PATCH, (p % GRID) * PATCH : (p % GRID + 1) * PATCH].ravel()
             covered = block[block > 0]

@@ -65,15 +65,21 @@ def _mask(shape: str, size: int) -> np.ndarray:
     return np.abs(xx - c) <= yy / 2  # triangle, apex up
 
 
-def render(objects: tuple[Obj, ...], image_size: int) -> np.ndarray:
-    img = np.empty((image_size, image_size, 3), np.float32)
-    img[:] = BACKGROUND
+def paint(canvas: np.ndarray, objects: tuple[Obj, ...], value) -> np.ndarray:
+    """Each object's pixels of `canvas` (H, W, …) set to `value(object)`, in order (later ones on
+    top); returns `canvas`."""
     for o in objects:
         m = _mask(o.shape, o.size)
         y0, x0 = int(round(o.cy - o.size / 2)), int(round(o.cx - o.size / 2))
-        region = img[y0 : y0 + o.size, x0 : x0 + o.size]
-        region[m[: region.shape[0], : region.shape[1]]] = COLOURS[o.colour]
-    return img
+        region = canvas[y0 : y0 + o.size, x0 : x0 + o.size]
+        region[m[: region.shape[0], : region.shape[1]]] = value(o)
+    return canvas
+
+
+def render(objects: tuple[Obj, ...], image_size: int) -> np.ndarray:
+    img = np.empty((image_size, image_size, 3), np.float32)
+    img[:] = BACKGROUND
+    return paint(img, objects, lambda o: COLOURS[o.colour])
 
 
 def _place(rng, n: int, image_size: int, size: int, tries: int = 200) -> list[tuple[float, float]] | None:
