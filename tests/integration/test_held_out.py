@@ -5,10 +5,12 @@ it), and evaluation scores the seen and the held-out test scenes apart (`heldout
 The same pipeline trains a short grpo phase on both shapes rewards (a drawn scene judged by the
 GenEval rules, a written answer by exact match) with grid image positions: the train stage builds
 the rewards over the train split, and the phase's MLflow run gets its reward metrics and its
-sample grids."""
+sample grids. Position questions get grounded answers (`positionAnswers: grounded`), which
+evaluation scores by their verdict and, apart, whole."""
 
 import json
 import os
+import re
 import subprocess
 
 import pytest
@@ -28,7 +30,7 @@ def spec() -> dict:
         "apiVersion": "nmm.dev/v1alpha1", "kind": "NMMPipeline", "metadata": {"name": "held-out"},
         "spec": {
             "data": {"sources": [{"kind": "shapes", "samples": 360, "imageSize": 24, "heldOut": HELD}],
-                     "split": {"train": 0.7, "val": 0.1, "test": 0.2}, "captionsPerImage": 1},
+                     "split": {"train": 0.7, "val": 0.1, "test": 0.2}, "captionsPerImage": 1, "positionAnswers": "grounded"},
             "model": {"fusion": "early", "tasks": ["m2t", "m2g"], "size": {"dim": 32, "layers": 1, "heads": 2},
                       "imagePositions": "grid",
                       "tokenizers": {"text": {"kind": "bpe", "vocabSize": 160}, "image": {"kind": "patch-vq", "patchSize": 4, "codebookSize": 32}}},
@@ -59,9 +61,13 @@ def test_held_out_scenes_are_only_in_test_and_scored_apart(tmp_path):
     assert not any(shown["train"]) and not any(shown["val"])  # never trained or validated on
     assert 10 <= sum(shown["test"]) < len(shown["test"])  # scored apart from the seen test scenes
 
+    position = [a for qs in ds.split("test").vqa for _, a, kind in qs if kind == "position"]
+    assert position and all(re.fullmatch(r"[a-z]+ ([xy])[0-7] [a-z]+ \1[0-7] (left of|right of|above|below|level) (yes|no)", a)
+                        for a in position), position[:4]
+
     metrics = json.loads(steps["evaluate"]["outputs"]["metrics"])
     for name in ("m2g.shapes_geneval.overall", "m2g.shapes_geneval.heldout_overall",
-                 "m2t.shapes_vqa.accuracy", "m2t.shapes_vqa.heldout_accuracy"):
+                 "m2t.shapes_vqa.accuracy", "m2t.shapes_vqa.heldout_accuracy", "m2t.shapes_vqa.position_grounding_accuracy"):
         assert 0.0 <= metrics[name] <= 1.0, name
     assert "m2g.shapes_geneval.heldout_judge_real" not in metrics  # the judge's ceiling on real renders: seen scenes only
     assert 0.0 <= metrics["m2g.shapes_geneval.heldout_judge_tokenized"] <= 1.0  # the codebook's, on held-out ones too

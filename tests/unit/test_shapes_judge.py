@@ -92,6 +92,60 @@ def test_position_questions_are_answered_by_the_scene_and_balanced(scenes):
     assert 0.3 < answers.count("yes") / len(answers) < 0.7
 
 
+def test_grounded_position_answers_place_both_objects_say_the_relation_then_the_verdict(scenes):
+    """Grounded answers ask the plain questions (the same draws of the generator), each position
+    question also the other way round, and end each in the verdict the scene gives; the places
+    named are the objects' centres on the asked axis of the 8×8 grid, the relation named the one
+    that holds on that axis; `place` pairs say where each shape the scene has once is."""
+    seen = set()
+    for s in by_task(scenes, "position")[:30] + by_task(scenes, "color_attr")[:30] + by_task(scenes, "counting")[:5]:
+        plain = shapes.vqa_pairs(s, np.random.default_rng(7))
+        grounded = shapes.vqa_pairs(s, np.random.default_rng(7), grounded_on=SIZE)
+        both_ways = lambda q: [q] + [q.replace(f" {r} ", f" {shapes.INVERSE[r]} ") for r in shapes.RELATIONS if f" {r} " in q]  # noqa: E731
+        expected = [(asked, k) for q, _, k in plain for asked in (both_ways(q) if k == "position" else [q])]
+        assert [(q, k) for q, _, k in grounded if k != "place"] == expected
+        cell = lambda v: int(v) * shapes.GRID // SIZE  # noqa: E731
+        for q, g, kind in grounded:
+            if kind == "place":
+                (o,) = [o for o in s.objects if f" {o.shape}?" in q]
+                assert g == f"{o.shape} x{cell(o.cx)} y{cell(o.cy)}"
+                continue
+            if kind != "position":
+                continue
+            first, second = s.objects[0], s.objects[1]
+            rel = q.removeprefix(f"is the {first.shape} ").removesuffix(f" the {second.shape}?")
+            horizontal = rel in ("left of", "right of")
+            axis, centre = ("x", lambda o: o.cx) if horizontal else ("y", lambda o: o.cy)
+            cells = [cell(centre(o)) for o in (first, second)]
+            shown = {(True, -1): "left of", (True, 1): "right of", (False, -1): "above", (False, 1): "below"}.get(
+                (horizontal, int(np.sign(cells[0] - cells[1]))), "level")
+            verdict = "yes" if shapes.relation_holds(first.box, second.box, rel) else "no"
+            assert g == f"{first.shape} {axis}{cells[0]} {second.shape} {axis}{cells[1]} {shown} {verdict}", (q, g)
+            assert shapes.verdict(g) == verdict and (verdict == "yes") == (rel == shown)
+            seen.add(shown)
+        if s.task == "counting":
+            assert not [k for *_, k in grounded if k == "place"]  # no one shape to point at
+    assert seen == {"left of", "right of", "above", "below", "level"}
+
+
+def test_vqa_scores_a_grounded_answer_by_its_verdict_and_its_places_apart():
+    from nmm.evaluate.shapes import score_answers
+
+    truth = [("red", "colour"), ("circle x1 square x6 left of yes", "position"), ("circle x1 square x6 left of yes", "position"),
+             ("square y2 circle y6 above no", "position"), ("yes", "exists"), ("no", "exists"),
+             ("circle x1 y5", "place"), ("square x6 y1", "place")]
+    said = ["red is it", "circle x1 square x6 left of yes", "circle x2 square x6 left of yes", "square y2 circle y6 above yes",
+            "yes", "yes", "circle x1 y5", "square x6 y2"]
+    m = score_answers(said, truth)
+    assert m["place_accuracy"] == 0.5  # scored apart: not in `accuracy`
+    assert m["colour_accuracy"] == 0.0  # not a position answer: exact match only
+    assert m["position_accuracy"] == 2 / 3  # wrong places, right verdict: right; right places, wrong verdict: wrong
+    assert m["position_grounding_accuracy"] == 1 / 3
+    assert m["accuracy"] == 3 / 6
+    assert (m["pope_accuracy"], m["pope_yes_ratio"]) == (0.5, 1.0)
+    assert "position_grounding_accuracy" not in score_answers(["yes"], [("yes", "position")])
+
+
 def test_scenes_round_trip_through_json(scenes):
     import json
 

@@ -28,16 +28,17 @@ def kept(reason: np.ndarray) -> np.ndarray:
     return np.array([i for i, r in enumerate(reason) if not r], np.int64)
 
 
-def _vqa(scene: dict, content_id: str):
+def _vqa(scene: dict, content_id: str, grounded_on: int | None):
     from nmm.data import shapes
 
     rng = np.random.default_rng(int(content_id[:12], 16))  # a user's scene: its questions follow from its content
-    return shapes.vqa_pairs(shapes.scene_from_dict(scene), rng)
+    return shapes.vqa_pairs(shapes.scene_from_dict(scene), rng, grounded_on)
 
 
 def source_data(ex: Examined, rows: np.ndarray, names: list[str], captions_per_image: int,
-                builtin: dict[str, SourceData]) -> tuple[SourceData, list[str], np.ndarray]:
-    """(the kept samples, their content ids, each one's source index into `names`)."""
+                builtin: dict[str, SourceData], grounded_on: int | None = None) -> tuple[SourceData, list[str], np.ndarray]:
+    """(the kept samples, their content ids, each one's source index into `names`). `grounded_on`
+    (the images' side): a user's scenes get grounded position answers (nmm.data.shapes.vqa_pairs)."""
     cols = ex.cols
     images = ex.pixels(rows).astype(np.float32) / 255.0
     captions = [json.loads(cols["captions"][i])[:captions_per_image] for i in rows]
@@ -55,7 +56,7 @@ def source_data(ex: Examined, rows: np.ndarray, names: list[str], captions_per_i
             elif own is not None and own.vqa is not None:  # a built-in scene brings its own questions
                 vqa.append(own.vqa[int(cols["order"][i]) & 0xFFFFFF])
             else:
-                vqa.append(_vqa(json.loads(cols["scene"][i]), cols["content_id"][i]))
+                vqa.append(_vqa(json.loads(cols["scene"][i]), cols["content_id"][i], grounded_on))
     name = "+".join(dict.fromkeys(src)) or "+".join(names)
     data = SourceData(name, images, labels, captions, scenes, vqa)
     index = np.array([names.index(s) for s in src], np.int16)

@@ -28,6 +28,7 @@ BACKGROUND = (0.5, 0.5, 0.5)
 SHAPES = ("circle", "square", "triangle")
 TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 RELATIONS = ("left of", "right of", "above", "below")
+GRID = 8  # grounded answers place each object on a GRID × GRID grid over the image
 NUMBERS = {2: "two", 3: "three", 4: "four"}
 
 
@@ -168,12 +169,26 @@ def captions(scene: Scene) -> list[str]:
     return [f"a photo of {base}", base, f"an image showing {base}"]
 
 
-def vqa_pairs(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, str]]:
+def coordinate(o: Obj, image_size: int, axis: str) -> str:
+    """Where an object sits on one axis, as a grounded answer says it: "x<column>" or "y<row>" of
+    its centre on the image's GRID × GRID grid (with 4-pixel patches on a 32-pixel image, the
+    patch it is in)."""
+    centre = o.cx if axis == "x" else o.cy
+    return f"{axis}{min(int(centre // (image_size / GRID)), GRID - 1)}"
+
+
+def vqa_pairs(scene: Scene, rng: np.random.Generator, grounded_on: int | None = None) -> list[tuple[str, str, str]]:
     """(question, answer, kind) triples with ground-truth answers. Kinds: `colour`, `count`,
     `position` (a horizontal and a vertical relation, each direction picked at random, so yes
     and no are balanced) and `exists`: one probe
     for a shape that is there and one for a shape that is not (POPE-style, to measure
-    hallucination)."""
+    hallucination).
+    `grounded_on` (the image's side): a position answer first places both objects on the asked
+    axis, says the relation that holds there ("level": neither), then gives the verdict — "is
+    the circle right of the square?" → "circle x1 square x6 left of no" — so each word the
+    model writes is one reading or one comparison (Shikra-style grounded answers). Each axis is
+    then asked both ways, and `place` pairs ask where each shape the scene has once is: "where
+    is the circle?" → "circle x1 y5"."""
     objs = scene.objects
     first = objs[0]
     pairs = [
@@ -182,17 +197,32 @@ def vqa_pairs(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, st
     ]
     if len(objs) >= 2 and objs[0].shape != objs[1].shape:
         a, b = objs[0], objs[1]
-        for axis in (RELATIONS[:2], RELATIONS[2:]):  # one horizontal and one vertical question
-            rel = axis[int(rng.integers(2))]
-            answer = "yes" if relation_holds(a.box, b.box, rel) else "no"
-            pairs.append((f"is the {a.shape} {rel} the {b.shape}?", answer, "position"))
+        for axis, name in ((RELATIONS[:2], "x"), (RELATIONS[2:], "y")):  # one horizontal and one vertical question
+            drawn = axis[int(rng.integers(2))]
+            for rel in (drawn,) if grounded_on is None else (drawn, INVERSE[drawn]):
+                answer = "yes" if relation_holds(a.box, b.box, rel) else "no"
+                if grounded_on is not None:
+                    shown = next((r for r in axis if relation_holds(a.box, b.box, r)), "level")
+                    places = f"{a.shape} {coordinate(a, grounded_on, name)} {b.shape} {coordinate(b, grounded_on, name)}"
+                    answer = f"{places} {shown} {answer}"
+                pairs.append((f"is the {a.shape} {rel} the {b.shape}?", answer, "position"))
     present = {o.shape for o in objs}
     absent = [s for s in SHAPES if s not in present]
     pairs.append((f"is there {_article(first.shape)} {first.shape}?", "yes", "exists"))
     if absent:
         s = absent[int(rng.integers(len(absent)))]
         pairs.append((f"is there {_article(s)} {s}?", "no", "exists"))
+    if grounded_on is not None:
+        named = [o.shape for o in objs]
+        pairs += [(f"where is the {o.shape}?", f"{o.shape} {coordinate(o, grounded_on, 'x')} {coordinate(o, grounded_on, 'y')}", "place")
+                  for o in objs if named.count(o.shape) == 1]
     return pairs
+
+
+def verdict(answer: str) -> str:
+    """A (possibly grounded) answer's last word: what it says to the question."""
+    words = answer.split()
+    return words[-1] if words else ""
 
 
 def scene_to_dict(scene: Scene) -> dict:

@@ -2,7 +2,8 @@
 
 - `m2g.shapes_geneval.*`: draw an image for each held-out scene's prompt; the GenEval-style judge
   (nmm.evaluate.shapes_judge) scores it from pixels; overall = mean of the six task columns.
-- `m2t.shapes_vqa.*`: answer each held-out image's questions (greedy); exact match. POPE: the
+- `m2t.shapes_vqa.*`: answer each held-out image's questions (greedy); exact match (a grounded
+  position answer: its verdict, and `position_grounding_accuracy` the whole answer). POPE: the
   yes/no existence probes, with "yes" as the positive class (F1, accuracy, share of "yes").
 """
 
@@ -49,23 +50,42 @@ def vqa(
     vocab = prompts.vocab
     pix = None if patches is None else patches[[i for i, *_ in asked]]
     asks = [prompts.question(codes[i], text.encode(q)) for i, q, _, _ in asked]
-    outs = generate(model, asks, max_new=8, allowed=vocab.text_range(), stop=EOS, extra_allowed=(EOS,),
+    longest = max((len(text.encode(a)) for *_, a, _ in asked), default=0)
+    outs = generate(model, asks, max_new=longest + 4, allowed=vocab.text_range(), stop=EOS, extra_allowed=(EOS,),
                     patches=pix)
     said = [text.decode(vocab.text_local(o)).strip() for o in outs]
-    right = np.array([s == a for s, (_, _, a, _) in zip(said, asked)])
-    kinds = np.array([k for *_, k in asked])
-    m = {"accuracy": float(right.mean()) if len(right) else 0.0}
+    m = score_answers(said, [(a, kind) for _, _, a, kind in asked])
+    examples = [{"question": q, "answer": a, "said": s} for (_, q, a, _), s in zip(asked[:40], said)]
+    return {f"m2t.shapes_vqa.{k}": v for k, v in m.items()}, examples
+
+
+def score_answers(said: list[str], truth: list[tuple[str, str]]) -> dict[str, float]:
+    """The VQA metrics of answers `said` against (answer, kind) pairs: exact match, except that a
+    grounded position answer ("circle x1 square x6 left of yes") is right when its verdict is
+    (`position_grounding_accuracy`: the whole answer exact, when there are grounded ones);
+    `place` pairs ("where is the circle?") only in `place_accuracy`, not in `accuracy`; POPE
+    over the `exists` probes, "yes" the positive class."""
+    exact = np.array([s == a for s, (a, _) in zip(said, truth)], bool)
+    kinds = np.array([k for _, k in truth])
+    verdict_right = np.array([shapes.verdict(s) == shapes.verdict(a) for s, (a, _) in zip(said, truth)], bool)
+    right = np.where(kinds == "position", verdict_right, exact)
+    asked = kinds != "place"  # the questions; "where is the circle?" is grounding practice, scored apart
+    m = {"accuracy": float(right[asked].mean()) if asked.any() else 0.0}
     for kind in ("colour", "count", "position"):
         sel = kinds == kind
         m[f"{kind}_accuracy"] = float(right[sel].mean()) if sel.any() else 0.0
+    grounded = (kinds == "position") & np.array([len(a.split()) > 1 for a, _ in truth], bool)
+    if grounded.any():
+        m["position_grounding_accuracy"] = float(exact[grounded].mean())
+    if (kinds == "place").any():
+        m["place_accuracy"] = float(exact[kinds == "place"].mean())
     probe = kinds == "exists"
-    truth = np.array([a == "yes" for *_, a, _ in asked])[probe]
-    pred = np.array([s == "yes" for s in said])[probe]
-    tp = float((truth & pred).sum())
+    yes = np.array([a == "yes" for a, _ in truth], bool)[probe]
+    pred = np.array([s == "yes" for s in said], bool)[probe]
+    tp = float((yes & pred).sum())
     precision = tp / max(pred.sum(), 1)
-    recall = tp / max(truth.sum(), 1)
+    recall = tp / max(yes.sum(), 1)
     m["pope_f1"] = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    m["pope_accuracy"] = float((truth == pred).mean()) if len(truth) else 0.0
+    m["pope_accuracy"] = float((yes == pred).mean()) if len(yes) else 0.0
     m["pope_yes_ratio"] = float(pred.mean()) if len(pred) else 0.0
-    examples = [{"question": q, "answer": a, "said": s} for (_, q, a, _), s in zip(asked[:40], said)]
-    return {f"m2t.shapes_vqa.{k}": v for k, v in m.items()}, examples
+    return m

@@ -214,6 +214,11 @@ class Data(Model):
     split: Split = Split()
     curation: Curation = Curation()
     captions_per_image: Annotated[int, Field(ge=1, le=8)] = 1
+    position_answers: Literal["verdict", "grounded"] = Field(
+        default="verdict", description="shapes scenes' position questions: `verdict` answers yes or no; `grounded` "
+        "places both objects on the asked axis of an 8×8 grid over the image and says the relation there first "
+        "(\"is the circle right of the square?\" → \"circle x1 square x6 left of no\"). "
+        "Evaluation scores the verdict, and the grounding apart.")
     ray: RayWorkers | None = None
 
     @field_validator("sources")

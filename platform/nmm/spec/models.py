@@ -43,6 +43,7 @@ SUITES: dict[str, dict] = {
     # VQA exact match on held-out scenes; POPE: yes/no existence probes, F1 with "yes" positive.
     "m2t.shapes_vqa": {
         "metrics": ["accuracy", "colour_accuracy", "count_accuracy", "position_accuracy",
+                    "position_grounding_accuracy", "place_accuracy",  # data.positionAnswers: grounded only
                     "pope_accuracy", "pope_f1", "pope_yes_ratio"],
         "source": "shapes",
         "task": "m2t",
@@ -367,9 +368,14 @@ class PipelineBody(Model):
         if held:  # the shapes suites score held-out compositions apart
             measured |= {f"{s}.heldout_{m}" for s in self.evaluation.suites if SUITES[s]["source"] == "shapes"
                          for m in SUITES[s]["metrics"]}
+        grounded_only = ("position_grounding_accuracy", "place_accuracy")
+        if self.data.position_answers != "grounded":
+            measured = {m for m in measured if not m.endswith(grounded_only)}
         for gate in self.evaluation.parsed_gates:
             if gate.metric not in measured:
                 hint = "; heldout_ metrics need a shapes source with heldOut" if ".heldout_" in gate.metric else ""
+                if gate.metric.endswith(grounded_only):
+                    hint = "; it needs data.positionAnswers: grounded"
                 raise ValueError(
                     f"evaluation.gates: {gate.metric!r} is not measured by the listed suites "
                     f"(they measure {sorted(measured)}){hint}"
