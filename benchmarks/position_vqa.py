@@ -77,6 +77,12 @@ def column_pairs(scene: shapes.Scene, shape_last: bool) -> list[tuple[str, str, 
             for o in scene.objects[:2]]
 
 
+def other_column(scene: shapes.Scene, question: str) -> str:
+    """The column of the object the question does not ask about (the wrong answer to watch for)."""
+    (other,) = [o for o in scene.objects[:2] if o.shape not in question.split()]
+    return f"x{int(other.cx) // PATCH}"
+
+
 def grounded_pairs(scene: shapes.Scene, rng) -> list[tuple[str, str, str]]:
     """Position questions answered through the two objects' patch coordinates, each named first:
     "is the circle left of the square?" → "circle x2 y5 square x6 y1 yes"."""
@@ -127,6 +133,8 @@ def run(kinds: str, scenes, codes, n_codes: int, args) -> dict:
         for kind in kinds.split("+"):
             pairs = PAIRS[kind](s, rng) if kind in PAIRS else [p for p in shapes.vqa_pairs(s, rng) if p[2] == kind]
             rows += [(i, q.replace("?", " ?").split(), a.split(), kind) for q, a, _ in pairs]
+    # column questions: the other object's column, to tell a misread place from a wrong object
+    alt = [other_column(scenes[i], " ".join(q)) if k.startswith("column") else None for i, q, _, k in rows]
     words = sorted({w for _, q, a, _ in rows for w in q + a})
     ids = {w: 4 + j for j, w in enumerate(words)}
     image_lo = 4 + len(words)
@@ -151,24 +159,26 @@ def run(kinds: str, scenes, codes, n_codes: int, args) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
 
-    def correct(idx: np.ndarray) -> np.ndarray:
+    def correct(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(len(idx), answer_len): each answer token the argmax given the ones before (True past
-        a shorter answer's end)."""
+        a shorter answer's end); and (len(idx),) the argmax for the first answer token."""
         model.eval()
-        out = []
+        out, said = [], []
         with torch.no_grad():
             for s in range(0, len(idx), 512):
                 b = torch.from_numpy(idx[s : s + 512])
                 target = yt[b]
-                hit = (model(xt[b]).argmax(-1) == target) | (target < 0)
+                guess = model(xt[b]).argmax(-1)
+                hit = (guess == target) | (target < 0)
                 first = (target >= 0).int().argmax(1)
                 cols = (first[:, None] + torch.arange(answer_len)).clamp(max=length - 1)
                 out.append(hit.gather(1, cols).numpy())
+                said.append(guess.gather(1, first[:, None])[:, 0].numpy())
         model.train()
-        return np.concatenate(out)
+        return np.concatenate(out), np.concatenate(said)
 
     def by_kind(idx: np.ndarray, per_token: bool = False) -> dict:
-        hit = correct(idx)
+        hit, _ = correct(idx)
         sel = {k: kind_of[idx] == k for k in kinds.split("+")}
         if per_token:
             return {k: [round(float(v), 4) for v in hit[m].mean(0)] for k, m in sel.items()}
@@ -191,7 +201,11 @@ def run(kinds: str, scenes, codes, n_codes: int, args) -> dict:
             print(f"  {kinds:9s} step {step:5d} loss {loss.item():.3f} held-out accuracy {curve[-1]['test_accuracy']}", flush=True)
     first = {k: Counter(tuple(rows[r][2]) for r in test if kind_of[r] == k).most_common(1)[0][1] / int((kind_of[test] == k).sum())
              for k in kinds.split("+")}
+    _, said = correct(test)
+    watched = np.array([alt[r] is not None for r in test], bool)
+    other = float(np.mean([said[j] == ids[alt[r]] for j, r in enumerate(test) if watched[j]])) if watched.any() else None
     return {"kinds": kinds, "train_rows": len(train), "test_rows": len(test),
+            "names_the_other_object": None if other is None else round(other, 4),
             "majority_answer_share": {k: round(v, 4) for k, v in first.items()},
             "test_accuracy": curve[-1]["test_accuracy"], "token_accuracy": by_kind(test, per_token=True), "curve": curve, "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -228,6 +242,8 @@ def main() -> None:
         for k, acc in r["test_accuracy"].items():
             print(f"{r['kinds']}: {k:9s} held-out accuracy {acc:.3f} (majority answer {r['majority_answer_share'][k]:.3f}; "
                   f"{r['train_rows']} training rows, {r['seconds']} s)")
+            if r["names_the_other_object"] is not None:
+                print(f"  answers naming the other object's column: {r['names_the_other_object']:.3f}")
             if len(r["token_accuracy"][k]) > 1:
                 print(f"  per answer token: {r['token_accuracy'][k]}")
     print(f"wrote {path}")
