@@ -3,7 +3,8 @@
 - `m2g.shapes_geneval.*`: draw an image for each held-out scene's prompt; the GenEval-style judge
   (nmm.evaluate.shapes_judge) scores it from pixels; overall = mean of the six task columns.
 - `m2t.shapes_vqa.*`: answer each held-out image's questions (greedy); exact match (a grounded
-  position answer: its verdict, and `position_grounding_accuracy` the whole answer). POPE: the
+  position answer: its verdict, and `position_grounding_accuracy` the whole answer; "where is
+  the circle?" pairs: `place_accuracy`, outside `accuracy`). POPE: the
   yes/no existence probes, with "yes" as the positive class (F1, accuracy, share of "yes").
 """
 

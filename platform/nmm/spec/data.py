@@ -217,8 +217,8 @@ class Data(Model):
     position_answers: Literal["verdict", "grounded"] = Field(
         default="verdict", description="shapes scenes' position questions: `verdict` answers yes or no; `grounded` "
         "places both objects on the asked axis of an 8×8 grid over the image and says the relation there first "
-        "(\"is the circle right of the square?\" → \"circle x1 square x6 left of no\"). "
-        "Evaluation scores the verdict, and the grounding apart.")
+        "(\"is the circle right of the square?\" → \"circle x1 square x6 left of no\"), asks each axis both ways, "
+        "and adds \"where is the circle?\" pairs. Evaluation scores the verdict, and the grounding apart.")
     ray: RayWorkers | None = None
 
     @field_validator("sources")

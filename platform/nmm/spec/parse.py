@@ -8,6 +8,7 @@ nesting deeper than `MAX_DEPTH`, numbers longer than `MAX_NUMBER_CHARS`.
 from __future__ import annotations
 
 import re
+from collections.abc import Hashable
 from typing import Any
 
 import yaml
@@ -73,6 +74,9 @@ def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode, d
     seen: dict[Any, Any] = {}
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, Hashable):  # `{{}}`: a mapping as a key; `key in seen` would raise TypeError
+            raise yaml.constructor.ConstructorError(None, None, "a mapping key must be a scalar, found a "
+                                                    f"{type(key).__name__}", key_node.start_mark)
         if key in seen:
             mark = key_node.start_mark
             raise yaml.constructor.ConstructorError(
