@@ -5,7 +5,7 @@ model, data and budget can learn, in the same run.
 
     python benchmarks/position_vqa.py                                  # oracle tokens, grid positions
     python benchmarks/position_vqa.py --kinds column,column-shape-last --lr 1e-3
-    python benchmarks/position_vqa.py --kinds grounded --lr 1e-3
+    python benchmarks/position_vqa.py --kinds grounded,compared --lr 1e-3
     python benchmarks/position_vqa.py --tokens vq --steps 1500
     python benchmarks/position_vqa.py --layout question-first --kinds position
 
@@ -14,8 +14,11 @@ the object covering most of it (a perfect composing tokenizer); `vq` the patch-V
 shapes workflows use (128 codes fitted on the training images). Kinds: `exists`, `position`
 (nmm.data.shapes.vqa_pairs); `where`: "is the <shape> on the left ?" / "at the top ?" about one
 object; `column`: "which column is the <shape> in ?" → "x<column>", and `column-shape-last`, the
-same asked as "in which column is the <shape>"; `grounded`: the position questions with grounded
-answers ("circle x1 y5 square x6 y1 yes", data.positionAnswers: grounded). Loss on the answer
+same asked as "in which column is the <shape>" (both also report how often the answer names the
+other object's column); `grounded`: the position questions answered with both places, then the
+verdict ("circle x1 y5 square x6 y1 yes"); `compared`: the places on the asked axis, the relation
+they show, then the verdict ("circle x1 square x6 left of no": data.positionAnswers: grounded,
+which also asks both ways and adds place questions). Loss on the answer
 tokens; accuracy: the whole answer exact on held-out scenes (every token the argmax given the
 ones before, which is what greedy decoding says), and per answer token. Writes
 benchmarks/results/position_vqa-<tokens>-<layout>-<kinds>-<steps>-lr<lr>.json.
@@ -207,7 +210,8 @@ def run(kinds: str, scenes, codes, n_codes: int, args) -> dict:
     return {"kinds": kinds, "train_rows": len(train), "test_rows": len(test),
             "names_the_other_object": None if other is None else round(other, 4),
             "majority_answer_share": {k: round(v, 4) for k, v in first.items()},
-            "test_accuracy": curve[-1]["test_accuracy"], "token_accuracy": by_kind(test, per_token=True), "curve": curve, "seconds": round(time.perf_counter() - t0, 1)}
+            "test_accuracy": curve[-1]["test_accuracy"], "token_accuracy": by_kind(test, per_token=True), "curve": curve,
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def main() -> None:
@@ -215,8 +219,9 @@ def main() -> None:
     p.add_argument("--tokens", choices=("oracle", "vq"), default="oracle")
     p.add_argument("--positions", choices=("grid", "sequence"), default="grid")
     p.add_argument("--layout", choices=("image-first", "question-first"), default="image-first")
-    p.add_argument("--kinds", default="exists,where,position", help="comma-separated runs, each one kind or several joined by +: exists, where, position, column, "
-                   "column-shape-last, grounded")
+    p.add_argument("--kinds", default="exists,where,position",
+                   help="comma-separated runs, each one kind or several joined by +: exists, where, position, column, "
+                   "column-shape-last, grounded, compared")
     p.add_argument("--scenes", type=int, default=7200)
     p.add_argument("--train-scenes", type=int, default=6000)
     p.add_argument("--steps", type=int, default=1000)

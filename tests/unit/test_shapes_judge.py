@@ -101,7 +101,9 @@ def test_grounded_position_answers_place_both_objects_say_the_relation_then_the_
     for s in by_task(scenes, "position")[:30] + by_task(scenes, "color_attr")[:30] + by_task(scenes, "counting")[:5]:
         plain = shapes.vqa_pairs(s, np.random.default_rng(7))
         grounded = shapes.vqa_pairs(s, np.random.default_rng(7), grounded_on=SIZE)
-        both_ways = lambda q: [q] + [q.replace(f" {r} ", f" {shapes.INVERSE[r]} ") for r in shapes.RELATIONS if f" {r} " in q]  # noqa: E731
+        def both_ways(q: str) -> list[str]:
+            return [q] + [q.replace(f" {r} ", f" {shapes.INVERSE[r]} ") for r in shapes.RELATIONS if f" {r} " in q]
+
         expected = [(asked, k) for q, _, k in plain for asked in (both_ways(q) if k == "position" else [q])]
         assert [(q, k) for q, _, k in grounded if k != "place"] == expected
         cell = lambda v: int(v) * shapes.GRID // SIZE  # noqa: E731

@@ -214,8 +214,8 @@ def vqa_pairs(scene: Scene, rng: np.random.Generator, grounded_on: int | None = 
         pairs.append((f"is there {_article(s)} {s}?", "no", "exists"))
     if grounded_on is not None:
         named = [o.shape for o in objs]
-        pairs += [(f"where is the {o.shape}?", f"{o.shape} {coordinate(o, grounded_on, 'x')} {coordinate(o, grounded_on, 'y')}", "place")
-                  for o in objs if named.count(o.shape) == 1]
+        pairs += [(f"where is the {o.shape}?", f"{o.shape} {coordinate(o, grounded_on, 'x')} {coordinate(o, grounded_on, 'y')}",
+                   "place") for o in objs if named.count(o.shape) == 1]
     return pairs
 
 
