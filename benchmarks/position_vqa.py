@@ -27,6 +27,7 @@ benchmarks/results/position_vqa-<tokens>-<layout>-<kinds>-<steps>-lr<lr>.json.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import time
@@ -100,21 +101,12 @@ def grounded_pairs(scene: shapes.Scene, rng) -> list[tuple[str, str, str]]:
 
 
 def compared_pairs(scene: shapes.Scene, rng) -> list[tuple[str, str, str]]:
-    """Position questions answered through the coordinates on the asked axis, the relation they
-    show, then the verdict: "is the circle right of the square?" → "circle x1 square x6 left of no"."""
-    by = {o.shape: o for o in scene.objects}
-    out = []
-    for q, a, kind in shapes.vqa_pairs(scene, rng):
-        if kind == "position":
-            words = q.rstrip("?").split()
-            subject, obj = by[words[2]], by[words[-1]]
-            horizontal = "left" in words or "right" in words
-            pos = (lambda o: int(o.cx) // PATCH) if horizontal else (lambda o: int(o.cy) // PATCH)
-            axis = "x" if horizontal else "y"
-            d = pos(subject) - pos(obj)
-            shown = "level" if d == 0 else (("left of", "right of") if horizontal else ("above", "below"))[d > 0]
-            out.append((q, f"{subject.shape} {axis}{pos(subject)} {obj.shape} {axis}{pos(obj)} {shown} {a}", "compared"))
-    return out
+    """The position questions of `position`, answered as data.positionAnswers: grounded answers
+    them (the places on the asked axis, the relation they show, then the verdict: "is the circle
+    right of the square?" → "circle x1 square x6 left of no"); without that mode's extra
+    questions (the other way round, "where is …?"), so the rows are `position`'s."""
+    grounded = dict((q, a) for q, a, _ in shapes.vqa_pairs(scene, copy.deepcopy(rng), grounded_on=SIDE))
+    return [(q, grounded[q], "compared") for q, _, kind in shapes.vqa_pairs(scene, rng) if kind == "position"]
 
 
 PAIRS = {

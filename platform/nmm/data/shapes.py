@@ -199,13 +199,13 @@ def vqa_pairs(scene: Scene, rng: np.random.Generator, grounded_on: int | None = 
         a, b = objs[0], objs[1]
         for axis, name in ((RELATIONS[:2], "x"), (RELATIONS[2:], "y")):  # one horizontal and one vertical question
             drawn = axis[int(rng.integers(2))]
+            work = ""  # grounded: the places on this axis and the relation that holds there
+            if grounded_on is not None:
+                shown = next((r for r in axis if relation_holds(a.box, b.box, r)), "level")
+                work = f"{a.shape} {coordinate(a, grounded_on, name)} {b.shape} {coordinate(b, grounded_on, name)} {shown} "
             for rel in (drawn,) if grounded_on is None else (drawn, INVERSE[drawn]):
                 answer = "yes" if relation_holds(a.box, b.box, rel) else "no"
-                if grounded_on is not None:
-                    shown = next((r for r in axis if relation_holds(a.box, b.box, r)), "level")
-                    places = f"{a.shape} {coordinate(a, grounded_on, name)} {b.shape} {coordinate(b, grounded_on, name)}"
-                    answer = f"{places} {shown} {answer}"
-                pairs.append((f"is the {a.shape} {rel} the {b.shape}?", answer, "position"))
+                pairs.append((f"is the {a.shape} {rel} the {b.shape}?", work + answer, "position"))
     present = {o.shape for o in objs}
     absent = [s for s in SHAPES if s not in present]
     pairs.append((f"is there {_article(first.shape)} {first.shape}?", "yes", "exists"))

@@ -89,26 +89,27 @@ def load_digits(captions_per_image: int) -> SourceData:
     return SourceData("digits", images, labels, caps)
 
 
-def load(kind: str, captions_per_image: int, samples: int, image_size: int, seed: int, grounded: bool = False) -> SourceData:
-    """A built-in source by name: `digits` (all of them; samples, size, seed and `grounded`
+def load(kind: str, captions_per_image: int, samples: int, image_size: int, seed: int,
+         grounded_on: int | None = None) -> SourceData:
+    """A built-in source by name: `digits` (all of them; samples, size, seed and `grounded_on`
     position answers are shapes' own) or `shapes`."""
     if kind == "digits":
         return load_digits(captions_per_image)
     if kind == "shapes":
-        return render_shapes(samples, image_size, seed, captions_per_image, grounded)
+        return render_shapes(samples, image_size, seed, captions_per_image, grounded_on)
     raise ValueError(f"--source: expected one of digits, shapes; got {kind!r}")
 
 
-def render_shapes(samples: int, size: int, seed: int, captions_per_image: int, grounded: bool = False) -> SourceData:
+def render_shapes(samples: int, size: int, seed: int, captions_per_image: int, grounded_on: int | None = None) -> SourceData:
     """GenEval-style scenes (nmm.data.shapes): the six tasks in turn, with caption paraphrases,
-    VQA pairs (`grounded`: position answers name the objects' places) and each scene's ground truth."""
+    VQA pairs (`grounded_on`: grounded position answers, shapes.vqa_pairs) and each scene's ground truth."""
     from nmm.data import shapes
 
     scenes = shapes.generate(samples, size, seed)
     images = np.stack([shapes.render(sc.objects, size) for sc in scenes])
     caps = [shapes.captions(sc)[:captions_per_image] for sc in scenes]
     rng = np.random.default_rng([seed, 1])
-    vqa = [shapes.vqa_pairs(sc, rng, size if grounded else None) for sc in scenes]
+    vqa = [shapes.vqa_pairs(sc, rng, grounded_on) for sc in scenes]
     return SourceData(
         "shapes", images, np.full(samples, -1, np.int64), caps, [shapes.scene_to_dict(sc) for sc in scenes], vqa
     )

@@ -248,3 +248,8 @@ class Data(Model):
     @property
     def image_shape(self) -> tuple[int, int]:
         return self.sources[0].image_shape
+
+    @property
+    def grounded_on(self) -> int | None:
+        """The images' side when position answers are grounded (nmm.data.shapes.vqa_pairs), else None."""
+        return self.image_shape[0] if self.position_answers == "grounded" else None

@@ -75,8 +75,7 @@ def _builtins(data, settings: Settings, builtin: dict[str, int]) -> tuple[list[d
     batches, loaded = [], {}
     for src in data.sources:
         if src.label in builtin:
-            raw = sources.load(src.kind, data.captions_per_image, src.samples, src.image_size, src.seed,
-                               data.position_answers == "grounded")
+            raw = sources.load(src.kind, data.captions_per_image, src.samples, src.image_size, src.seed, data.grounded_on)
             loaded[src.label] = raw
             batches.append(examine_builtin(src.label, builtin[src.label], raw.images, raw.captions, raw.labels,
                                            raw.scenes, settings))
@@ -267,9 +266,8 @@ def _curate(ctx: StageContext, units: list, builtin: dict[str, int], version, lo
             dropped = {r: n for r, n in counts["dropped_by_reason"].items() if n}
             raise SourceError(f"data.sources: {empty} kept no samples (dropped: {dropped})")
         rows = assemble.kept(d.reason)
-        grounded_on = data.sources[0].image_shape[0] if data.position_answers == "grounded" else None
         raw, ids, source_index = assemble.source_data(ex, rows, [s.label for s in data.sources], data.captions_per_image, loaded,
-                                                      grounded_on)
+                                                      data.grounded_on)
         names = np.array([d.split[i] for i in rows])
         splits = {s: np.flatnonzero(names == s) for s in ("train", "val", "test")}
         return Curated(raw, ids, source_index, splits, table, counts, d.leakage, _examples(ex, d))
