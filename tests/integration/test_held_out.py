@@ -6,7 +6,8 @@ The same pipeline trains a short grpo phase on both shapes rewards (a drawn scen
 GenEval rules, a written answer by exact match) with grid image positions: the train stage builds
 the rewards over the train split, and the phase's MLflow run gets its reward metrics and its
 sample grids. Position questions get grounded answers (`positionAnswers: grounded`), which
-evaluation scores by their verdict and, apart, whole."""
+evaluation scores by their verdict and, apart, whole. Images are coded as colour × mask pairs
+(`kind: colour-mask`), so the model has factored code rows and can draw a held-out pair."""
 
 import json
 import os
@@ -18,6 +19,7 @@ import yaml
 
 from nmm.data.dataset import Dataset
 from nmm.spec.data import HeldOut
+from nmm.tokenizers import ColourMaskVQ
 from tests.conftest import NMM
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -33,7 +35,7 @@ def spec() -> dict:
                      "split": {"train": 0.7, "val": 0.1, "test": 0.2}, "captionsPerImage": 1, "positionAnswers": "grounded"},
             "model": {"fusion": "early", "tasks": ["m2t", "m2g"], "size": {"dim": 32, "layers": 1, "heads": 2},
                       "imagePositions": "grid",
-                      "tokenizers": {"text": {"kind": "bpe", "vocabSize": 160}, "image": {"kind": "patch-vq", "patchSize": 4, "codebookSize": 32}}},
+                      "tokenizers": {"text": {"kind": "bpe", "vocabSize": 160}, "image": {"kind": "colour-mask", "patchSize": 4, "masks": 24}}},
             "training": {"phases": [
                 {"name": "pretrain", "steps": 10, "batchSize": 16, "mixture": {"m2t": 0.5, "m2g": 0.5}},
                 {"name": "rl", "recipe": "grpo", "reference": "pretrain", "steps": 3, "batchSize": 4, "group": 2,
@@ -57,6 +59,10 @@ def test_held_out_scenes_are_only_in_test_and_scored_apart(tmp_path):
 
     held = HeldOut.model_validate(HELD).predicate()
     ds = Dataset.open(steps["curate"]["outputs"]["dataset_uri"])
+    vq = ds.image_tokenizer()
+    assert isinstance(vq, ColourMaskVQ) and vq.factors[1] <= 24 and ds.vocab.image_size == vq.size
+    test = ds.split("test").arrays["codes"]
+    assert (test[test % vq.factors[1] == 0] == 0).all()  # read in the coding with the ground on every empty patch
     shown = {name: [held(s) for s in ds.split(name).scenes] for name in ("train", "val", "test")}
     assert not any(shown["train"]) and not any(shown["val"])  # never trained or validated on
     assert 10 <= sum(shown["test"]) < len(shown["test"])  # scored apart from the seen test scenes

@@ -3,7 +3,7 @@ import numpy as np
 from nmm.data.curate import content_ids, split
 from nmm.data.sequences import INSTRUCTIONS, Prompts, blank_text, instruction_texts, pack_rows, style_of
 from nmm.data.sources import digit_captions, load_digits, parse_digit
-from nmm.tokenizers import PatchVQ, SharedVocab, TextTokenizer
+from nmm.tokenizers import ColourMaskVQ, PatchVQ, SharedVocab, TextTokenizer, load_image_tokenizer
 from nmm.tokenizers.vocab import ASSISTANT, BOI, BOS, EOI, EOS, PAD, USER
 
 
@@ -124,3 +124,55 @@ def test_parse_digit_reads_numerals_and_words():
     assert parse_digit("a handwritten digit 7") == 7
     assert parse_digit("the number three") == 3
     assert parse_digit("a scanned thing") is None
+
+
+def _shape_scenes(n: int, seed: int = 0):
+    from nmm.data import shapes
+
+    rng, scenes = np.random.default_rng(seed), []
+    while len(scenes) < n:
+        scene = shapes.make_scene(shapes.TASKS[len(scenes) % len(shapes.TASKS)], rng, 32)
+        if scene is not None:
+            scenes.append(scene)
+    return scenes, np.stack([shapes.render(s.objects, 32) for s in scenes])
+
+
+def test_colour_mask_vq_draws_a_colour_on_a_shape_it_never_saw_together():
+    """Fitted without a single red triangle or blue circle, the colour × mask codebook still
+    reconstructs them exactly; a codebook of whole patches of the same size cannot."""
+    from nmm.evaluate import shapes_judge
+
+    scenes, images = _shape_scenes(600)
+    held = np.array([any((o.colour, o.shape) in {("red", "triangle"), ("blue", "circle")} for o in s.objects)
+                     for s in scenes])
+    assert 20 < held.sum() < len(scenes) - 100
+    vq = ColourMaskVQ.fit(images[~held], 4, 16, 32, seed=0)
+    assert vq.factors == (11, len(vq.masks)) and vq.size == 11 * len(vq.masks)  # the ground and ten colours
+    codes = vq.encode(images)
+    assert codes.shape == (len(images), 64) and codes.max() < vq.size
+    assert np.abs(vq.decode(codes) - images).max() < 1e-3
+    masks = len(vq.masks)
+    assert (codes[codes % masks == 0] == 0).all()  # read: every empty patch is (the ground, the empty mask)
+    drawn = vq.drawing_codes(codes)
+    assert np.array_equal(vq.decode(drawn), vq.decode(codes)) and np.array_equal(drawn % masks, codes % masks)
+    row = np.array([[0, 3 * masks + 1, 0, 0, 5 * masks + 2, 0]])  # empty, colour 3, empty, empty, colour 5, empty
+    assert (vq.drawing_codes(row) // masks).tolist() == [[3, 3, 5, 5, 5, 5]]  # the next one's colour, then the last's
+    unseen = set(np.unique(codes[held])) - set(np.unique(codes[~held]))
+    assert unseen, "held-out scenes should need pairs the training images never showed"
+    whole = PatchVQ.fit(images[~held], 4, 128, seed=0)
+    held_scenes = [s for s, h in zip(scenes, held) if h]
+    assert shapes_judge.evaluate(held_scenes, vq.decode(codes[held]))["overall"] == 1.0
+    assert shapes_judge.evaluate(held_scenes, whole.decode(whole.encode(images[held])))["overall"] < 0.8
+
+
+def test_image_tokenizers_load_by_kind_from_their_bytes():
+    _, images = _shape_scenes(60)
+    pair = ColourMaskVQ.fit(images, 4, 16, 8, seed=0)
+    whole = PatchVQ.fit(images, 4, 16, seed=0)
+    again = load_image_tokenizer(pair.to_bytes())
+    assert isinstance(again, ColourMaskVQ) and again.factors == pair.factors
+    assert np.array_equal(again.encode(images), pair.encode(images))
+    assert isinstance(load_image_tokenizer(whole.to_bytes()), PatchVQ) and whole.factors == ()
+    blank = np.full((4, 8, 8, 3), 0.5, np.float32)  # nothing but the ground: one colour, the empty mask
+    none = ColourMaskVQ.fit(blank, 4, 16, 8)
+    assert none.factors == (1, 1) and np.array_equal(none.decode(none.encode(blank)), blank)

@@ -8,7 +8,7 @@ import numpy as np
 
 from nmm import storage
 from nmm.data.shards import decode_shard
-from nmm.tokenizers import PatchVQ, SharedVocab, TextTokenizer
+from nmm.tokenizers import ImageTokenizer, SharedVocab, TextTokenizer, load_image_tokenizer
 
 
 ROW_COLUMNS = ("tokens", "loss_mask", "task", "style", "row_image")  # one entry per sequence, not per image
@@ -61,8 +61,8 @@ class Dataset:
     def text_tokenizer(self) -> TextTokenizer:
         return TextTokenizer.from_bytes(storage.read_file(self.uri, self.manifest, "text_tokenizer.json"))
 
-    def image_tokenizer(self) -> PatchVQ:
-        return PatchVQ.from_bytes(storage.read_file(self.uri, self.manifest, "image_tokenizer.safetensors"))
+    def image_tokenizer(self) -> ImageTokenizer:
+        return load_image_tokenizer(storage.read_file(self.uri, self.manifest, "image_tokenizer.safetensors"))
 
     def split(self, name: str) -> Split:
         if name not in self._splits:

@@ -30,10 +30,10 @@ def init_ray():
 
 
 def _transform(batch: dict, vq_bytes: bytes, text_bytes: bytes) -> dict:
-    from nmm.tokenizers.image import PatchVQ
+    from nmm.tokenizers.image import load_image_tokenizer
     from nmm.tokenizers.text import TextTokenizer
 
-    vq = PatchVQ.from_bytes(vq_bytes)
+    vq = load_image_tokenizer(vq_bytes)
     text = TextTokenizer.from_bytes(text_bytes)
     codes = vq.encode(batch["image"])
     ids = [json.dumps([text.encode(c) for c in json.loads(caps)]) for caps in batch["captions"]]

@@ -12,7 +12,7 @@ from nmm.data.sequences import Prompts
 from nmm.data.sources import digit_prompt, parse_digit
 from nmm.evaluate.draw import draw
 from nmm.model.generate import generate
-from nmm.tokenizers import PatchVQ, TextTokenizer
+from nmm.tokenizers import ImageTokenizer, TextTokenizer
 from nmm.tokenizers.vocab import EOS
 
 
@@ -31,7 +31,7 @@ def m2t_accuracy(model, prompts: Prompts, text: TextTokenizer, codes: np.ndarray
 
 
 def m2g_generate(
-    model, prompts: Prompts, text: TextTokenizer, vq: PatchVQ, per_class: int, temperature: float, seed: int
+    model, prompts: Prompts, text: TextTokenizer, vq: ImageTokenizer, per_class: int, temperature: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Generate `per_class` images for each digit 0-9, prompts cycling the caption templates."""
     labels = np.repeat(np.arange(10), per_class)

@@ -8,10 +8,10 @@ import torch
 
 from nmm.data.sequences import Prompts, blank_text
 from nmm.model.generate import generate
-from nmm.tokenizers import PatchVQ, TextTokenizer
+from nmm.tokenizers import ImageTokenizer, TextTokenizer
 
 
-def draw(model, prompts: Prompts, text: TextTokenizer, vq: PatchVQ, captions: list[str], temperature: float,
+def draw(model, prompts: Prompts, text: TextTokenizer, vq: ImageTokenizer, captions: list[str], temperature: float,
          seed: int, guidance: float = 1.0) -> np.ndarray:
     """One image (N, H, W, C) per caption (instruction prompts cycle through the paraphrases).
     With guidance ≠ 1 each prompt's unconditional twin is the same prompt with its text padded

@@ -17,7 +17,7 @@ from nmm.data.sequences import Prompts
 from nmm.evaluate import shapes_judge
 from nmm.evaluate.draw import draw
 from nmm.model.generate import generate
-from nmm.tokenizers import PatchVQ, TextTokenizer
+from nmm.tokenizers import ImageTokenizer, TextTokenizer
 from nmm.tokenizers.vocab import EOS
 
 
@@ -33,7 +33,7 @@ def pick_scenes(scenes: list[dict], per_task: int) -> list[int]:
 
 
 def geneval(
-    model, prompts: Prompts, text: TextTokenizer, vq: PatchVQ, scenes: list[shapes.Scene],
+    model, prompts: Prompts, text: TextTokenizer, vq: ImageTokenizer, scenes: list[shapes.Scene],
     temperature: float, guidance: float, seed: int,
 ) -> tuple[dict[str, float], np.ndarray]:
     images = draw(model, prompts, text, vq, [s.prompt for s in scenes], temperature, seed, guidance)

@@ -41,6 +41,19 @@ class ModelConfig:
     # late fusion: the separately trained encoder
     encoder_dim: int = 64
     encoder_layers: int = 2
+    # image codes that are tuples of factor codes (the colour-mask tokenizer's (colours, masks)):
+    # the vocabulary's last prod(image_factors) ids, embedded and predicted factor by factor
+    # (nmm.model.transformer.FactorCodes). Empty: one row per code.
+    image_factors: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "image_factors", tuple(self.image_factors))  # a list from JSON
+        if self.factored_codes > self.vocab_size:
+            raise ValueError(f"image_factors {self.image_factors} make more codes than the vocabulary's {self.vocab_size} ids")
+
+    @property
+    def factored_codes(self) -> int:
+        return math.prod(self.image_factors) if self.image_factors else 0
 
     @property
     def head_dim(self) -> int:

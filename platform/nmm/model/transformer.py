@@ -227,15 +227,38 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
 
+class FactorCodes(nn.Module):
+    """Rows (embeddings, or output-layer weights) of codes that are tuples of factors — the image
+    tokenizer's (colour, mask) pairs: the row of code (a, b) = a * len(b's table) + b is the sum
+    of a's row and b's row. A pair that training never showed still gets a row, built from
+    factors it did (compositional codes: a red triangle's edge from red and a triangle's edge)."""
+
+    def __init__(self, factors: tuple[int, ...], dim: int):
+        super().__init__()
+        self.tables = nn.ParameterList(nn.Parameter(torch.empty(f, dim)) for f in factors)
+        for t in self.tables:
+            nn.init.normal_(t, std=0.02)
+
+    def weight(self) -> torch.Tensor:
+        w = self.tables[0]
+        for t in self.tables[1:]:
+            w = (w[:, None, :] + t[None, :, :]).reshape(-1, w.shape[-1])
+        return w
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        plain = cfg.vocab_size - cfg.factored_codes  # factored image codes are the vocabulary's last ids
+        self.embed = nn.Embedding(plain, cfg.dim)
         self.stem = build_stem(cfg)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.head = nn.Linear(cfg.dim, plain, bias=False)
+        if cfg.image_factors:
+            self.code_embed = FactorCodes(cfg.image_factors, cfg.dim)
+            self.code_head = FactorCodes(cfg.image_factors, cfg.dim)
         if cfg.image_positions == "grid":  # row and column of each image position in the patch grid
             self.image_row = nn.Embedding(cfg.grid_side, cfg.dim)
             self.image_col = nn.Embedding(cfg.grid_side, cfg.dim)
@@ -247,6 +270,18 @@ class Transformer(nn.Module):
             for m in self.stem.modules():  # at 0.02 a patch barely moves the residual stream
                 if isinstance(m, nn.Linear):
                     m.reset_parameters()
+
+    def embed_weight(self) -> torch.Tensor:
+        """(vocab, dim): every id's input embedding."""
+        if not self.cfg.image_factors:
+            return self.embed.weight
+        return torch.cat([self.embed.weight, self.code_embed.weight()])
+
+    def head_weight(self) -> torch.Tensor:
+        """(vocab, dim): the output layer's weight, a row per id."""
+        if not self.cfg.image_factors:
+            return self.head.weight
+        return torch.cat([self.head.weight, self.code_head.weight()])
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -272,7 +307,8 @@ class Transformer(nn.Module):
         if self.cfg.image_positions == "grid":
             x = x + self.grid_embedding(tokens, cache)
         states = self.norm(self.hidden(x, cache, docs, positions, spans))
-        return self.head(states) if head is None else head(states, self.head.weight)
+        weight = self.head_weight()
+        return F.linear(states, weight) if head is None else head(states, weight)
 
     def grid_embedding(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """(B, T, dim): row + column embeddings at the image positions, 0 elsewhere. With a cache,
@@ -287,7 +323,7 @@ class Transformer(nn.Module):
         return (self.image_row(kk // cfg.grid_side) + self.image_col(kk % cfg.grid_side)) * (k >= 0)[..., None]
 
     def embed_inputs(self, tokens: torch.Tensor, patches: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.embed(tokens)
+        x = F.embedding(tokens, self.embed_weight())
         if self.stem is None:
             return x
         at = (tokens >= self.cfg.image_lo) & (tokens < self.cfg.image_hi)
@@ -324,13 +360,13 @@ class Transformer(nn.Module):
         """One decoding step with static shapes: tokens (B, 1) at position `pos` ((1,) long, on
         the device; the caller advances it) → logits (B, vocab). Text and image codes only (a
         mid/late-fusion image is read at prefill). What nmm.model.generate compiles."""
-        x = self.embed(tokens)
+        x = F.embedding(tokens, self.embed_weight())
         if self.cfg.image_positions == "grid":
             x = x + self.grid_embedding(tokens, cache)
         cos, sin = self.rope_cos[pos], self.rope_sin[pos]
         for i, block in enumerate(self.blocks):
             x = block.decode(x, cos, sin, cache, i, pos)
-        return self.head(self.norm(x))[:, -1]
+        return F.linear(self.norm(x), self.head_weight())[:, -1]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

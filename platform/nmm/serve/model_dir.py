@@ -10,7 +10,7 @@ import torch
 
 from nmm.data.sequences import Prompts
 from nmm.model import ModelConfig
-from nmm.tokenizers import PatchVQ, SharedVocab, TextTokenizer
+from nmm.tokenizers import ImageTokenizer, SharedVocab, TextTokenizer, load_image_tokenizer
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -24,7 +24,7 @@ class LoadedModel:
     model: torch.nn.Module
     vocab: SharedVocab
     text: TextTokenizer
-    vq: PatchVQ
+    vq: ImageTokenizer
     config: dict
     prompts: Prompts  # the prompt style the model was trained to answer (config "prompts")
 
@@ -52,7 +52,7 @@ def load_from_files(files: dict[str, bytes], device: str | torch.device = "cpu")
     vocab = SharedVocab(**config["vocab"])
     text = TextTokenizer.from_bytes(files[TEXT_TOKENIZER])
     prompts = Prompts.of(vocab, config.get("prompts", "plain"), text.encode)
-    return LoadedModel(model, vocab, text, PatchVQ.from_bytes(files[IMAGE_TOKENIZER]), config, prompts)
+    return LoadedModel(model, vocab, text, load_image_tokenizer(files[IMAGE_TOKENIZER]), config, prompts)
 
 
 def load_from_dir(path: str | Path) -> LoadedModel:

@@ -10,6 +10,7 @@ import re
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic.alias_generators import to_camel
 
 from nmm.spec import names
 from nmm.spec.base import Model
@@ -67,10 +68,32 @@ class TextTokenizer(Model):
     vocab_size: Annotated[int, Field(ge=64, le=65_536)] = 128
 
 
+IMAGE_TOKENIZER_DEFAULTS = {"patch-vq": {"codebook_size": 128}, "colour-mask": {"colours": 16, "masks": 32}}
+
+
 class ImageTokenizer(Model):
-    kind: Literal["patch-vq"] = "patch-vq"
+    """patch-vq: a k-means codebook of whole patches (codebookSize codes). colour-mask: each patch
+    as a colour from a palette (colours, the background one of them) and a binary mask from a
+    codebook (masks): codes are the colours × masks pairs, and the model embeds and draws a pair
+    from its two factors, so a colour never seen on a shape in training can still be drawn on
+    it. For flat-colour images (the shapes source, diagrams); photographs need patch-vq."""
+
+    kind: Literal["patch-vq", "colour-mask"] = "patch-vq"
     patch_size: Annotated[int, Field(ge=1, le=32)] = 2
-    codebook_size: Annotated[int, Field(ge=2, le=65_536)] = 128
+    # each kind's own settings (unset: its default below; set on the other kind: refused)
+    codebook_size: Annotated[int, Field(ge=2, le=65_536)] | None = None
+    colours: Annotated[int, Field(ge=2, le=256)] | None = None
+    masks: Annotated[int, Field(ge=2, le=4096)] | None = None
+
+    @model_validator(mode="after")
+    def _settings_of_kind(self) -> "ImageTokenizer":
+        for kind, defaults in IMAGE_TOKENIZER_DEFAULTS.items():
+            for name, default in defaults.items():
+                if kind != self.kind and getattr(self, name) is not None:
+                    raise ValueError(f"{to_camel(name)}: a setting of kind {kind}, not of {self.kind}")
+                if kind == self.kind and getattr(self, name) is None:
+                    object.__setattr__(self, name, default)  # frozen: filled in once, here
+        return self
 
 
 class Tokenizers(Model):

@@ -26,7 +26,7 @@ from nmm.data.shards import encode_shard
 from nmm.data.sources import SourceData
 from nmm.spec.data import BUILT_IN_SOURCES
 from nmm.stages.context import ModelMissing, StageContext, cache_key, setup_logging
-from nmm.tokenizers import PatchVQ, SharedVocab, TextTokenizer
+from nmm.tokenizers import ColourMaskVQ, PatchVQ, SharedVocab, TextTokenizer
 from nmm.version import code_version
 
 SHARD_IMAGES = 4096  # images per shard
@@ -82,11 +82,13 @@ def _builtins(data, settings: Settings, builtin: dict[str, int]) -> tuple[list[d
     return batches, loaded
 
 
-def _shards(split: str, data: SourceData, ids: list[str], idx: np.ndarray, codes, text_ids, styles: list[Prompts],
-            source_index: np.ndarray) -> list[tuple[str, bytes, int]]:
+def _shards(split: str, data: SourceData, ids: list[str], idx: np.ndarray, codes, drawn, text_ids,
+            styles: list[Prompts], source_index: np.ndarray) -> list[tuple[str, bytes, int]]:
     """Shards of one split. Rows per image and per prompt style: each caption as M2T and as
     M2G, and each VQA pair as an M2T row (`text_ids[i]` holds the captions' ids, then question,
-    answer, question, …). `style[r]` is row r's index in STYLES, `task[r]` its index in TASKS."""
+    answer, question, …). `style[r]` is row r's index in STYLES, `task[r]` its index in TASKS.
+    An image read (M2T) is `codes[i]`; one drawn (the M2G target) is `drawn[i]` (the image
+    tokenizer's `drawing_codes`: the same picture, coded the way the model draws it)."""
     out = []
     ids = [ids[i] for i in idx]
     for start in range(0, len(idx), SHARD_IMAGES):
@@ -98,7 +100,7 @@ def _shards(split: str, data: SourceData, ids: list[str], idx: np.ndarray, codes
                 n_caps = len(data.captions[i])
                 for c, cap in enumerate(text_ids[i][:n_caps]):
                     for t, name in enumerate(TASKS):
-                        rows.append(prompts.row(codes[i], cap, name, k=start + j + c))
+                        rows.append(prompts.row((codes if name == "m2t" else drawn)[i], cap, name, k=start + j + c))
                         task.append(t)
                         style.append(s)
                         row_image.append(j)
@@ -287,12 +289,17 @@ def _tokenized(ctx: StageContext, cur: Curated, engine: str, log):
                                   f"({ {k: len(v) for k, v in splits.items()} }): add data or loosen data.curation")
     tok = spec.model.tokenizers
     train_idx = splits["train"]
-    vq = PatchVQ.fit(raw.images[train_idx], tok.image.patch_size, tok.image.codebook_size, seed=0)
+    img = tok.image
+    if img.kind == "colour-mask":
+        vq = ColourMaskVQ.fit(raw.images[train_idx], img.patch_size, img.colours, img.masks, seed=0)
+    else:
+        vq = PatchVQ.fit(raw.images[train_idx], img.patch_size, img.codebook_size, seed=0)
     # The instructions of the sft/opd prompts are text too: the tokenizer learns them with the data.
     captions = sum(len(raw.captions[i]) for i in train_idx)
     text = TextTokenizer.train(tok.text.kind, raw.texts(train_idx) + instruction_texts(captions), tok.text.vocab_size)
     vocab = SharedVocab(text_size=text.size, image_size=vq.size)
-    log.info("tokenizers: text %d, image codebook %d (fitted on train only); shared vocab %d", text.size, vq.size, vocab.size)
+    log.info("tokenizers: text %d, image codebook %d%s (fitted on train only); shared vocab %d", text.size, vq.size,
+             f" ({' × '.join(map(str, vq.factors))} colours × masks)" if vq.factors else "", vocab.size)
     texts = [raw.sample_texts(i) for i in range(len(raw.images))]
     codes, text_ids = ray_transforms.tokenize_samples(raw.images, texts, vq.to_bytes(), text.to_bytes(), engine=engine)
     return vq, text, vocab, codes, text_ids
@@ -323,9 +330,9 @@ def _publish(ctx: StageContext, key: str, units: list, builtin: dict[str, int], 
     files = {"text_tokenizer.json": text.to_bytes(), "image_tokenizer.safetensors": vq.to_bytes(),
              ledger.FILE: ledger.to_bytes(cur.ledger), datacard.FILE: card.encode()}
     styles = [Prompts.of(vocab, s, text.encode) for s in STYLES]
-    shard_list = []
+    shard_list, drawn = [], vq.drawing_codes(codes)
     for name, idx in cur.splits.items():
-        for fname, blob, count in _shards(name, cur.raw, cur.ids, idx, codes, text_ids, styles, cur.source_index):
+        for fname, blob, count in _shards(name, cur.raw, cur.ids, idx, codes, drawn, text_ids, styles, cur.source_index):
             files[fname] = blob
             shard_list.append({"file": fname, "split": name, "images": count})
     truths = {s.truth for s in ctx.spec.spec.data.sources} - {None}

@@ -62,6 +62,7 @@ def train_config(ctx: StageContext, ds: Dataset, seq_len: int) -> TrainConfig:
         image_positions=m.image_positions,
         image_lo=lo, image_hi=hi, patch_dim=patch * patch * ds.manifest["image_shape"][2],
         tokens_per_image=ds.manifest["tokens_per_image"], encoder_dim=m.encoder.dim, encoder_layers=m.encoder.layers,
+        image_factors=ds.image_tokenizer().factors,
     )
     t = spec.training
     return TrainConfig(

@@ -154,7 +154,7 @@ def _param_count(cfg: ModelConfig) -> int:
     """Parameters without the embedding table (torchtitan's N), from the architecture alone."""
     with torch.device("meta"):
         model = cfg.build()
-    return sum(p.numel() for p in model.parameters()) - model.embed.weight.numel()
+    return sum(p.numel() for name, p in model.named_parameters() if not name.startswith(("embed.", "code_embed.")))
 
 
 def peak_flops(device: torch.device) -> float | None:
