@@ -251,22 +251,26 @@ def test_checkpoint_without_manifest_is_never_loaded_and_old_ones_go_after_commi
     assert step == 2
 
 
-def test_published_model_folder_serves_through_the_pyfunc_loader(tmp_path):
+@pytest.mark.parametrize("kind", ["patch-vq", "colour-mask"])
+def test_published_model_folder_serves_through_the_pyfunc_loader(tmp_path, kind):
     from nmm.serve.model_dir import model_files
     from nmm.serve.pyfunc import _load_pyfunc
-    from nmm.tokenizers import PatchVQ, SharedVocab, TextTokenizer
+    from nmm.tokenizers import ColourMaskVQ, PatchVQ, SharedVocab, TextTokenizer
 
     text = TextTokenizer.train("bpe", ["a handwritten digit 3", "the number seven"], 64)
-    vq = PatchVQ.fit(np.random.default_rng(0).random((20, 8, 8, 1), dtype=np.float32), 2, 8)
+    images = np.random.default_rng(0).random((20, 8, 8, 1), dtype=np.float32).round(1)
+    vq = PatchVQ.fit(images, 2, 8) if kind == "patch-vq" else ColourMaskVQ.fit(images, 2, 4, 6)
     vocab = SharedVocab(text_size=text.size, image_size=vq.size)
-    cfg = ModelConfig(vocab_size=vocab.size, dim=32, layers=1, heads=2, max_seq_len=40)
+    cfg = ModelConfig(vocab_size=vocab.size, dim=32, layers=1, heads=2, max_seq_len=40, image_factors=vq.factors)
     config = {"model": json.loads(cfg.to_json()), "vocab": {"text_size": text.size, "image_size": vq.size}}
-    for name, data in model_files(cfg.build(), config, text.to_bytes(), vq.to_bytes()).items():
+    model = cfg.build()
+    for name, data in model_files(model, config, text.to_bytes(), vq.to_bytes()).items():
         (tmp_path / name).write_bytes(data)
     predictor = _load_pyfunc(str(tmp_path))
     drawn, captioned = predictor.predict([{"prompt": "a handwritten digit 3"}, {"image_codes": [0] * 16}])
     assert np.asarray(drawn["image"]).shape == (8, 8, 1)
     assert isinstance(captioned["text"], str)
+    assert type(predictor.m.vq) is type(vq) and predictor.m.model.cfg.image_factors == vq.factors
 
 
 def test_generation_stops_at_the_context_length_without_a_stop_token():
