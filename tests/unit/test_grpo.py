@@ -89,7 +89,7 @@ import numpy as np  # noqa: E402
 
 from nmm.train.rewards import Reward, answer_exact, drawn_images  # noqa: E402
 from nmm.train.trainer import PhaseConfig, Preempted, TrainConfig, train  # noqa: E402
-from tests.unit.test_recipes import CPU, IMAGE, MIX, model_cfg, train_data  # noqa: E402
+from tests.unit.test_recipes import CPU, IMAGE, MIX, TEXT, model_cfg, train_data  # noqa: E402
 
 COLOUR = 3  # the toy reward: the share of the drawn image's codes that are code 3 ("draw colour 3")
 
@@ -181,3 +181,33 @@ def test_answer_exact_scores_the_reference_answer_one_and_anything_else_zero():
     x = torch.tensor([[1, 2, 9, 8, EOS], [1, 2, 9, 7, EOS], [1, 2, 9, 8, 8]])  # exact; a wrong word; one word too many
     sampled = torch.tensor([[0, 0, 1, 1, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]])
     assert fn(np.array([0, 0, 0]), x, sampled).tolist() == [1.0, 0.0, 0.0]
+
+
+def test_guided_logits_are_those_generation_samples_from_and_blank_only_the_drawing_prompts():
+    from nmm.tokenizers.vocab import BOI, BOS, EOI, EOS, PAD
+    from nmm.train.recipes import guided_logits, unconditional
+
+    torch.manual_seed(0)
+    model = model_cfg().build().eval()
+    drawing = [BOS, 7, 8, 9, BOI, 31, 32, 33, 34, EOI]  # a caption, then the image it drew
+    writing = [BOS, BOI, 31, 32, 33, 34, EOI, 7, 8, EOS]  # an image, then the caption it wrote
+    x = torch.tensor([drawing, writing])
+    sampled = torch.tensor([[0] * 5 + [1] * 4 + [0], [0] * 7 + [1] * 3])
+    blank = unconditional(x, sampled, IMAGE, TEXT)
+    assert blank[0].tolist() == [BOS, PAD, PAD, PAD, BOI, 31, 32, 33, 34, EOI]  # the caption padded out
+    assert torch.equal(blank[1], x[1])  # a written answer's prompt keeps its image
+    with torch.no_grad():
+        cond, uncond = model(x), model(blank)
+        assert torch.allclose(guided_logits(model, x, blank, 2.5, None, None), uncond + 2.5 * (cond - uncond), atol=1e-5)
+        assert torch.allclose(guided_logits(model, x, blank, 2.5, None, None)[1], cond[1], atol=1e-5)
+        assert torch.equal(guided_logits(model, x, None, 2.5, None, None), cond)
+
+
+def test_an_rl_phase_with_guidance_raises_the_reward_of_its_guided_drawings(tmp_path):
+    seen = {}
+    train(rl_cfg(guidance=2.0), train_data(), CPU, tmp_path.as_uri(), lambda m, s: seen.update({s: m}),
+          rewards={"colour": Reward("colour", "m2g", colour)})
+    rl = [seen[s] for s in range(21, 45)]
+    first, last = np.mean([m["train/reward"] for m in rl[:4]]), np.mean([m["train/reward"] for m in rl[-4:]])
+    assert last > first + 0.3, (first, last)
+    assert all(m["train/clip_fraction"] == 0.0 for m in rl)  # the ratio of guided probabilities starts at 1 too

@@ -105,7 +105,7 @@ def test_instruction_rows_wrap_the_same_answers_in_user_and_assistant_turns():
     draw, said = instruct.draw(cap, k=1), v.text_ids(tok.encode(INSTRUCTIONS["draw"][1]))
     assert draw[-2:] == [ASSISTANT, BOI] and draw[2 : 2 + len(said)] == said
     # The unconditional twin of guidance pads every text token out and keeps the turns.
-    blank = blank_text(draw, v)
+    blank = blank_text(draw, v.text_range())
     assert len(blank) == len(draw) and [t for t in blank if t != PAD] == [BOS, USER, ASSISTANT, BOI]
     assert style_of("pretrain") == "plain" and style_of("sft") == style_of("opd") == "instruct"
 

@@ -109,10 +109,11 @@ class Prompts:
         return prompt + target, [0] * len(prompt) + [1] * len(target)
 
 
-def blank_text(prompt: list[int], vocab: SharedVocab) -> list[int]:
-    """The prompt with its text (caption and instruction) padded out, positions kept: the
-    unconditional twin of classifier-free guidance, as caption dropout trains it."""
-    lo, hi = vocab.text_range()
+def blank_text(prompt: list[int], text_range: tuple[int, int]) -> list[int]:
+    """The prompt with its text (caption and instruction: the ids in `text_range`, the shared
+    vocabulary's) padded out, positions kept: the unconditional twin of classifier-free
+    guidance, as caption dropout trains it."""
+    lo, hi = text_range
     return [PAD if lo <= t < hi else t for t in prompt]
 
 

@@ -18,7 +18,7 @@ def draw(model, prompts: Prompts, text: TextTokenizer, vq: ImageTokenizer, capti
     out, as caption dropout trained it."""
     vocab = prompts.vocab
     asked = [prompts.draw(text.encode(c), k=i) for i, c in enumerate(captions)]
-    blank = [blank_text(p, vocab) for p in asked]
+    blank = [blank_text(p, vocab.text_range()) for p in asked]
     g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     outs = generate(model, asked, max_new=vq.tokens_per_image, allowed=vocab.image_range(),
                     temperature=temperature, generator=g, guidance=guidance, uncond=blank)

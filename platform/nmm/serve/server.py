@@ -80,7 +80,7 @@ class Model:
         g = _generator(seed)
         per_job = [j for j in jobs for _ in range(j.payload.n)]
         outs = generate(m.model, asked, m.vq.tokens_per_image, v.image_range(), temperature=temperature, generator=g,
-                        guidance=guidance, uncond=[blank_text(p, v) for p in asked] if guidance != 1.0 else None,
+                        guidance=guidance, uncond=[blank_text(p, v.text_range()) for p in asked] if guidance != 1.0 else None,
                         on_step=_on_step(per_job))
         self.metrics.tokens.labels("image").inc(sum(len(o) for o in outs))
         pixels = m.vq.decode(np.array([[t - v.image_offset for t in o] for o in outs], dtype=np.int64))

@@ -47,6 +47,10 @@ class Phase(Model):
     group: Annotated[int, Field(ge=2, le=64)] = Field(default=4, description="grpo: completions sampled per prompt.")
     clip: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(default=0.2, description="grpo: the ratio's clip range, 1 ± clip.")
     kl_weight: Annotated[float, Field(ge=0.0, le=10.0)] = Field(default=0.04, description="grpo: the KL penalty's weight.")
+    guidance: Annotated[float, Field(ge=1.0, le=10.0)] = Field(
+        default=1.0, description="grpo: classifier-free guidance while the phase draws (its M2G samples, and the "
+        "probabilities its ratio and KL penalty compare), as evaluation.guidance draws; 1: none. Needs a model "
+        "that learned unconditional drawing (captionDropout in an earlier phase).")
     updates: Annotated[int, Field(ge=1, le=8)] = Field(
         default=1, description="grpo: optimizer steps on each sampled batch; above 1 the ratio to the sampling "
         "policy moves off 1 and the clip can bind.")
@@ -80,6 +84,8 @@ class Phase(Model):
             raise ValueError("teacher: an opd phase needs a teacher phase, and only opd phases take one")
         if (self.recipe == "grpo") != (self.reference is not None):
             raise ValueError("reference: a grpo phase needs a reference phase, and only grpo phases take one")
+        if self.recipe != "grpo" and self.guidance != 1.0:
+            raise ValueError("guidance: only grpo phases sample with guidance (evaluation.guidance guides evaluation)")
         if (self.recipe == "grpo") != bool(self.reward):
             raise ValueError(f"reward: a grpo phase needs a reward (one of {sorted(REWARDS)}), and only grpo phases take one")
         return self

@@ -13,7 +13,8 @@
   the phase's rewards (nmm.train.rewards), advantages are standardised within each group, and
   the loss is GRPO's clipped objective with a KL penalty to a frozen reference (an earlier
   phase's final weights): nmm.train.grpo. One update per sampled batch, so the policy that
-  sampled is the one updated (its ratio starts at 1).
+  sampled is the one updated (its ratio starts at 1). With `guidance` the M2G rows are drawn
+  with classifier-free guidance, and the ratio and the KL penalty compare guided probabilities.
 
 With bidirectional image attention the M2T rows' images are inputs seen whole (M2G rows draw
 theirs causally), and the targets inside such an image leave every recipe's loss.
@@ -26,6 +27,7 @@ from typing import Callable
 
 import torch
 
+from nmm.data.sequences import blank_text
 from nmm.model import ModelConfig
 from nmm.model.generate import generate
 from nmm.model.transformer import image_spans
@@ -63,9 +65,10 @@ def hide_seen_targets(m: torch.Tensor, spans: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def student_samples(model, x: torch.Tensor, m: torch.Tensor, patches: torch.Tensor | None, image_range, text_range,
-                    temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+                    temperature: float, guidance: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """On-policy rollouts: each row's prompt (the tokens before its first target) continued by
-    the student, text rows until <eos>, image rows for a whole image then <eoi>. Returns the
+    the student, text rows until <eos>, image rows for a whole image then <eoi> (with
+    classifier-free `guidance` against the prompt with its text padded out). Returns the
     right-padded sequences and a mask of the positions the student sampled."""
     first = m.argmax(1).tolist()
     lengths = m.sum(1).tolist()
@@ -80,7 +83,9 @@ def student_samples(model, x: torch.Tensor, m: torch.Tensor, patches: torch.Tens
         pix = None if patches is None else patches[idx].cpu().numpy()
         if want_image:
             n = int(max(lengths[i] for i in idx)) - 1
-            outs = generate(model, prompts, n, image_range, temperature=temperature, patches=pix)
+            uncond = [blank_text(p, text_range) for p in prompts] if guidance != 1.0 else None
+            outs = generate(model, prompts, n, image_range, temperature=temperature, patches=pix,
+                            guidance=guidance, uncond=uncond)
             tails = [(o, [EOI]) for o in outs]
         else:
             n = int(max(lengths[i] for i in idx))
@@ -174,6 +179,29 @@ def score(phase, rewards: dict[str, Reward], b: Batch, x: torch.Tensor, sampled:
     return total, parts
 
 
+def unconditional(x: torch.Tensor, sampled: torch.Tensor, image_range, text_range) -> torch.Tensor:
+    """The unconditional twins of the rows that drew an image: the text of their prompt (the
+    positions before the first sampled one) padded out, as `blank_text` pads a prompt. Rows that
+    wrote text stay as they are (their guided logits are then their own)."""
+    first = sampled.argmax(1, keepdim=True)
+    at = torch.arange(x.shape[1], device=x.device)[None]
+    drew = torch.gather(x, 1, first)
+    drew = (drew >= image_range[0]) & (drew < image_range[1])
+    text = (x >= text_range[0]) & (x < text_range[1])
+    return torch.where(drew & (at < first) & text, torch.full_like(x, PAD), x)
+
+
+def guided_logits(net, x: torch.Tensor, blank: torch.Tensor | None, guidance: float, patches, spans) -> torch.Tensor:
+    """`net`'s logits for `x`; with `blank` (the rows' unconditional twins) those of
+    classifier-free guidance, uncond + guidance · (cond − uncond), as generation samples them.
+    One forward over both halves: DDP allows one forward per backward."""
+    if blank is None:
+        return net(x, patches=patches, spans=spans)
+    twice = (lambda t: None if t is None else torch.cat([t, t]))  # noqa: E731
+    cond, uncond = net(torch.cat([x, blank]), patches=twice(patches), spans=twice(spans)).chunk(2)
+    return uncond + guidance * (cond - uncond)
+
+
 def policy_step(phase, b: Batch, model, ddp, reference, cfg, image_range, text_range, amp: Callable,
                 rewards: dict[str, Reward], update: Callable[[torch.Tensor], None] | None = None,
                 ) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
@@ -186,17 +214,21 @@ def policy_step(phase, b: Batch, model, ddp, reference, cfg, image_range, text_r
     for each but the last update, whose loss is returned; the ratio is then taken against the
     policy that sampled, so the clip can bind (its share: `clip_fraction`, of the last update)."""
     group = b.repeat(phase.group)
-    x, sampled = student_samples(model, group.x, group.m, group.patches, image_range, text_range, phase.temperature)
+    x, sampled = student_samples(model, group.x, group.m, group.patches, image_range, text_range, phase.temperature,
+                                 phase.guidance)
     total, components = score(phase, rewards, group, x, sampled)
     advantages = grpo.group_advantages(total, phase.group).to(x.device)
     model.train()
     spans = input_image_spans(x, cfg.model, group.given)
+    blank = unconditional(x, sampled, image_range, text_range) if phase.guidance != 1.0 else None
     with torch.no_grad(), amp():
-        ref = grpo.token_logprobs(reference(x, patches=group.patches, spans=spans), x, phase.temperature)
+        ref = grpo.token_logprobs(guided_logits(reference, x, blank, phase.guidance, group.patches, spans), x,
+                                  phase.temperature)
     old = None
     for u in range(phase.updates):
         with amp():
-            logp = grpo.token_logprobs(ddp(x, patches=group.patches, spans=spans), x, phase.temperature)
+            logp = grpo.token_logprobs(guided_logits(ddp, x, blank, phase.guidance, group.patches, spans), x,
+                                       phase.temperature)
         old = logp.detach() if old is None else old  # the sampling policy's (the first pass's)
         loss, parts = grpo.policy_loss(logp, old, ref, advantages, sampled, phase.clip, phase.kl_weight)
         if u < phase.updates - 1:

@@ -60,6 +60,7 @@ class PhaseConfig:
     clip: float = 0.2  # grpo: the ratio's clip range, 1 ± clip
     kl_weight: float = 0.04  # grpo: the KL penalty's weight
     updates: int = 1  # grpo: optimizer steps on each sampled batch
+    guidance: float = 1.0  # grpo: classifier-free guidance while drawing (sampling and the ratio)
     samples_every: int = 50  # grpo: the phase's completions go to `on_samples` every this many steps
 
     @property
