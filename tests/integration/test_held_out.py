@@ -35,7 +35,8 @@ def spec() -> dict:
                      "split": {"train": 0.7, "val": 0.1, "test": 0.2}, "captionsPerImage": 1, "positionAnswers": "grounded"},
             "model": {"fusion": "early", "tasks": ["m2t", "m2g"], "size": {"dim": 32, "layers": 1, "heads": 2},
                       "imagePositions": "grid",
-                      "tokenizers": {"text": {"kind": "bpe", "vocabSize": 160}, "image": {"kind": "colour-mask", "patchSize": 4, "masks": 24}}},
+                      "tokenizers": {"text": {"kind": "bpe", "vocabSize": 160},
+                                     "image": {"kind": "colour-mask", "patchSize": 4, "masks": 24}}},
             "training": {"phases": [
                 {"name": "pretrain", "steps": 10, "batchSize": 16, "mixture": {"m2t": 0.5, "m2g": 0.5}},
                 {"name": "rl", "recipe": "grpo", "reference": "pretrain", "steps": 3, "batchSize": 4, "group": 2,

@@ -108,9 +108,9 @@ class PatchVQ:
 class ColourMaskVQ:
     """Each patch: the colour of its foreground (pixels away from the ground colour) from a
     palette, and the foreground's shape from a codebook of binary masks; the code of colour k and
-    mask m is k * masks + m, colour 0 being the ground itself and mask 0 the empty mask. `factors` (colours, masks) tells the model that codes are pairs, so
-    a pair never seen in training is embedded and drawn from its colour and its mask
-    (nmm.model.transformer.FactorCodes).
+    mask m is k * masks + m, colour 0 being the ground itself and mask 0 the empty mask.
+    `factors` (colours, masks) tells the model that codes are pairs, so a pair never seen in
+    training is embedded and drawn from its colour and its mask (nmm.model.transformer.FactorCodes).
 
     An empty patch is drawn as the ground whatever its colour, so it has two codings: `encode`
     gives it the ground's colour (the coding images are read in), and `drawing_codes` the colour
