@@ -3,9 +3,9 @@ every scene that shows one in the test split (no training or validation image or
 it), and evaluation scores the seen and the held-out test scenes apart (`heldout_*`).
 
 The same pipeline trains a short grpo phase on both shapes rewards (a drawn scene judged by the
-GenEval rules, a written answer by exact match) with grid image positions: the train stage builds
-the rewards over the train split, and the phase's MLflow run gets its reward metrics and its
-sample grids. Position questions get grounded answers (`positionAnswers: grounded`), which
+GenEval rules, a written answer by exact match), drawing with guidance, with grid image
+positions: the train stage builds the rewards over the train split, and the phase's MLflow run
+gets its reward metrics and its sample grids. Position questions get grounded answers (`positionAnswers: grounded`), which
 evaluation scores by their verdict and, apart, whole. Images are coded as colour × mask pairs
 (`kind: colour-mask`), so the model has factored code rows and can draw a held-out pair."""
 
@@ -39,7 +39,7 @@ def spec() -> dict:
                                      "image": {"kind": "colour-mask", "patchSize": 4, "masks": 24}}},
             "training": {"phases": [
                 {"name": "pretrain", "steps": 10, "batchSize": 16, "mixture": {"m2t": 0.5, "m2g": 0.5}},
-                {"name": "rl", "recipe": "grpo", "reference": "pretrain", "steps": 3, "batchSize": 4, "group": 2,
+                {"name": "rl", "recipe": "grpo", "reference": "pretrain", "steps": 3, "batchSize": 4, "group": 2, "guidance": 2.0,
                  "samplesEvery": 2, "reward": {"shapes_geneval": 1.0, "vqa_exact": 1.0}, "mixture": {"m2t": 0.5, "m2g": 0.5}}],
                          "resources": {"processesPerNode": 1}, "checkpoint": {"intervalSteps": 13, "keepLatest": 1}},
             "evaluation": {"suites": ["m2g.shapes_geneval", "m2t.shapes_vqa"], "promptsPerTask": 2, "vqaImages": 12,
@@ -85,6 +85,7 @@ def test_held_out_scenes_are_only_in_test_and_scored_apart(tmp_path):
     exp = client.get_experiment_by_name("default/held-out")
     (rl,) = client.search_runs([exp.experiment_id], filter_string="tags.`nmm.stage` = 'train/rl'")
     assert rl.data.params["recipe"] == "grpo" and rl.data.params["reference"] == "pretrain" and rl.data.params["group"] == "2"
+    assert rl.data.params["guidance"] == "2.0"
     for name in ("reward", "reward/shapes_geneval", "reward/vqa_exact", "reward_std/vqa_exact", "kl"):
         assert {m.step for m in client.get_metric_history(rl.info.run_id, f"train/{name}")} == {11, 12, 13}, name
     samples = sorted(a.path for a in client.list_artifacts(rl.info.run_id, "samples"))

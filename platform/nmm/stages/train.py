@@ -160,7 +160,7 @@ class _PhaseRuns:
                       "teacher": p.teacher or ""}
             if p.recipe == "grpo":
                 params |= {"reference": p.reference, "reward": dict(p.reward), "group": p.group, "clip": p.clip,
-                           "kl_weight": p.kl_weight, "updates": p.updates, "temperature": p.temperature}
+                           "kl_weight": p.kl_weight, "updates": p.updates, "temperature": p.temperature, "guidance": p.guidance}
             self.runs[p.name] = self.stage_run.child(p.name, params)
         return self.runs[p.name]
 
