@@ -41,6 +41,7 @@ class Dataset:
     uri: str
     manifest: dict
     _splits: dict = field(default_factory=dict, repr=False)  # read once: evaluation asks often
+    _image_tokenizer: ImageTokenizer | None = field(default=None, repr=False)  # read once: the train stage asks four times
 
     @classmethod
     def open(cls, uri: str) -> "Dataset":
@@ -62,7 +63,10 @@ class Dataset:
         return TextTokenizer.from_bytes(storage.read_file(self.uri, self.manifest, "text_tokenizer.json"))
 
     def image_tokenizer(self) -> ImageTokenizer:
-        return load_image_tokenizer(storage.read_file(self.uri, self.manifest, "image_tokenizer.safetensors"))
+        if self._image_tokenizer is None:
+            data = storage.read_file(self.uri, self.manifest, "image_tokenizer.safetensors")
+            self._image_tokenizer = load_image_tokenizer(data)
+        return self._image_tokenizer
 
     def split(self, name: str) -> Split:
         if name not in self._splits:

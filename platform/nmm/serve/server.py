@@ -79,9 +79,9 @@ class Model:
         asked = [m.prompts.draw(m.text.encode(j.payload.prompt)) for j in jobs for _ in range(j.payload.n)]
         g = _generator(seed)
         per_job = [j for j in jobs for _ in range(j.payload.n)]
+        uncond = [blank_text(p, v.text_range()) for p in asked] if guidance != 1.0 else None
         outs = generate(m.model, asked, m.vq.tokens_per_image, v.image_range(), temperature=temperature, generator=g,
-                        guidance=guidance, uncond=[blank_text(p, v.text_range()) for p in asked] if guidance != 1.0 else None,
-                        on_step=_on_step(per_job))
+                        guidance=guidance, uncond=uncond, on_step=_on_step(per_job))
         self.metrics.tokens.labels("image").inc(sum(len(o) for o in outs))
         pixels = m.vq.decode(np.array([[t - v.image_offset for t in o] for o in outs], dtype=np.int64))
         pngs = [_png(p) for p in pixels]
