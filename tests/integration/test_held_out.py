@@ -7,7 +7,9 @@ GenEval rules, a written answer by exact match), drawing with guidance, with gri
 positions: the train stage builds the rewards over the train split, and the phase's MLflow run
 gets its reward metrics and its sample grids. Position questions get grounded answers (`positionAnswers: grounded`), which
 evaluation scores by their verdict and, apart, whole. Images are coded as colour × mask pairs
-(`kind: colour-mask`), so the model has factored code rows and can draw a held-out pair."""
+(`kind: colour-mask`), so the model has factored code rows and can draw a held-out pair. Every
+drawing starts with its plan in words (`drawPlans: layout`): the rows train it, the grpo phase
+samples it, evaluation draws plan first and judges the plans too."""
 
 import json
 import os
@@ -32,7 +34,8 @@ def spec() -> dict:
         "apiVersion": "nmm.dev/v1alpha1", "kind": "NMMPipeline", "metadata": {"name": "held-out"},
         "spec": {
             "data": {"sources": [{"kind": "shapes", "samples": 360, "imageSize": 24, "heldOut": HELD}],
-                     "split": {"train": 0.7, "val": 0.1, "test": 0.2}, "captionsPerImage": 1, "positionAnswers": "grounded"},
+                     "split": {"train": 0.7, "val": 0.1, "test": 0.2}, "captionsPerImage": 1, "positionAnswers": "grounded",
+                     "drawPlans": "layout"},
             "model": {"fusion": "early", "tasks": ["m2t", "m2g"], "size": {"dim": 32, "layers": 1, "heads": 2},
                       "imagePositions": "grid",
                       "tokenizers": {"text": {"kind": "bpe", "vocabSize": 160},
@@ -72,7 +75,24 @@ def test_held_out_scenes_are_only_in_test_and_scored_apart(tmp_path):
     assert position and all(re.fullmatch(r"[a-z]+ ([xy])[0-7] [a-z]+ \1[0-7] (left of|right of|above|below|level) (yes|no)", a)
                         for a in position), position[:4]
 
+    # an M2G row's targets: the scene's layout in words, <boi>, the image's codes, <eoi>
+    from nmm.data import shapes
+    from nmm.data.sequences import TASKS
+    from nmm.tokenizers.vocab import BOI, EOI
+
+    train = ds.split("train")
+    arrays, text = train.arrays, ds.text_tokenizer()
+    row = int((arrays["task"] == TASKS.index("m2g")).nonzero()[0][0])
+    target = arrays["tokens"][row][arrays["loss_mask"][row] == 1].tolist()
+    scene = shapes.scene_from_dict(train.scenes[arrays["row_image"][row]])
+    boi = target.index(BOI)
+    assert text.decode(ds.vocab.text_local(target[:boi])).strip() == shapes.layout(scene, 24)
+    assert len(target) == boi + 1 + vq.tokens_per_image + 1 and target[-1] == EOI
+    assert ds.manifest["draw_plans"] == "layout"
+
     metrics = json.loads(steps["evaluate"]["outputs"]["metrics"])
+    for name in ("plan_overall", "plan_followed", "heldout_plan_overall"):
+        assert 0.0 <= metrics[f"m2g.shapes_geneval.{name}"] <= 1.0, name
     for name in ("m2g.shapes_geneval.overall", "m2g.shapes_geneval.heldout_overall",
                  "m2t.shapes_vqa.accuracy", "m2t.shapes_vqa.heldout_accuracy", "m2t.shapes_vqa.position_grounding_accuracy"):
         assert 0.0 <= metrics[name] <= 1.0, name

@@ -11,6 +11,11 @@ turn holding an instruction, then the assistant's turn holding the answer.
     M2T:  <bos> <user> "Describe the image." <boi> c1 … cP <eoi> <assistant> t1 … tn <eos>
     M2G:  <bos> <user> "Draw:" t1 … tn <assistant> <boi> c1 … cP <eoi>
     VQA:  <bos> <user> <boi> c1 … cP <eoi> q1 … qm <assistant> a1 … ak <eos>
+
+With drawing plans (data.drawPlans: layout) an M2G target starts with the scene's layout in
+words, p1 … pk (nmm.data.shapes.layout), and the model writes <boi> itself:
+    M2G:  <bos> t1 … tn p1 … pk <boi> c1 … cP <eoi>                         loss on p1 … <eoi>
+    M2G:  <bos> <user> "Draw:" t1 … tn <assistant> p1 … pk <boi> c1 … cP <eoi>
 Each instruction has paraphrases (INSTRUCTIONS); a row's pick is a pure function of its index.
 The caption instruction comes before the image, so the image ends right before the answer as in
 the plain layout (measured on the quickstart, seed 0: m2t 0.942 this way, 0.924 with the
@@ -60,13 +65,14 @@ class Prompts:
     vocab: SharedVocab
     style: str = "plain"
     instructions: dict[str, tuple[tuple[int, ...], ...]] = field(default_factory=dict)  # local ids
+    plans: bool = False  # a drawing starts with its plan in words, then <boi> (the model writes both)
 
     @classmethod
-    def of(cls, vocab: SharedVocab, style: str, encode: Callable[[str], list[int]]) -> "Prompts":
+    def of(cls, vocab: SharedVocab, style: str, encode: Callable[[str], list[int]], plans: bool = False) -> "Prompts":
         if style not in STYLES:
             raise ValueError(f"prompt style {style!r}: expected one of {', '.join(STYLES)}")
         instructions = {k: tuple(tuple(encode(t)) for t in texts) for k, texts in INSTRUCTIONS.items()}
-        return cls(vocab, style, instructions if style == "instruct" else {})
+        return cls(vocab, style, instructions if style == "instruct" else {}, plans)
 
     def _instruction(self, kind: str, k: int) -> list[int]:
         options = self.instructions[kind]
@@ -89,18 +95,24 @@ class Prompts:
         return [BOS, USER, *self._image(codes), *q, ASSISTANT]
 
     def draw(self, text_local: list[int], k: int = 0) -> list[int]:
-        """The prompt asking for an image of the caption (M2G), ending with <boi>."""
+        """The prompt asking for an image of the caption (M2G), ending with <boi> — or, with
+        plans, right before the plan the model writes (then <boi> is the model's to write)."""
         t = self.vocab.text_ids(text_local)
+        opened = [] if self.plans else [BOI]
         if self.style == "plain":
-            return [BOS, *t, BOI]
-        return [BOS, USER, *self._instruction("draw", k), *t, ASSISTANT, BOI]
+            return [BOS, *t, *opened]
+        return [BOS, USER, *self._instruction("draw", k), *t, ASSISTANT, *opened]
 
-    def row(self, codes: np.ndarray, text_local: list[int], task: str, k: int = 0) -> tuple[list[int], list[int]]:
-        """A training row of `task` (m2t: caption the image; m2g: draw the caption)."""
+    def row(self, codes: np.ndarray, text_local: list[int], task: str, k: int = 0,
+            plan_local: list[int] = ()) -> tuple[list[int], list[int]]:
+        """A training row of `task` (m2t: caption the image; m2g: draw the caption, after
+        `plan_local`, the image's plan, when the prompts have plans)."""
         if task == "m2t":
             prompt, target = self.caption(codes, k), [*self.vocab.text_ids(text_local), EOS]
         else:
-            prompt, target = self.draw(text_local, k), [*self.vocab.image_ids(np.asarray(codes)).tolist(), EOI]
+            image = [*self.vocab.image_ids(np.asarray(codes)).tolist(), EOI]
+            plan = [*self.vocab.text_ids(list(plan_local)), BOI] if self.plans else []
+            prompt, target = self.draw(text_local, k), plan + image
         return prompt + target, [0] * len(prompt) + [1] * len(target)
 
     def vqa_row(self, codes: np.ndarray, question_local: list[int], answer_local: list[int]) -> tuple[list[int], list[int]]:

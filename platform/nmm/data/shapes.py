@@ -177,6 +177,33 @@ def coordinate(o: Obj, image_size: int, axis: str) -> str:
     return f"{axis}{min(int(centre // (image_size / GRID)), GRID - 1)}"
 
 
+def layout(scene: Scene, image_size: int) -> str:
+    """The scene's layout in words, what a drawing plan says before the image: each object's
+    colour, shape and the grid cell of its centre, in the scene's order (the prompt's) —
+    "red triangle x1 y5 blue square x6 y1"."""
+    return " ".join(" ".join(placement(o, image_size)) for o in scene.objects)
+
+
+def placement(o: Obj, image_size: int) -> tuple[str, str, str, str]:
+    """One object's words in a layout: colour, shape and the grid cell of its centre."""
+    return o.colour, o.shape, coordinate(o, image_size, "x"), coordinate(o, image_size, "y")
+
+
+def from_layout(text: str, image_size: int) -> tuple[Obj, ...] | None:
+    """The objects a layout (as `layout` writes it) places, each centred at the start of its
+    grid cell at the size scenes use; None when the text is not a layout."""
+    words, cell, size = text.split(), image_size / GRID, max(6, image_size // 4)
+    if not words or len(words) % 4:
+        return None
+    out = []
+    for colour, shape, x, y in zip(*[iter(words)] * 4):
+        cells = [c[1:] for c, axis in ((x, "x"), (y, "y")) if c[:1] == axis and c[1:].isdigit() and int(c[1:]) < GRID]
+        if colour not in COLOURS or shape not in SHAPES or len(cells) != 2:
+            return None
+        out.append(Obj(shape, colour, int(cells[0]) * cell, int(cells[1]) * cell, size))
+    return tuple(out)
+
+
 def vqa_pairs(scene: Scene, rng: np.random.Generator, grounded_on: int | None = None) -> list[tuple[str, str, str]]:
     """(question, answer, kind) triples with ground-truth answers. Kinds: `colour`, `count`,
     `position` (a horizontal and a vertical relation, each direction picked at random, so yes

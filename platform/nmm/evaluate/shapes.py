@@ -2,6 +2,9 @@
 
 - `m2g.shapes_geneval.*`: draw an image for each held-out scene's prompt; the GenEval-style judge
   (nmm.evaluate.shapes_judge) scores it from pixels; overall = mean of the six task columns.
+  A model that writes a plan before it draws (data.drawPlans) is also scored on its plans:
+  `plan_overall` judges each plan's layout rendered (what a drawing that follows the plan
+  exactly would score), `plan_followed` the share of drawings whose objects are their plan's.
 - `m2t.shapes_vqa.*`: answer each held-out image's questions (greedy); exact match (a grounded
   position answer: its verdict, and `position_grounding_accuracy` the whole answer; "where is
   the circle?" pairs: `place_accuracy`, outside `accuracy`). POPE: the
@@ -15,7 +18,7 @@ import numpy as np
 from nmm.data import shapes
 from nmm.data.sequences import Prompts
 from nmm.evaluate import shapes_judge
-from nmm.evaluate.draw import draw
+from nmm.evaluate.draw import draw_planned
 from nmm.model.generate import generate
 from nmm.tokenizers import ImageTokenizer, TextTokenizer
 from nmm.tokenizers.vocab import EOS
@@ -35,10 +38,30 @@ def pick_scenes(scenes: list[dict], per_task: int) -> list[int]:
 def geneval(
     model, prompts: Prompts, text: TextTokenizer, vq: ImageTokenizer, scenes: list[shapes.Scene],
     temperature: float, guidance: float, seed: int,
-) -> tuple[dict[str, float], np.ndarray]:
-    images = draw(model, prompts, text, vq, [s.prompt for s in scenes], temperature, seed, guidance)
+) -> tuple[dict[str, float], np.ndarray, list[str]]:
+    """The metrics, the images drawn and the plans written before them ("" without plans)."""
+    images, plans = draw_planned(model, prompts, text, vq, [s.prompt for s in scenes], temperature, seed, guidance)
     scores = shapes_judge.evaluate(scenes, images)
-    return {f"m2g.shapes_geneval.{k}": v for k, v in scores.items()}, images
+    if prompts.plans:
+        scores |= plan_scores(scenes, images, plans)
+    return {f"m2g.shapes_geneval.{k}": v for k, v in scores.items()}, images, plans
+
+
+def plan_scores(scenes: list[shapes.Scene], images: np.ndarray, plans: list[str]) -> dict[str, float]:
+    """`plan_overall`: the judge's overall on each plan's layout rendered (a plan that is not a
+    layout fails); `plan_followed`: the share of images whose detected (colour, shape, grid cell)
+    objects are exactly their plan's."""
+    side = images.shape[1]
+    laid = [shapes.from_layout(p, side) for p in plans]
+    rendered = np.stack([shapes.render(objs or (), side) for objs in laid])
+    ok = np.array([objs is not None for objs in laid])
+    by_task = {t: [] for t in shapes.TASKS}
+    for sc, good, judged in zip(scenes, ok, (shapes_judge.score(sc, r) for sc, r in zip(scenes, rendered))):
+        by_task[sc.task].append(bool(good and judged))
+    followed = [objs is not None and shapes_judge.placements(image) == sorted(shapes.placement(o, side) for o in objs)
+                for objs, image in zip(laid, images)]
+    return {"plan_overall": float(np.mean([np.mean(v) for v in by_task.values() if v])),
+            "plan_followed": float(np.mean(followed))}
 
 
 def vqa(

@@ -1,12 +1,16 @@
 """Constrained sampling from the early-fusion model with a KV cache: each step may only emit
 tokens of one range (text ids while captioning, image codes while drawing), optionally with
-classifier-free guidance against an unconditional prompt."""
+classifier-free guidance against an unconditional prompt; and drawing, with the model's plan
+in words first when it was trained to write one."""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
 from nmm.model.transformer import KVCache, image_spans
+from nmm.tokenizers.vocab import BOI
 
 
 @torch.no_grad()
@@ -65,6 +69,40 @@ def generate(
         for i, o in zip(idx, res):
             out[i] = o
     return out
+
+
+@torch.no_grad()
+def draw_images(
+    model,
+    prompts: list[list[int]],
+    tokens_per_image: int,
+    image_range: tuple[int, int],
+    *,
+    plan_range: tuple[int, int] | None = None,
+    blank: Callable[[list[int]], list[int]] | None = None,
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+    guidance: float = 1.0,
+    patches=None,
+    on_step=None,
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Draw one image per prompt: (what each prompt's model wrote before its image, the image's
+    codes' ids). Without `plan_range` the prompts end with <boi> and nothing is written first.
+    With it (the text ids: drawing plans) the model first writes its plan from those ids, without
+    guidance, until it writes <boi> (returned with the plan) or only the image's room is left in
+    the context (<boi> is then put in, not returned). The image follows, with classifier-free
+    `guidance` against `blank(prompt + plan + <boi>)`, the condition padded out."""
+    heads: list[list[int]] = [[] for _ in prompts]
+    if plan_range is not None:
+        room = max(0, model.cfg.max_seq_len - max(map(len, prompts), default=0) - tokens_per_image - 2)  # <boi>, <eoi>
+        written = generate(model, prompts, room, plan_range, stop=BOI, extra_allowed=(BOI,), temperature=temperature,
+                           generator=generator, patches=patches, on_step=on_step)
+        heads = [w + [BOI] if len(w) < room else w for w in written]
+        prompts = [p + h + ([] if h[-1:] == [BOI] else [BOI]) for p, h in zip(prompts, heads)]
+    uncond = [blank(p) for p in prompts] if blank is not None and guidance != 1.0 else None
+    images = generate(model, prompts, tokens_per_image, image_range, temperature=temperature, generator=generator,
+                      guidance=guidance, uncond=uncond, patches=patches, on_step=on_step)
+    return heads, images
 
 
 SYNC_EVERY = 16  # without a streaming callback, the host looks at the device's `done` flags this often

@@ -26,7 +26,7 @@ class LoadedModel:
     text: TextTokenizer
     vq: ImageTokenizer
     config: dict
-    prompts: Prompts  # the prompt style the model was trained to answer (config "prompts")
+    prompts: Prompts  # the prompt style the model was trained to answer (config "prompts"; "plans": plan first)
 
 
 def model_files(model: torch.nn.Module, config: dict, text_bytes: bytes, vq_bytes: bytes) -> dict[str, bytes]:
@@ -51,7 +51,7 @@ def load_from_files(files: dict[str, bytes], device: str | torch.device = "cpu")
     model.to(device).eval()
     vocab = SharedVocab(**config["vocab"])
     text = TextTokenizer.from_bytes(files[TEXT_TOKENIZER])
-    prompts = Prompts.of(vocab, config.get("prompts", "plain"), text.encode)
+    prompts = Prompts.of(vocab, config.get("prompts", "plain"), text.encode, plans=bool(config.get("plans", False)))
     return LoadedModel(model, vocab, text, load_image_tokenizer(files[IMAGE_TOKENIZER]), config, prompts)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nmm.model.generate import generate
+from nmm.model.generate import draw_images, generate
 from nmm.serve.model_dir import LoadedModel, load_from_dir
 from nmm.tokenizers.vocab import EOS
 
@@ -26,7 +26,8 @@ class Predictor:
         v, m, prompts = self.m.vocab, self.m, self.m.prompts
         for row in rows:
             if row.get("prompt"):
-                ids = generate(m.model, [prompts.draw(m.text.encode(row["prompt"]))], m.vq.tokens_per_image, v.image_range())[0]
+                ids = draw_images(m.model, [prompts.draw(m.text.encode(row["prompt"]))], m.vq.tokens_per_image, v.image_range(),
+                                  plan_range=v.text_range() if prompts.plans else None)[1][0]
                 img = m.vq.decode(np.asarray([[t - v.image_offset for t in ids]]))[0]
                 out.append({"image": img.tolist()})
             else:

@@ -24,7 +24,7 @@ import torch
 from fastapi import FastAPI, Request  # at module level: FastAPI reads the routes' annotations by name
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from nmm.model.generate import generate
+from nmm.model.generate import draw_images, generate
 from nmm.serve import openai_api
 from nmm.serve.batcher import Batcher, Draining, QueueFull
 from nmm.serve.model_dir import LoadedModel
@@ -79,9 +79,10 @@ class Model:
         asked = [m.prompts.draw(m.text.encode(j.payload.prompt)) for j in jobs for _ in range(j.payload.n)]
         g = _generator(seed)
         per_job = [j for j in jobs for _ in range(j.payload.n)]
-        uncond = [blank_text(p, v.text_range()) for p in asked] if guidance != 1.0 else None
-        outs = generate(m.model, asked, m.vq.tokens_per_image, v.image_range(), temperature=temperature, generator=g,
-                        guidance=guidance, uncond=uncond, on_step=_on_step(per_job))
+        _, outs = draw_images(m.model, asked, m.vq.tokens_per_image, v.image_range(),
+                              plan_range=v.text_range() if m.prompts.plans else None,
+                              blank=lambda p: blank_text(p, v.text_range()), temperature=temperature, generator=g,
+                              guidance=guidance, on_step=_on_step(per_job))
         self.metrics.tokens.labels("image").inc(sum(len(o) for o in outs))
         pixels = m.vq.decode(np.array([[t - v.image_offset for t in o] for o in outs], dtype=np.int64))
         pngs = [_png(p) for p in pixels]

@@ -219,7 +219,22 @@ class Data(Model):
         "places both objects on the asked axis of an 8×8 grid over the image and says the relation there first "
         "(\"is the circle right of the square?\" → \"circle x1 square x6 left of no\"), asks each axis both ways, "
         "and adds \"where is the circle?\" pairs. Evaluation scores the verdict, and the grounding apart.")
+    draw_plans: Literal["none", "layout"] = Field(
+        default="none", description="shapes scenes: `layout` starts every drawing (M2G) target "
+        "with the scene's layout in words — each object's colour, shape and grid cell, \"red triangle x1 y5 blue "
+        "square x6 y1\" — then the image. The model writes that plan before it draws (evaluation, grpo and the "
+        "server alike), so binding a colour or a relation to a shape is done in words, and the image follows the "
+        "plan. Every source must carry shapes ground truth.")
     ray: RayWorkers | None = None
+
+    @model_validator(mode="after")
+    def _plans_need_scenes(self) -> "Data":
+        if self.draw_plans != "none":
+            without = [s.label for s in self.sources if s.truth != "shapes"]
+            if without:
+                raise ValueError(f"drawPlans: {self.draw_plans} needs every source to carry shapes scenes "
+                                 f"(a shapes source, or groundTruth: shapes); {', '.join(without)} does not")
+        return self
 
     @field_validator("sources")
     @classmethod

@@ -40,7 +40,9 @@ SUITES: dict[str, dict] = {
     # GenEval's rules on held-out shapes prompts: overall = mean of the six task columns.
     # With held-out compositions (data.sources[].heldOut) the seen scenes give these and the
     # held-out ones the same names prefixed heldout_.
-    "m2g.shapes_geneval": {"metrics": ["overall", *GENEVAL_TASKS], "source": "shapes", "task": "m2g"},
+    "m2g.shapes_geneval": {"metrics": ["overall", *GENEVAL_TASKS,
+                                       "plan_overall", "plan_followed"],  # data.drawPlans: layout only
+                           "source": "shapes", "task": "m2g"},
     # VQA exact match on held-out scenes; POPE: yes/no existence probes, F1 with "yes" positive.
     "m2t.shapes_vqa": {
         "metrics": ["accuracy", "colour_accuracy", "count_accuracy", "position_accuracy",
@@ -394,11 +396,16 @@ class PipelineBody(Model):
         grounded_only = ("position_grounding_accuracy", "place_accuracy")
         if self.data.position_answers != "grounded":
             measured = {m for m in measured if not m.endswith(grounded_only)}
+        planned_only = ("plan_overall", "plan_followed")
+        if self.data.draw_plans == "none":
+            measured = {m for m in measured if not m.endswith(planned_only)}
         for gate in self.evaluation.parsed_gates:
             if gate.metric not in measured:
                 hint = "; heldout_ metrics need a shapes source with heldOut" if ".heldout_" in gate.metric else ""
                 if gate.metric.endswith(grounded_only):
                     hint = "; it needs data.positionAnswers: grounded"
+                if gate.metric.endswith(planned_only):
+                    hint = "; it needs data.drawPlans: layout"
                 raise ValueError(
                     f"evaluation.gates: {gate.metric!r} is not measured by the listed suites "
                     f"(they measure {sorted(measured)}){hint}"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nmm import lineage, storage
-from nmm.data import assemble, datacard, dedup, ledger, ray_transforms, readers, sources, stream, userdata
+from nmm.data import assemble, datacard, dedup, ledger, ray_transforms, readers, shapes, sources, stream, userdata
 from nmm.data.examine import Settings, examine_builtin
 from nmm.data.locate import SourceError
 from nmm.data.sequences import STYLES, TASKS, Prompts, instruction_texts, pack_rows
@@ -83,12 +83,13 @@ def _builtins(data, settings: Settings, builtin: dict[str, int]) -> tuple[list[d
 
 
 def _shards(split: str, data: SourceData, ids: list[str], idx: np.ndarray, codes, drawn, text_ids,
-            styles: list[Prompts], source_index: np.ndarray) -> list[tuple[str, bytes, int]]:
+            styles: list[Prompts], source_index: np.ndarray, plans: list[list[int]] | None = None) -> list[tuple[str, bytes, int]]:
     """Shards of one split. Rows per image and per prompt style: each caption as M2T and as
     M2G, and each VQA pair as an M2T row (`text_ids[i]` holds the captions' ids, then question,
     answer, question, …). `style[r]` is row r's index in STYLES, `task[r]` its index in TASKS.
     An image read (M2T) is `codes[i]`; one drawn (the M2G target) is `drawn[i]` (the image
-    tokenizer's `drawing_codes`: the same picture, coded the way the model draws it)."""
+    tokenizer's `drawing_codes`: the same picture, coded the way the model draws it), after
+    `plans[i]` (its layout's ids) when the prompts have plans."""
     out = []
     ids = [ids[i] for i in idx]
     for start in range(0, len(idx), SHARD_IMAGES):
@@ -100,7 +101,8 @@ def _shards(split: str, data: SourceData, ids: list[str], idx: np.ndarray, codes
                 n_caps = len(data.captions[i])
                 for c, cap in enumerate(text_ids[i][:n_caps]):
                     for t, name in enumerate(TASKS):
-                        rows.append(prompts.row((codes if name == "m2t" else drawn)[i], cap, name, k=start + j + c))
+                        rows.append(prompts.row((codes if name == "m2t" else drawn)[i], cap, name, k=start + j + c,
+                                                plan_local=plans[i] if plans is not None else ()))
                         task.append(t)
                         style.append(s)
                         row_image.append(j)
@@ -294,15 +296,30 @@ def _tokenized(ctx: StageContext, cur: Curated, engine: str, log):
         vq = ColourMaskVQ.fit(raw.images[train_idx], img.patch_size, img.colours, img.masks, seed=0)
     else:
         vq = PatchVQ.fit(raw.images[train_idx], img.patch_size, img.codebook_size, seed=0)
-    # The instructions of the sft/opd prompts are text too: the tokenizer learns them with the data.
+    # The instructions of the sft/opd prompts are text too: the tokenizer learns them with the data
+    # (and the drawing plans, when there are plans).
     captions = sum(len(raw.captions[i]) for i in train_idx)
-    text = TextTokenizer.train(tok.text.kind, raw.texts(train_idx) + instruction_texts(captions), tok.text.vocab_size)
+    layouts = _layouts(ctx, raw)
+    planned = [layouts[i] for i in train_idx] if layouts is not None else []
+    text = TextTokenizer.train(tok.text.kind, raw.texts(train_idx) + instruction_texts(captions) + planned,
+                               tok.text.vocab_size)
     vocab = SharedVocab(text_size=text.size, image_size=vq.size)
     log.info("tokenizers: text %d, image codebook %d%s (fitted on train only); shared vocab %d", text.size, vq.size,
              f" ({' × '.join(map(str, vq.factors))} colours × masks)" if vq.factors else "", vocab.size)
     texts = [raw.sample_texts(i) for i in range(len(raw.images))]
     codes, text_ids = ray_transforms.tokenize_samples(raw.images, texts, vq.to_bytes(), text.to_bytes(), engine=engine)
-    return vq, text, vocab, codes, text_ids
+    plans = None if layouts is None else [text.encode(t) for t in layouts]
+    return vq, text, vocab, codes, text_ids, plans
+
+
+def _layouts(ctx: StageContext, raw: SourceData) -> list[str] | None:
+    """Each sample's drawing plan (its scene's layout in words; "" for a sample without a
+    scene), when data.drawPlans asks for plans."""
+    data = ctx.spec.spec.data
+    if data.draw_plans == "none":
+        return None
+    side = data.image_shape[0]
+    return [shapes.layout(shapes.scene_from_dict(sc), side) if sc else "" for sc in (raw.scenes or [None] * len(raw.images))]
 
 
 def _stats(cur: Curated) -> dict:
@@ -324,15 +341,16 @@ def _publish(ctx: StageContext, key: str, units: list, builtin: dict[str, int], 
              log) -> tuple[str, dict, Curated]:
     """Curate and publish the dataset (shards, tokenizers, ledger, data card; manifest last)."""
     cur = _curate(ctx, units, builtin, version, log)
-    vq, text, vocab, codes, text_ids = _tokenized(ctx, cur, _engine(units), log)
+    vq, text, vocab, codes, text_ids, plans = _tokenized(ctx, cur, _engine(units), log)
     mixture = _mixture(ctx, cur)
     card = datacard.markdown(ctx.spec.spec.data, listing, cur.counts, cur.leakage, mixture, key)
     files = {"text_tokenizer.json": text.to_bytes(), "image_tokenizer.safetensors": vq.to_bytes(),
              ledger.FILE: ledger.to_bytes(cur.ledger), datacard.FILE: card.encode()}
-    styles = [Prompts.of(vocab, s, text.encode) for s in STYLES]
+    styles = [Prompts.of(vocab, s, text.encode, plans=plans is not None) for s in STYLES]
     shard_list, drawn = [], vq.drawing_codes(codes)
     for name, idx in cur.splits.items():
-        for fname, blob, count in _shards(name, cur.raw, cur.ids, idx, codes, drawn, text_ids, styles, cur.source_index):
+        for fname, blob, count in _shards(name, cur.raw, cur.ids, idx, codes, drawn, text_ids, styles, cur.source_index,
+                                          plans):
             files[fname] = blob
             shard_list.append({"file": fname, "split": name, "images": count})
     truths = {s.truth for s in ctx.spec.spec.data.sources} - {None}
@@ -347,6 +365,7 @@ def _publish(ctx: StageContext, key: str, units: list, builtin: dict[str, int], 
         "cache_key": key,
         "vocab": {"text_size": vocab.text_size, "image_size": vocab.image_size},
         "tokens_per_image": vq.tokens_per_image,
+        "draw_plans": ctx.spec.spec.data.draw_plans,
         "image_shape": list(vq.image_shape),
         "shards": shard_list,
         "stats": _stats(cur),

@@ -106,7 +106,7 @@ def _geneval(loaded, test, rows: np.ndarray, prefix: str, ev, seed: int, run_) -
     """GenEval on the first `promptsPerTask` scenes of each task among `rows` of the test split."""
     idx = rows[shapes.pick_scenes([test.scenes[i] for i in rows], ev.prompts_per_task)]
     scenes = [shapes_data.scene_from_dict(test.scenes[i]) for i in idx]
-    m, images = shapes.geneval(loaded.model, loaded.prompts, loaded.text, loaded.vq, scenes,
+    m, images, plans = shapes.geneval(loaded.model, loaded.prompts, loaded.text, loaded.vq, scenes,
                                ev.temperature, ev.guidance, seed)
     metrics = {k.replace("m2g.shapes_geneval.", f"m2g.shapes_geneval.{prefix}"): v for k, v in m.items()}
     # The judge's ceiling on the same prompts: their VQ reconstructions (what a model drawing with
@@ -121,8 +121,8 @@ def _geneval(loaded, test, rows: np.ndarray, prefix: str, ev, seed: int, run_) -
     cols = min(ev.prompts_per_task, 10)
     grid = [j for t in shapes_data.TASKS for j in [i for i, s in enumerate(scenes) if s.task == t][:cols]]
     run_.log_bytes(png_grid(images[grid], len(shapes_data.TASKS), cols), "m2g_shapes_grid.png", "eval")
-    run_.log_bytes(json.dumps([scenes[j].prompt for j in grid], indent=2).encode(),
-                   "m2g_shapes_grid_prompts.json", "eval")
+    shown = [scenes[j].prompt if not plans[j] else {"prompt": scenes[j].prompt, "plan": plans[j]} for j in grid]
+    run_.log_bytes(json.dumps(shown, indent=2).encode(), "m2g_shapes_grid_prompts.json", "eval")
     return metrics
 
 
@@ -149,7 +149,8 @@ def _seesaw(loaded, manifest: dict, model_uri: str, suite, ds: Dataset, ev, seed
     for snap in manifest["snapshots"]:
         loaded.model.load_state_dict(load(storage.read_file(model_uri, manifest, snap["file"])))
         # a snapshot answers the prompts of the phase it was taken in
-        at = dataclasses.replace(loaded, prompts=Prompts.of(loaded.vocab, snap.get("prompts", "plain"), loaded.text.encode))
+        at = dataclasses.replace(loaded, prompts=Prompts.of(loaded.vocab, snap.get("prompts", "plain"), loaded.text.encode,
+                                                            plans=loaded.prompts.plans))
         m = suite(set(ev.suites), at, ds, small, seed, _NoArtifacts())
         points[snap["step"]] = {k: m[k] for k in keys}
         log.info("see-saw step %d: %s", snap["step"], ", ".join(f"{k} {m[k]:.3f}" for k in keys))

@@ -182,6 +182,7 @@ def _publish(ctx: StageContext, run_, ds: Dataset, cfg: TrainConfig, model, summ
         "image_shape": ds.manifest["image_shape"],
         "source": ds.manifest["source"],
         "prompts": prompt_style_at(cfg, summary["steps"]),
+        "plans": ds.manifest.get("draw_plans", "none") != "none",  # a drawing starts with its plan in words
     }
     files = model_files(
         model,

@@ -82,8 +82,9 @@ def trim(x: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def blank_captions(tokens: torch.Tensor, is_m2g: torch.Tensor, p: float, text_range: tuple[int, int],
                    seed: int, step: int) -> torch.Tensor:
     """Caption dropout for classifier-free guidance: in a share `p` of the M2G rows (chosen by a
-    pure function of (seed, step)) the text tokens (caption, and instruction) become padding. Positions do not
-    move, so the unconditional prompt at sampling time is the prompt with its text padded out."""
+    pure function of (seed, step)) the text tokens (caption, instruction, and a drawing plan)
+    become padding. Positions do not move, so the unconditional prompt at sampling time is the
+    prompt (and plan) with its text padded out."""
     g = torch.Generator().manual_seed(seed * SEED_STRIDE + step + CAPTION_DROPOUT_SALT)
     drop = (torch.rand(len(tokens), generator=g) < p) & is_m2g
     text = (tokens >= text_range[0]) & (tokens < text_range[1])
@@ -173,5 +174,6 @@ class Batches:
             x = blank_captions(x, self.is_m2g[rows], phase.caption_dropout, self.text_range, seed, step)
         mine = rows[info.rank :: info.world_size]
         x, m = trim(x[info.rank :: info.world_size], self.mask[mine])
+        m = m * (x != PAD)  # a drawing plan padded out by caption dropout is no target
         p = self.patches[self.row_image[mine]] if self.patches is not None else None
         return Batch(x, m, p, ~self.is_m2g[mine], mine)

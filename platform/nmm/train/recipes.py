@@ -9,12 +9,14 @@
   a frozen teacher (an earlier phase's final weights) scores every sampled token: loss is the
   reverse KL(student ‖ teacher) at each of those positions. Its prompts are the instruction ones.
 - `grpo`: reinforcement learning with verifiable rewards. The policy completes each prompt
-  `group` times (the answer for M2T rows, the image for M2G rows); each completion is scored by
+  `group` times (the answer for M2T rows, the image for M2G rows, after the plan when the rows
+  have drawing plans); each completion is scored by
   the phase's rewards (nmm.train.rewards), advantages are standardised within each group, and
   the loss is GRPO's clipped objective with a KL penalty to a frozen reference (an earlier
   phase's final weights): nmm.train.grpo. One update per sampled batch, so the policy that
-  sampled is the one updated (its ratio starts at 1). With `guidance` the M2G rows are drawn
-  with classifier-free guidance, and the ratio and the KL penalty compare guided probabilities.
+  sampled is the one updated (its ratio starts at 1). With `guidance` the M2G rows' images are
+  drawn with classifier-free guidance, and the ratio and the KL penalty compare guided
+  probabilities there (a plan is sampled and compared unguided).
 
 With bidirectional image attention the M2T rows' images are inputs seen whole (M2G rows draw
 theirs causally), and the targets inside such an image leave every recipe's loss.
@@ -26,12 +28,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from nmm.data.sequences import blank_text
 from nmm.model import ModelConfig
-from nmm.model.generate import generate
+from nmm.model.generate import draw_images, generate
 from nmm.model.transformer import image_spans
-from nmm.tokenizers.vocab import EOI, EOS, PAD
+from nmm.tokenizers.vocab import BOI, EOI, EOS, PAD
 from nmm.train import grpo
 from nmm.train.batches import Batch, pack_batch, to_device
 from nmm.train.loss import head_loss, reverse_kl_loss
@@ -65,16 +68,22 @@ def hide_seen_targets(m: torch.Tensor, spans: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def student_samples(model, x: torch.Tensor, m: torch.Tensor, patches: torch.Tensor | None, image_range, text_range,
-                    temperature: float, guidance: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                    temperature: float, guidance: float = 1.0,
+                    drawing: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """On-policy rollouts: each row's prompt (the tokens before its first target) continued by
-    the student, text rows until <eos>, image rows for a whole image then <eoi> (with
-    classifier-free `guidance` against the prompt with its text padded out). Returns the
-    right-padded sequences and a mask of the positions the student sampled."""
+    the student, text rows until <eos>, drawing rows for a whole image then <eoi> (with
+    classifier-free `guidance` against the prompt with its text padded out). `drawing`: the rows
+    that draw (M2G), a drawing row whose first target is not an image code writes its plan first
+    (nmm.model.generate.draw_images); by default the rows whose first target is an image code.
+    Returns the right-padded sequences and a mask of the positions the student sampled (the plan
+    and its <boi> when the student wrote them, the image's codes)."""
     first = m.argmax(1).tolist()
     lengths = m.sum(1).tolist()
-    is_image = [image_range[0] <= int(x[i, first[i]]) < image_range[1] for i in range(len(x))]
-    seqs: list[list[int]] = [[] for _ in range(len(x))]
-    sampled: list[list[int]] = [[] for _ in range(len(x))]
+    opens_image = [image_range[0] <= int(x[i, first[i]]) < image_range[1] for i in range(len(x))]
+    is_image = opens_image if drawing is None else [bool(d) for d in drawing.tolist()]
+    per_image = ((x >= image_range[0]) & (x < image_range[1]) & (m > 0)).sum(1).tolist()
+    # each row: its prompt, then (tokens, whether the student sampled them) pieces
+    pieces: list[list[tuple[list[int], int]]] = [[] for _ in range(len(x))]
     for want_image in (False, True):
         idx = [i for i in range(len(x)) if is_image[i] == want_image]
         if not idx:
@@ -82,18 +91,20 @@ def student_samples(model, x: torch.Tensor, m: torch.Tensor, patches: torch.Tens
         prompts = [x[i, : first[i]].tolist() for i in idx]
         pix = None if patches is None else patches[idx].cpu().numpy()
         if want_image:
-            n = int(max(lengths[i] for i in idx)) - 1
-            uncond = [blank_text(p, text_range) for p in prompts] if guidance != 1.0 else None
-            outs = generate(model, prompts, n, image_range, temperature=temperature, patches=pix,
-                            guidance=guidance, uncond=uncond)
-            tails = [(o, [EOI]) for o in outs]
+            plans = not all(opens_image[i] for i in idx)
+            heads, outs = draw_images(model, prompts, int(max(per_image[i] for i in idx)), image_range,
+                                      plan_range=text_range if plans else None, blank=lambda p: blank_text(p, text_range),
+                                      temperature=temperature, guidance=guidance, patches=pix)
+            tails = [[(h, 1), ([BOI] if plans and h[-1:] != [BOI] else [], 0), (o, 1), ([EOI], 0)]
+                     for h, o in zip(heads, outs)]
         else:
             n = int(max(lengths[i] for i in idx))
             outs = generate(model, prompts, n, text_range, stop=EOS, extra_allowed=(EOS,), temperature=temperature, patches=pix)
-            tails = [(o + [EOS], []) if len(o) < n else (o, []) for o in outs]
-        for i, p, (o, forced) in zip(idx, prompts, tails):
-            seqs[i] = p + o + forced
-            sampled[i] = [0] * len(p) + [1] * len(o) + [0] * len(forced)
+            tails = [[(o + [EOS], 1)] if len(o) < n else [(o, 1)] for o in outs]
+        for i, p, tail in zip(idx, prompts, tails):
+            pieces[i] = [(p, 0), *tail]
+    seqs = [[t for toks, _ in row for t in toks] for row in pieces]
+    sampled = [[s for toks, s in row for _ in toks] for row in pieces]
     width = min(max(len(q) for q in seqs), model.cfg.max_seq_len)
     out = torch.full((len(x), width), PAD, dtype=torch.long)
     mask = torch.zeros((len(x), width), dtype=torch.long)
@@ -152,7 +163,7 @@ def next_token_step(laid: Laid, ddp, cfg, image_range, amp: Callable, *, norms: 
 def distillation_step(phase, b: Batch, model, ddp, teacher, cfg, image_range, text_range,
                       amp: Callable) -> tuple[torch.Tensor, dict, torch.Tensor]:
     """opd: the student samples, the teacher scores (reverse KL at the sampled positions)."""
-    x, m = student_samples(model, b.x, b.m, b.patches, image_range, text_range, phase.temperature)
+    x, m = student_samples(model, b.x, b.m, b.patches, image_range, text_range, phase.temperature, drawing=~b.given)
     model.train()
     spans = input_image_spans(x, cfg.model, b.given)
     with torch.no_grad(), amp():
@@ -180,26 +191,32 @@ def score(phase, rewards: dict[str, Reward], b: Batch, x: torch.Tensor, sampled:
 
 
 def unconditional(x: torch.Tensor, sampled: torch.Tensor, image_range, text_range) -> torch.Tensor:
-    """The unconditional twins of the rows that drew an image: the text of their prompt (the
-    positions before the first sampled one) padded out, as `blank_text` pads a prompt. Rows that
-    wrote text stay as they are (their guided logits are then their own)."""
-    first = sampled.argmax(1, keepdim=True)
+    """The unconditional twins of the rows that drew an image: the text before the first image
+    code they sampled (their prompt, and the plan they wrote) padded out, as `blank_text` pads
+    a prompt. Rows that wrote text stay as they are (their guided logits are then their own)."""
+    drawn = sampled.bool() & (x >= image_range[0]) & (x < image_range[1])
+    first = torch.where(drawn.any(1), drawn.float().argmax(1), 0)[:, None]  # 0: a row that drew nothing
     at = torch.arange(x.shape[1], device=x.device)[None]
-    drew = torch.gather(x, 1, first)
-    drew = (drew >= image_range[0]) & (drew < image_range[1])
     text = (x >= text_range[0]) & (x < text_range[1])
-    return torch.where(drew & (at < first) & text, torch.full_like(x, PAD), x)
+    return torch.where((at < first) & text, torch.full_like(x, PAD), x)
 
 
-def guided_logits(net, x: torch.Tensor, blank: torch.Tensor | None, guidance: float, patches, spans) -> torch.Tensor:
+def guided_logits(net, x: torch.Tensor, blank: torch.Tensor | None, guidance: float, patches, spans,
+                  image_range=None) -> torch.Tensor:
     """`net`'s logits for `x`; with `blank` (the rows' unconditional twins) those of
-    classifier-free guidance, uncond + guidance · (cond − uncond), as generation samples them.
-    One forward over both halves: DDP allows one forward per backward."""
+    classifier-free guidance, uncond + guidance · (cond − uncond), as generation samples them:
+    where the next token is an image code of a row that has a twin (with `image_range`; else
+    everywhere); a plan written before the image is sampled without guidance. One forward over
+    both halves: DDP allows one forward per backward."""
     if blank is None:
         return net(x, patches=patches, spans=spans)
     twice = (lambda t: None if t is None else torch.cat([t, t]))  # noqa: E731
     cond, uncond = net(torch.cat([x, blank]), patches=twice(patches), spans=twice(spans)).chunk(2)
-    return uncond + guidance * (cond - uncond)
+    guided = uncond + guidance * (cond - uncond)
+    if image_range is None:
+        return guided
+    code_next = F.pad((x[:, 1:] >= image_range[0]) & (x[:, 1:] < image_range[1]), (0, 1))
+    return torch.where(code_next[..., None], guided, cond)
 
 
 def policy_step(phase, b: Batch, model, ddp, reference, cfg, image_range, text_range, amp: Callable,
@@ -215,20 +232,20 @@ def policy_step(phase, b: Batch, model, ddp, reference, cfg, image_range, text_r
     policy that sampled, so the clip can bind (its share: `clip_fraction`, of the last update)."""
     group = b.repeat(phase.group)
     x, sampled = student_samples(model, group.x, group.m, group.patches, image_range, text_range, phase.temperature,
-                                 phase.guidance)
+                                 phase.guidance, drawing=~group.given)
     total, components = score(phase, rewards, group, x, sampled)
     advantages = grpo.group_advantages(total, phase.group).to(x.device)
     model.train()
     spans = input_image_spans(x, cfg.model, group.given)
     blank = unconditional(x, sampled, image_range, text_range) if phase.guidance != 1.0 else None
     with torch.no_grad(), amp():
-        ref = grpo.token_logprobs(guided_logits(reference, x, blank, phase.guidance, group.patches, spans), x,
-                                  phase.temperature)
+        ref = grpo.token_logprobs(guided_logits(reference, x, blank, phase.guidance, group.patches, spans, image_range),
+                                  x, phase.temperature)
     old = None
     for u in range(phase.updates):
         with amp():
-            logp = grpo.token_logprobs(guided_logits(ddp, x, blank, phase.guidance, group.patches, spans), x,
-                                       phase.temperature)
+            logp = grpo.token_logprobs(guided_logits(ddp, x, blank, phase.guidance, group.patches, spans, image_range),
+                                       x, phase.temperature)
         old = logp.detach() if old is None else old  # the sampling policy's (the first pass's)
         loss, parts = grpo.policy_loss(logp, old, ref, advantages, sampled, phase.clip, phase.kl_weight)
         if u < phase.updates - 1:
