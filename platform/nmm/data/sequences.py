@@ -16,6 +16,7 @@ With drawing plans (data.drawPlans: layout) an M2G target starts with the scene'
 words, p1 … pk (nmm.data.shapes.layout), and the model writes <boi> itself:
     M2G:  <bos> t1 … tn p1 … pk <boi> c1 … cP <eoi>                         loss on p1 … <eoi>
     M2G:  <bos> <user> "Draw:" t1 … tn <assistant> p1 … pk <boi> c1 … cP <eoi>
+
 Each instruction has paraphrases (INSTRUCTIONS); a row's pick is a pure function of its index.
 The caption instruction comes before the image, so the image ends right before the answer as in
 the plain layout (measured on the quickstart, seed 0: m2t 0.942 this way, 0.924 with the
