@@ -96,10 +96,11 @@ def test_a_model_trained_on_plans_writes_one_then_draws_what_it_says(planner):
     assert all(len(h) == 2 and h[0] in PLAN_WORDS and h[1] == BOI for h in heads)  # a plan word, then <boi>
     assert [img for img in images] == [[30 + h[0] - 5] * 4 for h in heads]  # each image is its plan's
     assert len({h[0] for h in heads}) > 1  # sampled: plans vary
-    # with no room left for a plan, <boi> is put in and the image still comes
-    full = [[BOS] + [11] * (planner.cfg.max_seq_len - 4 - 2)]
-    heads, images = draw_images(planner, full, 4, IMAGE, plan_range=TEXT)
-    assert heads == [[]] and len(images[0]) == 4
+    # with no room left for a plan, <boi> is put in and the image still comes; a prompt beside it
+    # keeps its own room (a short prompt may need the longest plan)
+    full = [BOS] + [11] * (planner.cfg.max_seq_len - 4 - 2)
+    heads, images = draw_images(planner, [full, PROMPT], 4, IMAGE, plan_range=TEXT)
+    assert heads[0] == [] and heads[1][-1:] == [BOI] and [len(i) for i in images] == [4, 4]
 
 
 def test_rollouts_sample_the_plan_and_the_image_and_guidance_applies_to_the_image_only(planner):

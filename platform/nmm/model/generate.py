@@ -94,10 +94,17 @@ def draw_images(
     `guidance` against `blank(prompt + plan + <boi>)`, the condition padded out."""
     heads: list[list[int]] = [[] for _ in prompts]
     if plan_range is not None:
-        room = max(0, model.cfg.max_seq_len - max(map(len, prompts), default=0) - tokens_per_image - 2)  # <boi>, <eoi>
-        written = generate(model, prompts, room, plan_range, stop=BOI, extra_allowed=(BOI,), temperature=temperature,
-                           generator=generator, patches=patches, on_step=on_step)
-        heads = [w + [BOI] if len(w) < room else w for w in written]
+        by_len: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            by_len.setdefault(len(p), []).append(i)
+        for n, idx in sorted(by_len.items()):  # each prompt's own room: a short prompt may need a long plan
+            room = max(0, model.cfg.max_seq_len - n - tokens_per_image - 2)  # <boi>, <eoi>
+            pix = None if patches is None else patches[idx]
+            step = None if on_step is None else (lambda ids, toks, idx=idx: on_step([idx[j] for j in ids], toks))
+            written = generate(model, [prompts[i] for i in idx], room, plan_range, stop=BOI, extra_allowed=(BOI,),
+                               temperature=temperature, generator=generator, patches=pix, on_step=step)
+            for i, w in zip(idx, written):
+                heads[i] = w + [BOI] if len(w) < room else w
         prompts = [p + h + ([] if h[-1:] == [BOI] else [BOI]) for p, h in zip(prompts, heads)]
     uncond = [blank(p) for p in prompts] if blank is not None and guidance != 1.0 else None
     images = generate(model, prompts, tokens_per_image, image_range, temperature=temperature, generator=generator,
