@@ -17,7 +17,7 @@ from nmm.tokenizers.vocab import BOI
 def generate(
     model,
     prompts: list[list[int]],
-    max_new: int,
+    max_new: int | Callable[[int], int],
     allowed: tuple[int, int],
     *,
     stop: int | None = None,
@@ -30,8 +30,8 @@ def generate(
     on_step=None,
     compiled: bool | None = None,
 ) -> list[list[int]]:
-    """Continue each prompt by up to `max_new` tokens drawn from [allowed[0], allowed[1]) plus
-    `extra_allowed`; temperature 0 is greedy. Prompts of equal length are batched together, so
+    """Continue each prompt by up to `max_new` tokens (or `max_new(len(prompt))`) drawn from
+    [allowed[0], allowed[1]) plus `extra_allowed`; temperature 0 is greedy. Prompts of equal length are batched together, so
     positions match training exactly (no padding). Generation stops at the model's context
     length (`max_seq_len`) even when no stop token came.
 
@@ -54,7 +54,7 @@ def generate(
     for i, p in enumerate(prompts):
         by_len.setdefault(len(p), []).append(i)
     compiled = compiles(model, compiled)
-    for _, idx in sorted(by_len.items()):
+    for length, idx in sorted(by_len.items()):
         batch = [prompts[i] for i in idx]
         blank = [uncond[i] for i in idx] if uncond is not None and guidance != 1.0 else None
         pix = None if patches is None else torch.as_tensor(patches[idx], dtype=torch.float32)
@@ -64,7 +64,8 @@ def generate(
             blank = None if blank is None else blank + [blank[0]] * extra
             pix = None if pix is None else torch.cat([pix, pix[:1].expand(extra, *pix.shape[1:])])
         step = None if on_step is None else (lambda toks, idx=idx, n=n: on_step(idx, toks[:n]))
-        res = _generate_batch(model, batch, blank, pix, guidance, max_new, allowed, stop, extra_allowed, temperature, generator,
+        limit = max_new(length) if callable(max_new) else max_new
+        res = _generate_batch(model, batch, blank, pix, guidance, limit, allowed, stop, extra_allowed, temperature, generator,
                               step, compiled)[:n]
         for i, o in zip(idx, res):
             out[i] = o
@@ -94,17 +95,12 @@ def draw_images(
     `guidance` against `blank(prompt + plan + <boi>)`, the condition padded out."""
     heads: list[list[int]] = [[] for _ in prompts]
     if plan_range is not None:
-        by_len: dict[int, list[int]] = {}
-        for i, p in enumerate(prompts):
-            by_len.setdefault(len(p), []).append(i)
-        for n, idx in sorted(by_len.items()):  # each prompt's own room: a short prompt may need a long plan
-            room = max(0, model.cfg.max_seq_len - n - tokens_per_image - 2)  # <boi>, <eoi>
-            pix = None if patches is None else patches[idx]
-            step = None if on_step is None else (lambda ids, toks, idx=idx: on_step([idx[j] for j in ids], toks))
-            written = generate(model, [prompts[i] for i in idx], room, plan_range, stop=BOI, extra_allowed=(BOI,),
-                               temperature=temperature, generator=generator, patches=pix, on_step=step)
-            for i, w in zip(idx, written):
-                heads[i] = w + [BOI] if len(w) < room else w
+        def room(n: int) -> int:  # each prompt's own room: a short prompt may need a long plan
+            return max(0, model.cfg.max_seq_len - n - tokens_per_image - 2)  # <boi>, <eoi>
+
+        written = generate(model, prompts, room, plan_range, stop=BOI, extra_allowed=(BOI,), temperature=temperature,
+                           generator=generator, patches=patches, on_step=on_step)
+        heads = [w + [BOI] if len(w) < room(len(p)) else w for p, w in zip(prompts, written)]
         prompts = [p + h + ([] if h[-1:] == [BOI] else [BOI]) for p, h in zip(prompts, heads)]
     uncond = [blank(p) for p in prompts] if blank is not None and guidance != 1.0 else None
     images = generate(model, prompts, tokens_per_image, image_range, temperature=temperature, generator=generator,
