@@ -1,13 +1,18 @@
 """Pure: the NMMService rollout as a state machine over its status. Each tick of the operator's
-timer calls `plan` with the version the spec asks for; the handler does the I/O the plan asks
-for (a baseline scrape of the canary, the step's analysis), then `after_baseline` or
-`after_analysis`, and writes the children, the registry and the status. All state lives in the
-status, so a restarted operator carries on where the last one stopped (nothing in memory).
+timer calls `plan` with the version the spec asks for (or why it cannot be resolved) and the
+registry's champion; the handler does the I/O the plan asks for (a baseline reading of both
+versions, the step's analysis), then `after_baseline` or `after_analysis`. All state lives in
+the status, so a restarted operator carries on where the last one stopped (nothing in memory);
+what the registry must be told rides in the status too (`pending`, nmm_operator.service_tick).
 
-    (none) ──first version──▶ Healthy ──new version──▶ Progressing ─every step passed─▶ Healthy
-                                                          │ a step failed
-                                                          ▼
+    (none) ──no champion, or it is the version──▶ Healthy ──new version──▶ Progressing ─every step passed─▶ Healthy
+       └──a champion exists: it is stable, the version a canary──────────────▲    │ a step failed, the steps or the
+                                                                                 ▼ registry changed under it
                                      Degraded (weight 0 applied) ──next tick──▶ RolledBack
+
+Only a service whose model has no champion at all starts at 100 %: a service created (or
+recreated, or one that lost its status) while a champion exists serves the champion as stable and
+the asked version as a canary.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ class Tick:
     analyse: bool = False  # the step's pause is over: judge it
     promote: int | None = None  # move `champion` to this version
     rolled_back: tuple[int, str] | None = None  # (version, reason) for the registry
+    retry: str | None = None  # nothing can be decided now (the registry cannot say): why
 
     @property
     def versions(self) -> tuple[int | None, int | None, int]:
@@ -57,27 +63,42 @@ def _condition(status: dict, ready: bool, reason: str, message: str, now: float)
     status["message"] = message[:1000]
 
 
-def plan(spec: ServiceSpec, status: dict | None, desired: int, now: float, promote_now: int | None = None) -> Tick:
-    """`promote_now`: a version `nmm promote`/`nmm rollback` asked to serve at once (no canary)."""
+def plan(spec: ServiceSpec, status: dict | None, desired: int | str, now: float, promote_now: int | None = None,
+         champion: int | None = None) -> Tick:
+    """`desired`: the version the spec asks for, or why the registry cannot say (a canary in
+    progress then fails: nothing judges it). `promote_now`: a version `nmm promote`/`nmm rollback`
+    asked to serve at once (no canary). `champion`: the registry's champion, the stable of a
+    service that serves nothing yet."""
     st = copy.deepcopy(status or {})
     stable, canary, phase = st.get("stableVersion"), st.get("canaryVersion"), st.get("phase")
     t = Tick(st)
+    if stable is not None and canary is not None and phase == "Degraded":  # the last tick sent every request back to stable
+        st.update(canaryVersion=None, weight=0, phase="RolledBack", step=None, baseline=None)
+        _condition(st, True, "RolledBack", f"version {canary} rolled back; serving version {stable}: {st.get('reason', '')}", now)
+        t.events.append(("Warning", "RolledBack", f"version {canary} rolled back, version {stable} serves all traffic"))
+        return t
+    if isinstance(desired, str):
+        if canary is not None and phase == "Progressing":
+            return _fail(t, spec, [f"the version it rolls out cannot be resolved any more: {desired}"], {}, now)
+        t.retry = desired
+        return t
     if stable is not None and promote_now == desired and desired != stable:
         st.update(stableVersion=desired, previousStableVersion=stable, canaryVersion=None, weight=0, phase="Healthy",
                   step=None, baseline=None)
         _condition(st, True, "PromotedByHand", f"version {desired} serves all traffic (promoted by hand, no canary)", now)
         t.events.append(("Normal", "PromotedByHand", f"version {desired} replaces version {stable} without a canary"))
+        t.promote = desired
         return t
     if stable is None:
-        st.update(stableVersion=desired, canaryVersion=None, weight=0, phase="Healthy")
-        _condition(st, True, "Deployed", f"serving version {desired}", now)
-        t.events.append(("Normal", "Deployed", f"serving {spec.model.name} version {desired}"))
-        return t
-    if canary is not None and phase == "Degraded":  # the last tick sent every request back to stable
-        st.update(canaryVersion=None, weight=0, phase="RolledBack", step=None, baseline=None)
-        _condition(st, True, "RolledBack", f"version {canary} rolled back; serving version {stable}: {st.get('reason', '')}", now)
-        t.events.append(("Warning", "RolledBack", f"version {canary} rolled back, version {stable} serves all traffic"))
-        return t
+        if champion is None or champion == desired or promote_now == desired:
+            st.update(stableVersion=desired, canaryVersion=None, weight=0, phase="Healthy")
+            _condition(st, True, "Deployed", f"serving version {desired}", now)
+            t.events.append(("Normal", "Deployed", f"serving {spec.model.name} version {desired}"))
+            t.promote = desired  # the registry's champion is what is served
+            return t
+        st.update(stableVersion=champion, weight=0, phase="Healthy")  # the champion serves; the asked version is a canary
+        t.events.append(("Normal", "ChampionServed", f"serving champion version {champion} as stable"))
+        stable = champion
     if desired == stable:
         if canary is not None:
             st.update(canaryVersion=None, weight=0, phase="Healthy", step=None, baseline=None)
@@ -94,12 +115,24 @@ def plan(spec: ServiceSpec, status: dict | None, desired: int, now: float, promo
         t.events.append(("Normal", "CanaryStarted", f"version {desired} canary against version {stable}: {first.weight}% of traffic"))
         t.need_baseline = True
         return t
+    if not 1 <= int(st.get("step") or 0) <= len(spec.canary.steps):
+        return _fail(t, spec, [f"canary.steps changed mid-canary: it was at step {st.get('step')}, the spec now has "
+                               f"{len(spec.canary.steps)}"], {}, now)
     if st.get("baseline") is None:
         t.need_baseline = True
         return t
     pause = spec.canary.steps[st["step"] - 1].pause_seconds
     t.analyse = now - (epoch(st.get("stepStartedAt")) or now) >= pause
     return t
+
+
+def failed(spec: ServiceSpec, status: dict, reason: str, now: float) -> Tick | None:
+    """The tick of a canary whose planning or analysis raised: a failed step (traffic back to
+    stable), never a stuck canary. Without a canary in progress there is nothing to fail: None."""
+    t = Tick(copy.deepcopy(status or {}))
+    if t.status.get("canaryVersion") is None or t.status.get("phase") != "Progressing":
+        return None
+    return _fail(t, spec, [reason], {}, now)
 
 
 def after_baseline(t: Tick, baseline: dict | str, spec: ServiceSpec, now: float, ready_timeout: float) -> Tick:

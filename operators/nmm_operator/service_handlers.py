@@ -1,8 +1,8 @@
-"""kopf handlers of `NMMService`: one timer, level-triggered. Each tick resolves the version the
-spec asks for (an alias through the registry), plans the rollout from the status
-(nmm_operator.canary), does the I/O the plan needs (the canary's metrics, the step's analysis —
-the same code a local rollout runs, nmm.serve.canary), writes the children, moves the registry,
-then the status. Loaded by nmm_operator.handlers.
+"""kopf handlers of `NMMService`: one timer, level-triggered. Each tick is
+nmm_operator.service_tick's, with the real I/O (`KubeWorld`): the version the spec asks for (an
+alias through the registry, in the namespace that owns the model), every pod of each version's
+metrics, the step judge the local rollout runs too (nmm.rollout.canary.judge_step), the children,
+the registry, the status. Loaded by nmm_operator.handlers.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from kubernetes.client.exceptions import ApiException
 from prometheus_client import Counter, Gauge, start_http_server
 from pydantic import ValidationError
 
-from nmm import lineage, storage
+from nmm import kubeclient, lineage, storage
 from nmm.compile import serving as build
 from nmm.gpu.pools import PlacementError
-from nmm.serve import analysis, canary as serve_canary, probe
+from nmm.rollout import analysis, canary as serve_canary, probe
 from nmm.spec.serving import ANNOTATION_PROMOTE, ServiceSpec
-from nmm_operator import canary, serving_kube, settings as operator_settings
+from nmm_operator import canary, service_tick, serving_kube, settings as operator_settings
 
 SETTINGS = operator_settings.load()
 LABELS = ["namespace", "service"]
@@ -52,53 +52,89 @@ def _spec_problems(exc: ValidationError) -> str:
     return "; ".join(f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
 
 
-def resolve(spec: ServiceSpec) -> int:
-    """The version the spec asks for; a TemporaryError when the registry cannot say."""
-    try:
-        info = lineage.alias_version(spec.model.name, spec.model.alias) if spec.model.alias else \
-            lineage.model_version(spec.model.name, str(spec.model.version))
-    except lineage.TrackingError as exc:
-        raise kopf.TemporaryError(f"model registry: {exc}", delay=SETTINGS.serving_tick_seconds) from None
-    if info is None:
-        raise kopf.TemporaryError(f"{spec.model.uri}: no such registered model version or alias", delay=30)
-    return int(info.version)
+def ready_pods(namespace: str, service: str, version: int) -> dict[str, str]:
+    """Every ready pod serving `version` of the service, by name → its metrics URL: an analysis
+    reads each of them (a Service would answer from whichever pod it picked)."""
+    selector = f"{build.LABEL_SERVICE}={service},{build.LABEL_VERSION}={version}"
+    out = {}
+    for pod in kubeclient.core().list_namespaced_pod(namespace, label_selector=selector).items:
+        conditions = {c.type: c.status for c in (pod.status.conditions or [])}
+        if pod.status.pod_ip and conditions.get("Ready") == "True" and not pod.metadata.deletion_timestamp:
+            out[pod.metadata.name] = f"http://{pod.status.pod_ip}:{build.PORT}"
+    return out
 
 
-def _cases(spec: ServiceSpec) -> list[dict]:
-    qp = spec.canary.analysis.quality_probe
-    if qp is None or not qp.cases_uri:
-        return []
-    try:
-        return probe.loads(storage.read_bytes(storage.in_store(qp.cases_uri, SETTINGS.compile.store_uri)), qp.cases)
-    except (storage.StorageError, probe.ProbeError) as exc:
-        raise kopf.TemporaryError(f"quality probe cases {qp.cases_uri}: {exc}", delay=30) from None
+class KubeWorld:
+    """service_tick.World against the API server, the registry and the served pods."""
 
+    def __init__(self, body, spec: ServiceSpec):
+        self.body, self.spec = body, spec
+        self.meta = body["metadata"]
+        self.ns, self.name = self.meta["namespace"], self.meta["name"]
+        self.override = SETTINGS.endpoints.get(f"{self.ns}/{self.name}")  # an operator outside the cluster
 
-def endpoints(meta: dict) -> dict[str, str]:
-    key = f"{meta['namespace']}/{meta['name']}"
-    return SETTINGS.endpoints.get(key) or build.endpoints(SETTINGS.serving_backend, meta["name"], meta["namespace"])
+    def resolve(self) -> int | str:
+        m = self.spec.model
+        try:
+            info = lineage.alias_version(m.name, m.alias) if m.alias else lineage.model_version(m.name, str(m.version))
+        except lineage.TrackingError as exc:
+            return f"model registry: {exc}"
+        return int(info.version) if info is not None else f"{m.uri}: no such registered model version or alias"
 
+    def champion(self) -> int | None:
+        info = lineage.alias_version(self.spec.model.name, "champion")
+        return int(info.version) if info is not None else None
 
-def _analyse(t: canary.Tick, spec: ServiceSpec, meta: dict, now: float) -> canary.Tick:
-    st = t.status
-    verdict, after, stable_q = serve_canary.judge_step(analysis.Limits.of(spec.canary.analysis), analysis.from_dict(st["baseline"]), endpoints(meta),
-                                                       _cases(spec), st.get("stableQuality"))
-    st["stableQuality"] = stable_q
-    return canary.after_analysis(t, spec, verdict.ok, verdict.reasons, verdict.measured,
-                                 analysis.to_dict(after) if after else None, now)
+    def _endpoints(self, track: str, version: int | None) -> dict[str, str]:
+        if self.override:
+            return {track: self.override[track]}
+        return ready_pods(self.ns, self.name, version) if version is not None else {}
 
+    def read(self, stable: int | None, canary_v: int | None) -> dict:
+        return {"candidate": serve_canary.read(self._endpoints("candidate", canary_v)),
+                "stable": serve_canary.read(self._endpoints("stable", stable))}
 
-def _registry(t: canary.Tick, spec: ServiceSpec, meta: dict) -> None:
-    try:
-        if t.promote is not None:
-            lineage.promote(spec.model.name, str(t.promote), "champion",
-                            {"nmm.serving.decision": "promoted", "nmm.serving.service": f"{meta['namespace']}/{meta['name']}"})
-        if t.rolled_back is not None:
-            version, reason = t.rolled_back
-            lineage.tag_version(spec.model.name, str(version), {"nmm.serving.decision": "rolled_back", "nmm.serving.reason": reason,
-                                                                "nmm.serving.service": f"{meta['namespace']}/{meta['name']}"})
-    except lineage.TrackingError as exc:
-        raise kopf.TemporaryError(f"model registry: {exc}", delay=SETTINGS.serving_tick_seconds) from None
+    def _cases(self) -> probe.Cases | None:
+        qp = self.spec.canary.analysis.quality_probe
+        if qp is None or not qp.cases_uri:
+            return None
+        try:
+            return probe.loads(storage.read_bytes(storage.in_store(qp.cases_uri, SETTINGS.compile.store_uri)), qp.cases)
+        except storage.StorageError as exc:
+            raise probe.ProbeError(f"quality probe cases {qp.cases_uri}: {exc}") from None
+
+    def judge(self, before: dict, after: dict, stable_quality: dict | None):
+        urls = self.override or build.endpoints(SETTINGS.serving_backend, self.name, self.ns)
+        return serve_canary.judge_step(analysis.Limits.of(self.spec.canary.analysis), before, after, urls, self._cases(),
+                                       stable_quality)
+
+    def write_status(self, status: dict) -> None:
+        kubeclient.custom_objects().patch_namespaced_custom_object_status(
+            serving_kube.GROUP, serving_kube.VERSION, self.ns, serving_kube.SERVICE_PLURAL, self.name, {"status": status})
+
+    def apply(self, stable: int, canary_v: int | None, weight: int) -> None:
+        serving_kube.apply(serving_kube.children(self.body, self.spec, stable, canary_v, weight, SETTINGS), self.meta["uid"])
+
+    def _decision(self) -> dict[str, str]:
+        return {"nmm.serving.service": f"{self.ns}/{self.name}"}
+
+    def promote(self, version: int) -> None:
+        lineage.promote(self.spec.model.name, str(version), "champion", {"nmm.serving.decision": "promoted", **self._decision()})
+
+    def tag_rolled_back(self, version: int, reason: str) -> None:
+        lineage.tag_version(self.spec.model.name, str(version), {"nmm.serving.decision": "rolled_back",
+                                                                 "nmm.serving.reason": reason, **self._decision()})
+
+    def consume(self, annotation: str) -> None:
+        """Remove nmm.dev/promote if it still holds `annotation` (a newer request is left alone)."""
+        path = "/metadata/annotations/" + ANNOTATION_PROMOTE.replace("~", "~0").replace("/", "~1")
+        try:
+            kubeclient.custom_objects().patch_namespaced_custom_object(
+                serving_kube.GROUP, serving_kube.VERSION, self.ns, serving_kube.SERVICE_PLURAL, self.name,
+                [{"op": "test", "path": path, "value": annotation}, {"op": "remove", "path": path}])
+        except ApiException as exc:
+            if exc.status not in (409, 422):  # the test failed: the annotation is gone or newer
+                raise
 
 
 @kopf.timer(serving_kube.GROUP, serving_kube.VERSION, serving_kube.SERVICE_PLURAL, interval=SETTINGS.serving_tick_seconds,
@@ -110,24 +146,17 @@ def rollout(body, meta, spec, status, patch: kopf.Patch, **_) -> None:
     except ValidationError as exc:
         patch.status.update(phase="Failed", message=_spec_problems(exc)[:1000], observedGeneration=meta.get("generation"))
         return
-    desired = resolve(svc)
-    asked = (meta.get("annotations") or {}).get(ANNOTATION_PROMOTE, "")
-    t = canary.plan(svc, dict(status or {}), desired, now, int(asked) if asked.isdigit() else None)
-    if t.need_baseline:
-        snap = serve_canary.scrape(endpoints(meta)["candidate"])
-        t = canary.after_baseline(t, snap if isinstance(snap, str) else analysis.to_dict(snap), svc, now,
-                                  SETTINGS.serving_ready_timeout)
-    elif t.analyse:
-        t = _analyse(t, svc, meta, now)
-    stable, canary_version, weight = t.versions
-    applied = f"{stable}/{canary_version}/{weight}/{meta.get('generation')}"
-    last = t.status.get("applied") or {}
+    delay = SETTINGS.serving_tick_seconds
     try:
-        # The children change with the rollout's state; unchanged, they are re-asserted (recreated if
-        # deleted, taken back if edited) every recheckSeconds rather than on every tick.
-        if last.get("state") != applied or now - (canary.epoch(last.get("at")) or 0) >= SETTINGS.recheck_seconds:
-            serving_kube.apply(serving_kube.children(body, svc, stable, canary_version, weight, SETTINGS), meta["uid"])
-            t.status["applied"] = {"state": applied, "at": canary.iso(now)}
+        lineage.check_owner(svc.model.name, meta["namespace"])
+        t = service_tick.tick(svc, dict(status or {}), (meta.get("annotations") or {}).get(ANNOTATION_PROMOTE), KubeWorld(body, svc),
+                              now, ready_timeout=SETTINGS.serving_ready_timeout, recheck_seconds=SETTINGS.recheck_seconds,
+                              generation=meta.get("generation"))
+    except lineage.ForeignModel as exc:
+        patch.status.update(phase="Failed", message=str(exc)[:1000], observedGeneration=meta.get("generation"))
+        return
+    except (service_tick.Retry, lineage.TrackingError) as exc:  # what is recorded stays; the next tick retries
+        raise kopf.TemporaryError(str(exc), delay=delay) from None
     except serving_kube.NotOwned as exc:
         patch.status.update(phase="Failed", message=str(exc))
         raise kopf.TemporaryError(str(exc), delay=30)
@@ -136,10 +165,7 @@ def rollout(body, meta, spec, status, patch: kopf.Patch, **_) -> None:
         return
     except ApiException as exc:
         raise kopf.TemporaryError(f"serving objects: {exc.status} {exc.reason}", delay=10) from None
-    _registry(t, svc, meta)
     patch.status.update(t.status | {"observedGeneration": meta.get("generation")})
-    if asked and any(reason == "PromotedByHand" for _, reason, _ in t.events):
-        patch.metadata.annotations[ANNOTATION_PROMOTE] = None  # honoured once: a later return to it is a canary
     _export(meta, t)
     for kind, reason, message in t.events:
         kopf.event(body, type=kind, reason=reason, message=message)

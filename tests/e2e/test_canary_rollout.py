@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from nmm.serve import analysis
-from nmm.serve.canary import LocalCanary, Step
+from nmm.rollout import analysis
+from nmm.rollout.canary import LocalCanary, Step
 from tests.serving_fixture import early_model, model_folder, register_champion, run_pipeline
 
 pytestmark = pytest.mark.slow
@@ -34,7 +34,7 @@ def runs(tmp_path_factory):
 
 def cases(cwd, n=40):
     from nmm import storage
-    from nmm.serve import probe
+    from nmm.rollout import probe
 
     (probe_file,) = sorted((cwd / ".nmm" / "store").rglob("probe.jsonl"))[-1:]
     return probe.loads(storage.read_bytes(probe_file.as_uri()), n)

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 from kubernetes import client
 
-from nmm.serve import probe
+from nmm.rollout import probe
 from tests.conftest import NMM, free_port, wait_for, wait_http
 from tests.integration.kube_emulator import EmulatorThread
 from tests.serving_fixture import publish_small_model
@@ -42,7 +42,12 @@ RESOURCES = {
     "gateway.networking.k8s.io/v1/httproutes": dict(kind="HTTPRoute", namespaced=True, verbs=VERBS),
 }
 KOPF = str(Path(sys.executable).parent / "kopf")
-MODEL = "nmm-svc"
+NAMESPACES = ("team-kserve", "team-gateway", "team-cli", "team-other")
+
+
+def model(ns: str) -> str:
+    """Each namespace's own registered model: a registered model belongs to one namespace."""
+    return f"nmm-svc-{ns}"
 
 
 @pytest.fixture(scope="module")
@@ -55,15 +60,16 @@ def world(tmp_path_factory):
     from mlflow.tracking import MlflowClient
 
     mlflow = MlflowClient(tracking_uri=db, registry_uri=db)
-    mlflow.create_registered_model(MODEL)
-    for _ in range(2):
-        mlflow.create_model_version(MODEL, source=folder, tags={"nmm.model_store_uri": folder})
-    mlflow.set_registered_model_alias(MODEL, "candidate", "1")
-    mlflow.set_registered_model_alias(MODEL, "champion", "1")
+    for ns in NAMESPACES:
+        mlflow.create_registered_model(model(ns), tags={"nmm.namespace": ns})
+        for _ in range(2):
+            mlflow.create_model_version(model(ns), source=folder, tags={"nmm.model_store_uri": folder})
+        mlflow.set_registered_model_alias(model(ns), "candidate", "1")
+        mlflow.set_registered_model_alias(model(ns), "champion", "1")
     rng = np.random.default_rng(0)
     pixels = (rng.random((8, 8, 8, 1)) * 255).astype(np.uint8)
     cases = [{"image": probe._data_url(p), "question": None, "expect": {"digit": i % 10}} for i, p in enumerate(pixels)]
-    (tmp / "probe.jsonl").write_bytes(probe.dumps(cases))
+    (tmp / "probe.jsonl").write_bytes(probe.dumps(probe.Cases(chat=cases)))
     with EmulatorThread(RESOURCES) as emu:
         cfg = client.Configuration()
         cfg.host = emu.url
@@ -141,9 +147,9 @@ class DataPlane(threading.Thread):
             self.sent[track] += 1
 
 
-def service(cases_uri: str) -> dict:
+def service(cases_uri: str, ns: str) -> dict:
     return {"apiVersion": "nmm.dev/v1alpha1", "kind": "NMMService", "metadata": {"name": "digits"},
-            "spec": {"model": {"name": MODEL, "alias": "candidate"},
+            "spec": {"model": {"name": model(ns), "alias": "candidate"},
                      "canary": {"steps": [{"weight": 50, "pauseSeconds": 1.5}, {"weight": 100, "pauseSeconds": 1.5}],
                                 "analysis": {"minRequests": 3, "maxP95LatencyMs": 30000, "maxTimeToFirstTokenMs": 30000,
                                              "qualityProbe": {"cases": 8, "maxQualityDrop": 0.05, "casesUri": cases_uri}}}}}
@@ -157,6 +163,12 @@ def settings(world, backend: str, ns: str, urls: dict, metrics_port: int = 0) ->
 
 def get(world, ns: str) -> dict:
     return world["custom"].get_namespaced_custom_object("nmm.dev", "v1alpha1", ns, "nmmservices", "digits")
+
+
+def at_rest(world, ns: str, stable: int) -> dict | None:
+    """The status once `stable` serves and nothing the operator decided is still to do (`pending`)."""
+    st = get(world, ns).get("status", {})
+    return st if st.get("stableVersion") == stable and not st.get("pending") else None
 
 
 def events(world, ns: str) -> list[str]:
@@ -178,26 +190,26 @@ def test_kserve_canary_passes_every_step_survives_a_restart_and_promotes(world):
         pct = items[0]["spec"]["predictor"].get("canaryTrafficPercent") if items else None
         return 0 if pct is None else pct
 
-    plane = DataPlane(urls, weight, probe.loads((tmp / "probe.jsonl").read_bytes(), 8))
+    plane = DataPlane(urls, weight, probe.loads((tmp / "probe.jsonl").read_bytes(), 8).chat)
     plane.start()
     try:
-        custom.create_namespaced_custom_object("nmm.dev", "v1alpha1", ns, "nmmservices", service(world["cases"]))
+        custom.create_namespaced_custom_object("nmm.dev", "v1alpha1", ns, "nmmservices", service(world["cases"], ns))
         wait_for(lambda: get(world, ns).get("status", {}).get("phase") == "Healthy", timeout=60, what="Healthy on version 1")
         (isvc,) = isvcs()
-        assert isvc["spec"]["predictor"]["containers"][0]["args"][1] == f"models:/{MODEL}/1"
+        assert isvc["spec"]["predictor"]["containers"][0]["args"][1] == f"models:/{model(ns)}/1"
         assert "canaryTrafficPercent" not in isvc["spec"]["predictor"]
         assert isvc["metadata"]["ownerReferences"][0]["kind"] == "NMMService"
 
-        world["mlflow"].set_registered_model_alias(MODEL, "candidate", "2")
+        world["mlflow"].set_registered_model_alias(model(ns), "candidate", "2")
         wait_for(lambda: weight() == 50, 60, "the canary at 50%")
-        assert isvcs()[0]["spec"]["predictor"]["containers"][0]["args"][1] == f"models:/{MODEL}/2"
+        assert isvcs()[0]["spec"]["predictor"]["containers"][0]["args"][1] == f"models:/{model(ns)}/2"
         op.kill()  # mid-canary: everything the rollout knows is in the status
         op.start()
-        done = wait_for(lambda: (s := get(world, ns).get("status", {})).get("stableVersion") == 2 and s, 90, "promotion")
+        done = wait_for(lambda: at_rest(world, ns, 2), 90, "promotion")
         assert done["phase"] == "Healthy" and done.get("canaryVersion") is None
         assert [(a["weight"], a["ok"]) for a in done["analysis"]] == [(50, True), (100, True)]
         assert all(a["measured"]["requests"] >= 3 and a["measured"]["quality_drop"] <= 0.05 for a in done["analysis"])
-        assert str(world["mlflow"].get_model_version_by_alias(MODEL, "champion").version) == "2"
+        assert str(world["mlflow"].get_model_version_by_alias(model(ns), "champion").version) == "2"
         (isvc,) = isvcs()  # one InferenceService per service, throughout
         assert "canaryTrafficPercent" not in isvc["spec"]["predictor"]
         assert {"Deployed", "CanaryStarted", "StepPassed", "Promoted"} <= set(events(world, ns))
@@ -211,8 +223,8 @@ def test_kserve_canary_passes_every_step_survives_a_restart_and_promotes(world):
 
 def test_gateway_canary_whose_server_dies_is_rolled_back_with_the_reason(world):
     ns, tmp, custom = "team-gateway", world["tmp"], world["custom"]
-    world["mlflow"].set_registered_model_alias(MODEL, "candidate", "1")
-    world["mlflow"].set_registered_model_alias(MODEL, "champion", "1")
+    world["mlflow"].set_registered_model_alias(model(ns), "candidate", "1")
+    world["mlflow"].set_registered_model_alias(model(ns), "champion", "1")
     stable, candidate = Server(world["folder"], tmp / "g-stable.log"), Server(world["folder"], tmp / "g-candidate.log")
     urls = {"stable": stable.url, "candidate": candidate.url}
     op = Operator(world, settings(world, "gateway", ns, urls), tmp / "g-operator.log")
@@ -225,28 +237,28 @@ def test_gateway_canary_whose_server_dies_is_rolled_back_with_the_reason(world):
         except client.exceptions.ApiException:
             return 0
 
-    plane = DataPlane(urls, weight, probe.loads((tmp / "probe.jsonl").read_bytes(), 8))
+    plane = DataPlane(urls, weight, probe.loads((tmp / "probe.jsonl").read_bytes(), 8).chat)
     plane.start()
     try:
-        body = service(world["cases"])
+        body = service(world["cases"], ns)
         body["spec"]["canary"]["steps"] = [{"weight": 30, "pauseSeconds": 1.5}, {"weight": 60, "pauseSeconds": 4},
                                            {"weight": 100, "pauseSeconds": 1}]
         custom.create_namespaced_custom_object("nmm.dev", "v1alpha1", ns, "nmmservices", body)
         wait_for(lambda: get(world, ns).get("status", {}).get("phase") == "Healthy", timeout=60, what="Healthy on version 1")
         assert apps.read_namespaced_deployment("digits-canary", ns).spec.replicas == 0
-        world["mlflow"].set_registered_model_alias(MODEL, "candidate", "2")
+        world["mlflow"].set_registered_model_alias(model(ns), "candidate", "2")
         wait_for(lambda: weight() == 60, 60, lambda: f"step 2 at 60%: {get(world, ns).get('status')}, sent {plane.sent}")
         assert apps.read_namespaced_deployment("digits-canary", ns).spec.replicas == 1
         candidate.kill()  # the canary's pod dies during step 2
-        rolled = wait_for(lambda: (s := get(world, ns).get("status", {})).get("phase") == "RolledBack" and s, 60, "RolledBack")
+        rolled = wait_for(lambda: (s := at_rest(world, ns, 1)) and s.get("phase") == "RolledBack" and s, 60, "RolledBack")
         assert rolled["stableVersion"] == 1 and rolled.get("canaryVersion") is None and rolled["weight"] == 0
         assert "step 2 (60%)" in rolled["reason"] and "candidate not observable" in rolled["reason"], rolled["reason"]
         assert [a["ok"] for a in rolled["analysis"]] == [True, False]
         assert weight() == 0 and route()["spec"]["rules"][0]["backendRefs"][0]["weight"] == 100
         assert apps.read_namespaced_deployment("digits-canary", ns).spec.replicas == 0
-        v2 = world["mlflow"].get_model_version(MODEL, "2")
+        v2 = world["mlflow"].get_model_version(model(ns), "2")
         assert v2.tags["nmm.serving.decision"] == "rolled_back" and "not observable" in v2.tags["nmm.serving.reason"]
-        assert str(world["mlflow"].get_model_version_by_alias(MODEL, "champion").version) == "1"
+        assert str(world["mlflow"].get_model_version_by_alias(model(ns), "champion").version) == "1"
         assert {"CanaryStarted", "StepPassed", "AnalysisFailed", "RolledBack"} <= set(events(world, ns))
         time.sleep(2)  # the spec still names version 2: no new canary starts
         assert get(world, ns)["status"]["phase"] == "RolledBack"
@@ -270,6 +282,21 @@ def tear_down(world, ns: str, op: Operator, *stopping) -> None:
             server.kill()
 
 
+def test_a_service_cannot_serve_or_move_the_champion_of_another_namespace_s_model(world):
+    ns, tmp, custom = "team-other", world["tmp"], world["custom"]
+    op = Operator(world, settings(world, "gateway", ns, {}), tmp / "o-operator.log")
+    try:
+        body = service(world["cases"], ns)
+        body["spec"]["model"]["name"] = model("team-kserve")  # a name another namespace registered
+        custom.create_namespaced_custom_object("nmm.dev", "v1alpha1", ns, "nmmservices", body)
+        st = wait_for(lambda: (s := get(world, ns).get("status", {})).get("phase") == "Failed" and s, 30, "refused")
+        assert "belongs to namespace 'team-kserve', not 'team-other'" in st["message"], st
+        assert not client.AppsV1Api(world["api"]).list_namespaced_deployment(ns).items  # nothing served
+        assert str(world["mlflow"].get_model_version_by_alias(model("team-kserve"), "champion").version) in ("1", "2")
+    finally:
+        tear_down(world, ns, op)
+
+
 def run_nmm(world, *args) -> subprocess.CompletedProcess:
     env = dict(os.environ, NMM_KUBE_SERVER=world["emu"].url, MLFLOW_TRACKING_URI=world["db"])
     return subprocess.run([NMM, *args], env=env, capture_output=True, text=True, timeout=60)
@@ -277,29 +304,29 @@ def run_nmm(world, *args) -> subprocess.CompletedProcess:
 
 def test_nmm_promote_and_rollback_move_champion_and_what_is_served_without_a_canary(world):
     ns, tmp, custom, mlflow = "team-cli", world["tmp"], world["custom"], world["mlflow"]
-    mlflow.set_registered_model_alias(MODEL, "candidate", "1")
-    mlflow.set_registered_model_alias(MODEL, "champion", "1")
+    mlflow.set_registered_model_alias(model(ns), "candidate", "1")
+    mlflow.set_registered_model_alias(model(ns), "champion", "1")
     op = Operator(world, settings(world, "kserve", ns, {}), tmp / "c-operator.log")
     served = lambda: custom.get_namespaced_custom_object(  # noqa: E731
         "serving.kserve.io", "v1beta1", ns, "inferenceservices", "digits")["spec"]["predictor"]["containers"][0]["args"][1]
     try:
-        custom.create_namespaced_custom_object("nmm.dev", "v1alpha1", ns, "nmmservices", service(world["cases"]))
-        wait_for(lambda: get(world, ns).get("status", {}).get("stableVersion") == 1, what="serving version 1")
+        custom.create_namespaced_custom_object("nmm.dev", "v1alpha1", ns, "nmmservices", service(world["cases"], ns))
+        wait_for(lambda: at_rest(world, ns, 1), what="serving version 1")
         r = run_nmm(world, "promote", "digits", "2", "-n", ns)
         assert r.returncode == 0, r.stderr
-        st = wait_for(lambda: (s := get(world, ns).get("status", {})).get("stableVersion") == 2 and s, what="version 2 by hand")
+        st = wait_for(lambda: at_rest(world, ns, 2), what="version 2 by hand")
         assert st["phase"] == "Healthy" and st.get("canaryVersion") is None and st["previousStableVersion"] == 1
         assert next(c for c in st["conditions"] if c["type"] == "Ready")["reason"] == "PromotedByHand"
         wait_for(lambda: "nmm.dev/promote" not in (get(world, ns)["metadata"].get("annotations") or {}),
                  what="the promote annotation honoured once and removed")
-        assert str(mlflow.get_model_version_by_alias(MODEL, "champion").version) == "2"
-        wait_for(lambda: served() == f"models:/{MODEL}/2", what="the InferenceService on version 2")
+        assert str(mlflow.get_model_version_by_alias(model(ns), "champion").version) == "2"
+        wait_for(lambda: served() == f"models:/{model(ns)}/2", what="the InferenceService on version 2")
 
         r = run_nmm(world, "rollback", "digits", "-n", ns)
         assert r.returncode == 0, r.stderr
-        wait_for(lambda: get(world, ns).get("status", {}).get("stableVersion") == 1, what="back on version 1")
-        assert str(mlflow.get_model_version_by_alias(MODEL, "champion").version) == "1"
-        wait_for(lambda: served() == f"models:/{MODEL}/1", what="the InferenceService on version 1")
+        wait_for(lambda: at_rest(world, ns, 1), what="back on version 1")
+        assert str(mlflow.get_model_version_by_alias(model(ns), "champion").version) == "1"
+        wait_for(lambda: served() == f"models:/{model(ns)}/1", what="the InferenceService on version 1")
 
         r = run_nmm(world, "rollback", "nosuch", "-n", ns)
         assert r.returncode == 2 and "no NMMService team-cli/nosuch" in r.stderr and "Traceback" not in r.stderr

@@ -66,7 +66,7 @@ def post(base: str, path: str, body) -> tuple[int, dict]:
 
 
 def chat_body(url: str | None = None, **kw) -> dict:
-    content = [{"type": "text", "text": "what digit is this?"}, {"type": "image_url", "image_url": {"url": url or png_url()}}]
+    content = [{"type": "text", "text": "Describe the image."}, {"type": "image_url", "image_url": {"url": url or png_url()}}]
     return {"model": "nmm", "messages": [{"role": "user", "content": content}], "max_tokens": 8} | kw
 
 
@@ -115,8 +115,12 @@ def test_concurrent_requests_are_batched_and_all_answered(server):
     (chat_body(url="data:image/png;base64," + "A" * (6 << 20)), 413, "image_url"),
     ({"model": "nmm", "messages": [{"role": "user", "content": "no image here"}]}, 400, "messages"),
     ({"model": "nmm", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
+    (chat_body() | {"messages": [{"role": "user", "content": [{"type": "text", "text": "what digit is this?"},
+                                                              {"type": "image_url", "image_url": {"url": png_url()}}]}]},
+     400, "messages"),
+    (chat_body() | {"messages": chat_body()["messages"] * 2}, 400, "messages"),
 ], ids=["not-json", "not-an-object", "no-messages", "unknown-model", "too-many-tokens", "wrong-type", "http-url",
-        "bad-base64", "not-an-image", "image-too-big", "no-image", "bad-role"])
+        "bad-base64", "not-an-image", "image-too-big", "no-image", "bad-role", "question-to-a-captioner", "two-turns"])
 def test_malformed_chat_requests_get_a_4xx_with_an_openai_error_and_the_server_keeps_serving(server, body, status, param):
     got, err = post(server, "/v1/chat/completions", body)
     assert got == status, err

@@ -1,4 +1,6 @@
-"""The canary's pure parts: reading Prometheus text, windows between scrapes, quantiles as
+"""The canary's pure parts: reading Prometheus text (NaN, Inf and negative counts refused), windows
+between scrapes summed over every pod (a restarted pod read from zero, a vanished one unknowable),
+requests received and never counted, counts that disagree with the router's, quantiles as
 Prometheus computes them, the verdict failing closed, the router's exact split, the policy's
 validation."""
 
@@ -6,8 +8,8 @@ import math
 
 import pytest
 
-from nmm.serve import analysis
-from nmm.serve.router import Router
+from nmm.rollout import analysis
+from nmm.rollout.router import Router
 
 PAGE = """\
 # HELP nmm_requests_total HTTP requests by route and status
@@ -33,14 +35,23 @@ nmm_time_to_first_token_seconds_sum 1.0
 # HELP nmm_queue_depth Requests waiting or running
 # TYPE nmm_queue_depth gauge
 nmm_queue_depth 0.0
+# HELP nmm_requests_received_total HTTP requests by route, counted as they arrive
+# TYPE nmm_requests_received_total counter
+nmm_requests_received_total{route="/v1/chat/completions"} %(received)s
+nmm_requests_received_total{route="/v1/models"} 99.0
+# HELP nmm_requests_in_flight Requests received and not yet answered
+# TYPE nmm_requests_in_flight gauge
+nmm_requests_in_flight %(in_flight)s
 """
 
 LIMITS = analysis.Limits(max_error_rate=0.05, max_p95_latency_ms=400, max_time_to_first_token_ms=400, min_requests=10,
                          max_quality_drop=0.05)
 
 
-def page(ok, bad, fast):
-    return analysis.parse(PAGE % {"ok": float(ok), "bad": float(bad), "fast": float(fast)})
+def page(ok, bad, fast, received=None, in_flight=0):
+    received = ok + bad + 7 + in_flight if received is None else received
+    return analysis.parse(PAGE % {"ok": float(ok), "bad": float(bad), "fast": float(fast), "received": float(received),
+                                  "in_flight": float(in_flight)})
 
 
 def test_a_window_counts_only_the_traffic_between_two_scrapes_and_reads_p95_like_prometheus():
@@ -72,23 +83,70 @@ def test_a_page_without_nmm_metrics_is_refused():
 
 def test_the_verdict_passes_a_healthy_step_and_fails_each_limit_by_name():
     healthy = analysis.Observation(100, 1, 300.0, 200.0)
-    assert analysis.judge(LIMITS, healthy, (0.80, 0.82)).ok
-    v = analysis.judge(LIMITS, analysis.Observation(100, 10, 900.0, 800.0), (0.5, 0.8))
+    assert analysis.judge(LIMITS, healthy, {"m2t": (0.80, 0.82)}).ok
+    v = analysis.judge(LIMITS, analysis.Observation(100, 10, 900.0, 800.0), {"m2t": (0.5, 0.8)})
     assert not v.ok and len(v.reasons) == 4
     assert any("maxErrorRate" in r for r in v.reasons) and any("maxP95LatencyMs" in r for r in v.reasons)
     assert any("maxTimeToFirstTokenMs" in r for r in v.reasons) and any("maxQualityDrop" in r for r in v.reasons)
 
 
 @pytest.mark.parametrize("candidate, quality, why", [
-    ("http://x/metrics: connection refused", (0.9, 0.8), "not observable"),
-    (analysis.Observation(3, 0, 10.0, 10.0), (0.9, 0.8), "no evidence"),
-    (analysis.Observation(100, 0, math.nan, math.nan), (0.9, 0.8), "p95 latency nan"),
+    ("http://x/metrics: connection refused", {"m2t": (0.9, 0.8)}, "not observable"),
+    (analysis.Observation(3, 0, 10.0, 10.0), {"m2t": (0.9, 0.8)}, "no evidence"),
+    (analysis.Observation(100, 0, math.nan, math.nan), {"m2t": (0.9, 0.8)}, "p95 latency nan"),
+    (analysis.Observation(100, 0, 10.0, 10.0, uncounted=2), {"m2t": (0.9, 0.8)}, "received and never counted"),
     (analysis.Observation(100, 0, 10.0, 10.0), "candidate: answered 500", "quality probe did not run"),
     (analysis.Observation(100, 0, 10.0, 10.0), None, "quality probe did not run"),
 ])
 def test_what_cannot_be_measured_fails_the_step(candidate, quality, why):
     v = analysis.judge(LIMITS, candidate, quality)
     assert not v.ok and any(why in r for r in v.reasons), v.reasons
+
+
+@pytest.mark.parametrize("value", ["NaN", "+Inf", "-3.0"])
+def test_a_page_with_nan_inf_or_a_negative_count_is_refused_not_read(value):
+    text = PAGE % {"ok": value, "bad": 0.0, "fast": 0.0, "received": 0.0, "in_flight": 0.0}
+    with pytest.raises(analysis.MetricsError, match="not a count"):
+        analysis.parse(text)
+
+
+def test_a_request_received_and_never_answered_nor_in_flight_is_uncounted():
+    before = page(10, 0, 10)
+    assert analysis.window(before, page(20, 0, 20, in_flight=3)).uncounted == 0  # three still running: in flight
+    lost = analysis.window(before, page(20, 0, 20, received=10 + 7 + 10 + 4))
+    assert lost.uncounted == 4 and not analysis.judge(LIMITS, lost, {"m2t": (0.9, 0.9)}).ok
+
+
+def test_every_pod_is_read_a_restarted_one_from_zero_a_new_one_whole_and_a_vanished_one_fails_the_step():
+    before = {"pod-a": page(100, 0, 100), "pod-b": page(50, 0, 50)}
+    after = {"pod-a": page(130, 2, 130), "pod-b": page(5, 0, 5), "pod-c": page(10, 0, 10)}  # b restarted, c is new
+    o = analysis.window(before, after)
+    assert (o.requests, o.errors) == (30 + 2 + (5 + 7) + (10 + 7), 2)
+    gone = analysis.window(before, {"pod-a": page(130, 2, 130)})
+    assert isinstance(gone, str) and "pod-b" in gone and "never counted" in gone
+    assert "not observable" in analysis.judge(LIMITS, gone, None).reasons[0]
+
+
+def test_counts_that_disagree_with_the_router_fail_the_step():
+    o = analysis.window(page(10, 0, 10), page(40, 1, 40))
+    agree = {"200": 30, "503": 1}
+    assert analysis.judge(LIMITS, o, {"m2t": (0.9, 0.9)}, router=agree | {"400": 0}).ok
+    v = analysis.judge(LIMITS, o, {"m2t": (0.9, 0.9)}, router=agree | {"500": 3})
+    assert not v.ok and "requests went uncounted" in v.reasons[0]
+    cut = analysis.with_undelivered(o, 4)  # 502s the router answered itself: errors of the candidate
+    assert cut.errors == 5 and analysis.judge(LIMITS, cut, {"m2t": (0.9, 0.9)}, router=agree | {"502": 4}).reasons == [
+        f"error rate {5 / 35:.3f} > maxErrorRate 0.05"]
+
+
+def test_a_candidate_that_refuses_what_stable_answers_fails_and_each_task_s_quality_is_judged():
+    stable = analysis.Observation(100, 0, 10.0, 10.0, client_errors=1)
+    refuses = analysis.Observation(100, 0, 10.0, 10.0, client_errors=40)
+    v = analysis.judge(LIMITS, refuses, {"m2t": (0.9, 0.9)}, stable=stable)
+    assert not v.ok and "refused 0.400 of its requests (4xx), stable 0.010" in v.reasons[0]
+    drawing_broke = analysis.judge(LIMITS, analysis.Observation(100, 0, 10.0, 10.0), {"m2t": (0.9, 0.9), "m2g": (0.0, 0.8)})
+    assert not drawing_broke.ok and drawing_broke.reasons == [
+        "quality probe (m2g) 0.000 vs stable 0.800: drop 0.800 > maxQualityDrop 0.05"]
+    assert drawing_broke.measured["quality_drop"] == pytest.approx(0.8)
 
 
 def test_without_a_probe_the_slos_alone_decide():
@@ -128,7 +186,7 @@ def test_the_policy_is_validated():
 
 
 def test_local_traffic_mixes_chat_and_image_requests_for_a_model_that_does_both():
-    from nmm.serve.canary import Traffic
+    from nmm.rollout.canary import Traffic
 
     case = {"image": "data:image/png;base64,AAAA", "question": None, "expect": {"digit": 1}}
     t = Traffic("http://router", [case], ["a handwritten digit 3"])

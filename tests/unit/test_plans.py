@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from nmm.data import shapes
-from nmm.data.sequences import Prompts, blank_text
+from nmm.data.sequences import Prompts
+from nmm.tokenizers.vocab import blank_text
 from nmm.evaluate import shapes_judge
 from nmm.evaluate.shapes import plan_scores
 from nmm.model.generate import draw_images
@@ -191,8 +192,9 @@ def test_a_served_planning_model_writes_its_plan_before_each_image_it_serves(mon
 
     calls, real = [], gen.generate
     monkeypatch.setattr(gen, "generate", lambda model, prompts, *a, **kw: calls.append((a[1], prompts)) or real(model, prompts, *a, **kw))
-    job = Job(("image", 1.0, 1.0, 0), SimpleNamespace(prompt="a photo of a red circle", n=2))
-    (pngs,) = Model(loaded, Metrics()).images([job])
+    served = Model(loaded, Metrics())
+    job = Job(("image", 1.0, 1.0, 0), served.draw_job(SimpleNamespace(prompt="a photo of a red circle", n=2)))
+    (pngs,) = served.images([job])
     assert [Image.open(io.BytesIO(base64.b64decode(p))).size for p in pngs] == [(24, 24)] * 2
     (plan_range, asked), (image_range, planned) = calls  # the plan in words, then the image after it and <boi>
     assert plan_range == vocab.text_range() and image_range == vocab.image_range()

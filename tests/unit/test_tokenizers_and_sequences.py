@@ -1,7 +1,8 @@
 import numpy as np
 
 from nmm.data.curate import content_ids, split
-from nmm.data.sequences import INSTRUCTIONS, Prompts, blank_text, instruction_texts, pack_rows, style_of
+from nmm.data.sequences import INSTRUCTIONS, Prompts, instruction_texts, pack_rows, style_of
+from nmm.tokenizers.vocab import blank_text
 from nmm.data.sources import digit_captions, load_digits, parse_digit
 from nmm.tokenizers import ColourMaskVQ, PatchVQ, SharedVocab, TextTokenizer, load_image_tokenizer
 from nmm.tokenizers.vocab import ASSISTANT, BOI, BOS, EOI, EOS, PAD, USER

@@ -397,11 +397,14 @@ def serve(
     max_batch: int = typer.Option(16, "--max-batch", min=1, max=256, help="Requests per model batch at most"),
     max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", min=0.0, max=1000.0, help="How long a request waits for company"),
     max_queue: int = typer.Option(256, "--max-queue", min=1, max=100_000, help="Waiting requests at most; more get 429"),
+    header_timeout: float = typer.Option(10.0, "--header-timeout", min=0.1, max=300.0,
+                                         help="Seconds a request's line and headers may take to arrive (then the connection closes)"),
+    body_timeout: float = typer.Option(30.0, "--body-timeout", min=0.1, max=600.0,
+                                       help="Seconds a request's body may take to arrive (then 408)"),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (chat with images, image generation)."""
-    import uvicorn
-
     from nmm import storage
+    from nmm.serve import http
     from nmm.serve.model_dir import ServeError, load_published
     from nmm.serve.server import create_app
 
@@ -411,9 +414,9 @@ def serve(
     except ServeError as exc:
         err.print(f"error: MODEL: {exc}", markup=False)
         raise typer.Exit(EXIT_BAD_INPUT)
-    app = create_app(loaded, name, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue)
+    app = create_app(loaded, name, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, body_timeout=body_timeout)
     out.print(f"serving {name} ({model}) on http://{host}:{port}/v1", highlight=False)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+    http.serve(app, host, port, header_timeout)
 
 
 @app.command()

@@ -1,5 +1,9 @@
-"""`nmm promote` and `nmm rollback`: move the registry's `champion` alias and what an NMMService
-serves, by hand, without a canary (the operator records it as PromotedByHand)."""
+"""`nmm promote` and `nmm rollback`: what an NMMService serves, by hand, without a canary (the
+operator records it as PromotedByHand). For a service the command only asks (the service's spec
+names the version, `nmm.dev/promote` says "at once"); the operator serves it and then moves the
+registry's `champion` to it — one writer, so two commands racing cannot leave the champion on a
+version that is not served. `--model-only` moves the alias of a registered model that no
+NMMService serves."""
 
 from __future__ import annotations
 
@@ -26,13 +30,20 @@ def _service(name: str, namespace: Optional[str]) -> tuple[dict, str]:
     return svc, ns
 
 
-def _move_champion(model: str, version: int) -> None:
+def _known(model: str, version: int) -> None:
     from nmm import lineage
 
     with exits():
         if lineage.model_version(model, str(version)) is None:
             err.print(f"error: VERSION: {model} has no version {version}", markup=False)
             raise typer.Exit(EXIT_BAD_INPUT)
+
+
+def _move_champion(model: str, version: int) -> None:
+    from nmm import lineage
+
+    _known(model, version)
+    with exits():
         lineage.promote(model, str(version), "champion", {"nmm.serving.decision": "promoted_by_hand"})
     out.print(f"{model}: champion → version {version}", highlight=False)
 
@@ -45,8 +56,8 @@ def _serve(name: str, ns: str, version: int) -> None:
     except cluster.ClusterError as exc:
         err.print(f"error: {exc}", markup=False)
         raise typer.Exit(exitcodes.FAILED)
-    out.print(f"NMMService {ns}/{name}: serving version {version} (no canary); watch: kubectl get nmms {name} -n {ns} -w",
-              highlight=False)
+    out.print(f"NMMService {ns}/{name}: asked to serve version {version} at once (no canary); the operator moves champion "
+              f"once it serves it; watch: kubectl get nmms {name} -n {ns} -w", highlight=False)
 
 
 def promote(
@@ -60,7 +71,7 @@ def promote(
         _move_champion(name, version)
         return
     svc, ns = _service(name, namespace)
-    _move_champion(svc["spec"]["model"]["name"], version)
+    _known(svc["spec"]["model"]["name"], version)
     _serve(name, ns, version)
 
 
@@ -87,5 +98,5 @@ def rollback(
     if to is None:
         err.print(f"error: NMMService {ns}/{name} has served no other version; name one with --to", markup=False)
         raise typer.Exit(EXIT_BAD_INPUT)
-    _move_champion(svc["spec"]["model"]["name"], to)
+    _known(svc["spec"]["model"]["name"], to)
     _serve(name, ns, to)

@@ -31,7 +31,7 @@ def _stage(name: str, fn, ident: dict, variant: str | None = None, **kw) -> None
     from nmm.data.locate import SourceError
     from nmm.spec import SpecError
     from nmm.lineage import RegistryConflict
-    from nmm.serve.probe import ProbeError
+    from nmm.rollout.probe import ProbeError
     from nmm.stages.canary import ClusterRefused
     from nmm.stages.context import ModelMissing, OutputsConflict, StageContext, UnknownVariant
     from nmm.stages.logs import Archive

@@ -83,7 +83,8 @@ def inference_service(name: str, namespace: str, spec: ServiceSpec, version: int
                       s: CompileSettings) -> dict:
     """The InferenceService serving `version`; with `canary_weight`, `version` is the canary and
     takes that percent (the previous revision the rest)."""
-    predictor = {"minReplicas": spec.replicas, "maxReplicas": spec.replicas} | _pod_spec(spec, version, s, "kserve-container")
+    predictor = {"minReplicas": spec.replicas, "maxReplicas": spec.replicas,
+                 "labels": {LABEL_SERVICE: name, LABEL_VERSION: str(version)}} | _pod_spec(spec, version, s, "kserve-container")
     if canary_weight is not None:
         predictor["canaryTrafficPercent"] = canary_weight
     return {

@@ -41,6 +41,25 @@ INSTRUCTIONS = {
     "draw": ("Draw:", "Draw an image of", "Show me"),
 }
 
+# What people write to ask for a caption beside the trained paraphrases (OpenAI's vision guide asks
+# "What's in this image?"): each is laid out as the caption prompt, never as a question.
+CAPTION_ASKS = ("describe this image", "what is in this image", "what is in the image", "whats in this image",
+                "what does the image show", "what does this image show", "caption the image", "describe the picture")
+
+
+def _plain_words(text: str) -> str:
+    return " ".join("".join(c for c in text.lower() if c.isalnum() or c.isspace()).split())
+
+
+def caption_ask(text: str) -> int | None:
+    """Which caption instruction `text` is (its paraphrase index; a caption ask that is no
+    trained paraphrase is 0), or None when it asks something else."""
+    words = _plain_words(text)
+    trained = [_plain_words(t) for t in INSTRUCTIONS["caption"]]
+    if words in trained:
+        return trained.index(words)
+    return 0 if words in CAPTION_ASKS else None
+
 
 def instruction_texts(captions: int = 1) -> list[str]:
     """The instruction texts to add to a text tokenizer's corpus holding `captions` captions once
@@ -120,14 +139,6 @@ class Prompts:
         prompt = self.question(codes, question_local)
         target = [*self.vocab.text_ids(answer_local), EOS]
         return prompt + target, [0] * len(prompt) + [1] * len(target)
-
-
-def blank_text(prompt: list[int], text_range: tuple[int, int]) -> list[int]:
-    """The prompt with its text (caption and instruction: the ids in `text_range`, the shared
-    vocabulary's) padded out, positions kept: the unconditional twin of classifier-free
-    guidance, as caption dropout trains it."""
-    lo, hi = text_range
-    return [PAD if lo <= t < hi else t for t in prompt]
 
 
 def pack_rows(rows: list[tuple[list[int], list[int]]], length: int | None = None) -> tuple[np.ndarray, np.ndarray]:

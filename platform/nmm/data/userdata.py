@@ -118,9 +118,11 @@ def _truth(record: dict) -> tuple[int, dict | None]:
     return (label if 0 <= label < 1_000_000 else -1), (scene if isinstance(scene, dict) else None)
 
 
-def decode_image(data: bytes, channels: int, size: int, limits: Limits) -> np.ndarray | tuple[str, str]:
+def decode_image(data: bytes, channels: int, size: int, limits: Limits,
+                 formats: tuple[str, ...] | None = None) -> np.ndarray | tuple[str, str]:
     """Image bytes → (size, size, channels) float32 in [0, 1], resized and centre-cropped; or
-    (reason, detail) when they are not a usable image. Never raises for bad bytes."""
+    (reason, detail) when they are not a usable image. `formats`: the only Pillow formats tried
+    (None: any). Never raises for bad bytes."""
     from PIL import Image, ImageOps
 
     if not data:
@@ -128,7 +130,7 @@ def decode_image(data: bytes, channels: int, size: int, limits: Limits) -> np.nd
     try:
         with warnings.catch_warnings():  # over Pillow's own limit: ours below says so, as a row
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=formats)
         with img:
             w, h = img.size
             if w * h > limits.max_pixels:

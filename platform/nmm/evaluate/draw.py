@@ -1,14 +1,14 @@
-"""Draw images from captions (M2G) for the generation suites: the caption prompts, the model's
-plan when it writes one, constrained sampling of one image's codes, optional classifier-free
-guidance, codes decoded to pixels."""
+"""Draw images from captions (M2G) for the generation suites, through the one drawing path
+(nmm.model.generate.draw): the caption prompts, the model's plan when it writes one,
+constrained sampling of one image's codes, optional classifier-free guidance, pixels."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from nmm.data.sequences import Prompts, blank_text
-from nmm.model.generate import draw_images
+from nmm.data.sequences import Prompts
+from nmm.model.generate import draw as draw_path
 from nmm.tokenizers import ImageTokenizer, TextTokenizer
 from nmm.tokenizers.vocab import BOI
 
@@ -22,13 +22,9 @@ def draw_planned(model, prompts: Prompts, text: TextTokenizer, vq: ImageTokenize
     vocab = prompts.vocab
     asked = [prompts.draw(text.encode(c), k=i) for i, c in enumerate(captions)]
     g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    heads, outs = draw_images(model, asked, vq.tokens_per_image, vocab.image_range(),
-                              plan_range=vocab.text_range() if prompts.plans else None,
-                              blank=lambda p: blank_text(p, vocab.text_range()), temperature=temperature, generator=g,
-                              guidance=guidance)
-    codes = np.array([[t - vocab.image_offset for t in o] for o in outs], dtype=np.int64)
-    plans = [text.decode(vocab.text_local(t for t in h if t != BOI)).strip() for h in heads]
-    return vq.decode(codes), plans
+    drawn = draw_path(model, asked, vq, vocab, plans=prompts.plans, temperature=temperature, generator=g, guidance=guidance)
+    plans = [text.decode(vocab.text_local(t for t in h if t != BOI)).strip() for h in drawn.plans]
+    return drawn.pixels, plans
 
 
 def draw(model, prompts: Prompts, text: TextTokenizer, vq: ImageTokenizer, captions: list[str], temperature: float,

@@ -9,7 +9,16 @@ under `.nmm/mlartifacts`.
 """
 
 from nmm.lineage.errors import RegistryConflict, TrackingError
-from nmm.lineage.registry import ModelVersionInfo, alias_version, model_version, promote, register_version, tag_version
+from nmm.lineage.registry import (
+    ForeignModel,
+    ModelVersionInfo,
+    alias_version,
+    check_owner,
+    model_version,
+    promote,
+    register_version,
+    tag_version,
+)
 from nmm.lineage.runs import (
     StageRun,
     finish_pipeline_run,
@@ -22,11 +31,13 @@ from nmm.lineage.runs import (
 )
 
 __all__ = [
+    "ForeignModel",
     "ModelVersionInfo",
     "RegistryConflict",
     "StageRun",
     "TrackingError",
     "alias_version",
+    "check_owner",
     "model_version",
     "find_stage_run",
     "finish_pipeline_run",

@@ -1,6 +1,12 @@
 """Model registry: versions, aliases (`candidate`, `champion`). Fails closed: only MLflow's
 "does not exist" means "none"; every other failure is a TrackingError, so an outage can never
-read as "no champion yet"."""
+read as "no champion yet".
+
+A registered model belongs to the namespace that created it (the model's `nmm.namespace` tag): a
+registered model name is global in MLflow, so without it two tenants using one name would move
+each other's champion. Another namespace's pipeline or NMMService using the name is refused
+(`ForeignModel`); a model registered by an nmm that recorded no owner is claimed by the first
+namespace that writes to it."""
 
 from __future__ import annotations
 
@@ -11,6 +17,11 @@ from nmm.lineage.errors import RegistryConflict, already_exists, not_found, trac
 from nmm.lineage.runs import TAG_RUN_ID, TAG_RUN_KEY, _client
 
 TAG_MODEL_DIGEST = "nmm.model_digest"
+TAG_NAMESPACE = "nmm.namespace"  # on the registered model: the namespace it belongs to
+
+
+class ForeignModel(RegistryConflict):
+    """The registered model belongs to another namespace."""
 
 
 @dataclass(frozen=True)
@@ -46,10 +57,11 @@ def register_version(name: str, model_uri: str, run: RunIdentity, model_digest: 
     client = _client()
     if _registered_model(client, name) is None:
         try:
-            client.create_registered_model(name)
+            client.create_registered_model(name, tags={TAG_NAMESPACE: run.namespace})
         except MlflowException as exc:
             if not already_exists(exc):
                 raise
+    _claim(client, name, run.namespace)
     for v in client.search_model_versions(f"name='{name}'"):
         vtags = v.tags or {}
         if vtags.get(TAG_RUN_KEY) == run.key:
@@ -65,6 +77,29 @@ def register_version(name: str, model_uri: str, run: RunIdentity, model_digest: 
         model_uri, name, tags={TAG_RUN_ID: run.run_id, TAG_RUN_KEY: run.key, TAG_MODEL_DIGEST: model_digest, **tags}
     )
     return _info(client.get_model_version(name, mv.version))
+
+
+def _claim(client, name: str, namespace: str) -> None:
+    """Refuse a model of another namespace; claim one that records no owner."""
+    model = _registered_model(client, name)
+    owner = (model.tags or {}).get(TAG_NAMESPACE) if model is not None else None
+    if owner is None and model is not None:
+        client.set_registered_model_tag(name, TAG_NAMESPACE, namespace)
+        model = client.get_registered_model(name)  # two claimants at once: the tag MLflow kept decides
+        owner = (model.tags or {}).get(TAG_NAMESPACE)
+    if owner is not None and owner != namespace:
+        raise ForeignModel(f"registered model {name!r} belongs to namespace {owner!r}, not {namespace!r}: a registered "
+                           "model's name is global in MLflow; give this pipeline or service its own "
+                           "registeredModelName (e.g. prefixed with its namespace)")
+
+
+@tracked("check who owns the registered model")
+def check_owner(name: str, namespace: str) -> None:
+    """ForeignModel when `name` belongs to another namespace (one that records no owner is
+    claimed for `namespace`; one that does not exist yet is nobody's)."""
+    client = _client()
+    if _registered_model(client, name) is not None:
+        _claim(client, name, namespace)
 
 
 @tracked("read the registered model's aliases")

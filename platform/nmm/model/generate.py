@@ -1,16 +1,39 @@
 """Constrained sampling from the early-fusion model with a KV cache: each step may only emit
 tokens of one range (text ids while captioning, image codes while drawing), optionally with
 classifier-free guidance against an unconditional prompt; and drawing, with the model's plan
-in words first when it was trained to write one."""
+in words first when it was trained to write one.
+
+`draw` is the one prompt → codes → pixels path: evaluation, `nmm serve`, the MLflow pyfunc and
+(through `draw_images`, its codes half) the grpo/opd rollouts all draw with it."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from nmm.model.transformer import KVCache, image_spans
-from nmm.tokenizers.vocab import BOI
+from nmm.tokenizers.vocab import BOI, SharedVocab, blank_text
+
+MIN_TEMPERATURE = 1e-3  # below it sampling is greedy: logits / 1e-38 overflow to inf and softmax gives NaN
+
+
+def sampled(temperature: float) -> bool:
+    """Whether `temperature` samples (False: greedy). One rule for the server and generation."""
+    return temperature >= MIN_TEMPERATURE
+
+
+def chat_prompt_limit(max_seq_len: int) -> int:
+    """The longest prompt a model of context `max_seq_len` can answer (one token of room)."""
+    return max_seq_len - 1
+
+
+def draw_prompt_limit(max_seq_len: int, tokens_per_image: int, plans: bool) -> int:
+    """The longest drawing prompt that still leaves a whole image's room: the image's codes,
+    and <boi> when the model writes a plan first (the plan itself gets what is left)."""
+    return max_seq_len - tokens_per_image - (1 if plans else 0)
 
 
 @torch.no_grad()
@@ -93,6 +116,11 @@ def draw_images(
     guidance, until it writes <boi> (returned with the plan) or only the image's room is left in
     the context (<boi> is then put in, not returned). The image follows, with classifier-free
     `guidance` against `blank(prompt + plan + <boi>)`, the condition padded out."""
+    limit = draw_prompt_limit(model.cfg.max_seq_len, tokens_per_image, plan_range is not None)
+    too_long = [i for i, p in enumerate(prompts) if len(p) > limit]
+    if too_long:
+        raise ValueError(f"prompt {too_long[0]}: {len(prompts[too_long[0]])} tokens leave no room for an image "
+                         f"({tokens_per_image} codes) in a context of {model.cfg.max_seq_len}: at most {limit}")
     heads: list[list[int]] = [[] for _ in prompts]
     if plan_range is not None:
         def room(n: int) -> int:  # each prompt's own room: a short prompt may need a long plan
@@ -106,6 +134,26 @@ def draw_images(
     images = generate(model, prompts, tokens_per_image, image_range, temperature=temperature, generator=generator,
                       guidance=guidance, uncond=uncond, patches=patches, on_step=on_step)
     return heads, images
+
+
+@dataclass(frozen=True)
+class Drawn:
+    pixels: np.ndarray  # (N, H, W, C) in [0, 1]
+    codes: np.ndarray  # (N, tokens_per_image) image codes (the tokenizer's, not vocabulary ids)
+    plans: list[list[int]]  # what the model wrote before each image: its plan's ids (and <boi>), [] without plans
+
+
+def draw(model, prompts: list[list[int]], vq, vocab: SharedVocab, *, plans: bool, temperature: float = 0.0,
+         generator: torch.Generator | None = None, guidance: float = 1.0, on_step=None) -> Drawn:
+    """Prompt → codes → pixels: one image per drawing prompt (`Prompts.draw`'s), its plan written
+    first when the model was trained with `plans`, classifier-free guidance against the prompt
+    with its text padded out, the codes decoded by the image tokenizer `vq`."""
+    heads, outs = draw_images(model, prompts, vq.tokens_per_image, vocab.image_range(),
+                              plan_range=vocab.text_range() if plans else None,
+                              blank=lambda p: blank_text(p, vocab.text_range()), temperature=temperature,
+                              generator=generator, guidance=guidance, on_step=on_step)
+    codes = np.array([[t - vocab.image_offset for t in o] for o in outs], dtype=np.int64).reshape(len(prompts), -1)
+    return Drawn(vq.decode(codes), codes, heads)
 
 
 SYNC_EVERY = 16  # without a streaming callback, the host looks at the device's `done` flags this often
@@ -164,7 +212,7 @@ def _generate_batch(model, prompts, uncond, patches, guidance, max_new, allowed,
         if uncond is not None:
             logits = logits[n:] + guidance * (logits[:n] - logits[n:])
         logits = logits + mask
-        if temperature > 0:
+        if sampled(temperature):
             probs = torch.softmax(logits / temperature, dim=-1)
             nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         else:

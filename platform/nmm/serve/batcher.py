@@ -2,6 +2,11 @@
 `max_batch` of them that can share a forward pass (the same kind of work: `key`), waiting at most
 `max_wait_ms` for company, and runs them together. A full queue refuses at once (`QueueFull`, a
 429), so memory stays bounded; `drain` stops taking work and lets what was accepted finish.
+
+One job's failure fails that job only (vLLM's per-request errors): `run` may answer an exception
+in a job's place, and a batch that raises as a whole is run again one job at a time, so the job
+that cannot run fails alone. A streamed job whose tokens already went out cannot be run again
+(its client has them): it fails with the batch's error.
 """
 
 from __future__ import annotations
@@ -94,16 +99,28 @@ class Batcher:
             if self.on_batch:
                 self.on_batch(len(batch))
             try:
-                results = self.run(batch)
-                for job, result in zip(batch, results):
-                    job.future.set_result(result)
-            except Exception as exc:  # a fault of the batch fails its requests, not the server
-                for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
+                self._answer(batch)
             finally:
                 with self._cv:
                     self._busy = 0
+
+    def _answer(self, batch: list[Job]) -> None:
+        """Run the batch and settle every job's future; a batch that raises is run again job by job."""
+        try:
+            results = self.run(batch)
+        except Exception as exc:  # any fault of the batch: find the job it belongs to
+            if len(batch) == 1:
+                _settle(batch[0], exc)
+                return
+            for job in batch:
+                if job.stream is not None and job.first_token_at is not None:
+                    _settle(job, exc)  # its tokens are out: it cannot be run again
+                else:
+                    job.first_token_at = None
+                    self._answer([job])
+            return
+        for job, result in zip(batch, results):
+            _settle(job, result)
 
     def drain(self, timeout: float = 30.0) -> None:
         """Refuse new work, finish what was accepted (SIGTERM's graceful shutdown)."""
@@ -111,3 +128,13 @@ class Batcher:
             self._draining = True
             self._cv.notify_all()
         self._thread.join(timeout)
+
+
+def _settle(job: Job, result: Any) -> None:
+    if job.future.done():
+        return
+    if isinstance(result, BaseException):
+        job.future.set_exception(result)
+    else:
+        job.future.set_result(result)
+

@@ -1,4 +1,6 @@
-"""A published model folder: weights (safetensors), config and tokenizers, loaded for inference."""
+"""A published model folder: weights (safetensors), config and tokenizers, loaded for inference;
+and a request laid out the way the model was trained (`read_prompt`, `draw_prompt`), or refused
+with what the model does — one layout for the server and the pyfunc."""
 
 from __future__ import annotations
 
@@ -8,8 +10,9 @@ from pathlib import Path
 
 import torch
 
-from nmm.data.sequences import Prompts
+from nmm.data.sequences import INSTRUCTIONS, Prompts, caption_ask
 from nmm.model import ModelConfig
+from nmm.model.generate import chat_prompt_limit, draw_prompt_limit
 from nmm.tokenizers import ImageTokenizer, SharedVocab, TextTokenizer, load_image_tokenizer
 
 WEIGHTS = "model.safetensors"
@@ -27,6 +30,58 @@ class LoadedModel:
     vq: ImageTokenizer
     config: dict
     prompts: Prompts  # the prompt style the model was trained to answer (config "prompts"; "plans": plan first)
+
+    @property
+    def serves(self) -> dict[str, bool]:
+        """What the model was trained to do: caption an image, answer a question about one, draw."""
+        return served_tasks(self.config)
+
+    def read_prompt(self, codes, text: str | None) -> list[int]:
+        """The prompt for an image and the user's text, laid out as the model was trained: no text
+        or a caption ask ("Describe the image.") is the caption prompt, other text a question for
+        a model trained to answer; anything else is Refused, never turned into a worse prompt."""
+        k = caption_ask(text) if text else 0
+        if k is not None:
+            prompt = self.prompts.caption(codes, k)
+        elif self.serves["answer"]:
+            prompt = self.prompts.question(codes, self.text.encode(text))
+        else:
+            raise Refused("messages", "this model captions images and answers no questions: send the image alone or "
+                          f"with {INSTRUCTIONS['caption'][0]!r} (got {text[:60]!r})")
+        limit = chat_prompt_limit(self.model.cfg.max_seq_len)
+        if len(prompt) > limit:
+            raise Refused("messages", f"the prompt is {len(prompt)} tokens; this model reads at most {limit} "
+                          f"(its context is {self.model.cfg.max_seq_len} tokens)")
+        return prompt
+
+    def draw_prompt(self, text: str) -> list[int]:
+        """The drawing prompt for `text`, or Refused when the model does not draw or the prompt
+        leaves no room for a whole image."""
+        if not self.serves["draw"]:
+            raise Refused("prompt", "this model does not draw; it captions images (POST /v1/chat/completions)")
+        prompt = self.prompts.draw(self.text.encode(text))
+        limit = draw_prompt_limit(self.model.cfg.max_seq_len, self.vq.tokens_per_image, self.prompts.plans)
+        if len(prompt) > limit:
+            raise Refused("prompt", f"the prompt is {len(prompt)} tokens; this model draws after at most {limit} "
+                          f"(its context is {self.model.cfg.max_seq_len} tokens, an image {self.vq.tokens_per_image})")
+        return prompt
+
+
+class Refused(ValueError):
+    """A request the model cannot serve as asked (HTTP 400); `param` names the request's field."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+def served_tasks(config: dict) -> dict[str, bool]:
+    """config.json's "serves"; a folder published before nmm wrote it was trained on every task
+    of its data: captions, answers unless it is digits, drawings unless it reads pixels."""
+    if "serves" in config:
+        return {k: bool(config["serves"].get(k)) for k in ("caption", "answer", "draw")}
+    reads_pixels = config["model"].get("fusion", "early") != "early"
+    return {"caption": True, "answer": config.get("source") != "digits", "draw": not reads_pixels}
 
 
 def model_files(model: torch.nn.Module, config: dict, text_bytes: bytes, vq_bytes: bytes) -> dict[str, bytes]:

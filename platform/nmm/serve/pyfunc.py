@@ -2,18 +2,39 @@
 
 `mlflow.pyfunc.load_model(uri).predict(rows)` with rows of `{"prompt": "a handwritten digit 3"}`
 (draw; returns image pixels), `{"image": [[[...]]]}` (pixels H×W×C in [0, 1]; caption, or answer
-`"question"` when given; returns text) or `{"image_codes": [...]}` (early fusion's codes).
-Callers send the bare caption or question: the model's own prompt style (`prompts` in its
-config.json; a model finished by sft or opd answers instruction turns) wraps it.
+`"question"` when given; returns text) or `{"image_codes": [...]}` (early fusion's codes). Rows of
+different kinds may share one frame (pandas fills the other kinds' columns with NaN: a missing
+cell is missing). A row the model cannot serve gets `{"error": …}` in its place, the other rows
+their answers. `params`: `max_tokens`, `temperature`, `guidance`, `seed` (the server's defaults).
+
+The pyfunc lays a request out and draws exactly as `nmm serve` does: the model's own prompt style
+and tasks (`LoadedModel.read_prompt` / `draw_prompt`), the one drawing path
+(nmm.model.generate.draw).
 """
 
 from __future__ import annotations
 
-import numpy as np
+import math
 
-from nmm.model.generate import draw_images, generate
-from nmm.serve.model_dir import LoadedModel, load_from_dir
+import numpy as np
+import torch
+
+from nmm.model.generate import draw, generate
+from nmm.serve import openai_api
+from nmm.serve.model_dir import LoadedModel, Refused, load_from_dir
 from nmm.tokenizers.vocab import EOS
+
+DEFAULTS = {"max_tokens": openai_api.CHAT_MAX_TOKENS, "temperature": openai_api.DRAW_TEMPERATURE,
+            "guidance": openai_api.DRAW_GUIDANCE, "seed": 0}
+
+
+def present(value) -> bool:
+    """A cell that holds something: not None, not NaN (pandas' filler for another kind's column)."""
+    if value is None:
+        return False
+    if isinstance(value, float) and math.isnan(value):
+        return False
+    return not (isinstance(value, str) and not value)
 
 
 class Predictor:
@@ -22,27 +43,38 @@ class Predictor:
 
     def predict(self, model_input, params=None):
         rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
+        p = DEFAULTS | {k: v for k, v in (params or {}).items() if k in DEFAULTS and v is not None}
         out = []
-        v, m, prompts = self.m.vocab, self.m, self.m.prompts
         for row in rows:
-            if row.get("prompt"):
-                ids = draw_images(m.model, [prompts.draw(m.text.encode(row["prompt"]))], m.vq.tokens_per_image, v.image_range(),
-                                  plan_range=v.text_range() if prompts.plans else None)[1][0]
-                img = m.vq.decode(np.asarray([[t - v.image_offset for t in ids]]))[0]
-                out.append({"image": img.tolist()})
-            else:
-                patches = None
-                if row.get("image") is not None:
-                    pixels = np.asarray(row["image"], dtype=np.float32)[None]
-                    codes = m.vq.encode(pixels)[0]
-                    patches = m.vq.patches(pixels) if m.model.cfg.reads_pixels else None
-                else:
-                    codes = np.asarray(row["image_codes"], dtype=np.int64)
-                q = row.get("question")
-                prompt = prompts.question(codes, m.text.encode(q)) if q else prompts.caption(codes)
-                ids = generate(m.model, [prompt], 16, v.text_range(), stop=EOS, extra_allowed=(EOS,), patches=patches)[0]
-                out.append({"text": m.text.decode(v.text_local(ids)).strip()})
+            try:
+                out.append(self._draw(row["prompt"], p) if present(row.get("prompt")) else self._read(row, p))
+            except Refused as exc:
+                out.append({"error": str(exc)})
         return out
+
+    def _draw(self, prompt: str, p: dict) -> dict:
+        m = self.m
+        g = torch.Generator().manual_seed(int(p["seed"]))
+        drawn = draw(m.model, [m.draw_prompt(str(prompt))], m.vq, m.vocab, plans=m.prompts.plans,
+                     temperature=openai_api.greedy_below_floor(float(p["temperature"])), generator=g,
+                     guidance=float(p["guidance"]))
+        return {"image": drawn.pixels[0].tolist()}
+
+    def _read(self, row: dict, p: dict) -> dict:
+        m, v = self.m, self.m.vocab
+        patches = None
+        if present(row.get("image")):
+            pixels = np.asarray(row["image"], dtype=np.float32)[None]
+            codes = m.vq.encode(pixels)[0]
+            patches = torch.from_numpy(m.vq.patches(pixels)) if m.model.cfg.reads_pixels else None
+        elif present(row.get("image_codes")):
+            codes = np.asarray(row["image_codes"], dtype=np.int64)
+        else:
+            raise Refused("image", "a row needs a prompt (to draw), an image or image_codes (to read)")
+        question = str(row["question"]) if present(row.get("question")) else None
+        ids = generate(m.model, [m.read_prompt(codes, question)], int(p["max_tokens"]), v.text_range(), stop=EOS,
+                       extra_allowed=(EOS,), patches=patches)[0]
+        return {"text": m.text.decode(v.text_local(ids)).strip()}
 
 
 def _load_pyfunc(data_path: str) -> Predictor:

@@ -1,12 +1,18 @@
 """`nmm serve`: an OpenAI-compatible HTTP server for an nmm model (FastAPI + uvicorn).
 
-    POST /v1/chat/completions    image (+ question) → text; `stream: true` as server-sent events
+    POST /v1/chat/completions    image (+ a caption ask or a question) → text; `stream: true` as server-sent events
     POST /v1/images/generations  prompt → `n` base64 PNGs (`guidance`: classifier-free guidance)
     GET  /v1/models, /healthz, /readyz, /metrics (Prometheus)
 
-Requests are batched dynamically on the model (nmm.serve.batcher); a full queue answers 429.
-`stream: true` sends each token's text as it is generated (server-sent events), from inside the
-batch it shares with other requests. Time to first token is measured for every request.
+A request is checked whole before it queues: its body bounded (nmm.serve.http), parsed, its image
+decoded and its prompt laid out the way the model was trained and measured against the model's
+context (nmm.serve.model_dir) — in a small worker pool, never on the event loop, so health probes
+answer whatever a client sends. What the model cannot do is a 400 that says what it does.
+
+Requests are batched dynamically on the model (nmm.serve.batcher); a full queue answers 429, and
+one request's failure fails that request only. `stream: true` sends each token's text as it is
+generated, from inside the batch it shares with other requests. Every response is counted with
+the status its client got (nmm.serve.http.Counted).
 """
 
 from __future__ import annotations
@@ -18,19 +24,24 @@ import io
 import json
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from fastapi import FastAPI, Request  # at module level: FastAPI reads the routes' annotations by name
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from nmm.model.generate import draw_images, generate
+from nmm.model.generate import draw, generate
 from nmm.serve import openai_api
 from nmm.serve.batcher import Batcher, Draining, QueueFull
-from nmm.serve.model_dir import LoadedModel
+from nmm.serve.http import BODY_TIMEOUT_S, INTERNAL, BodyBudget, Counted, mark, read_body
+from nmm.serve.model_dir import LoadedModel, Refused
 from nmm.tokenizers.vocab import EOS
 
 ROUTES = ("/v1/chat/completions", "/v1/images/generations", "/v1/models")
+PREPARE_WORKERS = 2  # parse, decode and tokenize off the event loop (Pillow's decoders release the GIL)
+IMAGE_BODY_BYTES = 64 << 10  # an image generation request is a prompt and a few numbers
 
 
 class Metrics:
@@ -38,7 +49,11 @@ class Metrics:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("nmm_requests_total", "HTTP requests by route and status", ["route", "status"], registry=r)
+        self.requests = Counter("nmm_requests_total", "HTTP requests by route and the status the client got", ["route", "status"],
+                                registry=r)
+        self.received = Counter("nmm_requests_received_total", "HTTP requests by route, counted as they arrive", ["route"],
+                                registry=r)
+        self.in_flight = Gauge("nmm_requests_in_flight", "Requests received and not yet answered", registry=r)
         self.latency = Histogram("nmm_request_seconds", "Request latency by route", ["route"], registry=r)
         self.first_token = Histogram("nmm_time_to_first_token_seconds", "Time until the first answer token", registry=r)
         self.tokens = Counter("nmm_generated_tokens_total", "Tokens generated", ["kind"], registry=r)
@@ -46,54 +61,77 @@ class Metrics:
         self.batch = Histogram("nmm_batch_size", "Requests per model batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
 
 
+@dataclass(frozen=True)
+class ChatJob:
+    prompt: list[int]
+    pixels: np.ndarray  # (H, W, C) in [0, 1], at the model's shape
+
+
+@dataclass(frozen=True)
+class DrawJob:
+    prompt: list[int]
+    n: int
+
+
 class Model:
-    """The loaded model and what each batch of work does with it (runs on the batcher's thread)."""
+    """The loaded model: what a request becomes before it queues (`chat_job`, `draw_job`: worker
+    pool), and what each batch does with it (`run`: the batcher's thread)."""
 
     def __init__(self, m: LoadedModel, metrics: Metrics):
         self.m, self.metrics = m, metrics
         self.side, _, self.channels = m.vq.image_shape
 
+    def chat_job(self, req: openai_api.Chat) -> ChatJob:
+        pixels = openai_api.decode_image(req.image, req.image_format, self.channels, self.side)
+        return ChatJob(self._laid_out(lambda: self.m.read_prompt(self.m.vq.encode(pixels[None])[0], req.question)), pixels)
+
+    def draw_job(self, req: openai_api.ImageBody) -> DrawJob:
+        return DrawJob(self._laid_out(lambda: self.m.draw_prompt(req.prompt)), req.n)
+
+    @staticmethod
+    def _laid_out(prompt) -> list[int]:
+        try:
+            return prompt()
+        except Refused as exc:
+            raise openai_api.APIError(400, str(exc), exc.param) from None
+
     def chat(self, jobs) -> list[dict]:
         m, v = self.m, self.m.vocab
         _, max_tokens, temperature, seed = jobs[0].key
-        codes = m.vq.encode(np.stack([j.payload.image for j in jobs]))
-        prompts = [m.prompts.question(c, m.text.encode(j.payload.question)) if j.payload.question else m.prompts.caption(c)
-                   for c, j in zip(codes, jobs)]
-        patches = torch.from_numpy(m.vq.patches(np.stack([j.payload.image for j in jobs]))) if m.model.cfg.reads_pixels else None
-        g = _generator(seed)
+        prompts = [j.payload.prompt for j in jobs]
+        patches = torch.from_numpy(m.vq.patches(np.stack([j.payload.pixels for j in jobs]))) if m.model.cfg.reads_pixels else None
         outs = generate(m.model, prompts, max_tokens, v.text_range(), stop=EOS, extra_allowed=(EOS,),
-                        temperature=temperature, generator=g, patches=patches, on_step=_on_step(jobs))
+                        temperature=temperature, generator=_generator(seed), patches=patches, on_step=_on_step(jobs))
         self.metrics.tokens.labels("text").inc(sum(len(o) for o in outs))
-        return [{"text": m.text.decode(v.text_local(t for t in o if t != EOS)).strip(), "prompt_tokens": len(p),
-                 "completion_tokens": len(o), "finish_reason": "stop" if EOS in o else "length"}
-                for o, p in zip(outs, prompts)]
+        return [{"text": self.text_of(o), "prompt_tokens": len(p), "completion_tokens": len(o),
+                 "finish_reason": "stop" if EOS in o else "length"} for o, p in zip(outs, prompts)]
 
     def text_of(self, tokens: list[int]) -> str:
         return self.m.text.decode(self.m.vocab.text_local(t for t in tokens if t != EOS)).strip()
 
-    def images(self, jobs) -> list[list[str]]:
-        from nmm.data.sequences import blank_text
-
-        m, v = self.m, self.m.vocab
+    def images(self, jobs) -> list[list[str] | Exception]:
+        m = self.m
         _, guidance, temperature, seed = jobs[0].key
-        asked = [m.prompts.draw(m.text.encode(j.payload.prompt)) for j in jobs for _ in range(j.payload.n)]
-        g = _generator(seed)
         per_job = [j for j in jobs for _ in range(j.payload.n)]
-        _, outs = draw_images(m.model, asked, m.vq.tokens_per_image, v.image_range(),
-                              plan_range=v.text_range() if m.prompts.plans else None,
-                              blank=lambda p: blank_text(p, v.text_range()), temperature=temperature, generator=g,
-                              guidance=guidance, on_step=_on_step(per_job))
-        self.metrics.tokens.labels("image").inc(sum(len(o) for o in outs))
-        pixels = m.vq.decode(np.array([[t - v.image_offset for t in o] for o in outs], dtype=np.int64))
-        pngs = [_png(p) for p in pixels]
+        drawn = draw(m.model, [j.payload.prompt for j in per_job], m.vq, m.vocab, plans=m.prompts.plans,
+                     temperature=temperature, generator=_generator(seed), guidance=guidance, on_step=_on_step(per_job))
+        self.metrics.tokens.labels("image").inc(drawn.codes.size)
         out, at = [], 0
         for j in jobs:
-            out.append(pngs[at : at + j.payload.n])
+            out.append(_answer(lambda: [_png(p) for p in drawn.pixels[at: at + j.payload.n]]))
             at += j.payload.n
         return out
 
     def run(self, jobs) -> list:
         return self.chat(jobs) if jobs[0].key[0] == "chat" else self.images(jobs)
+
+
+def _answer(fn):
+    """fn's result, or the exception in its place: one job's fault stays that job's."""
+    try:
+        return fn()
+    except Exception as exc:
+        return exc
 
 
 def _on_step(jobs):
@@ -139,11 +177,12 @@ def _chunk(base: dict, delta: dict, finish: str | None = None) -> str:
     return f"data: {json.dumps(base | {'choices': [{'index': 0, 'delta': delta, 'finish_reason': finish}]})}\n\n"
 
 
-async def _stream(name: str, model: Model, job, tokens: asyncio.Queue, done):
+async def _stream(name: str, model: Model, job, tokens: asyncio.Queue, scope: dict, done):
     """Server-sent events: the role, then each token's text as it comes, then the finish reason.
     Text is sent once it is stable (decoded from all tokens so far, whitespace held back until a
-    word follows), so the chunks add up to exactly the non-streamed answer. `done` runs however
-    the stream ends (a client that hung up included)."""
+    word follows), so the chunks add up to exactly the non-streamed answer. A generation that
+    fails after the stream began says so in the stream and is counted as the 500 it is. `done`
+    runs however the stream ends (a client that hung up included)."""
     base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()), "model": name}
     fut = asyncio.wrap_future(job.future)
     try:
@@ -163,7 +202,8 @@ async def _stream(name: str, model: Model, job, tokens: asyncio.Queue, done):
                 sent = text
         try:
             out = fut.result()
-        except Exception as exc:  # the batch failed after the stream began: say so in the stream
+        except Exception as exc:
+            mark(scope, 500)
             yield f"data: {json.dumps({'error': {'message': f'generation failed: {type(exc).__name__}', 'type': 'server_error'}})}\n\n"
             return
         if out["text"].startswith(sent) and len(out["text"]) > len(sent):
@@ -174,86 +214,83 @@ async def _stream(name: str, model: Model, job, tokens: asyncio.Queue, done):
         done()
 
 
-def create_app(loaded: LoadedModel, name: str, *, max_batch: int = 16, max_wait_ms: float = 5.0, max_queue: int = 256):
+def _error(exc: Exception) -> JSONResponse:
+    """A refused request's answer: the APIError's, 429 for a full queue, 503 while draining (any
+    other exception is the middleware's 500). A body not read to its end closes the connection."""
+    if isinstance(exc, QueueFull):
+        exc = openai_api.APIError(429, f"busy: {exc}", kind="rate_limit_error")
+    elif isinstance(exc, Draining):
+        exc = openai_api.APIError(503, "shutting down", kind="server_error")
+    elif not isinstance(exc, openai_api.APIError):
+        raise exc
+    close = {"connection": "close"} if exc.status in (408, 413, 429) else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=close)
+
+
+def create_app(loaded: LoadedModel, name: str, *, max_batch: int = 16, max_wait_ms: float = 5.0, max_queue: int = 256,
+               body_timeout: float = BODY_TIMEOUT_S):
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     metrics = Metrics()
     model = Model(loaded, metrics)
     batcher = Batcher(model.run, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                       on_batch=metrics.batch.observe)
+    pool = ThreadPoolExecutor(PREPARE_WORKERS, thread_name_prefix="nmm-prepare")
+    budget = BodyBudget()
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
         batcher.drain()  # uvicorn stopped taking requests on SIGTERM; the accepted ones finish
+        pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="nmm serve", openapi_url=None, docs_url=None, redoc_url=None, lifespan=lifespan)
-    app.state.batcher = batcher
+    app.add_exception_handler(Exception, lambda request, exc: JSONResponse(INTERNAL.body(), status_code=500))
 
-    def error(route: str, exc: Exception) -> JSONResponse:
-        if isinstance(exc, openai_api.APIError):
-            status, body = exc.status, exc.body()
-        elif isinstance(exc, QueueFull):
-            status, body = 429, openai_api.APIError(429, f"busy: {exc}", kind="rate_limit_error").body()
-        elif isinstance(exc, Draining):
-            status, body = 503, openai_api.APIError(503, "shutting down", kind="server_error").body()
-        else:
-            raise exc
-        metrics.requests.labels(route, str(status)).inc()
-        return JSONResponse(body, status_code=status)
+    async def prepared(request: Request, limit: int, parse, prepare):
+        """Body → checked request → the job's payload, the CPU work in the pool."""
+        raw = await read_body(request, limit, budget, body_timeout)
+        loop = asyncio.get_running_loop()
+        req = await loop.run_in_executor(pool, parse, raw, name)
+        return req, await loop.run_in_executor(pool, prepare, req)
 
-    async def body_of(request: Request):
-        raw = await request.body()
-        if len(raw) > 12 << 20:
-            raise openai_api.APIError(413, "the request body is over 12 MiB")
-        try:
-            return json.loads(raw)
-        except ValueError:
-            raise openai_api.APIError(400, "the request body is not JSON") from None
+    def first_token(t0: float, job) -> None:
+        if job.first_token_at is not None:
+            metrics.first_token.observe(job.first_token_at - t0)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        route, t0 = "/v1/chat/completions", time.perf_counter()
+        t0 = time.perf_counter()
         try:
-            req = openai_api.parse_chat(await body_of(request), name, model.channels, model.side)
+            req, payload = await prepared(request, openai_api.MAX_BODY_BYTES, openai_api.parse_chat, model.chat_job)
             key = ("chat", req.max_tokens, req.temperature, req.seed if req.temperature > 0 else None)
             metrics.queue.set(batcher.depth + 1)
             if req.stream:
                 loop, tokens = asyncio.get_running_loop(), asyncio.Queue()
-                job = batcher.enqueue(key, req, stream=lambda tok: loop.call_soon_threadsafe(tokens.put_nowait, tok))
+                job = batcher.enqueue(key, payload, stream=lambda tok: loop.call_soon_threadsafe(tokens.put_nowait, tok))
             else:
-                out, job = await batcher.submit(key, req)
+                out, job = await batcher.submit(key, payload)
         except Exception as exc:
-            return error(route, exc)
+            return _error(exc)
         if req.stream:
-            def done() -> None:
-                finished(route, t0, job)
-            return StreamingResponse(_stream(name, model, job, tokens, done), media_type="text/event-stream")
-        finished(route, t0, job)
+            return StreamingResponse(_stream(name, model, job, tokens, request.scope, lambda: first_token(t0, job)),
+                                     media_type="text/event-stream")
+        first_token(t0, job)
         return _completion(name, out)
-
-    def finished(route: str, t0: float, job) -> None:
-        if job.first_token_at is not None:
-            metrics.first_token.observe(job.first_token_at - t0)
-        metrics.latency.labels(route).observe(time.perf_counter() - t0)
-        metrics.requests.labels(route, "200").inc()
 
     @app.post("/v1/images/generations")
     async def images(request: Request):
-        route, t0 = "/v1/images/generations", time.perf_counter()
+        t0 = time.perf_counter()
         try:
-            req = openai_api.parse_images(await body_of(request))
-            if req.model not in (None, name):
-                raise openai_api.APIError(404, f"model {req.model!r} is not served here", "model", "not_found_error")
-            key = ("image", req.guidance, req.temperature, req.seed)
-            pngs, job = await batcher.submit(key, req)
+            req, payload = await prepared(request, IMAGE_BODY_BYTES, openai_api.parse_images, model.draw_job)
+            pngs, job = await batcher.submit(("image", req.guidance, req.temperature, req.seed), payload)
         except Exception as exc:
-            return error(route, exc)
-        finished(route, t0, job)
+            return _error(exc)
+        first_token(t0, job)
         return {"created": int(time.time()), "data": [{"b64_json": p} for p in pngs]}
 
     @app.get("/v1/models")
     async def models():
-        metrics.requests.labels("/v1/models", "200").inc()
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "nmm"}]}
 
     @app.get("/healthz")
@@ -269,4 +306,4 @@ def create_app(loaded: LoadedModel, name: str, *, max_batch: int = 16, max_wait_
         metrics.queue.set(batcher.depth)
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    return app
+    return Counted(app, metrics, ROUTES)

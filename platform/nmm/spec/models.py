@@ -54,8 +54,9 @@ SUITES: dict[str, dict] = {
 }
 
 
-# The suites whose held-out cases a canary's quality probe asks (nmm.serve.probe grades them).
-PROBE_SUITES = ("m2t.digits", "m2t.shapes_vqa")
+# The suites whose held-out cases a canary's quality probe asks, per task the model serves
+# (nmm.rollout.probe grades them as the suite does: captions and answers; drawings by the suite's judge).
+PROBE_SUITES = {"m2t": ("m2t.digits", "m2t.shapes_vqa"), "m2g": ("m2g.digits", "m2g.shapes_geneval")}
 
 
 class NamespaceConflict(ValueError):
@@ -411,12 +412,13 @@ class PipelineBody(Model):
                     f"(they measure {sorted(measured)}){hint}"
                 )
         probe = self.rollout.serving.canary.analysis.quality_probe if self.rollout.serving else None
-        m2t = [s for s in self.evaluation.suites if s in PROBE_SUITES]
-        if probe is not None and probe.cases_uri is None and not m2t:
+        unprobed = [t for t in self.model.tasks if not set(PROBE_SUITES[t]) & set(self.evaluation.suites)]
+        if probe is not None and probe.cases_uri is None and unprobed:
             raise ValueError(
-                "rollout.serving.canary.analysis.qualityProbe: the probe asks held-out M2T cases "
-                f"({', '.join(PROBE_SUITES)}) and evaluation.suites has none; give casesUri, or "
-                "qualityProbe: null to judge canaries on SLOs alone"
+                f"rollout.serving.canary.analysis.qualityProbe: the probe covers every task the model serves, and "
+                f"evaluation.suites has no held-out cases of {unprobed[0]} (one of "
+                f"{', '.join(PROBE_SUITES[unprobed[0]])}); add one, give casesUri, or qualityProbe: null to judge "
+                "canaries on SLOs alone"
             )
         if self.training.parallelism.pack is True and self.model.fusion != "early":
             raise ValueError(

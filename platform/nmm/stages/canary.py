@@ -1,7 +1,7 @@
 """The rollout stage's serving half (`spec.rollout.serving`): roll a promoted version out as a
 canary against the champion, and record every step in the rollout's MLflow run.
 
-- Local engine (NMM_ENGINE=local): for real on this machine (nmm.serve.canary): both versions
+- Local engine (NMM_ENGINE=local): for real on this machine (nmm.rollout.canary): both versions
   served on loopback, traffic split by weight, analysed at each step; the stage waits for the
   outcome and moves `champion` only when every step passed.
 - On a cluster: the pipeline's `NMMService` is created or updated to serve the new version; the
@@ -10,17 +10,15 @@ canary against the champion, and record every step in the rollout's MLflow run.
 
 from __future__ import annotations
 
-import functools
 import io
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
 
 from nmm import storage
-from nmm.data.dataset import Dataset, Split
-from nmm.serve import analysis, probe
-from nmm.serve.canary import LocalCanary, Outcome, Step, StepResult
+from nmm.data.dataset import Dataset
+from nmm.rollout import analysis, probe
+from nmm.rollout.canary import LocalCanary, Outcome, Step, StepResult
 from nmm.spec.crd import GROUP, SERVICE_PLURAL, VERSION
 from nmm.spec.serving import SERVICE_KIND, Serving
 from nmm.stages.context import StageContext
@@ -32,46 +30,51 @@ def local_engine() -> bool:
     return os.environ.get("NMM_ENGINE") == "local"
 
 
-def held_out(model_manifest: dict) -> Callable[[], Split]:
-    """The model's dataset's test split, read on first use and then kept (probe cases, traffic)."""
-    return functools.cache(lambda: Dataset.open(model_manifest["dataset_uri"]).split("test"))
+def held_out(model_manifest: dict) -> Dataset:
+    """The model's dataset (its splits are read on first use and kept: probe cases, traffic)."""
+    return Dataset.open(model_manifest["dataset_uri"])
 
 
-def write_probe(ctx: StageContext, serving: Serving, test: Callable[[], Split]) -> tuple[str | None, list[dict]]:
-    """(URI, cases): the quality probe's cases from the test split, written next to the rollout's
-    outputs (the operator reads them there); (None, []) without a probe."""
+def write_probe(ctx: StageContext, serving: Serving, ds: Dataset) -> tuple[str | None, probe.Cases | None]:
+    """(URI, cases): the quality probe's cases — per task the model serves, from the test split
+    (drawings graded by the suite's judge, fitted on the train split) —, written next to the
+    rollout's outputs (the operator reads them there); (None, None) without a probe."""
     qp = serving.canary.analysis.quality_probe
     if qp is None:
-        return None, []
+        return None, None
     if qp.cases_uri:
         return qp.cases_uri, probe.loads(storage.read_bytes(storage.in_store(qp.cases_uri, ctx.store)), qp.cases)
-    cases = probe.cases_from_split(test(), ctx.spec.spec.evaluation.suites, qp.cases)
-    if not cases:
-        raise probe.ProbeError("the quality probe needs an M2T suite (m2t.digits, m2t.shapes_vqa) with held-out "
-                               "cases; set analysis.qualityProbe: null to roll out on SLOs alone")
+    ev = ctx.spec.spec.evaluation
+    cases = probe.cases_from_split(ds.split("test"), ev.suites, qp.cases, train=ds.split("train"),
+                                   drawing=(ev.temperature, ev.guidance))
+    missing = sorted(set(ctx.spec.spec.model.tasks) - set(cases.tasks))
+    if missing:
+        raise probe.ProbeError(f"the quality probe found no held-out {missing[0]} cases in {ds.uri}; set "
+                               "analysis.qualityProbe: null to roll out on SLOs alone")
     uri = storage.join(ctx.stage_uri(ctx.step("rollout")), PROBE_FILE)
     storage.write_bytes(uri, probe.dumps(cases))
     return uri, cases
 
 
-def traffic(ctx: StageContext, cases: list[dict], test: Callable[[], Split], limit: int = 32) -> tuple[list[dict], list[str]]:
+def traffic(ctx: StageContext, cases: probe.Cases | None, ds: Dataset, limit: int = 32) -> tuple[list[dict], list[str]]:
     """What the local canary sends: (chat cases — the probe's, or held-out ones when there is no
-    probe —, captions to draw for models that generate)."""
+    probe —, prompts to draw for models that generate)."""
     tasks = ctx.spec.spec.model.tasks
-    if not cases and "m2t" in tasks:
-        cases = probe.cases_from_split(test(), ctx.spec.spec.evaluation.suites, 40)
-    drawn = [caps[0] for caps in test().captions if caps][:limit] if "m2g" in tasks else []
-    return cases, drawn
+    chat = cases.chat if cases is not None else []
+    if not chat and "m2t" in tasks:
+        chat = probe.cases_from_split(ds.split("test"), ctx.spec.spec.evaluation.suites, 40).chat
+    drawn = [caps[0] for caps in ds.split("test").captions if caps][:limit] if "m2g" in tasks else []
+    return chat, drawn
 
 
-def run_local(ctx: StageContext, run_, serving: Serving, stable: str, candidate: str, cases: list[dict],
-              drawn: list[str], log) -> Outcome:
+def run_local(ctx: StageContext, run_, serving: Serving, stable: str, candidate: str, cases: probe.Cases | None,
+              chat: list[dict], drawn: list[str], log) -> Outcome:
     steps = [Step(s.weight, s.pause_seconds) for s in serving.canary.steps]
     batching = {"max_batch": serving.batching.max_batch, "max_wait_ms": serving.batching.max_wait_ms,
                 "max_queue": serving.batching.max_queue}
     with tempfile.TemporaryDirectory(prefix="nmm-canary-") as tmp:
-        canary = LocalCanary(stable, candidate, steps, analysis.Limits.of(serving.canary.analysis), cases, Path(tmp), prompts=drawn, store=ctx.store,
-                             batching=batching)
+        canary = LocalCanary(stable, candidate, steps, analysis.Limits.of(serving.canary.analysis), cases, Path(tmp),
+                             chat=chat, prompts=drawn, store=ctx.store, batching=batching)
         results: list[StepResult] = []
 
         def on_step(r: StepResult) -> None:

@@ -100,17 +100,17 @@ def _serve(ctx: StageContext, run_, name: str, version: str, champ, manifest: di
     against the champion, run here (promoted | rolled_back); on a cluster the NMMService is
     pointed at the version and the operator rolls it out (rolling_out)."""
     serving = ctx.spec.spec.rollout.serving
-    test = canary.held_out(manifest)
-    cases_uri, cases = canary.write_probe(ctx, serving, test)
+    ds = canary.held_out(manifest)
+    cases_uri, cases = canary.write_probe(ctx, serving, ds)
     if not canary.local_engine():
         how = canary.apply_service(canary.service_body(ctx, serving, name, version, cases_uri))
         return "rolling_out", (f"{reason}; NMMService {ctx.pipeline} {how}: the operator rolls version {version} out "
                                "as a canary and moves champion when every step passes")
     if champ is None or champ.version == version:
         return "promoted", f"{reason}; no other version served to compare against: no canary"
-    chat, drawn = canary.traffic(ctx, cases, test)
-    outcome = canary.run_local(ctx, run_, serving, f"models:/{name}/{champ.version}", f"models:/{name}/{version}", chat,
-                               drawn, log)
+    chat, drawn = canary.traffic(ctx, cases, ds)
+    outcome = canary.run_local(ctx, run_, serving, f"models:/{name}/{champ.version}", f"models:/{name}/{version}", cases,
+                               chat, drawn, log)
     run_.set_tags({"nmm.canary.result": "promoted" if outcome.promoted else "rolled_back", "nmm.canary.reason": outcome.reason,
                    "nmm.canary.stable": champ.version})
     if outcome.promoted:

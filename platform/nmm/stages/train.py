@@ -183,6 +183,7 @@ def _publish(ctx: StageContext, run_, ds: Dataset, cfg: TrainConfig, model, summ
         "source": ds.manifest["source"],
         "prompts": prompt_style_at(cfg, summary["steps"]),
         "plans": ds.manifest.get("draw_plans", "none") != "none",  # a drawing starts with its plan in words
+        "serves": _serves(ctx, ds),
     }
     files = model_files(
         model,
@@ -208,6 +209,13 @@ def _publish(ctx: StageContext, run_, ds: Dataset, cfg: TrainConfig, model, summ
         "cache_key": key,
     }, written=snapshots, exclusive=True)  # of two attempts racing on this run's folder exactly one commits (R21)
     return out_uri
+
+
+def _serves(ctx: StageContext, ds: Dataset) -> dict[str, bool]:
+    """What the model was trained to do (what `nmm serve` lays requests out for, or refuses)."""
+    tasks = ctx.spec.spec.model.tasks
+    return {"caption": "m2t" in tasks, "answer": "m2t" in tasks and ds.split("train").vqa is not None,
+            "draw": "m2g" in tasks}
 
 
 def train_key(ctx: StageContext, ds: Dataset) -> str:

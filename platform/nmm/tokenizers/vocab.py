@@ -40,3 +40,11 @@ class SharedVocab:
 
     def image_range(self) -> tuple[int, int]:
         return self.image_offset, self.size
+
+
+def blank_text(prompt: list[int], text_range: tuple[int, int]) -> list[int]:
+    """The prompt with its text (caption and instruction: the ids in `text_range`, the shared
+    vocabulary's) padded out, positions kept: the unconditional twin of classifier-free
+    guidance, as caption dropout trains it."""
+    lo, hi = text_range
+    return [PAD if lo <= t < hi else t for t in prompt]

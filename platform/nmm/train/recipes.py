@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from nmm.data.sequences import blank_text
+from nmm.tokenizers.vocab import blank_text
 from nmm.model import ModelConfig
 from nmm.model.generate import draw_images, generate
 from nmm.model.transformer import image_spans

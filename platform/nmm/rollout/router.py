@@ -4,18 +4,24 @@ candidate `nmm serve`, sending `weight` percent of requests to the candidate —
 
 Smooth weighted round robin (nginx's), so 10 % means exactly one request in ten, not a coin
 flip: short local steps see the share they asked for. Each response carries `x-nmm-track`
-(stable | candidate). Requests a backend could not take (connection refused: a crashed server)
-answer 502 and are counted per track, so the analysis sees them; an answer the backend cuts
-after it began (a stream when the server dies) is cut for the client too, and counted the same.
+(stable | candidate). Every request that ends is counted per track with what its client got:
+the upstream's status (a 500 is a 500), 502 when no backend could take it (a crashed server),
+`cut` when the backend broke off an answer it had begun (the client's is cut too), 499 when the
+client left first. `hold(track)` makes a track's new requests wait and returns once none is in
+flight, so a step's analysis reads the router's counts and the server's at the same moment.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
+
+from nmm.rollout.analysis import CLIENT_CLOSED, SERVED
 
 TRACKS = ("stable", "candidate")
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
+UNDELIVERED, CUT = "502", "cut"
 
 
 class Router:
@@ -26,8 +32,11 @@ class Router:
         self._current = {t: 0 for t in TRACKS}
         self._lock = threading.Lock()
         self.sent = {t: 0 for t in TRACKS}
-        self.failed = {t: 0 for t in TRACKS}  # could not be delivered (502)
+        self.failed = {t: 0 for t in TRACKS}  # not delivered (502) or cut off by the backend
         self.finished = {t: 0 for t in TRACKS}  # answered to the end, or failed: no longer in flight
+        self.statuses: dict[str, dict[str, int]] = {t: {} for t in TRACKS}  # served routes: what each client got
+        self._held = {t: False for t in TRACKS}
+        self._in_flight = {t: 0 for t in TRACKS}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
@@ -60,38 +69,86 @@ class Router:
         with self._lock:
             return dict(self.finished)
 
+    def status_counts(self, track: str) -> dict[str, int]:
+        """What the clients of `track`'s served routes got so far, by status (`502`, `cut`, `499` included)."""
+        with self._lock:
+            return dict(self.statuses[track])
+
+    def hold(self, track: str, timeout: float) -> bool:
+        """Hold `track`'s new requests (they wait, unsent) and wait until none is in flight;
+        False when some still were after `timeout` seconds. `release` lets them go."""
+        with self._lock:
+            self._held[track] = True
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._in_flight[track]:
+                    return True
+            time.sleep(0.01)
+        return False
+
+    def release(self, track: str) -> None:
+        with self._lock:
+            self._held[track] = False
+
+    async def _admit(self, track: str) -> None:
+        while True:
+            with self._lock:
+                if not self._held[track]:
+                    self._in_flight[track] += 1
+                    self.sent[track] += 1
+                    return
+            await asyncio.sleep(0.005)
+
+    def _count(self, track: str, path: str, status: str) -> None:
+        with self._lock:
+            if path in SERVED:
+                self.statuses[track][status] = self.statuses[track].get(status, 0) + 1
+            if status in (UNDELIVERED, CUT):
+                self.failed[track] += 1
+            self.finished[track] += 1
+            self._in_flight[track] -= 1
+
     async def _handle(self, request):
         from aiohttp import ClientError, web
 
         track = self.pick()
         body = await request.read()
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
-        with self._lock:
-            self.sent[track] += 1
-        out = None
+        await self._admit(track)
+        out, status = None, CLIENT_CLOSED  # a handler cancelled by aiohttp: the client left
         try:
             async with self._session.request(request.method, self.urls[track] + request.rel_url.path_qs,
                                              data=body, headers=headers) as upstream:
                 out = web.StreamResponse(status=upstream.status, headers={
                     k: v for k, v in upstream.headers.items() if k.lower() not in HOP_HEADERS} | {"x-nmm-track": track})
                 await out.prepare(request)
-                async for chunk in upstream.content.iter_any():
-                    await out.write(chunk)
+                chunks = upstream.content.iter_any().__aiter__()
+                while True:
+                    try:
+                        chunk = await chunks.__anext__()
+                    except StopAsyncIteration:
+                        break
+                    except (ClientError, asyncio.TimeoutError) as exc:  # the backend broke off: cut ours too
+                        raise _Cut() from exc
+                    await out.write(chunk)  # a client that left raises here: counted as 499
                 await out.write_eof()
+                status = str(upstream.status)
                 return out
+        except _Cut:
+            status = CUT
+            if request.transport is not None:
+                request.transport.close()
+            return out
         except (ClientError, asyncio.TimeoutError, ConnectionError) as exc:
-            with self._lock:
-                self.failed[track] += 1
-            if out is not None:  # the answer had begun (a stream cut by a dying server): cut ours too
-                if request.transport is not None:
-                    request.transport.close()
+            if out is not None:  # our client is gone while we wrote to it
                 return out
+            status = UNDELIVERED
             body = {"error": {"message": f"{track} backend unavailable: {type(exc).__name__}", "type": "server_error",
                               "param": None, "code": "backend_unavailable"}}
             return web.json_response(body, status=502, headers={"x-nmm-track": track})
         finally:
-            with self._lock:
-                self.finished[track] += 1
+            self._count(track, request.path, status)
 
     async def _serve(self) -> None:
         import aiohttp
@@ -132,3 +189,7 @@ class Router:
         self._thread.join(30)
         self._loop.close()
         self._loop = None
+
+
+class _Cut(Exception):
+    """The backend broke off an answer it had begun."""

@@ -1,11 +1,14 @@
 """A canary rollout on this machine, for real: the stable and the candidate version each run as an
-`nmm serve` process on loopback, a router (nmm.serve.router) splits traffic between them by the
-step's weight, traffic flows through it for the step's pause, and the analysis
-(nmm.serve.analysis: SLOs from the candidate's /metrics, the quality probe against both) judges
-each step. A failed step sends all traffic back to stable (weight 0) and ends the rollout.
+`nmm serve` process on loopback, a router (nmm.rollout.router) splits traffic between them by the
+step's weight, traffic flows through it for the step's pause, and `judge_step` — the one step
+judge, which the operator drives too — reads both versions' /metrics and the router's counts at
+each end of the step (the candidate's traffic held for that moment, so they must agree exactly),
+runs the quality probe against both, and decides (nmm.rollout.analysis). A failed step sends all
+traffic back to stable (weight 0) and ends the rollout.
 
-Locally there are no users, so the traffic is synthetic: the probe's cases, one in four
-streamed, sent by a few client threads through the router for as long as each step lasts.
+Locally there are no users, so the traffic is synthetic: the probe's chat cases, one in four
+streamed, and its prompts drawn, sent by a few client threads through the router for as long as
+each step lasts.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from nmm.serve import analysis, probe
-from nmm.serve.router import Router
+from nmm.rollout import analysis, probe
+from nmm.rollout.router import UNDELIVERED, Router
 
 
 @dataclass(frozen=True)
@@ -110,35 +113,63 @@ class Server:
 
 
 def scrape(url: str) -> analysis.Snapshot | str:
-    """The server's metrics now, or why they could not be read."""
+    """One server's metrics now, or why they could not be read."""
     try:
         with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
             return analysis.parse(r.read().decode())
-    except (OSError, http.client.HTTPException, analysis.MetricsError) as exc:
+    except (OSError, http.client.HTTPException, UnicodeDecodeError, analysis.MetricsError) as exc:
         return f"{url}/metrics: {exc}"
 
 
-def judge_step(limits: analysis.Limits, baseline: analysis.Snapshot, urls: dict[str, str], cases: list[dict],
-               stable_quality: float | None) -> tuple[analysis.Verdict, analysis.Snapshot | None, float | None]:
-    """One step of a canary whose servers run elsewhere (the operator's): the candidate's traffic
-    since `baseline`, and the quality probe against both tracks (the stable score measured once:
-    pass it back in). Returns (verdict, the next step's baseline — scraped after the probe, whose
-    requests are not traffic —, the stable score)."""
-    after = scrape(urls["candidate"])
-    observed = after if isinstance(after, str) else analysis.window(baseline, after)
-    quality: tuple[float, float] | str | None = None
-    if limits.max_quality_drop is not None:
-        try:
-            if not cases:
-                raise probe.ProbeError("no probe cases (qualityProbe.casesUri)")
-            if stable_quality is None:
-                stable_quality = probe.score(urls["stable"], cases)
-            quality = (probe.score(urls["candidate"], cases), stable_quality)
-        except probe.ProbeError as exc:
-            quality = str(exc)
-    if quality is not None and not isinstance(after, str):
-        after = scrape(urls["candidate"])
-    return analysis.judge(limits, observed, quality), (None if isinstance(after, str) else after), stable_quality
+def read(endpoints: dict[str, str]) -> analysis.Scrape | str:
+    """Every endpoint of a version now (name → URL: a pod each), or why one could not be read."""
+    if not endpoints:
+        return "no endpoint serves it"
+    out: analysis.Scrape = {}
+    for name, url in sorted(endpoints.items()):
+        snap = scrape(url)
+        if isinstance(snap, str):
+            return snap
+        out[name] = snap
+    return out
+
+
+Reading = dict[str, "analysis.Scrape | str"]  # track → its scrape, or why it could not be read
+
+
+def probe_quality(urls: dict[str, str], cases: probe.Cases | None,
+                  stable: dict[str, float] | None) -> tuple[analysis.Quality | str, dict[str, float] | None]:
+    """The probe against the candidate (every step) and the stable (once: pass its scores back
+    in): (per task (candidate, stable), or why it could not run; the stable's scores)."""
+    try:
+        if cases is None or not len(cases):
+            raise probe.ProbeError("no probe cases (qualityProbe.casesUri)")
+        if stable is None:
+            stable = probe.score(urls["stable"], cases)
+        candidate = probe.score(urls["candidate"], cases)
+        return {t: (candidate[t], stable[t]) for t in candidate}, stable
+    except probe.ProbeError as exc:
+        return str(exc), stable
+
+
+def judge_step(limits: analysis.Limits, before: Reading, after: Reading, urls: dict[str, str], cases: probe.Cases | None,
+               stable_quality: dict[str, float] | None,
+               router: dict[str, int] | None = None) -> tuple[analysis.Verdict, dict[str, float] | None]:
+    """The one step judge, of the local canary and of the operator: the candidate's (and the
+    stable's) traffic between two readings, the quality probe against both (the stable measured
+    once: pass its scores back in), the router's counts when a router split the traffic. Any
+    exception on the way is a failed step with its reason, never a stuck one."""
+    try:
+        observed = {t: (before[t] if isinstance(before[t], str) else after[t] if isinstance(after[t], str)
+                        else analysis.window(before[t], after[t])) for t in ("candidate", "stable")}
+        if router is not None and isinstance(observed["candidate"], analysis.Observation):
+            observed["candidate"] = analysis.with_undelivered(observed["candidate"], router.get(UNDELIVERED, 0))
+        quality = None
+        if limits.max_quality_drop is not None:
+            quality, stable_quality = probe_quality(urls, cases, stable_quality)
+        return analysis.judge(limits, observed["candidate"], quality, stable=observed["stable"], router=router), stable_quality
+    except Exception as exc:  # a bug or a surprise in the analysis: the step fails, traffic goes back to stable
+        return analysis.Verdict(False, [f"analysis failed: {type(exc).__name__}: {exc}"]), stable_quality
 
 
 class Traffic:
@@ -187,15 +218,22 @@ class Traffic:
 class LocalCanary:
     """`run()` once: starts both servers and the router, steps through, stops everything."""
 
-    def __init__(self, stable: str, candidate: str, steps: list[Step], limits: analysis.Limits, cases: list[dict],
-                 workdir: Path, *, prompts: list[str] = (), store: str | None = None, batching: dict | None = None,
+    def __init__(self, stable: str, candidate: str, steps: list[Step], limits: analysis.Limits, cases: probe.Cases | None,
+                 workdir: Path, *, chat: list[dict] | None = None, prompts: list[str] = (), store: str | None = None,
+                 batching: dict | None = None,
                  traffic_threads: int = 2, ready_timeout: float = 180.0, max_extra_wait: float = 60.0):
         self.sources = {"stable": stable, "candidate": candidate}
         self.steps, self.limits, self.cases, self.prompts = steps, limits, cases, list(prompts)
+        self.chat = chat if chat is not None else (cases.chat if cases is not None else [])
         self.workdir, self.store, self.batching = Path(workdir), store, batching or {}
         self.traffic_threads, self.ready_timeout, self.max_extra_wait = traffic_threads, ready_timeout, max_extra_wait
         self.servers: dict[str, Server] = {}
         self.router: Router | None = None
+        self.stable_quality: dict[str, float] | None = None
+
+    @property
+    def urls(self) -> dict[str, str]:
+        return {t: s.url for t, s in self.servers.items()}
 
     def run(self, on_step: Callable[[StepResult], None] = lambda r: None, log: Callable[[str], None] = print) -> Outcome:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -207,16 +245,15 @@ class LocalCanary:
                 why = s.wait_ready(self.ready_timeout)
                 if why:
                     return Outcome(False, why)
-            stable_q = self._stable_quality()
             self.router = Router(self.servers["stable"].url, self.servers["candidate"].url, free_port()).start()
             log(f"canary router on {self.router.url}: stable {self.sources['stable']}, candidate {self.sources['candidate']}")
             try:
-                traffic = Traffic(self.router.url, self.cases, self.prompts, self.traffic_threads).start()
+                traffic = Traffic(self.router.url, self.chat, self.prompts, self.traffic_threads).start()
             except probe.ProbeError as exc:
                 return Outcome(False, f"no traffic through the router: {exc}")
             outcome = Outcome(True, "healthy at every step: " + ", ".join(f"{s.weight}%" for s in self.steps))
             for i, step in enumerate(self.steps):
-                result = self._step(i, step, stable_q)
+                result = self._step(i, step)
                 outcome.steps.append(result)
                 log(f"step {i + 1}/{len(self.steps)} weight {step.weight}%: {'ok' if result.ok else 'FAILED'} "
                     + json.dumps({k: round(v, 4) for k, v in result.measured.items()})
@@ -236,20 +273,31 @@ class LocalCanary:
             for s in self.servers.values():
                 s.stop()
 
-    def _stable_quality(self) -> float | str | None:
-        """The stable version's probe score, measured once (greedy answers do not change)."""
-        if self.limits.max_quality_drop is None:
-            return None
+    def _reading(self) -> tuple[Reading, dict[str, int]]:
+        """Both versions' metrics and the router's candidate counts at one moment: the
+        candidate's new requests held and its answers finished (at the router and in the
+        server's own books) while they are read, then let go."""
+        quiet = self.router.hold("candidate", self.max_extra_wait)
         try:
-            return probe.score(self.servers["stable"].url, self.cases)
-        except probe.ProbeError as exc:
-            return f"stable: {exc}"
+            candidate = scrape(self.servers["candidate"].url)
+            for _ in range(100):  # the server counts an answer as it ends: until nothing is in flight there
+                if not quiet or isinstance(candidate, str) or not candidate.in_flight:
+                    break
+                time.sleep(0.02)
+                candidate = scrape(self.servers["candidate"].url)
+            counts = self.router.status_counts("candidate")
+        finally:
+            self.router.release("candidate")
+        stable = scrape(self.servers["stable"].url)
+        return {"candidate": {"": candidate} if not isinstance(candidate, str) else candidate,
+                "stable": {"": stable} if not isinstance(stable, str) else stable}, counts
 
-    def _step(self, index: int, step: Step, stable_q: float | str | None) -> StepResult:
+    def _step(self, index: int, step: Step) -> StepResult:
         t0 = time.monotonic()
         candidate = self.servers["candidate"]
         self.router.set_weight(step.weight)
-        before, (sent0, failed0) = scrape(candidate.url), self.router.counts()
+        sent0 = self.router.counts()[0]
+        before, routed0 = self._reading()
         done0 = self.router.finished_counts()["candidate"]
         deadline = t0 + step.pause_seconds
         # The step lasts its pause, and longer (bounded) until the candidate has answered
@@ -259,24 +307,12 @@ class LocalCanary:
             and time.monotonic() < deadline + self.max_extra_wait and candidate.proc.poll() is None
         ):
             time.sleep(0.1)
-        after, (sent1, failed1) = scrape(candidate.url), self.router.counts()
-        undelivered = failed1["candidate"] - failed0["candidate"]
-        if isinstance(before, str) or isinstance(after, str):
-            observed: analysis.Observation | str = before if isinstance(before, str) else after
-        else:
-            o = analysis.window(before, after)
-            observed = analysis.Observation(o.requests + undelivered, o.errors + undelivered, o.p95_latency_ms, o.p95_ttft_ms)
+        after, routed1 = self._reading()
+        sent1 = self.router.counts()[0]
         if candidate.proc.poll() is not None:
-            observed = f"candidate server exited with {candidate.proc.returncode}: {candidate.log_tail(300)}"
-        quality = None
-        if self.limits.max_quality_drop is not None:
-            quality = stable_q if isinstance(stable_q, str) else self._candidate_quality(stable_q)
-        verdict = analysis.judge(self.limits, observed, quality)
+            after["candidate"] = f"candidate server exited with {candidate.proc.returncode}: {candidate.log_tail(300)}"
+        routed = {k: n - routed0.get(k, 0) for k, n in routed1.items() if n - routed0.get(k, 0)}
+        verdict, self.stable_quality = judge_step(self.limits, before, after, self.urls, self.cases, self.stable_quality,
+                                                  router=routed)
         return StepResult(index, step.weight, verdict.ok, verdict.reasons, verdict.measured,
                           sent1["stable"] - sent0["stable"], time.monotonic() - t0)
-
-    def _candidate_quality(self, stable_q: float) -> tuple[float, float] | str:
-        try:
-            return probe.score(self.servers["candidate"].url, self.cases), stable_q
-        except probe.ProbeError as exc:
-            return f"candidate: {exc}"

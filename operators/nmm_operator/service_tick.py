@@ -1,0 +1,165 @@
+"""One tick of an NMMService's rollout, with its I/O behind `World`, so that the order of its
+writes is one function's and a crash at any line can be replayed (tests/unit/test_service_tick.py
+crashes it at each write; the integration test kills the real operator at each failpoint).
+
+The order of writes, every tick that changes anything:
+
+    1. the status, with the decision and what is still to do (`pending`: the registry's intents
+       and the nmm.dev/promote annotation to consume)           ← the intent, before any child
+    2. the children (Deployments/Services/HTTPRoute, or the InferenceService) for that status
+    3. the registry: `champion` := the new stable; a rolled-back version tagged with its reason
+    4. the annotation removed (only if it still holds the value this tick honoured)
+    5. the status again, `pending` cleared (the handler's patch)
+
+A tick that finds `pending` does 2–5 again and decides nothing new: every write is idempotent,
+so replaying a tick that died after any of them converges on the same state — the registry's
+champion and the served stable agree at rest. A canary's planning or analysis that raises is a
+failed step (traffic back to stable), never a stuck canary.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Protocol
+
+from nmm.rollout import analysis
+from nmm.spec.serving import ServiceSpec
+from nmm_operator import canary
+
+FAILPOINT_ENV = "NMM_OPERATOR_FAILPOINT"  # tests: the operator dies (exit 137) at this point of a tick
+VERSION = re.compile(r"^[1-9][0-9]{0,9}$")  # an annotation's version: ASCII digits ("²" is a digit to isdigit)
+
+
+class World(Protocol):
+    """The I/O one tick may do (nmm_operator.service_handlers gives the real one)."""
+
+    def resolve(self) -> int | str: ...  # the version the spec asks for, or why the registry cannot say
+    def champion(self) -> int | None: ...  # the registry's champion (raises when it cannot say)
+    def read(self, stable: int | None, canary: int | None) -> dict: ...  # {"candidate"|"stable": Scrape | str}
+    def judge(self, before: dict, after: dict, stable_quality: dict | None) -> tuple[analysis.Verdict, dict | None]: ...
+    def write_status(self, status: dict) -> None: ...
+    def apply(self, stable: int, canary: int | None, weight: int) -> None: ...
+    def promote(self, version: int) -> None: ...
+    def tag_rolled_back(self, version: int, reason: str) -> None: ...
+    def consume(self, annotation: str) -> None: ...
+
+
+class Retry(Exception):
+    """Nothing can be decided now (the registry cannot say); the status is unchanged."""
+
+
+def failpoint(name: str) -> None:
+    if os.environ.get(FAILPOINT_ENV) == name:
+        os._exit(137)
+
+
+def asked_version(annotation: str | None) -> tuple[int | None, str | None]:
+    """(the version nmm.dev/promote asks for, or why its value is not one)."""
+    if not annotation:
+        return None, None
+    if VERSION.match(annotation):
+        return int(annotation), None
+    return None, f"nmm.dev/promote={annotation[:20]!r} is not a version number: ignored"
+
+
+def tick(spec: ServiceSpec, status: dict | None, annotation: str | None, world: World, now: float, *,
+         ready_timeout: float, recheck_seconds: float, generation=None) -> canary.Tick:
+    """Decide, record, act. Returns the tick (its status is what the handler patches last)."""
+    st = dict(status or {})
+    if st.get("pending"):  # an earlier tick recorded its intent and did not finish: finish it, decide nothing
+        t = canary.Tick(st)
+        settle(world, t, generation, now)
+        return t
+    promote_now, bad = asked_version(annotation)
+    t = decide(spec, st, promote_now, world, now, ready_timeout)
+    if bad:
+        t.events.append(("Warning", "PromoteIgnored", bad))
+    elif annotation and promote_now not in (t.versions[0], None) and not t.promote:
+        t.events.append(("Warning", "PromoteIgnored", f"nmm.dev/promote={annotation} is not the version the spec asks for"))
+    stable, canary_v, weight = t.versions
+    state = _state(t, generation)
+    changed = (state != (st.get("applied") or {}).get("state") or t.promote is not None or t.rolled_back is not None
+               or annotation)
+    if changed and stable is not None:
+        rolled = {"version": t.rolled_back[0], "reason": t.rolled_back[1]} if t.rolled_back else None
+        t.status["pending"] = {"champion": t.promote, "rolledBack": rolled, "annotation": annotation}
+        world.write_status(t.status)  # 1: the intent, before anything it decides is done
+        failpoint("after-intent")
+        settle(world, t, generation, now)
+    elif stable is not None and now - (canary.epoch((st.get("applied") or {}).get("at")) or 0) >= recheck_seconds:
+        # Unchanged children are re-asserted (recreated if deleted, taken back if edited) every recheckSeconds.
+        world.apply(stable, canary_v, weight)
+        t.status["applied"] = {"state": state, "at": canary.iso(now)}
+    return t
+
+
+def decide(spec: ServiceSpec, st: dict, promote_now: int | None, world: World, now: float, ready_timeout: float) -> canary.Tick:
+    """The plan and the I/O it asks for. A raise on a canary in progress is its failed step."""
+    try:
+        desired = world.resolve()
+        champion = world.champion() if st.get("stableVersion") is None else None
+        t = canary.plan(spec, st, desired, now, promote_now, champion)
+        if t.retry:
+            raise Retry(t.retry)
+        if t.need_baseline:
+            reading = world.read(*t.versions[:2])
+            baseline = reading["candidate"] if isinstance(reading["candidate"], str) else _baseline(reading)
+            t = canary.after_baseline(t, baseline, spec, now, ready_timeout)
+        elif t.analyse:
+            t = _analyse(t, spec, world, now)
+        return t
+    except Retry:
+        raise
+    except Exception as exc:
+        t = canary.failed(spec, st, f"planning failed: {type(exc).__name__}: {exc}", now)
+        if t is None:
+            raise Retry(f"{type(exc).__name__}: {exc}") from exc
+        return t
+
+
+def _baseline(reading: dict) -> dict:
+    return {track: (analysis.to_dict(s) if isinstance(s, dict) else {"error": s}) for track, s in reading.items()}
+
+
+def _from_baseline(b: dict) -> dict:
+    if "candidate" not in b:  # a status written by an nmm that kept the candidate's alone
+        return {"candidate": analysis.from_dict(b), "stable": "no baseline of the stable version"}
+    return {track: (s["error"] if "error" in s else analysis.from_dict(s)) for track, s in b.items()}
+
+
+def _analyse(t: canary.Tick, spec: ServiceSpec, world: World, now: float) -> canary.Tick:
+    st = t.status
+    after = world.read(*t.versions[:2])
+    verdict, stable_q = world.judge(_from_baseline(st["baseline"]), after, st.get("stableQuality"))
+    st["stableQuality"] = stable_q
+    nxt = world.read(*t.versions[:2])  # the next step's baseline: after the probe, whose requests are not traffic
+    return canary.after_analysis(t, spec, verdict.ok, verdict.reasons, verdict.measured,
+                                 None if isinstance(nxt["candidate"], str) else _baseline(nxt), now)
+
+
+def _state(t: canary.Tick, generation) -> str:
+    stable, canary_v, weight = t.versions
+    return f"{stable}/{canary_v}/{weight}/{generation}"
+
+
+def settle(world: World, t: canary.Tick, generation, now: float) -> None:
+    """Writes 2–4 for the status's state and intents, then `pending` cleared (write 5 is the
+    handler's status patch). Each is idempotent: a replay after a crash does them again."""
+    st = t.status
+    pending = st.get("pending") or {}
+    stable, canary_v, weight = t.versions
+    world.apply(stable, canary_v, weight)
+    failpoint("after-children")
+    if pending.get("champion") is not None:
+        world.promote(int(pending["champion"]))
+    if pending.get("rolledBack"):
+        world.tag_rolled_back(int(pending["rolledBack"]["version"]), pending["rolledBack"]["reason"])
+    failpoint("after-registry")
+    if pending.get("annotation"):
+        world.consume(pending["annotation"])
+    failpoint("after-annotation")
+    if pending.get("champion") is not None:
+        t.promote = int(pending["champion"])
+    st["pending"] = None
+    st["applied"] = {"state": _state(t, generation), "at": canary.iso(now)}
