@@ -124,7 +124,7 @@ def early_model(folder: str, out: str) -> int:
     return snap["step"]
 
 
-def publish_small_model(folder: str) -> None:
+def publish_small_model(folder: str, max_seq_len: int = 96) -> None:
     from nmm import storage
     from nmm.data.sequences import instruction_texts
     from nmm.data.sources import load_digits
@@ -136,7 +136,7 @@ def publish_small_model(folder: str) -> None:
     vq = PatchVQ.fit(d.images[:300], 2, 16, seed=0)
     text = TextTokenizer.train("bpe", [c for cs in d.captions[:300] for c in cs] + instruction_texts(50), 128)
     vocab = SharedVocab(text_size=text.size, image_size=vq.size)
-    torch_model = ModelConfig(vocab_size=vocab.size, dim=32, layers=1, heads=2, max_seq_len=96).build()
+    torch_model = ModelConfig(vocab_size=vocab.size, dim=32, layers=1, heads=2, max_seq_len=max_seq_len).build()
     config = {"model": json.loads(torch_model.cfg.to_json()), "vocab": {"text_size": vocab.text_size, "image_size": vocab.image_size},
               "tokens_per_image": vq.tokens_per_image, "image_shape": list(vq.image_shape), "source": "digits", "prompts": "plain"}
     storage.publish(folder, model_files(torch_model, config, text.to_bytes(), vq.to_bytes()), {"kind": "nmm.model"})

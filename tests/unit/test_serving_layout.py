@@ -83,12 +83,17 @@ def test_the_pyfunc_answers_a_frame_whose_rows_mix_kinds_and_refuses_a_row_alone
     calls = []
     real = pyfunc.draw
     monkeypatch.setattr(pyfunc, "draw", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
-    frame = pd.DataFrame([{"prompt": "a handwritten digit 3"}, {"image": d.images[0].tolist()},
-                          {"image": d.images[1].tolist(), "question": "what digit is this?"},
-                          {"image_codes": m.vq.encode(d.images[:1])[0].tolist()}])
-    assert frame["prompt"].isna().sum() == 3  # what pandas does to a mixed frame: NaN in the other kinds' cells
+    from nmm.rollout.probe import _data_url
+
+    url = _data_url((d.images[1] * 255).astype(np.uint8))
+    frame = pd.DataFrame([{"prompt": "a handwritten digit 3"}, {"image": url},
+                          {"image": url, "question": "what digit is this?"},
+                          {"image_codes": " ".join(map(str, m.vq.encode(d.images[:1])[0]))},
+                          {"image": "data:image/png;base64,bm90IGFuIGltYWdl"}, {"image_codes": "1 2"}])
+    assert frame["prompt"].isna().sum() == 5  # what pandas does to a mixed frame: NaN in the other kinds' cells
     out = pyfunc.Predictor(m).predict(frame, params={"guidance": 2.0, "max_tokens": 3})
     assert np.asarray(out[0]["image"]).shape == (8, 8, 1)
     assert isinstance(out[1]["text"], str) and isinstance(out[3]["text"], str)
     assert "answers no questions" in out[2]["error"]
+    assert "not a usable image" in out[4]["error"] and "expected 16 codes" in out[5]["error"]  # each bad row alone
     assert calls == [{"plans": False, "temperature": 0.7, "generator": calls[0]["generator"], "guidance": 2.0}]

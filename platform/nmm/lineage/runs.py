@@ -183,8 +183,11 @@ class StageRun:
             )
 
     @tracked("log the model")
-    def log_pyfunc_model(self, model_dir: str, loader_module: str, pip_requirements: list[str]) -> str:
-        """Log a folder as an MLflow pyfunc model served by `loader_module`; returns its URI."""
+    def log_pyfunc_model(self, model_dir: str, loader_module: str, pip_requirements: list[str],
+                         signature: dict | None = None) -> str:
+        """Log a folder as an MLflow pyfunc model served by `loader_module`; returns its URI.
+        `signature`: {"inputs": {column: type}, "params": {name: (type, default)}}, every column
+        optional (made into MLflow's ModelSignature here: only this module talks to MLflow)."""
         import mlflow
 
         with mlflow.start_run(run_id=self.run_id):
@@ -193,10 +196,19 @@ class StageRun:
                 loader_module=loader_module,
                 data_path=model_dir,
                 pip_requirements=pip_requirements,
+                signature=_signature(signature) if signature else None,
             )
         # start_run's exit marked the run FINISHED; it is still being worked on.
         self.client.update_run(self.run_id, status="RUNNING")
         return info.model_uri
+
+
+def _signature(sig: dict):
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(inputs=Schema([ColSpec(t, name, required=False) for name, t in sig["inputs"].items()]),
+                          params=ParamSchema([ParamSpec(name, t, default) for name, (t, default) in sig["params"].items()]))
 
 
 def _dataset_source(uri: str):

@@ -220,13 +220,14 @@ class LocalCanary:
 
     def __init__(self, stable: str, candidate: str, steps: list[Step], limits: analysis.Limits, cases: probe.Cases | None,
                  workdir: Path, *, chat: list[dict] | None = None, prompts: list[str] = (), store: str | None = None,
-                 batching: dict | None = None,
+                 batching: dict | None = None, env: dict[str, dict[str, str]] | None = None,
                  traffic_threads: int = 2, ready_timeout: float = 180.0, max_extra_wait: float = 60.0):
         self.sources = {"stable": stable, "candidate": candidate}
         self.steps, self.limits, self.cases, self.prompts = steps, limits, cases, list(prompts)
         self.chat = chat if chat is not None else (cases.chat if cases is not None else [])
         self.workdir, self.store, self.batching = Path(workdir), store, batching or {}
         self.traffic_threads, self.ready_timeout, self.max_extra_wait = traffic_threads, ready_timeout, max_extra_wait
+        self.env = env or {}  # per track, variables added to the server's environment
         self.servers: dict[str, Server] = {}
         self.router: Router | None = None
         self.stable_quality: dict[str, float] | None = None
@@ -240,7 +241,8 @@ class LocalCanary:
         traffic = None
         try:
             for track, source in self.sources.items():
-                self.servers[track] = Server(track, source, self.workdir / f"{track}.log", self.store, self.batching)
+                self.servers[track] = Server(track, source, self.workdir / f"{track}.log", self.store, self.batching,
+                                             dict(os.environ, **self.env.get(track, {})))
             for s in self.servers.values():
                 why = s.wait_ready(self.ready_timeout)
                 if why:

@@ -147,7 +147,7 @@ def _message(i: int, raw: dict) -> Message:
         raise APIError(400, f"{where}: {_msg(err)}", where) from None
 
 
-def _image_url(url: str) -> tuple[bytes, str]:
+def image_url_bytes(url: str) -> tuple[bytes, str]:
     """(bytes, Pillow format) of a data URL, checked for size and declared format."""
     if url.startswith(("http://", "https://")):
         raise APIError(400, "image_url: http(s) URLs are not fetched; send the image as a data: URL", "image_url")
@@ -185,7 +185,7 @@ def parse_chat(raw: bytes, served: str) -> Chat:
     if len(images) != 1:
         raise APIError(400, f"messages: the last user message needs exactly one image_url part, got {len(images)}",
                        "messages")
-    image, fmt = _image_url(images[0])
+    image, fmt = image_url_bytes(images[0])
     question = " ".join(texts).strip() or None
     return Chat(image, fmt, question, req.max_completion_tokens or req.max_tokens or CHAT_MAX_TOKENS, greedy_below_floor(req.temperature),
                 req.seed, req.stream)

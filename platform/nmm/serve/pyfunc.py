@@ -1,11 +1,13 @@
 """MLflow pyfunc loader module (`loader_module="nmm.serve.pyfunc"`); imports no MLflow.
 
-`mlflow.pyfunc.load_model(uri).predict(rows)` with rows of `{"prompt": "a handwritten digit 3"}`
-(draw; returns image pixels), `{"image": [[[...]]]}` (pixels H×W×C in [0, 1]; caption, or answer
-`"question"` when given; returns text) or `{"image_codes": [...]}` (early fusion's codes). Rows of
-different kinds may share one frame (pandas fills the other kinds' columns with NaN: a missing
-cell is missing). A row the model cannot serve gets `{"error": …}` in its place, the other rows
-their answers. `params`: `max_tokens`, `temperature`, `guidance`, `seed` (the server's defaults).
+`mlflow.pyfunc.load_model(uri).predict(frame)` with rows of `{"prompt": "a handwritten digit 3"}`
+(draw; returns the image's pixels), `{"image": "data:image/png;base64,…"}` (caption it, or answer
+`"question"` when given; returns text) or `{"image_codes": "3 17 5 …"}` (early fusion's codes).
+Rows of different kinds may share one frame (pandas fills the other kinds' columns with NaN: a
+missing cell is missing). A row the model cannot serve gets `{"error": …}` in its place, the other
+rows their answers. `params`: `max_tokens`, `temperature`, `guidance`, `seed` (the server's
+defaults). The model's MLflow signature (`SIGNATURE`, logged with it) says all this; called
+directly, `image` may also be pixels (H×W×C in [0, 1]).
 
 The pyfunc lays a request out and draws exactly as `nmm serve` does: the model's own prompt style
 and tasks (`LoadedModel.read_prompt` / `draw_prompt`), the one drawing path
@@ -26,6 +28,13 @@ from nmm.tokenizers.vocab import EOS
 
 DEFAULTS = {"max_tokens": openai_api.CHAT_MAX_TOKENS, "temperature": openai_api.DRAW_TEMPERATURE,
             "guidance": openai_api.DRAW_GUIDANCE, "seed": 0}
+# The MLflow signature (nmm.lineage makes MLflow's objects of it): every column optional, strings
+# only — an array column's NaN (another kind's row) fails MLflow's own schema check.
+SIGNATURE = {
+    "inputs": {"prompt": "string", "question": "string", "image": "string", "image_codes": "string"},
+    "params": {"max_tokens": ("long", DEFAULTS["max_tokens"]), "temperature": ("double", DEFAULTS["temperature"]),
+               "guidance": ("double", DEFAULTS["guidance"]), "seed": ("long", DEFAULTS["seed"])},
+}
 
 
 def present(value) -> bool:
@@ -64,17 +73,39 @@ class Predictor:
         m, v = self.m, self.m.vocab
         patches = None
         if present(row.get("image")):
-            pixels = np.asarray(row["image"], dtype=np.float32)[None]
+            pixels = self._pixels(row["image"])[None]
             codes = m.vq.encode(pixels)[0]
             patches = torch.from_numpy(m.vq.patches(pixels)) if m.model.cfg.reads_pixels else None
         elif present(row.get("image_codes")):
-            codes = np.asarray(row["image_codes"], dtype=np.int64)
+            codes = self._codes(row["image_codes"])
         else:
             raise Refused("image", "a row needs a prompt (to draw), an image or image_codes (to read)")
         question = str(row["question"]) if present(row.get("question")) else None
         ids = generate(m.model, [m.read_prompt(codes, question)], int(p["max_tokens"]), v.text_range(), stop=EOS,
                        extra_allowed=(EOS,), patches=patches)[0]
         return {"text": m.text.decode(v.text_local(ids)).strip()}
+
+
+    def _pixels(self, image) -> np.ndarray:
+        """A data URL (or bare base64) of a PNG/JPEG/WebP/GIF, checked as the server checks it; or pixels."""
+        if not isinstance(image, str):
+            return np.asarray(image, dtype=np.float32)
+        side, _, channels = self.m.vq.image_shape
+        url = image if image.startswith("data:") else "data:image/png;base64," + image
+        try:
+            data, fmt = openai_api.image_url_bytes(url)
+            return openai_api.decode_image(data, fmt, channels, side)
+        except openai_api.APIError as exc:
+            raise Refused("image", exc.message) from None
+
+    def _codes(self, codes) -> np.ndarray:
+        try:
+            out = np.asarray(codes.split() if isinstance(codes, str) else codes, dtype=np.int64)
+        except ValueError:
+            raise Refused("image_codes", "expected the image's codes as integers") from None
+        if out.shape != (self.m.vq.tokens_per_image,) or out.min() < 0 or out.max() >= self.m.vq.size:
+            raise Refused("image_codes", f"expected {self.m.vq.tokens_per_image} codes in 0..{self.m.vq.size - 1}")
+        return out
 
 
 def _load_pyfunc(data_path: str) -> Predictor:

@@ -22,6 +22,7 @@ import base64
 import contextlib
 import io
 import json
+import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +42,9 @@ from nmm.tokenizers.vocab import EOS
 
 ROUTES = ("/v1/chat/completions", "/v1/images/generations", "/v1/models")
 PREPARE_WORKERS = 2  # parse, decode and tokenize off the event loop (Pillow's decoders release the GIL)
+# Testing a rollout: NMM_SERVE_FAILPOINT=chat|draw|stream makes this server fail that kind of work
+# (a stream after its first token), as a broken candidate would; the canary tests roll such servers out.
+FAILPOINT = os.environ.get("NMM_SERVE_FAILPOINT", "")
 IMAGE_BODY_BYTES = 64 << 10  # an image generation request is a prompt and a few numbers
 
 
@@ -98,10 +102,13 @@ class Model:
     def chat(self, jobs) -> list[dict]:
         m, v = self.m, self.m.vocab
         _, max_tokens, temperature, seed = jobs[0].key
+        if FAILPOINT == "chat":
+            raise RuntimeError("NMM_SERVE_FAILPOINT=chat")
         prompts = [j.payload.prompt for j in jobs]
         patches = torch.from_numpy(m.vq.patches(np.stack([j.payload.pixels for j in jobs]))) if m.model.cfg.reads_pixels else None
         outs = generate(m.model, prompts, max_tokens, v.text_range(), stop=EOS, extra_allowed=(EOS,),
-                        temperature=temperature, generator=_generator(seed), patches=patches, on_step=_on_step(jobs))
+                        temperature=temperature, generator=_generator(seed), patches=patches,
+                        on_step=_on_step(jobs, fail_streams=FAILPOINT == "stream"))
         self.metrics.tokens.labels("text").inc(sum(len(o) for o in outs))
         return [{"text": self.text_of(o), "prompt_tokens": len(p), "completion_tokens": len(o),
                  "finish_reason": "stop" if EOS in o else "length"} for o, p in zip(outs, prompts)]
@@ -110,6 +117,8 @@ class Model:
         return self.m.text.decode(self.m.vocab.text_local(t for t in tokens if t != EOS)).strip()
 
     def images(self, jobs) -> list[list[str] | Exception]:
+        if FAILPOINT == "draw":
+            raise RuntimeError("NMM_SERVE_FAILPOINT=draw")
         m = self.m
         _, guidance, temperature, seed = jobs[0].key
         per_job = [j for j in jobs for _ in range(j.payload.n)]
@@ -134,7 +143,7 @@ def _answer(fn):
         return exc
 
 
-def _on_step(jobs):
+def _on_step(jobs, fail_streams: bool = False):
     """Per decoding step: stamp each job's first token, hand streamed jobs their new token."""
     def on_step(indices: list[int], tokens: list[int | None]) -> None:
         now = time.perf_counter()
@@ -146,6 +155,8 @@ def _on_step(jobs):
                 job.first_token_at = now
             if job.stream is not None and tok != EOS:
                 job.stream(tok)
+                if fail_streams:
+                    raise RuntimeError("NMM_SERVE_FAILPOINT=stream")
     return on_step
 
 

@@ -29,6 +29,7 @@ from nmm.data.sequences import style_of
 from nmm.evaluate.grid import png_grid
 from nmm.gpu import inventory
 from nmm.model import ModelConfig
+from nmm.serve import pyfunc
 from nmm.serve.model_dir import model_files
 from nmm.stages.context import StageContext, cache_key, setup_logging
 from nmm.train import distributed
@@ -194,7 +195,7 @@ def _publish(ctx: StageContext, run_, ds: Dataset, cfg: TrainConfig, model, summ
     with tempfile.TemporaryDirectory() as tmp:
         for name, data in files.items():
             (Path(tmp) / name).write_bytes(data)
-        model_uri = run_.log_pyfunc_model(tmp, "nmm.serve.pyfunc", [f"nmm-platform=={__version__}"])
+        model_uri = run_.log_pyfunc_model(tmp, "nmm.serve.pyfunc", [f"nmm-platform=={__version__}"], pyfunc.SIGNATURE)
     run_.set_tags({"nmm.model_uri": model_uri})
     snapshots = _snapshots(out_uri, summary["steps"])
     storage.publish(out_uri, files, {
