@@ -64,6 +64,15 @@ def ready_pods(namespace: str, service: str, version: int) -> dict[str, str]:
     return out
 
 
+class Unservable(RuntimeError):
+    """A version the registry cannot tell a server how to read."""
+
+
+def served_version(info: lineage.ModelVersionInfo) -> build.ServedVersion | None:
+    folder, digest = info.tags.get("nmm.model_store_uri"), info.tags.get("nmm.model_digest")
+    return build.ServedVersion(int(info.version), folder, digest) if folder and digest else None
+
+
 class KubeWorld:
     """service_tick.World against the API server, the registry and the served pods."""
 
@@ -79,7 +88,18 @@ class KubeWorld:
             info = lineage.alias_version(m.name, m.alias) if m.alias else lineage.model_version(m.name, str(m.version))
         except lineage.TrackingError as exc:
             return f"model registry: {exc}"
-        return int(info.version) if info is not None else f"{m.uri}: no such registered model version or alias"
+        if info is None:
+            return f"{m.uri}: no such registered model version or alias"
+        return int(info.version) if served_version(info) else f"{m.uri}: version {info.version} records no model folder and digest"
+
+    def served(self, version: int) -> build.ServedVersion:
+        """What a server of `version` reads: its folder and digest, from the registry (servers never ask it)."""
+        info = lineage.model_version(self.spec.model.name, str(version))
+        out = served_version(info) if info is not None else None
+        if out is None:
+            raise Unservable(f"{self.spec.model.name} version {version}: not in the registry, or it records no model "
+                             "folder and digest (nmm.model_store_uri, nmm.model_digest)")
+        return out
 
     def champion(self) -> int | None:
         info = lineage.alias_version(self.spec.model.name, "champion")
@@ -113,7 +133,9 @@ class KubeWorld:
             serving_kube.GROUP, serving_kube.VERSION, self.ns, serving_kube.SERVICE_PLURAL, self.name, {"status": status})
 
     def apply(self, stable: int, canary_v: int | None, weight: int) -> None:
-        serving_kube.apply(serving_kube.children(self.body, self.spec, stable, canary_v, weight, SETTINGS), self.meta["uid"])
+        objs = serving_kube.children(self.body, self.spec, self.served(stable),
+                                     self.served(canary_v) if canary_v is not None else None, weight, SETTINGS)
+        serving_kube.apply(objs, self.meta["uid"])
 
     def _decision(self) -> dict[str, str]:
         return {"nmm.serving.service": f"{self.ns}/{self.name}"}
@@ -157,7 +179,7 @@ def rollout(body, meta, spec, status, patch: kopf.Patch, **_) -> None:
         return
     except (service_tick.Retry, lineage.TrackingError) as exc:  # what is recorded stays; the next tick retries
         raise kopf.TemporaryError(str(exc), delay=delay) from None
-    except serving_kube.NotOwned as exc:
+    except (serving_kube.NotOwned, Unservable) as exc:
         patch.status.update(phase="Failed", message=str(exc))
         raise kopf.TemporaryError(str(exc), delay=30)
     except PlacementError as exc:

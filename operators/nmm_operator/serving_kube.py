@@ -20,12 +20,13 @@ _CUSTOM = {
 }
 
 
-def children(body: dict, spec, stable: int, canary: int | None, weight: int, settings) -> list[dict]:
+def children(body: dict, spec, stable: build.ServedVersion, canary: build.ServedVersion | None, weight: int,
+             settings) -> list[dict]:
     """What the service's current state asks to exist, each owned by the service."""
     meta, s = body["metadata"], settings.compile
     if settings.serving_backend == "kserve":
-        version, canary_weight = (canary, weight) if canary else (stable, None)
-        objs = [build.inference_service(meta["name"], meta["namespace"], spec, version, canary_weight, s)]
+        served, canary_weight = (canary, weight) if canary else (stable, None)
+        objs = [build.inference_service(meta["name"], meta["namespace"], spec, served, canary_weight, s)]
         objs[0]["spec"]["predictor"].setdefault("canaryTrafficPercent", None)  # a merge patch removes it
     else:
         objs = build.gateway_objects(meta["name"], meta["namespace"], spec, stable, canary, weight, s, settings.gateway_parent)

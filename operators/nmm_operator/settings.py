@@ -44,6 +44,7 @@ def from_dict(raw: dict) -> OperatorSettings:
         s3_secret_name=raw.get("s3SecretName", base.s3_secret_name),
         gpu_pools=pools or base.gpu_pools,
         serving_service_account=raw.get("servingServiceAccount", base.serving_service_account),
+        serving_s3_secret_name=raw.get("servingS3SecretName", base.serving_s3_secret_name),
         default_queue=raw.get("defaultQueue") or None,
         mlflow_secret_name=raw.get("mlflowSecretName") or None,
     )

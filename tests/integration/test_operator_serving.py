@@ -56,6 +56,9 @@ def world(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serving")
     folder = (tmp / "model").as_uri()
     publish_small_model(folder)
+    from nmm import storage
+
+    digest = storage.read_manifest(folder)["digest"]
     db = f"sqlite:///{tmp / 'mlflow.db'}"
     from mlflow.tracking import MlflowClient
 
@@ -63,7 +66,7 @@ def world(tmp_path_factory):
     for ns in NAMESPACES:
         mlflow.create_registered_model(model(ns), tags={"nmm.namespace": ns})
         for _ in range(2):
-            mlflow.create_model_version(model(ns), source=folder, tags={"nmm.model_store_uri": folder})
+            mlflow.create_model_version(model(ns), source=folder, tags={"nmm.model_store_uri": folder, "nmm.model_digest": digest})
         mlflow.set_registered_model_alias(model(ns), "candidate", "1")
         mlflow.set_registered_model_alias(model(ns), "champion", "1")
     rng = np.random.default_rng(0)
@@ -196,13 +199,14 @@ def test_kserve_canary_passes_every_step_survives_a_restart_and_promotes(world):
         custom.create_namespaced_custom_object("nmm.dev", "v1alpha1", ns, "nmmservices", service(world["cases"], ns))
         wait_for(lambda: get(world, ns).get("status", {}).get("phase") == "Healthy", timeout=60, what="Healthy on version 1")
         (isvc,) = isvcs()
-        assert isvc["spec"]["predictor"]["containers"][0]["args"][1] == f"models:/{model(ns)}/1"
+        args = isvc["spec"]["predictor"]["containers"][0]["args"]
+        assert args[1] == world["folder"] and args[args.index("--name") + 1] == model(ns) and "--digest" in args
         assert "canaryTrafficPercent" not in isvc["spec"]["predictor"]
         assert isvc["metadata"]["ownerReferences"][0]["kind"] == "NMMService"
 
         world["mlflow"].set_registered_model_alias(model(ns), "candidate", "2")
         wait_for(lambda: weight() == 50, 60, "the canary at 50%")
-        assert isvcs()[0]["spec"]["predictor"]["containers"][0]["args"][1] == f"models:/{model(ns)}/2"
+        assert isvcs()[0]["spec"]["predictor"]["labels"]["nmm.dev/model-version"] == "2"
         op.kill()  # mid-canary: everything the rollout knows is in the status
         op.start()
         done = wait_for(lambda: at_rest(world, ns, 2), 90, "promotion")
@@ -308,7 +312,7 @@ def test_nmm_promote_and_rollback_move_champion_and_what_is_served_without_a_can
     mlflow.set_registered_model_alias(model(ns), "champion", "1")
     op = Operator(world, settings(world, "kserve", ns, {}), tmp / "c-operator.log")
     served = lambda: custom.get_namespaced_custom_object(  # noqa: E731
-        "serving.kserve.io", "v1beta1", ns, "inferenceservices", "digits")["spec"]["predictor"]["containers"][0]["args"][1]
+        "serving.kserve.io", "v1beta1", ns, "inferenceservices", "digits")["spec"]["predictor"]["labels"]["nmm.dev/model-version"]
     try:
         custom.create_namespaced_custom_object("nmm.dev", "v1alpha1", ns, "nmmservices", service(world["cases"], ns))
         wait_for(lambda: at_rest(world, ns, 1), what="serving version 1")
@@ -320,13 +324,13 @@ def test_nmm_promote_and_rollback_move_champion_and_what_is_served_without_a_can
         wait_for(lambda: "nmm.dev/promote" not in (get(world, ns)["metadata"].get("annotations") or {}),
                  what="the promote annotation honoured once and removed")
         assert str(mlflow.get_model_version_by_alias(model(ns), "champion").version) == "2"
-        wait_for(lambda: served() == f"models:/{model(ns)}/2", what="the InferenceService on version 2")
+        wait_for(lambda: served() == "2", what="the InferenceService on version 2")
 
         r = run_nmm(world, "rollback", "digits", "-n", ns)
         assert r.returncode == 0, r.stderr
         wait_for(lambda: at_rest(world, ns, 1), what="back on version 1")
         assert str(mlflow.get_model_version_by_alias(model(ns), "champion").version) == "1"
-        wait_for(lambda: served() == f"models:/{model(ns)}/1", what="the InferenceService on version 1")
+        wait_for(lambda: served() == "1", what="the InferenceService on version 1")
 
         r = run_nmm(world, "rollback", "nosuch", "-n", ns)
         assert r.returncode == 2 and "no NMMService team-cli/nosuch" in r.stderr and "Traceback" not in r.stderr

@@ -147,22 +147,38 @@ def test_image_digest_pins_the_image():
 
 def test_operator_settings_carry_the_gpu_pools():
     docs = render(values(CHART / "ci" / "minimal-values.yaml"))
-    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-operator")]
     settings = json.loads(cm["data"]["settings.json"])
     assert settings["gpuPools"]["h100"] == {"product": "NVIDIA-H100-80GB-HBM3", "memoryGiB": 80, "gpusPerNode": 8}
     assert settings["s3SecretName"] == "nmm-s3" and "secretKey" not in json.dumps(settings)
+    assert _operator_settings(docs).compile.serving_s3_secret_name == "nmm-s3-serving-readonly"  # the servers' read-only key
+
+
+def test_the_servers_read_only_key_has_its_policy_and_no_write_action():
+    docs = render(values(CHART / "ci" / "minimal-values.yaml"))
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-serving-s3-policy")]
+    policy = json.loads(cm["data"]["policy.json"])
+    actions = {a for st in policy["Statement"] for a in st["Action"]}
+    assert actions == {"s3:GetObject", "s3:ListBucket"}
+    assert all(r.startswith("arn:aws:s3:::nmm") for st in policy["Statement"] for r in st["Resource"])
+
+
+RO = {"serving": {"s3": {"existingSecret": "ro"}}}
 
 
 @pytest.mark.parametrize("missing,message", [
-    ({"s3": {"endpoint": "http://minio:9000"}, "mlflow": {"existingSecret": "db", "auth": {"existingSecret": "a"}}},
+    ({"s3": {"endpoint": "http://minio:9000"}, "mlflow": {"existingSecret": "db", "auth": {"existingSecret": "a"}}} | RO,
      "s3.existingSecret is required"),
-    ({"s3": {"endpoint": "http://minio:9000", "existingSecret": "s3"}, "mlflow": {"auth": {"existingSecret": "a"}}},
+    ({"s3": {"endpoint": "http://minio:9000", "existingSecret": "s3"}, "mlflow": {"auth": {"existingSecret": "a"}}} | RO,
      "mlflow.existingSecret is required"),
-    ({"s3": {"existingSecret": "s3"}, "mlflow": {"existingSecret": "db", "auth": {"existingSecret": "a"}}},
+    ({"s3": {"existingSecret": "s3"}, "mlflow": {"existingSecret": "db", "auth": {"existingSecret": "a"}}} | RO,
      "s3.endpoint is required"),
-    ({"s3": {"endpoint": "http://minio:9000", "existingSecret": "s3"}, "mlflow": {"existingSecret": "db"}},
+    ({"s3": {"endpoint": "http://minio:9000", "existingSecret": "s3"}, "mlflow": {"existingSecret": "db"}} | RO,
      "mlflow.auth.existingSecret is required"),
-    ({"s3": {"endpoint": "http://m:9000", "existingSecret": "s3"}, "mlflow": {"enabled": False}}, "mlflow.externalUri is required"),
+    ({"s3": {"endpoint": "http://m:9000", "existingSecret": "s3"}, "mlflow": {"enabled": False}} | RO,
+     "mlflow.externalUri is required"),
+    ({"s3": {"endpoint": "http://m:9000", "existingSecret": "s3"}, "mlflow": {"existingSecret": "db", "auth": {"existingSecret": "a"}}},
+     "serving.s3.existingSecret is required"),
 ])
 def test_rendering_without_a_secret_fails_with_a_clear_message_s9(missing, message):
     with pytest.raises(helm_python.HelmRenderError, match=message.replace(".", r"\.")):
@@ -338,7 +354,7 @@ def _peer_matches(peer: dict, pod: dict, policy_ns: str) -> bool:
     if "ipBlock" in peer:
         return pod.get("ip", False)  # an address outside the cluster's pods
     if "namespaceSelector" in peer:
-        if not _selects(peer["namespaceSelector"], {"kubernetes.io/metadata.name": pod["ns"]}):
+        if not _selects(peer["namespaceSelector"], {"kubernetes.io/metadata.name": pod["ns"]} | pod.get("ns_labels", {})):
             return False
     elif pod["ns"] != policy_ns:
         return False
@@ -371,15 +387,19 @@ def test_network_policies_deny_by_default_and_allow_exactly_nmm_s_flows():
     release = {"app.kubernetes.io/instance": "nmm", "app.kubernetes.io/name": "nmm-platform"}
     pod = lambda component, ns="nmm": {"ns": ns, "labels": release | {"app.kubernetes.io/component": component}}  # noqa: E731
     mlflow, operator, inventory, test = pod("mlflow"), pod("operator"), pod("inventory"), pod("test")
-    step = {"ns": "team-a", "labels": {"nmm.dev/pipeline": "qs"}}
+    tenant = {"nmm.dev/tenant": "enabled"}  # a namespace that opted in to nmm
+    step = {"ns": "team-a", "ns_labels": tenant, "labels": {"nmm.dev/pipeline": "qs"}}
     local_step = {"ns": "nmm", "labels": {"nmm.dev/pipeline": "qs"}}
-    server = {"ns": "team-a", "labels": {"app.kubernetes.io/name": "nmm-serve"}}
-    stranger = {"ns": "team-a", "labels": {"app": "notebook"}}
+    server = {"ns": "team-a", "ns_labels": tenant, "labels": {"app.kubernetes.io/name": "nmm-serve"}}
+    stranger = {"ns": "team-a", "ns_labels": tenant, "labels": {"app": "notebook"}}
+    elsewhere = {"ns": "team-b", "labels": {"nmm.dev/pipeline": "qs"}}  # a namespace that did not opt in
     outside = {"ns": "", "labels": {}, "ip": True}
     dns = {"ns": "kube-system", "labels": {"k8s-app": "kube-dns"}}
-    for who in (operator, step, local_step, server, test):
+    for who in (operator, step, local_step, test):
         assert _allowed(policies, who, mlflow, 5000), who
     assert not _allowed(policies, stranger, mlflow, 5000)  # any other pod: refused
+    assert not _allowed(policies, server, mlflow, 5000)  # model servers need no MLflow: none reaches it
+    assert not _allowed(policies, elsewhere, mlflow, 5000)  # the pipeline label outside an opted-in namespace
     assert not _allowed(policies, inventory, mlflow, 5000)
     assert not _allowed(policies, operator, mlflow, 22)
     for who in (operator, inventory, local_step):
@@ -395,11 +415,16 @@ def test_network_policies_deny_by_default_and_allow_exactly_nmm_s_flows():
     assert (("app.kubernetes.io/instance", "nmm"),) in selected  # the default deny covers every pod of the release
 
 
-def _cel(expression: str, **activation):
+def _cel(expression: str, variables=None, **activation):
+    """An expression's value; `variables` are CEL values already (json_to_cel would read their
+    booleans as ints: a BoolType is an int)."""
     import celpy
 
     env = celpy.Environment()
-    return bool(env.program(env.compile(expression)).evaluate({k: celpy.json_to_cel(v) for k, v in activation.items()}))
+    values = {k: celpy.json_to_cel(v) for k, v in activation.items()}
+    if variables is not None:
+        values["variables"] = celpy.celtypes.MapType({celpy.celtypes.StringType(k): v for k, v in variables.items()})
+    return bool(env.program(env.compile(expression)).evaluate(values))
 
 
 def _admits(policy: dict, **activation) -> tuple[bool, list[str]]:
@@ -414,34 +439,88 @@ def _admits(policy: dict, **activation) -> tuple[bool, list[str]]:
 
         env = celpy.Environment()
         variables[v["name"]] = env.program(env.compile(v["expression"])).evaluate(
-            {k: celpy.json_to_cel(x) for k, x in activation.items()} | {"variables": celpy.json_to_cel(variables)})
+            {k: celpy.json_to_cel(x) for k, x in activation.items()}
+            | {"variables": celpy.celtypes.MapType({celpy.celtypes.StringType(k): x for k, x in variables.items()})})
     failed = [x["message"] for x in spec["validations"] if not _cel(x["expression"], variables=variables, **activation)]
     return True, failed
 
 
-def test_admission_policies_hold_training_pods_to_the_image_and_the_inventory_to_its_node():
+def test_admission_policies_hold_every_workload_nmm_creates_and_the_inventory_to_its_node():
     docs = render(values(CHART / "ci" / "minimal-values.yaml"))
     policies = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ValidatingAdmissionPolicy"}
     bindings = [d for d in docs if d["kind"] == "ValidatingAdmissionPolicyBinding"]
     assert {b["spec"]["policyName"] for b in bindings} == set(policies) and all(b["spec"]["validationActions"] == ["Deny"] for b in bindings)
-    training = policies["nmm-nmm-platform-training-pods"]
+    workloads = policies["nmm-nmm-platform-workloads"]
 
-    from nmm.compile import compile_pipeline
+    from nmm.compile import compile_pipeline, serving
     from nmm.spec import parse_pipeline
+    from nmm.spec.serving import ServiceSpec
 
-    wf = compile_pipeline(parse_pipeline((ROOT / "workflows" / "quickstart.yaml").read_text()), _operator_settings(docs).compile)
-    job = yaml.safe_load(next(t for t in wf["spec"]["templates"] if "resource" in t)["resource"]["manifest"])
+    settings = _operator_settings(docs).compile
     step = {"userInfo": {"username": "system:serviceaccount:team-a:nmm-workflow", "extra": {}}}
-    assert _admits(training, request=step, object=job) == (True, [])  # what nmm compiles passes
-    evil = yaml.safe_load(yaml.safe_dump(job))
-    master = evil["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
-    master["containers"][0]["image"] = "docker.io/evil/miner:1"
-    master["serviceAccountName"] = "cluster-admin-sa"
-    master["volumes"].append({"name": "root", "hostPath": {"path": "/"}})
-    matched, failed = _admits(training, request=step, object=evil)
-    assert matched and len(failed) == 3, failed
-    someone = {"userInfo": {"username": "alice@example.com", "extra": {}}}
-    assert _admits(training, request=someone, object=evil)[0] is False  # people are RBAC's business
+    operator = {"userInfo": {"username": "system:serviceaccount:nmm:nmm-nmm-platform-operator", "extra": {}}}
+    wf = compile_pipeline(parse_pipeline((ROOT / "workflows" / "quickstart.yaml").read_text()), settings)
+    job = yaml.safe_load(next(t for t in wf["spec"]["templates"] if "resource" in t)["resource"]["manifest"])
+    ray_doc = yaml.safe_load((ROOT / "workflows" / "quickstart.yaml").read_text())
+    ray_doc["spec"]["data"]["ray"] = {"workers": 2}
+    ray_wf = compile_pipeline(parse_pipeline(yaml.safe_dump(ray_doc)), settings)
+    rayjob = next(yaml.safe_load(t["resource"]["manifest"]) for t in ray_wf["spec"]["templates"]
+                  if "resource" in t and "RayJob" in t["resource"]["manifest"])
+    svc = ServiceSpec.model_validate({"model": {"name": "m", "version": 1}})
+    served = serving.ServedVersion(1, "s3://nmm/runs/a/b/c/d/train", "sha256:" + "0" * 64)
+    deployment = serving.deployment("digits", "team-a", "stable", svc, served, settings, served)
+    isvc = serving.inference_service("digits", "team-a", svc, served, None, settings)
+    made = [(step, "pytorchjobs", job), (step, "rayjobs", rayjob), (operator, "deployments", deployment),
+            (operator, "inferenceservices", isvc)]
+    for who, resource, obj in made:  # what nmm compiles passes
+        assert _admits(workloads, request=who | {"resource": {"resource": resource}}, object=obj) == (True, []), resource
+
+    def tampered(obj: dict, pods) -> dict:
+        evil = yaml.safe_load(yaml.safe_dump(obj))
+        for pod in pods(evil):
+            c = pod["containers"][0]
+            c["image"] = "docker.io/evil/miner:1"
+            c["securityContext"] = {"privileged": True, "capabilities": {"add": ["SYS_ADMIN"]}}
+            pod["serviceAccountName"] = "cluster-admin-sa"
+            pod.setdefault("volumes", []).append({"name": "root", "hostPath": {"path": "/"}})
+        return evil
+
+    evils = [tampered(job, lambda o: [r["template"]["spec"] for r in o["spec"]["pytorchReplicaSpecs"].values()]),
+             tampered(rayjob, lambda o: [o["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]]),
+             tampered(deployment, lambda o: [o["spec"]["template"]["spec"]]),
+             tampered(isvc, lambda o: [o["spec"]["predictor"]])]
+    for (who, resource, _), evil in zip(made, evils):
+        matched, failed = _admits(workloads, request=who | {"resource": {"resource": resource}}, object=evil)
+        assert matched and len(failed) == 4, (resource, failed)  # image, account, host access, privilege
+    someone = {"userInfo": {"username": "alice@example.com", "extra": {}}, "resource": {"resource": "pytorchjobs"}}
+    assert _admits(workloads, request=someone, object=evils[0])[0] is False  # people are RBAC's business
+
+    pipeline_pods = policies["nmm-nmm-platform-pipeline-pods"]
+    labelled = {"metadata": {"labels": {"nmm.dev/pipeline": "qs"}}, "spec": {"serviceAccountName": "default"}}
+    assert _admits(pipeline_pods, object=labelled)[1] == ["a pod labelled nmm.dev/pipeline runs as the nmm-workflow service account"]
+    for t in wf["spec"]["templates"]:  # every pod nmm compiles with the label runs as the workflow account
+        if "container" in t:
+            assert _admits(pipeline_pods, object={"metadata": t.get("metadata", {}), "spec": {
+                "serviceAccountName": wf["spec"]["serviceAccountName"]}})[1] == []
+    for spec in [r["template"]["spec"] for r in job["spec"]["pytorchReplicaSpecs"].values()]:
+        assert _admits(pipeline_pods, object={"metadata": {"labels": {"nmm.dev/pipeline": "qs"}}, "spec": spec})[1] == []
+
+    no_promote = policies["nmm-nmm-platform-no-promote-from-steps"]
+    nmms = lambda ann: {"metadata": {"name": "qs", "annotations": ann}, "spec": {}}  # noqa: E731
+    assert _admits(no_promote, request=step, object=nmms({"nmm.dev/promote": "7"}), oldObject=None)[1] != []
+    assert _admits(no_promote, request=step, object=nmms({"nmm.dev/promote": "7"}), oldObject=nmms({}))[1] != []
+    assert _admits(no_promote, request=step, object=nmms({}), oldObject=nmms({}))[1] == []  # the rollout stage's update
+    assert _admits(no_promote, request=step, object=nmms({"nmm.dev/promote": "7"}),
+                   oldObject=nmms({"nmm.dev/promote": "7"}))[1] == []  # someone's pending promote, left as it was
+    assert _admits(no_promote, request=someone, object=nmms({"nmm.dev/promote": "7"}), oldObject=nmms({}))[0] is False
+
+    where = policies["nmm-nmm-platform-operator-namespaces"]
+    ns = lambda name, labels=None: {"metadata": {"name": name} | ({"labels": labels} if labels else {})}  # noqa: E731
+    assert _admits(where, request=operator, namespaceObject=ns("team-a", {"nmm.dev/tenant": "enabled"}))[1] == []
+    assert _admits(where, request=operator, namespaceObject=ns("nmm"))[1] == []  # the release's own
+    assert _admits(where, request=operator, namespaceObject=ns("kube-system"))[1] == [
+        "the operator writes only in namespaces labelled nmm.dev/tenant=enabled (and its own)"]
+    assert _admits(where, request=someone, namespaceObject=ns("kube-system"))[0] is False
 
     inventory = policies["nmm-nmm-platform-inventory-own-node"]
     me = {"userInfo": {"username": "system:serviceaccount:nmm:nmm-nmm-platform-inventory",

@@ -19,13 +19,18 @@ SPEC = ServiceSpec.model_validate({
 S = CompileSettings()
 
 
+def v(n: int) -> serving.ServedVersion:
+    return serving.ServedVersion(n, f"s3://nmm/runs/team-a/qs/u/run-{n}/train", f"sha256:{n:064d}")
+
+
 @pytest.mark.parametrize("weight", [None, 10, 0])
 def test_the_inference_service_validates_and_runs_nmm_serve_on_the_gpu_pool(weight):
-    isvc = serving.inference_service("digits", "team-a", SPEC, 7, weight, S)
+    isvc = serving.inference_service("digits", "team-a", SPEC, v(7), weight, S)
     assert crd_errors(INFERENCE_SERVICE, "v1beta1", isvc) == []
     pred = isvc["spec"]["predictor"]
     (c,) = pred["containers"]
-    assert c["args"][:2] == ["serve", "models:/nmm-quickstart/7"] and c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert c["args"][:6] == ["serve", v(7).folder, "--name", "nmm-quickstart", "--digest", v(7).digest]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "1" and pred["labels"]["nmm.dev/model-version"] == "7"
     assert pred.get("canaryTrafficPercent") == weight
     assert pred["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0][
         "matchExpressions"][0]["values"] == ["l4"]
@@ -34,7 +39,7 @@ def test_the_inference_service_validates_and_runs_nmm_serve_on_the_gpu_pool(weig
 
 
 def test_the_gateway_backend_validates_and_splits_by_weight():
-    objs = serving.gateway_objects("digits", "team-a", SPEC, 3, 4, 10, S, {"name": "web", "namespace": "gw"})
+    objs = serving.gateway_objects("digits", "team-a", SPEC, v(3), v(4), 10, S, {"name": "web", "namespace": "gw"})
     kinds = [o["kind"] for o in objs]
     assert kinds == ["Deployment", "Deployment", "Service", "Service", "HTTPRoute"]
     for o in objs[:4]:
@@ -42,19 +47,40 @@ def test_the_gateway_backend_validates_and_splits_by_weight():
     route = objs[-1]
     assert crd_errors(HTTP_ROUTE, "v1", route) == []
     assert [(b["name"], b["weight"]) for b in route["spec"]["rules"][0]["backendRefs"]] == [("digits-stable", 90), ("digits-canary", 10)]
-    assert objs[0]["spec"]["template"]["spec"]["containers"][0]["args"][1] == "models:/nmm-quickstart/3"
+    assert objs[0]["spec"]["template"]["spec"]["containers"][0]["args"][1] == v(3).folder
     assert objs[1]["spec"]["replicas"] == 2
-    idle = serving.gateway_objects("digits", "team-a", SPEC, 3, None, 0, S, {"name": "web"})
+    idle = serving.gateway_objects("digits", "team-a", SPEC, v(3), None, 0, S, {"name": "web"})
     assert idle[1]["spec"]["replicas"] == 0 and idle[-1]["spec"]["rules"][0]["backendRefs"][1]["weight"] == 0
+
+
+def test_model_servers_hold_no_mlflow_credential_and_no_s3_key_that_can_write_s12():
+    """Read off the compiled InferenceService and gateway Deployments: the server's env names the
+    read-only key's Secret only, nothing of MLflow, and its arguments carry the folder and the
+    digest (it asks no registry)."""
+    import yaml
+
+    objs = [serving.inference_service("digits", "team-a", SPEC, v(7), 10, S)] + serving.gateway_objects(
+        "digits", "team-a", SPEC, v(3), v(4), 10, S, {"name": "web"})
+    text = yaml.safe_dump_all(objs)
+    assert "MLFLOW" not in text and "models:/" not in text and S.s3_secret_name not in text
+    containers = [objs[0]["spec"]["predictor"]["containers"][0]] + [
+        o["spec"]["template"]["spec"]["containers"][0] for o in objs if o["kind"] == "Deployment"]
+    for c in containers:
+        secrets = {e["valueFrom"]["secretKeyRef"]["name"] for e in c["env"] if "valueFrom" in e}
+        assert secrets == {S.serving_s3_secret_name}, c["env"]
+        assert "--digest" in c["args"] and c["args"][c["args"].index("--digest") + 1].startswith("sha256:")
+    from nmm.compile import pods
+
+    assert {e["name"] for e in pods.env(S) if "valueFrom" in e} >= {"NMM_S3_SECRET_KEY"}  # steps keep their own key
 
 
 def test_a_pool_that_cannot_hold_the_gpus_is_refused():
     spec = SPEC.model_copy(update={"resources": SPEC.resources.model_copy(update={"gpus": 8})})
     with pytest.raises(PlacementError):
-        serving.inference_service("digits", "team-a", spec, 1, None, S)
+        serving.inference_service("digits", "team-a", spec, v(1), None, S)
     spec = SPEC.model_copy(update={"resources": SPEC.resources.model_copy(update={"gpu_pool": "tpu"})})
     with pytest.raises(PlacementError, match="not a declared pool"):
-        serving.inference_service("digits", "team-a", spec, 1, None, S)
+        serving.inference_service("digits", "team-a", spec, v(1), None, S)
 
 
 T0 = 1_800_000_000.0

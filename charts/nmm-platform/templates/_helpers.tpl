@@ -51,6 +51,14 @@ app.kubernetes.io/component: {{ .component }}
 {{- required "s3.existingSecret is required: the name of a Secret with keys accessKey and secretKey (nmm never ships default credentials)" .Values.s3.existingSecret -}}
 {{- end -}}
 
+{{/* The Secret of the read-only S3 key model servers read their model folder with; required. */}}
+{{- define "nmm-platform.servingS3Secret" -}}
+{{- required "serving.s3.existingSecret is required: the name of a Secret with keys accessKey and secretKey of a READ-ONLY S3 key (model servers hold no key that can write; see the nmm-serving-s3-policy ConfigMap)" .Values.serving.s3.existingSecret -}}
+{{- end -}}
+
+{{/* The label a namespace carries when its pipelines and services may use nmm (the operator writes there, MLflow answers its steps). */}}
+{{- define "nmm-platform.tenantLabel" -}}nmm.dev/tenant{{- end -}}
+
 {{/* The S3 endpoint; rendering fails without one. */}}
 {{- define "nmm-platform.s3Endpoint" -}}
 {{- required "s3.endpoint is required: the URL of MinIO or S3, e.g. http://minio.nmm.svc:9000" .Values.s3.endpoint -}}

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -391,6 +392,10 @@ def crd(kind: str = typer.Option("pipeline", help="pipeline (NMMPipeline) or ser
 @app.command()
 def serve(
     model: str = typer.Argument(..., help="models:/<name>@<alias>, models:/<name>/<version>, or a published model folder"),
+    name: Optional[str] = typer.Option(None, "--name", help="The name clients ask for (default: the registered model's, "
+                                       "or nmm for a folder)"),
+    digest: Optional[str] = typer.Option(None, "--digest", help="A folder's manifest must hold this digest (what the "
+                                         "version was registered with; the operator passes it)"),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 in a pod)"),
     port: int = typer.Option(8000, min=1, max=65535),
     store: Optional[str] = typer.Option(None, help="Store URI for store:// folders (default: nmm's store)"),
@@ -408,9 +413,12 @@ def serve(
     from nmm.serve.model_dir import ServeError, load_published
     from nmm.serve.server import create_app
 
+    if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,255}", name):
+        err.print(f"error: --name: {name[:60]!r} is not a model name (letters, digits, . _ / -)", markup=False)
+        raise typer.Exit(EXIT_BAD_INPUT)
     try:
         with exits():
-            loaded, name = load_published(model, store or storage.default_store_uri())
+            loaded, name = load_published(model, store or storage.default_store_uri(), name=name, digest=digest)
     except ServeError as exc:
         err.print(f"error: MODEL: {exc}", markup=False)
         raise typer.Exit(EXIT_BAD_INPUT)

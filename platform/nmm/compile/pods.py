@@ -57,12 +57,28 @@ def tmp_mount() -> dict:
     return {"name": TMP_VOLUME, "mountPath": TMP_MOUNT}
 
 
+def _base_env() -> list[dict]:
+    return [{"name": "HOME", "value": TMP_MOUNT}, {"name": "PYTHONUNBUFFERED", "value": "1"}]
+
+
+def _s3_keys(secret: str) -> list[dict]:
+    return [{"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+            for name, key in (("NMM_S3_ACCESS_KEY", "accessKey"), ("NMM_S3_SECRET_KEY", "secretKey"))]
+
+
+def serving_env(s: CompileSettings) -> list[dict]:
+    """A model server's env (S12): the store's endpoint and a read-only key, nothing of MLflow."""
+    out = _base_env()
+    if s.s3_endpoint:
+        out.append({"name": "NMM_S3_ENDPOINT", "value": s.s3_endpoint})
+    if s.serving_s3_secret_name:
+        out += _s3_keys(s.serving_s3_secret_name)
+    return out
+
+
 def env(s: CompileSettings) -> list[dict]:
-    """Container env: no secret values, only references (S4)."""
-    out = [
-        {"name": "HOME", "value": TMP_MOUNT},
-        {"name": "PYTHONUNBUFFERED", "value": "1"},
-    ]
+    """A pipeline step's env: no secret values, only references (S4)."""
+    out = _base_env()
     if s.mlflow_tracking_uri:
         out.append({"name": "MLFLOW_TRACKING_URI", "value": s.mlflow_tracking_uri})
     if s.mlflow_secret_name:  # MLflow's basic auth: the client reads these two
@@ -71,8 +87,7 @@ def env(s: CompileSettings) -> list[dict]:
     if s.s3_endpoint:
         out.append({"name": "NMM_S3_ENDPOINT", "value": s.s3_endpoint})
     if s.s3_secret_name:
-        for name, key in (("NMM_S3_ACCESS_KEY", "accessKey"), ("NMM_S3_SECRET_KEY", "secretKey")):
-            out.append({"name": name, "valueFrom": {"secretKeyRef": {"name": s.s3_secret_name, "key": key}}})
+        out += _s3_keys(s.s3_secret_name)
     return out
 
 

@@ -103,6 +103,7 @@ def _pod(spec: PipelineSpec, spec_json: str, s: CompileSettings, variant: str | 
     )
     pod = k8s.V1PodSpec(
         containers=[container],
+        service_account_name=s.service_account,  # the admission policy ties the pipeline label to it (no token)
         automount_service_account_token=False,
         security_context=pods.pod_security_context(s),
         volumes=[pods.tmp_volume(), {"name": "dshm", "emptyDir": {"medium": "Memory"}}],

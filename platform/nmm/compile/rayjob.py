@@ -36,6 +36,7 @@ def _pod(spec: PipelineSpec, s: CompileSettings, name: str, cpu: str, memory: st
         "metadata": {"labels": {"nmm.dev/pipeline": spec.metadata.name, "nmm.dev/stage": "curate"}},
         "spec": {
             "securityContext": pods.pod_security_context(s),
+            "serviceAccountName": s.service_account,  # the admission policy ties the pipeline label to it (no token)
             "automountServiceAccountToken": False,
             "containers": [_container(name, s, cpu, memory)],
             "volumes": [pods.tmp_volume(), {"name": "shm", "emptyDir": {"medium": "Memory"}}],

@@ -11,6 +11,8 @@ stable, which is the canary, at what weight).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from nmm.compile import pods
 from nmm.compile.settings import CompileSettings
 from nmm.gpu import pools
@@ -25,6 +27,16 @@ LABEL_TRACK = "nmm.dev/track"
 LABEL_VERSION = "nmm.dev/model-version"
 
 
+@dataclass(frozen=True)
+class ServedVersion:
+    """A registered version as a server needs it: its published folder and the digest it was
+    registered with (the operator resolves both; a server never asks the registry)."""
+
+    version: int
+    folder: str
+    digest: str
+
+
 def model_uri(spec: ServiceSpec, version: int) -> str:
     return f"models:/{spec.model.name}/{version}"
 
@@ -34,8 +46,9 @@ def _labels(name: str, extra: dict | None = None) -> dict:
             LABEL_SERVICE: name} | (extra or {})
 
 
-def container(spec: ServiceSpec, version: int, s: CompileSettings, name: str = "kserve-container") -> dict:
-    """`nmm serve` for one registered version (resolved and digest-checked at start)."""
+def container(spec: ServiceSpec, served: ServedVersion, s: CompileSettings, name: str = "kserve-container") -> dict:
+    """`nmm serve` of one registered version's folder, its manifest checked against the digest
+    the version was registered with before anything is served."""
     b, r = spec.batching, spec.resources
     limits = {"cpu": r.cpu, "memory": r.memory} | ({"nvidia.com/gpu": str(r.gpus)} if r.gpus else {})
     probe = lambda path: {"httpGet": {"path": path, "port": PORT}, "periodSeconds": 10}  # noqa: E731
@@ -44,10 +57,11 @@ def container(spec: ServiceSpec, version: int, s: CompileSettings, name: str = "
         "image": s.image,
         "imagePullPolicy": s.image_pull_policy,
         "command": ["nmm"],
-        "args": ["serve", model_uri(spec, version), "--host", "0.0.0.0", "--port", str(PORT), "--store", s.store_uri,
-                 f"--max-batch={b.max_batch}", f"--max-wait-ms={b.max_wait_ms:g}", f"--max-queue={b.max_queue}"],
+        "args": ["serve", served.folder, "--name", spec.model.name, "--digest", served.digest, "--host", "0.0.0.0",
+                 "--port", str(PORT), f"--max-batch={b.max_batch}", f"--max-wait-ms={b.max_wait_ms:g}",
+                 f"--max-queue={b.max_queue}"],
         "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
-        "env": pods.env(s),
+        "env": pods.serving_env(s),
         "resources": {"requests": dict(limits), "limits": limits},
         "readinessProbe": probe("/readyz") | {"initialDelaySeconds": 5},
         "livenessProbe": probe("/healthz") | {"initialDelaySeconds": 30},
@@ -69,22 +83,24 @@ def _placement(spec: ServiceSpec, s: CompileSettings) -> dict:
     return {"affinity": pools.affinity(chosen), "tolerations": pools.tolerations(chosen)}
 
 
-def _pod_spec(spec: ServiceSpec, version: int, s: CompileSettings, container_name: str) -> dict:
+def _pod_spec(spec: ServiceSpec, served: ServedVersion, s: CompileSettings, container_name: str) -> dict:
     return {
         "serviceAccountName": s.serving_service_account,
         "automountServiceAccountToken": False,
         "securityContext": pods.pod_security_context(s),
-        "containers": [container(spec, version, s, container_name)],
+        "containers": [container(spec, served, s, container_name)],
         "volumes": [pods.tmp_volume()],
     } | _placement(spec, s)
 
 
-def inference_service(name: str, namespace: str, spec: ServiceSpec, version: int, canary_weight: int | None,
+def inference_service(name: str, namespace: str, spec: ServiceSpec, served: ServedVersion, canary_weight: int | None,
                       s: CompileSettings) -> dict:
-    """The InferenceService serving `version`; with `canary_weight`, `version` is the canary and
-    takes that percent (the previous revision the rest)."""
+    """The InferenceService serving `served`; with `canary_weight`, it is the canary and takes
+    that percent (the previous revision the rest). Its pods carry the service and the version as
+    labels: the analysis reads every one of them."""
+    version = served.version
     predictor = {"minReplicas": spec.replicas, "maxReplicas": spec.replicas,
-                 "labels": {LABEL_SERVICE: name, LABEL_VERSION: str(version)}} | _pod_spec(spec, version, s, "kserve-container")
+                 "labels": {LABEL_SERVICE: name, LABEL_VERSION: str(version)}} | _pod_spec(spec, served, s, "kserve-container")
     if canary_weight is not None:
         predictor["canaryTrafficPercent"] = canary_weight
     return {
@@ -97,12 +113,15 @@ def inference_service(name: str, namespace: str, spec: ServiceSpec, version: int
     }
 
 
-def deployment(name: str, namespace: str, track: str, spec: ServiceSpec, version: int | None, s: CompileSettings) -> dict:
-    """A track's Deployment: `version` at `replicas`, or scaled to zero (the canary between rollouts)."""
+def deployment(name: str, namespace: str, track: str, spec: ServiceSpec, served: ServedVersion | None,
+               s: CompileSettings, template: ServedVersion) -> dict:
+    """A track's Deployment: `served` at `replicas`, or scaled to zero (the canary between
+    rollouts, whose pod template then shows `template`'s container so that it stays valid)."""
     full = serving_backend_name(name, track)
     selector = {LABEL_SERVICE: name, LABEL_TRACK: track}
+    version = served.version if served else None
     labels = _labels(name, {LABEL_TRACK: track} | ({LABEL_VERSION: str(version)} if version else {}))
-    shown = version or 1  # a scaled-to-zero canary keeps a valid template
+    shown = served or template
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": full, "namespace": namespace, "labels": labels},
@@ -143,11 +162,11 @@ def http_route(name: str, namespace: str, weight: int, parent: dict) -> dict:
     }
 
 
-def gateway_objects(name: str, namespace: str, spec: ServiceSpec, stable: int, canary: int | None, weight: int,
-                    s: CompileSettings, parent: dict) -> list[dict]:
+def gateway_objects(name: str, namespace: str, spec: ServiceSpec, stable: ServedVersion, canary: ServedVersion | None,
+                    weight: int, s: CompileSettings, parent: dict) -> list[dict]:
     return [
-        deployment(name, namespace, "stable", spec, stable, s),
-        deployment(name, namespace, "canary", spec, canary, s),
+        deployment(name, namespace, "stable", spec, stable, s, stable),
+        deployment(name, namespace, "canary", spec, canary, s, stable),
         service(name, namespace, "stable"),
         service(name, namespace, "canary"),
         http_route(name, namespace, weight if canary else 0, parent),

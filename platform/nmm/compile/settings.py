@@ -23,6 +23,10 @@ class CompileSettings:
     service_account: str = "nmm-workflow"
     # Serving pods' service account: they need no API rights (no token is mounted).
     serving_service_account: str = "default"
+    # The Secret (keys accessKey, secretKey) of a read-only S3 key that model servers read their
+    # model folder with (chart: serving.s3.existingSecret): a server holds no key that can write and
+    # no MLflow credential (the operator resolves a version to its folder and digest for it).
+    serving_s3_secret_name: str | None = "nmm-s3-serving"
     # Where stages publish outputs: s3://bucket/prefix on a cluster, file:///… locally.
     store_uri: str = "s3://nmm"
     # MLflow tracking server the stages log to; None leaves MLFLOW_TRACKING_URI unset.
@@ -50,6 +54,6 @@ class CompileSettings:
     def local(cls, store_uri: str) -> "CompileSettings":
         """Embedded defaults for `nmm run` on a laptop: a local store, MLflow from the env/default."""
         return cls(
-            store_uri=store_uri, mlflow_tracking_uri=None, s3_endpoint=None, s3_secret_name=None,
+            store_uri=store_uri, mlflow_tracking_uri=None, s3_endpoint=None, s3_secret_name=None, serving_s3_secret_name=None,
             namespace="default", gpu_pools=None,
         )

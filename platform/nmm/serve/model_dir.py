@@ -119,23 +119,27 @@ class ServeError(RuntimeError):
     """A published model that cannot be found or does not match its manifest (user input: exit 2)."""
 
 
-def load_published(source: str, store: str) -> tuple[LoadedModel, str]:
+def load_published(source: str, store: str, *, name: str | None = None, digest: str | None = None) -> tuple[LoadedModel, str]:
     """(the model, the name it is served under) — for `nmm serve` and curation's model filter — from `models:/<name>@<alias>`,
-    `models:/<name>/<version>` or a published model folder (a store URI or path). Every file is
-    checked against the folder's manifest; a registered version's manifest digest must be the one
-    it was registered with."""
+    `models:/<name>/<version>` or a published model folder (a store URI or path; served as `name`,
+    and holding `digest` when given: what the operator passes a model server, which asks no
+    registry). Every file is checked against the folder's manifest; a registered version's
+    manifest digest must be the one it was registered with."""
     from nmm import lineage, storage
 
-    name, digest = "nmm", None
     if not source.startswith("models:/"):
         folder = storage.in_store(storage.uri_of(source), store)
+        name = name or "nmm"
     else:
-        name, sep, alias = source.removeprefix("models:/").partition("@")
+        if digest is not None:
+            raise ServeError(f"{source}: --digest goes with a model folder (a registered version brings its own)")
+        registered, sep, alias = source.removeprefix("models:/").partition("@")
         if sep:
-            info = lineage.alias_version(name, alias)
+            info = lineage.alias_version(registered, alias)
         else:
-            name, _, version = name.partition("/")
-            info = lineage.model_version(name, version)
+            registered, _, version = registered.partition("/")
+            info = lineage.model_version(registered, version)
+        name = name or registered
         if info is None:
             raise ServeError(f"{source}: no such registered model, version or alias")
         folder, digest = info.tags.get("nmm.model_store_uri"), info.tags.get("nmm.model_digest")
