@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import yaml
 
 from nmm import storage
 from nmm.engine import run_workflow
@@ -157,3 +158,65 @@ def test_nmm_retry_of_an_unknown_or_old_run_says_so_with_exit_2(tmp_path):
     (old / "workflow.yaml").write_text("kind: Workflow\n")
     r = subprocess.run([NMM, "retry", "old-1"], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "nmm run FILE --resume old-1" in r.stderr
+
+
+def _recorded_run(tmp_path) -> tuple[dict, Path]:
+    """A local run's folder as `nmm run` leaves it after a failure: its spec, the Workflow it
+    compiled to, a status record (nothing is run)."""
+    from nmm.compile import CompileSettings, compile_pipeline
+    from nmm.compile.workflow import spec_json
+    from nmm.spec import parse_pipeline
+    from tests.conftest import WORKFLOWS
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "NMM_STORE", "NMM_S3_ENDPOINT")}
+    env["NMM_HOME"] = str(tmp_path / ".nmm")
+    spec = parse_pipeline((WORKFLOWS / "quickstart.yaml").read_text())
+    store = (tmp_path / ".nmm" / "store").as_uri()
+    wf = compile_pipeline(spec, CompileSettings.local(store))
+    folder = tmp_path / ".nmm" / "runs" / "quickstart-abcde"
+    folder.mkdir(parents=True)
+    (folder / "spec.json").write_text(spec_json(spec))
+    (folder / "workflow.yaml").write_text(yaml.safe_dump(wf, sort_keys=False))
+    (folder / "status.json").write_text(json.dumps({"name": folder.name, "uid": "u-1", "phase": "Failed", "steps": {}}))
+    return env, folder
+
+
+def test_nmm_retry_of_a_corrupt_or_edited_run_exits_2_and_runs_nothing(tmp_path):
+    """On main a corrupt status.json was a traceback, and an edited workflow.yaml ran as it was."""
+    from tests.conftest import NMM
+
+    env, folder = _recorded_run(tmp_path)
+    for corrupt in ('{"name": "quickstart-abcde", "uid"', "[1, 2]", "\udcff"):
+        (folder / "status.json").write_text(corrupt, errors="surrogateescape")
+        r = subprocess.run([NMM, "retry", folder.name], env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "is not a run record" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    (folder / "status.json").write_text(json.dumps({"name": folder.name, "uid": "u-1", "phase": "Failed", "steps": {}}))
+    wf = yaml.safe_load((folder / "workflow.yaml").read_text())
+    wf["spec"]["templates"][1]["container"]["args"].append("--and-something-else")  # edited after the run
+    (folder / "workflow.yaml").write_text(yaml.safe_dump(wf, sort_keys=False))
+    r = subprocess.run([NMM, "retry", folder.name], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "compiles to another Workflow" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (folder / "logs").exists()  # nothing ran
+    (folder / "workflow.yaml").write_text("kind: [unclosed")
+    r = subprocess.run([NMM, "retry", folder.name], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "is unreadable" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_lock_or_status_planted_as_a_symlink_is_never_followed(tmp_path):
+    from nmm.engine import state
+
+    victim = tmp_path / "precious.txt"
+    victim.write_text("not nmm's to truncate")
+    run = tmp_path / "runs" / "r-1"
+    run.mkdir(parents=True)
+    (run / "lock").symlink_to(victim)
+    with pytest.raises(state.RunBusy, match="is a symlink"):
+        with state.locked(run):
+            pass
+    (run / "status.json").symlink_to(victim)
+    with pytest.raises(state.CorruptRecord):
+        state.read_status(run)
+    (run / f".status.json.{os.getpid()}.tmp").symlink_to(victim)  # a planted temporary name
+    state.write_status(run, {"phase": "Running"})
+    assert victim.read_text() == "not nmm's to truncate"
+    assert json.loads((run / "status.json").read_text()) == {"phase": "Running"} and not (run / "status.json").is_symlink()

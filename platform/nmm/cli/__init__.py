@@ -223,22 +223,33 @@ def retry(run_name: str = typer.Argument(..., metavar="RUN", help="A local run (
         out.print(f"nmmpipeline {namespace}/{run_name}: retry asked (nmm.dev/retry={value}); follow it: "
                   f"nmm status {run_name} -n {namespace}")
         return
-    import yaml
+    from dataclasses import replace
 
-    from nmm.engine.runner import WORKFLOW_FILE
+    from nmm.cluster import store_of
+    from nmm.compile import CompileSettings
+    from nmm.engine.runner import WORKFLOW_FILE, NotResumable, stored_workflow
     from nmm.home import home_dir
+    from nmm.spec import SpecError
     from nmm.spec.parse import parse_json
 
     folder = home_dir() / "runs" / run_name
-    if not (folder / WORKFLOW_FILE).is_file():
+    if "/" in run_name or run_name in (".", "..") or not (folder / WORKFLOW_FILE).is_file():
         err.print(f"[red]error[/]: no local run named {run_name} (looked in {folder.parent})", highlight=False)
         raise typer.Exit(EXIT_BAD_INPUT)
     if not (folder / SPEC_FILE).is_file():
         err.print(f"[red]error[/]: run {run_name} was made by an older nmm (no {SPEC_FILE}); resume it with "
                   f"nmm run FILE --resume {run_name}", highlight=False)
         raise typer.Exit(EXIT_BAD_INPUT)
-    workflow = yaml.safe_load((folder / WORKFLOW_FILE).read_text())
-    _run_local(workflow, parse_json((folder / SPEC_FILE).read_text(), str(folder / SPEC_FILE)), run_name, True)
+    try:  # the Workflow a retry runs is compiled again from the run's spec, then compared with the one it ran
+        stored = stored_workflow(folder)
+        spec = parse_json((folder / SPEC_FILE).read_text(errors="replace"), str(folder / SPEC_FILE))
+    except (NotResumable, SpecError) as exc:
+        problems = "\n  ".join(exc.problems) if isinstance(exc, SpecError) else str(exc)
+        err.print(f"[red]error[/]: run {run_name} cannot be retried: {problems}", highlight=False)
+        raise typer.Exit(EXIT_BAD_INPUT)
+    local = CompileSettings.local(store_of(stored) or "")
+    workflow = _compile(spec, replace(local, namespace=_namespace(spec, None, local.namespace)))
+    _run_local(workflow, spec, run_name, True)
 
 
 SPEC_FILE = "spec.json"  # next to a local run's workflow.yaml: what `nmm retry` summarises with

@@ -43,18 +43,23 @@ def data_export(
 
 def _dataset_uri(run: str) -> str:
     """A dataset URI as given, or the one a local run's curate step published."""
-    import json
-
     from nmm import storage
     from nmm.home import home_dir
 
     if "://" in run:
         return storage.in_store(run, storage.default_store_uri())
-    status = home_dir() / "runs" / run / "status.json"
-    if not status.is_file():
+    from nmm.engine import state
+
+    folder = home_dir() / "runs" / run
+    try:
+        record = state.read_status(folder) if "/" not in run and run not in (".", "..") else None
+    except state.CorruptRecord as exc:
+        err.print(f"error: RUN: {exc}")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    if record is None:
         err.print(f"error: RUN: no local run {run!r} (under {home_dir() / 'runs'}); give a run name or a dataset URI")
         raise typer.Exit(EXIT_BAD_INPUT)
-    steps = json.loads(status.read_text()).get("steps", {})
+    steps = record.get("steps", {}) if isinstance(record.get("steps"), dict) else {}
     # a curate RayJob (data.ray) hands its outputs to the `curate-outputs` step
     uri = next((steps.get(s, {}).get("outputs", {}).get("dataset_uri") for s in ("curate", "curate-outputs")
                 if steps.get(s, {}).get("outputs", {}).get("dataset_uri")), None)

@@ -34,6 +34,9 @@ COLUMNS = ("order", "source", "key", "reason", "detail", "content_id", "pixel_st
            "minhash", "pixels", "has_pixels", "captions", "label", "scene")
 
 
+BLOCK = 256  # a unit's batch grows by this many rows (doubling)
+
+
 def _empty(n: int, s: Settings) -> dict[str, np.ndarray]:
     return {
         "order": np.zeros(n, np.int64), "source": np.empty(n, object), "key": np.empty(n, object),
@@ -88,21 +91,27 @@ def fill(out: dict[str, np.ndarray], i: int, d: userdata.Decoded | userdata.Reje
 
 
 def examine_unit(unit: Unit, s: Settings) -> dict[str, np.ndarray]:
-    """Every sample of one unit, as one batch of columns in the unit's order."""
-    raw = list(readers.read(unit))
-    if len(raw) >= MAX_SAMPLES_PER_UNIT:
-        raise ValueError(f"{unit.uris[0]}: over {MAX_SAMPLES_PER_UNIT} samples in one object")
-    out = _empty(len(raw), s)
-    for i, (key, parts) in enumerate(raw):
-        out["order"][i] = (unit.index << 24) | i
-        out["source"][i], out["key"][i] = unit.source, key
+    """Every sample of one unit, as one batch of columns in the unit's order. Samples are read
+    and decoded one at a time (a unit's raw bytes are never all in memory): the batch holds
+    their decoded pixels and small columns only, grown in blocks."""
+    out, n = _empty(BLOCK, s), 0
+    for key, parts in readers.read(unit):
+        if n >= MAX_SAMPLES_PER_UNIT:
+            raise ValueError(f"{unit.uris[0]}: over {MAX_SAMPLES_PER_UNIT} samples in one object")
+        if n == len(out["order"]):
+            more = _empty(len(out["order"]), s)
+            out = {c: np.concatenate([out[c], more[c]]) for c in out}
+        out["order"][n] = (unit.index << 24) | n
+        out["source"][n], out["key"][n] = unit.source, key
         if "error" in parts or not parts:
             detail = parts.get("error", b"broken tar member: the rest of the shard is lost").decode("utf-8", "replace")
-            d: userdata.Decoded | userdata.Rejected = userdata.Rejected(key, "decode_error", detail)
+            reason = parts.get("reason", b"decode_error").decode()
+            d: userdata.Decoded | userdata.Rejected = userdata.Rejected(key, reason, detail)
         else:
             d = userdata.decode(key, parts, s.channels, s.side, s.limits)
-        fill(out, i, d, s, b"".join(parts[k] for k in sorted(parts)))
-    return out
+        fill(out, n, d, s, b"".join(parts[k] for k in sorted(parts)))
+        n += 1
+    return {c: v[:n] for c, v in out.items()}
 
 
 def examine_builtin(name: str, index: int, images: np.ndarray, captions: list[list[str]], labels: np.ndarray,

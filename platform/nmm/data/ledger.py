@@ -10,7 +10,7 @@ from collections import Counter
 
 import numpy as np
 
-REASONS = ("decode_error", "too_small", "bad_aspect", "blank_image", "caption_empty", "caption_length",
+REASONS = ("decode_error", "too_large", "too_small", "bad_aspect", "blank_image", "caption_empty", "caption_length",
            "exact_duplicate", "near_duplicate", "caption_near_duplicate", "low_alignment_score",
            "over_limit")  # over_limit: past its source's `limit` (kept otherwise)
 FILE = "ledger.parquet"

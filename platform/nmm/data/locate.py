@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import re
+from typing import Iterator
 
 from nmm import storage
 from nmm.storage import ObjectInfo
@@ -25,20 +26,57 @@ class SourceError(ValueError):
     """A source names no data: a glob that matches nothing, a folder without images (user input: exit 2)."""
 
 
-def expand_braces(pattern: str) -> list[str]:
-    """`a{0..2}b{x,y}` → a0bx, a0by, a1bx, …; a range keeps its zero padding."""
-    parts = re.split(r"(\{[^{}]*\})", pattern)
-    choices = []
-    for part in parts:
-        rng = re.fullmatch(r"\{(\d+)\.\.(\d+)\}", part)
+MAX_EXPANDED_URIS = 100_000  # what one brace pattern may name
+MAX_RANGE_DIGITS = 18  # a brace range's bounds: an int64, never a 10,000-digit integer to parse
+BRACES = re.compile(r"(\{[^{}]*\})")
+RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+
+
+def _groups(pattern: str) -> list[range | list[str]]:
+    """The one brace parser (the spec's check and the expansion both use it): each part of
+    `pattern` as its choices — a range `{000..099}` (its numbers checked), an alternation
+    `{a,b}`, or itself. ValueError for a range that runs backwards or has numbers too long."""
+    out: list[range | list[str]] = []
+    for part in BRACES.split(pattern):
+        rng = RANGE.fullmatch(part)
         if rng:
-            width = len(rng[1]) if rng[1].startswith("0") else 0
-            choices.append([f"{i:0{width}d}" for i in range(int(rng[1]), int(rng[2]) + 1)])
+            if max(len(rng[1]), len(rng[2])) > MAX_RANGE_DIGITS:
+                raise ValueError(f"brace range {part[:40]} has numbers over {MAX_RANGE_DIGITS} digits")
+            lo, hi = int(rng[1]), int(rng[2])
+            if hi < lo:
+                raise ValueError(f"brace range {part} runs backwards")
+            out.append(range(lo, hi + 1))
         elif part.startswith("{") and part.endswith("}") and "," in part:
-            choices.append(part[1:-1].split(","))
+            out.append(part[1:-1].split(","))
         else:
-            choices.append([part])
-    return ["".join(c) for c in itertools.product(*choices)]
+            out.append([part])
+    return out
+
+
+def brace_count(pattern: str) -> int:
+    """How many names `pattern`'s brace groups expand to ({000..099} is 100, {a,b} is 2);
+    ValueError past MAX_EXPANDED_URIS (counted, never expanded)."""
+    total = 1
+    for choices in _groups(pattern):
+        total *= len(choices)
+        if total > MAX_EXPANDED_URIS:
+            raise ValueError(f"brace groups name over {MAX_EXPANDED_URIS:,} objects")
+    return total
+
+
+def expand_braces(pattern: str) -> Iterator[str]:
+    """`a{0..2}b{x,y}` → a0bx, a0by, a1bx, … lazily (a range keeps its zero padding); ValueError
+    for a pattern brace_count refuses."""
+    brace_count(pattern)
+    choices = []
+    for part, group in zip(BRACES.split(pattern), _groups(pattern)):
+        if isinstance(group, range):
+            lo = RANGE.fullmatch(part)[1]
+            width = len(lo) if lo.startswith("0") else 0
+            choices.append([f"{i:0{width}d}" for i in group])
+        else:
+            choices.append(group)
+    return ("".join(c) for c in itertools.product(*choices))
 
 
 def _prefix(pattern: str) -> str:
@@ -52,7 +90,10 @@ def find(kind: str, name: str, uri: str) -> list[ObjectInfo]:
     of the format's kind matches, and StorageError (retryable) when the store cannot be listed."""
     suffixes = SUFFIXES[kind]
     found: dict[str, ObjectInfo] = {}
-    patterns = expand_braces(storage.uri_of(uri))
+    try:
+        patterns = list(expand_braces(storage.uri_of(uri)))  # at most MAX_EXPANDED_URIS names
+    except ValueError as exc:
+        raise SourceError(f"data.sources[{name}].uri: {exc}") from None
     listings: dict[str, list[ObjectInfo]] = {}
     missing: list[str] = []
     for pattern in patterns:

@@ -12,13 +12,13 @@ import json
 import tarfile
 import warnings
 from dataclasses import dataclass
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 import numpy as np
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTENSIONS = ("txt", "json")
-REASONS = ("decode_error", "too_small", "bad_aspect", "blank_image", "caption_empty", "caption_length")
+REASONS = ("decode_error", "too_large", "too_small", "bad_aspect", "blank_image", "caption_empty", "caption_length")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,14 +52,25 @@ class Rejected:
     image: np.ndarray | None = None  # when it decoded (blank, caption faults): what the grids of drops show
 
 
-def samples(shard: bytes, name: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) per sample of a WebDataset tar: consecutive members sharing the
-    key before the first dot. A broken member ends the shard: the sample it belonged to comes with
-    the parts read before it, then a sample keyed `<name>#broken-<n>` with no parts (the rest of
-    the shard, lost: a `decode_error` row, not a crash)."""
+MAX_PART_BYTES = 64 << 20  # one part of a sample (an image, a caption) read at most
+
+
+def refused(reason: str, detail: str) -> dict[str, bytes]:
+    """The parts of a sample a reader refused: a ledger row with `reason` (see `decode`)."""
+    return {"error": detail.encode(), "reason": reason.encode()}
+
+
+def samples(shard: BinaryIO, name: str, max_part: int = MAX_PART_BYTES) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) per sample of a WebDataset tar read as a stream (never whole
+    into memory): consecutive members sharing the key before the first dot. A member over
+    `max_part` bytes, or a sparse one (GNU sparse: 10 KiB stored read back as 1 GiB), is not
+    read: its sample is refused (`too_large`, `decode_error`). A broken member ends the shard:
+    the sample it belonged to comes with the parts read before it, then a sample keyed
+    `<name>#broken-<n>` with no parts (the rest of the shard, lost: a `decode_error` row, not a
+    crash)."""
     key, parts, n = None, {}, 0
     try:
-        with tarfile.open(fileobj=io.BytesIO(shard), mode="r:") as tar:
+        with tarfile.open(fileobj=shard, mode="r|") as tar:
             for member in tar:
                 n += 1
                 if not member.isfile():
@@ -71,6 +82,14 @@ def samples(shard: bytes, name: str) -> Iterator[tuple[str, dict[str, bytes]]]:
                     yield key, parts
                     parts = {}
                 key = stem
+                if "error" in parts:
+                    continue  # the sample is refused already: skip the rest of its parts unread
+                if member.issparse():
+                    parts = refused("decode_error", f"{member.name}: a sparse tar member (declares {member.size} bytes)")
+                    continue
+                if member.size > max_part:
+                    parts = refused("too_large", f"{member.name}: {member.size} bytes, over the {max_part}-byte limit")
+                    continue
                 data = tar.extractfile(member).read()
                 if len(data) != member.size:  # tarfile reads a cut archive's last member short, silently
                     raise tarfile.ReadError(f"{member.name}: {len(data)} of {member.size} bytes")

@@ -309,14 +309,32 @@ class NotResumable(Exception):
     """This run cannot be resumed as asked (the message says why)."""
 
 
+def stored_workflow(folder: Path) -> dict:
+    """The Workflow a local run ran (its workflow.yaml); NotResumable when it is not one."""
+    try:
+        wf = yaml.safe_load(state.read_text(folder / WORKFLOW_FILE))
+    except FileNotFoundError:
+        raise NotResumable(f"no local run named {folder.name} (looked in {folder.parent})") from None
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise NotResumable(f"{folder / WORKFLOW_FILE} is unreadable ({type(exc).__name__}); start a new run") from None
+    if not isinstance(wf, dict) or not isinstance(wf.get("metadata"), dict):
+        raise NotResumable(f"{folder / WORKFLOW_FILE} is not a Workflow; start a new run")
+    return wf
+
+
 def resumable(folder: Path, workflow: dict | None = None) -> dict:
-    """The status record of a run that can be resumed with `workflow` (default: its own)."""
-    prior = state.read_status(folder)
+    """The status record of a run that can be resumed with `workflow` (default: its own): the
+    Workflow it ran must be the one its pipeline compiles to now (an edited workflow.yaml, or a
+    changed spec or store, is refused, never run)."""
+    try:
+        prior = state.read_status(folder)
+    except state.CorruptRecord as exc:
+        raise NotResumable(f"{exc}; start a new run") from None
     if prior is None or not (folder / WORKFLOW_FILE).is_file():
         raise NotResumable(f"no local run named {folder.name} (looked in {folder.parent})")
     if "uid" not in prior:
         raise NotResumable(f"run {folder.name} was recorded without its UID (by an older nmm); start a new run")
-    if workflow is not None and yaml.safe_load((folder / WORKFLOW_FILE).read_text()) != workflow:
-        raise NotResumable(f"the pipeline compiles to another Workflow than run {folder.name} ran: a resume runs the same "
-                           "one (same spec, same store); start a new run for the changed pipeline")
+    if workflow is not None and stored_workflow(folder) != workflow:
+        raise NotResumable(f"the pipeline compiles to another Workflow than run {folder.name} ran (its workflow.yaml was "
+                           "edited, or the spec, the store or nmm changed): a resume runs the same one; start a new run")
     return prior

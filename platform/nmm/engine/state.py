@@ -31,23 +31,59 @@ class RunBusy(Exception):
     """Another nmm process is running this run now."""
 
 
+class CorruptRecord(ValueError):
+    """A run's status.json that is not a record nmm wrote (truncated, edited, or not JSON)."""
+
+
+MAX_RECORD_BYTES = 16 << 20  # a status.json or workflow.yaml is kilobytes; more is not ours
+
+
+def read_text(path: Path) -> str:
+    """A run file's text, opened without following a symlink and read at most MAX_RECORD_BYTES."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(MAX_RECORD_BYTES + 1)
+    if len(data) > MAX_RECORD_BYTES:
+        raise CorruptRecord(f"{path} is over {MAX_RECORD_BYTES} bytes")
+    return data.decode("utf-8")
+
+
 def read_status(folder: Path) -> dict | None:
+    """The run's record; None when it has none; CorruptRecord when it is not one."""
     try:
-        return json.loads((folder / STATUS).read_text())
+        record = json.loads(read_text(folder / STATUS))
     except FileNotFoundError:
         return None
+    except (OSError, ValueError, RecursionError) as exc:  # a symlink (ELOOP), not UTF-8, not JSON
+        raise CorruptRecord(f"{folder / STATUS} is not a run record ({type(exc).__name__})") from None
+    if not isinstance(record, dict):
+        raise CorruptRecord(f"{folder / STATUS} is not a run record (a JSON {type(record).__name__})")
+    return record
 
 
 def write_status(folder: Path, record: dict) -> None:
+    """Atomically: a new file (never through a symlink planted at its name), then renamed over."""
     tmp = folder / f".{STATUS}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(record, indent=2))
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(record, indent=2))
     os.replace(tmp, folder / STATUS)
 
 
 @contextlib.contextmanager
 def locked(folder: Path):
+    """Hold the run's lock file (flock); opened without following a symlink, so a lock planted as
+    a link to another file never truncates that file."""
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / LOCK, "a+") as f:
+    try:
+        fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise RunBusy(f"run {folder.name}: {folder / LOCK} is a symlink, not nmm's lock file; remove it") from None
+        raise
+    with os.fdopen(fd, "r+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

@@ -3,12 +3,12 @@ workers that curate on a cluster. No I/O here."""
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from nmm.data import shapes
+from nmm.data.locate import brace_count
 from nmm.data.sources import DIGITS_SIDE
 from nmm.spec.base import Model
 
@@ -18,24 +18,6 @@ USER_SOURCES = ("webdataset", "parquet", "folder")
 # a path relative to where nmm runs; a glob
 # (*, ?, [..]) and brace ranges ({000000..000099}, {a,b}) in its last parts.
 _URI = r"^(store://[^\s$`]+|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s$`]*)?|file:///[^\s$`]*|[A-Za-z0-9_./][^\s$`:]*)$"
-MAX_EXPANDED_URIS = 100_000  # what one brace pattern may name
-
-
-def brace_count(uri: str) -> int:
-    """How many names a URI's brace groups expand to ({000..099} is 100, {a,b} is 2)."""
-    total = 1
-    for group in re.findall(r"\{([^{}]*)\}", uri):
-        rng = re.fullmatch(r"(\d{1,9})\.\.(\d{1,9})", group)
-        if rng:
-            lo, hi = int(rng[1]), int(rng[2])
-            if hi < lo:
-                raise ValueError(f"brace range {{{group}}} runs backwards")
-            total *= hi - lo + 1
-        else:
-            total *= len(group.split(","))
-        if total > MAX_EXPANDED_URIS:
-            raise ValueError(f"brace groups name over {MAX_EXPANDED_URIS:,} objects")
-    return total
 
 
 class Columns(Model):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -156,23 +157,112 @@ def _write_file(path: Path, data: bytes, create_only: bool, uri: str) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-def read_bytes(uri: str) -> bytes:
+class TooLarge(ValueError):
+    """An object over the size its reader allows (bad data, not an outage)."""
+
+
+def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
+    """The object's bytes; TooLarge when it holds more than `max_bytes` (known before reading
+    when the store says its size, else after reading at most max_bytes + 1)."""
+    with open_read(uri) as (f, size):
+        if max_bytes is not None and size is not None and size > max_bytes:
+            raise TooLarge(f"{uri} is {size} bytes, over the {max_bytes}-byte limit")
+        try:
+            data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+        except Exception as exc:  # a connection cut mid-object: the store's fault, retryable
+            raise StorageError(f"cannot read {uri}: {exc}") from exc
+    if max_bytes is not None and len(data) > max_bytes:
+        raise TooLarge(f"{uri} is over the {max_bytes}-byte limit")
+    return data
+
+
+@contextlib.contextmanager
+def open_read(uri: str):
+    """(a binary stream of the object, its size when the store says it): read as it arrives,
+    never whole into memory."""
     scheme, bucket, key = _split(uri)
     if scheme == "file":
         try:
-            return Path(key).read_bytes()
+            f = open(key, "rb")
         except OSError as exc:
             raise StorageError(f"cannot read {uri}: {exc.strerror}") from exc
-    client = s3_client()
+        with f:
+            yield f, os.fstat(f.fileno()).st_size
+        return
     try:
-        resp = client.get_object(bucket, key)
-        try:
-            return resp.read()
-        finally:
-            resp.close()
-            resp.release_conn()
+        resp = s3_client().get_object(bucket, key)
     except Exception as exc:
         raise StorageError(f"cannot read {uri}: {exc}") from exc
+    try:
+        size = resp.headers.get("Content-Length")
+        yield resp, int(size) if size and size.isdigit() else None
+    finally:
+        resp.close()
+        resp.release_conn()
+
+
+class _Ranges(io.RawIOBase):
+    """An S3 object as a seekable file: each read one ranged GET (Parquet reads its footer, then
+    the row groups it is asked for, never the whole object)."""
+
+    def __init__(self, uri: str, bucket: str, key: str, size: int):
+        self.uri, self.bucket, self.key, self.size, self.pos = uri, bucket, key, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.pos = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence] + offset
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, buf) -> int:
+        n = min(len(buf), max(0, self.size - self.pos))
+        if not n:
+            return 0
+        try:
+            resp = s3_client().get_object(self.bucket, self.key, offset=self.pos, length=n)
+            try:
+                data = resp.read()
+            finally:
+                resp.close()
+                resp.release_conn()
+        except Exception as exc:
+            raise StorageError(f"cannot read {self.uri}: {exc}") from exc
+        buf[: len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
+@contextlib.contextmanager
+def open_seekable(uri: str):
+    """A seekable binary file of the object (local: the file; S3: ranged reads)."""
+    scheme, bucket, key = _split(uri)
+    if scheme == "file":
+        with open_read(uri) as (f, _):
+            yield f
+        return
+    info = stat(uri)
+    if info is None:
+        raise StorageError(f"cannot read {uri}: it does not exist")
+    with io.BufferedReader(_Ranges(uri, bucket, key, info.size), buffer_size=1 << 20) as f:
+        yield f
+
+
+def resolves_within(uri: str, root_uri: str) -> bool:
+    """Whether a local object, its symlinks followed, lies under `root_uri` (an S3 key has no
+    symlinks: always). A source's reader refuses what resolves outside its root."""
+    scheme, _, key = _split(uri)
+    if scheme != "file":
+        return True
+    root = os.path.realpath(_split(root_uri)[2])
+    real = os.path.realpath(key)
+    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
 
 
 def exists(uri: str) -> bool:
