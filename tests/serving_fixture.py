@@ -124,8 +124,8 @@ def early_model(folder: str, out: str) -> int:
     return snap["step"]
 
 
-def publish_small_model(folder: str, max_seq_len: int = 96) -> None:
-    from nmm import storage
+def small_model_files(max_seq_len: int = 96, **config) -> dict[str, bytes]:
+    """A small untrained model's published files (`config` overrides its config.json's keys)."""
     from nmm.data.sequences import instruction_texts
     from nmm.data.sources import load_digits
     from nmm.model import ModelConfig
@@ -137,9 +137,15 @@ def publish_small_model(folder: str, max_seq_len: int = 96) -> None:
     text = TextTokenizer.train("bpe", [c for cs in d.captions[:300] for c in cs] + instruction_texts(50), 128)
     vocab = SharedVocab(text_size=text.size, image_size=vq.size)
     torch_model = ModelConfig(vocab_size=vocab.size, dim=32, layers=1, heads=2, max_seq_len=max_seq_len).build()
-    config = {"model": json.loads(torch_model.cfg.to_json()), "vocab": {"text_size": vocab.text_size, "image_size": vocab.image_size},
-              "tokens_per_image": vq.tokens_per_image, "image_shape": list(vq.image_shape), "source": "digits", "prompts": "plain"}
-    storage.publish(folder, model_files(torch_model, config, text.to_bytes(), vq.to_bytes()), {"kind": "nmm.model"})
+    base = {"model": json.loads(torch_model.cfg.to_json()), "vocab": {"text_size": vocab.text_size, "image_size": vocab.image_size},
+            "tokens_per_image": vq.tokens_per_image, "image_shape": list(vq.image_shape), "source": "digits", "prompts": "plain"}
+    return model_files(torch_model, base | config, text.to_bytes(), vq.to_bytes())
+
+
+def publish_small_model(folder: str, max_seq_len: int = 96) -> None:
+    from nmm import storage
+
+    storage.publish(folder, small_model_files(max_seq_len), {"kind": "nmm.model"})
 
 
 def png_url(side: int = 8) -> str:

@@ -25,10 +25,10 @@ GOOD = {"m2t.digits.accuracy": 0.97, "m2g.digits.accuracy": 0.99}
 POOR = {"m2t.digits.accuracy": 0.05, "m2g.digits.accuracy": 0.05}
 
 
-def _context(tmp_path, run_id: str, owner: str = "uid-1") -> StageContext:
+def _context(tmp_path, run_id: str, owner: str = "uid-1", namespace: str = "default") -> StageContext:
     spec = parse_pipeline((WORKFLOWS / "quickstart.yaml").read_text())
     store = (tmp_path / "store").as_uri()
-    return StageContext.create(spec_json(spec), "default", owner, run_id, store, str(tmp_path / f"out-{run_id}"))
+    return StageContext.create(spec_json(spec), namespace, owner, run_id, store, str(tmp_path / f"out-{run_id}"))
 
 
 def _published_model(ctx: StageContext, tmp_path, digest_seed: bytes) -> str:
@@ -114,6 +114,31 @@ def test_the_same_run_name_of_a_recreated_pipeline_registers_its_own_version(cle
     _rollout(new, tmp_path, GOOD, b"new")
     owners = sorted(v.tags["nmm.run_key"] for v in _versions() if v.tags.get("nmm.run_id") == "qs-g1")
     assert owners == ["default/quickstart/uid-new/qs-g1", "default/quickstart/uid-old/qs-g1"]
+
+
+def test_a_registered_model_belongs_to_its_namespace_and_another_s_pipeline_is_refused(clean_env, tmp_path):
+    """Issue 27 item 8: on main two namespaces using one registeredModelName moved each other's champion."""
+    from mlflow.tracking import MlflowClient
+
+    assert _rollout(_context(tmp_path, "qs-a1", namespace="team-a"), tmp_path, GOOD, b"a1") == "promoted"
+    client = MlflowClient(lineage.tracking_uri())
+    assert client.get_registered_model(MODEL).tags["nmm.namespace"] == "team-a"
+    with pytest.raises(lineage.ForeignModel, match="belongs to namespace 'team-a', not 'team-b'"):
+        _rollout(_context(tmp_path, "qs-b1", owner="uid-b", namespace="team-b"), tmp_path, GOOD, b"b1")
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "1"  # team-b moved nothing
+    assert [str(v.version) for v in _versions()] == ["1"]  # and registered nothing
+    assert _rollout(_context(tmp_path, "qs-a2", namespace="team-a"), tmp_path, GOOD, b"a2") == "promoted"
+
+
+def test_a_model_registered_before_owners_were_recorded_is_claimed_by_its_first_writer(clean_env, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(lineage.tracking_uri())
+    client.create_registered_model(MODEL)  # as an older nmm left it: no owner
+    lineage.check_owner(MODEL, "team-a")
+    assert client.get_registered_model(MODEL).tags["nmm.namespace"] == "team-a"
+    with pytest.raises(lineage.ForeignModel):
+        lineage.check_owner(MODEL, "team-b")
 
 
 def _versions():

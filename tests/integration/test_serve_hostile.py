@@ -150,7 +150,7 @@ def test_a_stream_the_client_cuts_is_counted_as_499(model_dir, monkeypatch):
     monkeypatch.setattr(server, "generate", slow)
     with InProcess(model_dir) as s:
         conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
-        conn.request("POST", "/v1/chat/completions", json.dumps(chat(stream=True, max_tokens=40)),
+        conn.request("POST", "/v1/chat/completions", json.dumps(chat(stream=True, max_tokens=12)),
                      {"Content-Type": "application/json"})
         r = conn.getresponse()
         assert r.status == 200 and r.readline().startswith(b"data: ")  # the stream began

@@ -5,31 +5,19 @@ no room for an image is refused at parse time; the pyfunc reads a frame whose ro
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
 from nmm.data.sequences import INSTRUCTIONS, caption_ask
-from nmm.serve.model_dir import Refused, load_from_files, model_files
+from nmm.serve.model_dir import Refused, load_from_files
 
 
 def small(style: str = "instruct", serves: dict | None = None, max_seq_len: int = 96, source: str = "digits"):
-    from nmm.data.sequences import instruction_texts
     from nmm.data.sources import load_digits
-    from nmm.model import ModelConfig
-    from nmm.tokenizers import PatchVQ, SharedVocab, TextTokenizer
+    from tests.serving_fixture import small_model_files
 
-    d = load_digits(1)
-    vq = PatchVQ.fit(d.images[:200], 2, 16, seed=0)
-    text = TextTokenizer.train("bpe", [c for cs in d.captions[:200] for c in cs] + instruction_texts(50), 128)
-    vocab = SharedVocab(text_size=text.size, image_size=vq.size)
-    net = ModelConfig(vocab_size=vocab.size, dim=32, layers=1, heads=2, max_seq_len=max_seq_len).build()
-    config = {"model": json.loads(net.cfg.to_json()), "vocab": {"text_size": vocab.text_size, "image_size": vocab.image_size},
-              "tokens_per_image": vq.tokens_per_image, "image_shape": list(vq.image_shape), "source": source, "prompts": style}
-    if serves is not None:
-        config["serves"] = serves
-    return load_from_files(model_files(net, config, text.to_bytes(), vq.to_bytes())), d
+    extra = {"serves": serves} if serves is not None else {}
+    return load_from_files(small_model_files(max_seq_len, source=source, prompts=style, **extra)), load_digits(1)
 
 
 @pytest.mark.parametrize("text, k", [(None, 0), ("Describe the image.", 0), ("what is shown", 1), ("Caption this image.", 2),

@@ -85,7 +85,7 @@ def _claim(client, name: str, namespace: str) -> None:
     owner = (model.tags or {}).get(TAG_NAMESPACE) if model is not None else None
     if owner is None and model is not None:
         client.set_registered_model_tag(name, TAG_NAMESPACE, namespace)
-        model = client.get_registered_model(name)  # two claimants at once: the tag MLflow kept decides
+        model = client.get_registered_model(name)  # read back: a claimant that wrote after us owns it
         owner = (model.tags or {}).get(TAG_NAMESPACE)
     if owner is not None and owner != namespace:
         raise ForeignModel(f"registered model {name!r} belongs to namespace {owner!r}, not {namespace!r}: a registered "

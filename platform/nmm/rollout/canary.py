@@ -144,6 +144,8 @@ def probe_quality(urls: dict[str, str], cases: probe.Cases | None,
     try:
         if cases is None or not len(cases):
             raise probe.ProbeError("no probe cases (qualityProbe.casesUri)")
+        if not isinstance(stable, dict) or set(stable) != set(cases.tasks):  # not measured yet, or by an older nmm
+            stable = None
         if stable is None:
             stable = probe.score(urls["stable"], cases)
         candidate = probe.score(urls["candidate"], cases)

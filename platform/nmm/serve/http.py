@@ -109,6 +109,13 @@ async def _answer_500(send) -> None:
         pass
 
 
+def unread(exc: APIError) -> APIError:
+    """Mark a refusal given before the body was read to its end: its answer closes the
+    connection (what is left of the body is never read)."""
+    exc.close_connection = True
+    return exc
+
+
 class BodyBudget:
     """Bytes of request bodies being read at once (single event loop: no lock)."""
 
@@ -117,7 +124,7 @@ class BodyBudget:
 
     def take(self, n: int) -> None:
         if self.used + n > self.limit:
-            raise APIError(429, "busy: too many request bodies are being read; retry shortly", kind="rate_limit_error")
+            raise unread(APIError(429, "busy: too many request bodies are being read; retry shortly", kind="rate_limit_error"))
         self.used += n
 
     def give(self, n: int) -> None:
@@ -130,9 +137,9 @@ async def read_body(request, limit: int, budget: BodyBudget, deadline_s: float =
     declared = request.headers.get("content-length")
     if declared is not None:
         if not (declared.isascii() and declared.isdigit()):
-            raise APIError(400, "Content-Length is not a number")
+            raise unread(APIError(400, "Content-Length is not a number"))
         if int(declared) > limit:
-            raise APIError(413, f"the request body is {int(declared)} bytes; the limit is {limit}")
+            raise unread(APIError(413, f"the request body is {int(declared)} bytes; the limit is {limit}"))
     reserved = int(declared) if declared is not None else limit
     budget.take(reserved)
     try:
@@ -141,11 +148,11 @@ async def read_body(request, limit: int, budget: BodyBudget, deadline_s: float =
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > limit:
-                    raise APIError(413, f"the request body is over {limit} bytes")
+                    raise unread(APIError(413, f"the request body is over {limit} bytes"))
                 chunks.append(chunk)
         return b"".join(chunks)
     except TimeoutError:
-        raise APIError(408, f"the request body did not arrive within {deadline_s:g} s") from None
+        raise unread(APIError(408, f"the request body did not arrive within {deadline_s:g} s")) from None
     finally:
         budget.give(reserved)
 

@@ -227,14 +227,14 @@ async def _stream(name: str, model: Model, job, tokens: asyncio.Queue, scope: di
 
 def _error(exc: Exception) -> JSONResponse:
     """A refused request's answer: the APIError's, 429 for a full queue, 503 while draining (any
-    other exception is the middleware's 500). A body not read to its end closes the connection."""
+    other exception is the app's 500). A refusal before the body was read closes the connection."""
     if isinstance(exc, QueueFull):
         exc = openai_api.APIError(429, f"busy: {exc}", kind="rate_limit_error")
     elif isinstance(exc, Draining):
         exc = openai_api.APIError(503, "shutting down", kind="server_error")
     elif not isinstance(exc, openai_api.APIError):
         raise exc
-    close = {"connection": "close"} if exc.status in (408, 413, 429) else None
+    close = {"connection": "close"} if getattr(exc, "close_connection", False) else None
     return JSONResponse(exc.body(), status_code=exc.status, headers=close)
 
 
