@@ -42,7 +42,7 @@ RESOURCES = {
     "gateway.networking.k8s.io/v1/httproutes": dict(kind="HTTPRoute", namespaced=True, verbs=VERBS),
 }
 KOPF = str(Path(sys.executable).parent / "kopf")
-NAMESPACES = ("team-kserve", "team-gateway", "team-cli", "team-other")
+NAMESPACES = ("team-kserve", "team-gateway", "team-cli", "team-other", "team-crash")
 
 
 def model(ns: str) -> str:
@@ -108,9 +108,10 @@ class Operator:
         self.log = log
         self.start()
 
-    def start(self) -> None:
+    def start(self, failpoint: str | None = None) -> None:
+        env = self.env | ({"NMM_OPERATOR_FAILPOINT": failpoint} if failpoint else {})
         self.proc = subprocess.Popen([KOPF, "run", "--standalone", "--all-namespaces", "-m", "nmm_operator.handlers"],
-                                     env=self.env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+                                     env=env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
 
     def kill(self) -> None:
         os.killpg(self.proc.pid, signal.SIGKILL)
@@ -284,6 +285,49 @@ def tear_down(world, ns: str, op: Operator, *stopping) -> None:
     for server in stopping:
         if not isinstance(server, DataPlane):
             server.kill()
+
+
+def test_an_operator_killed_between_re_pointing_the_children_and_telling_the_registry_still_promotes(world):
+    """Issue 27 item 4, with the real operator: it dies right after the promotion's children are
+    written (the stable Deployment already serves version 2, `champion` still 1). On main the next
+    tick analysed a canary that no longer existed and tagged the version rolled_back; now the
+    status holds the intent and the restarted operator finishes the promotion."""
+    ns, tmp, custom, mlflow = "team-crash", world["tmp"], world["custom"], world["mlflow"]
+    stable, candidate = Server(world["folder"], tmp / "x-stable.log"), Server(world["folder"], tmp / "x-candidate.log")
+    urls = {"stable": stable.url, "candidate": candidate.url}
+    op = Operator(world, settings(world, "gateway", ns, urls), tmp / "x-operator.log")
+    route = lambda: custom.get_namespaced_custom_object("gateway.networking.k8s.io", "v1", ns, "httproutes", "digits")  # noqa: E731
+
+    def weight() -> int:
+        try:
+            return route()["spec"]["rules"][0]["backendRefs"][1]["weight"]
+        except client.exceptions.ApiException:
+            return 0
+
+    plane = DataPlane(urls, weight, probe.loads((tmp / "probe.jsonl").read_bytes(), 8).chat)
+    plane.start()
+    try:
+        body = service(world["cases"], ns)
+        body["spec"]["canary"]["steps"] = [{"weight": 50, "pauseSeconds": 1.5}, {"weight": 100, "pauseSeconds": 8}]
+        custom.create_namespaced_custom_object("nmm.dev", "v1alpha1", ns, "nmmservices", body)
+        wait_for(lambda: at_rest(world, ns, 1), 60, "serving version 1")
+        mlflow.set_registered_model_alias(model(ns), "candidate", "2")
+        wait_for(lambda: weight() == 100, 60, "the last step at 100%")
+        op.kill()
+        op.start(failpoint="after-children")  # its next write of children is the promotion's: it dies right after
+        assert op.proc.wait(timeout=60) == 137
+        died = get(world, ns)["status"]
+        assert died["pending"]["champion"] == 2 and died["stableVersion"] == 2  # the intent, recorded first
+        apps = client.AppsV1Api(world["api"])
+        assert apps.read_namespaced_deployment("digits-stable", ns).spec.template.metadata.labels["nmm.dev/model-version"] == "2"
+        assert str(mlflow.get_model_version_by_alias(model(ns), "champion").version) == "1"  # not told yet
+        op.start()
+        done = wait_for(lambda: at_rest(world, ns, 2), 60, "the promotion finished by the restarted operator")
+        assert done["phase"] == "Healthy" and str(mlflow.get_model_version_by_alias(model(ns), "champion").version) == "2"
+        assert "nmm.serving.decision" not in mlflow.get_model_version(model(ns), "2").tags or \
+            mlflow.get_model_version(model(ns), "2").tags["nmm.serving.decision"] == "promoted"
+    finally:
+        tear_down(world, ns, op, plane, stable, candidate)
 
 
 def test_a_service_cannot_serve_or_move_the_champion_of_another_namespace_s_model(world):

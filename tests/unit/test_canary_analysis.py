@@ -191,9 +191,13 @@ def test_local_traffic_mixes_chat_and_image_requests_for_a_model_that_does_both(
     case = {"image": "data:image/png;base64,AAAA", "question": None, "expect": {"digit": 1}}
     t = Traffic("http://router", [case], ["a handwritten digit 3"])
     t.model = "m"
-    paths = [t._request(n)[0] for n in range(8)]
-    assert paths.count("/v1/images/generations") == 2 and paths.count("/v1/chat/completions") == 6
-    assert [t._request(n)[1].get("stream") for n in range(4)] == [None, True, False, False]
+    asked = [t._request(n) for n in range(2000)]
+    drawn = [n for n, (path, _) in enumerate(asked) if path == "/v1/images/generations"]
+    streamed = [n for n, (_, body) in enumerate(asked) if body.get("stream")]
+    assert 0.22 < len(drawn) / 2000 < 0.28 and 0.22 < len(streamed) / 2000 < 0.28
+    # the mix is not periodic: a 50 % round robin (even n to one track, odd to the other) gets drawings on both
+    assert 0.4 < sum(n % 2 for n in drawn) / len(drawn) < 0.6
+    assert asked == [t._request(n) for n in range(2000)]  # and deterministic
     only_images = Traffic("http://router", [], ["a 3"])
     only_images.model = "m"
     assert {only_images._request(n)[0] for n in range(4)} == {"/v1/images/generations"}

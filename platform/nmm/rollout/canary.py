@@ -16,6 +16,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -176,7 +177,7 @@ def judge_step(limits: analysis.Limits, before: Reading, after: Reading, urls: d
 
 class Traffic:
     """Client threads sending requests through the router until stopped: the probe's cases as chat
-    requests (one in four streamed, sampled with a seed), and captions as image generations."""
+    requests (a quarter of all streamed, sampled with a seed), and captions as image generations."""
 
     def __init__(self, url: str, cases: list[dict], prompts: list[str] = (), threads: int = 2):
         self.url, self.cases, self.prompts, self.threads = url, cases, list(prompts), threads
@@ -184,8 +185,12 @@ class Traffic:
         self._workers = [threading.Thread(target=self._loop, args=(i,), daemon=True) for i in range(threads)]
 
     def _request(self, n: int) -> tuple[str, dict]:
-        if self.cases and (not self.prompts or n % 4):
-            body = probe.chat_body(self.cases[n % len(self.cases)], self.model, temperature=0.7, seed=n, stream=n % 4 == 1)
+        """Request n: a drawing one time in four (when there are prompts), else a chat case, one in
+        three of those streamed — drawn from n's own random number, not n's period: the router's
+        round robin is periodic too, and a periodic mix would send every drawing to one track."""
+        u = random.Random(n).random()
+        if self.cases and (not self.prompts or u >= 0.25):
+            body = probe.chat_body(self.cases[n % len(self.cases)], self.model, temperature=0.7, seed=n, stream=u >= 0.75)
             return "/v1/chat/completions", body
         return "/v1/images/generations", {"model": self.model, "prompt": self.prompts[n % len(self.prompts)], "n": 1,
                                           "response_format": "b64_json", "seed": n}

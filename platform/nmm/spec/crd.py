@@ -150,6 +150,12 @@ def service_status_schema() -> dict:
             "step": {"type": "integer"},
             "message": {"type": "string"},
             "observedGeneration": {"type": "integer"},
+            "pending": {
+                "type": "object", "nullable": True, "x-kubernetes-preserve-unknown-fields": True,
+                "description": "What the operator decided and has not finished doing (champion to move, a version to "
+                               "tag rolled back, the nmm.dev/promote annotation to consume): written before any child "
+                               "changes, cleared once done; a restarted operator finishes it first.",
+            },
         },
     }
 
