@@ -5,10 +5,11 @@ versions, the step's analysis), then `after_baseline` or `after_analysis`. All s
 the status, so a restarted operator carries on where the last one stopped (nothing in memory);
 what the registry must be told rides in the status too (`pending`, nmm_operator.service_tick).
 
-    (none) ──no champion, or it is the version──▶ Healthy ──new version──▶ Progressing ─every step passed─▶ Healthy
-       └──a champion exists: it is stable, the version a canary──────────────▲    │ a step failed, the steps or the
-                                                                                 ▼ registry changed under it
-                                     Degraded (weight 0 applied) ──next tick──▶ RolledBack
+    (none) ──no champion (or it is the version)──▶ Healthy ──new version──▶ Progressing
+       └──a champion: it is stable, the version a canary─────────────────────▲   │   │
+                                                   Healthy ◀─every step passed───┘   │ a step failed; the
+                                                                                     ▼ steps or the registry
+                          RolledBack ◀──next tick── Degraded (weight 0 applied) ◀────┘ changed under it
 
 Only a service whose model has no champion at all starts at 100 %: a service created (or
 recreated, or one that lost its status) while a champion exists serves the champion as stable and

@@ -83,7 +83,9 @@ def tick(spec: ServiceSpec, status: dict | None, annotation: str | None, world: 
                or annotation)
     if changed and stable is not None:
         rolled = {"version": t.rolled_back[0], "reason": t.rolled_back[1]} if t.rolled_back else None
-        t.status["pending"] = {"champion": t.promote, "rolledBack": rolled, "annotation": annotation}
+        # Never empty: a merge patch drops null members, and an empty `pending` would read as "nothing to do".
+        t.status["pending"] = {"state": state} | {k: v for k, v in (("champion", t.promote), ("rolledBack", rolled),
+                                                                      ("annotation", annotation)) if v is not None}
         world.write_status(t.status)  # 1: the intent, before anything it decides is done
         failpoint("after-intent")
         settle(world, t, generation, now)

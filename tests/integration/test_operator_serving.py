@@ -172,7 +172,7 @@ def get(world, ns: str) -> dict:
 def at_rest(world, ns: str, stable: int) -> dict | None:
     """The status once `stable` serves and nothing the operator decided is still to do (`pending`)."""
     st = get(world, ns).get("status", {})
-    return st if st.get("stableVersion") == stable and not st.get("pending") else None
+    return st if st.get("stableVersion") == stable and "pending" not in st else None
 
 
 def events(world, ns: str) -> list[str]:

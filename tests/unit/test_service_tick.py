@@ -30,13 +30,17 @@ class Crash(Exception):
     """The operator process died here."""
 
 
-def merge(old: dict, new: dict) -> dict:
-    out = copy.deepcopy(old)
+def merge(old, new):
+    """A JSON merge patch (RFC 7386), as the API server applies a status patch: null removes a
+    member, at any depth."""
+    if not isinstance(new, dict):
+        return copy.deepcopy(new)
+    out = copy.deepcopy(old) if isinstance(old, dict) else {}
     for k, v in new.items():
         if v is None:
             out.pop(k, None)
         else:
-            out[k] = copy.deepcopy(v)
+            out[k] = merge(out.get(k), v)
     return out
 
 
@@ -82,6 +86,7 @@ class World:
     def write_status(self, status):
         self._write()
         self.stored = merge(self.stored, status)
+        assert self.stored.get("pending"), "an intent that the API server's merge leaves reading as nothing to do"
 
     def apply(self, stable, canary, weight):
         self._write()
@@ -132,7 +137,7 @@ def promotion(world: World, verdict: bool = True, crash_at: int | None = None) -
 
 
 def at_rest(w: World) -> None:
-    assert not w.stored.get("pending") and w.annotation is None
+    assert "pending" not in w.stored and w.annotation is None
     assert w.children == (w.stored["stableVersion"], None, 0) == (w.served()[0], None, 0)
     assert w.aliases["champion"] == w.stored["stableVersion"]
 

@@ -187,8 +187,8 @@ def parse_chat(raw: bytes, served: str) -> Chat:
                        "messages")
     image, fmt = image_url_bytes(images[0])
     question = " ".join(texts).strip() or None
-    return Chat(image, fmt, question, req.max_completion_tokens or req.max_tokens or CHAT_MAX_TOKENS, greedy_below_floor(req.temperature),
-                req.seed, req.stream)
+    max_tokens = req.max_completion_tokens or req.max_tokens or CHAT_MAX_TOKENS
+    return Chat(image, fmt, question, max_tokens, greedy_below_floor(req.temperature), req.seed, req.stream)
 
 
 def parse_images(raw: bytes, served: str) -> ImageBody:
