@@ -198,7 +198,7 @@ def test_kserve_canary_passes_every_step_survives_a_restart_and_promotes(world):
     plane.start()
     try:
         custom.create_namespaced_custom_object("nmm.dev", "v1alpha1", ns, "nmmservices", service(world["cases"], ns))
-        wait_for(lambda: get(world, ns).get("status", {}).get("phase") == "Healthy", timeout=60, what="Healthy on version 1")
+        wait_for(lambda: at_rest(world, ns, 1), timeout=60, what="Healthy on version 1")  # its children written too
         (isvc,) = isvcs()
         args = isvc["spec"]["predictor"]["containers"][0]["args"]
         assert args[1] == world["folder"] and args[args.index("--name") + 1] == model(ns) and "--digest" in args
@@ -249,7 +249,7 @@ def test_gateway_canary_whose_server_dies_is_rolled_back_with_the_reason(world):
         body["spec"]["canary"]["steps"] = [{"weight": 30, "pauseSeconds": 1.5}, {"weight": 60, "pauseSeconds": 4},
                                            {"weight": 100, "pauseSeconds": 1}]
         custom.create_namespaced_custom_object("nmm.dev", "v1alpha1", ns, "nmmservices", body)
-        wait_for(lambda: get(world, ns).get("status", {}).get("phase") == "Healthy", timeout=60, what="Healthy on version 1")
+        wait_for(lambda: at_rest(world, ns, 1), timeout=60, what="Healthy on version 1")  # its children written too
         assert apps.read_namespaced_deployment("digits-canary", ns).spec.replicas == 0
         world["mlflow"].set_registered_model_alias(model(ns), "candidate", "2")
         wait_for(lambda: weight() == 60, 60, lambda: f"step 2 at 60%: {get(world, ns).get('status')}, sent {plane.sent}")
@@ -312,7 +312,8 @@ def test_an_operator_killed_between_re_pointing_the_children_and_telling_the_reg
         custom.create_namespaced_custom_object("nmm.dev", "v1alpha1", ns, "nmmservices", body)
         wait_for(lambda: at_rest(world, ns, 1), 60, "serving version 1")
         mlflow.set_registered_model_alias(model(ns), "candidate", "2")
-        wait_for(lambda: weight() == 100, 60, "the last step at 100%")
+        # The last step at 100 %, and at rest: the step's own intent done (else the restart finishes that one first).
+        wait_for(lambda: weight() == 100 and "pending" not in get(world, ns)["status"], 60, "the last step at 100%")
         op.kill()
         op.start(failpoint="after-children")  # its next write of children is the promotion's: it dies right after
         assert op.proc.wait(timeout=60) == 137
