@@ -272,19 +272,22 @@ def test_gateway_canary_whose_server_dies_is_rolled_back_with_the_reason(world):
 
 
 def tear_down(world, ns: str, op: Operator, *stopping) -> None:
-    """Delete the service (kopf releases its finalizer), stop the operator and the rest."""
+    """Delete the service (kopf releases its finalizer), stop the operator and the rest — the
+    processes whatever happened before (a failed test leaves no server running)."""
     custom = world["custom"]
-    custom.delete_namespaced_custom_object("nmm.dev", "v1alpha1", ns, "nmmservices", "digits")
-    wait_for(lambda: not custom.list_namespaced_custom_object("nmm.dev", "v1alpha1", ns, "nmmservices")["items"],
-             15, "the service gone (kopf released its finalizer)")
-    op.stop()
-    planes = [t for t in stopping if isinstance(t, DataPlane)]
-    for plane in planes:  # quiet before the servers go
-        plane.stop.set()
-        plane.join(15)
-    for server in stopping:
-        if not isinstance(server, DataPlane):
-            server.kill()
+    try:
+        custom.delete_namespaced_custom_object("nmm.dev", "v1alpha1", ns, "nmmservices", "digits")
+        wait_for(lambda: not custom.list_namespaced_custom_object("nmm.dev", "v1alpha1", ns, "nmmservices")["items"],
+                 15, "the service gone (kopf released its finalizer)")
+    finally:
+        op.stop()
+        planes = [t for t in stopping if isinstance(t, DataPlane)]
+        for plane in planes:  # quiet before the servers go
+            plane.stop.set()
+            plane.join(15)
+        for server in stopping:
+            if not isinstance(server, DataPlane):
+                server.kill()
 
 
 def test_an_operator_killed_between_re_pointing_the_children_and_telling_the_registry_still_promotes(world):
