@@ -226,14 +226,13 @@ def test_kserve_canary_passes_every_step_survives_a_restart_and_promotes(world):
         tear_down(world, ns, op, plane, stable, candidate)
 
 
-def test_gateway_canary_whose_server_dies_is_rolled_back_with_the_reason(world):
-    ns, tmp, custom = "team-gateway", world["tmp"], world["custom"]
-    world["mlflow"].set_registered_model_alias(model(ns), "candidate", "1")
-    world["mlflow"].set_registered_model_alias(model(ns), "champion", "1")
-    stable, candidate = Server(world["folder"], tmp / "g-stable.log"), Server(world["folder"], tmp / "g-candidate.log")
+def gateway_world(world, ns: str, prefix: str):
+    """Two servers, the operator on the gateway backend, and the data plane following the
+    HTTPRoute's weights: (stable, candidate, operator, plane, route(), weight())."""
+    tmp, custom = world["tmp"], world["custom"]
+    stable, candidate = Server(world["folder"], tmp / f"{prefix}-stable.log"), Server(world["folder"], tmp / f"{prefix}-candidate.log")
     urls = {"stable": stable.url, "candidate": candidate.url}
-    op = Operator(world, settings(world, "gateway", ns, urls), tmp / "g-operator.log")
-    apps = client.AppsV1Api(world["api"])
+    op = Operator(world, settings(world, "gateway", ns, urls), tmp / f"{prefix}-operator.log")
     route = lambda: custom.get_namespaced_custom_object("gateway.networking.k8s.io", "v1", ns, "httproutes", "digits")  # noqa: E731
 
     def weight() -> int:
@@ -244,6 +243,15 @@ def test_gateway_canary_whose_server_dies_is_rolled_back_with_the_reason(world):
 
     plane = DataPlane(urls, weight, probe.loads((tmp / "probe.jsonl").read_bytes(), 8).chat)
     plane.start()
+    return stable, candidate, op, plane, route, weight
+
+
+def test_gateway_canary_whose_server_dies_is_rolled_back_with_the_reason(world):
+    ns, custom = "team-gateway", world["custom"]
+    world["mlflow"].set_registered_model_alias(model(ns), "candidate", "1")
+    world["mlflow"].set_registered_model_alias(model(ns), "champion", "1")
+    stable, candidate, op, plane, route, weight = gateway_world(world, ns, "g")
+    apps = client.AppsV1Api(world["api"])
     try:
         body = service(world["cases"], ns)
         body["spec"]["canary"]["steps"] = [{"weight": 30, "pauseSeconds": 1.5}, {"weight": 60, "pauseSeconds": 4},
@@ -295,20 +303,8 @@ def test_an_operator_killed_between_re_pointing_the_children_and_telling_the_reg
     written (the stable Deployment already serves version 2, `champion` still 1). On main the next
     tick analysed a canary that no longer existed and tagged the version rolled_back; now the
     status holds the intent and the restarted operator finishes the promotion."""
-    ns, tmp, custom, mlflow = "team-crash", world["tmp"], world["custom"], world["mlflow"]
-    stable, candidate = Server(world["folder"], tmp / "x-stable.log"), Server(world["folder"], tmp / "x-candidate.log")
-    urls = {"stable": stable.url, "candidate": candidate.url}
-    op = Operator(world, settings(world, "gateway", ns, urls), tmp / "x-operator.log")
-    route = lambda: custom.get_namespaced_custom_object("gateway.networking.k8s.io", "v1", ns, "httproutes", "digits")  # noqa: E731
-
-    def weight() -> int:
-        try:
-            return route()["spec"]["rules"][0]["backendRefs"][1]["weight"]
-        except client.exceptions.ApiException:
-            return 0
-
-    plane = DataPlane(urls, weight, probe.loads((tmp / "probe.jsonl").read_bytes(), 8).chat)
-    plane.start()
+    ns, custom, mlflow = "team-crash", world["custom"], world["mlflow"]
+    stable, candidate, op, plane, _, weight = gateway_world(world, ns, "x")
     try:
         body = service(world["cases"], ns)
         body["spec"]["canary"]["steps"] = [{"weight": 50, "pauseSeconds": 1.5}, {"weight": 100, "pauseSeconds": 8}]

@@ -17,7 +17,6 @@ symlink) outside its source's root is refused. Each is a ledger row with its rea
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
