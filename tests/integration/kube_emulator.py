@@ -35,6 +35,8 @@ import jsonpatch
 import kmock
 from kmock._internal import enums, k8s
 
+from tests import merge_patch
+
 
 def conflict() -> k8s.KubernetesError:
     return k8s.KubernetesError(
@@ -198,7 +200,7 @@ class RealisticEmulator(kmock.KubernetesEmulator):
         meta = data.setdefault("metadata", {})
         meta["resourceVersion"] = self._next_rv()
         if "spec" in data:
-            if _apply_merge(old.get("spec"), data["spec"]) != old.get("spec"):
+            if merge_patch.apply(old.get("spec"), data["spec"]) != old.get("spec"):
                 meta["generation"] = int(old["metadata"].get("generation", 1)) + 1
 
     async def _collect_dependents(self) -> None:
@@ -215,18 +217,6 @@ class RealisticEmulator(kmock.KubernetesEmulator):
                 raw = o.raw
                 o.delete()
                 await self._buses[resource].put({"type": "DELETED", "object": raw})
-
-
-def _apply_merge(base, patch):
-    if not isinstance(patch, dict) or not isinstance(base, dict):
-        return patch
-    out = dict(base)
-    for k, v in patch.items():
-        if v is None:
-            out.pop(k, None)
-        else:
-            out[k] = _apply_merge(base.get(k), v)
-    return out
 
 
 class EmulatorThread:

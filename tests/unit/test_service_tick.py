@@ -21,6 +21,7 @@ import pytest
 from nmm.rollout import analysis
 from nmm.spec.serving import ServiceSpec
 from nmm_operator import service_tick
+from tests import merge_patch
 
 T0 = 1_800_000_000.0
 STEPS = [{"weight": 20, "pauseSeconds": 10}, {"weight": 100, "pauseSeconds": 10}]
@@ -30,18 +31,10 @@ class Crash(Exception):
     """The operator process died here."""
 
 
-def merge(old, new):
-    """A JSON merge patch (RFC 7386), as the API server applies a status patch: null removes a
-    member, at any depth."""
-    if not isinstance(new, dict):
-        return copy.deepcopy(new)
-    out = copy.deepcopy(old) if isinstance(old, dict) else {}
-    for k, v in new.items():
-        if v is None:
-            out.pop(k, None)
-        else:
-            out[k] = merge(out.get(k), v)
-    return out
+def merge(old: dict, new: dict) -> dict:
+    """A status patch as the API server applies it (RFC 7386: null removes a member, at any
+    depth), into a copy of its own."""
+    return copy.deepcopy(merge_patch.apply(old, new))
 
 
 class World:

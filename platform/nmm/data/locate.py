@@ -79,10 +79,20 @@ def expand_braces(pattern: str) -> Iterator[str]:
     return ("".join(c) for c in itertools.product(*choices))
 
 
-def _prefix(pattern: str) -> str:
+def _prefix(pattern: str, wildcards: str = GLOB_CHARS) -> str:
     """The folder part of a glob before its first wildcard."""
-    cut = min((pattern.index(c) for c in GLOB_CHARS if c in pattern), default=len(pattern))
+    cut = min((pattern.index(c) for c in wildcards if c in pattern), default=len(pattern))
     return pattern[:cut].rpartition("/")[0]
+
+
+def source_root(uri: str) -> str:
+    """The folder a source's objects must lie in (its readers refuse what resolves outside): a
+    folder's own URI, or a glob's or a brace pattern's folder before its first wildcard."""
+    full = storage.uri_of(uri)
+    if any(c in full for c in GLOB_CHARS + "{"):
+        return _prefix(full, GLOB_CHARS + "{")
+    last = full.rpartition("/")[2]
+    return full.rstrip("/") if full.endswith("/") or "." not in last else full.rpartition("/")[0]
 
 
 def find(kind: str, name: str, uri: str) -> list[ObjectInfo]:

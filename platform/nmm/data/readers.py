@@ -24,7 +24,7 @@ from typing import Iterator
 
 from nmm import storage
 from nmm.data import userdata
-from nmm.data.locate import IMAGE_SUFFIXES, find
+from nmm.data.locate import IMAGE_SUFFIXES, find, source_root
 
 FOLDER_CHUNK = 256  # images per unit of a folder source
 UNIT_BYTES = 8 << 20  # small tars or Parquet files are read together, up to this much a unit
@@ -64,7 +64,7 @@ def units(src, start: int = 0) -> tuple[list[Unit], list[tuple[str, int, str]]]:
     ETag: what the cache key covers)."""
     objects = find(src.kind, src.label, src.uri)
     listing = [(o.uri, o.size, o.etag) for o in objects]
-    root = root_of(src.uri)
+    root = source_root(src.uri)
     if src.kind != "folder":
         cols = (src.columns.image, src.columns.caption)
         return [Unit(start + i, src.label, src.kind, group, columns=cols, root=root)
@@ -80,15 +80,6 @@ def units(src, start: int = 0) -> tuple[list[Unit], list[tuple[str, int, str]]]:
     return [Unit(start + i, src.label, "folder", c, {u: records[u] for u in c if u in records}, root=root)
             for i, c in enumerate(chunks)], listing
 
-
-def root_of(uri: str) -> str:
-    """The folder a source's objects must lie in: a folder's own URI, a glob's or a brace
-    pattern's folder before its first wildcard."""
-    full = storage.uri_of(uri)
-    cut = min((full.index(c) for c in "*?[{" if c in full), default=None)
-    if cut is None:
-        return full.rstrip("/") if full.endswith("/") or "." not in full.rpartition("/")[2] else full.rpartition("/")[0]
-    return full[:cut].rpartition("/")[0]
 
 
 def _groups(objects) -> list[tuple[str, ...]]:

@@ -87,7 +87,7 @@ class Counted:
             log.exception("%s failed", route)
             mark(scope, 500)
             if seen["status"] is None:  # nothing was sent: the client gets a 500 with OpenAI's error body
-                await _answer_500(send)
+                await _answer_500(send, route)
                 seen["ended"] = True
         finally:
             if watcher is not None:
@@ -99,14 +99,14 @@ class Counted:
             self.metrics.in_flight.dec()
 
 
-async def _answer_500(send) -> None:
+async def _answer_500(send, route: str) -> None:
     body = json.dumps(INTERNAL.body()).encode()
     try:
         await send({"type": "http.response.start", "status": 500,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
-    except Exception:  # the client is gone: it is counted all the same
-        pass
+    except OSError:  # the client is gone (ClientDisconnected is an OSError): it is counted as the 500 it was
+        log.info("%s: the client left before its 500 was sent", route)
 
 
 def unread(exc: APIError) -> APIError:
