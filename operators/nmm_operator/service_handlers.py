@@ -69,8 +69,7 @@ class Unservable(RuntimeError):
 
 
 def served_version(info: lineage.ModelVersionInfo) -> build.ServedVersion | None:
-    folder, digest = info.tags.get("nmm.model_store_uri"), info.tags.get("nmm.model_digest")
-    return build.ServedVersion(int(info.version), folder, digest) if folder and digest else None
+    return build.ServedVersion(int(info.version), info.folder, info.digest) if info.folder and info.digest else None
 
 
 class KubeWorld:

@@ -151,8 +151,9 @@ def test_nmm_retry_of_an_unknown_or_old_run_says_so_with_exit_2(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "NMM_STORE", "NMM_S3_ENDPOINT")}
     env["NMM_HOME"] = str(tmp_path / ".nmm")
-    r = subprocess.run([NMM, "retry", "nowhere-1"], env=env, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and "no local run named nowhere-1" in r.stderr and "Traceback" not in r.stderr
+    for name in ("nowhere-1", "..", "../runs"):  # a name that would leave the runs folder is no run's
+        r = subprocess.run([NMM, "retry", name], env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and f"no local run named {name}" in r.stderr and "Traceback" not in r.stderr
     old = tmp_path / ".nmm" / "runs" / "old-1"
     old.mkdir(parents=True)
     (old / "workflow.yaml").write_text("kind: Workflow\n")
@@ -197,9 +198,10 @@ def test_nmm_retry_of_a_corrupt_or_edited_run_exits_2_and_runs_nothing(tmp_path)
     r = subprocess.run([NMM, "retry", folder.name], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "compiles to another Workflow" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (folder / "logs").exists()  # nothing ran
-    (folder / "workflow.yaml").write_text("kind: [unclosed")
-    r = subprocess.run([NMM, "retry", folder.name], env=env, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and "is unreadable" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    for unreadable in ("kind: [unclosed", "#" * (17 << 20)):  # broken YAML; a file past the record limit
+        (folder / "workflow.yaml").write_text(unreadable)
+        r = subprocess.run([NMM, "retry", folder.name], env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "is unreadable" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_a_lock_or_status_planted_as_a_symlink_is_never_followed(tmp_path):

@@ -228,13 +228,14 @@ def retry(run_name: str = typer.Argument(..., metavar="RUN", help="A local run (
     from nmm.cluster import store_of
     from nmm.compile import CompileSettings
     from nmm.engine.runner import WORKFLOW_FILE, NotResumable, stored_workflow
+    from nmm.engine.state import run_folder
     from nmm.home import home_dir
     from nmm.spec import SpecError
     from nmm.spec.parse import parse_json
 
-    folder = home_dir() / "runs" / run_name
-    if "/" in run_name or run_name in (".", "..") or not (folder / WORKFLOW_FILE).is_file():
-        err.print(f"[red]error[/]: no local run named {run_name} (looked in {folder.parent})", highlight=False)
+    folder = run_folder(home_dir() / "runs", run_name)
+    if folder is None or not (folder / WORKFLOW_FILE).is_file():
+        err.print(f"[red]error[/]: no local run named {run_name} (looked in {home_dir() / 'runs'})", highlight=False)
         raise typer.Exit(EXIT_BAD_INPUT)
     if not (folder / SPEC_FILE).is_file():
         err.print(f"[red]error[/]: run {run_name} was made by an older nmm (no {SPEC_FILE}); resume it with "

@@ -50,9 +50,9 @@ def _dataset_uri(run: str) -> str:
         return storage.in_store(run, storage.default_store_uri())
     from nmm.engine import state
 
-    folder = home_dir() / "runs" / run
+    folder = state.run_folder(home_dir() / "runs", run)
     try:
-        record = state.read_status(folder) if "/" not in run and run not in (".", "..") else None
+        record = state.read_status(folder) if folder is not None else None
     except state.CorruptRecord as exc:
         err.print(f"error: RUN: {exc}")
         raise typer.Exit(EXIT_BAD_INPUT)

@@ -315,7 +315,7 @@ def stored_workflow(folder: Path) -> dict:
         wf = yaml.safe_load(state.read_text(folder / WORKFLOW_FILE))
     except FileNotFoundError:
         raise NotResumable(f"no local run named {folder.name} (looked in {folder.parent})") from None
-    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
+    except (OSError, yaml.YAMLError, UnicodeDecodeError, state.CorruptRecord) as exc:
         raise NotResumable(f"{folder / WORKFLOW_FILE} is unreadable ({type(exc).__name__}); start a new run") from None
     if not isinstance(wf, dict) or not isinstance(wf.get("metadata"), dict):
         raise NotResumable(f"{folder / WORKFLOW_FILE} is not a Workflow; start a new run")

@@ -31,6 +31,12 @@ class RunBusy(Exception):
     """Another nmm process is running this run now."""
 
 
+def run_folder(runs: Path, name: str) -> Path | None:
+    """The folder of the local run `name` under `runs`; None for a name that is no run's (one that
+    would leave `runs`: a path, `.` or `..`)."""
+    return None if "/" in name or name in ("", ".", "..") else runs / name
+
+
 class CorruptRecord(ValueError):
     """A run's status.json that is not a record nmm wrote (truncated, edited, or not JSON)."""
 

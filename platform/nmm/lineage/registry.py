@@ -17,6 +17,7 @@ from nmm.lineage.errors import RegistryConflict, already_exists, not_found, trac
 from nmm.lineage.runs import TAG_RUN_ID, TAG_RUN_KEY, _client
 
 TAG_MODEL_DIGEST = "nmm.model_digest"
+TAG_MODEL_FOLDER = "nmm.model_store_uri"  # on a version: its published model folder (what a server reads)
 TAG_NAMESPACE = "nmm.namespace"  # on the registered model: the namespace it belongs to
 
 
@@ -30,6 +31,16 @@ class ModelVersionInfo:
     version: str
     run_id: str | None
     tags: dict[str, str]
+
+    @property
+    def folder(self) -> str | None:
+        """The published model folder the version was registered from (None: an older nmm's)."""
+        return self.tags.get(TAG_MODEL_FOLDER)
+
+    @property
+    def digest(self) -> str | None:
+        """The folder's manifest digest the version was registered with."""
+        return self.tags.get(TAG_MODEL_DIGEST)
 
 
 def _info(v) -> ModelVersionInfo:

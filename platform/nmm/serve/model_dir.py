@@ -142,7 +142,7 @@ def load_published(source: str, store: str, *, name: str | None = None, digest: 
         name = name or registered
         if info is None:
             raise ServeError(f"{source}: no such registered model, version or alias")
-        folder, digest = info.tags.get("nmm.model_store_uri"), info.tags.get("nmm.model_digest")
+        folder, digest = info.folder, info.digest
         if not folder:
             raise ServeError(f"{source}: version {info.version} records no model folder (registered by an older nmm); "
                              "serve its folder in the store instead")

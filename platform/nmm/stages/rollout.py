@@ -17,6 +17,7 @@ import json
 import math
 
 from nmm import lineage, storage
+from nmm.lineage.registry import TAG_MODEL_FOLDER
 from nmm.spec import Gate
 from nmm.stages import canary
 from nmm.stages.context import ModelMissing, StageContext, cache_key, setup_logging
@@ -71,7 +72,7 @@ def run(ctx: StageContext, model_uri: str, metrics_json: str, gate: str) -> int:
         mv = lineage.register_version(
             name, manifest["mlflow_model_uri"], ctx.run, manifest["digest"],
             {METRIC_TAG + k: f"{v:.6f}" for k, v in metrics.items()} | {"nmm.pipeline": ctx.pipeline,
-                                                                        "nmm.model_store_uri": model_uri},
+                                                                        TAG_MODEL_FOLDER: model_uri},
         )
         lineage.promote(name, mv.version, "candidate")
         champ = lineage.alias_version(name, "champion")  # None only when MLflow says there is none
