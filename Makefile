@@ -44,7 +44,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/operator_load.py
 
 golden: $(STAMP)
-	NMM_UPDATE_GOLDEN=1 $(VENV)/bin/pytest -q tests/unit/test_compile.py tests/unit/test_crd.py tests/unit/test_chart.py
+	NMM_UPDATE_GOLDEN=1 $(VENV)/bin/pytest -q tests/unit/test_compile.py tests/unit/test_crd.py tests/unit/test_chart.py tests/unit/test_serving_objects.py
 
 clean:
 	rm -rf .nmm

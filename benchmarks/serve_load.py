@@ -18,7 +18,6 @@ import io
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+from nmm.ports import free_port
 
 NMM = str(Path(sys.executable).parent / "nmm")
 
@@ -59,12 +60,6 @@ def image_url() -> str:
     buf = io.BytesIO()
     Image.fromarray(pixels, "L").save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(folder: Path, max_batch: int) -> tuple[subprocess.Popen, str]:

@@ -19,10 +19,10 @@ the asked version as a canary.
 from __future__ import annotations
 
 import copy
-import datetime
 from dataclasses import dataclass, field
 
 from nmm.spec.serving import ServiceSpec
+from nmm.timestamps import epoch, rfc3339
 
 MAX_RESULTS = 50  # status.analysis keeps the latest results
 
@@ -44,14 +44,7 @@ class Tick:
         return s.get("stableVersion"), s.get("canaryVersion"), int(s.get("weight") or 0)
 
 
-def iso(ts: float) -> str:
-    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def epoch(text: str | None) -> float | None:
-    if not text:
-        return None
-    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc).timestamp()
+iso = rfc3339
 
 
 def _condition(status: dict, ready: bool, reason: str, message: str, now: float) -> None:

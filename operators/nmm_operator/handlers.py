@@ -9,7 +9,6 @@ module: the recheck timer's interval is fixed when its decorator runs.
 
 from __future__ import annotations
 
-import datetime
 import importlib
 import logging
 import os
@@ -20,6 +19,7 @@ from kubernetes.client.exceptions import ApiException
 from nmm.gpu.pools import PlacementError
 from nmm.spec import SpecError
 from nmm.spec.crd import ANNOTATION_RETRY
+from nmm.timestamps import rfc3339
 from nmm_operator import builders, kube, settings as operator_settings, status
 
 GROUP, VERSION, PLURAL = kube.GROUP, kube.VERSION, kube.PLURAL
@@ -27,7 +27,7 @@ SETTINGS = operator_settings.load()
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return rfc3339()
 
 
 @kopf.on.startup(id="nmm-configure")

@@ -15,6 +15,7 @@ from prometheus_client import Counter, Gauge, start_http_server
 from pydantic import ValidationError
 
 from nmm import kubeclient, lineage, storage
+from nmm.compile import backends
 from nmm.compile import serving as build
 from nmm.gpu.pools import PlacementError
 from nmm.rollout import analysis, canary as serve_canary, probe
@@ -79,7 +80,7 @@ class KubeWorld:
         self.body, self.spec = body, spec
         self.meta = body["metadata"]
         self.ns, self.name = self.meta["namespace"], self.meta["name"]
-        self.override = SETTINGS.endpoints.get(f"{self.ns}/{self.name}")  # an operator outside the cluster
+        self.override = SETTINGS.serving.endpoints.get(f"{self.ns}/{self.name}")  # an operator outside the cluster
 
     def resolve(self) -> int | str:
         m = self.spec.model
@@ -123,7 +124,7 @@ class KubeWorld:
             raise probe.ProbeError(f"quality probe cases {qp.cases_uri}: {exc}") from None
 
     def judge(self, before: dict, after: dict, stable_quality: dict | None):
-        urls = self.override or build.endpoints(SETTINGS.serving_backend, self.name, self.ns)
+        urls = self.override or backends.backend(SETTINGS.serving.backend).endpoints(self.name, self.ns)
         return serve_canary.judge_step(analysis.Limits.of(self.spec.canary.analysis), before, after, urls, self._cases(),
                                        stable_quality)
 
@@ -158,7 +159,7 @@ class KubeWorld:
                 raise
 
 
-@kopf.timer(serving_kube.GROUP, serving_kube.VERSION, serving_kube.SERVICE_PLURAL, interval=SETTINGS.serving_tick_seconds,
+@kopf.timer(serving_kube.GROUP, serving_kube.VERSION, serving_kube.SERVICE_PLURAL, interval=SETTINGS.serving.tick_seconds,
             id="nmm-service-rollout")
 def rollout(body, meta, spec, status, patch: kopf.Patch, **_) -> None:
     now = time.time()
@@ -167,11 +168,11 @@ def rollout(body, meta, spec, status, patch: kopf.Patch, **_) -> None:
     except ValidationError as exc:
         patch.status.update(phase="Failed", message=_spec_problems(exc)[:1000], observedGeneration=meta.get("generation"))
         return
-    delay = SETTINGS.serving_tick_seconds
+    delay = SETTINGS.serving.tick_seconds
     try:
         lineage.check_owner(svc.model.name, meta["namespace"])
         t = service_tick.tick(svc, dict(status or {}), (meta.get("annotations") or {}).get(ANNOTATION_PROMOTE), KubeWorld(body, svc),
-                              now, ready_timeout=SETTINGS.serving_ready_timeout, recheck_seconds=SETTINGS.recheck_seconds,
+                              now, ready_timeout=SETTINGS.serving.ready_timeout_seconds, recheck_seconds=SETTINGS.recheck_seconds,
                               generation=meta.get("generation"))
     except lineage.ForeignModel as exc:
         patch.status.update(phase="Failed", message=str(exc)[:1000], observedGeneration=meta.get("generation"))

@@ -8,28 +8,22 @@ import kopf
 from kubernetes.client.exceptions import ApiException
 
 from nmm import kubeclient
+from nmm.compile import backends
 from nmm.compile import serving as build
 from nmm.spec.crd import GROUP, SERVICE_PLURAL, VERSION
 from nmm_operator.kube import NotOwned
 
 __all__ = ["GROUP", "SERVICE_PLURAL", "VERSION", "NotOwned", "apply", "children"]
 
-_CUSTOM = {
-    "InferenceService": (build.ISVC_GROUP, build.ISVC_VERSION, build.ISVC_PLURAL),
-    "HTTPRoute": (build.ROUTE_GROUP, build.ROUTE_VERSION, build.ROUTE_PLURAL),
-}
+_CUSTOM = {kind: api for b in backends.BACKENDS.values() for kind, api in b.custom_kinds.items()}
 
 
 def children(body: dict, spec, stable: build.ServedVersion, canary: build.ServedVersion | None, weight: int,
              settings) -> list[dict]:
     """What the service's current state asks to exist, each owned by the service."""
     meta, s = body["metadata"], settings.compile
-    if settings.serving_backend == "kserve":
-        served, canary_weight = (canary, weight) if canary else (stable, None)
-        objs = [build.inference_service(meta["name"], meta["namespace"], spec, served, canary_weight, s)]
-        objs[0]["spec"]["predictor"].setdefault("canaryTrafficPercent", None)  # a merge patch removes it
-    else:
-        objs = build.gateway_objects(meta["name"], meta["namespace"], spec, stable, canary, weight, s, settings.gateway_parent)
+    objs = backends.backend(settings.serving.backend).children(
+        meta["name"], meta["namespace"], spec, stable, canary, weight, s, settings.serving.model_dump(by_alias=True))
     for obj in objs:
         kopf.append_owner_reference(obj, owner=body)
     return objs
@@ -62,18 +56,22 @@ def _owned(obj: dict, uid: str) -> bool:
     return any(r.get("uid") == uid and r.get("controller") for r in refs)
 
 
+def _without_nulls(obj):
+    """What to create of an object whose nulls are a merge patch's removals (a created object has
+    nothing to remove)."""
+    if isinstance(obj, dict):
+        return {k: _without_nulls(v) for k, v in obj.items() if v is not None}
+    return [_without_nulls(v) for v in obj] if isinstance(obj, list) else obj
+
+
 def apply(objs: list[dict], owner_uid: str) -> list[str]:
     """Create or patch each object; the kinds/names created now."""
     created = []
     for obj in objs:
         ns, name, kind = obj["metadata"]["namespace"], obj["metadata"]["name"], obj["kind"]
         create, get, patch = _ops(kind)
-        fresh = obj
-        if kind == "InferenceService" and obj["spec"]["predictor"].get("canaryTrafficPercent") is None:
-            fresh = obj | {"spec": {"predictor": {k: v for k, v in obj["spec"]["predictor"].items()
-                                                  if k != "canaryTrafficPercent"}}}
         try:
-            create(ns, fresh)
+            create(ns, _without_nulls(obj))
             created.append(f"{kind}/{name}")
             continue
         except ApiException as exc:

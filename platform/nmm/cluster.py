@@ -116,12 +116,11 @@ def store_of(workflow: dict) -> str | None:
 def retry(name: str, namespace: str) -> str:
     """Ask the operator to retry the pipeline's failed Workflow (`argo retry`'s semantics): a new
     value of the nmm.dev/retry annotation. Returns the value set."""
-    import datetime
-
     from nmm.spec.crd import ANNOTATION_RETRY
+    from nmm.timestamps import rfc3339
 
     get_pipeline(name, namespace)  # a missing pipeline is a clear error, not a 404 patch
-    value = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    value = rfc3339(micro=True)
     try:
         _custom().patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name,
                                                  {"metadata": {"annotations": {ANNOTATION_RETRY: value}}})

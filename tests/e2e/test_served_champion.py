@@ -15,7 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from tests.conftest import NMM, free_port, wait_http
+from nmm.ports import free_port
+from tests.conftest import NMM, wait_http
 from tests.e2e.conftest import clean_env
 
 pytestmark = pytest.mark.slow

@@ -19,7 +19,8 @@ import pytest
 
 from nmm import exitcodes
 from nmm.identity import RunIdentity
-from tests.conftest import free_port, wait_http
+from nmm.ports import free_port
+from tests.conftest import wait_http
 
 pytestmark = pytest.mark.integration
 

@@ -51,7 +51,7 @@ def test_the_operator_reads_every_ready_pod_of_a_version_and_sums_them(monkeypat
     from nmm import kubeclient
     from nmm.compile import serving as build
     from nmm_operator import service_handlers
-    from tests.conftest import free_port
+    from nmm.ports import free_port
 
     port, counts, asked = free_port(), {"127.0.0.2": 10, "127.0.0.3": 20}, []
     servers = [metrics_server(h, port, counts) for h in counts]

@@ -30,7 +30,8 @@ import pytest
 from kubernetes import client
 
 from nmm.rollout import probe
-from tests.conftest import NMM, free_port, wait_for, wait_http
+from nmm.ports import free_port
+from tests.conftest import NMM, wait_for, wait_http
 from tests.integration.kube_emulator import EmulatorThread
 from tests.serving_fixture import publish_small_model
 

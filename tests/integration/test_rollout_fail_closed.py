@@ -17,7 +17,8 @@ from nmm.compile import spec_json
 from nmm.spec import parse_pipeline
 from nmm.stages import rollout
 from nmm.stages.context import StageContext
-from tests.conftest import NMM, WORKFLOWS, free_port
+from nmm.ports import free_port
+from tests.conftest import NMM, WORKFLOWS
 
 pytestmark = pytest.mark.integration
 MODEL = "nmm-quickstart"

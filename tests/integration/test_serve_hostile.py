@@ -30,7 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from PIL import Image
 
-from tests.conftest import NMM, free_port, wait_for, wait_http
+from nmm.ports import free_port
+from tests.conftest import NMM, wait_for, wait_http
 from tests.serving_fixture import png_url, publish_small_model
 
 pytestmark = pytest.mark.integration

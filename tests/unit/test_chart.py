@@ -268,8 +268,8 @@ def test_serving_values_render_the_runtime_monitor_dashboard_and_exactly_the_bac
     groups = {g for r in role["rules"] for g in r["apiGroups"]}
     assert "gateway.networking.k8s.io" in groups and "apps" in groups and "serving.kserve.io" not in groups
     settings = _operator_settings(docs)
-    assert settings.serving_backend == "gateway" and settings.gateway_parent == {"name": "shared-gateway", "namespace": "gateways"}
-    assert settings.serving_tick_seconds == 5.0
+    assert settings.serving.backend == "gateway" and settings.serving.gateway == {"name": "shared-gateway", "namespace": "gateways"}
+    assert settings.serving.tick_seconds == 5.0
     (op,) = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-operator")]
     env = {e["name"] for e in op["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert {"MLFLOW_TRACKING_URI", "NMM_S3_ENDPOINT", "NMM_S3_ACCESS_KEY", "NMM_OPERATOR_SETTINGS"} <= env
@@ -453,6 +453,7 @@ def test_admission_policies_hold_every_workload_nmm_creates_and_the_inventory_to
     workloads = policies["nmm-nmm-platform-workloads"]
 
     from nmm.compile import compile_pipeline, serving
+    from nmm.compile.backends import gateway, kserve
     from nmm.spec import parse_pipeline
     from nmm.spec.serving import ServiceSpec
 
@@ -468,8 +469,8 @@ def test_admission_policies_hold_every_workload_nmm_creates_and_the_inventory_to
                   if "resource" in t and "RayJob" in t["resource"]["manifest"])
     svc = ServiceSpec.model_validate({"model": {"name": "m", "version": 1}})
     served = serving.ServedVersion(1, "s3://nmm/runs/a/b/c/d/train", "sha256:" + "0" * 64)
-    deployment = serving.deployment("digits", "team-a", "stable", svc, served, settings, served)
-    isvc = serving.inference_service("digits", "team-a", svc, served, None, settings)
+    deployment = gateway.deployment("digits", "team-a", "stable", svc, served, settings, served)
+    isvc = kserve.inference_service("digits", "team-a", svc, served, None, settings)
     made = [(step, "pytorchjobs", job), (step, "rayjobs", rayjob), (operator, "deployments", deployment),
             (operator, "inferenceservices", isvc)]
     for who, resource, obj in made:  # what nmm compiles passes

@@ -10,7 +10,8 @@ import torch
 
 from nmm.model import ModelConfig
 from nmm.model.generate import SYNC_EVERY, generate
-from nmm.train import parallelize, recipes, trainer
+from nmm.train import parallelize, trainer
+from nmm.train.recipes import next_token
 from nmm.train.distributed import DistInfo
 from nmm.train.loss import head_loss
 from nmm.train.parallelize import Parallelism
@@ -75,7 +76,7 @@ def test_the_training_step_reads_nothing_from_the_device(monkeypatch, tmp_path, 
     host's copy before the move) makes no host read; the reads happen at logging steps."""
     reads = Reads(monkeypatch)
     monkeypatch.setattr(trainer, "train_step", reads.during(trainer.train_step))
-    monkeypatch.setattr(recipes, "lay_out", reads.paused(recipes.lay_out))
+    monkeypatch.setattr(next_token, "lay_out", reads.paused(next_token.lay_out))
     logged = []
     cfg = TrainConfig(model=tiny(), phases=(PhaseConfig(mixture={"m2t": 0.5, "m2g": 0.5}, name="p", steps=6, batch_size=8,
                                                         lr=1e-3, recipe="sft"),),

@@ -88,6 +88,7 @@ import signal  # noqa: E402
 import numpy as np  # noqa: E402
 
 from nmm.train.rewards import Reward, answer_exact, drawn_images  # noqa: E402
+from nmm.train.recipes import GrpoOptions
 from nmm.train.trainer import PhaseConfig, Preempted, TrainConfig, train  # noqa: E402
 from tests.unit.test_recipes import CPU, IMAGE, MIX, TEXT, model_cfg, train_data  # noqa: E402
 
@@ -103,8 +104,8 @@ def rl_cfg(steps: int = 24, **phase) -> TrainConfig:
         model=model_cfg(image_lo=IMAGE[0], image_hi=IMAGE[1], tokens_per_image=4),
         phases=(
             PhaseConfig(mixture=MIX, name="pre", steps=20, batch_size=8, lr=1e-2),
-            PhaseConfig(mixture={"m2g": 1.0}, name="rl", steps=steps, batch_size=4, lr=1e-2, recipe="grpo", reference="pre",
-                        reward=(("colour", 1.0),), group=8, **phase),
+            PhaseConfig(mixture={"m2g": 1.0}, name="rl", steps=steps, batch_size=4, lr=1e-2, recipe="grpo",
+                        options=GrpoOptions(reference="pre", reward=(("colour", 1.0),), group=8, **phase)),
         ),
         seed=2, checkpoint_interval=1000, log_every=1,
     )
@@ -185,7 +186,7 @@ def test_answer_exact_scores_the_reference_answer_one_and_anything_else_zero():
 
 def test_guided_logits_are_those_generation_samples_from_and_blank_only_the_drawing_prompts():
     from nmm.tokenizers.vocab import BOI, BOS, EOI, EOS, PAD
-    from nmm.train.recipes import guided_logits, unconditional
+    from nmm.train.recipes.grpo import guided_logits, unconditional
 
     torch.manual_seed(0)
     model = model_cfg().build().eval()

@@ -34,6 +34,7 @@ def test_the_tree_keeps_every_import_contract():
     ("platform/nmm/evaluate/grid.py", "import mlflow", "only nmm.lineage talks to MLflow"),
     ("platform/nmm/data/shards.py", "import minio", "only nmm.storage talks to object storage"),
     ("operators/nmm_operator/status.py", "import nmm.stages.train", "the operator reaches no stage"),
+    ("platform/nmm/spec/data.py", "import nmm.data.shapes", "the spec knows data source kinds and recipes"),
 ])
 def test_a_forbidden_import_breaks_its_contract(tmp_path, module, line, contract):
     for part in ("platform", "operators"):
@@ -57,3 +58,18 @@ def test_no_function_in_train_stages_or_lineage_runs_past_sixty_lines():
                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
                     long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
     assert not long, long
+
+
+def test_every_torch_load_passes_weights_only_s7():
+    """A pickle in a checkpoint runs code when loaded; `weights_only=True` refuses it."""
+    import ast
+
+    calls = []
+    for root in ("platform", "operators", "benchmarks"):
+        for path in (ROOT / root).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
+                    safe = any(k.arg == "weights_only" and getattr(k.value, "value", None) is True for k in node.keywords)
+                    calls.append((f"{path.relative_to(ROOT)}:{node.lineno}", safe))
+    assert calls, "no torch.load found: the walk is broken"
+    assert [where for where, safe in calls if not safe] == []

@@ -76,7 +76,7 @@ def test_bidirectional_generation_equals_recomputing_with_the_prompt_image_whole
 
 
 def test_whole_image_targets_leave_the_loss_but_drawn_images_keep_theirs():
-    from nmm.train.recipes import hide_seen_targets, input_image_spans, pretrain_mask
+    from nmm.train.recipes.common import hide_seen_targets, input_image_spans, pretrain_mask
 
     cfg = tiny(image_lo=30, image_hi=40, tokens_per_image=4, image_attention="bidirectional")
     m2t = [1, 3, 30, 31, 32, 33, 4, 10, 2]  # <bos> <boi> image <eoi> caption <eos>

@@ -13,8 +13,10 @@ from nmm.evaluate.shapes import plan_scores
 from nmm.model.generate import draw_images
 from nmm.tokenizers.vocab import ASSISTANT, BOI, BOS, EOI, PAD, USER, SharedVocab
 from nmm.train.batches import Batches
-from nmm.train.recipes import guided_logits, student_samples, unconditional
+from nmm.train.recipes.common import student_samples
+from nmm.train.recipes.grpo import guided_logits, unconditional
 from nmm.train.rewards import Reward, drawn_images
+from nmm.train.recipes import GrpoOptions
 from nmm.train.trainer import PhaseConfig, TrainConfig, TrainData, train
 from tests.unit.test_recipes import CPU, IMAGE, TEXT, model_cfg
 
@@ -79,7 +81,7 @@ def plan_cfg(rl_steps: int = 0, **rl) -> TrainConfig:
     phases = [PhaseConfig(mixture={"m2g": 1.0}, name="pre", steps=60, batch_size=8, lr=1e-2, recipe="sft")]
     if rl_steps:
         phases.append(PhaseConfig(mixture={"m2g": 1.0}, name="rl", steps=rl_steps, batch_size=4, lr=1e-2, recipe="grpo",
-                                  reference="pre", reward=(("code_3", 1.0),), group=8, **rl))
+                                  options=GrpoOptions(reference="pre", reward=(("code_3", 1.0),), group=8, **rl)))
     return TrainConfig(model=model_cfg(image_lo=IMAGE[0], image_hi=IMAGE[1], tokens_per_image=4), phases=tuple(phases),
                        seed=0, checkpoint_interval=1000, log_every=1)
 

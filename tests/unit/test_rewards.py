@@ -11,6 +11,7 @@ from nmm.model import ModelConfig
 from nmm.stages.train import rewards
 from nmm.tokenizers.image import PatchVQ
 from nmm.tokenizers.vocab import BOS, EOI, SharedVocab
+from nmm.train.recipes import GrpoOptions
 from nmm.train.trainer import PhaseConfig, TrainConfig
 
 
@@ -39,7 +40,7 @@ class Dataset:
 def cfg(reward: str, tokens_per_image: int) -> TrainConfig:
     return TrainConfig(model=ModelConfig(vocab_size=64, dim=8, layers=1, heads=1, max_seq_len=8, tokens_per_image=tokens_per_image),
                        phases=(PhaseConfig(name="rl", steps=1, batch_size=1, lr=1e-3, mixture={"m2g": 1.0}, recipe="grpo",
-                                           reference="pre", reward=((reward, 1.0),)),))
+                                           options=GrpoOptions(reference="pre", reward=((reward, 1.0),))),))
 
 
 def completions(ds: Dataset, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

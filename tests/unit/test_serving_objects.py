@@ -1,13 +1,20 @@
 """What the operator emits for an NMMService validates against the upstream schemas (KServe
 v0.20.0, Gateway API v1.6.1, Kubernetes 1.33), and the rollout state machine walks its states."""
 
+import json
+import os
+
 import kubernetes_validate
 import pytest
+import yaml
 
 from nmm.compile import CompileSettings, serving
+from nmm.compile.backends.gateway import gateway_objects
+from nmm.compile.backends.kserve import inference_service
 from nmm.gpu.pools import PlacementError
 from nmm.spec.serving import ServiceSpec
 from nmm_operator import canary
+from tests.conftest import ROOT
 from tests.schemas import HTTP_ROUTE, INFERENCE_SERVICE, crd_errors
 
 SPEC = ServiceSpec.model_validate({
@@ -25,7 +32,7 @@ def v(n: int) -> serving.ServedVersion:
 
 @pytest.mark.parametrize("weight", [None, 10, 0])
 def test_the_inference_service_validates_and_runs_nmm_serve_on_the_gpu_pool(weight):
-    isvc = serving.inference_service("digits", "team-a", SPEC, v(7), weight, S)
+    isvc = inference_service("digits", "team-a", SPEC, v(7), weight, S)
     assert crd_errors(INFERENCE_SERVICE, "v1beta1", isvc) == []
     pred = isvc["spec"]["predictor"]
     (c,) = pred["containers"]
@@ -39,7 +46,7 @@ def test_the_inference_service_validates_and_runs_nmm_serve_on_the_gpu_pool(weig
 
 
 def test_the_gateway_backend_validates_and_splits_by_weight():
-    objs = serving.gateway_objects("digits", "team-a", SPEC, v(3), v(4), 10, S, {"name": "web", "namespace": "gw"})
+    objs = gateway_objects("digits", "team-a", SPEC, v(3), v(4), 10, S, {"name": "web", "namespace": "gw"})
     kinds = [o["kind"] for o in objs]
     assert kinds == ["Deployment", "Deployment", "Service", "Service", "HTTPRoute"]
     for o in objs[:4]:
@@ -49,7 +56,7 @@ def test_the_gateway_backend_validates_and_splits_by_weight():
     assert [(b["name"], b["weight"]) for b in route["spec"]["rules"][0]["backendRefs"]] == [("digits-stable", 90), ("digits-canary", 10)]
     assert objs[0]["spec"]["template"]["spec"]["containers"][0]["args"][1] == v(3).folder
     assert objs[1]["spec"]["replicas"] == 2
-    idle = serving.gateway_objects("digits", "team-a", SPEC, v(3), None, 0, S, {"name": "web"})
+    idle = gateway_objects("digits", "team-a", SPEC, v(3), None, 0, S, {"name": "web"})
     assert idle[1]["spec"]["replicas"] == 0 and idle[-1]["spec"]["rules"][0]["backendRefs"][1]["weight"] == 0
 
 
@@ -59,7 +66,7 @@ def test_model_servers_hold_no_mlflow_credential_and_no_s3_key_that_can_write_s1
     digest (it asks no registry)."""
     import yaml
 
-    objs = [serving.inference_service("digits", "team-a", SPEC, v(7), 10, S)] + serving.gateway_objects(
+    objs = [inference_service("digits", "team-a", SPEC, v(7), 10, S)] + gateway_objects(
         "digits", "team-a", SPEC, v(3), v(4), 10, S, {"name": "web"})
     text = yaml.safe_dump_all(objs)
     assert "MLFLOW" not in text and "models:/" not in text and S.s3_secret_name not in text
@@ -77,10 +84,10 @@ def test_model_servers_hold_no_mlflow_credential_and_no_s3_key_that_can_write_s1
 def test_a_pool_that_cannot_hold_the_gpus_is_refused():
     spec = SPEC.model_copy(update={"resources": SPEC.resources.model_copy(update={"gpus": 8})})
     with pytest.raises(PlacementError):
-        serving.inference_service("digits", "team-a", spec, v(1), None, S)
+        inference_service("digits", "team-a", spec, v(1), None, S)
     spec = SPEC.model_copy(update={"resources": SPEC.resources.model_copy(update={"gpu_pool": "tpu"})})
     with pytest.raises(PlacementError, match="not a declared pool"):
-        serving.inference_service("digits", "team-a", spec, v(1), None, S)
+        inference_service("digits", "team-a", spec, v(1), None, S)
 
 
 T0 = 1_800_000_000.0
@@ -145,3 +152,34 @@ def test_the_pause_is_respected_and_going_back_to_stable_aborts_the_canary():
     assert aborted.status["phase"] == "Healthy" and aborted.versions == (1, None, 0)
     by_hand = canary.plan(SPEC, st, 2, T0 + 32, promote_now=2)
     assert by_hand.versions == (2, None, 0) and by_hand.events[0][1] == "PromotedByHand"
+
+
+BACKENDS_FILE = ROOT / "charts" / "nmm-platform" / "files" / "serving-backends.yaml"
+
+
+def test_every_backend_is_registered_in_the_chart_and_its_objects_validate():
+    """A backend is one module and one registry entry: the chart's RBAC file is generated from the
+    registry (`make golden`), the values schema offers exactly the registered names, and each
+    backend's children for a canary validate against the upstream schemas."""
+    from nmm.compile.backends import BACKENDS, rbac_by_backend
+
+    generated = yaml.safe_load(BACKENDS_FILE.read_text())
+    if os.environ.get("NMM_UPDATE_GOLDEN"):
+        head = "".join(line + "\n" for line in BACKENDS_FILE.read_text().splitlines() if line.startswith("#"))
+        BACKENDS_FILE.write_text(head + yaml.safe_dump({"rbac": rbac_by_backend()}, sort_keys=False, width=100))
+        generated = yaml.safe_load(BACKENDS_FILE.read_text())
+    assert generated == {"rbac": rbac_by_backend()}, "the chart's serving-backends.yaml drifted; run `make golden`"
+    schema = json.loads((ROOT / "charts" / "nmm-platform" / "values.schema.json").read_text())
+    assert set(schema["properties"]["serving"]["properties"]["backend"]["enum"]) == set(BACKENDS)
+    for name, backend in BACKENDS.items():
+        objs = backend.children("digits", "team-a", SPEC, v(3), v(4), 10, S, {"gateway": {"name": "web"}})
+        kinds = {o["kind"] for o in objs}
+        assert set(backend.custom_kinds) <= kinds, name
+        for obj in objs:
+            if obj["kind"] in backend.custom_kinds:
+                schema_of = {"InferenceService": INFERENCE_SERVICE, "HTTPRoute": HTTP_ROUTE}[obj["kind"]]
+                version = backend.custom_kinds[obj["kind"]][1]
+                assert crd_errors(schema_of, version, obj) == [], (name, obj["kind"])
+            else:
+                kubernetes_validate.validate(obj, "1.33", strict=True)
+        assert set(backend.endpoints("digits", "team-a")) == {"stable", "candidate"}

@@ -1,10 +1,11 @@
-"""One shape per setting (issue 10, item 6): snake_case in Python, camelCase in YAML; the trainer's
+"""One shape per setting: snake_case in Python, camelCase in YAML; the trainer's
 config and the MLflow params are derived from the spec, never re-typed."""
 
 from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import yaml
 
 from nmm.spec import parse_pipeline
@@ -12,6 +13,7 @@ from nmm.spec.training import Parallelism as SpecParallelism
 from nmm.spec.training import Phase
 from nmm.stages.train import flatten, phase_configs
 from nmm.train.parallelize import Parallelism
+from nmm.train.recipes import RECIPES, GrpoOptions, NoOptions
 from nmm.train.trainer import PhaseConfig
 from tests.conftest import WORKFLOWS
 
@@ -27,10 +29,32 @@ def test_attributes_are_snake_case_and_yaml_stays_camel_case():
     assert "batch_size" not in str(dumped) and "apiVersion" in dumped
 
 
-def test_the_trainer_s_phase_is_the_spec_s_phase_field_for_field():
-    trainer = {f.name for f in dataclasses.fields(PhaseConfig)}
-    assert trainer <= set(Phase.model_fields), trainer - set(Phase.model_fields)
+def _defaults(dc) -> dict:
+    return {f.name: f.default for f in dataclasses.fields(dc) if f.default is not dataclasses.MISSING}
+
+
+def test_the_trainer_s_phase_is_the_spec_s_phase_field_for_field_and_default_for_default():
+    """The twins the import contracts force (the trainer may not import pydantic) agree on their
+    fields AND their defaults: a default changed in the spec and not in the trainer fails here."""
+    common = {f.name for f in dataclasses.fields(PhaseConfig)} - {"options"}
+    options = {name for r in RECIPES.values() for name in r.option_names()}
+    assert common | options == set(Phase.model_fields) and not common & options
+    for twin in [PhaseConfig, *(r.options for r in RECIPES.values())]:
+        for name, default in _defaults(twin).items():
+            if name != "recipe" and not (twin is PhaseConfig and name == "options"):
+                assert Phase.model_fields[name].default == default, (twin.__name__, name)
+    assert PhaseConfig.__dataclass_fields__["recipe"].default == Phase.model_fields["recipe"].default
     assert {f.name for f in dataclasses.fields(Parallelism)} == set(SpecParallelism.model_fields)
+    assert _defaults(Parallelism) == {k: f.default for k, f in SpecParallelism.model_fields.items()}
+
+
+def test_a_phase_s_options_are_its_recipe_s_and_only_its_recipe_takes_them():
+    spec = parse_pipeline((WORKFLOWS / "shapes-m2m-rl.yaml").read_text()).spec
+    pretrain, sft, rl = phase_configs(spec)
+    assert isinstance(pretrain.options, NoOptions) and isinstance(rl.options, GrpoOptions)
+    assert rl.options.reward == (("shapes_geneval", 1.0), ("vqa_exact", 1.0)) and rl.scores_against == "sft"
+    with pytest.raises(ValueError, match="takes GrpoOptions"):
+        PhaseConfig(name="rl", steps=1, batch_size=1, lr=1.0, mixture={"m2t": 1.0}, recipe="grpo")
 
 
 def test_an_unset_mixture_is_equal_shares_of_the_model_s_tasks_in_one_place():

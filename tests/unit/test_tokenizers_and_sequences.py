@@ -1,7 +1,8 @@
 import numpy as np
 
 from nmm.data.curate import content_ids, split
-from nmm.data.sequences import INSTRUCTIONS, Prompts, instruction_texts, pack_rows, style_of
+from nmm.data.sequences import INSTRUCTIONS, Prompts, instruction_texts, pack_rows
+from nmm.train.recipes import RECIPES
 from nmm.tokenizers.vocab import blank_text
 from nmm.data.sources import digit_captions, load_digits, parse_digit
 from nmm.tokenizers import ColourMaskVQ, PatchVQ, SharedVocab, TextTokenizer, load_image_tokenizer
@@ -108,7 +109,8 @@ def test_instruction_rows_wrap_the_same_answers_in_user_and_assistant_turns():
     # The unconditional twin of guidance pads every text token out and keeps the turns.
     blank = blank_text(draw, v.text_range())
     assert len(blank) == len(draw) and [t for t in blank if t != PAD] == [BOS, USER, ASSISTANT, BOI]
-    assert style_of("pretrain") == "plain" and style_of("sft") == style_of("opd") == "instruct"
+    styles = {name: r.style for name, r in RECIPES.items()}
+    assert styles == {"pretrain": "plain", "sft": "instruct", "opd": "instruct", "grpo": "instruct"}
 
 
 def test_split_is_content_stable():

@@ -401,6 +401,13 @@ def crd(kind: str = typer.Option("pipeline", help="pipeline (NMMPipeline) or ser
     sys.stdout.write(yaml.safe_dump(builds[kind](), sort_keys=False, width=100))
 
 
+def _batching(key: str):
+    from nmm.serve.batcher import BATCHING
+
+    k = BATCHING[key]
+    return typer.Option(k.default, k.flag, min=k.lo, max=k.hi, help=k.help)
+
+
 @app.command()
 def serve(
     model: str = typer.Argument(..., help="models:/<name>@<alias>, models:/<name>/<version>, or a published model folder"),
@@ -411,9 +418,9 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 in a pod)"),
     port: int = typer.Option(8000, min=1, max=65535),
     store: Optional[str] = typer.Option(None, help="Store URI for store:// folders (default: nmm's store)"),
-    max_batch: int = typer.Option(16, "--max-batch", min=1, max=256, help="Requests per model batch at most"),
-    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", min=0.0, max=1000.0, help="How long a request waits for company"),
-    max_queue: int = typer.Option(256, "--max-queue", min=1, max=100_000, help="Waiting requests at most; more get 429"),
+    max_batch: int = _batching("max_batch"),
+    max_wait_ms: float = _batching("max_wait_ms"),
+    max_queue: int = _batching("max_queue"),
     header_timeout: float = typer.Option(10.0, "--header-timeout", min=0.1, max=300.0,
                                          help="Seconds a request's line and headers may take to arrive (then the connection closes)"),
     body_timeout: float = typer.Option(30.0, "--body-timeout", min=0.1, max=600.0,

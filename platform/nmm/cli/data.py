@@ -25,8 +25,11 @@ def data_export(
 ) -> None:
     """Write a built-in source as WebDataset shards: the format nmm reads users' data in."""
     from nmm import storage
-    from nmm.data import export
+    from nmm.data import export, kinds
 
+    if source not in kinds.BUILT_IN:
+        err.print(f"error: --source: expected one of {', '.join(kinds.BUILT_IN)}, got {source!r}", markup=False)
+        raise typer.Exit(EXIT_BAD_INPUT)
     if fmt not in export.FORMATS:
         err.print(f"error: --format: expected one of {', '.join(export.FORMATS)}, got {fmt!r}")
         raise typer.Exit(EXIT_BAD_INPUT)

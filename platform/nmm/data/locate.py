@@ -15,11 +15,10 @@ import re
 from typing import Iterator
 
 from nmm import storage
+from nmm.data import kinds
 from nmm.storage import ObjectInfo
 
 GLOB_CHARS = "*?["
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-SUFFIXES = {"webdataset": (".tar",), "parquet": (".parquet",), "folder": (*IMAGE_SUFFIXES, ".txt", ".jsonl")}
 
 
 class SourceError(ValueError):
@@ -98,7 +97,8 @@ def source_root(uri: str) -> str:
 def find(kind: str, name: str, uri: str) -> list[ObjectInfo]:
     """The objects of one source, sorted by URI and deduplicated. Raises SourceError when nothing
     of the format's kind matches, and StorageError (retryable) when the store cannot be listed."""
-    suffixes = SUFFIXES[kind]
+    info = kinds.kind(kind)
+    suffixes = info.suffixes
     found: dict[str, ObjectInfo] = {}
     try:
         patterns = list(expand_braces(storage.uri_of(uri)))  # at most MAX_EXPANDED_URIS names
@@ -112,7 +112,7 @@ def find(kind: str, name: str, uri: str) -> list[ObjectInfo]:
             if prefix not in listings:
                 listings[prefix] = storage.list_objects(prefix)
             matched = [o for o in listings[prefix] if fnmatch.fnmatchcase(o.uri, pattern)]
-        elif len(patterns) > 1 or pattern.lower().endswith(suffixes) and kind != "folder":
+        elif len(patterns) > 1 or pattern.lower().endswith(suffixes) and not info.folder:
             one = storage.stat(pattern)
             if one is None and len(patterns) > 1:
                 missing.append(pattern)
@@ -121,11 +121,7 @@ def find(kind: str, name: str, uri: str) -> list[ObjectInfo]:
             matched = storage.list_objects(pattern)
         found.update((o.uri, o) for o in matched if o.uri.lower().endswith(suffixes))
     if not found:
-        what = {"webdataset": ".tar shards", "parquet": ".parquet files", "folder": "images"}[kind]
-        raise SourceError(
-            f"data.sources[{name}].uri: {uri!r} matches no {what}"
-            + (" (write some with `nmm data export --source digits --format webdataset --out …`)" if kind == "webdataset" else "")
-        )
+        raise SourceError(f"data.sources[{name}].uri: {uri!r} matches no {info.objects}{info.hint}")
     if missing:  # a brace range names every object it means: one missing is a typo or lost data, not nothing
         raise SourceError(f"data.sources[{name}].uri: {uri!r} names {missing[0]}, which does not exist"
                           + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))

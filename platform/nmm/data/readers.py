@@ -24,7 +24,9 @@ from typing import Iterator
 
 from nmm import storage
 from nmm.data import userdata
-from nmm.data.locate import IMAGE_SUFFIXES, find, source_root
+from nmm.data import kinds
+from nmm.data.kinds import IMAGE_SUFFIXES
+from nmm.data.locate import find, source_root
 
 FOLDER_CHUNK = 256  # images per unit of a folder source
 UNIT_BYTES = 8 << 20  # small tars or Parquet files are read together, up to this much a unit
@@ -60,15 +62,22 @@ def _folder_records(objects) -> dict[str, dict | str]:
 
 
 def units(src, start: int = 0) -> tuple[list[Unit], list[tuple[str, int, str]]]:
-    """A user source's units (a spec Source; numbered from `start`), and its objects (URI, size,
-    ETag: what the cache key covers)."""
+    """A user source's units (a spec Source; numbered from `start`), by its kind's reader
+    (nmm.data.kinds), and its objects (URI, size, ETag: what the cache key covers)."""
     objects = find(src.kind, src.label, src.uri)
     listing = [(o.uri, o.size, o.etag) for o in objects]
-    root = source_root(src.uri)
-    if src.kind != "folder":
-        cols = (src.columns.image, src.columns.caption)
-        return [Unit(start + i, src.label, src.kind, group, columns=cols, root=root)
-                for i, group in enumerate(_groups(objects))], listing
+    return kinds.resolve(kinds.kind(src.kind).units)(src, objects, start, source_root(src.uri)), listing
+
+
+def grouped_units(src, objects, start: int, root: str) -> list[Unit]:
+    """Consecutive objects (tars, Parquet files), UNIT_BYTES or less a unit."""
+    cols = (src.columns.image, src.columns.caption)
+    return [Unit(start + i, src.label, src.kind, group, columns=cols, root=root)
+            for i, group in enumerate(_groups(objects))]
+
+
+def folder_units(src, objects, start: int, root: str) -> list[Unit]:
+    """FOLDER_CHUNK images a unit, each with its captions.jsonl record or the .txt beside it."""
     records = _folder_records(objects)
     texts = {o.uri for o in objects if o.uri.endswith(".txt")}
     images = [o.uri for o in objects if o.uri.lower().endswith(IMAGE_SUFFIXES)]
@@ -77,8 +86,8 @@ def units(src, start: int = 0) -> tuple[list[Unit], list[tuple[str, int, str]]]:
         if u not in records and txt in texts:
             records[u] = txt
     chunks = [tuple(images[i : i + FOLDER_CHUNK]) for i in range(0, len(images), FOLDER_CHUNK)]
-    return [Unit(start + i, src.label, "folder", c, {u: records[u] for u in c if u in records}, root=root)
-            for i, c in enumerate(chunks)], listing
+    return [Unit(start + i, src.label, src.kind, c, {u: records[u] for u in c if u in records}, root=root)
+            for i, c in enumerate(chunks)]
 
 
 
@@ -99,17 +108,31 @@ def _name(uri: str) -> str:
     return PurePosixPath(uri).name
 
 
-def _webdataset(unit: Unit, uri: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+def _outside(unit: Unit, uri: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """A refused sample when `uri` resolves (through a symlink) outside the source's root."""
+    if unit.root and not storage.resolves_within(uri, unit.root):
+        yield f"{_name(uri)}#outside", userdata.refused("decode_error", f"{_name(uri)} resolves outside the source's folder")
+
+
+def read_tar(unit: Unit, uri: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """A WebDataset tar's samples, streamed member by member."""
+    if (refused := list(_outside(unit, uri))):
+        yield from refused
+        return
     with storage.open_read(uri) as (shard, _):  # a store that fails here is retryable (StorageError), not bad data
         for key, parts in userdata.samples(shard, _name(uri)):
             yield f"{_name(uri)}/{key}" if "#broken" not in key else key, parts
 
 
-def _parquet(unit: Unit, uri: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """One row group at a time (the file seekable: ranged reads on S3); a row group whose image
-    column would decompress past MAX_ROW_GROUP_BYTES is refused from the file's metadata, row by
-    row, unread."""
+def read_parquet(unit: Unit, uri: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """A Parquet file's rows, one row group at a time (the file seekable: ranged reads on S3); a
+    row group whose image column would decompress past MAX_ROW_GROUP_BYTES is refused from the
+    file's metadata, row by row, unread."""
     import pyarrow.parquet as pq
+
+    if (refused := list(_outside(unit, uri))):
+        yield from refused
+        return
 
     image_col, caption_col = unit.columns
     with storage.open_seekable(uri) as f:  # a store that fails here is retryable (StorageError), not bad data
@@ -171,7 +194,8 @@ def _rows(table, uri: str, image_col: str, caption_col: str, at: int) -> Iterato
         yield f"{_name(uri)}/{key}", parts
 
 
-def _folder(unit: Unit, uri: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+def read_folder_image(unit: Unit, uri: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """One image of a folder, with its caption."""
     stem, _, ext = uri.rpartition(".")
     key = "/".join(stem.rsplit("/", 2)[-2:])
     caption = unit.captions.get(uri)
@@ -195,9 +219,6 @@ def _folder(unit: Unit, uri: str) -> Iterator[tuple[str, dict[str, bytes]]]:
 def read(unit: Unit) -> Iterator[tuple[str, dict[str, bytes]]]:
     """The raw samples of one unit, in order. Never raises for bad data: an unreadable or refused
     object is one sample with an `error` part (and its `reason`: a ledger row)."""
-    reader = {"webdataset": _webdataset, "parquet": _parquet, "folder": _folder}[unit.kind]
+    reader = kinds.resolve(kinds.kind(unit.kind).read)
     for uri in unit.uris:
-        if unit.kind != "folder" and unit.root and not storage.resolves_within(uri, unit.root):
-            yield f"{_name(uri)}#outside", userdata.refused("decode_error", f"{_name(uri)} resolves outside the source's folder")
-            continue
         yield from reader(unit, uri)

@@ -72,11 +72,6 @@ def instruction_texts(captions: int = 1) -> list[str]:
             for _ in range(max(1, captions // (len(texts) * uses)))]
 
 
-def style_of(recipe: str) -> str:
-    """Pretraining reads the plain layout; sft, opd and grpo read instructions."""
-    return "plain" if recipe == "pretrain" else "instruct"
-
-
 @dataclass(frozen=True)
 class Prompts:
     """Prompts and training rows of one style over a shared vocabulary. Texts are local text

@@ -9,6 +9,7 @@ drives rendering, captions, VQA pairs and the judge's expectations.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -324,3 +325,25 @@ def generate(samples: int, image_size: int, seed: int) -> list[Scene]:
     """`samples` scenes, the six tasks in turn."""
     rng = np.random.default_rng(seed)
     return [make_scene(TASKS[i % len(TASKS)], rng, image_size) for i in range(samples)]
+
+
+def check_source(src) -> None:
+    """The shapes kind's own options (nmm.data.kinds `check`): its held-out compositions name
+    colours, shapes and relations the scenes have."""
+    if src.held_out is None:
+        return
+    for name, alias, parse in (("colour_shape", "colourShape", parse_colour_shape),
+                               ("position_pairs", "positionPairs", parse_position_pair)):
+        for text in getattr(src.held_out, name):
+            try:
+                parse(text)
+            except ValueError as exc:
+                raise ValueError(f"heldOut.{alias}: {exc}") from None
+
+
+def held_out_predicate(held) -> Callable[[dict], bool]:
+    """scene (dict) → whether it shows one of a source's held-out compositions (spec `heldOut`),
+    the texts parsed once."""
+    colour_shape = {parse_colour_shape(t) for t in held.colour_shape}
+    pairs = {parse_position_pair(t) for t in held.position_pairs}
+    return lambda scene: held_out(scene, colour_shape, pairs)

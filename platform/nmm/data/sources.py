@@ -91,13 +91,24 @@ def load_digits(captions_per_image: int) -> SourceData:
 
 def load(kind: str, captions_per_image: int, samples: int, image_size: int, seed: int,
          grounded_on: int | None = None) -> SourceData:
-    """A built-in source by name: `digits` (all of them; samples, size, seed and `grounded_on`
-    position answers are shapes' own) or `shapes`."""
-    if kind == "digits":
-        return load_digits(captions_per_image)
-    if kind == "shapes":
-        return render_shapes(samples, image_size, seed, captions_per_image, grounded_on)
-    raise ValueError(f"--source: expected one of digits, shapes; got {kind!r}")
+    """A built-in source by name (nmm.data.kinds): its loader with the source's options."""
+    from nmm.data import kinds
+
+    info = kinds.kind(kind)
+    if not info.built_in:
+        raise ValueError(f"kind: {kind} is not a built-in source; expected one of {list(kinds.BUILT_IN)}")
+    return kinds.resolve(info.load)(captions_per_image, samples, image_size, seed, grounded_on)
+
+
+def load_digits_source(captions_per_image: int, samples: int, image_size: int, seed: int,
+                       grounded_on: int | None) -> SourceData:
+    """`digits`: all of them (samples, size, seed and grounded answers are shapes' own)."""
+    return load_digits(captions_per_image)
+
+
+def render_shapes_source(captions_per_image: int, samples: int, image_size: int, seed: int,
+                         grounded_on: int | None) -> SourceData:
+    return render_shapes(samples, image_size, seed, captions_per_image, grounded_on)
 
 
 def render_shapes(samples: int, size: int, seed: int, captions_per_image: int, grounded_on: int | None = None) -> SourceData:

@@ -3,7 +3,6 @@ env the Training Operator gives each pod (MASTER_ADDR, MASTER_PORT, WORLD_SIZE, 
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import yaml
@@ -11,12 +10,7 @@ import yaml
 from nmm.engine.params import expand_env_refs
 from nmm.engine.process import Launched, launch
 from nmm.engine.sandbox import Sandbox, container_env, resolve_command
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from nmm.ports import free_port
 
 
 def backoff_limit(job: dict) -> int:

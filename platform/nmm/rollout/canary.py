@@ -18,7 +18,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from nmm.ports import free_port
 from nmm.rollout import analysis, probe
 from nmm.rollout.router import UNDELIVERED, Router
 
@@ -54,12 +54,6 @@ class Outcome:
     promoted: bool
     reason: str
     steps: list[StepResult] = field(default_factory=list)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class Server:

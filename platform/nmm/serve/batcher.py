@@ -17,7 +17,30 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable
+from typing import Any, Callable, Hashable, NamedTuple
+
+
+class Knob(NamedTuple):
+    """One batching setting: its default, its bounds, and its `nmm serve` flag."""
+
+    default: float
+    lo: float
+    hi: float
+    flag: str
+    help: str
+
+    def arg(self, value: float) -> str:
+        """The flag with `value`, as a pod's args carry it."""
+        return f"{self.flag}={value:g}" if isinstance(value, float) else f"{self.flag}={value}"
+
+
+# The one place batching's defaults, bounds and flag names live: the spec's `serving.batching`,
+# `nmm serve`'s options and the serving pods' args all read them.
+BATCHING = {
+    "max_batch": Knob(16, 1, 256, "--max-batch", "Requests per model batch at most"),
+    "max_wait_ms": Knob(5.0, 0, 1000, "--max-wait-ms", "How long a request waits for company (milliseconds)"),
+    "max_queue": Knob(256, 1, 10_000, "--max-queue", "Waiting requests at most; more get 429"),
+}
 
 
 class QueueFull(Exception):
@@ -38,8 +61,9 @@ class Job:
 
 
 class Batcher:
-    def __init__(self, run: Callable[[list[Job]], list[Any]], *, max_batch: int = 16, max_wait_ms: float = 5.0,
-                 max_queue: int = 256, on_batch: Callable[[int], None] | None = None):
+    def __init__(self, run: Callable[[list[Job]], list[Any]], *, max_batch: int = BATCHING["max_batch"].default,
+                 max_wait_ms: float = BATCHING["max_wait_ms"].default, max_queue: int = BATCHING["max_queue"].default,
+                 on_batch: Callable[[int], None] | None = None):
         self.run, self.max_batch, self.max_wait = run, max(1, max_batch), max(0.0, max_wait_ms) / 1000.0
         self.max_queue, self.on_batch = max_queue, on_batch
         self._queue: collections.deque[Job] = collections.deque()

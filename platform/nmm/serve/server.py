@@ -35,7 +35,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from nmm.model.generate import draw, generate
 from nmm.serve import openai_api
-from nmm.serve.batcher import Batcher, Draining, QueueFull
+from nmm.serve.batcher import BATCHING, Batcher, Draining, QueueFull
 from nmm.serve.http import BODY_TIMEOUT_S, INTERNAL, BodyBudget, Counted, mark, read_body
 from nmm.serve.model_dir import LoadedModel, Refused
 from nmm.tokenizers.vocab import EOS
@@ -238,7 +238,8 @@ def _error(exc: Exception) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=close)
 
 
-def create_app(loaded: LoadedModel, name: str, *, max_batch: int = 16, max_wait_ms: float = 5.0, max_queue: int = 256,
+def create_app(loaded: LoadedModel, name: str, *, max_batch: int = BATCHING["max_batch"].default,
+               max_wait_ms: float = BATCHING["max_wait_ms"].default, max_queue: int = BATCHING["max_queue"].default,
                body_timeout: float = BODY_TIMEOUT_S):
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 

@@ -7,13 +7,10 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from nmm.data import shapes
+from nmm.data import kinds
+from nmm.data.kinds import BUILT_IN as BUILT_IN_SOURCES, SOURCE_KINDS, YOURS as USER_SOURCES, kind as source_kind
 from nmm.data.locate import brace_count
-from nmm.data.sources import DIGITS_SIDE
 from nmm.spec.base import Model
-
-BUILT_IN_SOURCES = ("digits", "shapes")
-USER_SOURCES = ("webdataset", "parquet", "folder")
 # A source URI: store://key (in the run's store), s3://bucket/key, file:///abs/path, /abs/path, or
 # a path relative to where nmm runs; a glob
 # (*, ?, [..]) and brace ranges ({000000..000099}, {a,b}) in its last parts.
@@ -37,28 +34,12 @@ class HeldOut(Model):
     position_pairs: Annotated[list[str], Field(max_length=64)] = Field(
         default=[], description="\"<shape> <relation> <shape>\", e.g. \"circle left of square\" (either way round).")
 
-    @field_validator("colour_shape", "position_pairs")
-    @classmethod
-    def _known_compositions(cls, v: list[str], info) -> list[str]:
-        parse = shapes.parse_colour_shape if info.field_name == "colour_shape" else shapes.parse_position_pair
-        for text in v:
-            parse(text)
-        return v
-
-    def predicate(self):
-        """scene (dict) → whether it shows a held-out composition; the texts parsed once."""
-        colour_shape = {shapes.parse_colour_shape(t) for t in self.colour_shape}
-        pairs = {shapes.parse_position_pair(t) for t in self.position_pairs}
-        return lambda scene: shapes.held_out(scene, colour_shape, pairs)
-
 
 class Source(Model):
-    """One raw-data source. Built in: `digits` (scikit-learn's 1,797 real handwritten digits) and
-    `shapes` (procedural scenes of coloured shapes with templated captions). Yours: `webdataset`
-    tar shards, `parquet` files of image bytes + captions, or a `folder` of images with
-    `captions.jsonl` or a `.txt` beside each, at `uri`."""
+    """One raw-data source: built in, or yours at `uri` (nmm.data.kinds)."""
 
-    kind: Literal["digits", "shapes", "webdataset", "parquet", "folder"]
+    kind: Literal[tuple(SOURCE_KINDS)] = Field(description="; ".join(
+        f"{k.name}: {k.summary}{'' if k.built_in else ' (yours, at uri)'}" for k in SOURCE_KINDS.values()) + ".")
     name: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?$")] | None = Field(
         default=None, description="How the ledger, the mixture and the metrics name it (default: its kind)."
     )
@@ -104,8 +85,11 @@ class Source(Model):
                 raise ValueError(f"groundTruth: the built-in {self.kind} source brings its own")
         if self.held_out is not None and self.kind != "shapes":
             raise ValueError(f"heldOut: only a shapes source holds compositions out, not {self.kind}")
-        if self.kind == "shapes" and self.image_size < 24:
-            raise ValueError(f"imageSize: shapes renders at 24 pixels or more, got {self.image_size}")
+        if source_kind(self.kind).check:  # the kind's own options
+            kinds.resolve(source_kind(self.kind).check)(self)
+        if self.image_size < source_kind(self.kind).min_side:
+            raise ValueError(f"imageSize: {self.kind} takes {source_kind(self.kind).min_side} pixels or more, "
+                             f"got {self.image_size}")
         return self
 
     @property
@@ -115,11 +99,8 @@ class Source(Model):
     @property
     def image_shape(self) -> tuple[int, int]:
         """(side, channels) of the images this source yields."""
-        if self.kind == "digits":
-            return DIGITS_SIDE, 1
-        if self.kind == "shapes":
-            return self.image_size, 3
-        return self.image_size, self.channels
+        k = source_kind(self.kind)
+        return k.side or self.image_size, k.channels or self.channels
 
     @property
     def truth(self) -> str | None:

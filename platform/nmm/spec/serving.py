@@ -7,6 +7,7 @@ from typing import Annotated
 
 from pydantic import Field, field_validator, model_validator
 
+from nmm.serve.batcher import BATCHING
 from nmm.spec import names
 from nmm.spec.base import Model
 
@@ -73,10 +74,17 @@ class ServingResources(Model):
     )
 
 
+def _knob(name: str, kind: type):
+    k = BATCHING[name]
+    return Annotated[kind, Field(ge=k.lo, le=k.hi, description=k.help + ".")]
+
+
 class Batching(Model):
-    max_batch: Annotated[int, Field(ge=1, le=256)] = 16
-    max_wait_ms: Annotated[float, Field(ge=0, le=1_000)] = 5.0
-    max_queue: Annotated[int, Field(ge=1, le=10_000)] = 256
+    """Dynamic batching of each model server (`nmm serve`'s options of the same names)."""
+
+    max_batch: _knob("max_batch", int) = BATCHING["max_batch"].default
+    max_wait_ms: _knob("max_wait_ms", float) = BATCHING["max_wait_ms"].default
+    max_queue: _knob("max_queue", int) = BATCHING["max_queue"].default
 
 
 class Serving(Model):

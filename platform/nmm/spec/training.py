@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 
 from nmm.spec import names
 from nmm.spec.base import Model
+from nmm.train.recipes import RECIPES, option_owners, recipe as recipe_info
 
 # The rewards a grpo phase can score completions with: the task whose rows each scores, and the
 # ground truth it reads (None: the row's own reference answer).
@@ -23,13 +24,8 @@ PhaseName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,30}$")]
 
 class Phase(Model):
     name: PhaseName = "pretrain"
-    recipe: Literal["pretrain", "sft", "opd", "grpo"] = Field(
-        default="pretrain",
-        description="pretrain: next-token loss on every token; sft: loss on the answers only "
-        "(caption, VQA answer, image to draw); opd: on-policy distillation, the student samples "
-        "and the teacher phase's final weights score every sampled token (reverse KL); grpo: "
-        "reinforcement learning with verifiable rewards (group-normalised advantages, clipped "
-        "objective, KL penalty to the reference phase's final weights).",
+    recipe: Literal[tuple(RECIPES)] = Field(
+        default="pretrain", description="; ".join(f"{r.name}: {r.summary}" for r in RECIPES.values()) + ".",
     )
     teacher: PhaseName | None = Field(
         default=None, description="opd only: the earlier phase whose final weights teach."
@@ -80,14 +76,21 @@ class Phase(Model):
             raise ValueError(
                 f"warmupSteps ({self.warmup_steps}) must be smaller than steps ({self.steps})"
             )
-        if (self.recipe == "opd") != (self.teacher is not None):
-            raise ValueError("teacher: an opd phase needs a teacher phase, and only opd phases take one")
-        if (self.recipe == "grpo") != (self.reference is not None):
-            raise ValueError("reference: a grpo phase needs a reference phase, and only grpo phases take one")
-        if self.recipe != "grpo" and self.guidance != 1.0:
-            raise ValueError("guidance: only grpo phases sample with guidance (evaluation.guidance guides evaluation)")
-        if (self.recipe == "grpo") != bool(self.reward):
-            raise ValueError(f"reward: a grpo phase needs a reward (one of {sorted(REWARDS)}), and only grpo phases take one")
+        return self
+
+    @model_validator(mode="after")
+    def _options_of_its_recipe(self) -> "Phase":
+        """A recipe's own options (nmm.train.recipes) are set on its phases only, and the ones
+        it needs are set."""
+        info = recipe_info(self.recipe)
+        for name, owners in option_owners().items():
+            alias = type(self).model_fields[name].alias or name
+            if name not in info.option_names() and getattr(self, name) != type(self).model_fields[name].default:
+                raise ValueError(f"{alias}: only {' and '.join(owners)} phases take it, not {self.recipe} phases")
+        for name in info.required():
+            if not getattr(self, name):
+                alias = type(self).model_fields[name].alias or name
+                raise ValueError(f"{alias}: every {self.recipe} phase needs it ({type(self).model_fields[name].description})")
         return self
 
 
@@ -169,19 +172,18 @@ class Training(Model):
 
     @model_validator(mode="after")
     def _fsdp_without_opd(self) -> "Training":
-        sampling = [p.name for p in self.phases if p.recipe in ("opd", "grpo")]
+        sampling = [p.name for p in self.phases if recipe_info(p.recipe).samples]
         if self.parallelism.fsdp and sampling:
-            raise ValueError(f"parallelism.fsdp: on-policy distillation and grpo sample per rank and run with DDP; "
-                             f"turn fsdp off or drop the phases {sampling}")
+            raise ValueError(f"parallelism.fsdp: phases that sample while training ({sampling}) sample per rank and "
+                             "run with DDP; turn fsdp off or drop them")
         return self
 
     @model_validator(mode="after")
     def _teachers_come_first(self) -> "Training":
         names = [p.name for p in self.phases]
         for i, p in enumerate(self.phases):
-            for field, frozen in (("teacher", p.teacher), ("reference", p.reference)):
-                if frozen is not None and frozen not in names[:i]:
-                    raise ValueError(
-                        f"phases[{i}].{field}: {frozen!r} must name an earlier phase, one of {names[:i]}"
-                    )
+            field = recipe_info(p.recipe).frozen
+            frozen = getattr(p, field) if field else None
+            if frozen is not None and frozen not in names[:i]:
+                raise ValueError(f"phases[{i}].{field}: {frozen!r} must name an earlier phase, one of {names[:i]}")
         return self

@@ -24,7 +24,7 @@ from nmm.data.locate import SourceError
 from nmm.data.sequences import STYLES, TASKS, Prompts, instruction_texts, pack_rows
 from nmm.data.shards import encode_shard
 from nmm.data.sources import SourceData
-from nmm.spec.data import BUILT_IN_SOURCES
+from nmm.data.kinds import BUILT_IN as BUILT_IN_SOURCES
 from nmm.stages.context import ModelMissing, StageContext, cache_key, setup_logging
 from nmm.tokenizers import ColourMaskVQ, PatchVQ, SharedVocab, TextTokenizer
 from nmm.version import code_version
@@ -235,7 +235,7 @@ def _decide(ctx: StageContext, ex, version, log) -> tuple[dedup.Decisions, np.nd
 def _hold_out(data, cols: dict, d: dedup.Decisions, log) -> None:
     """Move every kept scene that shows a held-out composition (its source's `heldOut`) to the
     test split: no training (or validation) prompt or image has it."""
-    held = {s.label: s.held_out.predicate() for s in data.sources if s.held_out is not None}
+    held = {s.label: shapes.held_out_predicate(s.held_out) for s in data.sources if s.held_out is not None}
     if not held:
         return
     moved = total = 0

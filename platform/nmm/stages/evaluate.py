@@ -175,7 +175,7 @@ def run(ctx: StageContext, dataset_uri: str, model_uri: str) -> int:
         loaded = load_from_files({name: storage.read_file(model_uri, manifest, name) for name in FILES})
         run_.log_dataset(ctx.pipeline, ds.digest, dataset_uri, context="evaluation")
         truth = ds.manifest.get("ground_truth") or ds.manifest["source"]  # datasets of 0.1.0 name only the source
-        helds = [src.held_out.predicate() for src in spec.data.sources if src.held_out is not None]
+        helds = [shapes_data.held_out_predicate(src.held_out) for src in spec.data.sources if src.held_out is not None]
         held = (lambda scene: any(h(scene) for h in helds)) if helds else None
         suite = functools.partial(_suite_shapes, held=held) if truth == "shapes" else _suite_digits
         metrics = suite(set(ev.suites), loaded, ds, ev, spec.training.seed, run_)

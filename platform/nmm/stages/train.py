@@ -25,7 +25,6 @@ import torch
 
 from nmm import __version__, exitcodes, lineage, storage
 from nmm.data.dataset import Dataset
-from nmm.data.sequences import style_of
 from nmm.evaluate.grid import png_grid
 from nmm.gpu import inventory
 from nmm.model import ModelConfig
@@ -34,6 +33,7 @@ from nmm.serve.model_dir import model_files
 from nmm.stages.context import StageContext, cache_key, setup_logging
 from nmm.train import distributed
 from nmm.train.parallelize import Parallelism
+from nmm.train.recipes import recipe
 from nmm.train.batches import Batches, TrainData, batch_indices
 from nmm.train.rewards import Reward, answer_exact, drawn_images
 from nmm.train.trainer import PhaseConfig, Preempted, TrainConfig, phase_at, phase_bounds, train
@@ -41,12 +41,12 @@ from nmm.version import code_version
 
 
 def phase_configs(spec) -> tuple[PhaseConfig, ...]:
-    """The trainer's phases: the spec's, field for field (an unset mixture: equal shares of the
-    model's tasks)."""
-    names = {f.name for f in dataclasses.fields(PhaseConfig)}
+    """The trainer's phases: the spec's, field for field, the recipe's own fields as its options
+    object (an unset mixture: equal shares of the model's tasks)."""
+    names = {f.name for f in dataclasses.fields(PhaseConfig)} - {"options"}
     return tuple(
         PhaseConfig(**{**p.model_dump(include=names), "mixture": dict(p.mixture or {t: 1.0 for t in spec.model.tasks}),
-                       "reward": tuple(sorted((p.reward or {}).items()))})
+                       "options": (info := recipe(p.recipe)).options(**p.model_dump(include=set(info.option_names())))})
         for p in spec.training.phases
     )
 
@@ -131,7 +131,7 @@ def _snapshot_step(name: str) -> int:
 def prompt_style_at(cfg: TrainConfig, step: int) -> str:
     """The prompt style the weights after `step` were trained on: that of the phase holding
     the step (evaluation and serving prompt a model, or a snapshot, the way it last learned)."""
-    return style_of(phase_at(cfg.phases, step).recipe)
+    return phase_at(cfg.phases, step).info.style
 
 
 def _snapshots(out_uri: str, total_steps: int) -> dict[str, bytes]:
@@ -157,11 +157,8 @@ class _PhaseRuns:
         start, _, p = next(b for b in self.bounds if b[0] < step <= b[1])
         if p.name not in self.runs:
             params = {"recipe": p.recipe, "steps": p.steps, "first_step": start + 1, "lr": p.lr,
-                      "batch_size": p.batch_size, "mixture": p.mixture, "caption_dropout": p.caption_dropout,
-                      "teacher": p.teacher or ""}
-            if p.recipe == "grpo":
-                params |= {"reference": p.reference, "reward": dict(p.reward), "group": p.group, "clip": p.clip,
-                           "kl_weight": p.kl_weight, "updates": p.updates, "temperature": p.temperature, "guidance": p.guidance}
+                      "batch_size": p.batch_size, "mixture": p.mixture, "caption_dropout": p.caption_dropout}
+            params |= {k: dict(v) if k == "reward" else v for k, v in dataclasses.asdict(p.options).items()}
             self.runs[p.name] = self.stage_run.child(p.name, params)
         return self.runs[p.name]
 
@@ -293,12 +290,12 @@ def _train(ctx: StageContext, ds: Dataset, key: str, out_uri: str, info, run_, l
 def _sample_logger(ds: Dataset, cfg: TrainConfig, phases: _PhaseRuns | None):
     """grpo's completions in the phase's MLflow run: the images it drew as a PNG grid (one row
     per prompt, its group across) and the answers it wrote as text, under `samples/`."""
-    if phases is None or not any(p.recipe == "grpo" for p in cfg.phases):
+    if phases is None or not any(hasattr(p.options, "samples_every") for p in cfg.phases):
         return None
     vq, text, vocab = ds.image_tokenizer(), ds.text_tokenizer(), ds.vocab
 
     def on_samples(step: int, phase: str, x: torch.Tensor, sampled: torch.Tensor) -> None:
-        group = next(p.group for p in cfg.phases if p.name == phase)
+        group = next(p.options.group for p in cfg.phases if p.name == phase)
         x, sampled = x.cpu(), sampled.cpu()
         is_image = ((x >= vocab.image_range()[0]) & (x < vocab.image_range()[1]) & sampled.bool()).any(1)
         run = phases.run_at(step)
@@ -323,7 +320,7 @@ def _sample_logger(ds: Dataset, cfg: TrainConfig, phases: _PhaseRuns | None):
 def rewards(cfg: TrainConfig, ds: Dataset, a: dict) -> dict[str, Reward]:
     """The rewards the run's grpo phases name, over the train split's rows (the judges see the
     train split only, as the evaluation's do)."""
-    wanted = {name for p in cfg.phases for name, _ in p.reward}
+    wanted = {name for p in cfg.phases for name, _ in getattr(p.options, "reward", ())}
     out = {}
     if "vqa_exact" in wanted:
         out["vqa_exact"] = Reward("vqa_exact", "m2t", answer_exact(a["tokens"], a["loss_mask"]))

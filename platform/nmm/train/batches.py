@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from nmm.data.sequences import STYLES, TASKS, pack_documents, style_of
+from nmm.data.sequences import STYLES, TASKS, pack_documents
+from nmm.train.recipes import recipe
 from nmm.tokenizers.vocab import PAD
 from nmm.train.distributed import DistInfo
 
@@ -57,10 +58,10 @@ def rows_by_phase(task: np.ndarray, style: np.ndarray | None, phases) -> dict[st
     Without a `style` column every row serves every phase (one layout)."""
     out = {}
     for phase in phases:
-        keep = np.ones(len(task), bool) if style is None else style == STYLES.index(style_of(phase.recipe))
+        keep = np.ones(len(task), bool) if style is None else style == STYLES.index(recipe(phase.recipe).style)
         pools = {t: np.flatnonzero(keep & (task == i)) for i, t in enumerate(TASKS)}
         if not any(len(pools.get(t, ())) for t in phase.mixture if phase.mixture[t] > 0):
-            raise ValueError(f"phase {phase.name}: no {style_of(phase.recipe)} rows for its mixture "
+            raise ValueError(f"phase {phase.name}: no {recipe(phase.recipe).style} rows for its mixture "
                              f"{phase.mixture}; was the dataset curated by this version?")
         out[phase.name] = pools
     return out

@@ -26,9 +26,10 @@ import torch
 
 from nmm.model import ModelConfig
 from nmm.train import checkpoint, encoder, parallelize, recipes, schedule
+from nmm.train.recipes import NoOptions
+from nmm.train.recipes.base import StepInputs
 from nmm.train.batches import SEED_STRIDE, Batch, Batches, TrainData
 from nmm.train.distributed import DistInfo, all_reduce_mean, any_rank, barrier
-from nmm.train.loss import merge_parts, target_weight
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +41,9 @@ RANK_STRIDE = 4096  # step seeds: one per (step, rank) for up to this many ranks
 
 @dataclass(frozen=True, kw_only=True)
 class PhaseConfig:
-    """One phase; the spec's `training.phases[]` (nmm.stages.train derives it, with the spec's
-    defaults: no default is repeated here)."""
+    """One phase; the spec's `training.phases[]` (nmm.stages.train derives it; the defaults are
+    the spec's, which tests/unit/test_spec_is_the_source.py compares). The recipe's own settings
+    are `options`, its options object (nmm.train.recipes)."""
 
     name: str
     steps: int
@@ -52,22 +54,23 @@ class PhaseConfig:
     weight_decay: float = 0.1
     caption_dropout: float = 0.0
     recipe: str = "pretrain"
-    teacher: str | None = None  # opd: the earlier phase whose final weights teach
-    temperature: float = 1.0  # opd, grpo: the sampling temperature
-    reference: str | None = None  # grpo: the earlier phase whose final weights the KL penalty keeps near
-    reward: tuple[tuple[str, float], ...] = ()  # grpo: (reward name, weight) pairs, summed
-    group: int = 4  # grpo: completions per prompt
-    clip: float = 0.2  # grpo: the ratio's clip range, 1 ± clip
-    kl_weight: float = 0.04  # grpo: the KL penalty's weight
-    updates: int = 1  # grpo: optimizer steps on each sampled batch
-    guidance: float = 1.0  # grpo: classifier-free guidance while drawing (sampling and the ratio)
-    samples_every: int = 50  # grpo: the phase's completions go to `on_samples` every this many steps
+    options: object = NoOptions()
+
+    def __post_init__(self) -> None:
+        want = recipes.recipe(self.recipe).options
+        if type(self.options) is not want:
+            raise ValueError(f"phase {self.name}: a {self.recipe} phase takes {want.__name__}, "
+                             f"got {type(self.options).__name__}")
 
     @property
-    def frozen(self) -> str | None:
-        """The earlier phase whose final weights this one scores against (opd's teacher,
-        grpo's reference)."""
-        return self.teacher or self.reference
+    def info(self) -> recipes.RecipeInfo:
+        return recipes.recipe(self.recipe)
+
+    @property
+    def scores_against(self) -> str | None:
+        """The earlier phase whose final weights this one scores against (opd's teacher, grpo's
+        reference): its recipe's `frozen` option."""
+        return getattr(self.options, self.info.frozen) if self.info.frozen else None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,7 +90,7 @@ class TrainConfig:
     @property
     def teachers(self) -> set[str]:
         """The phases whose final weights a later phase needs (teachers, references)."""
-        return {p.frozen for p in self.phases if p.frozen}
+        return {p.scores_against for p in self.phases if p.scores_against}
 
     @property
     def total_steps(self) -> int:
@@ -199,13 +202,10 @@ def train(cfg: TrainConfig, data: TrainData, info: DistInfo, checkpoint_root: st
     return _unsharded(run), run.summary
 
 
-SAMPLING = ("opd", "grpo")  # the recipes whose policy samples during training
-
-
 def log_interval(cfg: TrainConfig, phase: PhaseConfig) -> int:
     """Steps between logged metrics: the run's interval, or for a sampling phase (few, costly
     steps whose reward curve is what one watches) one that gives it at least 20 points."""
-    if phase.recipe in SAMPLING:
+    if phase.info.samples:
         return max(1, min(cfg.log_every, phase.steps // 20))
     return cfg.log_every
 
@@ -213,16 +213,16 @@ def log_interval(cfg: TrainConfig, phase: PhaseConfig) -> int:
 def _check(cfg: TrainConfig, data: TrainData, rewards: dict) -> None:
     if cfg.model.reads_pixels and (data.patches is None or data.row_image is None):
         raise ValueError(f"{cfg.model.fusion} fusion trains on pixels: pass patches and row_image")
-    if any(p.recipe in SAMPLING for p in cfg.phases) and data.text_range is None:
-        raise ValueError("on-policy distillation and grpo sample text: pass text_range")
-    if cfg.parallel.fsdp and any(p.recipe in SAMPLING for p in cfg.phases):
-        raise ValueError("on-policy distillation and grpo sample per rank; they run with DDP, not FSDP")
+    sampling = [p.name for p in cfg.phases if p.info.samples]
+    if sampling and data.text_range is None:
+        raise ValueError(f"phases {sampling} sample text: pass text_range")
+    if cfg.parallel.fsdp and sampling:
+        raise ValueError(f"phases {sampling} sample per rank; they run with DDP, not FSDP")
     for p in cfg.phases:
-        if (p.recipe in SAMPLING) != (p.frozen is not None):
-            raise ValueError(f"phase {p.name}: opd needs a teacher and grpo a reference, and only they take one")
-        missing = [name for name, _ in p.reward if name not in rewards]
-        if p.recipe == "grpo" and (not p.reward or missing):
-            raise ValueError(f"phase {p.name}: grpo needs its rewards passed in; missing {missing or 'all'}")
+        wanted = getattr(p.options, "reward", ())
+        missing = [name for name, _ in wanted if name not in rewards]
+        if missing:
+            raise ValueError(f"phase {p.name}: its rewards must be passed in; missing {missing}")
 
 
 def _resume(run: _Run) -> bool:
@@ -244,9 +244,9 @@ def _train_phase(run: _Run, phase: PhaseConfig, first: int, end: int) -> None:
     if run.opt_state is not None:
         parallelize.load_optimizer(run.model, opt, run.opt_state, cfg.parallel, info.world_size)
         run.opt_state = None
-    teacher = _teacher(cfg, run.teachers[phase.frozen], info) if phase.frozen else None
+    frozen = _frozen_model(cfg, run.teachers[phase.scores_against], info) if phase.scores_against else None
     logger.info("phase %s (%s) steps %d-%d%s", phase.name, phase.recipe, first + 1, end,
-                f", {'teacher' if phase.teacher else 'reference'}: phase {phase.frozen}" if teacher is not None else "")
+                f", {phase.info.frozen}: phase {phase.scores_against}" if frozen is not None else "")
     begin = max(run.start, first)
     lr = schedule.scheduler(opt, phase, begin - first)
     run.micro = parallelize.micro_batch(cfg.model, phase.batch_size // info.world_size, cfg.micro_batch, cfg.parallel,
@@ -259,43 +259,39 @@ def _train_phase(run: _Run, phase: PhaseConfig, first: int, end: int) -> None:
         done = s + 1
         logs = done % every == 0 or done == cfg.total_steps
         batch = run.batches.batch(phase, cfg.seed, s, info)
-        seq_len, parts, grad_norm = train_step(run, phase, batch, opt, teacher, norms=logs)
+        seq_len, parts, grad_norm = train_step(run, phase, batch, opt, frozen, norms=logs)
         lr.step()
         if done == end and phase.name in cfg.teachers:
             run.teachers[phase.name] = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
         if logs:
             _log_metrics(run, parts, rate, grad_norm, seq_len, done)
-        if run.samples is not None and run.on_samples and info.is_main and ((done - first) % phase.samples_every == 0 or done == end):
+        sample_every = getattr(phase.options, "samples_every", None)  # (a sampling recipe's)
+        if run.samples is not None and run.on_samples and info.is_main and (
+                sample_every and (done - first) % sample_every == 0 or done == end):
             run.on_samples(done, phase.name, *run.samples)
         run.samples = None
         _checkpoint_policy(run, opt, done)
 
 
-def train_step(run: _Run, phase: PhaseConfig, batch: Batch, opt, teacher, *,
+def train_step(run: _Run, phase: PhaseConfig, batch: Batch, opt, frozen, *,
                norms: bool = True) -> tuple[int, dict, torch.Tensor]:
-    """Forward, backward and optimizer step of one (host) batch: (sequence length, loss parts,
-    grad norm). Nothing here reads the device: parts, norm and token counts stay tensors until a
-    logging step reads them (on-policy distillation excepted: its sampling is the host's).
-    `norms`: also the logit norms (logging steps)."""
+    """Forward, backward and optimizer step of one (host) batch, by the phase's recipe:
+    (sequence length, loss parts, grad norm). Nothing here reads the device: parts, norm and
+    token counts stay tensors until a logging step reads them (a sampling recipe excepted: its
+    sampling is the host's). `frozen`: the teacher or reference; `norms`: also the logit norms
+    (logging steps)."""
     opt.zero_grad(set_to_none=True)
-    if phase.recipe == "grpo":
-        def update(loss: torch.Tensor) -> None:  # one of several updates on the same samples
-            loss.backward()
-            _clip_and_step(run, opt)
-            opt.zero_grad(set_to_none=True)
 
-        loss, parts, x, sampled = recipes.policy_step(phase, batch.to(run.info.device), run.model, run.ddp, teacher,
-                                                      run.cfg, run.data.image_range, run.data.text_range, run.amp,
-                                                      run.rewards, update)
+    def update(loss: torch.Tensor) -> None:  # a recipe's extra optimizer step within one batch
         loss.backward()
-        run.samples = (x.detach(), sampled)
-    elif teacher is not None:
-        loss, parts, x = recipes.distillation_step(phase, batch.to(run.info.device), run.model, run.ddp, teacher, run.cfg,
-                                                   run.data.image_range, run.data.text_range, run.amp)
-        loss.backward()
-    else:
-        laid = recipes.lay_out(phase.recipe, batch, run.cfg).to(run.info.device)
-        parts, x = _accumulate(run, laid, norms), laid.x
+        _clip_and_step(run, opt)
+        opt.zero_grad(set_to_none=True)
+
+    out = recipes.implementation(phase.recipe).step(StepInputs(
+        phase=phase, batch=batch, model=run.model, ddp=run.ddp, frozen=frozen, cfg=run.cfg,
+        image_range=run.data.image_range, text_range=run.data.text_range, amp=run.amp, device=run.info.device,
+        micro=run.micro, norms=norms, rewards=run.rewards, update=update))
+    parts, x, run.samples = out.parts, out.x, out.samples
     grad_norm = _clip_and_step(run, opt)
     world = run.info.world_size
     counts = torch.stack([parts["tokens_text"], parts["tokens_image"]]).detach() * world
@@ -309,21 +305,6 @@ def _clip_and_step(run: _Run, opt) -> torch.Tensor:
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), CLIP_NORM)
     opt.step()
     return grad_norm
-
-
-def _accumulate(run: _Run, laid: recipes.Laid, norms: bool) -> dict:
-    """Forward and backward of a laid-out batch in micro-batches of `run.micro` rows, gradients
-    accumulated (synchronised across ranks on the last one only); each micro-batch's loss is
-    scaled by the whole batch's target weight, so the gradients are the whole batch's."""
-    chunks = laid.split(run.micro) if run.micro and run.micro < len(laid.x) else [laid]
-    total = target_weight(laid.x, laid.m, run.data.image_range, run.cfg.loss_weights) if len(chunks) > 1 else None
-    parts = []
-    for i, chunk in enumerate(chunks):
-        with parallelize.gradient_sync(run.ddp, i == len(chunks) - 1):
-            loss, p = recipes.next_token_step(chunk, run.ddp, run.cfg, run.data.image_range, run.amp, norms=norms, total=total)
-            loss.backward()
-        parts.append(p)
-    return merge_parts(parts)
 
 
 def _log_metrics(run: _Run, parts: dict, lr: float, grad_norm: torch.Tensor, seq_len: int, step: int) -> None:
@@ -375,7 +356,7 @@ def _unsharded(run: _Run) -> torch.nn.Module:
     return model
 
 
-def _teacher(cfg: TrainConfig, weights: dict, info: DistInfo) -> torch.nn.Module:
+def _frozen_model(cfg: TrainConfig, weights: dict, info: DistInfo) -> torch.nn.Module:
     teacher = cfg.model.build().to(info.device)
     teacher.load_state_dict(weights)
     teacher.eval()
