@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.nmm-installed
 PYTHON ?= python3
 
-.PHONY: setup run byo test test-fast bench golden clean
+.PHONY: setup run byo test test-fast bench golden docs clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,10 @@ bench: $(STAMP)
 
 golden: $(STAMP)
 	NMM_UPDATE_GOLDEN=1 $(VENV)/bin/pytest -q tests/unit/test_compile.py tests/unit/test_crd.py tests/unit/test_chart.py tests/unit/test_serving_objects.py
+
+# The spec reference, generated from the pydantic models (a test keeps the checked-in page current).
+docs: $(STAMP)
+	$(PY) -m nmm.spec.reference > docs/pipelines.md
 
 clean:
 	rm -rf .nmm

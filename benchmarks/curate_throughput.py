@@ -97,49 +97,73 @@ class PeakMemory:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--samples", type=int, default=20_000, help="samples for the throughput comparison")
-    ap.add_argument("--scale", type=int, nargs=2, default=[10_000, 40_000], help="sizes for near-dup scaling and memory")
+    ap.add_argument(
+        "--scale", type=int, nargs=2, default=[10_000, 40_000], help="sizes for near-dup scaling and memory"
+    )
     ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "nmm-bench-curate")
     args = ap.parse_args()
     big = max(args.samples, *args.scale)
     make_shards(big, args.data / "all")
-    subset = lambda n: f"{args.data / 'all'}/shard-{{000000..{(n - 1) // SHARD:06d}}}.tar"  # noqa: E731
+    subset = lambda n: f"{args.data / 'all'}/shard-{{000000..{(n - 1) // SHARD:06d}}}.tar"
 
     t0 = time.perf_counter()
     ray_transforms.init_ray()
     ray_start = time.perf_counter() - t0
-    report: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "ray_init_s": round(ray_start, 2)}
+    report: dict = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "ray_init_s": round(ray_start, 2),
+    }
     loop_s, _, n = curate(subset(args.samples), "loop")
     cold_s, _, _ = curate(subset(args.samples), "ray")  # Ray's workers start and import here
     warm_s, _, _ = curate(subset(args.samples), "ray")
     report["throughput"] = {
-        "samples": n, "loop_s": round(loop_s, 2), "ray_first_pass_s": round(cold_s, 2), "ray_s": round(warm_s, 2),
-        "loop_samples_per_s": round(n / loop_s, 1), "ray_samples_per_s": round(n / warm_s, 1),
-        "ratio_ray_over_loop": round(loop_s / warm_s, 3), "ratio_first_pass": round(loop_s / cold_s, 3),
+        "samples": n,
+        "loop_s": round(loop_s, 2),
+        "ray_first_pass_s": round(cold_s, 2),
+        "ray_s": round(warm_s, 2),
+        "loop_samples_per_s": round(n / loop_s, 1),
+        "ray_samples_per_s": round(n / warm_s, 1),
+        "ratio_ray_over_loop": round(loop_s / warm_s, 3),
+        "ratio_first_pass": round(loop_s / cold_s, 3),
     }
     small, large = args.scale
     with PeakMemory() as mem:
         large_s, large_near, n_large = curate(subset(large), "ray")
     _, small_near, n_small = curate(subset(small), "ray")
-    report["near_dup_scaling"] = {"small": n_small, "large": n_large, "small_s": round(small_near, 3),
-                                  "large_s": round(large_near, 3), "growth": round(large_near / small_near, 2),
-                                  "size_ratio": round(n_large / n_small, 2)}
-    report["memory"] = {"samples": n_large, "pipeline_s": round(large_s, 2),
-                        "peak_pss_gib_driver_and_ray": round(mem.peak / 2**30, 3),
-                        "peak_rss_gib_driver": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+    report["near_dup_scaling"] = {
+        "small": n_small,
+        "large": n_large,
+        "small_s": round(small_near, 3),
+        "large_s": round(large_near, 3),
+        "growth": round(large_near / small_near, 2),
+        "size_ratio": round(n_large / n_small, 2),
+    }
+    report["memory"] = {
+        "samples": n_large,
+        "pipeline_s": round(large_s, 2),
+        "peak_pss_gib_driver_and_ray": round(mem.peak / 2**30, 3),
+        "peak_rss_gib_driver": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+    }
     ray_transforms.shutdown()
     out = Path(__file__).parent / "results" / "curate_throughput.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     t = report["throughput"]
-    print(f"{n} samples: loop {t['loop_s']}s ({t['loop_samples_per_s']}/s), Ray {t['ray_s']}s "
-          f"({t['ray_samples_per_s']}/s; first pass {t['ray_first_pass_s']}s): ratio {t['ratio_ray_over_loop']} "
-          f"(first pass {t['ratio_first_pass']})")
+    print(
+        f"{n} samples: loop {t['loop_s']}s ({t['loop_samples_per_s']}/s), Ray {t['ray_s']}s "
+        f"({t['ray_samples_per_s']}/s; first pass {t['ray_first_pass_s']}s): ratio {t['ratio_ray_over_loop']} "
+        f"(first pass {t['ratio_first_pass']})"
+    )
     s = report["near_dup_scaling"]
-    print(f"near-dup decisions: {s['small']} samples {s['small_s']}s, {s['large']} samples {s['large_s']}s: "
-          f"{s['growth']}x for {s['size_ratio']}x the data")
+    print(
+        f"near-dup decisions: {s['small']} samples {s['small_s']}s, {s['large']} samples {s['large_s']}s: "
+        f"{s['growth']}x for {s['size_ratio']}x the data"
+    )
     m = report["memory"]
-    print(f"peak memory at {m['samples']} samples: {m['peak_pss_gib_driver_and_ray']} GiB (driver + Ray, PSS); "
-          f"driver RSS {m['peak_rss_gib_driver']} GiB")
+    print(
+        f"peak memory at {m['samples']} samples: {m['peak_pss_gib_driver_and_ray']} GiB (driver + Ray, PSS); "
+        f"driver RSS {m['peak_rss_gib_driver']} GiB"
+    )
     print(f"wrote {out}")
 
 

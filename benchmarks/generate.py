@@ -35,7 +35,7 @@ def uncached(model, prompts: torch.Tensor, new: int, allowed: tuple[int, int]) -
     for _ in range(new):
         logits = model(seq)[:, -1, :].float() + mask
         seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
-    return seq[:, prompts.shape[1]:].tolist()
+    return seq[:, prompts.shape[1] :].tolist()
 
 
 def timed(fn, device: str):
@@ -70,24 +70,39 @@ def main() -> None:
     same = sum(a == b for a, b in zip(cached_out, plain_out))
     # the other decode step: compiled on the CPU, eager on CUDA (compiling once, outside the timing)
     generate(model, prompts.tolist(), 2, allowed, compiled=eager)
-    other_out, t_other = timed(lambda: generate(model, prompts.tolist(), args.new, allowed, compiled=eager), args.device)
+    other_out, t_other = timed(
+        lambda: generate(model, prompts.tolist(), args.new, allowed, compiled=eager), args.device
+    )
     tokens = args.batch * args.new
     result = {
-        "device": args.device, "machine": platform.node(), "torch": torch.__version__, "size": size,
-        "batch": args.batch, "prompt_tokens": args.prompt, "new_tokens": args.new,
-        "cached_tokens_per_s": tokens / t_cached, "uncached_tokens_per_s": tokens / t_plain,
-        "cached_ms_per_step": 1000 * t_cached / args.new, "uncached_ms_per_step": 1000 * t_plain / args.new,
-        "cached_over_uncached_ratio": t_plain / t_cached, "rows_identical": f"{same}/{args.batch}",
+        "device": args.device,
+        "machine": platform.node(),
+        "torch": torch.__version__,
+        "size": size,
+        "batch": args.batch,
+        "prompt_tokens": args.prompt,
+        "new_tokens": args.new,
+        "cached_tokens_per_s": tokens / t_cached,
+        "uncached_tokens_per_s": tokens / t_plain,
+        "cached_ms_per_step": 1000 * t_cached / args.new,
+        "uncached_ms_per_step": 1000 * t_plain / args.new,
+        "cached_over_uncached_ratio": t_plain / t_cached,
+        "rows_identical": f"{same}/{args.batch}",
         "cached_step": "eager" if eager else "compiled (CUDA graph)",
         f"cached_{'compiled' if eager else 'eager'}_tokens_per_s": tokens / t_other,
-        f"cached_{'compiled' if eager else 'eager'}_rows_identical": f"{sum(a == b for a, b in zip(other_out, cached_out))}/{args.batch}",
+        f"cached_{'compiled' if eager else 'eager'}_rows_identical": (
+            f"{sum(a == b for a, b in zip(other_out, cached_out))}/{args.batch}"
+        ),
     }
     print(f"{'path':10} {'tokens/s':>10} {'ms/step':>9}")
     print(f"{'cached':10} {result['cached_tokens_per_s']:10.0f} {result['cached_ms_per_step']:9.1f}")
     print(f"{'uncached':10} {result['uncached_tokens_per_s']:10.0f} {result['uncached_ms_per_step']:9.1f}")
     other = "compiled" if eager else "eager"
     print(f"{'cached, ' + other:10} {tokens / t_other:10.0f} {1000 * t_other / args.new:9.1f}")
-    print(f"cached is {result['cached_over_uncached_ratio']:.2f}x uncached ({size}, {args.device}); rows identical {same}/{args.batch}")
+    print(
+        f"cached is {result['cached_over_uncached_ratio']:.2f}x uncached ({size}, {args.device}); "
+        f"rows identical {same}/{args.batch}"
+    )
     out = Path(__file__).parent / "results" / f"generate-{args.device}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

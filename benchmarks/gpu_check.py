@@ -36,14 +36,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import generate as gen_bench  # noqa: E402  (benchmarks/generate.py)
-import train_throughput as tt  # noqa: E402  (benchmarks/train_throughput.py)
+import generate as gen_bench
+import train_throughput as tt
 
-from nmm.gpu import memory  # noqa: E402
-from nmm.model import ModelConfig  # noqa: E402
-from nmm.model.generate import generate  # noqa: E402
-from nmm.model.transformer import block_mask, masked_attention  # noqa: E402
-from nmm.train.parallelize import peak_flops  # noqa: E402
+from nmm.gpu import memory
+from nmm.model import ModelConfig
+from nmm.model.generate import generate
+from nmm.model.transformer import block_mask, masked_attention
+from nmm.train.parallelize import peak_flops
 
 CONFIGS = {"cuda": (768, 12, 12, 32768, 1024), "cpu": (128, 2, 4, 1024, 128)}  # dim, layers, heads, vocab, seq
 
@@ -87,7 +87,9 @@ def throughput(device, shape, batch, steps) -> dict:
             del model
     for mode in ("eager", "compiled"):
         if f"hf_llama_{mode}" in out:
-            out[f"ratio_nmm_over_llama_{mode}"] = round(out[f"nmm_{mode}"]["tokens_per_s"] / out[f"hf_llama_{mode}"]["tokens_per_s"], 3)
+            out[f"ratio_nmm_over_llama_{mode}"] = round(
+                out[f"nmm_{mode}"]["tokens_per_s"] / out[f"hf_llama_{mode}"]["tokens_per_s"], 3
+            )
     return out
 
 
@@ -106,8 +108,12 @@ def memory_estimate(device, shape, batches) -> dict:
         est = memory.estimate(dim, layers, heads, vocab, seq, batch, ffn_dim=model.cfg.ffn_dim, qk_norm=True)
         # the CUDA context is not in max_memory_allocated: compare what the allocator holds
         held = est.total_gib - est.overhead_gib
-        out[f"batch_{batch}"] = {"estimate_gib": round(held, 2), "measured_gib": round(measured, 2),
-                                 "ratio": round(held / measured, 3), "estimate": est.describe()}
+        out[f"batch_{batch}"] = {
+            "estimate_gib": round(held, 2),
+            "measured_gib": round(measured, 2),
+            "ratio": round(held / measured, 3),
+            "estimate": est.describe(),
+        }
         del model
     return out
 
@@ -115,7 +121,9 @@ def memory_estimate(device, shape, batches) -> dict:
 def decoding(device, shape, batch=16, prompt=64, new=256) -> dict:
     dim, layers, heads, vocab, _ = shape
     torch.manual_seed(0)
-    model = ModelConfig(vocab_size=vocab, dim=dim, layers=layers, heads=heads, max_seq_len=prompt + new).build().to(device)
+    model = (
+        ModelConfig(vocab_size=vocab, dim=dim, layers=layers, heads=heads, max_seq_len=prompt + new).build().to(device)
+    )
     if device.type == "cuda":
         model = model.to(torch.bfloat16)
     prompts = torch.randint(0, vocab, (batch, prompt), device=device)
@@ -124,7 +132,9 @@ def decoding(device, shape, batch=16, prompt=64, new=256) -> dict:
     for step in ("compiled", "eager"):  # generate's decode step: compiled (a CUDA graph on GPUs) or eager
         compiled = step == "compiled"
         generate(model, prompts.tolist(), 4, allowed, compiled=compiled)  # warm up (and compile) at this batch shape
-        _, seconds = gen_bench.timed(lambda: generate(model, prompts.tolist(), new, allowed, compiled=compiled), device.type)
+        _, seconds = gen_bench.timed(
+            lambda compiled=compiled: generate(model, prompts.tolist(), new, allowed, compiled=compiled), device.type
+        )
         out[f"cached_{step}_tokens_per_s"] = round(batch * new / seconds, 1)
         out[f"cached_{step}_ms_per_step"] = round(1000 * seconds / new, 2)
     _, uncached_s = gen_bench.timed(lambda: gen_bench.uncached(model, prompts, new, allowed), device.type)
@@ -173,11 +183,19 @@ def trainer_run(device, steps=40) -> dict:
     tokens[:, :16] = g.integers(*text, (rows, 16))
     tokens[:, 16:80] = g.integers(*image, (rows, 64))
     tokens[:, 80:] = g.integers(*text, (rows, 16))
-    data = TrainData(tokens=tokens, loss_mask=np.ones_like(tokens, np.uint8), task=(np.arange(rows) % 2).astype(np.int8),
-                     image_range=image, text_range=text)
-    cfg = TrainConfig(model=ModelConfig(vocab_size=1512, dim=256, layers=4, heads=4, max_seq_len=128, image_lo=1000, image_hi=1512),
-                      phases=(PhaseConfig(name="pretrain", steps=steps, batch_size=32, lr=1e-3, mixture={"m2t": 0.5, "m2g": 0.5}),),
-                      checkpoint_interval=10**6, log_every=10)
+    data = TrainData(
+        tokens=tokens,
+        loss_mask=np.ones_like(tokens, np.uint8),
+        task=(np.arange(rows) % 2).astype(np.int8),
+        image_range=image,
+        text_range=text,
+    )
+    cfg = TrainConfig(
+        model=ModelConfig(vocab_size=1512, dim=256, layers=4, heads=4, max_seq_len=128, image_lo=1000, image_hi=1512),
+        phases=(PhaseConfig(name="pretrain", steps=steps, batch_size=32, lr=1e-3, mixture={"m2t": 0.5, "m2g": 0.5}),),
+        checkpoint_interval=10**6,
+        log_every=10,
+    )
     logged = []
 
     def log(metrics, step):
@@ -188,8 +206,13 @@ def trainer_run(device, steps=40) -> dict:
     with tempfile.TemporaryDirectory() as root:
         t0 = time.perf_counter()
         _, summary = train(cfg, data, DistInfo(0, 0, 1, device), Path(root).as_uri(), log)
-    return {"seconds": round(time.perf_counter() - t0, 1), "first_loss": logged[0]["train/loss"],
-            "final_loss": summary["final_loss"], "tokens_per_s": summary["tokens_per_s"], "logged": logged}
+    return {
+        "seconds": round(time.perf_counter() - t0, 1),
+        "first_loss": logged[0]["train/loss"],
+        "final_loss": summary["final_loss"],
+        "tokens_per_s": summary["tokens_per_s"],
+        "logged": logged,
+    }
 
 
 def main() -> None:
@@ -207,9 +230,12 @@ def main() -> None:
         "flex_attention": lambda: flex_vs_dense(device, shape),
         "trainer": lambda: trainer_run(device, 40 if device.type == "cuda" else 4),
     }
-    report = {"benchmark": "gpu_check", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-              platform.processor() or "cpu", "torch": torch.__version__,
-              "config": dict(zip(("dim", "layers", "heads", "vocab", "seq_len"), shape))}
+    report = {
+        "benchmark": "gpu_check",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "config": dict(zip(("dim", "layers", "heads", "vocab", "seq_len"), shape)),
+    }
     t_all = time.perf_counter()
     for name, run in sections.items():
         t0 = time.perf_counter()

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.faults import operator_load  # noqa: E402
+from tests.faults import operator_load
 
 
 def main() -> None:

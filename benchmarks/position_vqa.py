@@ -58,27 +58,39 @@ def oracle_codes(scenes: list[shapes.Scene]) -> tuple[np.ndarray, int]:
     colours, kinds = list(shapes.COLOURS), list(shapes.SHAPES)
     codes = np.zeros((len(scenes), GRID * GRID), np.int64)
     for i, s in enumerate(scenes):
-        label = shapes.paint(np.zeros((SIDE, SIDE), np.int64), s.objects,
-                             lambda o: 1 + colours.index(o.colour) * len(kinds) + kinds.index(o.shape))
+        label = shapes.paint(
+            np.zeros((SIDE, SIDE), np.int64),
+            s.objects,
+            lambda o: 1 + colours.index(o.colour) * len(kinds) + kinds.index(o.shape),
+        )
         for p in range(GRID * GRID):
-            block = label[(p // GRID) * PATCH : (p // GRID + 1) * PATCH, (p % GRID) * PATCH : (p % GRID + 1) * PATCH].ravel()
+            block = label[
+                (p // GRID) * PATCH : (p // GRID + 1) * PATCH, (p % GRID) * PATCH : (p % GRID + 1) * PATCH
+            ].ravel()
             covered = block[block > 0]
             codes[i, p] = np.bincount(covered).argmax() if len(covered) else 0
     return codes, 1 + len(colours) * len(kinds)
 
 
 def where_pairs(scene: shapes.Scene) -> list[tuple[str, str, str]]:
-    return [q for o in scene.objects[:2] for q in (
-        (f"is the {o.shape} on the left ?", "yes" if o.cx < SIDE / 2 else "no", "where"),
-        (f"is the {o.shape} at the top ?", "yes" if o.cy < SIDE / 2 else "no", "where"))]
+    return [
+        q
+        for o in scene.objects[:2]
+        for q in (
+            (f"is the {o.shape} on the left ?", "yes" if o.cx < SIDE / 2 else "no", "where"),
+            (f"is the {o.shape} at the top ?", "yes" if o.cy < SIDE / 2 else "no", "where"),
+        )
+    ]
 
 
 def column_pairs(scene: shapes.Scene, shape_last: bool) -> list[tuple[str, str, str]]:
     """Which patch column an object's centre is in, asked with the shape as the question's last
     word ("in which column is the circle") or not ("which column is the circle in ?")."""
     ask = "in which column is the {}" if shape_last else "which column is the {} in ?"
-    return [(ask.format(o.shape), f"x{int(o.cx) // PATCH}", "column-shape-last" if shape_last else "column")
-            for o in scene.objects[:2]]
+    return [
+        (ask.format(o.shape), f"x{int(o.cx) // PATCH}", "column-shape-last" if shape_last else "column")
+        for o in scene.objects[:2]
+    ]
 
 
 def other_column(scene: shapes.Scene, question: str) -> str:
@@ -95,7 +107,9 @@ def grounded_pairs(scene: shapes.Scene, rng) -> list[tuple[str, str, str]]:
     for q, a, kind in shapes.vqa_pairs(scene, rng):
         if kind == "position":
             words = q.rstrip("?").split()
-            where = " ".join(f"{o.shape} x{int(o.cx) // PATCH} y{int(o.cy) // PATCH}" for o in (by[words[2]], by[words[-1]]))
+            where = " ".join(
+                f"{o.shape} x{int(o.cx) // PATCH} y{int(o.cy) // PATCH}" for o in (by[words[2]], by[words[-1]])
+            )
             out.append((q, f"{where} {a}", "grounded"))
     return out
 
@@ -147,9 +161,17 @@ def run(kinds: str, scenes, codes, n_codes: int, args) -> dict:
         image[r] = i
     train, test = np.where(image < args.train_scenes)[0], np.where(image >= args.train_scenes)[0]
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=image_lo + n_codes, dim=args.dim, layers=args.layers, heads=4, max_seq_len=length,
-                      image_positions=args.positions, image_lo=image_lo, image_hi=image_lo + n_codes,
-                      tokens_per_image=GRID * GRID)
+    cfg = ModelConfig(
+        vocab_size=image_lo + n_codes,
+        dim=args.dim,
+        layers=args.layers,
+        heads=4,
+        max_seq_len=length,
+        image_positions=args.positions,
+        image_lo=image_lo,
+        image_hi=image_lo + n_codes,
+        tokens_per_image=GRID * GRID,
+    )
     model = Transformer(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
@@ -193,17 +215,31 @@ def run(kinds: str, scenes, codes, n_codes: int, args) -> dict:
         opt.step()
         if step % max(1, args.steps // 5) == 0:
             curve.append({"step": step, "loss": round(loss.item(), 4), "test_accuracy": by_kind(test)})
-            print(f"  {kinds:9s} step {step:5d} loss {loss.item():.3f} held-out accuracy {curve[-1]['test_accuracy']}", flush=True)
-    first = {k: Counter(tuple(rows[r][2]) for r in test if kind_of[r] == k).most_common(1)[0][1] / int((kind_of[test] == k).sum())
-             for k in kinds.split("+")}
+            print(
+                f"  {kinds:9s} step {step:5d} loss {loss.item():.3f} held-out accuracy {curve[-1]['test_accuracy']}",
+                flush=True,
+            )
+    first = {
+        k: Counter(tuple(rows[r][2]) for r in test if kind_of[r] == k).most_common(1)[0][1]
+        / int((kind_of[test] == k).sum())
+        for k in kinds.split("+")
+    }
     _, said = correct(test)
     watched = np.array([alt[r] is not None for r in test], bool)
-    other = float(np.mean([said[j] == ids[alt[r]] for j, r in enumerate(test) if watched[j]])) if watched.any() else None
-    return {"kinds": kinds, "train_rows": len(train), "test_rows": len(test),
-            "names_the_other_object": None if other is None else round(other, 4),
-            "majority_answer_share": {k: round(v, 4) for k, v in first.items()},
-            "test_accuracy": curve[-1]["test_accuracy"], "token_accuracy": by_kind(test, per_token=True), "curve": curve,
-            "seconds": round(time.perf_counter() - t0, 1)}
+    other = (
+        float(np.mean([said[j] == ids[alt[r]] for j, r in enumerate(test) if watched[j]])) if watched.any() else None
+    )
+    return {
+        "kinds": kinds,
+        "train_rows": len(train),
+        "test_rows": len(test),
+        "names_the_other_object": None if other is None else round(other, 4),
+        "majority_answer_share": {k: round(v, 4) for k, v in first.items()},
+        "test_accuracy": curve[-1]["test_accuracy"],
+        "token_accuracy": by_kind(test, per_token=True),
+        "curve": curve,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 def main() -> None:
@@ -211,9 +247,12 @@ def main() -> None:
     p.add_argument("--tokens", choices=("oracle", "vq"), default="oracle")
     p.add_argument("--positions", choices=("grid", "sequence"), default="grid")
     p.add_argument("--layout", choices=("image-first", "question-first"), default="image-first")
-    p.add_argument("--kinds", default="exists,where,position",
-                   help="comma-separated runs, each one kind or several joined by +: exists, where, position, column, "
-                   "column-shape-last, grounded, compared")
+    p.add_argument(
+        "--kinds",
+        default="exists,where,position",
+        help="comma-separated runs, each one kind or several joined by +: exists, where, position, column, "
+        "column-shape-last, grounded, compared",
+    )
     p.add_argument("--scenes", type=int, default=7200)
     p.add_argument("--train-scenes", type=int, default=6000)
     p.add_argument("--steps", type=int, default=1000)
@@ -237,8 +276,11 @@ def main() -> None:
     path.write_text(json.dumps(out, indent=2))
     for r in results:
         for k, acc in r["test_accuracy"].items():
-            print(f"{r['kinds']}: {k:9s} held-out accuracy {acc:.3f} (majority answer {r['majority_answer_share'][k]:.3f}; "
-                  f"{r['train_rows']} training rows, {r['seconds']} s)")
+            print(
+                f"{r['kinds']}: {k:9s} held-out accuracy {acc:.3f} "
+                f"(majority answer {r['majority_answer_share'][k]:.3f}; "
+                f"{r['train_rows']} training rows, {r['seconds']} s)"
+            )
             if r["names_the_other_object"] is not None:
                 print(f"  answers naming the other object's column: {r['names_the_other_object']:.3f}")
             if len(r["token_accuracy"][k]) > 1:

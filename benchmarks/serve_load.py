@@ -46,8 +46,14 @@ def publish_model(folder: Path) -> None:
     text = TextTokenizer.train("bpe", [c for cs in d.captions for c in cs] + instruction_texts(200), 160)
     vocab = SharedVocab(text_size=text.size, image_size=vq.size)
     model = ModelConfig(vocab_size=vocab.size, dim=128, layers=4, heads=4, max_seq_len=128).build()
-    config = {"model": json.loads(model.cfg.to_json()), "vocab": {"text_size": vocab.text_size, "image_size": vocab.image_size},
-              "tokens_per_image": vq.tokens_per_image, "image_shape": list(vq.image_shape), "source": "digits", "prompts": "plain"}
+    config = {
+        "model": json.loads(model.cfg.to_json()),
+        "vocab": {"text_size": vocab.text_size, "image_size": vocab.image_size},
+        "tokens_per_image": vq.tokens_per_image,
+        "image_shape": list(vq.image_shape),
+        "source": "digits",
+        "prompts": "plain",
+    }
     storage.publish(folder.as_uri(), model_files(model, config, text.to_bytes(), vq.to_bytes()), {"kind": "nmm.model"})
 
 
@@ -64,8 +70,23 @@ def image_url() -> str:
 
 def start(folder: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen([NMM, "serve", folder.as_uri(), "--port", str(port), "--max-batch", str(max_batch),
-                             "--max-wait-ms", "10", "--max-queue", "1024"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            NMM,
+            "serve",
+            folder.as_uri(),
+            "--port",
+            str(port),
+            "--max-batch",
+            str(max_batch),
+            "--max-wait-ms",
+            "10",
+            "--max-queue",
+            "1024",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     base = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:
@@ -80,7 +101,9 @@ def start(folder: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
 def load(base: str, body: bytes, concurrency: int, requests: int) -> dict:
     def one(_):
         t0 = time.perf_counter()
-        req = urllib.request.Request(base + "/v1/chat/completions", data=body, headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            base + "/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(req, timeout=300) as r:
             assert r.status == 200
             r.read()
@@ -90,8 +113,12 @@ def load(base: str, body: bytes, concurrency: int, requests: int) -> dict:
     with ThreadPoolExecutor(concurrency) as pool:
         lat = np.array(list(pool.map(one, range(requests))))
     wall = time.perf_counter() - t0
-    return {"requests": requests, "requests_per_s": round(requests / wall, 2),
-            "p50_ms": round(float(np.percentile(lat, 50)) * 1000, 1), "p99_ms": round(float(np.percentile(lat, 99)) * 1000, 1)}
+    return {
+        "requests": requests,
+        "requests_per_s": round(requests / wall, 2),
+        "p50_ms": round(float(np.percentile(lat, 50)) * 1000, 1),
+        "p99_ms": round(float(np.percentile(lat, 99)) * 1000, 1),
+    }
 
 
 def main() -> None:
@@ -101,15 +128,25 @@ def main() -> None:
     args = ap.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="nmm-bench-serve-"))
     publish_model(folder)
-    body = json.dumps({"model": "nmm", "max_tokens": args.max_tokens, "messages": [
-        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url()}}]}]}).encode()
-    report: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "max_tokens": args.max_tokens, "runs": {}}
+    body = json.dumps(
+        {
+            "model": "nmm",
+            "max_tokens": args.max_tokens,
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url()}}]}],
+        }
+    ).encode()
+    report: dict = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "max_tokens": args.max_tokens,
+        "runs": {},
+    }
     for mode, max_batch in (("batching", 32), ("no_batching", 1)):
         proc, base = start(folder, max_batch)
         try:
             load(base, body, 4, 8)  # warm up
-            report["runs"][mode] = {str(c): load(base, body, c, args.requests if c > 1 else max(16, args.requests // 4))
-                                    for c in (1, 8, 32)}
+            report["runs"][mode] = {
+                str(c): load(base, body, c, args.requests if c > 1 else max(16, args.requests // 4)) for c in (1, 8, 32)
+            }
         finally:
             proc.terminate()
             proc.wait(timeout=60)

@@ -41,9 +41,15 @@ def llama(dim, layers, heads, vocab, seq):
 
     ffn = ModelConfig(vocab_size=vocab, dim=dim).ffn_dim  # same SwiGLU width as ours
     cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=dim, intermediate_size=ffn, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=seq,
-        tie_word_embeddings=False, attn_implementation="sdpa",
+        vocab_size=vocab,
+        hidden_size=dim,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=seq,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
     )
     return LlamaForCausalLM(cfg)
 
@@ -120,16 +126,23 @@ def main() -> None:
     report = {
         "benchmark": "train_throughput",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "size": size, "config": dict(zip(("dim", "layers", "heads", "vocab", "seq_len", "batch"), SIZES[size])),
-        "steps": steps, "bf16": amp, "torch": torch.__version__,
-        "results": results, "ratio_nmm_over_hf_llama": round(ratio, 3),
+        "size": size,
+        "config": dict(zip(("dim", "layers", "heads", "vocab", "seq_len", "batch"), SIZES[size])),
+        "steps": steps,
+        "bf16": amp,
+        "torch": torch.__version__,
+        "results": results,
+        "ratio_nmm_over_hf_llama": round(ratio, 3),
     }
     out = Path(__file__).parent / "results" / f"train_throughput-{device.type}-{size}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(f"{'model':<10} {'params':>12} {'tokens/s':>12}" + ("  MFU" if device.type == "cuda" else ""))
     for name, r in results.items():
-        print(f"{name:<10} {r['params']:>12,} {r['tokens_per_s']:>12,.0f}" + (f"  {r.get('mfu', 0):.1%}" if "mfu" in r else ""))
+        print(
+            f"{name:<10} {r['params']:>12,} {r['tokens_per_s']:>12,.0f}"
+            + (f"  {r.get('mfu', 0):.1%}" if "mfu" in r else "")
+        )
     print(f"ratio nmm / hf_llama: {ratio:.3f}   (saved {out})")
 
 

@@ -74,7 +74,8 @@ def s3_server():
     port = free_port()
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         wait_http(f"http://127.0.0.1:{port}/moto-api/", 30, proc)
@@ -89,24 +90,49 @@ def mlflow_server(tmp_path_factory, s3_server):
     """The real `mlflow server` (sqlite backend, artifacts proxied to the S3 stand-in)."""
     from minio import Minio
 
-    client = Minio(s3_server["endpoint"], access_key=s3_server["access_key"], secret_key=s3_server["secret_key"], secure=False, region="us-east-1")
+    client = Minio(
+        s3_server["endpoint"],
+        access_key=s3_server["access_key"],
+        secret_key=s3_server["secret_key"],
+        secure=False,
+        region="us-east-1",
+    )
     if not client.bucket_exists("mlflow"):
         client.make_bucket("mlflow")
     root = tmp_path_factory.mktemp("mlflow")
     port = free_port()
     env = dict(os.environ)
-    env.update({
-        "MLFLOW_S3_ENDPOINT_URL": f"http://{s3_server['endpoint']}",
-        "AWS_ACCESS_KEY_ID": s3_server["access_key"],
-        "AWS_SECRET_ACCESS_KEY": s3_server["secret_key"],
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-    })
+    env.update(
+        {
+            "MLFLOW_S3_ENDPOINT_URL": f"http://{s3_server['endpoint']}",
+            "AWS_ACCESS_KEY_ID": s3_server["access_key"],
+            "AWS_SECRET_ACCESS_KEY": s3_server["secret_key"],
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        }
+    )
     log = open(root / "server.log", "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", "s3://mlflow/artifacts", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=root,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            "s3://mlflow/artifacts",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=root,
     )
     try:
         wait_http(f"http://127.0.0.1:{port}/health", 90, proc)

@@ -21,8 +21,10 @@ from nmm.data.sources import SourceData
 
 CLEAN = 24
 SIDE = 64
-WORDS = ("red green blue small large round square bright dark striped dotted wooden metal glass paper stone "
-         "river hill tree house boat car bird dog cat flower cloud road bridge tower lamp chair table").split()
+WORDS = (
+    "red green blue small large round square bright dark striped dotted wooden metal glass paper stone "
+    "river hill tree house boat car bird dog cat flower cloud road bridge tower lamp chair table"
+).split()
 
 
 def picture(seed: int) -> np.ndarray:
@@ -75,27 +77,33 @@ def shards(radius: int = 6) -> dict[str, bytes]:
     big = Image.new("1", (10_000, 10_000))
     bomb = io.BytesIO()
     big.save(bomb, format="PNG")
-    txt = lambda s: caption(s).encode()  # noqa: E731
-    planted = tar([
-        ("exact-same-bytes", {"png": encode(p[0]), "txt": b"a different caption about a copy"}),
-        ("exact-reencoded", {"png": encode(p[0], compress_level=1), "txt": b"another caption of the same pixels"}),
-        ("near-resized", {"png": encode(np.asarray(Image.fromarray(p[1]).resize((48, 48)))), "txt": txt(101)}),
-        ("near-jpeg", {"jpg": encode(p[2], "JPEG", quality=70), "txt": txt(102)}),
-        ("near-shifted", {"png": encode(shifted), "txt": txt(103)}),
-        ("caption-copy", {"png": encode(picture(CLEAN)), "txt": caption(4).upper().encode()}),
-        ("blank", {"png": encode(np.full((SIDE, SIDE, 3), 128, np.uint8)), "txt": txt(104)}),
-        ("empty-caption", {"png": encode(picture(200)), "txt": b"  "}),
-        ("latin1-caption", {"png": encode(picture(201)), "txt": "café crème brûlée".encode("latin-1")}),
-        ("no-caption", {"png": encode(picture(202))}),
-        ("bomb", {"png": bomb.getvalue(), "txt": txt(105)}),
-        ("truncated", {"png": encode(picture(203))[:200], "txt": txt(106)}),
-        ("zero-bytes", {"png": b"", "txt": txt(107)}),
-        ("tiny", {"png": encode(picture(204)[:8, :8]), "txt": txt(108)}),
-        ("banner", {"png": encode(np.asarray(Image.fromarray(picture(205)).resize((64, 16)))), "txt": txt(109)}),
-        ("long-caption", {"png": encode(picture(206)), "txt": b"word " * 100}),
-    ])
-    whole = tar([("ok-before-cut", {"png": encode(picture(CLEAN + 1)), "txt": txt(110)}),
-                 ("cut", {"txt": txt(111), "png": encode(picture(207))})])
+    txt = lambda s: caption(s).encode()
+    planted = tar(
+        [
+            ("exact-same-bytes", {"png": encode(p[0]), "txt": b"a different caption about a copy"}),
+            ("exact-reencoded", {"png": encode(p[0], compress_level=1), "txt": b"another caption of the same pixels"}),
+            ("near-resized", {"png": encode(np.asarray(Image.fromarray(p[1]).resize((48, 48)))), "txt": txt(101)}),
+            ("near-jpeg", {"jpg": encode(p[2], "JPEG", quality=70), "txt": txt(102)}),
+            ("near-shifted", {"png": encode(shifted), "txt": txt(103)}),
+            ("caption-copy", {"png": encode(picture(CLEAN)), "txt": caption(4).upper().encode()}),
+            ("blank", {"png": encode(np.full((SIDE, SIDE, 3), 128, np.uint8)), "txt": txt(104)}),
+            ("empty-caption", {"png": encode(picture(200)), "txt": b"  "}),
+            ("latin1-caption", {"png": encode(picture(201)), "txt": "café crème brûlée".encode("latin-1")}),
+            ("no-caption", {"png": encode(picture(202))}),
+            ("bomb", {"png": bomb.getvalue(), "txt": txt(105)}),
+            ("truncated", {"png": encode(picture(203))[:200], "txt": txt(106)}),
+            ("zero-bytes", {"png": b"", "txt": txt(107)}),
+            ("tiny", {"png": encode(picture(204)[:8, :8]), "txt": txt(108)}),
+            ("banner", {"png": encode(np.asarray(Image.fromarray(picture(205)).resize((64, 16)))), "txt": txt(109)}),
+            ("long-caption", {"png": encode(picture(206)), "txt": b"word " * 100}),
+        ]
+    )
+    whole = tar(
+        [
+            ("ok-before-cut", {"png": encode(picture(CLEAN + 1)), "txt": txt(110)}),
+            ("cut", {"txt": txt(111), "png": encode(picture(207))}),
+        ]
+    )
     with tarfile.open(fileobj=io.BytesIO(whole)) as t:
         member = t.getmember("cut.png")
     broken = whole[: member.offset_data + member.size // 2]

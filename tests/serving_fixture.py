@@ -65,16 +65,20 @@ spec:
 
 
 def clean_env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MLFLOW_TRACKING_URI", "NMM_HOME", "NMM_STORE", "NMM_S3_ENDPOINT", "NMM_S3_BUCKET", "RAY_ADDRESS")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MLFLOW_TRACKING_URI", "NMM_HOME", "NMM_STORE", "NMM_S3_ENDPOINT", "NMM_S3_BUCKET", "RAY_ADDRESS")
+    }
     return env | {"NMM_HOME": str(home)}
 
 
 def run_pipeline(cwd: Path, name: str, steps: int, seesaw: bool) -> subprocess.CompletedProcess:
     spec = cwd / f"{name}.yaml"
     spec.write_text(SPEC.replace("STEPS", str(steps)).replace("SEESAW", str(seesaw).lower()))
-    r = subprocess.run([NMM, "run", str(spec)], cwd=cwd, env=clean_env(cwd / ".nmm"), capture_output=True, text=True,
-                       timeout=900)
+    r = subprocess.run(
+        [NMM, "run", str(spec)], cwd=cwd, env=clean_env(cwd / ".nmm"), capture_output=True, text=True, timeout=900
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
 
@@ -93,8 +97,15 @@ def register_champion(cwd: Path, name: str, accuracy: float) -> str:
     (cwd / ".nmm").mkdir(exist_ok=True)
     client = MlflowClient(tracking_uri=db, registry_uri=db)
     client.create_registered_model(name)
-    client.create_model_version(name, source=folder, tags={
-        "nmm.model_store_uri": folder, "nmm.model_digest": manifest["digest"], "nmm.metric.m2t.digits.accuracy": f"{accuracy:.6f}"})
+    client.create_model_version(
+        name,
+        source=folder,
+        tags={
+            "nmm.model_store_uri": folder,
+            "nmm.model_digest": manifest["digest"],
+            "nmm.metric.m2t.digits.accuracy": f"{accuracy:.6f}",
+        },
+    )
     client.set_registered_model_alias(name, "champion", "1")
     return folder
 
@@ -116,10 +127,12 @@ def early_model(folder: str, out: str) -> int:
     manifest = storage.read_manifest(folder, verify=True)
     snap = min(manifest["snapshots"], key=lambda s: s["step"])
     config = json.loads(storage.read_file(folder, manifest, CONFIG)) | {"prompts": snap["prompts"]}
-    files = {WEIGHTS: storage.read_file(folder, manifest, snap["file"]),
-             CONFIG: json.dumps(config, indent=2, sort_keys=True).encode(),
-             TEXT_TOKENIZER: storage.read_file(folder, manifest, TEXT_TOKENIZER),
-             IMAGE_TOKENIZER: storage.read_file(folder, manifest, IMAGE_TOKENIZER)}
+    files = {
+        WEIGHTS: storage.read_file(folder, manifest, snap["file"]),
+        CONFIG: json.dumps(config, indent=2, sort_keys=True).encode(),
+        TEXT_TOKENIZER: storage.read_file(folder, manifest, TEXT_TOKENIZER),
+        IMAGE_TOKENIZER: storage.read_file(folder, manifest, IMAGE_TOKENIZER),
+    }
     storage.publish(out, files, {"kind": "nmm.model", "steps": snap["step"]})
     return snap["step"]
 
@@ -137,8 +150,14 @@ def small_model_files(max_seq_len: int = 96, **config) -> dict[str, bytes]:
     text = TextTokenizer.train("bpe", [c for cs in d.captions[:300] for c in cs] + instruction_texts(50), 128)
     vocab = SharedVocab(text_size=text.size, image_size=vq.size)
     torch_model = ModelConfig(vocab_size=vocab.size, dim=32, layers=1, heads=2, max_seq_len=max_seq_len).build()
-    base = {"model": json.loads(torch_model.cfg.to_json()), "vocab": {"text_size": vocab.text_size, "image_size": vocab.image_size},
-            "tokens_per_image": vq.tokens_per_image, "image_shape": list(vq.image_shape), "source": "digits", "prompts": "plain"}
+    base = {
+        "model": json.loads(torch_model.cfg.to_json()),
+        "vocab": {"text_size": vocab.text_size, "image_size": vocab.image_size},
+        "tokens_per_image": vq.tokens_per_image,
+        "image_shape": list(vq.image_shape),
+        "source": "digits",
+        "prompts": "plain",
+    }
     return model_files(torch_model, base | config, text.to_bytes(), vq.to_bytes())
 
 

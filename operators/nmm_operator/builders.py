@@ -69,8 +69,10 @@ def superseded(workflows: list[dict], pipeline: dict) -> list[dict]:
     uid = pipeline["metadata"]["uid"]
     current = int(pipeline["metadata"].get("generation", 1))
     return [
-        wf for wf in workflows
-        if owned_by(wf, uid) and generation_of(wf) < current
+        wf
+        for wf in workflows
+        if owned_by(wf, uid)
+        and generation_of(wf) < current
         and (wf.get("status") or {}).get("phase") not in status.DONE
         and (wf.get("spec") or {}).get("shutdown") not in ("Stop", "Terminate")
     ]

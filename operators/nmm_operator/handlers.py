@@ -20,7 +20,8 @@ from nmm.gpu.pools import PlacementError
 from nmm.spec import SpecError
 from nmm.spec.crd import ANNOTATION_RETRY
 from nmm.timestamps import rfc3339
-from nmm_operator import builders, kube, settings as operator_settings, status
+from nmm_operator import builders, kube, status
+from nmm_operator import settings as operator_settings
 
 GROUP, VERSION, PLURAL = kube.GROUP, kube.VERSION, kube.PLURAL
 SETTINGS = operator_settings.load()
@@ -35,7 +36,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     memo.settings = SETTINGS
     logging.getLogger().setLevel(SETTINGS.log_level)
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="nmm.dev")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="nmm.dev", key="last-handled-configuration")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="nmm.dev", key="last-handled-configuration"
+    )
     settings.persistence.finalizer = "nmm.dev/finalizer"
     settings.posting.level = logging.INFO  # events from INFO up
 
@@ -59,15 +62,15 @@ def reconcile(body, meta, memo: kopf.Memo, patch: kopf.Patch, **_) -> None:
     except (SpecError, PlacementError) as exc:
         problems = exc.problems if isinstance(exc, SpecError) else [str(exc)]
         patch.status.update(status.invalid_spec(problems, _now()))
-        raise kopf.PermanentError("invalid pipeline: " + "; ".join(problems))
+        raise kopf.PermanentError("invalid pipeline: " + "; ".join(problems)) from None
     name = wf["metadata"]["name"]
     try:
         created, stopped = kube.ensure_current(wf, body)
     except kube.NotOwned as exc:
         patch.status.update(status.not_owned(name, _now()))
-        raise kopf.TemporaryError(str(exc), delay=30)
+        raise kopf.TemporaryError(str(exc), delay=30) from None
     except ApiException as exc:
-        raise kopf.TemporaryError(f"cannot create workflow {name}: {exc.status} {exc.reason}", delay=10)
+        raise kopf.TemporaryError(f"cannot create workflow {name}: {exc.status} {exc.reason}", delay=10) from None
     patch.status.update({"workflow": name, "observedGeneration": meta.get("generation", 1)})
     if created:
         kopf.info(body, reason="WorkflowCreated", message=f"created workflow {name}")
@@ -75,7 +78,13 @@ def reconcile(body, meta, memo: kopf.Memo, patch: kopf.Patch, **_) -> None:
         kopf.info(body, reason="WorkflowSuperseded", message=f"stopped superseded workflow(s) {', '.join(stopped)}")
 
 
-@kopf.on.event(kube.WF_GROUP, kube.WF_VERSION, kube.WF_PLURAL, labels={builders.LABEL_OWNER: kopf.PRESENT}, id="nmm-mirror-workflow")
+@kopf.on.event(
+    kube.WF_GROUP,
+    kube.WF_VERSION,
+    kube.WF_PLURAL,
+    labels={builders.LABEL_OWNER: kopf.PRESENT},
+    id="nmm-mirror-workflow",
+)
 def mirror(body, type, **_) -> None:
     """A Workflow of ours changed: mirror it into its pipeline's status (current generation only)."""
     ns, owner = body["metadata"]["namespace"], body["metadata"]["labels"][builders.LABEL_OWNER]
@@ -100,12 +109,22 @@ def _observed(wf: dict) -> dict:
     return new
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.recheck_seconds, initial_delay=SETTINGS.recheck_seconds, id="nmm-recheck-child")
+@kopf.timer(
+    GROUP,
+    VERSION,
+    PLURAL,
+    interval=SETTINGS.recheck_seconds,
+    initial_delay=SETTINGS.recheck_seconds,
+    id="nmm-recheck-child",
+)
 def recheck(body, meta, memo: kopf.Memo, patch: kopf.Patch, **_) -> None:
     """Level-triggered: the child still exists and is ours (else recreate or report, R9), and
     status is true."""
     name = (body.get("status") or {}).get("workflow")
-    if not name or (body.get("status") or {}).get("conditions", [{}])[-1].get("reason") in ("InvalidSpec", "WorkflowMissing"):
+    if not name or (body.get("status") or {}).get("conditions", [{}])[-1].get("reason") in (
+        "InvalidSpec",
+        "WorkflowMissing",
+    ):
         return
     wf = kube.get_workflow(meta["namespace"], name)
     if wf is not None and builders.owned_by(wf, meta["uid"]):
@@ -144,9 +163,15 @@ def retry(body, meta, type, **_) -> None:
     if wf is None or not builders.owned_by(wf, meta["uid"]):
         kopf.warn(body, reason="RetryRefused", message=f"no workflow {name} of this pipeline to retry")
     elif phase not in ("Failed", "Error"):
-        kopf.info(body, reason="RetryIgnored", message=f"workflow {name} is {phase or 'Pending'}: only a failed one is retried")
+        kopf.info(
+            body,
+            reason="RetryIgnored",
+            message=f"workflow {name} is {phase or 'Pending'}: only a failed one is retried",
+        )
     else:
-        deleted = kube.delete_failed_jobs(ns, wf)  # first: a failure here leaves the Workflow failed, retried next event
+        deleted = kube.delete_failed_jobs(
+            ns, wf
+        )  # first: a failure here leaves the Workflow failed, retried next event
         kube.retry_workflow(ns, name, status.retry_patch(wf))
         update["retries"] = int(st.get("retries") or 0) + 1
         gone = f" (deleted the failed {', '.join(deleted)})" if deleted else ""

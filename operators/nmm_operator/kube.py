@@ -76,14 +76,19 @@ def ensure_current(wf: dict, pipeline: dict) -> tuple[bool, list[str]]:
     nothing."""
     meta = pipeline["metadata"]
     created = create_workflow(wf, meta["uid"])
-    stopped = [w["metadata"]["name"] for w in builders.superseded(pipeline_workflows(meta["namespace"], meta["name"]), pipeline)]
+    stopped = [
+        w["metadata"]["name"]
+        for w in builders.superseded(pipeline_workflows(meta["namespace"], meta["name"]), pipeline)
+    ]
     for name in stopped:
         stop_workflow(meta["namespace"], name)
     return created, stopped
 
 
 def patch_pipeline_status(namespace: str, name: str, status: dict) -> None:
-    kubeclient.custom_objects().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, {"status": status})
+    kubeclient.custom_objects().patch_namespaced_custom_object_status(
+        GROUP, VERSION, namespace, PLURAL, name, {"status": status}
+    )
 
 
 # The jobs a Workflow's resource steps create.
@@ -141,7 +146,8 @@ def delete_failed_jobs(namespace: str, wf: dict) -> list[str]:
             group, version, plural = kind
             try:
                 kubeclient.custom_objects().delete_namespaced_custom_object(
-                    group, version, namespace, plural, job["metadata"]["name"], propagation_policy="Background")
+                    group, version, namespace, plural, job["metadata"]["name"], propagation_policy="Background"
+                )
             except ApiException as exc:
                 if exc.status != 404:
                     raise

@@ -1,7 +1,7 @@
 """kopf handlers of `NMMService`: one timer, level-triggered. Each tick is
 nmm_operator.service_tick's, with the real I/O (`KubeWorld`): the version the spec asks for (an
 alias through the registry, in the namespace that owns the model), every pod of each version's
-metrics, the step judge the local rollout runs too (nmm.rollout.canary.judge_step), the children,
+metrics, the step judge the local rollout runs too (nmm.rollout.judge.judge_step), the children,
 the registry, the status. Loaded by nmm_operator.handlers.
 """
 
@@ -18,14 +18,17 @@ from nmm import kubeclient, lineage, storage
 from nmm.compile import backends
 from nmm.compile import serving as build
 from nmm.gpu.pools import PlacementError
-from nmm.rollout import analysis, canary as serve_canary, probe
+from nmm.rollout import analysis, judge, probe
 from nmm.spec.serving import ANNOTATION_PROMOTE, ServiceSpec
-from nmm_operator import canary, service_tick, serving_kube, settings as operator_settings
+from nmm_operator import rollout_state, service_tick, serving_kube
+from nmm_operator import settings as operator_settings
 
 SETTINGS = operator_settings.load()
 LABELS = ["namespace", "service"]
 WEIGHT = Gauge("nmm_canary_weight", "Percent of an NMMService's traffic on its canary", LABELS)
-QUALITY = Gauge("nmm_canary_quality", "Quality probe score of a version (canary analysis)", LABELS + ["track", "version"])
+QUALITY = Gauge(
+    "nmm_canary_quality", "Quality probe score of a version (canary analysis)", LABELS + ["track", "version"]
+)
 STEPS = Counter("nmm_canary_steps", "Canary steps analysed, by result", LABELS + ["result"])
 
 
@@ -35,16 +38,21 @@ def serve_metrics(**_) -> None:
         start_http_server(SETTINGS.metrics_port)
 
 
-def _export(meta: dict, t: canary.Tick) -> None:
+def _export(meta: dict, t: rollout_state.Tick) -> None:
     ids = (meta["namespace"], meta["name"])
     WEIGHT.labels(*ids).set(t.versions[2] if t.versions[1] else 0)
     results = t.status.get("analysis") or []
     if t.analyse and results:
         last = results[-1]
         STEPS.labels(*ids, "passed" if last["ok"] else "failed").inc()
-        for track, key, version in (("candidate", "quality_candidate", last["version"]),
-                                    ("stable", "quality_stable", t.status.get("previousStableVersion")
-                                     if t.promote else t.status.get("stableVersion"))):
+        for track, key, version in (
+            ("candidate", "quality_candidate", last["version"]),
+            (
+                "stable",
+                "quality_stable",
+                t.status.get("previousStableVersion") if t.promote else t.status.get("stableVersion"),
+            ),
+        ):
             if key in last["measured"] and version is not None:
                 QUALITY.labels(*ids, track, str(version)).set(last["measured"][key])
 
@@ -90,15 +98,21 @@ class KubeWorld:
             return f"model registry: {exc}"
         if info is None:
             return f"{m.uri}: no such registered model version or alias"
-        return int(info.version) if served_version(info) else f"{m.uri}: version {info.version} records no model folder and digest"
+        return (
+            int(info.version)
+            if served_version(info)
+            else f"{m.uri}: version {info.version} records no model folder and digest"
+        )
 
     def served(self, version: int) -> build.ServedVersion:
         """What a server of `version` reads: its folder and digest, from the registry (servers never ask it)."""
         info = lineage.model_version(self.spec.model.name, str(version))
         out = served_version(info) if info is not None else None
         if out is None:
-            raise Unservable(f"{self.spec.model.name} version {version}: not in the registry, or it records no model "
-                             "folder and digest (nmm.model_store_uri, nmm.model_digest)")
+            raise Unservable(
+                f"{self.spec.model.name} version {version}: not in the registry, or it records no model "
+                "folder and digest (nmm.model_store_uri, nmm.model_digest)"
+            )
         return out
 
     def champion(self) -> int | None:
@@ -111,8 +125,10 @@ class KubeWorld:
         return ready_pods(self.ns, self.name, version) if version is not None else {}
 
     def read(self, stable: int | None, canary_v: int | None) -> dict:
-        return {"candidate": serve_canary.read(self._endpoints("candidate", canary_v)),
-                "stable": serve_canary.read(self._endpoints("stable", stable))}
+        return {
+            "candidate": judge.read(self._endpoints("candidate", canary_v)),
+            "stable": judge.read(self._endpoints("stable", stable)),
+        }
 
     def _cases(self) -> probe.Cases | None:
         qp = self.spec.canary.analysis.quality_probe
@@ -125,55 +141,92 @@ class KubeWorld:
 
     def judge(self, before: dict, after: dict, stable_quality: dict | None):
         urls = self.override or backends.backend(SETTINGS.serving.backend).endpoints(self.name, self.ns)
-        return serve_canary.judge_step(analysis.Limits.of(self.spec.canary.analysis), before, after, urls, self._cases(),
-                                       stable_quality)
+        return judge.judge_step(
+            analysis.Limits.of(self.spec.canary.analysis), before, after, urls, self._cases(), stable_quality
+        )
 
     def write_status(self, status: dict) -> None:
         kubeclient.custom_objects().patch_namespaced_custom_object_status(
-            serving_kube.GROUP, serving_kube.VERSION, self.ns, serving_kube.SERVICE_PLURAL, self.name, {"status": status})
+            serving_kube.GROUP,
+            serving_kube.VERSION,
+            self.ns,
+            serving_kube.SERVICE_PLURAL,
+            self.name,
+            {"status": status},
+        )
 
     def apply(self, stable: int, canary_v: int | None, weight: int) -> None:
-        objs = serving_kube.children(self.body, self.spec, self.served(stable),
-                                     self.served(canary_v) if canary_v is not None else None, weight, SETTINGS)
+        objs = serving_kube.children(
+            self.body,
+            self.spec,
+            self.served(stable),
+            self.served(canary_v) if canary_v is not None else None,
+            weight,
+            SETTINGS,
+        )
         serving_kube.apply(objs, self.meta["uid"])
 
     def _decision(self) -> dict[str, str]:
         return {"nmm.serving.service": f"{self.ns}/{self.name}"}
 
     def promote(self, version: int) -> None:
-        lineage.promote(self.spec.model.name, str(version), "champion", {"nmm.serving.decision": "promoted", **self._decision()})
+        lineage.promote(
+            self.spec.model.name, str(version), "champion", {"nmm.serving.decision": "promoted", **self._decision()}
+        )
 
     def tag_rolled_back(self, version: int, reason: str) -> None:
-        lineage.tag_version(self.spec.model.name, str(version), {"nmm.serving.decision": "rolled_back",
-                                                                 "nmm.serving.reason": reason, **self._decision()})
+        lineage.tag_version(
+            self.spec.model.name,
+            str(version),
+            {"nmm.serving.decision": "rolled_back", "nmm.serving.reason": reason, **self._decision()},
+        )
 
     def consume(self, annotation: str) -> None:
         """Remove nmm.dev/promote if it still holds `annotation` (a newer request is left alone)."""
         path = "/metadata/annotations/" + ANNOTATION_PROMOTE.replace("~", "~0").replace("/", "~1")
         try:
             kubeclient.custom_objects().patch_namespaced_custom_object(
-                serving_kube.GROUP, serving_kube.VERSION, self.ns, serving_kube.SERVICE_PLURAL, self.name,
-                [{"op": "test", "path": path, "value": annotation}, {"op": "remove", "path": path}])
+                serving_kube.GROUP,
+                serving_kube.VERSION,
+                self.ns,
+                serving_kube.SERVICE_PLURAL,
+                self.name,
+                [{"op": "test", "path": path, "value": annotation}, {"op": "remove", "path": path}],
+            )
         except ApiException as exc:
             if exc.status not in (409, 422):  # the test failed: the annotation is gone or newer
                 raise
 
 
-@kopf.timer(serving_kube.GROUP, serving_kube.VERSION, serving_kube.SERVICE_PLURAL, interval=SETTINGS.serving.tick_seconds,
-            id="nmm-service-rollout")
+@kopf.timer(
+    serving_kube.GROUP,
+    serving_kube.VERSION,
+    serving_kube.SERVICE_PLURAL,
+    interval=SETTINGS.serving.tick_seconds,
+    id="nmm-service-rollout",
+)
 def rollout(body, meta, spec, status, patch: kopf.Patch, **_) -> None:
     now = time.time()
     try:
         svc = ServiceSpec.model_validate(dict(spec))
     except ValidationError as exc:
-        patch.status.update(phase="Failed", message=_spec_problems(exc)[:1000], observedGeneration=meta.get("generation"))
+        patch.status.update(
+            phase="Failed", message=_spec_problems(exc)[:1000], observedGeneration=meta.get("generation")
+        )
         return
     delay = SETTINGS.serving.tick_seconds
     try:
         lineage.check_owner(svc.model.name, meta["namespace"])
-        t = service_tick.tick(svc, dict(status or {}), (meta.get("annotations") or {}).get(ANNOTATION_PROMOTE), KubeWorld(body, svc),
-                              now, ready_timeout=SETTINGS.serving.ready_timeout_seconds, recheck_seconds=SETTINGS.recheck_seconds,
-                              generation=meta.get("generation"))
+        t = service_tick.tick(
+            svc,
+            dict(status or {}),
+            (meta.get("annotations") or {}).get(ANNOTATION_PROMOTE),
+            KubeWorld(body, svc),
+            now,
+            ready_timeout=SETTINGS.serving.ready_timeout_seconds,
+            recheck_seconds=SETTINGS.recheck_seconds,
+            generation=meta.get("generation"),
+        )
     except lineage.ForeignModel as exc:
         patch.status.update(phase="Failed", message=str(exc)[:1000], observedGeneration=meta.get("generation"))
         return
@@ -181,7 +234,7 @@ def rollout(body, meta, spec, status, patch: kopf.Patch, **_) -> None:
         raise kopf.TemporaryError(str(exc), delay=delay) from None
     except (serving_kube.NotOwned, Unservable) as exc:
         patch.status.update(phase="Failed", message=str(exc))
-        raise kopf.TemporaryError(str(exc), delay=30)
+        raise kopf.TemporaryError(str(exc), delay=30) from None
     except PlacementError as exc:
         patch.status.update(phase="Failed", message=str(exc))
         return

@@ -25,7 +25,7 @@ from typing import Protocol
 
 from nmm.rollout import analysis
 from nmm.spec.serving import ServiceSpec
-from nmm_operator import canary
+from nmm_operator import rollout_state
 
 FAILPOINT_ENV = "NMM_OPERATOR_FAILPOINT"  # tests: the operator dies (exit 137) at this point of a tick
 VERSION = re.compile(r"^[1-9][0-9]{0,9}$")  # an annotation's version: ASCII digits ("²" is a digit to isdigit)
@@ -63,12 +63,21 @@ def asked_version(annotation: str | None) -> tuple[int | None, str | None]:
     return None, f"nmm.dev/promote={annotation[:20]!r} is not a version number: ignored"
 
 
-def tick(spec: ServiceSpec, status: dict | None, annotation: str | None, world: World, now: float, *,
-         ready_timeout: float, recheck_seconds: float, generation=None) -> canary.Tick:
+def tick(
+    spec: ServiceSpec,
+    status: dict | None,
+    annotation: str | None,
+    world: World,
+    now: float,
+    *,
+    ready_timeout: float,
+    recheck_seconds: float,
+    generation=None,
+) -> rollout_state.Tick:
     """Decide, record, act. Returns the tick (its status is what the handler patches last)."""
     st = dict(status or {})
     if st.get("pending"):  # an earlier tick recorded its intent and did not finish: finish it, decide nothing
-        t = canary.Tick(st)
+        t = rollout_state.Tick(st)
         settle(world, t, generation, now)
         return t
     promote_now, bad = asked_version(annotation)
@@ -76,45 +85,58 @@ def tick(spec: ServiceSpec, status: dict | None, annotation: str | None, world: 
     if bad:
         t.events.append(("Warning", "PromoteIgnored", bad))
     elif annotation and promote_now not in (t.versions[0], None) and not t.promote:
-        t.events.append(("Warning", "PromoteIgnored", f"nmm.dev/promote={annotation} is not the version the spec asks for"))
+        t.events.append(
+            ("Warning", "PromoteIgnored", f"nmm.dev/promote={annotation} is not the version the spec asks for")
+        )
     stable, canary_v, weight = t.versions
     state = _state(t, generation)
-    changed = (state != (st.get("applied") or {}).get("state") or t.promote is not None or t.rolled_back is not None
-               or annotation)
+    changed = (
+        state != (st.get("applied") or {}).get("state")
+        or t.promote is not None
+        or t.rolled_back is not None
+        or annotation
+    )
     if changed and stable is not None:
         rolled = {"version": t.rolled_back[0], "reason": t.rolled_back[1]} if t.rolled_back else None
         # Never empty: a merge patch drops null members, and an empty `pending` would read as "nothing to do".
-        t.status["pending"] = {"state": state} | {k: v for k, v in (("champion", t.promote), ("rolledBack", rolled),
-                                                                      ("annotation", annotation)) if v is not None}
+        t.status["pending"] = {"state": state} | {
+            k: v
+            for k, v in (("champion", t.promote), ("rolledBack", rolled), ("annotation", annotation))
+            if v is not None
+        }
         world.write_status(t.status)  # 1: the intent, before anything it decides is done
         failpoint("after-intent")
         settle(world, t, generation, now)
-    elif stable is not None and now - (canary.epoch((st.get("applied") or {}).get("at")) or 0) >= recheck_seconds:
+    elif (
+        stable is not None and now - (rollout_state.epoch((st.get("applied") or {}).get("at")) or 0) >= recheck_seconds
+    ):
         # Unchanged children are re-asserted (recreated if deleted, taken back if edited) every recheckSeconds.
         world.apply(stable, canary_v, weight)
-        t.status["applied"] = {"state": state, "at": canary.iso(now)}
+        t.status["applied"] = {"state": state, "at": rollout_state.iso(now)}
     return t
 
 
-def decide(spec: ServiceSpec, st: dict, promote_now: int | None, world: World, now: float, ready_timeout: float) -> canary.Tick:
+def decide(
+    spec: ServiceSpec, st: dict, promote_now: int | None, world: World, now: float, ready_timeout: float
+) -> rollout_state.Tick:
     """The plan and the I/O it asks for. A raise on a canary in progress is its failed step."""
     try:
         desired = world.resolve()
         champion = world.champion() if st.get("stableVersion") is None else None
-        t = canary.plan(spec, st, desired, now, promote_now, champion)
+        t = rollout_state.plan(spec, st, desired, now, promote_now, champion)
         if t.retry:
             raise Retry(t.retry)
         if t.need_baseline:
             reading = world.read(*t.versions[:2])
             baseline = reading["candidate"] if isinstance(reading["candidate"], str) else _baseline(reading)
-            t = canary.after_baseline(t, baseline, spec, now, ready_timeout)
+            t = rollout_state.after_baseline(t, baseline, spec, now, ready_timeout)
         elif t.analyse:
             t = _analyse(t, spec, world, now)
         return t
     except Retry:
         raise
     except Exception as exc:
-        t = canary.failed(spec, st, f"planning failed: {type(exc).__name__}: {exc}", now)
+        t = rollout_state.failed(spec, st, f"planning failed: {type(exc).__name__}: {exc}", now)
         if t is None:
             raise Retry(f"{type(exc).__name__}: {exc}") from exc
         return t
@@ -130,22 +152,29 @@ def _from_baseline(b: dict) -> dict:
     return {track: (s["error"] if "error" in s else analysis.from_dict(s)) for track, s in b.items()}
 
 
-def _analyse(t: canary.Tick, spec: ServiceSpec, world: World, now: float) -> canary.Tick:
+def _analyse(t: rollout_state.Tick, spec: ServiceSpec, world: World, now: float) -> rollout_state.Tick:
     st = t.status
     after = world.read(*t.versions[:2])
     verdict, stable_q = world.judge(_from_baseline(st["baseline"]), after, st.get("stableQuality"))
     st["stableQuality"] = stable_q
     nxt = world.read(*t.versions[:2])  # the next step's baseline: after the probe, whose requests are not traffic
-    return canary.after_analysis(t, spec, verdict.ok, verdict.reasons, verdict.measured,
-                                 None if isinstance(nxt["candidate"], str) else _baseline(nxt), now)
+    return rollout_state.after_analysis(
+        t,
+        spec,
+        verdict.ok,
+        verdict.reasons,
+        verdict.measured,
+        None if isinstance(nxt["candidate"], str) else _baseline(nxt),
+        now,
+    )
 
 
-def _state(t: canary.Tick, generation) -> str:
+def _state(t: rollout_state.Tick, generation) -> str:
     stable, canary_v, weight = t.versions
     return f"{stable}/{canary_v}/{weight}/{generation}"
 
 
-def settle(world: World, t: canary.Tick, generation, now: float) -> None:
+def settle(world: World, t: rollout_state.Tick, generation, now: float) -> None:
     """Writes 2–4 for the status's state and intents, then `pending` cleared (write 5 is the
     handler's status patch). Each is idempotent: a replay after a crash does them again."""
     st = t.status
@@ -164,4 +193,4 @@ def settle(world: World, t: canary.Tick, generation, now: float) -> None:
     if pending.get("champion") is not None:
         t.promote = int(pending["champion"])
     st["pending"] = None
-    st["applied"] = {"state": _state(t, generation), "at": canary.iso(now)}
+    st["applied"] = {"state": _state(t, generation), "at": rollout_state.iso(now)}

@@ -18,12 +18,14 @@ __all__ = ["GROUP", "SERVICE_PLURAL", "VERSION", "NotOwned", "apply", "children"
 _CUSTOM = {kind: api for b in backends.BACKENDS.values() for kind, api in b.custom_kinds.items()}
 
 
-def children(body: dict, spec, stable: build.ServedVersion, canary: build.ServedVersion | None, weight: int,
-             settings) -> list[dict]:
+def children(
+    body: dict, spec, stable: build.ServedVersion, canary: build.ServedVersion | None, weight: int, settings
+) -> list[dict]:
     """What the service's current state asks to exist, each owned by the service."""
     meta, s = body["metadata"], settings.compile
     objs = backends.backend(settings.serving.backend).children(
-        meta["name"], meta["namespace"], spec, stable, canary, weight, s, settings.serving.model_dump(by_alias=True))
+        meta["name"], meta["namespace"], spec, stable, canary, weight, s, settings.serving.model_dump(by_alias=True)
+    )
     for obj in objs:
         kopf.append_owner_reference(obj, owner=body)
     return objs
@@ -34,20 +36,26 @@ def _ops(kind: str):
     if kind in _CUSTOM:
         g, v, p = _CUSTOM[kind]
         api = kubeclient.custom_objects()
-        return (lambda ns, b: api.create_namespaced_custom_object(g, v, ns, p, b),
-                lambda ns, n: api.get_namespaced_custom_object(g, v, ns, p, n),
-                lambda ns, n, b: api.patch_namespaced_custom_object(g, v, ns, p, n, b))
+        return (
+            lambda ns, b: api.create_namespaced_custom_object(g, v, ns, p, b),
+            lambda ns, n: api.get_namespaced_custom_object(g, v, ns, p, n),
+            lambda ns, n, b: api.patch_namespaced_custom_object(g, v, ns, p, n, b),
+        )
     if kind == "Deployment":
         from kubernetes import client
 
         apps = client.AppsV1Api(kubeclient.api_client())
-        return (lambda ns, b: apps.create_namespaced_deployment(ns, b),
-                lambda ns, n: apps.read_namespaced_deployment(n, ns).to_dict(),
-                lambda ns, n, b: apps.patch_namespaced_deployment(n, ns, b))
+        return (
+            lambda ns, b: apps.create_namespaced_deployment(ns, b),
+            lambda ns, n: apps.read_namespaced_deployment(n, ns).to_dict(),
+            lambda ns, n, b: apps.patch_namespaced_deployment(n, ns, b),
+        )
     core = kubeclient.core()
-    return (lambda ns, b: core.create_namespaced_service(ns, b),
-            lambda ns, n: core.read_namespaced_service(n, ns).to_dict(),
-            lambda ns, n, b: core.patch_namespaced_service(n, ns, b))
+    return (
+        lambda ns, b: core.create_namespaced_service(ns, b),
+        lambda ns, n: core.read_namespaced_service(n, ns).to_dict(),
+        lambda ns, n, b: core.patch_namespaced_service(n, ns, b),
+    )
 
 
 def _owned(obj: dict, uid: str) -> bool:
@@ -82,4 +90,3 @@ def apply(objs: list[dict], owner_uid: str) -> list[str]:
             raise NotOwned(f"{kind} {ns}/{name} exists and is not owned by this NMMService (uid {owner_uid})")
         patch(ns, name, {"metadata": {"labels": obj["metadata"]["labels"]}, "spec": obj["spec"]})
     return created
-

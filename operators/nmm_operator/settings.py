@@ -34,11 +34,15 @@ class Serving(Model):
     """How NMMServices are served (the chart's `serving` values)."""
 
     backend: Literal[tuple(BACKENDS)] = "kserve"
-    gateway: dict[str, str] | None = Field(default=None, description="gateway backend: the Gateway the routes attach to")
+    gateway: dict[str, str] | None = Field(
+        default=None, description="gateway backend: the Gateway the routes attach to"
+    )
     tick_seconds: Annotated[float, Field(ge=0.2, le=3600)] = Field(
-        default=10.0, description="How often an NMMService's rollout is looked at.")
+        default=10.0, description="How often an NMMService's rollout is looked at."
+    )
     ready_timeout_seconds: Annotated[float, Field(gt=0, le=86_400)] = Field(
-        default=600.0, description="A canary that does not answer for this long fails.")
+        default=600.0, description="A canary that does not answer for this long fails."
+    )
     # {"<namespace>/<service>": {"stable": URL, "candidate": URL}}: for an operator running outside
     # the cluster (kubectl port-forward); in the cluster the Services' DNS names are used.
     endpoints: dict[str, dict[str, str]] = {}
@@ -64,11 +68,13 @@ class OperatorSettings(Model):
     mlflow_secret_name: str | None = _COMPILE.mlflow_secret_name
     on_child_deleted: Literal["recreate", "report"] = "report"
     recheck_seconds: Annotated[float, Field(ge=1, le=86_400)] = Field(
-        default=60.0, description="The recheck timer's interval (chart: operator.recheckSeconds).")
+        default=60.0, description="The recheck timer's interval (chart: operator.recheckSeconds)."
+    )
     log_level: Literal[LOG_LEVELS] = "INFO"
     serving: Serving = Serving()
     metrics_port: Annotated[int, Field(ge=0, le=65_535)] = Field(
-        default=9090, description="The operator's Prometheus metrics (canary weight, quality probe); 0: off.")
+        default=9090, description="The operator's Prometheus metrics (canary weight, quality probe); 0: off."
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -82,13 +88,22 @@ class OperatorSettings(Model):
 
     @functools.cached_property
     def compile(self) -> CompileSettings:
-        pools = pools_from_values({name: p.model_dump(by_alias=True, exclude_none=True) for name, p in self.gpu_pools.items()})
+        pools = pools_from_values(
+            {name: p.model_dump(by_alias=True, exclude_none=True) for name, p in self.gpu_pools.items()}
+        )
         return CompileSettings(
-            image=self.image, image_pull_policy=self.image_pull_policy, service_account=self.service_account,
-            store_uri=self.store_uri, mlflow_tracking_uri=self.mlflow_tracking_uri, s3_endpoint=self.s3_endpoint,
-            s3_secret_name=self.s3_secret_name, gpu_pools=pools or _COMPILE.gpu_pools,
-            serving_service_account=self.serving_service_account, serving_s3_secret_name=self.serving_s3_secret_name,
-            default_queue=self.default_queue, mlflow_secret_name=self.mlflow_secret_name,
+            image=self.image,
+            image_pull_policy=self.image_pull_policy,
+            service_account=self.service_account,
+            store_uri=self.store_uri,
+            mlflow_tracking_uri=self.mlflow_tracking_uri,
+            s3_endpoint=self.s3_endpoint,
+            s3_secret_name=self.s3_secret_name,
+            gpu_pools=pools or _COMPILE.gpu_pools,
+            serving_service_account=self.serving_service_account,
+            serving_s3_secret_name=self.serving_s3_secret_name,
+            default_queue=self.default_queue,
+            mlflow_secret_name=self.mlflow_secret_name,
         )
 
 

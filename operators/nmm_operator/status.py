@@ -9,7 +9,13 @@ DONE = ("Succeeded", "Failed", "Error")
 
 
 def _condition(kind: str, status: bool, reason: str, message: str, now: str) -> dict:
-    return {"type": kind, "status": "True" if status else "False", "reason": reason, "message": message, "lastTransitionTime": now}
+    return {
+        "type": kind,
+        "status": "True" if status else "False",
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": now,
+    }
 
 
 def _outputs(node: dict) -> dict[str, str]:
@@ -81,8 +87,15 @@ def queued(patch: dict, jobs: list[str], now: str) -> dict:
     if not jobs:
         return patch
     message = f"training job(s) {', '.join(jobs)} wait for Kueue to admit them"
-    return patch | {"phase": "Queued", "stage": "train", "message": message, "conditions": [
-        _condition("Ready", False, "Queued", message, now), _condition("Failed", False, "Queued", "", now)]}
+    return patch | {
+        "phase": "Queued",
+        "stage": "train",
+        "message": message,
+        "conditions": [
+            _condition("Ready", False, "Queued", message, now),
+            _condition("Failed", False, "Queued", "", now),
+        ],
+    }
 
 
 def _failed(phase: str, reason: str, message: str, now: str) -> dict:
@@ -104,8 +117,13 @@ def invalid_spec(problems: list[str], now: str) -> dict:
 def not_owned(workflow: str, now: str) -> dict:
     """The child's name is taken by a Workflow this pipeline does not own (retried: it may be the
     previous incarnation's, awaiting garbage collection)."""
-    return _failed("Pending", "WorkflowNotOwned", f"workflow {workflow} exists and is not owned by this pipeline; "
-                   "waiting for it to go (delete it if it is not the previous pipeline's)", now)
+    return _failed(
+        "Pending",
+        "WorkflowNotOwned",
+        f"workflow {workflow} exists and is not owned by this pipeline; "
+        "waiting for it to go (delete it if it is not the previous pipeline's)",
+        now,
+    )
 
 
 def child_missing(workflow: str, recreated: bool, now: str) -> dict:
@@ -118,7 +136,10 @@ def transition(old: dict | None, new: dict) -> tuple[str, str] | None:
     """(reason, message) for a Kubernetes event when phase or stage changed, else None."""
     old = old or {}
     if old.get("phase") != new.get("phase"):
-        return f"Workflow{new.get('phase')}", f"pipeline {new.get('phase', '').lower()} (workflow {new.get('workflow', '')})"
+        return (
+            f"Workflow{new.get('phase')}",
+            f"pipeline {new.get('phase', '').lower()} (workflow {new.get('workflow', '')})",
+        )
     if new.get("stage") and old.get("stage") != new.get("stage"):
         return "StageStarted", f"stage {new['stage']} running"
     return None
@@ -141,14 +162,19 @@ def retry_patch(wf: dict) -> dict:
     for i in nodes:  # everything under the exit handler goes with it
         if any(p in on_exit for p in _ancestors(parents, i)):
             on_exit.add(i)
-    dropped = {i for i, n in nodes.items() if i in on_exit or (
-        n.get("type") not in _BOUNDARIES and n.get("phase") not in ("Succeeded", "Skipped"))}
+    dropped = {
+        i
+        for i, n in nodes.items()
+        if i in on_exit or (n.get("type") not in _BOUNDARIES and n.get("phase") not in ("Succeeded", "Skipped"))
+    }
     reset = {p for i in dropped if i not in on_exit for p in _ancestors(parents, i)}
     patch_nodes: dict = {i: None for i in dropped}
     for i in reset - dropped:
         patch_nodes[i] = {"phase": "Running", "finishedAt": None, "message": None}
-    return {"metadata": {"labels": {"workflows.argoproj.io/completed": "false"}},
-            "status": {"phase": "Running", "finishedAt": None, "message": None, "nodes": patch_nodes}}
+    return {
+        "metadata": {"labels": {"workflows.argoproj.io/completed": "false"}},
+        "status": {"phase": "Running", "finishedAt": None, "message": None, "nodes": patch_nodes},
+    }
 
 
 def _ancestors(parents: dict[str, str], node_id: str) -> list[str]:

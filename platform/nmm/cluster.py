@@ -41,7 +41,11 @@ def _custom() -> client.CustomObjectsApi:
 def submit(spec: PipelineSpec, namespace: str) -> tuple[str, int]:
     """Create the NMMPipeline, or update its spec; returns ("created"|"updated", generation)."""
     body = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
-    body["metadata"] = {"name": spec.metadata.name, "namespace": namespace, **({"labels": spec.metadata.labels} if spec.metadata.labels else {})}
+    body["metadata"] = {
+        "name": spec.metadata.name,
+        "namespace": namespace,
+        **({"labels": spec.metadata.labels} if spec.metadata.labels else {}),
+    }
     api = _custom()
     try:
         obj = api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
@@ -50,7 +54,9 @@ def submit(spec: PipelineSpec, namespace: str) -> tuple[str, int]:
         if exc.status != 409:
             raise ClusterError(f"cannot create {namespace}/{spec.metadata.name}: {exc.status} {exc.reason}") from None
     try:
-        obj = api.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, spec.metadata.name, {"spec": body["spec"]})
+        obj = api.patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, spec.metadata.name, {"spec": body["spec"]}
+        )
     except ApiException as exc:
         raise ClusterError(f"cannot update {namespace}/{spec.metadata.name}: {exc.status} {exc.reason}") from None
     return "updated", int(obj["metadata"].get("generation", 1))
@@ -83,7 +89,10 @@ def pod_logs(workflow: str, stage: str, namespace: str) -> list[tuple[str, str]]
     """(pod, log) of the stage's pods that still exist: Argo step pods, or the PyTorchJob's."""
     core = _api(kubeclient.core)
     if split_step(stage)[0] == "train":  # train, or train-<variant> in an ablation
-        selector, container = f"training.kubeflow.org/job-name={train_job_name(workflow, split_step(stage)[1])}", "pytorch"
+        selector, container = (
+            f"training.kubeflow.org/job-name={train_job_name(workflow, split_step(stage)[1])}",
+            "pytorch",
+        )
     else:
         selector, container = f"workflows.argoproj.io/workflow={workflow}", "main"
     out = []
@@ -96,7 +105,9 @@ def pod_logs(workflow: str, stage: str, namespace: str) -> list[tuple[str, str]]
         if container == "main" and not node.endswith(f".{stage}") and f".{stage}(" not in node:
             continue
         try:
-            out.append((pod.metadata.name, core.read_namespaced_pod_log(pod.metadata.name, namespace, container=container)))
+            out.append(
+                (pod.metadata.name, core.read_namespaced_pod_log(pod.metadata.name, namespace, container=container))
+            )
         except ApiException:
             continue
     return out
@@ -111,8 +122,6 @@ def store_of(workflow: dict) -> str | None:
     return None
 
 
-
-
 def retry(name: str, namespace: str) -> str:
     """Ask the operator to retry the pipeline's failed Workflow (`argo retry`'s semantics): a new
     value of the nmm.dev/retry annotation. Returns the value set."""
@@ -122,8 +131,9 @@ def retry(name: str, namespace: str) -> str:
     get_pipeline(name, namespace)  # a missing pipeline is a clear error, not a 404 patch
     value = rfc3339(micro=True)
     try:
-        _custom().patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name,
-                                                 {"metadata": {"annotations": {ANNOTATION_RETRY: value}}})
+        _custom().patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, name, {"metadata": {"annotations": {ANNOTATION_RETRY: value}}}
+        )
     except ApiException as exc:
         raise ClusterError(f"cannot annotate nmmpipeline {namespace}/{name}: {exc.status} {exc.reason}") from None
     return value

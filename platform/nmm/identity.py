@@ -29,8 +29,10 @@ class RunIdentity:
         for name in ("namespace", "pipeline", "owner_uid", "run_id"):
             value = getattr(self, name)
             if not isinstance(value, str) or not _PART.match(value) or value in (".", ".."):
-                raise ValueError(f"--{name.replace('_', '-')}: expected a name of letters, digits, '.', '_', '-' "
-                                 f"(at most 253), got {str(value)[:80]!r}")
+                raise ValueError(
+                    f"--{name.replace('_', '-')}: expected a name of letters, digits, '.', '_', '-' "
+                    f"(at most 253), got {str(value)[:80]!r}"
+                )
 
     @property
     def key(self) -> str:

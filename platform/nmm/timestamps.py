@@ -13,7 +13,7 @@ _MICRO = "%Y-%m-%dT%H:%M:%S.%fZ"
 def rfc3339(ts: float | None = None, *, micro: bool = False) -> str:
     """`ts` (seconds since the epoch; default now) in UTC; `micro`: with microseconds (a value
     that must differ from one a moment ago, such as a request annotation)."""
-    when = datetime.datetime.fromtimestamp(time.time() if ts is None else ts, datetime.timezone.utc)
+    when = datetime.datetime.fromtimestamp(time.time() if ts is None else ts, datetime.UTC)
     return when.strftime(_MICRO if micro else FORMAT)
 
 
@@ -21,4 +21,4 @@ def epoch(text: str | None) -> float | None:
     """Seconds since the epoch of a timestamp `rfc3339` wrote (None for none)."""
     if not text:
         return None
-    return datetime.datetime.strptime(text, FORMAT).replace(tzinfo=datetime.timezone.utc).timestamp()
+    return datetime.datetime.strptime(text, FORMAT).replace(tzinfo=datetime.UTC).timestamp()

@@ -12,9 +12,8 @@ import json
 import subprocess
 
 import numpy as np
-import yaml
-
 import pytest
+import yaml
 
 from tests.conftest import NMM, WORKFLOWS
 from tests.e2e.conftest import clean_env
@@ -37,22 +36,52 @@ def short_byo(path):
 def test_byo_webdataset_trains_on_shards_in_the_store_and_filters_with_a_model(tmp_path, quickstart_half):
     env = clean_env()
     spec = short_byo(tmp_path / "byo-webdataset.yaml")
-    missing = subprocess.run([NMM, "run", str(spec)], cwd=tmp_path, env=env,
-                             capture_output=True, text=True, timeout=300)
-    assert missing.returncode != 0 and "matches no .tar shards" in missing.stdout + missing.stderr  # no data yet: says so
-    r = subprocess.run([NMM, "data", "export", "--source", "digits", "--format", "webdataset", "--out", "store://byo/digits",
-                        "--shard-size", "500"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    missing = subprocess.run(
+        [NMM, "run", str(spec)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert (
+        missing.returncode != 0 and "matches no .tar shards" in missing.stdout + missing.stderr
+    )  # no data yet: says so
+    r = subprocess.run(
+        [
+            NMM,
+            "data",
+            "export",
+            "--source",
+            "digits",
+            "--format",
+            "webdataset",
+            "--out",
+            "store://byo/digits",
+            "--shard-size",
+            "500",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     r = subprocess.run([NMM, "run", str(spec)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    (status,) = [json.loads(p.read_text()) for p in (tmp_path / ".nmm" / "runs").glob("*/status.json")
-                 if json.loads(p.read_text())["phase"] == "Succeeded"]
+    (status,) = [
+        json.loads(p.read_text())
+        for p in (tmp_path / ".nmm" / "runs").glob("*/status.json")
+        if json.loads(p.read_text())["phase"] == "Succeeded"
+    ]
     assert status["steps"]["curate-outputs"]["outputs"]["cache"] == "miss"
     metrics = json.loads(status["steps"]["evaluate"]["outputs"]["metrics"])
     assert {"m2t.digits.accuracy", "m2g.digits.accuracy"} <= set(metrics), metrics
     assert status["steps"]["rollout"]["outputs"]["decision"] == "promoted"
-    ledger = subprocess.run([NMM, "data", "ledger", status["name"], "--reason", "near_duplicate", "--rows", "5"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    ledger = subprocess.run(
+        [NMM, "data", "ledger", status["name"], "--reason", "near_duplicate", "--rows", "5"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ledger.returncode == 0 and "digits-shards" in ledger.stdout and "1797" in ledger.stdout, ledger.stdout
 
     _model_filter_drops_the_wrong_captions(tmp_path, env, quickstart_half.folder)
@@ -75,10 +104,30 @@ def _model_filter_drops_the_wrong_captions(tmp_path, env, quickstart):
     doc["spec"]["data"]["sources"][0]["uri"] = "store://byo/mixed/*.tar"
     doc["spec"]["data"]["curation"]["modelFilter"] = {"model": "models:/nmm-quickstart@champion", "keepFraction": 0.9}
     doc["spec"]["data"].pop("ray")
-    r = subprocess.run([NMM, "stage", "curate", "--spec", json.dumps(doc), "--namespace", "default", "--owner-uid", "u1",
-                        "--run-id", "filter-1", "--store", store, "--outputs", str(tmp_path / "out")], cwd=tmp_path,
-                       env=env | {"MLFLOW_TRACKING_URI": f"sqlite:///{quickstart / '.nmm' / 'mlflow.db'}"},
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            NMM,
+            "stage",
+            "curate",
+            "--spec",
+            json.dumps(doc),
+            "--namespace",
+            "default",
+            "--owner-uid",
+            "u1",
+            "--run-id",
+            "filter-1",
+            "--store",
+            store,
+            "--outputs",
+            str(tmp_path / "out"),
+        ],
+        cwd=tmp_path,
+        env=env | {"MLFLOW_TRACKING_URI": f"sqlite:///{quickstart / '.nmm' / 'mlflow.db'}"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     uri = (tmp_path / "out" / "dataset_uri").read_text()
     rows = ledger.from_bytes(storage.read_file(uri, storage.read_manifest(uri), ledger.FILE)).to_pylist()

@@ -14,14 +14,19 @@ import time
 import pytest
 
 from nmm.rollout import analysis
-from nmm.rollout.canary import LocalCanary, Step
+from nmm.rollout.local_canary import LocalCanary, Step
 from tests.serving_fixture import early_model, model_folder, register_champion, run_pipeline
 
 pytestmark = pytest.mark.slow
 
 STEPS = [Step(20, 2.0), Step(50, 2.0), Step(100, 1.0)]
-LIMITS = analysis.Limits(max_error_rate=0.02, max_p95_latency_ms=20_000, max_time_to_first_token_ms=20_000,
-                         min_requests=5, max_quality_drop=0.05)
+LIMITS = analysis.Limits(
+    max_error_rate=0.02,
+    max_p95_latency_ms=20_000,
+    max_time_to_first_token_ms=20_000,
+    min_requests=5,
+    max_quality_drop=0.05,
+)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +54,9 @@ def test_the_pipeline_rolls_the_better_model_out_through_every_step(runs):
     client = MlflowClient(tracking_uri=f"sqlite:///{cwd / '.nmm' / 'mlflow.db'}")
     assert str(client.get_model_version_by_alias("nmm-canary", "champion").version) == "2"
     exp = client.get_experiment_by_name("default/canary")
-    ro = client.search_runs([exp.experiment_id], filter_string="tags.`nmm.stage` = 'rollout'", order_by=["start_time DESC"])[0]
+    ro = client.search_runs(
+        [exp.experiment_id], filter_string="tags.`nmm.stage` = 'rollout'", order_by=["start_time DESC"]
+    )[0]
     assert ro.data.tags["nmm.canary.result"] == "promoted"
     assert ro.data.tags["nmm.canary.stable"] == "1"
     weights = [m.value for m in client.get_metric_history(ro.info.run_id, "canary.weight")]

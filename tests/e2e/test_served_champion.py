@@ -52,8 +52,13 @@ def test_the_served_champion_answers_as_evaluation_measured_it(quickstart_half):
     evaluated, model_folder = _evaluated(folder)
     images, labels = _test_digits(model_folder)
     port = free_port()
-    proc = subprocess.Popen([NMM, "serve", "models:/nmm-quickstart@champion", "--port", str(port)], cwd=folder,
-                            env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [NMM, "serve", "models:/nmm-quickstart@champion", "--port", str(port)],
+        cwd=folder,
+        env=clean_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", 120, proc)
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
@@ -62,19 +67,32 @@ def test_the_served_champion_answers_as_evaluation_measured_it(quickstart_half):
             content = [{"type": "image_url", "image_url": {"url": _data_url(images[i])}}]
             if text:
                 content.insert(0, {"type": "text", "text": text})
-            r = client.chat.completions.create(model="nmm-quickstart", messages=[{"role": "user", "content": content}],
-                                               max_tokens=16)
+            r = client.chat.completions.create(
+                model="nmm-quickstart", messages=[{"role": "user", "content": content}], max_tokens=16
+            )
             return parse_digit(r.choices[0].message.content) == int(labels[i])
 
         with ThreadPoolExecutor(16) as pool:
             alone = np.mean(list(pool.map(lambda i: ask(i, None), range(len(labels)))))
             described = np.mean(list(pool.map(lambda i: ask(i, "Describe the image."), range(len(labels)))))
-        print(f"served champion on {len(labels)} held-out digits: image alone {alone:.3f}, with 'Describe the image.' "
-              f"{described:.3f}; evaluation {evaluated:.3f}")
+        print(
+            f"served champion on {len(labels)} held-out digits: image alone {alone:.3f}, with 'Describe the image.' "
+            f"{described:.3f}; evaluation {evaluated:.3f}"
+        )
         assert abs(alone - evaluated) <= 0.03 and abs(described - evaluated) <= 0.03
         with pytest.raises(BadRequestError) as refused:
-            client.chat.completions.create(model="nmm-quickstart", messages=[{"role": "user", "content": [
-                {"type": "text", "text": "Is this a seven?"}, {"type": "image_url", "image_url": {"url": _data_url(images[0])}}]}])
+            client.chat.completions.create(
+                model="nmm-quickstart",
+                messages=[
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "Is this a seven?"},
+                            {"type": "image_url", "image_url": {"url": _data_url(images[0])}},
+                        ],
+                    }
+                ],
+            )
         assert "captions images and answers no questions" in str(refused.value)
     finally:
         proc.terminate()
@@ -87,14 +105,35 @@ def test_mlflow_s_scorer_reads_a_frame_that_mixes_kinds_through_the_pyfunc_signa
     folder = quickstart_half.folder
     _, model_folder = _evaluated(folder)
     images, _ = _test_digits(model_folder)
-    rows = [{"prompt": "a handwritten digit 3"}, {"image": _data_url(images[0])},
-            {"image": _data_url(images[1]), "question": "Describe the image."}]
+    rows = [
+        {"prompt": "a handwritten digit 3"},
+        {"image": _data_url(images[0])},
+        {"image": _data_url(images[1]), "question": "Describe the image."},
+    ]
     (tmp_path / "input.json").write_text(json.dumps({"dataframe_records": rows}))
     env = clean_env() | {"MLFLOW_TRACKING_URI": f"sqlite:///{folder / '.nmm' / 'mlflow.db'}"}
-    r = subprocess.run([os.path.join(os.path.dirname(NMM), "mlflow"), "models", "predict", "-m",
-                        "models:/nmm-quickstart@champion", "-i", str(tmp_path / "input.json"), "-t", "json",
-                        "--env-manager", "local", "-o", str(tmp_path / "out.json")],
-                       cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            os.path.join(os.path.dirname(NMM), "mlflow"),
+            "models",
+            "predict",
+            "-m",
+            "models:/nmm-quickstart@champion",
+            "-i",
+            str(tmp_path / "input.json"),
+            "-t",
+            "json",
+            "--env-manager",
+            "local",
+            "-o",
+            str(tmp_path / "out.json"),
+        ],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads((tmp_path / "out.json").read_text())["predictions"]
     assert np.asarray(out[0]["image"]).shape[:2] == images[0].shape[:2]

@@ -31,8 +31,12 @@ def run(n: int, workdir: Path, kill_halfway: bool = False, timeout: float = 300.
             bodies = [pipeline(f"load-{i:04d}") for i in range(n)]
             t0 = time.monotonic()
             with ThreadPoolExecutor(16) as pool:
-                list(pool.map(lambda b: api.create_namespaced_custom_object("nmm.dev", "v1alpha1", "load", "nmmpipelines", b),
-                              bodies))
+                list(
+                    pool.map(
+                        lambda b: api.create_namespaced_custom_object("nmm.dev", "v1alpha1", "load", "nmmpipelines", b),
+                        bodies,
+                    )
+                )
             while time.monotonic() - t0 < timeout:  # (the pipelines only: small; the emulator is in this process)
                 pipes = api.list_namespaced_custom_object("nmm.dev", "v1alpha1", "load", "nmmpipelines")["items"]
                 done = sum(1 for p in pipes if (p.get("status") or {}).get("workflow"))
@@ -50,6 +54,12 @@ def run(n: int, workdir: Path, kill_halfway: bool = False, timeout: float = 300.
             op.stop()
     names = [w["metadata"]["name"] for w in wfs]
     owners = {w["metadata"]["ownerReferences"][0]["uid"] for w in wfs}
-    return {"pipelines": n, "workflows": len(wfs), "distinct_workflows": len(set(names)), "owners": len(owners),
-            "with_status": sum(1 for p in pipes if (p.get("status") or {}).get("workflow")),
-            "operator_killed": kills, "seconds": round(seconds, 2)}
+    return {
+        "pipelines": n,
+        "workflows": len(wfs),
+        "distinct_workflows": len(set(names)),
+        "owners": len(owners),
+        "with_status": sum(1 for p in pipes if (p.get("status") or {}).get("workflow")),
+        "operator_killed": kills,
+        "seconds": round(seconds, 2),
+    }

@@ -22,8 +22,12 @@ from tests.unit.test_parallelize import MIX, tiny
 
 def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
     root = tmp_path / "ckpt"
-    cfg = TrainConfig(model=tiny(), phases=(PhaseConfig(mixture=MIX, name="p", steps=6, batch_size=8, lr=1e-3),),
-                      checkpoint_interval=2, keep_latest=1)
+    cfg = TrainConfig(
+        model=tiny(),
+        phases=(PhaseConfig(mixture=MIX, name="p", steps=6, batch_size=8, lr=1e-3),),
+        checkpoint_interval=2,
+        keep_latest=1,
+    )
     real = os.fdopen
     writes = {"state": 0}
 

@@ -36,14 +36,20 @@ def counting(counter: Path, then: str = "") -> str:
 def pipeline(tmp_path: Path, fail_flag: Path, publish_to: str | None = None) -> dict:
     """a → b → c, and `fin` on exit. `a` counts its runs and outputs `out` (a store folder when
     `publish_to`); `b` fails while `fail_flag` exists; `c` and `fin` count their runs."""
-    a_code = counting(tmp_path / "a.count", "pathlib.Path(sys.argv[1]).parent.mkdir(parents=True, exist_ok=True); "
-                      f"pathlib.Path(sys.argv[1]).write_text({(publish_to or 'plain')!r})")
+    a_code = counting(
+        tmp_path / "a.count",
+        "pathlib.Path(sys.argv[1]).parent.mkdir(parents=True, exist_ok=True); "
+        f"pathlib.Path(sys.argv[1]).write_text({(publish_to or 'plain')!r})",
+    )
     a = step("a", a_code, outputs=["out"])
     a["container"]["args"] = ["/tmp/out/out"]
     b = step("b", counting(tmp_path / "b.count", f"sys.exit(5 if pathlib.Path({str(fail_flag)!r}).exists() else 0)"))
     return workflow(
-        [{"name": "a", "template": "a"}, {"name": "b", "template": "b", "dependencies": ["a"]},
-         {"name": "c", "template": "c", "dependencies": ["b"]}],
+        [
+            {"name": "a", "template": "a"},
+            {"name": "b", "template": "b", "dependencies": ["a"]},
+            {"name": "c", "template": "c", "dependencies": ["b"]},
+        ],
         [a, b, step("c", counting(tmp_path / "c.count")), step("fin", counting(tmp_path / "fin.count"))],
         on_exit="fin",
     )
@@ -84,7 +90,9 @@ def test_a_step_whose_store_folder_is_gone_runs_again(tmp_path):
     (tmp_path / "store" / "a" / "data.bin").unlink()
     flag.unlink()
     again = run_workflow(wf, tmp_path / "runs", name="r-2", resume=True)
-    assert again.phase == "Succeeded" and runs_of(tmp_path / "a.count") == 2 and "reused" not in again.steps["a"].message
+    assert (
+        again.phase == "Succeeded" and runs_of(tmp_path / "a.count") == 2 and "reused" not in again.steps["a"].message
+    )
 
 
 def test_a_resume_of_another_workflow_or_a_busy_run_is_refused(tmp_path):
@@ -121,10 +129,15 @@ def test_an_engine_killed_mid_step_leaves_a_whole_record_and_the_resume_stops_it
     step again; the step that had succeeded is not rerun."""
     beat, flag = tmp_path / "beat", tmp_path / "slow"
     flag.touch()
-    slow = step("b", f"import pathlib,time\nwhile pathlib.Path({str(flag)!r}).exists():\n"
-                     f"    pathlib.Path({str(beat)!r}).write_text(str(time.time())); time.sleep(0.1)")
-    wf = workflow([{"name": "a", "template": "a"}, {"name": "b", "template": "b", "dependencies": ["a"]}],
-                  [step("a", counting(tmp_path / "a.count")), slow])
+    slow = step(
+        "b",
+        f"import pathlib,time\nwhile pathlib.Path({str(flag)!r}).exists():\n"
+        f"    pathlib.Path({str(beat)!r}).write_text(str(time.time())); time.sleep(0.1)",
+    )
+    wf = workflow(
+        [{"name": "a", "template": "a"}, {"name": "b", "template": "b", "dependencies": ["a"]}],
+        [step("a", counting(tmp_path / "a.count")), slow],
+    )
     (tmp_path / "wf.json").write_text(json.dumps(wf))
     engine = subprocess.Popen([PY, "-c", ENGINE, str(tmp_path / "wf.json"), str(tmp_path / "runs")])
     wait_for(beat.exists, 60, "the slow step to start")
@@ -138,7 +151,9 @@ def test_an_engine_killed_mid_step_leaves_a_whole_record_and_the_resume_stops_it
     seen = beat.read_text()
     wait_for(lambda: beat.read_text() != seen, 10, "the orphan to keep beating")
     # the step loops while the flag exists: lift it once the orphan is gone, so the new attempt ends
-    lift = threading.Thread(target=lambda: (wait_for(lambda: not ours(orphan), 60, "the orphan to be stopped"), flag.unlink()))
+    lift = threading.Thread(
+        target=lambda: (wait_for(lambda: not ours(orphan), 60, "the orphan to be stopped"), flag.unlink())
+    )
     lift.start()
     again = run_workflow(wf, tmp_path / "runs", name="r-4", resume=True)
     lift.join()
@@ -221,4 +236,6 @@ def test_a_lock_or_status_planted_as_a_symlink_is_never_followed(tmp_path):
     (run / f".status.json.{os.getpid()}.tmp").symlink_to(victim)  # a planted temporary name
     state.write_status(run, {"phase": "Running"})
     assert victim.read_text() == "not nmm's to truncate"
-    assert json.loads((run / "status.json").read_text()) == {"phase": "Running"} and not (run / "status.json").is_symlink()
+    assert (
+        json.loads((run / "status.json").read_text()) == {"phase": "Running"} and not (run / "status.json").is_symlink()
+    )

@@ -23,17 +23,45 @@ from nmm.spec import SpecError, parse_pipeline, parse_pipeline_document
 from tests.conftest import NMM, WORKFLOWS
 
 QUICKSTART = yaml.safe_load((WORKFLOWS / "quickstart.yaml").read_text())
-FIELD = re.compile(r"^(<document>|[A-Za-z0-9_\[])[^\n]*: \S[^\n]*$")  # "<path or location>: <what was expected>", one line
+FIELD = re.compile(
+    r"^(<document>|[A-Za-z0-9_\[])[^\n]*: \S[^\n]*$"
+)  # "<path or location>: <what was expected>", one line
 MAX_PROBLEM = 2_000  # a problem never echoes a huge value back
 FUZZ = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 
-HOSTILE = st.sampled_from(["{{workflow.name}}", "$(POD_IP)", "{{=sprig.env('X')}}", "$$", "../../etc", "a;b", "#x",
-                           "\x00", "é" * 300, "9" * 60, "-1", "1e309", "nan", "true", "null", "~"])
-SCALARS = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(10**30), max_value=10**30),
-                    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=80), HOSTILE)
-VALUES = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                                        st.dictionaries(st.text(max_size=12), inner, max_size=4)),
-                      max_leaves=20)
+HOSTILE = st.sampled_from(
+    [
+        "{{workflow.name}}",
+        "$(POD_IP)",
+        "{{=sprig.env('X')}}",
+        "$$",
+        "../../etc",
+        "a;b",
+        "#x",
+        "\x00",
+        "é" * 300,
+        "9" * 60,
+        "-1",
+        "1e309",
+        "nan",
+        "true",
+        "null",
+        "~",
+    ]
+)
+SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(10**30), max_value=10**30),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=80),
+    HOSTILE,
+)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=12), inner, max_size=4)),
+    max_leaves=20,
+)
 
 
 def paths(doc, prefix=()):
@@ -99,19 +127,41 @@ def test_a_mutated_quickstart_is_accepted_or_refused_with_field_paths(path, op, 
 
 
 @FUZZ
-@given(st.one_of(st.text(max_size=400), VALUES.map(lambda v: yaml.safe_dump(v, allow_unicode=True)),
-                 st.builds(lambda path, op, v: yaml.safe_dump(mutate(QUICKSTART, path, op, v), allow_unicode=True),
-                           st.sampled_from(PATHS), st.sampled_from(["replace", "delete", "add", "wrap"]), VALUES)))
+@given(
+    st.one_of(
+        st.text(max_size=400),
+        VALUES.map(lambda v: yaml.safe_dump(v, allow_unicode=True)),
+        st.builds(
+            lambda path, op, v: yaml.safe_dump(mutate(QUICKSTART, path, op, v), allow_unicode=True),
+            st.sampled_from(PATHS),
+            st.sampled_from(["replace", "delete", "add", "wrap"]),
+            VALUES,
+        ),
+    )
+)
 def test_random_text_and_yaml_never_escape_the_parser(text):
     accepted_or_refused(lambda: parse_pipeline(text, "fuzz.yaml"))
 
 
-@pytest.mark.parametrize("path,op,value,named", [
-    (("spec", "training", "phases", 0, "steps"), "replace", 10**40, "at most 40 allowed"),  # refused while reading, by its line
-    (("spec", "data", "sources", 0, "kind"), "replace", "{{workflow.name}}", "spec.data.sources[0]"),
-    (("spec", "rollout", "registeredModelName"), "replace", "$(cat /etc/passwd)", "spec.rollout.registeredModelName"),
-    (("metadata", "name"), "replace", ["a", {"b": None}], "metadata.name"),
-])
+@pytest.mark.parametrize(
+    "path,op,value,named",
+    [
+        (
+            ("spec", "training", "phases", 0, "steps"),
+            "replace",
+            10**40,
+            "at most 40 allowed",
+        ),  # refused while reading, by its line
+        (("spec", "data", "sources", 0, "kind"), "replace", "{{workflow.name}}", "spec.data.sources[0]"),
+        (
+            ("spec", "rollout", "registeredModelName"),
+            "replace",
+            "$(cat /etc/passwd)",
+            "spec.rollout.registeredModelName",
+        ),
+        (("metadata", "name"), "replace", ["a", {"b": None}], "metadata.name"),
+    ],
+)
 def test_nmm_validate_exits_2_on_mutations_without_a_traceback(tmp_path, path, op, value, named):
     f = tmp_path / "fuzz.yaml"
     f.write_text(yaml.safe_dump(mutate(QUICKSTART, path, op, value)))

@@ -36,7 +36,11 @@ def short_quickstart(path: Path) -> Path:
 
 
 def env() -> dict:
-    return {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "NMM_HOME", "NMM_STORE", "NMM_S3_ENDPOINT")}
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MLFLOW_TRACKING_URI", "NMM_HOME", "NMM_STORE", "NMM_S3_ENDPOINT")
+    }
 
 
 def status(home: Path) -> tuple[str, dict]:
@@ -63,7 +67,9 @@ def test_a_quickstart_killed_during_train_resumes_to_the_uninterrupted_result(tm
     res = tmp_path / "res"
     res.mkdir()
 
-    engine = subprocess.Popen([NMM, "run", str(spec)], cwd=res, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    engine = subprocess.Popen(
+        [NMM, "run", str(spec)], cwd=res, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     store = res / ".nmm" / "store" / "runs" / "default" / "quickstart"
     wait_for(lambda: any(store.glob("*/*/train/checkpoints/*/latest.json")), 300, "train's first checkpoint")
     engine.send_signal(signal.SIGKILL)  # the engine only: torchrun and its workers live on
@@ -72,7 +78,9 @@ def test_a_quickstart_killed_during_train_resumes_to_the_uninterrupted_result(tm
     assert killed["phase"] == "Running" and killed["steps"]["curate"]["phase"] == "Succeeded"
     assert [g["step"] for g in killed["groups"]] == ["train"]
 
-    r = subprocess.run([NMM, "run", str(spec), "--resume", name], cwd=res, env=env(), capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [NMM, "run", str(spec), "--resume", name], cwd=res, env=env(), capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     _, resumed = status(res)
     assert resumed["phase"] == "Succeeded" and resumed["uid"] == killed["uid"] and resumed["attempt"] == 2
@@ -89,7 +97,8 @@ def test_a_quickstart_killed_during_train_resumes_to_the_uninterrupted_result(tm
     runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`nmm.run_id` = '{name}'", max_results=1000)
     (parent,) = [x for x in runs if x.data.tags.get("nmm.stage") == "pipeline"]
     assert parent.info.status == "FINISHED"
-    stages = sorted(x.data.tags["nmm.stage"] for x in runs if x.data.tags.get("mlflow.parentRunId") == parent.info.run_id)
+    stages = sorted(
+        x.data.tags["nmm.stage"] for x in runs if x.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    )
     assert stages == ["curate", "evaluate", "rollout", "train"], stages
     assert len(client.search_model_versions("name='nmm-quickstart'")) == 1
-

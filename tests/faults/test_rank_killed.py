@@ -31,17 +31,55 @@ TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 
 def job_workflow(root: Path, out: Path, *flags: str) -> dict:
     """One resource step creating a PyTorchJob of one pod: torchrun, two ranks of dist_worker."""
-    container = {"name": "pytorch", "image": "nmm:test", "command": [TORCHRUN],
-                 "args": ["--nnodes=1", "--nproc-per-node=2", "--node-rank=$(RANK)", "--master-addr=$(MASTER_ADDR)",
-                          "--master-port=$(MASTER_PORT)", "-m", "tests.integration.dist_worker", root.as_uri(), str(out), *flags]}
-    job = {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "metadata": {"name": "{{workflow.name}}-train"},
-           "spec": {"nprocPerNode": "2", "runPolicy": {"backoffLimit": 2},
-                    "pytorchReplicaSpecs": {"Master": {"replicas": 1, "restartPolicy": "OnFailure",
-                                                       "template": {"spec": {"containers": [container]}}}}}}
-    return {"apiVersion": "argoproj.io/v1alpha1", "kind": "Workflow", "metadata": {"generateName": "r19-"},
-            "spec": {"entrypoint": "main", "templates": [
+    container = {
+        "name": "pytorch",
+        "image": "nmm:test",
+        "command": [TORCHRUN],
+        "args": [
+            "--nnodes=1",
+            "--nproc-per-node=2",
+            "--node-rank=$(RANK)",
+            "--master-addr=$(MASTER_ADDR)",
+            "--master-port=$(MASTER_PORT)",
+            "-m",
+            "tests.integration.dist_worker",
+            root.as_uri(),
+            str(out),
+            *flags,
+        ],
+    }
+    job = {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": {"name": "{{workflow.name}}-train"},
+        "spec": {
+            "nprocPerNode": "2",
+            "runPolicy": {"backoffLimit": 2},
+            "pytorchReplicaSpecs": {
+                "Master": {
+                    "replicas": 1,
+                    "restartPolicy": "OnFailure",
+                    "template": {"spec": {"containers": [container]}},
+                }
+            },
+        },
+    }
+    return {
+        "apiVersion": "argoproj.io/v1alpha1",
+        "kind": "Workflow",
+        "metadata": {"generateName": "r19-"},
+        "spec": {
+            "entrypoint": "main",
+            "templates": [
                 {"name": "main", "dag": {"tasks": [{"name": "train", "template": "train"}]}},
-                {"name": "train", "activeDeadlineSeconds": "300", "resource": {"action": "create", "manifest": yaml.safe_dump(job)}}]}}
+                {
+                    "name": "train",
+                    "activeDeadlineSeconds": "300",
+                    "resource": {"action": "create", "manifest": yaml.safe_dump(job)},
+                },
+            ],
+        },
+    }
 
 
 def rank_one() -> list[int]:
@@ -59,15 +97,23 @@ def rank_one() -> list[int]:
 
 
 def test_a_killed_ddp_rank_restarts_the_job_which_resumes_to_the_uninterrupted_weights_r19(tmp_path):
-    straight = run_workflow(job_workflow(tmp_path / "straight", tmp_path / "straight.pt", "--grpo"), tmp_path / "runs-a")
+    straight = run_workflow(
+        job_workflow(tmp_path / "straight", tmp_path / "straight.pt", "--grpo"), tmp_path / "runs-a"
+    )
     assert straight.phase == "Succeeded", straight.steps["train"].message
 
     root, result = tmp_path / "killed", {}
-    engine = threading.Thread(target=lambda: result.update(
-        r=run_workflow(job_workflow(root, tmp_path / "resumed.pt", "--grpo", "--slow"), tmp_path / "runs-b")))
+    engine = threading.Thread(
+        target=lambda: result.update(
+            r=run_workflow(job_workflow(root, tmp_path / "resumed.pt", "--grpo", "--slow"), tmp_path / "runs-b")
+        )
+    )
     engine.start()
-    wait_for(lambda: (root / "latest.json").exists() and json.loads((root / "latest.json").read_text())["latest"] >= 24,
-             120, "a checkpoint at step 24, inside the grpo phase")
+    wait_for(
+        lambda: (root / "latest.json").exists() and json.loads((root / "latest.json").read_text())["latest"] >= 24,
+        120,
+        "a checkpoint at step 24, inside the grpo phase",
+    )
     (victim,) = wait_for(rank_one, 30, "rank 1")
     os.kill(victim, signal.SIGKILL)
     engine.join(timeout=300)

@@ -20,10 +20,19 @@ pytestmark = pytest.mark.integration
 def faulty(s3_server, monkeypatch):
     from minio import Minio
 
-    Minio(s3_server["endpoint"], access_key=s3_server["access_key"], secret_key=s3_server["secret_key"], secure=False,
-          region="us-east-1").bucket_exists("faults") or Minio(
-        s3_server["endpoint"], access_key=s3_server["access_key"], secret_key=s3_server["secret_key"], secure=False,
-        region="us-east-1").make_bucket("faults")
+    Minio(
+        s3_server["endpoint"],
+        access_key=s3_server["access_key"],
+        secret_key=s3_server["secret_key"],
+        secure=False,
+        region="us-east-1",
+    ).bucket_exists("faults") or Minio(
+        s3_server["endpoint"],
+        access_key=s3_server["access_key"],
+        secret_key=s3_server["secret_key"],
+        secure=False,
+        region="us-east-1",
+    ).make_bucket("faults")
     proxy = FaultyS3(s3_server["endpoint"])
     monkeypatch.setenv("NMM_S3_ENDPOINT", f"http://{proxy.endpoint}")
     monkeypatch.setenv("NMM_S3_ACCESS_KEY", s3_server["access_key"])

@@ -26,9 +26,15 @@ MIX = {"m2t": 0.5, "m2g": 0.5}  # equal shares of M2T and M2G rows
 def config(fsdp: bool) -> TrainConfig:
     return TrainConfig(
         model=ModelConfig(vocab_size=40, dim=32, layers=2, heads=2, max_seq_len=16),
-        phases=(PhaseConfig(mixture=MIX, name="a", steps=12, batch_size=8, lr=3e-3, warmup_steps=2),
-                PhaseConfig(mixture=MIX, name="b", steps=12, batch_size=8, lr=1e-3, recipe="sft")),
-        seed=5, checkpoint_interval=4, keep_latest=2, log_every=1, parallel=Parallelism(fsdp=fsdp),
+        phases=(
+            PhaseConfig(mixture=MIX, name="a", steps=12, batch_size=8, lr=3e-3, warmup_steps=2),
+            PhaseConfig(mixture=MIX, name="b", steps=12, batch_size=8, lr=1e-3, recipe="sft"),
+        ),
+        seed=5,
+        checkpoint_interval=4,
+        keep_latest=2,
+        log_every=1,
+        parallel=Parallelism(fsdp=fsdp),
     )
 
 
@@ -38,7 +44,11 @@ def grpo():
     from tests.unit.test_grpo import colour, rl_cfg
     from tests.unit.test_recipes import train_data
 
-    return dataclasses.replace(rl_cfg(8), checkpoint_interval=4), train_data(), {"colour": Reward("colour", "m2g", colour)}
+    return (
+        dataclasses.replace(rl_cfg(8), checkpoint_interval=4),
+        train_data(),
+        {"colour": Reward("colour", "m2g", colour)},
+    )
 
 
 if __name__ == "__main__":
@@ -48,14 +58,16 @@ if __name__ == "__main__":
     slow = "--slow" in sys.argv
     cfg, rows, rewards = grpo() if "--grpo" in sys.argv else (config("--fsdp" in sys.argv), data(), None)
     try:
-        model, summary = train(cfg, rows, info, root, lambda m, step: time.sleep(0.3) if slow else None, rewards=rewards)
+        model, summary = train(
+            cfg, rows, info, root, lambda m, step: time.sleep(0.3) if slow else None, rewards=rewards
+        )
         distributed.barrier(info)  # as the train stage does: leave together, then write
         distributed.shutdown(info)
         if info.is_main:
             torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out)
             print("resumed_from", summary["resumed_from"], flush=True)
         code = 0
-    except Exception as exc:  # noqa: BLE001 - the exit code is what the test reads
+    except Exception as exc:
         sys.stdout.write(f"{type(exc).__name__} {exc}\n")  # one write: the two ranks' lines never interleave
         code = 143 if type(exc).__name__ == "Preempted" else 1
     finally:

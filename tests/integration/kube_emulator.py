@@ -40,7 +40,8 @@ from tests import merge_patch
 
 def conflict() -> k8s.KubernetesError:
     return k8s.KubernetesError(
-        status=409, reason="Conflict",
+        status=409,
+        reason="Conflict",
         message="the object has been modified; please apply your changes to the latest version and try again",
     )
 
@@ -121,8 +122,10 @@ class RealisticEmulator(kmock.KubernetesEmulator):
         yield b""
         async with self._lock:
             fresh = [
-                {"type": "ADDED", "object": o.raw} for (res, ns, name), o in self.objects.items()
-                if res == request.resource and not o.deleted
+                {"type": "ADDED", "object": o.raw}
+                for (res, ns, name), o in self.objects.items()
+                if res == request.resource
+                and not o.deleted
                 and (request.namespace is None or ns == request.namespace)
                 and int(o.raw.get("metadata", {}).get("resourceVersion", "0") or 0) > int(since)
             ]
@@ -160,13 +163,17 @@ class RealisticEmulator(kmock.KubernetesEmulator):
             meta.update(
                 uid=str(uuid.uuid4()),
                 resourceVersion=self._next_rv(),
-                creationTimestamp=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                creationTimestamp=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
                 generation=1,
             )
             if str(request.resource.plural) in self.status_subresources:
                 request.data.pop("status", None)  # create ignores status when /status exists
         elif request.resource is not None and request.action == enums.action.UPDATE and request.name:
-            if str(request.resource.plural) in self.held_plurals and self._released is not None and isinstance(request.data, dict):
+            if (
+                str(request.resource.plural) in self.held_plurals
+                and self._released is not None
+                and isinstance(request.data, dict)
+            ):
                 await self._released.wait()
             current = self._current(request)
             if current is not None:
@@ -183,7 +190,7 @@ class RealisticEmulator(kmock.KubernetesEmulator):
             try:
                 new = jsonpatch.apply_patch(old, data)
             except (jsonpatch.JsonPatchTestFailed, jsonpatch.JsonPatchConflict) as exc:
-                raise invalid(str(exc))
+                raise invalid(str(exc)) from None
             data = _merge_patch_between(old, new)
             object.__setattr__(request, "data", data)
         if not isinstance(data, dict):
@@ -208,8 +215,10 @@ class RealisticEmulator(kmock.KubernetesEmulator):
         while True:
             alive = {o.raw["metadata"].get("uid") for o in self.objects.values() if not o.deleted}
             orphans = [
-                (key, o) for key, o in self.objects.items()
-                if not o.deleted and any(r.get("uid") not in alive for r in o.raw["metadata"].get("ownerReferences", []))
+                (key, o)
+                for key, o in self.objects.items()
+                if not o.deleted
+                and any(r.get("uid") not in alive for r in o.raw["metadata"].get("ownerReferences", []))
             ]
             if not orphans:
                 return
@@ -238,7 +247,9 @@ class EmulatorThread:
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
         emulator = RealisticEmulator()
-        emulator.status_subresources = {r.split("/")[-1] for r, info in self.resources.items() if "status" in info.get("subresources", [])}
+        emulator.status_subresources = {
+            r.split("/")[-1] for r, info in self.resources.items() if "status" in info.get("subresources", [])
+        }
         emulator.resources.load_bundled()
         for path, info in self.resources.items():
             emulator.resources[path] = kmock.ResourceInfo(**info)
@@ -248,7 +259,7 @@ class EmulatorThread:
             self.ready.set()
             await self._stop.wait()
 
-    def __enter__(self) -> "EmulatorThread":
+    def __enter__(self) -> EmulatorThread:
         self.thread.start()
         if not self.ready.wait(30):
             raise RuntimeError("the Kubernetes emulator did not start")

@@ -17,7 +17,9 @@ pytestmark = pytest.mark.integration
 
 
 def worker(root: str, out, slow: bool = False) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "tests.integration.resume_worker", root, str(out)] + (["--slow"] if slow else []))
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.integration.resume_worker", root, str(out)] + (["--slow"] if slow else [])
+    )
 
 
 def test_kill_9_then_resume_matches_the_uninterrupted_run_bitwise_r15(tmp_path):

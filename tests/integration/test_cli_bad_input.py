@@ -34,7 +34,11 @@ def nmm_here(args, cwd: Path, monkeypatch) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("path", BAD, ids=lambda p: p.name)
 def test_bad_pipeline_exits_2_with_field_path_and_writes_nothing(path, command, tmp_path, monkeypatch):
     before = sorted(tmp_path.rglob("*"))
-    r = nmm_here([command, str(path)], tmp_path, monkeypatch) if command == "validate" else nmm([command, str(path)], tmp_path)
+    r = (
+        nmm_here([command, str(path)], tmp_path, monkeypatch)
+        if command == "validate"
+        else nmm([command, str(path)], tmp_path)
+    )
     assert r.returncode == 2, r.stderr
     assert expected(path) in r.stderr, r.stderr
     assert "Traceback" not in r.stderr + r.stdout

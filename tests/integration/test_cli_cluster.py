@@ -8,8 +8,8 @@ import yaml
 from kubernetes import client
 
 from nmm.identity import RunIdentity
-from nmm.storage import layout
 from nmm.stages.logs import Archive
+from nmm.storage import layout
 from tests.conftest import NMM, WORKFLOWS
 from tests.integration.kube_emulator import EmulatorThread
 from tests.integration.test_operator import RESOURCES
@@ -62,9 +62,22 @@ def test_status_shows_the_table_and_a_missing_pipeline_is_a_clear_error(emu, api
     doc = yaml.safe_load((WORKFLOWS / "quickstart.yaml").read_text())
     doc["metadata"] = {"name": "st"}
     api.create_namespaced_custom_object("nmm.dev", "v1alpha1", "cli-st", "nmmpipelines", doc)
-    api.patch_namespaced_custom_object_status("nmm.dev", "v1alpha1", "cli-st", "nmmpipelines", "st", {"status": {
-        "phase": "Running", "stage": "train", "workflow": "st-g1", "stages": {"curate": "Succeeded", "train": "Running"},
-        "conditions": [{"type": "Ready", "status": "False", "reason": "Running", "message": ""}]}})
+    api.patch_namespaced_custom_object_status(
+        "nmm.dev",
+        "v1alpha1",
+        "cli-st",
+        "nmmpipelines",
+        "st",
+        {
+            "status": {
+                "phase": "Running",
+                "stage": "train",
+                "workflow": "st-g1",
+                "stages": {"curate": "Succeeded", "train": "Running"},
+                "conditions": [{"type": "Ready", "status": "False", "reason": "Running", "message": ""}],
+            }
+        },
+    )
     r = nmm(emu, "status", "st", "-n", "cli-st")
     assert r.returncode == 0, r.stderr
     for text in ("Running", "train", "st-g1", "stage curate", "Succeeded", "condition Ready"):
@@ -81,10 +94,21 @@ def test_logs_fall_back_to_the_copy_archived_in_the_store(emu, api, tmp_path):
     # The run's own folder: namespace, pipeline, the pipeline's UID, the run (nmm.storage.layout).
     with Archive(layout.stage_uri(store, RunIdentity("cli-lg", "lg", created["metadata"]["uid"], "lg-g1"), "evaluate")):
         print("m2t.digits.accuracy = 0.9424")
-    api.patch_namespaced_custom_object_status("nmm.dev", "v1alpha1", "cli-lg", "nmmpipelines", "lg", {"status": {"workflow": "lg-g1"}})
-    api.create_namespaced_custom_object("argoproj.io", "v1alpha1", "cli-lg", "workflows", {
-        "apiVersion": "argoproj.io/v1alpha1", "kind": "Workflow", "metadata": {"name": "lg-g1"},
-        "spec": {"templates": [{"name": "curate", "container": {"args": ["stage", "curate", "--store", store]}}]}})
+    api.patch_namespaced_custom_object_status(
+        "nmm.dev", "v1alpha1", "cli-lg", "nmmpipelines", "lg", {"status": {"workflow": "lg-g1"}}
+    )
+    api.create_namespaced_custom_object(
+        "argoproj.io",
+        "v1alpha1",
+        "cli-lg",
+        "workflows",
+        {
+            "apiVersion": "argoproj.io/v1alpha1",
+            "kind": "Workflow",
+            "metadata": {"name": "lg-g1"},
+            "spec": {"templates": [{"name": "curate", "container": {"args": ["stage", "curate", "--store", store]}}]},
+        },
+    )
     r = nmm(emu, "logs", "lg", "--stage", "evaluate", "-n", "cli-lg")
     assert r.returncode == 0, r.stderr
     assert "m2t.digits.accuracy = 0.9424" in r.stdout and "==> " in r.stdout

@@ -35,7 +35,13 @@ def pipeline(uri: str) -> dict:
 def env(s3_server, mlflow_server, tmp_path_factory):
     from minio import Minio
 
-    mc = Minio(s3_server["endpoint"], access_key=s3_server["access_key"], secret_key=s3_server["secret_key"], secure=False, region="us-east-1")
+    mc = Minio(
+        s3_server["endpoint"],
+        access_key=s3_server["access_key"],
+        secret_key=s3_server["secret_key"],
+        secure=False,
+        region="us-east-1",
+    )
     if not mc.bucket_exists(BUCKET):
         mc.make_bucket(BUCKET)
     import io
@@ -44,9 +50,16 @@ def env(s3_server, mlflow_server, tmp_path_factory):
         mc.put_object(BUCKET, f"web/{name}", io.BytesIO(data), len(data))
     tmp = tmp_path_factory.mktemp("byo")
     e = dict(os.environ)
-    e.update({"MLFLOW_TRACKING_URI": mlflow_server, "NMM_S3_ENDPOINT": f"http://{s3_server['endpoint']}",
-              "NMM_S3_ACCESS_KEY": s3_server["access_key"], "NMM_S3_SECRET_KEY": s3_server["secret_key"],
-              "NMM_S3_BUCKET": BUCKET, "NMM_HOME": str(tmp / ".nmm")})
+    e.update(
+        {
+            "MLFLOW_TRACKING_URI": mlflow_server,
+            "NMM_S3_ENDPOINT": f"http://{s3_server['endpoint']}",
+            "NMM_S3_ACCESS_KEY": s3_server["access_key"],
+            "NMM_S3_SECRET_KEY": s3_server["secret_key"],
+            "NMM_S3_BUCKET": BUCKET,
+            "NMM_HOME": str(tmp / ".nmm"),
+        }
+    )
     e.pop("NMM_STORE", None)
     return {"env": e, "tmp": tmp, "mc": mc}
 
@@ -54,9 +67,30 @@ def env(s3_server, mlflow_server, tmp_path_factory):
 def stage(env, doc: dict, run_id: str) -> tuple[subprocess.CompletedProcess, dict]:
     out = env["tmp"] / run_id
     out.mkdir(exist_ok=True)
-    r = subprocess.run([NMM, "stage", "curate", "--spec", json.dumps(doc), "--namespace", "it", "--owner-uid", "uid-1",
-                        "--run-id", run_id, "--store", f"s3://{BUCKET}", "--outputs", str(out)],
-                       env=env["env"], cwd=env["tmp"], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            NMM,
+            "stage",
+            "curate",
+            "--spec",
+            json.dumps(doc),
+            "--namespace",
+            "it",
+            "--owner-uid",
+            "uid-1",
+            "--run-id",
+            run_id,
+            "--store",
+            f"s3://{BUCKET}",
+            "--outputs",
+            str(out),
+        ],
+        env=env["env"],
+        cwd=env["tmp"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     outputs = {p.name: p.read_text() for p in out.iterdir()} if r.returncode == 0 else {}
     return r, outputs
 
@@ -95,8 +129,11 @@ def test_mlflow_has_the_counts_the_grids_and_the_data_card(env, first):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(env["env"]["MLFLOW_TRACKING_URI"])
-    (run,) = [r for r in client.search_runs([client.get_experiment_by_name("it/it-byo").experiment_id])
-              if r.data.tags.get("nmm.stage") == "curate" and r.data.tags.get("nmm.cache") == "miss"]
+    (run,) = [
+        r
+        for r in client.search_runs([client.get_experiment_by_name("it/it-byo").experiment_id])
+        if r.data.tags.get("nmm.stage") == "curate" and r.data.tags.get("nmm.cache") == "miss"
+    ]
     m = run.data.metrics
     assert m["curate.kept"] == m["curate.source.shapes.kept"] + len(fx.CLEAN_KEYS)
     assert m["curate.dropped.decode_error"] == 6 and m["curate.dropped.near_duplicate"] >= 3
@@ -104,7 +141,15 @@ def test_mlflow_has_the_counts_the_grids_and_the_data_card(env, first):
     names = {a.path for a in client.list_artifacts(run.info.run_id, "curate")}
     assert "curate/datacard.md" in names
     grids = {a.path for a in client.list_artifacts(run.info.run_id, "curate/examples")}
-    shown = ("keep", "exact_duplicate", "near_duplicate", "caption_near_duplicate", "blank_image", "caption_empty", "caption_length")
+    shown = (
+        "keep",
+        "exact_duplicate",
+        "near_duplicate",
+        "caption_near_duplicate",
+        "blank_image",
+        "caption_empty",
+        "caption_length",
+    )
     assert {f"curate/examples/{name}.png" for name in shown} <= grids  # decode errors have no picture to show
     card = open(client.download_artifacts(run.info.run_id, "curate/datacard.md")).read()
     assert f"s3://{BUCKET}/web/shard-{{000000..000002}}.tar" in card and "Leakage" in card
@@ -147,7 +192,10 @@ def test_ray_and_a_plain_loop_decide_the_same_ledger_bytes(env, first, monkeypat
     s3_env(env, monkeypatch)  # before Ray starts: its workers inherit this env
     src = Source(kind="webdataset", name="web", uri=f"s3://{BUCKET}/web/shard-{{000000..000002}}.tar")
     units, _ = readers.units(src)
-    units = [readers.Unit(i, u.source, u.kind, (uri,)) for i, (u, uri) in enumerate((u, uri) for u in units for uri in u.uris)]
+    units = [
+        readers.Unit(i, u.source, u.kind, (uri,))
+        for i, (u, uri) in enumerate((u, uri) for u in units for uri in u.uris)
+    ]
     got = []
     try:
         for engine in ("ray", "loop"):
@@ -160,8 +208,9 @@ def test_ray_and_a_plain_loop_decide_the_same_ledger_bytes(env, first, monkeypat
         texts = [[f"a photo of {i % 7} things", f"number {i}"] for i in range(len(images))]
         vq = PatchVQ.fit(images, 4, 16).to_bytes()
         text = TextTokenizer.train("bpe", [t for pair in texts for t in pair], 64).to_bytes()
-        tokenized = [ray_transforms.tokenize_samples(images, texts, vq, text, engine=e, batch_size=128)
-                     for e in ("ray", "loop")]
+        tokenized = [
+            ray_transforms.tokenize_samples(images, texts, vq, text, engine=e, batch_size=128) for e in ("ray", "loop")
+        ]
     finally:
         ray_transforms.shutdown()
     assert len(units) == 3 and got[0] == got[1]

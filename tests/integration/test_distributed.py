@@ -21,7 +21,9 @@ def run(root: Path, out: Path, nproc: int, *flags: str) -> subprocess.Popen:
         argv = [sys.executable, "-m", "tests.integration.dist_worker"]
     else:
         argv = [TORCHRUN, "--standalone", f"--nproc-per-node={nproc}", "-m", "tests.integration.dist_worker"]
-    return subprocess.Popen(argv + [root.as_uri(), str(out), *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        argv + [root.as_uri(), str(out), *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def weights(path: Path) -> dict:

@@ -12,7 +12,12 @@ def step(name: str, code: str, outputs=(), inputs=(), retries: int = 0) -> dict:
         "name": name,
         "retryStrategy": {"limit": str(retries)},
         "activeDeadlineSeconds": "60",
-        "container": {"image": "x:1", "command": [PY, "-c", code], "args": [], "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}]},
+        "container": {
+            "image": "x:1",
+            "command": [PY, "-c", code],
+            "args": [],
+            "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        },
     }
     if outputs:
         t["outputs"] = {"parameters": [{"name": o, "valueFrom": {"path": f"/tmp/out/{o}"}} for o in outputs]}
@@ -23,20 +28,26 @@ def step(name: str, code: str, outputs=(), inputs=(), retries: int = 0) -> dict:
 
 def workflow(tasks: list[dict], templates: list[dict], on_exit: str | None = None) -> dict:
     wf = {
-        "apiVersion": "argoproj.io/v1alpha1", "kind": "Workflow", "metadata": {"generateName": "t-"},
-        "spec": {"entrypoint": "main", "volumes": [{"name": "tmp", "emptyDir": {}}],
-                 "templates": [{"name": "main", "dag": {"tasks": tasks}}, *templates]},
+        "apiVersion": "argoproj.io/v1alpha1",
+        "kind": "Workflow",
+        "metadata": {"generateName": "t-"},
+        "spec": {
+            "entrypoint": "main",
+            "volumes": [{"name": "tmp", "emptyDir": {}}],
+            "templates": [{"name": "main", "dag": {"tasks": tasks}}, *templates],
+        },
     }
     if on_exit:
         wf["spec"]["onExit"] = on_exit
     return wf
 
 
-
-
 def writer(name: str, value: str) -> str:
     """Code that writes `value` to the path in argv[1] (the engine maps /tmp/… to the step's folder)."""
-    return f"import pathlib,sys; p=pathlib.Path(sys.argv[1]); p.parent.mkdir(parents=True, exist_ok=True); p.write_text({value!r})"
+    return (
+        "import pathlib,sys; p=pathlib.Path(sys.argv[1]); p.parent.mkdir(parents=True, exist_ok=True); "
+        f"p.write_text({value!r})"
+    )
 
 
 def test_outputs_flow_between_steps_and_when_skips(tmp_path):
@@ -46,9 +57,21 @@ def test_outputs_flow_between_steps_and_when_skips(tmp_path):
     b["container"]["args"] = ["{{inputs.parameters.g}}"]
     c = step("c", "print('should not run')")
     wf = workflow(
-        [{"name": "a", "template": "a"},
-         {"name": "b", "template": "b", "dependencies": ["a"], "arguments": {"parameters": [{"name": "g", "value": "{{tasks.a.outputs.parameters.gate}}"}]}},
-         {"name": "c", "template": "c", "dependencies": ["b"], "when": "{{tasks.a.outputs.parameters.gate}} == pass"}],
+        [
+            {"name": "a", "template": "a"},
+            {
+                "name": "b",
+                "template": "b",
+                "dependencies": ["a"],
+                "arguments": {"parameters": [{"name": "g", "value": "{{tasks.a.outputs.parameters.gate}}"}]},
+            },
+            {
+                "name": "c",
+                "template": "c",
+                "dependencies": ["b"],
+                "when": "{{tasks.a.outputs.parameters.gate}} == pass",
+            },
+        ],
         [a, b, c],
     )
     r = run_workflow(wf, tmp_path)
@@ -60,7 +83,10 @@ def test_outputs_flow_between_steps_and_when_skips(tmp_path):
 
 def test_retry_strategy_retries_a_failing_step_until_it_succeeds(tmp_path):
     marker = tmp_path / "attempts"
-    code = f"import pathlib,sys; p=pathlib.Path({str(marker)!r}); n=int(p.read_text()) if p.exists() else 0; p.write_text(str(n+1)); sys.exit(0 if n >= 2 else 3)"
+    code = (
+        f"import pathlib,sys; p=pathlib.Path({str(marker)!r}); n=int(p.read_text()) if p.exists() else 0; "
+        "p.write_text(str(n+1)); sys.exit(0 if n >= 2 else 3)"
+    )
     wf = workflow([{"name": "flaky", "template": "flaky"}], [step("flaky", code, retries=2)])
     r = run_workflow(wf, tmp_path / "runs")
     assert r.phase == "Succeeded" and r.steps["flaky"].attempts == 3
@@ -103,12 +129,24 @@ def pytorchjob_step(name: str, code: str, backoff_limit: int, nproc_replicas: in
     import yaml
 
     pod = {"spec": {"containers": [{"name": "pytorch", "image": "x:1", "command": [PY, "-c", code], "args": []}]}}
-    job = {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "metadata": {"name": "{{workflow.name}}-train"},
-           "spec": {"pytorchReplicaSpecs": {"Master": {"replicas": 1, "template": pod},
-                                            "Worker": {"replicas": nproc_replicas - 1, "template": pod}},
-                    "runPolicy": {"backoffLimit": backoff_limit}}}
-    return {"name": name, "retryStrategy": {"limit": "0"}, "activeDeadlineSeconds": "60",
-            "resource": {"action": "create", "manifest": yaml.safe_dump(job)}}
+    job = {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": {"name": "{{workflow.name}}-train"},
+        "spec": {
+            "pytorchReplicaSpecs": {
+                "Master": {"replicas": 1, "template": pod},
+                "Worker": {"replicas": nproc_replicas - 1, "template": pod},
+            },
+            "runPolicy": {"backoffLimit": backoff_limit},
+        },
+    }
+    return {
+        "name": name,
+        "retryStrategy": {"limit": "0"},
+        "activeDeadlineSeconds": "60",
+        "resource": {"action": "create", "manifest": yaml.safe_dump(job)},
+    }
 
 
 def test_a_pytorchjob_whose_replica_dies_is_started_again_within_its_backoff_limit_r19(tmp_path):
@@ -116,15 +154,21 @@ def test_a_pytorchjob_whose_replica_dies_is_started_again_within_its_backoff_lim
     again, as many times as `runPolicy.backoffLimit` allows and no more; the restarts are
     recorded and written into the step's log."""
     marker = tmp_path / "starts"
-    code = (f"import os,pathlib,sys; p=pathlib.Path({str(marker)!r}); rank=os.environ['RANK']; "
-            "n=len(p.read_text().split()) if p.exists() else 0\n"
-            "if rank == '1': p.write_text(p.read_text() + ' x' if p.exists() else 'x')\n"
-            "sys.exit(9 if rank == '1' and n < 2 else 0)")
-    ok = run_workflow(workflow([{"name": "train", "template": "train"}], [pytorchjob_step("train", code, 2)]), tmp_path / "a")
+    code = (
+        f"import os,pathlib,sys; p=pathlib.Path({str(marker)!r}); rank=os.environ['RANK']; "
+        "n=len(p.read_text().split()) if p.exists() else 0\n"
+        "if rank == '1': p.write_text(p.read_text() + ' x' if p.exists() else 'x')\n"
+        "sys.exit(9 if rank == '1' and n < 2 else 0)"
+    )
+    ok = run_workflow(
+        workflow([{"name": "train", "template": "train"}], [pytorchjob_step("train", code, 2)]), tmp_path / "a"
+    )
     assert ok.phase == "Succeeded" and ok.steps["train"].attempts == 1 and ok.steps["train"].restarts == 2
     log = ok.steps["train"].logs[0].read_text()
     assert "restart 1 of backoffLimit 2" in log and "restart 2 of backoffLimit 2" in log
     marker.unlink()
-    bounded = run_workflow(workflow([{"name": "train", "template": "train"}], [pytorchjob_step("train", code, 1)]), tmp_path / "b")
+    bounded = run_workflow(
+        workflow([{"name": "train", "template": "train"}], [pytorchjob_step("train", code, 1)]), tmp_path / "b"
+    )
     assert bounded.phase == "Failed" and bounded.steps["train"].restarts == 1
     assert bounded.steps["train"].message == "exit code 9"

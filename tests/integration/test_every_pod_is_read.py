@@ -10,9 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 
-pytestmark = pytest.mark.integration
-
 from nmm.rollout import analysis
+
+pytestmark = pytest.mark.integration
 
 PAGE = """# TYPE nmm_requests_total counter
 nmm_requests_total{{route="/v1/chat/completions",status="200"}} {n}
@@ -43,22 +43,29 @@ def metrics_server(host: str, port: int, counts: dict):
 
 
 def pod(name: str, ip: str, ready: bool = True, deleting: bool = False):
-    return SimpleNamespace(metadata=SimpleNamespace(name=name, deletion_timestamp="now" if deleting else None),
-                           status=SimpleNamespace(pod_ip=ip, conditions=[SimpleNamespace(type="Ready", status=str(ready))]))
+    return SimpleNamespace(
+        metadata=SimpleNamespace(name=name, deletion_timestamp="now" if deleting else None),
+        status=SimpleNamespace(pod_ip=ip, conditions=[SimpleNamespace(type="Ready", status=str(ready))]),
+    )
 
 
 def test_the_operator_reads_every_ready_pod_of_a_version_and_sums_them(monkeypatch):
     from nmm import kubeclient
     from nmm.compile import serving as build
-    from nmm_operator import service_handlers
     from nmm.ports import free_port
+    from nmm_operator import service_handlers
 
     port, counts, asked = free_port(), {"127.0.0.2": 10, "127.0.0.3": 20}, []
     servers = [metrics_server(h, port, counts) for h in counts]
-    pods = [pod("digits-canary-a", "127.0.0.2"), pod("digits-canary-b", "127.0.0.3"),
-            pod("digits-canary-c", "127.0.0.4", ready=False), pod("digits-canary-d", "127.0.0.5", deleting=True)]
-    core = SimpleNamespace(list_namespaced_pod=lambda ns, label_selector: asked.append((ns, label_selector))
-                           or SimpleNamespace(items=pods))
+    pods = [
+        pod("digits-canary-a", "127.0.0.2"),
+        pod("digits-canary-b", "127.0.0.3"),
+        pod("digits-canary-c", "127.0.0.4", ready=False),
+        pod("digits-canary-d", "127.0.0.5", deleting=True),
+    ]
+    core = SimpleNamespace(
+        list_namespaced_pod=lambda ns, label_selector: asked.append((ns, label_selector)) or SimpleNamespace(items=pods)
+    )
     monkeypatch.setattr(kubeclient, "core", lambda: core)
     monkeypatch.setattr(build, "PORT", port)
     try:
@@ -67,7 +74,10 @@ def test_the_operator_reads_every_ready_pod_of_a_version_and_sums_them(monkeypat
         world = service_handlers.KubeWorld(body, spec)
         before = world.read(1, 2)["candidate"]
         assert asked[0] == ("team-a", "nmm.dev/service=digits,nmm.dev/model-version=2")
-        assert sorted(before) == ["digits-canary-a", "digits-canary-b"]  # the unready and the terminating pods are not read
+        assert sorted(before) == [
+            "digits-canary-a",
+            "digits-canary-b",
+        ]  # the unready and the terminating pods are not read
         counts["127.0.0.2"], counts["127.0.0.3"] = 15, 29
         after = world.read(1, 2)["candidate"]
         assert analysis.window(before, after).requests == 5 + 9  # both pods' traffic, not one of them

@@ -30,7 +30,7 @@ def png(seed: int) -> bytes:
 def gnu_sparse_member(name: bytes, real_size: int, data: bytes) -> bytes:
     """A GNU sparse tar member (type 'S'): `data` stored, `real_size` declared (the holes read as zeros)."""
     h = bytearray(512)
-    h[0:len(name)] = name
+    h[0 : len(name)] = name
     h[100:108], h[108:116], h[116:124] = b"0000644\0", b"0001750\0", b"0001750\0"
     h[124:136], h[136:148], h[156:157], h[257:265] = b"%011o\0" % len(data), b"%011o\0" % 0, b"S", b"ustar  \0"
     h[386:398], h[398:410] = b"%011o\0" % 0, b"%011o\0" % len(data)  # one sparse entry: offset 0, its bytes
@@ -59,16 +59,20 @@ def hostile(tmp_path_factory):
         add(tar, "huge.txt", b"a huge image")
         end = tar.offset  # before the end-of-archive blocks: the sparse member follows
     clean_and_huge = buf.getvalue()[:end]
-    (wds / "shard-000000.tar").write_bytes(clean_and_huge + gnu_sparse_member(b"sparse.png", 1 << 30, b"x" * 10240)
-                                            + b"\0" * 1024)
+    (wds / "shard-000000.tar").write_bytes(
+        clean_and_huge + gnu_sparse_member(b"sparse.png", 1 << 30, b"x" * 10240) + b"\0" * 1024
+    )
     pq_dir = root / "pq"
     pq_dir.mkdir()
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"image": [png(1)], "caption": ["a clean row"]}), pq_dir / "a-clean.parquet")
-    pq.write_table(pa.table({"image": pa.array([bytes(300 << 20)], pa.binary()), "caption": ["a bomb"]}),
-                   pq_dir / "b-bomb.parquet", compression="zstd")
+    pq.write_table(
+        pa.table({"image": pa.array([bytes(300 << 20)], pa.binary()), "caption": ["a bomb"]}),
+        pq_dir / "b-bomb.parquet",
+        compression="zstd",
+    )
     assert (pq_dir / "b-bomb.parquet").stat().st_size < 200_000  # a few KiB on disk, 300 MiB inside
     folder = root / "folder"
     folder.mkdir()
@@ -91,8 +95,10 @@ settings = Settings(side=16, channels=3, limits=Limits(min_side=8), signatures=F
 rows = []
 for unit in readers.units(src)[0]:
     out = examine_unit(unit, settings)
-    rows += [[str(k), str(r), str(d)[:200], bool(p)] for k, r, d, p in zip(out["key"], out["reason"], out["detail"], out["has_pixels"])]
-peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))  # this process image's own peak (ru_maxrss survives exec)
+    fields = zip(out["key"], out["reason"], out["detail"], out["has_pixels"])
+    rows += [[str(k), str(r), str(d)[:200], bool(p)] for k, r, d, p in fields]
+# this process image's own peak (ru_maxrss survives exec)
+peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 print(json.dumps({"rows": rows, "peak_mib": peak / 1024}))
 """
 
@@ -110,8 +116,10 @@ def test_oversized_and_sparse_tar_members_are_ledger_rows_read_as_a_stream(hosti
     assert rows["huge"][0] == "too_large" and "over the 67108864-byte limit" in rows["huge"][1]
     assert rows["sparse"][0] == "decode_error" and "sparse tar member" in rows["sparse"][1]
     baseline = examine({"kind": "parquet", "uri": str(hostile / "pq" / "a-clean.parquet"), "imageSize": 16})
-    print(f"webdataset with a 1 GiB sparse and a 100 MiB member: peak {out['peak_mib']:.0f} MiB, "
-          f"clean baseline {baseline['peak_mib']:.0f} MiB")
+    print(
+        f"webdataset with a 1 GiB sparse and a 100 MiB member: peak {out['peak_mib']:.0f} MiB, "
+        f"clean baseline {baseline['peak_mib']:.0f} MiB"
+    )
     assert out["peak_mib"] - baseline["peak_mib"] < 100
 
 
@@ -121,7 +129,10 @@ def test_a_parquet_cell_that_decompresses_to_300_mib_is_refused_from_the_metadat
     assert clean[1] == "" and clean[3]
     assert bomb[1] == "too_large" and "decompressed" in bomb[2]
     baseline = examine({"kind": "parquet", "uri": str(hostile / "pq" / "a-clean.parquet"), "imageSize": 16})
-    print(f"parquet with a 300 MiB zstd cell: peak {out['peak_mib']:.0f} MiB, clean baseline {baseline['peak_mib']:.0f} MiB")
+    print(
+        f"parquet with a 300 MiB zstd cell: peak {out['peak_mib']:.0f} MiB, "
+        f"clean baseline {baseline['peak_mib']:.0f} MiB"
+    )
     assert out["peak_mib"] - baseline["peak_mib"] < 100
 
 

@@ -25,17 +25,43 @@ pytestmark = pytest.mark.integration
 def auth_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-auth")
     ini = root / "basic_auth.ini"
-    ini.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{root / 'auth.db'}\n"
-                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    ini.write_text(
+        f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{root / 'auth.db'}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
     port = free_port()
-    env = dict(os.environ, MLFLOW_AUTH_CONFIG_PATH=str(ini), MLFLOW_AUTH_ADMIN_USERNAME="nmm-admin",
-               MLFLOW_AUTH_ADMIN_PASSWORD="s3cret-for-tests", MLFLOW_BACKEND_STORE_URI=f"sqlite:///{root / 'mlflow.db'}",
-               MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
-               MLFLOW_FLASK_SERVER_SECRET_KEY="csrf-key-for-tests")
+    env = dict(
+        os.environ,
+        MLFLOW_AUTH_CONFIG_PATH=str(ini),
+        MLFLOW_AUTH_ADMIN_USERNAME="nmm-admin",
+        MLFLOW_AUTH_ADMIN_PASSWORD="s3cret-for-tests",
+        MLFLOW_BACKEND_STORE_URI=f"sqlite:///{root / 'mlflow.db'}",
+        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+        MLFLOW_FLASK_SERVER_SECRET_KEY="csrf-key-for-tests",
+    )
     log = open(root / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1", "--default-artifact-root", str(root / "artifacts")],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=root)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--app-name",
+            "basic-auth",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--default-artifact-root",
+            str(root / "artifacts"),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=root,
+    )
     try:
         wait_http(f"http://127.0.0.1:{port}/health", 90, proc)
         yield f"http://127.0.0.1:{port}"

@@ -48,11 +48,15 @@ class Operator:
     def __init__(self, url: str, log: Path, settings: Path, verbose: bool = True):
         self.url, self.log, self.settings, self.proc, self.verbose = url, log, settings, None, verbose
 
-    def start(self) -> "Operator":
+    def start(self) -> Operator:
         env = dict(os.environ, NMM_KUBE_SERVER=self.url, NMM_OPERATOR_SETTINGS=str(self.settings))
         self.proc = subprocess.Popen(
-            [KOPF, "run", "--standalone", "--all-namespaces", "-m", "nmm_operator.handlers"] + (["--verbose"] if self.verbose else []),
-            env=env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+            [KOPF, "run", "--standalone", "--all-namespaces", "-m", "nmm_operator.handlers"]
+            + (["--verbose"] if self.verbose else []),
+            env=env,
+            stdout=open(self.log, "ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         return self
 
@@ -75,7 +79,9 @@ class Operator:
 @pytest.fixture
 def operator(emu, tmp_path):
     settings = tmp_path / "settings.json"
-    settings.write_text(json.dumps({"image": "ghcr.io/nmm-dev/nmm:0.1.0", "onChildDeleted": "report", "recheckSeconds": 1}))
+    settings.write_text(
+        json.dumps({"image": "ghcr.io/nmm-dev/nmm:0.1.0", "onChildDeleted": "report", "recheckSeconds": 1})
+    )
     op = Operator(emu.url, tmp_path / "operator.log", settings).start()
     yield op
     op.stop()
@@ -132,27 +138,57 @@ def test_workflow_status_flows_into_pipeline_status_and_printer_columns(api, ope
         "1": {"displayName": "curate", "type": "Pod", "phase": "Succeeded"},
         "2": {"displayName": "train", "type": "Retry", "phase": "Running"},
     }
-    api.patch_namespaced_custom_object("argoproj.io", "v1alpha1", "ns-status", "workflows", "qs-g1",
-                                       {"status": {"phase": "Running", "startedAt": "2026-11-22T10:00:00Z", "nodes": nodes}})
-    running = wait_for(lambda: (s := get(api, "ns-status", "qs")).get("status", {}).get("stage") == "train" and s, what="stage train")
+    api.patch_namespaced_custom_object(
+        "argoproj.io",
+        "v1alpha1",
+        "ns-status",
+        "workflows",
+        "qs-g1",
+        {"status": {"phase": "Running", "startedAt": "2026-11-22T10:00:00Z", "nodes": nodes}},
+    )
+    running = wait_for(
+        lambda: (s := get(api, "ns-status", "qs")).get("status", {}).get("stage") == "train" and s, what="stage train"
+    )
     assert columns(running)["Phase"] == "Running" and columns(running)["Stage"] == "train"
     assert running["status"]["stages"]["curate"] == "Succeeded"
-    nodes.update({
-        "2": {"displayName": "train", "type": "Retry", "phase": "Succeeded"},
-        "3": {"displayName": "evaluate", "type": "Pod", "phase": "Succeeded"},
-        "4": {"displayName": "rollout", "type": "Pod", "phase": "Succeeded",
-              "outputs": {"parameters": [{"name": "decision", "value": "promoted"}, {"name": "version", "value": "3"}]}},
-        "5": {"displayName": "finalize", "type": "Pod", "phase": "Succeeded",
-              "outputs": {"parameters": [{"name": "mlflow_run_id", "value": "run-abc"}]}},
-    })
-    api.patch_namespaced_custom_object("argoproj.io", "v1alpha1", "ns-status", "workflows", "qs-g1",
-                                       {"status": {"phase": "Succeeded", "finishedAt": "2026-11-22T11:00:00Z", "nodes": nodes}})
-    done = wait_for(lambda: (s := get(api, "ns-status", "qs")).get("status", {}).get("phase") == "Succeeded" and s, what="Succeeded")
+    nodes.update(
+        {
+            "2": {"displayName": "train", "type": "Retry", "phase": "Succeeded"},
+            "3": {"displayName": "evaluate", "type": "Pod", "phase": "Succeeded"},
+            "4": {
+                "displayName": "rollout",
+                "type": "Pod",
+                "phase": "Succeeded",
+                "outputs": {
+                    "parameters": [{"name": "decision", "value": "promoted"}, {"name": "version", "value": "3"}]
+                },
+            },
+            "5": {
+                "displayName": "finalize",
+                "type": "Pod",
+                "phase": "Succeeded",
+                "outputs": {"parameters": [{"name": "mlflow_run_id", "value": "run-abc"}]},
+            },
+        }
+    )
+    api.patch_namespaced_custom_object(
+        "argoproj.io",
+        "v1alpha1",
+        "ns-status",
+        "workflows",
+        "qs-g1",
+        {"status": {"phase": "Succeeded", "finishedAt": "2026-11-22T11:00:00Z", "nodes": nodes}},
+    )
+    done = wait_for(
+        lambda: (s := get(api, "ns-status", "qs")).get("status", {}).get("phase") == "Succeeded" and s, what="Succeeded"
+    )
     assert columns(done) | {"Age": None} == {"Phase": "Succeeded", "Stage": "", "Champion": "3", "Age": None}
     assert done["status"]["mlflowRunId"] == "run-abc"
     ready = next(c for c in done["status"]["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "True"
-    events = [o.raw for (res, ns, _), o in list(emu.emulator.objects.items()) if res.plural == "events" and not o.deleted]
+    events = [
+        o.raw for (res, ns, _), o in list(emu.emulator.objects.items()) if res.plural == "events" and not o.deleted
+    ]
     reasons = {e.get("reason") for e in events if e.get("involvedObject", {}).get("name") == "qs"}
     assert {"WorkflowCreated", "WorkflowSucceeded"} <= reasons
 
@@ -163,23 +199,41 @@ def test_a_training_job_kueue_holds_makes_the_pipeline_queued_until_admitted(api
     named); once admitted it is Running again (the recheck timer looks within recheckSeconds)."""
     create(api, "ns-queue", pipeline("qs"))
     wait_for(lambda: workflows(api, "ns-queue"), what="a workflow")
-    nodes = {"1": {"displayName": "curate", "type": "Pod", "phase": "Succeeded"},
-             "2": {"displayName": "train", "type": "Retry", "phase": "Running"}}
-    job = {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
-           "metadata": {"name": "qs-g1-train", "labels": {"nmm.dev/run": "qs-g1", "kueue.x-k8s.io/queue-name": "nmm"}},
-           "spec": {"runPolicy": {"suspend": True}, "pytorchReplicaSpecs": {}},
-           "status": {"conditions": [{"type": "Suspended", "status": "True", "reason": "JobSuspended"}]}}
+    nodes = {
+        "1": {"displayName": "curate", "type": "Pod", "phase": "Succeeded"},
+        "2": {"displayName": "train", "type": "Retry", "phase": "Running"},
+    }
+    job = {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": {"name": "qs-g1-train", "labels": {"nmm.dev/run": "qs-g1", "kueue.x-k8s.io/queue-name": "nmm"}},
+        "spec": {"runPolicy": {"suspend": True}, "pytorchReplicaSpecs": {}},
+        "status": {"conditions": [{"type": "Suspended", "status": "True", "reason": "JobSuspended"}]},
+    }
     api.create_namespaced_custom_object("kubeflow.org", "v1", "ns-queue", "pytorchjobs", job)
-    api.patch_namespaced_custom_object("argoproj.io", "v1alpha1", "ns-queue", "workflows", "qs-g1",
-                                       {"status": {"phase": "Running", "nodes": nodes}})
-    queued = wait_for(lambda: (s := get(api, "ns-queue", "qs")).get("status", {}).get("phase") == "Queued" and s, what="Queued")
+    api.patch_namespaced_custom_object(
+        "argoproj.io", "v1alpha1", "ns-queue", "workflows", "qs-g1", {"status": {"phase": "Running", "nodes": nodes}}
+    )
+    queued = wait_for(
+        lambda: (s := get(api, "ns-queue", "qs")).get("status", {}).get("phase") == "Queued" and s, what="Queued"
+    )
     assert columns(queued)["Phase"] == "Queued" and columns(queued)["Stage"] == "train"
     ready = next(c for c in queued["status"]["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "False" and ready["reason"] == "Queued" and "qs-g1-train" in ready["message"]
-    api.patch_namespaced_custom_object("kubeflow.org", "v1", "ns-queue", "pytorchjobs", "qs-g1-train", {
-        "spec": {"runPolicy": {"suspend": False}},
-        "status": {"conditions": [{"type": "Suspended", "status": "False", "reason": "JobResumed"}]}})
-    wait_for(lambda: get(api, "ns-queue", "qs").get("status", {}).get("phase") == "Running", 15, "Running once admitted")
+    api.patch_namespaced_custom_object(
+        "kubeflow.org",
+        "v1",
+        "ns-queue",
+        "pytorchjobs",
+        "qs-g1-train",
+        {
+            "spec": {"runPolicy": {"suspend": False}},
+            "status": {"conditions": [{"type": "Suspended", "status": "False", "reason": "JobResumed"}]},
+        },
+    )
+    wait_for(
+        lambda: get(api, "ns-queue", "qs").get("status", {}).get("phase") == "Running", 15, "Running once admitted"
+    )
 
 
 def test_nmm_retry_retries_the_failed_workflow_like_argo_retry(api, operator, emu):
@@ -192,28 +246,63 @@ def test_nmm_retry_retries_the_failed_workflow_like_argo_retry(api, operator, em
     create(api, "ns-retry", pipeline("qs"))
     wait_for(lambda: workflows(api, "ns-retry"), what="a workflow")
     nodes = {
-        "qs-g1": {"id": "qs-g1", "displayName": "qs-g1", "type": "DAG", "phase": "Failed", "templateName": "pipeline",
-                  "children": ["c", "t"]},
+        "qs-g1": {
+            "id": "qs-g1",
+            "displayName": "qs-g1",
+            "type": "DAG",
+            "phase": "Failed",
+            "templateName": "pipeline",
+            "children": ["c", "t"],
+        },
         "c": {"id": "c", "displayName": "curate", "type": "Pod", "phase": "Succeeded", "templateName": "curate"},
-        "t": {"id": "t", "displayName": "train", "type": "Retry", "phase": "Failed", "templateName": "train", "children": ["t0"]},
+        "t": {
+            "id": "t",
+            "displayName": "train",
+            "type": "Retry",
+            "phase": "Failed",
+            "templateName": "train",
+            "children": ["t0"],
+        },
         "t0": {"id": "t0", "displayName": "train(0)", "type": "Pod", "phase": "Failed", "templateName": "train"},
         "f": {"id": "f", "displayName": "finalize", "type": "Pod", "phase": "Succeeded", "templateName": "finalize"},
     }
-    api.patch_namespaced_custom_object("argoproj.io", "v1alpha1", "ns-retry", "workflows", "qs-g1",
-                                       {"status": {"phase": "Failed", "finishedAt": "2026-11-30T10:00:00Z", "nodes": nodes}})
+    api.patch_namespaced_custom_object(
+        "argoproj.io",
+        "v1alpha1",
+        "ns-retry",
+        "workflows",
+        "qs-g1",
+        {"status": {"phase": "Failed", "finishedAt": "2026-11-30T10:00:00Z", "nodes": nodes}},
+    )
     wait_for(lambda: get(api, "ns-retry", "qs").get("status", {}).get("phase") == "Failed", what="Failed")
-    uid = api.get_namespaced_custom_object("argoproj.io", "v1alpha1", "ns-retry", "workflows", "qs-g1")["metadata"]["uid"]
+    uid = api.get_namespaced_custom_object("argoproj.io", "v1alpha1", "ns-retry", "workflows", "qs-g1")["metadata"][
+        "uid"
+    ]
 
     def job(plural: str, name: str, owner: str | None, status: dict) -> None:
         group, kind = ("ray.io", "RayJob") if plural == "rayjobs" else ("kubeflow.org", "PyTorchJob")
-        owners = [{"apiVersion": "argoproj.io/v1alpha1", "kind": "Workflow", "name": "qs-g1", "uid": owner}] if owner else []
-        api.create_namespaced_custom_object(group, "v1", "ns-retry", plural, {
-            "apiVersion": f"{group}/v1", "kind": kind, "status": status, "spec": {},
-            "metadata": {"name": name, "labels": {"nmm.dev/run": "qs-g1"}, "ownerReferences": owners}})
+        owners = (
+            [{"apiVersion": "argoproj.io/v1alpha1", "kind": "Workflow", "name": "qs-g1", "uid": owner}] if owner else []
+        )
+        api.create_namespaced_custom_object(
+            group,
+            "v1",
+            "ns-retry",
+            plural,
+            {
+                "apiVersion": f"{group}/v1",
+                "kind": kind,
+                "status": status,
+                "spec": {},
+                "metadata": {"name": name, "labels": {"nmm.dev/run": "qs-g1"}, "ownerReferences": owners},
+            },
+        )
 
     failed = {"conditions": [{"type": "Failed", "status": "True", "reason": "PyTorchJobFailed"}]}
     job("pytorchjobs", "qs-g1-train", uid, failed)  # the failed step's job: deleted, so the retry can create it again
-    job("pytorchjobs", "qs-g1-train-mid", uid, {"conditions": [{"type": "Running", "status": "True"}]})  # not failed: kept
+    job(
+        "pytorchjobs", "qs-g1-train-mid", uid, {"conditions": [{"type": "Running", "status": "True"}]}
+    )  # not failed: kept
     job("pytorchjobs", "impostor", None, failed)  # the run's label, not owned by its Workflow: kept
     job("rayjobs", "qs-g1-curate", uid, {"jobStatus": "FAILED"})  # deleted
     os.environ["NMM_KUBE_SERVER"] = emu.url
@@ -221,8 +310,16 @@ def test_nmm_retry_retries_the_failed_workflow_like_argo_retry(api, operator, em
         cluster.retry("qs", "ns-retry")
     finally:
         del os.environ["NMM_KUBE_SERVER"]
-    wf = wait_for(lambda: (w := api.get_namespaced_custom_object("argoproj.io", "v1alpha1", "ns-retry", "workflows", "qs-g1"))
-                  ["status"]["phase"] == "Running" and w, what="the workflow retried")
+    wf = wait_for(
+        lambda: (
+            (w := api.get_namespaced_custom_object("argoproj.io", "v1alpha1", "ns-retry", "workflows", "qs-g1"))[
+                "status"
+            ]["phase"]
+            == "Running"
+            and w
+        ),
+        what="the workflow retried",
+    )
     assert set(wf["status"]["nodes"]) == {"qs-g1", "c", "t"}  # failed pod and exit handler dropped, curate kept
     assert wf["status"]["nodes"]["t"]["phase"] == "Running" and wf["status"]["nodes"]["qs-g1"]["phase"] == "Running"
     assert wf["status"]["nodes"]["c"]["phase"] == "Succeeded" and "finishedAt" not in wf["status"]
@@ -230,12 +327,17 @@ def test_nmm_retry_retries_the_failed_workflow_like_argo_retry(api, operator, em
     assert wait_for(lambda: get(api, "ns-retry", "qs").get("status", {}).get("retries") == 1, what="status.retries")
 
     def reasons() -> set:
-        events = [o.raw for (res, ns, _), o in list(emu.emulator.objects.items()) if res.plural == "events" and not o.deleted]
+        events = [
+            o.raw for (res, ns, _), o in list(emu.emulator.objects.items()) if res.plural == "events" and not o.deleted
+        ]
         return {e.get("reason") for e in events if e.get("involvedObject", {}).get("name") == "qs"}
 
     wait_for(lambda: "WorkflowRetried" in reasons(), what="the WorkflowRetried event")
-    left = {o["metadata"]["name"] for plural, group in (("pytorchjobs", "kubeflow.org"), ("rayjobs", "ray.io"))
-            for o in api.list_namespaced_custom_object(group, "v1", "ns-retry", plural)["items"]}
+    left = {
+        o["metadata"]["name"]
+        for plural, group in (("pytorchjobs", "kubeflow.org"), ("rayjobs", "ray.io"))
+        for o in api.list_namespaced_custom_object(group, "v1", "ns-retry", plural)["items"]
+    }
     assert left == {"qs-g1-train-mid", "impostor"}, left
     os.environ["NMM_KUBE_SERVER"] = emu.url
     try:
@@ -307,7 +409,9 @@ def test_a_workflow_deleted_behind_the_operators_back_is_reported_r9(api, operat
     create(api, "ns-r9", pipeline("qs"))
     wait_for(lambda: get(api, "ns-r9", "qs").get("status", {}).get("workflow"), what="status.workflow")
     api.delete_namespaced_custom_object("argoproj.io", "v1alpha1", "ns-r9", "workflows", "qs-g1")
-    status = wait_for(lambda: (s := get(api, "ns-r9", "qs").get("status", {})).get("phase") == "Error" and s, what="Error")
+    status = wait_for(
+        lambda: (s := get(api, "ns-r9", "qs").get("status", {})).get("phase") == "Error" and s, what="Error"
+    )
     assert status["conditions"][-1]["reason"] == "WorkflowMissing"
 
 
@@ -325,18 +429,31 @@ def test_a_pre_created_workflow_is_never_adopted(api, operator):
     # Someone created "qs-g1" before the pipeline existed: main took the 409 as success and
     # mirrored the stranger's status (its champion included) into the pipeline.
     stranger = builders.build_workflow(
-        {**pipeline("qs"), "apiVersion": "nmm.dev/v1alpha1", "kind": "NMMPipeline",
-         "metadata": {"name": "qs", "namespace": "ns-adopt", "uid": "not-the-pipeline", "generation": 1}},
+        {
+            **pipeline("qs"),
+            "apiVersion": "nmm.dev/v1alpha1",
+            "kind": "NMMPipeline",
+            "metadata": {"name": "qs", "namespace": "ns-adopt", "uid": "not-the-pipeline", "generation": 1},
+        },
         CompileSettings(),
     )
     del stranger["metadata"]["ownerReferences"]  # made by hand: labelled as the pipeline's, owned by nobody
     api.create_namespaced_custom_object("argoproj.io", "v1alpha1", "ns-adopt", "workflows", stranger)
-    nodes = {"1": {"displayName": "rollout", "type": "Pod", "phase": "Succeeded",
-                   "outputs": {"parameters": [{"name": "decision", "value": "promoted"}, {"name": "version", "value": "666"}]}}}
-    api.patch_namespaced_custom_object("argoproj.io", "v1alpha1", "ns-adopt", "workflows", "qs-g1",
-                                       {"status": {"phase": "Succeeded", "nodes": nodes}})
+    nodes = {
+        "1": {
+            "displayName": "rollout",
+            "type": "Pod",
+            "phase": "Succeeded",
+            "outputs": {"parameters": [{"name": "decision", "value": "promoted"}, {"name": "version", "value": "666"}]},
+        }
+    }
+    api.patch_namespaced_custom_object(
+        "argoproj.io", "v1alpha1", "ns-adopt", "workflows", "qs-g1", {"status": {"phase": "Succeeded", "nodes": nodes}}
+    )
     create(api, "ns-adopt", pipeline("qs"))
-    st = wait_for(lambda: (s := get(api, "ns-adopt", "qs").get("status", {})).get("conditions") and s, what="a condition")
+    st = wait_for(
+        lambda: (s := get(api, "ns-adopt", "qs").get("status", {})).get("conditions") and s, what="a condition"
+    )
     assert st["conditions"][-1]["reason"] == "WorkflowNotOwned" and "not owned" in st["message"]
     time.sleep(2.5)  # recheck ticks (1 s) and mirror events pass; nothing may adopt the stranger
     st = get(api, "ns-adopt", "qs")["status"]
@@ -348,21 +465,31 @@ def test_a_pre_created_workflow_is_never_adopted(api, operator):
 def test_a_spec_edit_stops_the_superseded_generation(api, operator, emu):
     created = create(api, "ns-edit", pipeline("qs"))
     wait_for(lambda: get(api, "ns-edit", "qs").get("status", {}).get("workflow") == "qs-g1", what="generation 1")
-    api.patch_namespaced_custom_object("argoproj.io", "v1alpha1", "ns-edit", "workflows", "qs-g1",
-                                       {"status": {"phase": "Running"}})
+    api.patch_namespaced_custom_object(
+        "argoproj.io", "v1alpha1", "ns-edit", "workflows", "qs-g1", {"status": {"phase": "Running"}}
+    )
     body = get(api, "ns-edit", "qs")
     body["spec"]["training"]["seed"] = 7
     api.patch_namespaced_custom_object("nmm.dev", "v1alpha1", "ns-edit", "nmmpipelines", "qs", {"spec": body["spec"]})
     wait_for(lambda: get(api, "ns-edit", "qs").get("status", {}).get("workflow") == "qs-g2", what="generation 2")
-    by_name = wait_for(lambda: (w := {x["metadata"]["name"]: x for x in workflows(api, "ns-edit")})
-                       and w["qs-g1"]["spec"].get("shutdown") and w, what="qs-g1 stopped")
+    by_name = wait_for(
+        lambda: (
+            (w := {x["metadata"]["name"]: x for x in workflows(api, "ns-edit")})
+            and w["qs-g1"]["spec"].get("shutdown")
+            and w
+        ),
+        what="qs-g1 stopped",
+    )
     assert by_name["qs-g1"]["spec"]["shutdown"] == "Stop"  # argo stop: exit handler closes its MLflow run
     assert "shutdown" not in by_name["qs-g2"]["spec"]
     assert all(w["metadata"]["ownerReferences"][0]["uid"] == created["metadata"]["uid"] for w in by_name.values())
 
     def reasons() -> set:  # kopf posts events from a queue of its own: they may lag the patch
-        return {o.raw.get("reason") for (res, ns, _), o in list(emu.emulator.objects.items())
-                if res.plural == "events" and ns == "ns-edit" and not o.deleted}
+        return {
+            o.raw.get("reason")
+            for (res, ns, _), o in list(emu.emulator.objects.items())
+            if res.plural == "events" and ns == "ns-edit" and not o.deleted
+        }
 
     wait_for(lambda: "WorkflowSuperseded" in reasons(), what="a WorkflowSuperseded event")
 

@@ -29,8 +29,8 @@ import numpy as np
 import pytest
 from kubernetes import client
 
-from nmm.rollout import probe
 from nmm.ports import free_port
+from nmm.rollout import probe
 from tests.conftest import NMM, wait_for, wait_http
 from tests.integration.kube_emulator import EmulatorThread
 from tests.serving_fixture import publish_small_model
@@ -67,7 +67,9 @@ def world(tmp_path_factory):
     for ns in NAMESPACES:
         mlflow.create_registered_model(model(ns), tags={"nmm.namespace": ns})
         for _ in range(2):
-            mlflow.create_model_version(model(ns), source=folder, tags={"nmm.model_store_uri": folder, "nmm.model_digest": digest})
+            mlflow.create_model_version(
+                model(ns), source=folder, tags={"nmm.model_store_uri": folder, "nmm.model_digest": digest}
+            )
         mlflow.set_registered_model_alias(model(ns), "candidate", "1")
         mlflow.set_registered_model_alias(model(ns), "champion", "1")
     rng = np.random.default_rng(0)
@@ -78,16 +80,29 @@ def world(tmp_path_factory):
         cfg = client.Configuration()
         cfg.host = emu.url
         api = client.ApiClient(cfg)
-        yield {"tmp": tmp, "folder": folder, "db": db, "mlflow": mlflow, "emu": emu, "api": api,
-               "custom": client.CustomObjectsApi(api), "cases": (tmp / "probe.jsonl").as_uri()}
+        yield {
+            "tmp": tmp,
+            "folder": folder,
+            "db": db,
+            "mlflow": mlflow,
+            "emu": emu,
+            "api": api,
+            "custom": client.CustomObjectsApi(api),
+            "cases": (tmp / "probe.jsonl").as_uri(),
+        }
 
 
 class Server:
     def __init__(self, folder: str, log: Path):
         self.port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("NMM_S3", "MLFLOW"))}
-        self.proc = subprocess.Popen([NMM, "serve", folder, "--port", str(self.port)], env=env,
-                                     stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [NMM, "serve", folder, "--port", str(self.port)],
+            env=env,
+            stdout=open(log, "wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         wait_http(self.url + "/healthz", 60, self.proc)
 
     @property
@@ -104,15 +119,24 @@ class Operator:
     def __init__(self, world, settings: dict, log: Path):
         path = log.with_suffix(".json")
         path.write_text(json.dumps(settings))
-        self.env = dict(os.environ, NMM_KUBE_SERVER=world["emu"].url, NMM_OPERATOR_SETTINGS=str(path),
-                        MLFLOW_TRACKING_URI=world["db"])
+        self.env = dict(
+            os.environ,
+            NMM_KUBE_SERVER=world["emu"].url,
+            NMM_OPERATOR_SETTINGS=str(path),
+            MLFLOW_TRACKING_URI=world["db"],
+        )
         self.log = log
         self.start()
 
     def start(self, failpoint: str | None = None) -> None:
         env = self.env | ({"NMM_OPERATOR_FAILPOINT": failpoint} if failpoint else {})
-        self.proc = subprocess.Popen([KOPF, "run", "--standalone", "--all-namespaces", "-m", "nmm_operator.handlers"],
-                                     env=env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [KOPF, "run", "--standalone", "--all-namespaces", "-m", "nmm_operator.handlers"],
+            env=env,
+            stdout=open(self.log, "ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def kill(self) -> None:
         os.killpg(self.proc.pid, signal.SIGKILL)
@@ -142,8 +166,11 @@ class DataPlane(threading.Thread):
                 w, read_at = self.weight(), time.monotonic()
             track = "candidate" if rnd.random() * 100 < w else "stable"
             body = probe.chat_body(self.cases[n % len(self.cases)], "nmm", max_tokens=4)
-            req = urllib.request.Request(self.urls[track] + "/v1/chat/completions", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
+            req = urllib.request.Request(
+                self.urls[track] + "/v1/chat/completions",
+                data=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json"},
+            )
             try:
                 urllib.request.urlopen(req, timeout=10).read()
             except (OSError, http.client.HTTPException):  # a server killed mid-answer cuts the response
@@ -153,17 +180,38 @@ class DataPlane(threading.Thread):
 
 
 def service(cases_uri: str, ns: str) -> dict:
-    return {"apiVersion": "nmm.dev/v1alpha1", "kind": "NMMService", "metadata": {"name": "digits"},
-            "spec": {"model": {"name": model(ns), "alias": "candidate"},
-                     "canary": {"steps": [{"weight": 50, "pauseSeconds": 1.5}, {"weight": 100, "pauseSeconds": 1.5}],
-                                "analysis": {"minRequests": 3, "maxP95LatencyMs": 30000, "maxTimeToFirstTokenMs": 30000,
-                                             "qualityProbe": {"cases": 8, "maxQualityDrop": 0.05, "casesUri": cases_uri}}}}}
+    return {
+        "apiVersion": "nmm.dev/v1alpha1",
+        "kind": "NMMService",
+        "metadata": {"name": "digits"},
+        "spec": {
+            "model": {"name": model(ns), "alias": "candidate"},
+            "canary": {
+                "steps": [{"weight": 50, "pauseSeconds": 1.5}, {"weight": 100, "pauseSeconds": 1.5}],
+                "analysis": {
+                    "minRequests": 3,
+                    "maxP95LatencyMs": 30000,
+                    "maxTimeToFirstTokenMs": 30000,
+                    "qualityProbe": {"cases": 8, "maxQualityDrop": 0.05, "casesUri": cases_uri},
+                },
+            },
+        },
+    }
 
 
 def settings(world, backend: str, ns: str, urls: dict, metrics_port: int = 0) -> dict:
-    return {"storeUri": (world["tmp"] / "store").as_uri(), "recheckSeconds": 60, "metricsPort": metrics_port,
-            "serving": {"backend": backend, "tickSeconds": 0.5, "readyTimeoutSeconds": 30,
-                        "gateway": {"name": "web", "namespace": "gateways"}, "endpoints": {f"{ns}/digits": urls}}}
+    return {
+        "storeUri": (world["tmp"] / "store").as_uri(),
+        "recheckSeconds": 60,
+        "metricsPort": metrics_port,
+        "serving": {
+            "backend": backend,
+            "tickSeconds": 0.5,
+            "readyTimeoutSeconds": 30,
+            "gateway": {"name": "web", "namespace": "gateways"},
+            "endpoints": {f"{ns}/digits": urls},
+        },
+    }
 
 
 def get(world, ns: str) -> dict:
@@ -177,8 +225,11 @@ def at_rest(world, ns: str, stable: int) -> dict | None:
 
 
 def events(world, ns: str) -> list[str]:
-    objs = [o.raw for (res, n, _), o in list(world["emu"].emulator.objects.items())
-            if res.plural == "events" and n == ns and not o.deleted]
+    objs = [
+        o.raw
+        for (res, n, _), o in list(world["emu"].emulator.objects.items())
+        if res.plural == "events" and n == ns and not o.deleted
+    ]
     return [e.get("reason") for e in objs if e.get("involvedObject", {}).get("name") == "digits"]
 
 
@@ -188,7 +239,9 @@ def test_kserve_canary_passes_every_step_survives_a_restart_and_promotes(world):
     urls = {"stable": stable.url, "candidate": candidate.url}
     metrics_port = free_port()
     op = Operator(world, settings(world, "kserve", ns, urls, metrics_port), tmp / "k-operator.log")
-    isvcs = lambda: custom.list_namespaced_custom_object("serving.kserve.io", "v1beta1", ns, "inferenceservices")["items"]  # noqa: E731
+    isvcs = lambda: custom.list_namespaced_custom_object("serving.kserve.io", "v1beta1", ns, "inferenceservices")[
+        "items"
+    ]
 
     def weight() -> int:
         items = isvcs()
@@ -231,10 +284,13 @@ def gateway_world(world, ns: str, prefix: str):
     """Two servers, the operator on the gateway backend, and the data plane following the
     HTTPRoute's weights: (stable, candidate, operator, plane, route(), weight())."""
     tmp, custom = world["tmp"], world["custom"]
-    stable, candidate = Server(world["folder"], tmp / f"{prefix}-stable.log"), Server(world["folder"], tmp / f"{prefix}-candidate.log")
+    stable, candidate = (
+        Server(world["folder"], tmp / f"{prefix}-stable.log"),
+        Server(world["folder"], tmp / f"{prefix}-candidate.log"),
+    )
     urls = {"stable": stable.url, "candidate": candidate.url}
     op = Operator(world, settings(world, "gateway", ns, urls), tmp / f"{prefix}-operator.log")
-    route = lambda: custom.get_namespaced_custom_object("gateway.networking.k8s.io", "v1", ns, "httproutes", "digits")  # noqa: E731
+    route = lambda: custom.get_namespaced_custom_object("gateway.networking.k8s.io", "v1", ns, "httproutes", "digits")
 
     def weight() -> int:
         try:
@@ -255,16 +311,23 @@ def test_gateway_canary_whose_server_dies_is_rolled_back_with_the_reason(world):
     apps = client.AppsV1Api(world["api"])
     try:
         body = service(world["cases"], ns)
-        body["spec"]["canary"]["steps"] = [{"weight": 30, "pauseSeconds": 1.5}, {"weight": 60, "pauseSeconds": 4},
-                                           {"weight": 100, "pauseSeconds": 1}]
+        body["spec"]["canary"]["steps"] = [
+            {"weight": 30, "pauseSeconds": 1.5},
+            {"weight": 60, "pauseSeconds": 4},
+            {"weight": 100, "pauseSeconds": 1},
+        ]
         custom.create_namespaced_custom_object("nmm.dev", "v1alpha1", ns, "nmmservices", body)
         wait_for(lambda: at_rest(world, ns, 1), timeout=60, what="Healthy on version 1")  # its children written too
         assert apps.read_namespaced_deployment("digits-canary", ns).spec.replicas == 0
         world["mlflow"].set_registered_model_alias(model(ns), "candidate", "2")
-        wait_for(lambda: weight() == 60, 60, lambda: f"step 2 at 60%: {get(world, ns).get('status')}, sent {plane.sent}")
+        wait_for(
+            lambda: weight() == 60, 60, lambda: f"step 2 at 60%: {get(world, ns).get('status')}, sent {plane.sent}"
+        )
         assert apps.read_namespaced_deployment("digits-canary", ns).spec.replicas == 1
         candidate.kill()  # the canary's pod dies during step 2
-        rolled = wait_for(lambda: (s := at_rest(world, ns, 1)) and s.get("phase") == "RolledBack" and s, 60, "RolledBack")
+        rolled = wait_for(
+            lambda: (s := at_rest(world, ns, 1)) and s.get("phase") == "RolledBack" and s, 60, "RolledBack"
+        )
         assert rolled["stableVersion"] == 1 and rolled.get("canaryVersion") is None and rolled["weight"] == 0
         assert "step 2 (60%)" in rolled["reason"] and "candidate not observable" in rolled["reason"], rolled["reason"]
         assert [a["ok"] for a in rolled["analysis"]] == [True, False]
@@ -286,8 +349,11 @@ def tear_down(world, ns: str, op: Operator, *stopping) -> None:
     custom = world["custom"]
     try:
         custom.delete_namespaced_custom_object("nmm.dev", "v1alpha1", ns, "nmmservices", "digits")
-        wait_for(lambda: not custom.list_namespaced_custom_object("nmm.dev", "v1alpha1", ns, "nmmservices")["items"],
-                 15, "the service gone (kopf released its finalizer)")
+        wait_for(
+            lambda: not custom.list_namespaced_custom_object("nmm.dev", "v1alpha1", ns, "nmmservices")["items"],
+            15,
+            "the service gone (kopf released its finalizer)",
+        )
     finally:
         op.stop()
         planes = [t for t in stopping if isinstance(t, DataPlane)]
@@ -320,13 +386,20 @@ def test_an_operator_killed_between_re_pointing_the_children_and_telling_the_reg
         died = get(world, ns)["status"]
         assert died["pending"]["champion"] == 2 and died["stableVersion"] == 2  # the intent, recorded first
         apps = client.AppsV1Api(world["api"])
-        assert apps.read_namespaced_deployment("digits-stable", ns).spec.template.metadata.labels["nmm.dev/model-version"] == "2"
+        assert (
+            apps.read_namespaced_deployment("digits-stable", ns).spec.template.metadata.labels["nmm.dev/model-version"]
+            == "2"
+        )
         assert str(mlflow.get_model_version_by_alias(model(ns), "champion").version) == "1"  # not told yet
         op.start()
         done = wait_for(lambda: at_rest(world, ns, 2), 60, "the promotion finished by the restarted operator")
-        assert done["phase"] == "Healthy" and str(mlflow.get_model_version_by_alias(model(ns), "champion").version) == "2"
-        assert "nmm.serving.decision" not in mlflow.get_model_version(model(ns), "2").tags or \
-            mlflow.get_model_version(model(ns), "2").tags["nmm.serving.decision"] == "promoted"
+        assert (
+            done["phase"] == "Healthy" and str(mlflow.get_model_version_by_alias(model(ns), "champion").version) == "2"
+        )
+        assert (
+            "nmm.serving.decision" not in mlflow.get_model_version(model(ns), "2").tags
+            or mlflow.get_model_version(model(ns), "2").tags["nmm.serving.decision"] == "promoted"
+        )
     finally:
         tear_down(world, ns, op, plane, stable, candidate)
 
@@ -356,8 +429,9 @@ def test_nmm_promote_and_rollback_move_champion_and_what_is_served_without_a_can
     mlflow.set_registered_model_alias(model(ns), "candidate", "1")
     mlflow.set_registered_model_alias(model(ns), "champion", "1")
     op = Operator(world, settings(world, "kserve", ns, {}), tmp / "c-operator.log")
-    served = lambda: custom.get_namespaced_custom_object(  # noqa: E731
-        "serving.kserve.io", "v1beta1", ns, "inferenceservices", "digits")["spec"]["predictor"]["labels"]["nmm.dev/model-version"]
+    served = lambda: custom.get_namespaced_custom_object(
+        "serving.kserve.io", "v1beta1", ns, "inferenceservices", "digits"
+    )["spec"]["predictor"]["labels"]["nmm.dev/model-version"]
     try:
         custom.create_namespaced_custom_object("nmm.dev", "v1alpha1", ns, "nmmservices", service(world["cases"], ns))
         wait_for(lambda: at_rest(world, ns, 1), what="serving version 1")
@@ -366,8 +440,10 @@ def test_nmm_promote_and_rollback_move_champion_and_what_is_served_without_a_can
         st = wait_for(lambda: at_rest(world, ns, 2), what="version 2 by hand")
         assert st["phase"] == "Healthy" and st.get("canaryVersion") is None and st["previousStableVersion"] == 1
         assert next(c for c in st["conditions"] if c["type"] == "Ready")["reason"] == "PromotedByHand"
-        wait_for(lambda: "nmm.dev/promote" not in (get(world, ns)["metadata"].get("annotations") or {}),
-                 what="the promote annotation honoured once and removed")
+        wait_for(
+            lambda: "nmm.dev/promote" not in (get(world, ns)["metadata"].get("annotations") or {}),
+            what="the promote annotation honoured once and removed",
+        )
         assert str(mlflow.get_model_version_by_alias(model(ns), "champion").version) == "2"
         wait_for(lambda: served() == "2", what="the InferenceService on version 2")
 
@@ -389,7 +465,7 @@ def test_the_rollout_stage_creates_then_updates_the_pipeline_s_nmmservice(world,
     import yaml
 
     from nmm.spec.crd import service_crd
-    from nmm.stages import canary as stage_canary
+    from nmm.stages import rollout_serving as stage_canary
     from nmm.stages.context import StageContext
     from tests.conftest import WORKFLOWS
 
@@ -398,8 +474,13 @@ def test_the_rollout_stage_creates_then_updates_the_pipeline_s_nmmservice(world,
 
     kubeclient.api_client.cache_clear()
     doc = yaml.safe_load((WORKFLOWS / "quickstart.yaml").read_text())
-    doc["spec"]["rollout"]["serving"] = {"replicas": 2, "canary": {"steps": [{"weight": 25, "pauseSeconds": 30}, {"weight": 100}]}}
-    ctx = StageContext.create(json.dumps(doc), "team-stage", "uid-1", "quickstart-abcde", "file:///tmp/store", str(world["tmp"]))
+    doc["spec"]["rollout"]["serving"] = {
+        "replicas": 2,
+        "canary": {"steps": [{"weight": 25, "pauseSeconds": 30}, {"weight": 100}]},
+    }
+    ctx = StageContext.create(
+        json.dumps(doc), "team-stage", "uid-1", "quickstart-abcde", "file:///tmp/store", str(world["tmp"])
+    )
     schema = service_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     import jsonschema
 
@@ -408,8 +489,7 @@ def test_the_rollout_stage_creates_then_updates_the_pipeline_s_nmmservice(world,
     assert stage_canary.apply_service(first) == "created"
     second = stage_canary.service_body(ctx, ctx.spec.spec.rollout.serving, "nmm-quickstart", "4", "store://probe.jsonl")
     assert stage_canary.apply_service(second) == "updated"
-    svc = world["custom"].get_namespaced_custom_object(
-        "nmm.dev", "v1alpha1", "team-stage", "nmmservices", "quickstart")
+    svc = world["custom"].get_namespaced_custom_object("nmm.dev", "v1alpha1", "team-stage", "nmmservices", "quickstart")
     assert svc["spec"]["model"] == {"name": "nmm-quickstart", "version": 4}
     assert svc["spec"]["canary"]["analysis"]["qualityProbe"]["casesUri"] == "store://probe.jsonl"
     assert svc["spec"]["replicas"] == 2 and svc["metadata"]["labels"]["nmm.dev/pipeline"] == "quickstart"

@@ -35,18 +35,26 @@ def runs(tmp_path_factory, s3_server, mlflow_server):
     from minio import Minio
 
     tmp = tmp_path_factory.mktemp("pipeline")
-    mc = Minio(s3_server["endpoint"], access_key=s3_server["access_key"], secret_key=s3_server["secret_key"], secure=False, region="us-east-1")
+    mc = Minio(
+        s3_server["endpoint"],
+        access_key=s3_server["access_key"],
+        secret_key=s3_server["secret_key"],
+        secure=False,
+        region="us-east-1",
+    )
     if not mc.bucket_exists(BUCKET):
         mc.make_bucket(BUCKET)
     env = dict(os.environ)
-    env.update({
-        "MLFLOW_TRACKING_URI": mlflow_server,
-        "NMM_S3_ENDPOINT": f"http://{s3_server['endpoint']}",
-        "NMM_S3_ACCESS_KEY": s3_server["access_key"],
-        "NMM_S3_SECRET_KEY": s3_server["secret_key"],
-        "NMM_S3_BUCKET": BUCKET,
-        "NMM_HOME": str(tmp / ".nmm"),
-    })
+    env.update(
+        {
+            "MLFLOW_TRACKING_URI": mlflow_server,
+            "NMM_S3_ENDPOINT": f"http://{s3_server['endpoint']}",
+            "NMM_S3_ACCESS_KEY": s3_server["access_key"],
+            "NMM_S3_SECRET_KEY": s3_server["secret_key"],
+            "NMM_S3_BUCKET": BUCKET,
+            "NMM_HOME": str(tmp / ".nmm"),
+        }
+    )
     env.pop("NMM_STORE", None)
     spec = small_pipeline(tmp)
     results = []
@@ -56,7 +64,11 @@ def runs(tmp_path_factory, s3_server, mlflow_server):
             objects_before_second = sorted(o.object_name for o in mc.list_objects(BUCKET, recursive=True))
         r = subprocess.run([NMM, "run", str(spec)], cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stdout + r.stderr
-        (status,) = [json.loads(p.read_text()) for p in (tmp / ".nmm" / "runs").glob("*/status.json") if json.loads(p.read_text())["name"] not in [x["name"] for x in results]]
+        (status,) = [
+            json.loads(p.read_text())
+            for p in (tmp / ".nmm" / "runs").glob("*/status.json")
+            if json.loads(p.read_text())["name"] not in [x["name"] for x in results]
+        ]
         results.append(status)
     objects_after = sorted(o.object_name for o in mc.list_objects(BUCKET, recursive=True))
     return {"results": results, "minio": mc, "tmp": tmp, "before_second": objects_before_second, "after": objects_after}
@@ -88,13 +100,19 @@ def test_shards_and_manifest_are_in_the_bucket(runs):
     mc = runs["minio"]
     uri = runs["results"][0]["steps"]["curate"]["outputs"]["dataset_uri"]
     prefix = uri.removeprefix(f"s3://{BUCKET}/")
-    names = [o.object_name for o in mc.list_objects(BUCKET, prefix=prefix + "/", recursive=True) if "/logs/" not in o.object_name]
+    names = [
+        o.object_name
+        for o in mc.list_objects(BUCKET, prefix=prefix + "/", recursive=True)
+        if "/logs/" not in o.object_name
+    ]
     assert f"{prefix}/manifest.json" in names
     shards = [n for n in names if "/shards/" in n and n.endswith(".safetensors")]
     assert {s.split("/shards/")[1].split("-")[0] for s in shards} == {"train", "val", "test"}
     manifest = json.loads(mc.get_object(BUCKET, f"{prefix}/manifest.json").read())
     assert manifest["digest"].startswith("sha256:")
-    assert sorted(manifest["files"]) == sorted(n.removeprefix(prefix + "/") for n in names if not n.endswith("manifest.json"))
+    assert sorted(manifest["files"]) == sorted(
+        n.removeprefix(prefix + "/") for n in names if not n.endswith("manifest.json")
+    )
     # The model folder was published the same way.
     first = run_prefix(runs["after"], runs["results"][0]["name"])
     assert mc.stat_object(BUCKET, f"{first}/train/manifest.json")

@@ -14,10 +14,10 @@ from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, PERMISSION_DENIED
 
 from nmm import exitcodes, lineage, storage
 from nmm.compile import spec_json
+from nmm.ports import free_port
 from nmm.spec import parse_pipeline
 from nmm.stages import rollout
 from nmm.stages.context import StageContext
-from nmm.ports import free_port
 from tests.conftest import NMM, WORKFLOWS
 
 pytestmark = pytest.mark.integration
@@ -37,7 +37,11 @@ def _published_model(ctx: StageContext, tmp_path, digest_seed: bytes) -> str:
     source = tmp_path / f"mlmodel-{ctx.run.owner_uid}-{ctx.run_id}"
     source.mkdir()
     uri = ctx.stage_uri("train")
-    storage.publish(uri, {"model.safetensors": digest_seed}, {"kind": "nmm.model", "mlflow_model_uri": source.as_uri(), "cache_key": "k"})
+    storage.publish(
+        uri,
+        {"model.safetensors": digest_seed},
+        {"kind": "nmm.model", "mlflow_model_uri": source.as_uri(), "cache_key": "k"},
+    )
     return uri
 
 
@@ -103,7 +107,11 @@ def test_a_retried_rollout_reuses_its_version_but_never_one_of_another_model(cle
     versions = [v for v in _versions() if v.tags.get("nmm.run_id") == "qs-ddddd"]
     assert len(versions) == 1
     # Same run identity, another model (digest): a conflict, not a silent reuse.
-    storage.publish(uri, {"model.safetensors": b"v2"}, {"kind": "nmm.model", "mlflow_model_uri": (tmp_path / "mlmodel-uid-1-qs-ddddd").as_uri(), "cache_key": "k"})
+    storage.publish(
+        uri,
+        {"model.safetensors": b"v2"},
+        {"kind": "nmm.model", "mlflow_model_uri": (tmp_path / "mlmodel-uid-1-qs-ddddd").as_uri(), "cache_key": "k"},
+    )
     with pytest.raises(lineage.RegistryConflict):
         rollout.run(ctx, uri, json.dumps(GOOD), "pass")
 
@@ -154,9 +162,33 @@ def test_mlflow_down_during_rollout_exits_retryable_with_no_traceback(clean_env,
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"http://127.0.0.1:{free_port()}", MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
     spec = spec_json(ctx.spec)
     r = subprocess.run(
-        [NMM, "stage", "rollout", "--spec", spec, "--namespace", "default", "--owner-uid", "uid-1", "--run-id", "qs-eeeee",
-         "--store", ctx.store, "--outputs", str(tmp_path / "o"), "--model-uri", uri, "--metrics", json.dumps(GOOD), "--gate", "pass"],
-        env=env, capture_output=True, text=True, timeout=120,
+        [
+            NMM,
+            "stage",
+            "rollout",
+            "--spec",
+            spec,
+            "--namespace",
+            "default",
+            "--owner-uid",
+            "uid-1",
+            "--run-id",
+            "qs-eeeee",
+            "--store",
+            ctx.store,
+            "--outputs",
+            str(tmp_path / "o"),
+            "--model-uri",
+            uri,
+            "--metrics",
+            json.dumps(GOOD),
+            "--gate",
+            "pass",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert r.returncode == exitcodes.TRACKING_UNAVAILABLE, r.stdout + r.stderr
     assert "MLflow: cannot" in r.stderr and "Traceback" not in r.stdout + r.stderr

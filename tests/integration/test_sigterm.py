@@ -28,14 +28,32 @@ def small_spec() -> str:
 
 
 def stage(name: str, spec: str, store: str, outputs, *extra) -> list[str]:
-    return [NMM, "stage", name, "--spec", spec, "--namespace", "default", "--owner-uid", "u1", "--run-id", "r1", "--store", store,
-            "--outputs", str(outputs), *extra]
+    return [
+        NMM,
+        "stage",
+        name,
+        "--spec",
+        spec,
+        "--namespace",
+        "default",
+        "--owner-uid",
+        "u1",
+        "--run-id",
+        "r1",
+        "--store",
+        store,
+        "--outputs",
+        str(outputs),
+        *extra,
+    ]
 
 
 def test_sigterm_writes_a_final_checkpoint_exits_143_and_the_restart_resumes(clean_env, tmp_path):
     spec, store = small_spec(), (tmp_path / "store").as_uri()
     env = dict(os.environ)
-    cur = subprocess.run(stage("curate", spec, store, tmp_path / "cur"), env=env, capture_output=True, text=True, timeout=300)
+    cur = subprocess.run(
+        stage("curate", spec, store, tmp_path / "cur"), env=env, capture_output=True, text=True, timeout=300
+    )
     assert cur.returncode == 0, cur.stderr[-2000:]
     dataset = (tmp_path / "cur" / "dataset_uri").read_text()
     train = stage("train", spec, store, tmp_path / "train", "--dataset-uri", dataset)
@@ -51,7 +69,9 @@ def test_sigterm_writes_a_final_checkpoint_exits_143_and_the_restart_resumes(cle
     text = log.read_text()
     assert "SIGTERM at step" in text and "exiting 143" in text
     # The run's folder (namespace, pipeline, owner UID, run), checkpoints under the train cache key.
-    (index,) = (tmp_path / "store" / "runs" / "default" / "sigterm" / "u1" / "r1" / "train" / "checkpoints").glob("*/latest.json")
+    (index,) = (tmp_path / "store" / "runs" / "default" / "sigterm" / "u1" / "r1" / "train" / "checkpoints").glob(
+        "*/latest.json"
+    )
     saved = json.loads(index.read_text())["latest"]
     assert 210 <= saved < 600  # the interval is 100,000 steps: only SIGTERM could have saved it
     assert not (tmp_path / "train" / "model_uri").exists()

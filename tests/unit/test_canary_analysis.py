@@ -44,14 +44,23 @@ nmm_requests_received_total{route="/v1/models"} 99.0
 nmm_requests_in_flight %(in_flight)s
 """
 
-LIMITS = analysis.Limits(max_error_rate=0.05, max_p95_latency_ms=400, max_time_to_first_token_ms=400, min_requests=10,
-                         max_quality_drop=0.05)
+LIMITS = analysis.Limits(
+    max_error_rate=0.05, max_p95_latency_ms=400, max_time_to_first_token_ms=400, min_requests=10, max_quality_drop=0.05
+)
 
 
 def page(ok, bad, fast, received=None, in_flight=0):
     received = ok + bad + 7 + in_flight if received is None else received
-    return analysis.parse(PAGE % {"ok": float(ok), "bad": float(bad), "fast": float(fast), "received": float(received),
-                                  "in_flight": float(in_flight)})
+    return analysis.parse(
+        PAGE
+        % {
+            "ok": float(ok),
+            "bad": float(bad),
+            "fast": float(fast),
+            "received": float(received),
+            "in_flight": float(in_flight),
+        }
+    )
 
 
 def test_a_window_counts_only_the_traffic_between_two_scrapes_and_reads_p95_like_prometheus():
@@ -90,14 +99,17 @@ def test_the_verdict_passes_a_healthy_step_and_fails_each_limit_by_name():
     assert any("maxTimeToFirstTokenMs" in r for r in v.reasons) and any("maxQualityDrop" in r for r in v.reasons)
 
 
-@pytest.mark.parametrize("candidate, quality, why", [
-    ("http://x/metrics: connection refused", {"m2t": (0.9, 0.8)}, "not observable"),
-    (analysis.Observation(3, 0, 10.0, 10.0), {"m2t": (0.9, 0.8)}, "no evidence"),
-    (analysis.Observation(100, 0, math.nan, math.nan), {"m2t": (0.9, 0.8)}, "p95 latency nan"),
-    (analysis.Observation(100, 0, 10.0, 10.0, uncounted=2), {"m2t": (0.9, 0.8)}, "received and never counted"),
-    (analysis.Observation(100, 0, 10.0, 10.0), "candidate: answered 500", "quality probe did not run"),
-    (analysis.Observation(100, 0, 10.0, 10.0), None, "quality probe did not run"),
-])
+@pytest.mark.parametrize(
+    "candidate, quality, why",
+    [
+        ("http://x/metrics: connection refused", {"m2t": (0.9, 0.8)}, "not observable"),
+        (analysis.Observation(3, 0, 10.0, 10.0), {"m2t": (0.9, 0.8)}, "no evidence"),
+        (analysis.Observation(100, 0, math.nan, math.nan), {"m2t": (0.9, 0.8)}, "p95 latency nan"),
+        (analysis.Observation(100, 0, 10.0, 10.0, uncounted=2), {"m2t": (0.9, 0.8)}, "received and never counted"),
+        (analysis.Observation(100, 0, 10.0, 10.0), "candidate: answered 500", "quality probe did not run"),
+        (analysis.Observation(100, 0, 10.0, 10.0), None, "quality probe did not run"),
+    ],
+)
 def test_what_cannot_be_measured_fails_the_step(candidate, quality, why):
     v = analysis.judge(LIMITS, candidate, quality)
     assert not v.ok and any(why in r for r in v.reasons), v.reasons
@@ -135,7 +147,8 @@ def test_counts_that_disagree_with_the_router_fail_the_step():
     assert not v.ok and "requests went uncounted" in v.reasons[0]
     cut = analysis.with_undelivered(o, 4)  # 502s the router answered itself: errors of the candidate
     assert cut.errors == 5 and analysis.judge(LIMITS, cut, {"m2t": (0.9, 0.9)}, router=agree | {"502": 4}).reasons == [
-        f"error rate {5 / 35:.3f} > maxErrorRate 0.05"]
+        f"error rate {5 / 35:.3f} > maxErrorRate 0.05"
+    ]
 
 
 def test_a_candidate_that_refuses_what_stable_answers_fails_and_each_task_s_quality_is_judged():
@@ -143,9 +156,12 @@ def test_a_candidate_that_refuses_what_stable_answers_fails_and_each_task_s_qual
     refuses = analysis.Observation(100, 0, 10.0, 10.0, client_errors=40)
     v = analysis.judge(LIMITS, refuses, {"m2t": (0.9, 0.9)}, stable=stable)
     assert not v.ok and "refused 0.400 of its requests (4xx), stable 0.010" in v.reasons[0]
-    drawing_broke = analysis.judge(LIMITS, analysis.Observation(100, 0, 10.0, 10.0), {"m2t": (0.9, 0.9), "m2g": (0.0, 0.8)})
+    drawing_broke = analysis.judge(
+        LIMITS, analysis.Observation(100, 0, 10.0, 10.0), {"m2t": (0.9, 0.9), "m2g": (0.0, 0.8)}
+    )
     assert not drawing_broke.ok and drawing_broke.reasons == [
-        "quality probe (m2g) 0.000 vs stable 0.800: drop 0.800 > maxQualityDrop 0.05"]
+        "quality probe (m2g) 0.000 vs stable 0.800: drop 0.800 > maxQualityDrop 0.05"
+    ]
     assert drawing_broke.measured["quality_drop"] == pytest.approx(0.8)
 
 
@@ -165,7 +181,7 @@ def test_the_router_sends_exactly_the_weight(weight):
 
 
 def test_the_policy_is_validated():
-    from nmm.spec.serving import Canary, Serving, ServedModel
+    from nmm.spec.serving import Canary, ServedModel, Serving
 
     with pytest.raises(ValueError, match="rise strictly"):
         Canary.model_validate({"steps": [{"weight": 50}, {"weight": 10}, {"weight": 100}]})
@@ -179,14 +195,16 @@ def test_the_policy_is_validated():
     from nmm.spec.serving import ServiceSpec
 
     model = {"name": "m", "alias": "candidate"}
-    assert ServiceSpec.model_validate({"model": model}).canary.analysis.quality_probe is None  # an NMMService: off unless given
+    assert (
+        ServiceSpec.model_validate({"model": model}).canary.analysis.quality_probe is None
+    )  # an NMMService: off unless given
     with pytest.raises(ValueError, match="casesUri"):
         ServiceSpec.model_validate({"model": model, "canary": {"analysis": {"qualityProbe": {"cases": 10}}}})
     assert Serving().canary.analysis.quality_probe is not None  # a pipeline: on (it writes the cases)
 
 
 def test_local_traffic_mixes_chat_and_image_requests_for_a_model_that_does_both():
-    from nmm.rollout.canary import Traffic
+    from nmm.rollout.local_canary import Traffic
 
     case = {"image": "data:image/png;base64,AAAA", "question": None, "expect": {"digit": 1}}
     t = Traffic("http://router", [case], ["a handwritten digit 3"])

@@ -46,18 +46,34 @@ def rendered(request):
 
 
 def test_there_are_ci_scenarios():
-    assert {p.name for p in SCENARIOS} >= {"minimal-values.yaml", "minio-values.yaml", "external-mlflow-values.yaml",
-                                           "serving-values.yaml", "kueue-values.yaml"}
+    assert {p.name for p in SCENARIOS} >= {
+        "minimal-values.yaml",
+        "minio-values.yaml",
+        "external-mlflow-values.yaml",
+        "serving-values.yaml",
+        "kueue-values.yaml",
+    }
 
 
 def test_every_rendered_object_validates_against_kubernetes_1_33(rendered):
-    from tests.schemas import CLUSTER_SERVING_RUNTIME, SERVICE_MONITOR, crd_errors
+    from tests.schemas import (
+        CLUSTER_SERVING_RUNTIME,
+        KUEUE_CLUSTER_QUEUE,
+        KUEUE_LOCAL_QUEUE,
+        KUEUE_PRIORITY_CLASS,
+        KUEUE_RESOURCE_FLAVOR,
+        SERVICE_MONITOR,
+        crd_errors,
+    )
 
-    from tests.schemas import KUEUE_CLUSTER_QUEUE, KUEUE_LOCAL_QUEUE, KUEUE_PRIORITY_CLASS, KUEUE_RESOURCE_FLAVOR
-
-    custom = {"ServiceMonitor": (SERVICE_MONITOR, "v1"), "ClusterServingRuntime": (CLUSTER_SERVING_RUNTIME, "v1alpha1"),
-              "ClusterQueue": (KUEUE_CLUSTER_QUEUE, "v1beta2"), "LocalQueue": (KUEUE_LOCAL_QUEUE, "v1beta2"),
-              "ResourceFlavor": (KUEUE_RESOURCE_FLAVOR, "v1beta2"), "WorkloadPriorityClass": (KUEUE_PRIORITY_CLASS, "v1beta2")}
+    custom = {
+        "ServiceMonitor": (SERVICE_MONITOR, "v1"),
+        "ClusterServingRuntime": (CLUSTER_SERVING_RUNTIME, "v1alpha1"),
+        "ClusterQueue": (KUEUE_CLUSTER_QUEUE, "v1beta2"),
+        "LocalQueue": (KUEUE_LOCAL_QUEUE, "v1beta2"),
+        "ResourceFlavor": (KUEUE_RESOURCE_FLAVOR, "v1beta2"),
+        "WorkloadPriorityClass": (KUEUE_PRIORITY_CLASS, "v1beta2"),
+    }
     kinds = set()
     for doc in rendered:
         if doc["kind"] in custom:  # custom resources: their upstream CRD schemas
@@ -151,7 +167,9 @@ def test_operator_settings_carry_the_gpu_pools():
     settings = json.loads(cm["data"]["settings.json"])
     assert settings["gpuPools"]["h100"] == {"product": "NVIDIA-H100-80GB-HBM3", "memoryGiB": 80, "gpusPerNode": 8}
     assert settings["s3SecretName"] == "nmm-s3" and "secretKey" not in json.dumps(settings)
-    assert _operator_settings(docs).compile.serving_s3_secret_name == "nmm-s3-serving-readonly"  # the servers' read-only key
+    assert (
+        _operator_settings(docs).compile.serving_s3_secret_name == "nmm-s3-serving-readonly"
+    )  # the servers' read-only key
 
 
 def test_the_servers_read_only_key_has_its_policy_and_no_write_action():
@@ -166,33 +184,62 @@ def test_the_servers_read_only_key_has_its_policy_and_no_write_action():
 RO = {"serving": {"s3": {"existingSecret": "ro"}}}
 
 
-@pytest.mark.parametrize("missing,message", [
-    ({"s3": {"endpoint": "http://minio:9000"}, "mlflow": {"existingSecret": "db", "auth": {"existingSecret": "a"}}} | RO,
-     "s3.existingSecret is required"),
-    ({"s3": {"endpoint": "http://minio:9000", "existingSecret": "s3"}, "mlflow": {"auth": {"existingSecret": "a"}}} | RO,
-     "mlflow.existingSecret is required"),
-    ({"s3": {"existingSecret": "s3"}, "mlflow": {"existingSecret": "db", "auth": {"existingSecret": "a"}}} | RO,
-     "s3.endpoint is required"),
-    ({"s3": {"endpoint": "http://minio:9000", "existingSecret": "s3"}, "mlflow": {"existingSecret": "db"}} | RO,
-     "mlflow.auth.existingSecret is required"),
-    ({"s3": {"endpoint": "http://m:9000", "existingSecret": "s3"}, "mlflow": {"enabled": False}} | RO,
-     "mlflow.externalUri is required"),
-    ({"s3": {"endpoint": "http://m:9000", "existingSecret": "s3"}, "mlflow": {"existingSecret": "db", "auth": {"existingSecret": "a"}}},
-     "serving.s3.existingSecret is required"),
-])
+@pytest.mark.parametrize(
+    "missing,message",
+    [
+        (
+            {
+                "s3": {"endpoint": "http://minio:9000"},
+                "mlflow": {"existingSecret": "db", "auth": {"existingSecret": "a"}},
+            }
+            | RO,
+            "s3.existingSecret is required",
+        ),
+        (
+            {
+                "s3": {"endpoint": "http://minio:9000", "existingSecret": "s3"},
+                "mlflow": {"auth": {"existingSecret": "a"}},
+            }
+            | RO,
+            "mlflow.existingSecret is required",
+        ),
+        (
+            {"s3": {"existingSecret": "s3"}, "mlflow": {"existingSecret": "db", "auth": {"existingSecret": "a"}}} | RO,
+            "s3.endpoint is required",
+        ),
+        (
+            {"s3": {"endpoint": "http://minio:9000", "existingSecret": "s3"}, "mlflow": {"existingSecret": "db"}} | RO,
+            "mlflow.auth.existingSecret is required",
+        ),
+        (
+            {"s3": {"endpoint": "http://m:9000", "existingSecret": "s3"}, "mlflow": {"enabled": False}} | RO,
+            "mlflow.externalUri is required",
+        ),
+        (
+            {
+                "s3": {"endpoint": "http://m:9000", "existingSecret": "s3"},
+                "mlflow": {"existingSecret": "db", "auth": {"existingSecret": "a"}},
+            },
+            "serving.s3.existingSecret is required",
+        ),
+    ],
+)
 def test_rendering_without_a_secret_fails_with_a_clear_message_s9(missing, message):
     with pytest.raises(helm_python.HelmRenderError, match=message.replace(".", r"\.")):
         render(missing)
 
 
-@pytest.mark.parametrize("bad,where", [
-    ({"operator": {"bogus": True}}, "/operator"),
-    ({"mlflow": {"port": "5000"}}, "/mlflow/port"),
-    ({"image": {"tag": "latest"}}, "/image/tag"),
-    ({"gpuPools": {"h100": {"product": "x", "memoryGiB": "80", "gpusPerNode": 8}}}, "memoryGiB"),
-    ({"unknownTopLevel": 1}, "unknownTopLevel"),
-    ({"argo-workflows": {"enabled": True, "server": {"authModes": ["server"]}}}, "authModes"),  # S5
-])
+@pytest.mark.parametrize(
+    "bad,where",
+    [
+        ({"operator": {"bogus": True}}, "/operator"),
+        ({"mlflow": {"port": "5000"}}, "/mlflow/port"),
+        ({"image": {"tag": "latest"}}, "/image/tag"),
+        ({"gpuPools": {"h100": {"product": "x", "memoryGiB": "80", "gpusPerNode": 8}}}, "memoryGiB"),
+        ({"unknownTopLevel": 1}, "unknownTopLevel"),
+        ({"argo-workflows": {"enabled": True, "server": {"authModes": ["server"]}}}, "authModes"),  # S5
+    ],
+)
 def test_values_schema_rejects_unknown_keys_and_wrong_types_s10(bad, where):
     vals = values(CHART / "ci" / "minimal-values.yaml") | bad
     with pytest.raises(helm_python.HelmValuesError, match=where):
@@ -219,10 +266,13 @@ def test_operator_values_take_effect_in_the_operator_s_settings():
     import ast
 
     handlers = (ROOT / "operators" / "nmm_operator" / "handlers.py").read_text()
-    timer = next(d for d in ast.walk(ast.parse(handlers)) if isinstance(d, ast.Call) and ast.unparse(d.func) == "kopf.timer")
+    timer = next(
+        d for d in ast.walk(ast.parse(handlers)) if isinstance(d, ast.Call) and ast.unparse(d.func) == "kopf.timer"
+    )
     assert {k.arg: ast.unparse(k.value) for k in timer.keywords}["interval"] == "SETTINGS.recheck_seconds"
     assert "NMM_RECHECK_SECONDS" not in handlers and "NMM_LOG_LEVEL" not in "".join(
-        p.read_text() for p in (CHART / "templates").rglob("*.yaml"))
+        p.read_text() for p in (CHART / "templates").rglob("*.yaml")
+    )
 
 
 def test_the_version_is_written_once():
@@ -244,8 +294,11 @@ def test_the_chart_s_security_contexts_are_generated_from_the_compiler_s():
     if os.environ.get("NMM_UPDATE_GOLDEN"):
         helpers.write_text(text)
     assert helpers.read_text() == text, "the chart's security contexts drifted from nmm.compile.pods; run `make golden`"
-    operator = next(d for d in render(values(CHART / "ci" / "minimal-values.yaml"))
-                    if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("operator"))
+    operator = next(
+        d
+        for d in render(values(CHART / "ci" / "minimal-values.yaml"))
+        if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("operator")
+    )
     pod = operator["spec"]["template"]["spec"]
     assert pod["securityContext"] == pods.pod_security_context(CompileSettings())
     assert pod["containers"][0]["securityContext"] == pods.container_security_context()
@@ -261,14 +314,23 @@ def test_serving_values_render_the_runtime_monitor_dashboard_and_exactly_the_bac
     from nmm.serve.server import Metrics
 
     served = {m.name for m in Metrics().registry.collect()}  # every series the dashboard reads exists
-    for name in ("nmm_requests", "nmm_request_seconds", "nmm_time_to_first_token_seconds", "nmm_queue_depth", "nmm_batch_size"):
+    for name in (
+        "nmm_requests",
+        "nmm_request_seconds",
+        "nmm_time_to_first_token_seconds",
+        "nmm_queue_depth",
+        "nmm_batch_size",
+    ):
         assert name in served and name in exprs
     assert "nmm_canary_quality" in exprs and "nmm_canary_weight" in exprs
     (role,) = [d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"].endswith("-operator")]
     groups = {g for r in role["rules"] for g in r["apiGroups"]}
     assert "gateway.networking.k8s.io" in groups and "apps" in groups and "serving.kserve.io" not in groups
     settings = _operator_settings(docs)
-    assert settings.serving.backend == "gateway" and settings.serving.gateway == {"name": "shared-gateway", "namespace": "gateways"}
+    assert settings.serving.backend == "gateway" and settings.serving.gateway == {
+        "name": "shared-gateway",
+        "namespace": "gateways",
+    }
     assert settings.serving.tick_seconds == 5.0
     (op,) = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-operator")]
     env = {e["name"] for e in op["spec"]["template"]["spec"]["containers"][0]["env"]}
@@ -283,17 +345,29 @@ def test_kueue_values_render_flavors_per_pool_quota_queues_and_the_default_queue
     for d in docs:
         by_kind.setdefault(d["kind"], []).append(d)
     flavors = {f["metadata"]["name"]: f["spec"] for f in by_kind["ResourceFlavor"]}
-    assert flavors == {"nmm-gpu-cpu": {}, "nmm-gpu-h100": {"nodeLabels": {"nmm.dev/gpu.pool": "h100"}, "tolerations": [
-        {"key": "nvidia.com/gpu", "operator": "Equal", "value": "present", "effect": "NoSchedule"}]},
-        "nmm-gpu-l4": {"nodeLabels": {"nmm.dev/gpu.pool": "l4"}, "tolerations": [
-        {"key": "nvidia.com/gpu", "operator": "Equal", "value": "present", "effect": "NoSchedule"}]}}
+    assert flavors == {
+        "nmm-gpu-cpu": {},
+        "nmm-gpu-h100": {
+            "nodeLabels": {"nmm.dev/gpu.pool": "h100"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Equal", "value": "present", "effect": "NoSchedule"}],
+        },
+        "nmm-gpu-l4": {
+            "nodeLabels": {"nmm.dev/gpu.pool": "l4"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Equal", "value": "present", "effect": "NoSchedule"}],
+        },
+    }
     (cq,) = by_kind["ClusterQueue"]
     assert cq["spec"]["cohortName"] == "ml"
-    quota = {f["name"]: {r["name"]: r["nominalQuota"] for r in f["resources"]} for f in cq["spec"]["resourceGroups"][0]["flavors"]}
+    quota = {
+        f["name"]: {r["name"]: r["nominalQuota"] for r in f["resources"]}
+        for f in cq["spec"]["resourceGroups"][0]["flavors"]
+    }
     assert quota["nmm-gpu-h100"]["nvidia.com/gpu"] == 16 and quota["nmm-gpu-l4"]["nvidia.com/gpu"] == 8
     assert quota["nmm-gpu-cpu"] == {"cpu": "128", "memory": "512Gi", "nvidia.com/gpu": 0}
     assert sorted((q["metadata"]["namespace"], q["spec"]["clusterQueue"]) for q in by_kind["LocalQueue"]) == [
-        ("nmm", "nmm-gpu"), ("research", "nmm-gpu")]
+        ("nmm", "nmm-gpu"),
+        ("research", "nmm-gpu"),
+    ]
     assert [(p["metadata"]["name"], p["value"]) for p in by_kind["WorkloadPriorityClass"]] == [("nmm-high", 1000)]
     assert _operator_settings(docs).compile.default_queue == "nmm"
     assert _operator_settings(render(values(CHART / "ci" / "minimal-values.yaml"))).compile.default_queue is None
@@ -318,10 +392,16 @@ def test_mlflow_asks_every_client_to_sign_in_and_no_secret_is_on_a_command_line(
     assert "--app-name=basic-auth" in server["args"]
     assert not any("$(" in a or "URI" in a for a in server["args"])
     env = {e["name"]: e for e in server["env"]}
-    assert env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"] == {"name": "nmm-mlflow-db", "key": "backendStoreUri"}
-    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "nmm-mlflow-admin", "key": "password"}
+    assert env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"] == {
+        "name": "nmm-mlflow-db",
+        "key": "backendStoreUri",
+    }
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "nmm-mlflow-admin",
+        "key": "password",
+    }
     (init,) = pod["initContainers"]
-    assert "os.environ[\"AUTH_DATABASE_URI\"]" in init["args"][0]
+    assert 'os.environ["AUTH_DATABASE_URI"]' in init["args"][0]
     (op,) = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-operator")]
     op_env = {e["name"]: e for e in op["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert op_env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "nmm-mlflow-admin"
@@ -335,8 +415,14 @@ def test_mlflow_asks_every_client_to_sign_in_and_no_secret_is_on_a_command_line(
 
     wf = compile_pipeline(parse_pipeline((ROOT / "workflows" / "quickstart.yaml").read_text()), settings.compile)
     steps = [c for t in wf["spec"]["templates"] if (c := t.get("container"))]
-    assert steps and all({"name": "MLFLOW_TRACKING_USERNAME", "valueFrom": {"secretKeyRef": {"key": "username", "name": "nmm-mlflow-admin"}}}
-                         in c["env"] for c in steps)
+    assert steps and all(
+        {
+            "name": "MLFLOW_TRACKING_USERNAME",
+            "valueFrom": {"secretKeyRef": {"key": "username", "name": "nmm-mlflow-admin"}},
+        }
+        in c["env"]
+        for c in steps
+    )
     train = next(t for t in wf["spec"]["templates"] if "resource" in t)["resource"]["manifest"]
     assert "MLFLOW_TRACKING_PASSWORD" in train  # the PyTorchJob's pods sign in too
 
@@ -354,7 +440,9 @@ def _peer_matches(peer: dict, pod: dict, policy_ns: str) -> bool:
     if "ipBlock" in peer:
         return pod.get("ip", False)  # an address outside the cluster's pods
     if "namespaceSelector" in peer:
-        if not _selects(peer["namespaceSelector"], {"kubernetes.io/metadata.name": pod["ns"]} | pod.get("ns_labels", {})):
+        if not _selects(
+            peer["namespaceSelector"], {"kubernetes.io/metadata.name": pod["ns"]} | pod.get("ns_labels", {})
+        ):
             return False
     elif pod["ns"] != policy_ns:
         return False
@@ -364,9 +452,15 @@ def _peer_matches(peer: dict, pod: dict, policy_ns: str) -> bool:
 def _allowed(policies: list[dict], src: dict, dst: dict, port: int, protocol: str = "TCP") -> bool:
     """NetworkPolicy semantics: a pod selected by a policy of a direction only gets the traffic
     some rule of such a policy allows; unselected pods are open in that direction."""
+
     def side(pod: dict, direction: str, peer_key: str, other: dict) -> bool:
-        chosen = [p for p in policies if p["metadata"]["namespace"] == pod["ns"] and direction in p["spec"]["policyTypes"]
-                  and _selects(p["spec"]["podSelector"], pod["labels"])]
+        chosen = [
+            p
+            for p in policies
+            if p["metadata"]["namespace"] == pod["ns"]
+            and direction in p["spec"]["policyTypes"]
+            and _selects(p["spec"]["podSelector"], pod["labels"])
+        ]
         if not chosen or pod.get("ip"):
             return True
         for p in chosen:
@@ -374,7 +468,8 @@ def _allowed(policies: list[dict], src: dict, dst: dict, port: int, protocol: st
                 peers = rule.get(peer_key)
                 ports = rule.get("ports")
                 if (peers is None or any(_peer_matches(x, other, p["metadata"]["namespace"]) for x in peers)) and (
-                        ports is None or any(x["port"] == port and x.get("protocol", "TCP") == protocol for x in ports)):
+                    ports is None or any(x["port"] == port and x.get("protocol", "TCP") == protocol for x in ports)
+                ):
                     return True
         return False
 
@@ -385,7 +480,7 @@ def test_network_policies_deny_by_default_and_allow_exactly_nmm_s_flows():
     docs = render(values(CHART / "ci" / "minimal-values.yaml"))
     policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
     release = {"app.kubernetes.io/instance": "nmm", "app.kubernetes.io/name": "nmm-platform"}
-    pod = lambda component, ns="nmm": {"ns": ns, "labels": release | {"app.kubernetes.io/component": component}}  # noqa: E731
+    pod = lambda component, ns="nmm": {"ns": ns, "labels": release | {"app.kubernetes.io/component": component}}
     mlflow, operator, inventory, test = pod("mlflow"), pod("operator"), pod("inventory"), pod("test")
     tenant = {"nmm.dev/tenant": "enabled"}  # a namespace that opted in to nmm
     step = {"ns": "team-a", "ns_labels": tenant, "labels": {"nmm.dev/pipeline": "qs"}}
@@ -440,7 +535,8 @@ def _admits(policy: dict, **activation) -> tuple[bool, list[str]]:
         env = celpy.Environment()
         variables[v["name"]] = env.program(env.compile(v["expression"])).evaluate(
             {k: celpy.json_to_cel(x) for k, x in activation.items()}
-            | {"variables": celpy.celtypes.MapType({celpy.celtypes.StringType(k): x for k, x in variables.items()})})
+            | {"variables": celpy.celtypes.MapType({celpy.celtypes.StringType(k): x for k, x in variables.items()})}
+        )
     failed = [x["message"] for x in spec["validations"] if not _cel(x["expression"], variables=variables, **activation)]
     return True, failed
 
@@ -449,7 +545,9 @@ def test_admission_policies_hold_every_workload_nmm_creates_and_the_inventory_to
     docs = render(values(CHART / "ci" / "minimal-values.yaml"))
     policies = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ValidatingAdmissionPolicy"}
     bindings = [d for d in docs if d["kind"] == "ValidatingAdmissionPolicyBinding"]
-    assert {b["spec"]["policyName"] for b in bindings} == set(policies) and all(b["spec"]["validationActions"] == ["Deny"] for b in bindings)
+    assert {b["spec"]["policyName"] for b in bindings} == set(policies) and all(
+        b["spec"]["validationActions"] == ["Deny"] for b in bindings
+    )
     workloads = policies["nmm-nmm-platform-workloads"]
 
     from nmm.compile import compile_pipeline, serving
@@ -465,16 +563,25 @@ def test_admission_policies_hold_every_workload_nmm_creates_and_the_inventory_to
     ray_doc = yaml.safe_load((ROOT / "workflows" / "quickstart.yaml").read_text())
     ray_doc["spec"]["data"]["ray"] = {"workers": 2}
     ray_wf = compile_pipeline(parse_pipeline(yaml.safe_dump(ray_doc)), settings)
-    rayjob = next(yaml.safe_load(t["resource"]["manifest"]) for t in ray_wf["spec"]["templates"]
-                  if "resource" in t and "RayJob" in t["resource"]["manifest"])
+    rayjob = next(
+        yaml.safe_load(t["resource"]["manifest"])
+        for t in ray_wf["spec"]["templates"]
+        if "resource" in t and "RayJob" in t["resource"]["manifest"]
+    )
     svc = ServiceSpec.model_validate({"model": {"name": "m", "version": 1}})
     served = serving.ServedVersion(1, "s3://nmm/runs/a/b/c/d/train", "sha256:" + "0" * 64)
     deployment = gateway.deployment("digits", "team-a", "stable", svc, served, settings, served)
     isvc = kserve.inference_service("digits", "team-a", svc, served, None, settings)
-    made = [(step, "pytorchjobs", job), (step, "rayjobs", rayjob), (operator, "deployments", deployment),
-            (operator, "inferenceservices", isvc)]
+    made = [
+        (step, "pytorchjobs", job),
+        (step, "rayjobs", rayjob),
+        (operator, "deployments", deployment),
+        (operator, "inferenceservices", isvc),
+    ]
     for who, resource, obj in made:  # what nmm compiles passes
-        assert _admits(workloads, request=who | {"resource": {"resource": resource}}, object=obj) == (True, []), resource
+        assert _admits(workloads, request=who | {"resource": {"resource": resource}}, object=obj) == (True, []), (
+            resource
+        )
 
     def tampered(obj: dict, pods) -> dict:
         evil = yaml.safe_load(yaml.safe_dump(obj))
@@ -486,10 +593,12 @@ def test_admission_policies_hold_every_workload_nmm_creates_and_the_inventory_to
             pod.setdefault("volumes", []).append({"name": "root", "hostPath": {"path": "/"}})
         return evil
 
-    evils = [tampered(job, lambda o: [r["template"]["spec"] for r in o["spec"]["pytorchReplicaSpecs"].values()]),
-             tampered(rayjob, lambda o: [o["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]]),
-             tampered(deployment, lambda o: [o["spec"]["template"]["spec"]]),
-             tampered(isvc, lambda o: [o["spec"]["predictor"]])]
+    evils = [
+        tampered(job, lambda o: [r["template"]["spec"] for r in o["spec"]["pytorchReplicaSpecs"].values()]),
+        tampered(rayjob, lambda o: [o["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]]),
+        tampered(deployment, lambda o: [o["spec"]["template"]["spec"]]),
+        tampered(isvc, lambda o: [o["spec"]["predictor"]]),
+    ]
     for (who, resource, _), evil in zip(made, evils):
         matched, failed = _admits(workloads, request=who | {"resource": {"resource": resource}}, object=evil)
         assert matched and len(failed) == 4, (resource, failed)  # image, account, host access, privilege
@@ -498,42 +607,64 @@ def test_admission_policies_hold_every_workload_nmm_creates_and_the_inventory_to
 
     pipeline_pods = policies["nmm-nmm-platform-pipeline-pods"]
     labelled = {"metadata": {"labels": {"nmm.dev/pipeline": "qs"}}, "spec": {"serviceAccountName": "default"}}
-    assert _admits(pipeline_pods, object=labelled)[1] == ["a pod labelled nmm.dev/pipeline runs as the nmm-workflow service account"]
+    assert _admits(pipeline_pods, object=labelled)[1] == [
+        "a pod labelled nmm.dev/pipeline runs as the nmm-workflow service account"
+    ]
     for t in wf["spec"]["templates"]:  # every pod nmm compiles with the label runs as the workflow account
         if "container" in t:
-            assert _admits(pipeline_pods, object={"metadata": t.get("metadata", {}), "spec": {
-                "serviceAccountName": wf["spec"]["serviceAccountName"]}})[1] == []
+            assert (
+                _admits(
+                    pipeline_pods,
+                    object={
+                        "metadata": t.get("metadata", {}),
+                        "spec": {"serviceAccountName": wf["spec"]["serviceAccountName"]},
+                    },
+                )[1]
+                == []
+            )
     for spec in [r["template"]["spec"] for r in job["spec"]["pytorchReplicaSpecs"].values()]:
-        assert _admits(pipeline_pods, object={"metadata": {"labels": {"nmm.dev/pipeline": "qs"}}, "spec": spec})[1] == []
+        assert (
+            _admits(pipeline_pods, object={"metadata": {"labels": {"nmm.dev/pipeline": "qs"}}, "spec": spec})[1] == []
+        )
 
     no_promote = policies["nmm-nmm-platform-no-promote-from-steps"]
-    nmms = lambda ann: {"metadata": {"name": "qs", "annotations": ann}, "spec": {}}  # noqa: E731
+    nmms = lambda ann: {"metadata": {"name": "qs", "annotations": ann}, "spec": {}}
     assert _admits(no_promote, request=step, object=nmms({"nmm.dev/promote": "7"}), oldObject=None)[1] != []
     assert _admits(no_promote, request=step, object=nmms({"nmm.dev/promote": "7"}), oldObject=nmms({}))[1] != []
     assert _admits(no_promote, request=step, object=nmms({}), oldObject=nmms({}))[1] == []  # the rollout stage's update
-    assert _admits(no_promote, request=step, object=nmms({"nmm.dev/promote": "7"}),
-                   oldObject=nmms({"nmm.dev/promote": "7"}))[1] == []  # someone's pending promote, left as it was
+    assert (
+        _admits(
+            no_promote, request=step, object=nmms({"nmm.dev/promote": "7"}), oldObject=nmms({"nmm.dev/promote": "7"})
+        )[1]
+        == []
+    )  # someone's pending promote, left as it was
     assert _admits(no_promote, request=someone, object=nmms({"nmm.dev/promote": "7"}), oldObject=nmms({}))[0] is False
 
     where = policies["nmm-nmm-platform-operator-namespaces"]
-    ns = lambda name, labels=None: {"metadata": {"name": name} | ({"labels": labels} if labels else {})}  # noqa: E731
+    ns = lambda name, labels=None: {"metadata": {"name": name} | ({"labels": labels} if labels else {})}
     assert _admits(where, request=operator, namespaceObject=ns("team-a", {"nmm.dev/tenant": "enabled"}))[1] == []
     assert _admits(where, request=operator, namespaceObject=ns("nmm"))[1] == []  # the release's own
     assert _admits(where, request=operator, namespaceObject=ns("kube-system"))[1] == [
-        "the operator writes only in namespaces labelled nmm.dev/tenant=enabled (and its own)"]
+        "the operator writes only in namespaces labelled nmm.dev/tenant=enabled (and its own)"
+    ]
     assert _admits(where, request=someone, namespaceObject=ns("kube-system"))[0] is False
 
     inventory = policies["nmm-nmm-platform-inventory-own-node"]
-    me = {"userInfo": {"username": "system:serviceaccount:nmm:nmm-nmm-platform-inventory",
-                       "extra": {"authentication.kubernetes.io/node-name": ["gpu-1"]}}}
+    me = {
+        "userInfo": {
+            "username": "system:serviceaccount:nmm:nmm-nmm-platform-inventory",
+            "extra": {"authentication.kubernetes.io/node-name": ["gpu-1"]},
+        }
+    }
     node = {"metadata": {"name": "gpu-1", "labels": {"kubernetes.io/hostname": "gpu-1"}}, "spec": {"taints": []}}
     labelled = yaml.safe_load(yaml.safe_dump(node))
     labelled["metadata"]["labels"]["nmm.dev/gpu.pool"] = "h100"
     assert _admits(inventory, request=me, object=labelled, oldObject=node) == (True, [])
     other = yaml.safe_load(yaml.safe_dump(labelled))
     other["metadata"]["name"] = "gpu-2"
-    assert _admits(inventory, request=me, object=other, oldObject=node | {"metadata": node["metadata"] | {"name": "gpu-2"}})[1] == [
-        "the inventory labels only the node it runs on"]
+    assert _admits(
+        inventory, request=me, object=other, oldObject=node | {"metadata": node["metadata"] | {"name": "gpu-2"}}
+    )[1] == ["the inventory labels only the node it runs on"]
     hijack = yaml.safe_load(yaml.safe_dump(labelled))
     hijack["metadata"]["labels"]["node-role.kubernetes.io/control-plane"] = ""
     hijack["spec"]["taints"] = [{"key": "x", "effect": "NoSchedule"}]

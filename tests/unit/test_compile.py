@@ -102,7 +102,9 @@ def test_variants_fan_out_train_and_evaluate_and_rollout_waits_for_all():
     assert dag["rollout"]["when"] == "{{tasks.evaluate-earlys0.outputs.parameters.gate}} == pass"
     jobs = {j["metadata"]["name"]: j for j in pytorchjobs_of(wf)}
     assert set(jobs) == {f"{{{{workflow.name}}}}-train-{v}" for v in variants}
-    args = jobs["{{workflow.name}}-train-mids1"]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["args"]
+    args = jobs["{{workflow.name}}-train-mids1"]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"][
+        "containers"
+    ][0]["args"]
     assert args[-2:] == ["--variant", "mids1"]
 
 
@@ -122,7 +124,9 @@ def test_stages_hand_each_other_uris_not_artifacts():
         assert "artifacts" not in t.get("inputs", {}) and "artifacts" not in t.get("outputs", {})
 
 
-@pytest.mark.parametrize("path", [WORKFLOWS / "quickstart.yaml", WORKFLOWS / "byo-webdataset.yaml"], ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", [WORKFLOWS / "quickstart.yaml", WORKFLOWS / "byo-webdataset.yaml"], ids=lambda p: p.name
+)
 def test_every_pod_template_has_retry_and_deadline_r11(path):
     """Container steps retry through Argo. A resource step's job retries itself (PyTorchJob
     `runPolicy.backoffLimit` = training.maxRestarts, RayJob `backoffLimit`) and has no Argo
@@ -147,12 +151,24 @@ def _pods(wf: dict) -> list[dict]:
     pods = []
     for t in wf["spec"]["templates"]:
         if "container" in t:
-            pods.append({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": t["name"]},
-                         "spec": {"securityContext": wf["spec"]["securityContext"], "volumes": wf["spec"]["volumes"],
-                                  "containers": [t["container"]], "restartPolicy": "Never"}})
+            pods.append(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "metadata": {"name": t["name"]},
+                    "spec": {
+                        "securityContext": wf["spec"]["securityContext"],
+                        "volumes": wf["spec"]["volumes"],
+                        "containers": [t["container"]],
+                        "restartPolicy": "Never",
+                    },
+                }
+            )
     job = pytorchjob_of(wf)
     for kind, rs in job["spec"]["pytorchReplicaSpecs"].items():
-        pods.append({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": kind.lower()}, "spec": rs["template"]["spec"]})
+        pods.append(
+            {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": kind.lower()}, "spec": rs["template"]["spec"]}
+        )
     return pods
 
 
@@ -252,7 +268,9 @@ def test_data_ray_compiles_curate_into_a_kuberay_rayjob_whose_outputs_a_second_s
     reader = templates["curate-outputs"]["container"]["args"]
     assert reader[:2] == ["stage", "curate-outputs"] and reader[reader.index("--from") + 1] == out_uri
     tasks = {t["name"]: t for t in wf["spec"]["templates"][0]["dag"]["tasks"]}
-    assert tasks["curate-outputs"]["dependencies"] == ["curate"] and tasks["train"]["dependencies"] == ["curate-outputs"]
+    assert tasks["curate-outputs"]["dependencies"] == ["curate"] and tasks["train"]["dependencies"] == [
+        "curate-outputs"
+    ]
     assert "tasks.curate-outputs.outputs.parameters.dataset_uri" in json.dumps(tasks["train"])
     name = job["metadata"]["name"].replace("{{workflow.name}}", "x" * (len(spec.metadata.name) + 8))
     assert len(name) <= 47  # KubeRay's limit on RayJob names

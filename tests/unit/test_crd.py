@@ -54,11 +54,22 @@ def test_crd_schema_rejects_a_wrong_type():
 
 
 SERVICE_CHECKED_IN = ROOT / "charts" / "nmm-platform" / "crds" / "nmmservices.nmm.dev.yaml"
-SERVICE = {"apiVersion": "nmm.dev/v1alpha1", "kind": "NMMService", "metadata": {"name": "digits"},
-           "spec": {"model": {"name": "nmm-quickstart", "alias": "candidate"}, "replicas": 2,
-                    "canary": {"steps": [{"weight": 10, "pauseSeconds": 60}, {"weight": 100}],
-                               "analysis": {"maxErrorRate": 0.01, "qualityProbe": {"cases": 50, "maxQualityDrop": 0.02,
-                                                                               "casesUri": "s3://bucket/probe.jsonl"}}}}}
+SERVICE = {
+    "apiVersion": "nmm.dev/v1alpha1",
+    "kind": "NMMService",
+    "metadata": {"name": "digits"},
+    "spec": {
+        "model": {"name": "nmm-quickstart", "alias": "candidate"},
+        "replicas": 2,
+        "canary": {
+            "steps": [{"weight": 10, "pauseSeconds": 60}, {"weight": 100}],
+            "analysis": {
+                "maxErrorRate": 0.01,
+                "qualityProbe": {"cases": 50, "maxQualityDrop": 0.02, "casesUri": "s3://bucket/probe.jsonl"},
+            },
+        },
+    },
+}
 
 
 def test_the_service_crd_is_checked_in_valid_and_accepts_a_service():

@@ -83,9 +83,12 @@ def test_near_duplicate_clusters_never_straddle_splits_and_the_naive_leakage_is_
     # What a naive per-sample split would have leaked, counted by brute force.
     alive = [i for i, r in enumerate(d.reason) if r in ("", "near_duplicate", "caption_near_duplicate")]
     naive = {i: split_of(ex.cols["content_id"][i], 0.7, 0.1) for i in alive}
-    leaked = {a if naive[a] == "test" else b for a, b in itertools.combinations(alive, 2)
-              if {naive[a], naive[b]} == {"train", "test"}
-              and signatures.hamming(int(ex.cols["phash"][a]), int(ex.cols["phash"][b])) <= RADIUS}
+    leaked = {
+        a if naive[a] == "test" else b
+        for a, b in itertools.combinations(alive, 2)
+        if {naive[a], naive[b]} == {"train", "test"}
+        and signatures.hamming(int(ex.cols["phash"][a]), int(ex.cols["phash"][b])) <= RADIUS
+    }
     assert d.leakage["naive_test_with_train_near_duplicate"] == len(leaked)
     assert d.leakage["naive_test_samples"] == sum(1 for s in naive.values() if s == "test")
 
@@ -100,7 +103,9 @@ def test_exact_dedup_drops_identical_images_first_one_wins():
     d = load_digits(1)
     images = np.concatenate([d.images[:20], d.images[:5]])
     s = Settings(8, 1, userdata.Limits(), {"digits": "digits"})
-    batch = examine_builtin("digits", 0, images, d.captions[:20] + d.captions[:5], np.concatenate([d.labels[:20], d.labels[:5]]), None, s)
+    batch = examine_builtin(
+        "digits", 0, images, d.captions[:20] + d.captions[:5], np.concatenate([d.labels[:20], d.labels[:5]]), None, s
+    )
     out = dedup.decide(batch, "exact", radius=RADIUS, caption_dedup=True, threshold=0.9, train=0.7, val=0.1)
     assert list(out.reason[20:]) == ["exact_duplicate"] * 5 and not any(out.reason[:20])
     assert list(out.duplicate_of[20:]) == [f"digits-{i:08d}" for i in range(5)]
@@ -128,11 +133,15 @@ def test_parquet_and_folder_sources_read_the_same_samples(tmp_path):
     (tmp_path / "imgs").mkdir()
     for i, data in enumerate(images):
         (tmp_path / "imgs" / f"{i}.png").write_bytes(data)
-    (tmp_path / "imgs" / "captions.jsonl").write_text("\n".join(f'{{"file": "{i}.png", "caption": "{c}"}}' for i, c in enumerate(caps[:5])))
+    (tmp_path / "imgs" / "captions.jsonl").write_text(
+        "\n".join(f'{{"file": "{i}.png", "caption": "{c}"}}' for i, c in enumerate(caps[:5]))
+    )
     (tmp_path / "imgs" / "5.txt").write_text(caps[5])  # a .txt beside the image works too
     got = {}
-    for src in (Source(kind="parquet", name="web", uri=f"{tmp_path}/*.parquet", columns={"image": "jpeg", "caption": "text"}),
-                Source(kind="folder", name="web", uri=f"{tmp_path}/imgs")):
+    for src in (
+        Source(kind="parquet", name="web", uri=f"{tmp_path}/*.parquet", columns={"image": "jpeg", "caption": "text"}),
+        Source(kind="folder", name="web", uri=f"{tmp_path}/imgs"),
+    ):
         units, listing = readers.units(src)
         ex = stream.examine(units, settings(), engine="loop")
         assert list(ex.cols["reason"]) == [""] * 6, ex.cols["detail"]
@@ -168,11 +177,27 @@ def test_ground_truth_a_source_promises_is_checked_per_sample(tmp_path):
     scene = good.scenes[0]
     pixels = (good.images[0] * 255).astype(np.uint8)
     hostile = dict(scene, objects=[{"shape": "circle", "colour": "red", "cx": "$(id)", "cy": 1, "size": 8}])
-    (tmp_path / "s.tar").write_bytes(fx.tar([
-        ("ok", {"png": fx.encode(pixels), "json": json.dumps({"caption": "a red circle", "scene": scene}).encode()}),
-        ("no-scene", {"png": fx.encode(pixels), "json": b'{"caption": "a red circle"}'}),
-        ("bad-scene", {"png": fx.encode(pixels), "json": json.dumps({"caption": "a red circle", "scene": hostile}).encode()}),
-    ]))
+    (tmp_path / "s.tar").write_bytes(
+        fx.tar(
+            [
+                (
+                    "ok",
+                    {
+                        "png": fx.encode(pixels),
+                        "json": json.dumps({"caption": "a red circle", "scene": scene}).encode(),
+                    },
+                ),
+                ("no-scene", {"png": fx.encode(pixels), "json": b'{"caption": "a red circle"}'}),
+                (
+                    "bad-scene",
+                    {
+                        "png": fx.encode(pixels),
+                        "json": json.dumps({"caption": "a red circle", "scene": hostile}).encode(),
+                    },
+                ),
+            ]
+        )
+    )
     units, _ = readers.units(Source(kind="webdataset", name="web", uri=str(tmp_path), groundTruth="shapes"))
     s = Settings(32, 3, userdata.Limits(), {"web": "shapes"})
     ex = stream.examine(units, s, engine="loop")
@@ -213,8 +238,13 @@ def test_the_train_stage_reads_the_mixture_from_the_manifest_and_logs_what_it_dr
     a = {"source": images, "row_image": np.repeat(np.arange(200), 2)}  # two rows an image
     mix = _mixture(ds, a)
     assert mix["source_weights"] == {0: 0.75, 1: 0.25} and len(mix["row_source"]) == 400
-    data = TrainData(tokens=np.zeros((400, 4), np.int64), loss_mask=np.ones((400, 4), np.int64),
-                     task=np.tile([0, 1], 200), image_range=(10, 20), **mix)
+    data = TrainData(
+        tokens=np.zeros((400, 4), np.int64),
+        loss_mask=np.ones((400, 4), np.int64),
+        task=np.tile([0, 1], 200),
+        image_range=(10, 20),
+        **mix,
+    )
     phase = PhaseConfig(name="p", steps=200, batch_size=32, lr=1e-3, mixture={"m2t": 0.5, "m2g": 0.5})
     got = _realised_mixture(ds, data, SimpleNamespace(phases=(phase,), total_steps=200, seed=0))
     assert abs(got["mixture.realised.shapes"] - 0.75) < 0.03 and abs(sum(got.values()) - 1.0) < 1e-9

@@ -54,13 +54,33 @@ def test_digits_are_grey_and_the_export_is_byte_identical_when_repeated(tmp_path
 
 
 def test_the_cli_writes_shards_and_refuses_unknown_sources_and_formats(tmp_path):
-    r = subprocess.run([NMM, "data", "export", "--source", "shapes", "--samples", "12", "--shard-size", "5",
-                        "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            NMM,
+            "data",
+            "export",
+            "--source",
+            "shapes",
+            "--samples",
+            "12",
+            "--shard-size",
+            "5",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert "wrote 12 shapes samples in 3 WebDataset shard(s)" in r.stdout.replace("\n", " ")
     assert len(list((tmp_path / "out").glob("shard-*.tar"))) == 3
-    for args, message in ((["--source", "mnist"], "--source: expected one of digits, shapes"),
-                          (["--source", "shapes", "--format", "parquet"], "--format: expected one of webdataset")):
-        r = subprocess.run([NMM, "data", "export", *args, "--out", str(tmp_path / "bad")], capture_output=True, text=True, timeout=120)
+    for args, message in (
+        (["--source", "mnist"], "--source: expected one of digits, shapes"),
+        (["--source", "shapes", "--format", "parquet"], "--format: expected one of webdataset"),
+    ):
+        r = subprocess.run(
+            [NMM, "data", "export", *args, "--out", str(tmp_path / "bad")], capture_output=True, text=True, timeout=120
+        )
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
         assert not (tmp_path / "bad").exists()

@@ -19,10 +19,19 @@ def test_kubernetes_env_references_expand_like_the_kubelet():
     assert expand_env_refs("$(UNSET) $$(RANK)", env) == "$(UNSET) $(RANK)"
 
 
-@pytest.mark.parametrize("expr,want", [
-    ("pass == pass", True), ("fail == pass", False), ("a != b", True), ("0.95 >= 0.9", True),
-    ("1 < 0.5 || x == x", True), ("x == x && 1 > 2", False), ("!a == a", False), ("'pass' == pass", True),
-])
+@pytest.mark.parametrize(
+    "expr,want",
+    [
+        ("pass == pass", True),
+        ("fail == pass", False),
+        ("a != b", True),
+        ("0.95 >= 0.9", True),
+        ("1 < 0.5 || x == x", True),
+        ("x == x && 1 > 2", False),
+        ("!a == a", False),
+        ("'pass' == pass", True),
+    ],
+)
 def test_when_expressions(expr, want):
     assert evaluate(expr) is want
 
@@ -45,7 +54,9 @@ def test_topological_order_and_cycles():
 
 def test_sandbox_maps_only_emptydir_mounts(tmp_path):
     c = {"volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, {"name": "cfg", "mountPath": "/etc/cfg"}]}
-    sb = Sandbox.for_container(c, [{"name": "tmp", "emptyDir": {}}, {"name": "cfg", "configMap": {"name": "x"}}], tmp_path)
+    sb = Sandbox.for_container(
+        c, [{"name": "tmp", "emptyDir": {}}, {"name": "cfg", "configMap": {"name": "x"}}], tmp_path
+    )
     assert sb.map_path("/tmp/nmm/outputs/x") == str(tmp_path / "tmp" / "nmm/outputs/x")
     assert sb.map_path("/tmpfoo") == "/tmpfoo"
     assert sb.map_path("/etc/cfg/a") == "/etc/cfg/a"
@@ -60,6 +71,16 @@ def test_the_command_is_never_mapped_even_when_it_lives_under_a_mount_path(tmp_p
 def test_each_variant_s_evaluate_follows_its_train_before_the_next_variant_trains():
     tasks = [{"name": "curate"}]
     for v in ("a", "b"):
-        tasks += [{"name": f"train-{v}", "dependencies": ["curate"]}, {"name": f"evaluate-{v}", "dependencies": [f"train-{v}"]}]
+        tasks += [
+            {"name": f"train-{v}", "dependencies": ["curate"]},
+            {"name": f"evaluate-{v}", "dependencies": [f"train-{v}"]},
+        ]
     tasks.append({"name": "rollout", "dependencies": ["evaluate-a", "evaluate-b"]})
-    assert [t["name"] for t in topo_order(tasks)] == ["curate", "train-a", "evaluate-a", "train-b", "evaluate-b", "rollout"]
+    assert [t["name"] for t in topo_order(tasks)] == [
+        "curate",
+        "train-a",
+        "evaluate-a",
+        "train-b",
+        "evaluate-b",
+        "rollout",
+    ]

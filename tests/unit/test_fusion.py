@@ -18,9 +18,20 @@ IMG = (30, 40)  # image ids: 30..39
 
 
 def cfg(fusion: str) -> ModelConfig:
-    return ModelConfig(vocab_size=40, dim=32, layers=2, heads=2, max_seq_len=16, fusion=fusion,
-                       image_lo=IMG[0], image_hi=IMG[1], patch_dim=12, tokens_per_image=4,
-                       encoder_dim=16, encoder_layers=1)
+    return ModelConfig(
+        vocab_size=40,
+        dim=32,
+        layers=2,
+        heads=2,
+        max_seq_len=16,
+        fusion=fusion,
+        image_lo=IMG[0],
+        image_hi=IMG[1],
+        patch_dim=12,
+        tokens_per_image=4,
+        encoder_dim=16,
+        encoder_layers=1,
+    )
 
 
 def rows(n: int = 8) -> torch.Tensor:
@@ -60,7 +71,7 @@ def test_generation_with_patches_reads_them_once_at_prefill():
     seq = list(prompt)
     for _ in range(5):  # the slow way, with the patches every time
         seq.append(5 + int(m(torch.tensor([seq]), patches=torch.from_numpy(pix[:1]))[0, -1, 5:30].argmax()))
-    assert a == seq[len(prompt):]
+    assert a == seq[len(prompt) :]
 
 
 def test_late_fusion_trains_its_encoder_separately_then_freezes_it(tmp_path):
@@ -70,11 +81,21 @@ def test_late_fusion_trains_its_encoder_separately_then_freezes_it(tmp_path):
     tokens = rows(32).numpy().astype(np.int32)
     mask = np.zeros_like(tokens, dtype=np.uint8)
     mask[:, 7:] = 1
-    tc = TrainConfig(model=cfg("late"), phases=(PhaseConfig(name="p", steps=6, batch_size=4, lr=1e-2, mixture={"m2t": 1.0}),),
-                     checkpoint_interval=100, encoder_steps=30)
+    tc = TrainConfig(
+        model=cfg("late"),
+        phases=(PhaseConfig(name="p", steps=6, batch_size=4, lr=1e-2, mixture={"m2t": 1.0}),),
+        checkpoint_interval=100,
+        encoder_steps=30,
+    )
     fresh = cfg("late").build()
-    data = TrainData(tokens=tokens, loss_mask=mask, task=np.zeros(32, np.int8), image_range=IMG, patches=patches,
-                     row_image=np.arange(32) % 16)
+    data = TrainData(
+        tokens=tokens,
+        loss_mask=mask,
+        task=np.zeros(32, np.int8),
+        image_range=IMG,
+        patches=patches,
+        row_image=np.arange(32) % 16,
+    )
     model, _ = train(tc, data, CPU, tmp_path.as_uri(), lambda *_: None)
     enc = model.stem.encoder
     assert not any(p.requires_grad for p in enc.parameters())
@@ -93,4 +114,6 @@ def test_late_fusion_trains_its_encoder_separately_then_freezes_it(tmp_path):
     feats = (enc(x) - model.stem.feature_mean) / model.stem.feature_std
     assert feats.mean(0).abs().max() < 1e-4 and (feats.std(0) - 1).abs().max() < 1e-3
     with pytest.raises(ValueError, match="pass patches and row_image"):
-        train(tc, dataclasses.replace(data, patches=None, row_image=None), CPU, (tmp_path / "b").as_uri(), lambda *_: None)
+        train(
+            tc, dataclasses.replace(data, patches=None, row_image=None), CPU, (tmp_path / "b").as_uri(), lambda *_: None
+        )

@@ -11,13 +11,21 @@ from tests.conftest import NMM
 
 
 def test_gfd_labels_become_nmm_labels_with_the_matching_pool():
-    node = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "nvidia.com/gpu.memory": "81559",
-            "nvidia.com/gpu.count": "8", "nvidia.com/cuda.driver-version.full": "570.86.15"}
+    node = {
+        "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3",
+        "nvidia.com/gpu.memory": "81559",
+        "nvidia.com/gpu.count": "8",
+        "nvidia.com/cuda.driver-version.full": "570.86.15",
+    }
     inv = inventory.from_gfd(node)
     assert inv.source == "gfd" and len(inv.gpus) == 8
     assert inventory.labels(inv, EXAMPLE_POOLS) == {
-        "nmm.dev/gpu.count": "8", "nmm.dev/gpu.product": "NVIDIA-H100-80GB-HBM3", "nmm.dev/gpu.memory-gib": "79",
-        "nmm.dev/gpu.driver": "570.86.15", "nmm.dev/gpu.healthy": "true", "nmm.dev/gpu.source": "gfd",
+        "nmm.dev/gpu.count": "8",
+        "nmm.dev/gpu.product": "NVIDIA-H100-80GB-HBM3",
+        "nmm.dev/gpu.memory-gib": "79",
+        "nmm.dev/gpu.driver": "570.86.15",
+        "nmm.dev/gpu.healthy": "true",
+        "nmm.dev/gpu.source": "gfd",
         "nmm.dev/gpu.pool": "h100",
     }
 
@@ -47,8 +55,12 @@ def test_nvml_devices_are_read_and_labelled(monkeypatch):
     assert [g.product for g in inv.gpus] == ["NVIDIA-H200", "NVIDIA-H200"] and inv.gpus[0].memory_mib == 141 * 1024
     labels = inventory.labels(inv, EXAMPLE_POOLS)
     assert labels["nmm.dev/gpu.pool"] == "h200" and labels["nmm.dev/gpu.memory-gib"] == "141"
-    assert inventory.telemetry() == {"gpu/0/utilization": 55.0, "gpu/0/memory_used_gib": 10.0,
-                                     "gpu/1/utilization": 55.0, "gpu/1/memory_used_gib": 10.0}
+    assert inventory.telemetry() == {
+        "gpu/0/utilization": 55.0,
+        "gpu/0/memory_used_gib": 10.0,
+        "gpu/1/utilization": 55.0,
+        "gpu/1/memory_used_gib": 10.0,
+    }
     assert calls.count("init") == calls.count("shutdown") == 2
 
 

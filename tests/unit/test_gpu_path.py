@@ -11,10 +11,10 @@ import torch
 from nmm.model import ModelConfig
 from nmm.model.generate import SYNC_EVERY, generate
 from nmm.train import parallelize, trainer
-from nmm.train.recipes import next_token
 from nmm.train.distributed import DistInfo
 from nmm.train.loss import head_loss
 from nmm.train.parallelize import Parallelism
+from nmm.train.recipes import next_token
 from nmm.train.trainer import PhaseConfig, TrainConfig
 
 # Every way a tensor's value reaches the host (on a GPU each waits for the device).
@@ -43,6 +43,7 @@ class Reads:
                 return fn(*a, **k)
             finally:
                 self.on = before
+
         return wrapped
 
     def during(self, fn):
@@ -55,8 +56,19 @@ class Reads:
 
 
 def tiny(**kw) -> ModelConfig:
-    return ModelConfig(**{"vocab_size": 48, "dim": 32, "layers": 2, "heads": 2, "max_seq_len": 16, "image_lo": 30,
-                          "image_hi": 40, "tokens_per_image": 3, **kw})
+    return ModelConfig(
+        **{
+            "vocab_size": 48,
+            "dim": 32,
+            "layers": 2,
+            "heads": 2,
+            "max_seq_len": 16,
+            "image_lo": 30,
+            "image_hi": 40,
+            "tokens_per_image": 3,
+            **kw,
+        }
+    )
 
 
 def data():
@@ -78,9 +90,14 @@ def test_the_training_step_reads_nothing_from_the_device(monkeypatch, tmp_path, 
     monkeypatch.setattr(trainer, "train_step", reads.during(trainer.train_step))
     monkeypatch.setattr(next_token, "lay_out", reads.paused(next_token.lay_out))
     logged = []
-    cfg = TrainConfig(model=tiny(), phases=(PhaseConfig(mixture={"m2t": 0.5, "m2g": 0.5}, name="p", steps=6, batch_size=8,
-                                                        lr=1e-3, recipe="sft"),),
-                      checkpoint_interval=100, log_every=3, micro_batch=micro, parallel=Parallelism(pack=pack))
+    cfg = TrainConfig(
+        model=tiny(),
+        phases=(PhaseConfig(mixture={"m2t": 0.5, "m2g": 0.5}, name="p", steps=6, batch_size=8, lr=1e-3, recipe="sft"),),
+        checkpoint_interval=100,
+        log_every=3,
+        micro_batch=micro,
+        parallel=Parallelism(pack=pack),
+    )
     trainer.train(cfg, data(), DistInfo(0, 0, 1, torch.device("cpu")), tmp_path.as_uri(), lambda m, s: logged.append(s))
     assert reads.calls == []
     assert logged == [3, 6]  # the metrics still came, at the logging steps
@@ -127,9 +144,9 @@ def _uncached(model, prompts, new, allowed):
     """The full forward over everything so far for each new token: the reference decode."""
     seq = torch.tensor(prompts)
     for _ in range(new):
-        logits = model(seq)[:, -1, allowed[0]:allowed[1]]
+        logits = model(seq)[:, -1, allowed[0] : allowed[1]]
         seq = torch.cat([seq, allowed[0] + logits.argmax(-1, keepdim=True)], dim=1)
-    return seq[:, len(prompts[0]):].tolist()
+    return seq[:, len(prompts[0]) :].tolist()
 
 
 def test_the_static_decode_step_gives_the_full_forwards_tokens():

@@ -30,7 +30,9 @@ def test_eight_gpus_with_80_gib_land_on_the_h100_and_h200_pools():
     pod = train_pod(spec_with({"nodes": 2, "gpusPerNode": 8, "gpuMemoryGiB": 80}))
     term = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]
     assert term["matchExpressions"] == [{"key": LABEL_POOL, "operator": "In", "values": ["h100", "h200"]}]
-    assert {"key": "nvidia.com/gpu", "operator": "Equal", "value": "present", "effect": "NoSchedule"} in pod["tolerations"]
+    assert {"key": "nvidia.com/gpu", "operator": "Equal", "value": "present", "effect": "NoSchedule"} in pod[
+        "tolerations"
+    ]
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
 
 
@@ -55,7 +57,9 @@ def test_param_count_matches_the_real_model():
 
 
 def test_a_125m_model_fits_a_24_gib_gpu():
-    est = memory.estimate(dim=768, layers=12, heads=12, vocab=32_768, seq_len=1024, micro_batch=8, ffn_dim=2048, qk_norm=True)
+    est = memory.estimate(
+        dim=768, layers=12, heads=12, vocab=32_768, seq_len=1024, micro_batch=8, ffn_dim=2048, qk_norm=True
+    )
     assert 110e6 < est.params < 140e6
     assert est.fits(24), est.describe()
     pod = train_pod(spec_with({"gpusPerNode": 1, "gpuMemoryGiB": 24}, {"dim": 768, "layers": 12, "heads": 12}, batch=8))

@@ -1,11 +1,19 @@
 """GRPO's objective (nmm.train.grpo) against hand computations."""
 
+import dataclasses
 import math
+import os
+import signal
 
+import numpy as np
 import pytest
 import torch
 
 from nmm.train.grpo import ADV_EPS, group_advantages, policy_loss, token_logprobs
+from nmm.train.recipes import GrpoOptions
+from nmm.train.rewards import Reward, answer_exact, drawn_images
+from nmm.train.trainer import PhaseConfig, Preempted, TrainConfig, train
+from tests.unit.test_recipes import CPU, IMAGE, MIX, TEXT, model_cfg, train_data
 
 
 def test_advantages_are_standardised_within_each_group():
@@ -16,7 +24,9 @@ def test_advantages_are_standardised_within_each_group():
     assert adv.tolist() == pytest.approx(expected, abs=1e-6)
     # 3 completions scored 1, 2, 6: mean 3, std sqrt(((-2)²+(-1)²+3²)/2) = sqrt(7)
     adv = group_advantages(torch.tensor([1.0, 2.0, 6.0]), group=3)
-    assert adv.tolist() == pytest.approx([-2 / (math.sqrt(7) + ADV_EPS), -1 / (math.sqrt(7) + ADV_EPS), 3 / (math.sqrt(7) + ADV_EPS)], abs=1e-6)
+    assert adv.tolist() == pytest.approx(
+        [-2 / (math.sqrt(7) + ADV_EPS), -1 / (math.sqrt(7) + ADV_EPS), 3 / (math.sqrt(7) + ADV_EPS)], abs=1e-6
+    )
     with pytest.raises(ValueError, match="multiple of group=4"):
         group_advantages(torch.zeros(6), group=4)
 
@@ -39,8 +49,15 @@ def test_the_clipped_loss_matches_a_hand_computation():
     assert parts["kl"].item() == pytest.approx(k3 / 2, abs=1e-7)
     assert parts["pg"].item() == pytest.approx(-sum(objective) / 2, abs=1e-6)
     # a negative advantage clips from below: ratio 0.5 → 0.8, objective min(−1, −1.6) = −1.6 (clipped)
-    loss, parts = policy_loss(torch.tensor([[0.0, math.log(0.5)]]), torch.zeros(1, 2), torch.zeros(1, 2),
-                              torch.tensor([-2.0]), torch.tensor([[0, 1]]), clip=0.2, kl_weight=0.0)
+    loss, parts = policy_loss(
+        torch.tensor([[0.0, math.log(0.5)]]),
+        torch.zeros(1, 2),
+        torch.zeros(1, 2),
+        torch.tensor([-2.0]),
+        torch.tensor([[0, 1]]),
+        clip=0.2,
+        kl_weight=0.0,
+    )
     assert loss.item() == pytest.approx(1.6, abs=1e-6) and parts["clip_fraction"].item() == 1.0
 
 
@@ -52,8 +69,15 @@ def test_the_kl_term_is_zero_when_policy_and_reference_agree_and_positive_otherw
     logp = token_logprobs(logits, tokens)
     _, same = policy_loss(logp, logp, logp, torch.zeros(3), sampled, clip=0.2, kl_weight=1.0)
     assert same["kl"].item() == 0.0
-    _, other = policy_loss(logp, logp, token_logprobs(logits + torch.randn(3, 6, 11), tokens), torch.zeros(3),
-                           sampled, clip=0.2, kl_weight=1.0)
+    _, other = policy_loss(
+        logp,
+        logp,
+        token_logprobs(logits + torch.randn(3, 6, 11), tokens),
+        torch.zeros(3),
+        sampled,
+        clip=0.2,
+        kl_weight=1.0,
+    )
     assert other["kl"].item() > 0.0
 
 
@@ -66,31 +90,30 @@ def test_token_logprobs_reads_each_token_from_the_position_before_it():
     assert lp[0, 1].item() == pytest.approx(5 - math.log(math.exp(5) + 3), abs=1e-6)
     assert lp[0, 2].item() == pytest.approx(-math.log(math.exp(1) + 3), abs=1e-6)
     # at temperature 2 the logits are halved first
-    assert token_logprobs(logits, torch.tensor([[0, 2, 1]]), 2.0)[0, 1].item() == pytest.approx(2.5 - math.log(math.exp(2.5) + 3), abs=1e-6)
+    assert token_logprobs(logits, torch.tensor([[0, 2, 1]]), 2.0)[0, 1].item() == pytest.approx(
+        2.5 - math.log(math.exp(2.5) + 3), abs=1e-6
+    )
 
 
 def test_the_gradient_pushes_up_completions_with_positive_advantage():
     logits = torch.zeros(2, 2, 3, requires_grad=True)
     tokens = torch.tensor([[0, 1], [0, 1]])
     logp = token_logprobs(logits, tokens)
-    loss, _ = policy_loss(logp, logp.detach(), logp.detach(), torch.tensor([1.0, -1.0]), torch.tensor([[0, 1], [0, 1]]),
-                          clip=0.2, kl_weight=0.0)
+    loss, _ = policy_loss(
+        logp,
+        logp.detach(),
+        logp.detach(),
+        torch.tensor([1.0, -1.0]),
+        torch.tensor([[0, 1], [0, 1]]),
+        clip=0.2,
+        kl_weight=0.0,
+    )
     loss.backward()
     assert logits.grad[0, 0, 1] < 0 < logits.grad[1, 0, 1]  # descent raises row 0's token 1, lowers row 1's
 
 
 # --- the recipe in the trainer, on the tiny model and data of test_recipes -------------------
 
-import dataclasses  # noqa: E402
-import os  # noqa: E402
-import signal  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-from nmm.train.rewards import Reward, answer_exact, drawn_images  # noqa: E402
-from nmm.train.recipes import GrpoOptions
-from nmm.train.trainer import PhaseConfig, Preempted, TrainConfig, train  # noqa: E402
-from tests.unit.test_recipes import CPU, IMAGE, MIX, TEXT, model_cfg, train_data  # noqa: E402
 
 COLOUR = 3  # the toy reward: the share of the drawn image's codes that are code 3 ("draw colour 3")
 
@@ -104,21 +127,42 @@ def rl_cfg(steps: int = 24, **phase) -> TrainConfig:
         model=model_cfg(image_lo=IMAGE[0], image_hi=IMAGE[1], tokens_per_image=4),
         phases=(
             PhaseConfig(mixture=MIX, name="pre", steps=20, batch_size=8, lr=1e-2),
-            PhaseConfig(mixture={"m2g": 1.0}, name="rl", steps=steps, batch_size=4, lr=1e-2, recipe="grpo",
-                        options=GrpoOptions(reference="pre", reward=(("colour", 1.0),), group=8, **phase)),
+            PhaseConfig(
+                mixture={"m2g": 1.0},
+                name="rl",
+                steps=steps,
+                batch_size=4,
+                lr=1e-2,
+                recipe="grpo",
+                options=GrpoOptions(reference="pre", reward=(("colour", 1.0),), group=8, **phase),
+            ),
         ),
-        seed=2, checkpoint_interval=1000, log_every=1,
+        seed=2,
+        checkpoint_interval=1000,
+        log_every=1,
     )
 
 
 def test_an_rl_phase_raises_the_mean_reward_of_a_toy_reward(tmp_path):
     seen, samples = {}, {}
-    train(rl_cfg(samples_every=10), train_data(), CPU, tmp_path.as_uri(), lambda m, s: seen.update({s: m}),
-          rewards={"colour": Reward("colour", "m2g", colour)},
-          on_samples=lambda step, phase, x, sampled: samples.update({step: (phase, x, sampled)}))
+    train(
+        rl_cfg(samples_every=10),
+        train_data(),
+        CPU,
+        tmp_path.as_uri(),
+        lambda m, s: seen.update({s: m}),
+        rewards={"colour": Reward("colour", "m2g", colour)},
+        on_samples=lambda step, phase, x, sampled: samples.update({step: (phase, x, sampled)}),
+    )
     rl = [seen[s] for s in range(21, 45)]
-    assert {"train/reward", "train/reward/colour", "train/reward_std", "train/reward_std/colour", "train/kl",
-            "train/clip_fraction"} <= set(rl[0])
+    assert {
+        "train/reward",
+        "train/reward/colour",
+        "train/reward_std",
+        "train/reward_std/colour",
+        "train/kl",
+        "train/clip_fraction",
+    } <= set(rl[0])
     # the phase's completions every 10 steps and at its end: 4 prompts × a group of 8 each
     assert sorted(samples) == [30, 40, 44] and all(p == "rl" and x.shape[0] == 32 for p, x, _ in samples.values())
     _, x, sampled = samples[44]
@@ -132,8 +176,14 @@ def test_an_rl_phase_raises_the_mean_reward_of_a_toy_reward(tmp_path):
 
 def test_several_updates_on_each_sample_make_the_clip_bind_and_still_raise_the_reward(tmp_path):
     seen = {}
-    train(rl_cfg(12, updates=3, clip=0.05), train_data(), CPU, tmp_path.as_uri(), lambda m, s: seen.update({s: m}),
-          rewards={"colour": Reward("colour", "m2g", colour)})
+    train(
+        rl_cfg(12, updates=3, clip=0.05),
+        train_data(),
+        CPU,
+        tmp_path.as_uri(),
+        lambda m, s: seen.update({s: m}),
+        rewards={"colour": Reward("colour", "m2g", colour)},
+    )
     rl = [seen[s] for s in range(21, 33)]
     assert max(m["train/clip_fraction"] for m in rl) > 0.05  # later updates move the ratio past 1 ± clip
     first, last = np.mean([m["train/reward"] for m in rl[:3]]), np.mean([m["train/reward"] for m in rl[-3:]])
@@ -199,15 +249,23 @@ def test_guided_logits_are_those_generation_samples_from_and_blank_only_the_draw
     assert torch.equal(blank[1], x[1])  # a written answer's prompt keeps its image
     with torch.no_grad():
         cond, uncond = model(x), model(blank)
-        assert torch.allclose(guided_logits(model, x, blank, 2.5, None, None), uncond + 2.5 * (cond - uncond), atol=1e-5)
+        assert torch.allclose(
+            guided_logits(model, x, blank, 2.5, None, None), uncond + 2.5 * (cond - uncond), atol=1e-5
+        )
         assert torch.allclose(guided_logits(model, x, blank, 2.5, None, None)[1], cond[1], atol=1e-5)
         assert torch.equal(guided_logits(model, x, None, 2.5, None, None), cond)
 
 
 def test_an_rl_phase_with_guidance_raises_the_reward_of_its_guided_drawings(tmp_path):
     seen = {}
-    train(rl_cfg(guidance=2.0), train_data(), CPU, tmp_path.as_uri(), lambda m, s: seen.update({s: m}),
-          rewards={"colour": Reward("colour", "m2g", colour)})
+    train(
+        rl_cfg(guidance=2.0),
+        train_data(),
+        CPU,
+        tmp_path.as_uri(),
+        lambda m, s: seen.update({s: m}),
+        rewards={"colour": Reward("colour", "m2g", colour)},
+    )
     rl = [seen[s] for s in range(21, 45)]
     first, last = np.mean([m["train/reward"] for m in rl[:4]]), np.mean([m["train/reward"] for m in rl[-4:]])
     assert last > first + 0.3, (first, last)

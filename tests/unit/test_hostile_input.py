@@ -14,8 +14,7 @@ import yaml
 
 from nmm.compile import CompileSettings, compile_pipeline
 from nmm.engine.params import expand_env_refs, substitute_all
-from nmm.spec import NamespaceConflict, SpecError, parse_pipeline, parse_pipeline_document
-from nmm.spec import names
+from nmm.spec import NamespaceConflict, SpecError, names, parse_pipeline, parse_pipeline_document
 from nmm.spec.parse import MAX_SPEC_BYTES, parse_json
 from tests.conftest import NMM, WORKFLOWS
 
@@ -33,11 +32,14 @@ def _peak_bytes(fn) -> int:
     return peak
 
 
-@pytest.mark.parametrize("case, problem", [
-    ("34-alias-bomb.yaml", "aliases (*name) are not allowed"),
-    ("35-deep-nesting.yaml", "nested deeper than 32 levels"),
-    ("36-huge-number.yaml", "at most 40 allowed"),
-])
+@pytest.mark.parametrize(
+    "case, problem",
+    [
+        ("34-alias-bomb.yaml", "aliases (*name) are not allowed"),
+        ("35-deep-nesting.yaml", "nested deeper than 32 levels"),
+        ("36-huge-number.yaml", "at most 40 allowed"),
+    ],
+)
 def test_hostile_yaml_is_refused_with_bounded_memory(case, problem):
     # main expanded the 789-byte bomb to 1.5 GB, hit RecursionError at depth 5,000 and ValueError on 5,000 digits.
     text = (BAD / case).read_text()
@@ -113,8 +115,15 @@ def test_reserved_labels_are_refused_and_nmm_s_own_always_win():
             parse_pipeline_document(_doc(labels={key: "x"}))
     spec = parse_pipeline_document(_doc(labels={"team": "vision", "app.kubernetes.io/part-of": "research"}))
     # Even a spec that slipped past validation cannot take over nmm's labels.
-    forged = spec.model_copy(update={"metadata": spec.metadata.model_copy(
-        update={"labels": {"nmm.dev/pipeline": "victim", "app.kubernetes.io/managed-by": "me", "team": "vision"}})})
+    forged = spec.model_copy(
+        update={
+            "metadata": spec.metadata.model_copy(
+                update={
+                    "labels": {"nmm.dev/pipeline": "victim", "app.kubernetes.io/managed-by": "me", "team": "vision"}
+                }
+            )
+        }
+    )
     labels = compile_pipeline(forged, CompileSettings())["metadata"]["labels"]
     assert labels["nmm.dev/pipeline"] == "quickstart" and labels["app.kubernetes.io/managed-by"] == "nmm"
     assert labels["team"] == "vision"
@@ -125,9 +134,17 @@ def test_user_text_in_a_workflow_is_never_expanded_by_argo_or_the_kubelet():
     hostile = "$(NMM_S3_SECRET_KEY) {{workflow.name}} $$(HOME) {{=sprig.env('HOME')}}"
     forged = spec.model_copy(update={"metadata": spec.metadata.model_copy(update={"labels": {"note": hostile}})})
     wf = compile_pipeline(forged, CompileSettings())
-    scope = {"workflow.name": "qs-abcde", "workflow.namespace": "ns", "workflow.uid": "u", "inputs.parameters.dataset_uri": "d",
-             "inputs.parameters.model_uri": "m", "inputs.parameters.metrics": "{}", "inputs.parameters.gate": "pass",
-             "inputs.parameters.variant": "", "workflow.status": "Succeeded"}
+    scope = {
+        "workflow.name": "qs-abcde",
+        "workflow.namespace": "ns",
+        "workflow.uid": "u",
+        "inputs.parameters.dataset_uri": "d",
+        "inputs.parameters.model_uri": "m",
+        "inputs.parameters.metrics": "{}",
+        "inputs.parameters.gate": "pass",
+        "inputs.parameters.variant": "",
+        "workflow.status": "Succeeded",
+    }
     env = {"NMM_S3_SECRET_KEY": "topsecret", "HOME": "/tmp"}
     for template in wf["spec"]["templates"]:
         args = (template.get("container") or {}).get("args")

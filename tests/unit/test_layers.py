@@ -18,8 +18,14 @@ LINT = str(Path(sys.executable).parent / "lint-imports")
 
 def _lint(root: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=f"{root / 'platform'}{os.pathsep}{root / 'operators'}")
-    return subprocess.run([LINT, "--config", str(root / "pyproject.toml"), "--no-cache"], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [LINT, "--config", str(root / "pyproject.toml"), "--no-cache"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_the_tree_keeps_every_import_contract():
@@ -28,14 +34,17 @@ def test_the_tree_keeps_every_import_contract():
     assert ", 0 broken." in r.stdout, r.stdout[-3000:]
 
 
-@pytest.mark.parametrize("module, line, contract", [
-    ("platform/nmm/stages/finalize.py", "import nmm.engine.runner", "nmm's layers"),
-    ("platform/nmm/train/loss.py", "import pydantic", "the model and the trainer need torch alone"),
-    ("platform/nmm/evaluate/grid.py", "import mlflow", "only nmm.lineage talks to MLflow"),
-    ("platform/nmm/data/shards.py", "import minio", "only nmm.storage talks to object storage"),
-    ("operators/nmm_operator/status.py", "import nmm.stages.train", "the operator reaches no stage"),
-    ("platform/nmm/spec/data.py", "import nmm.data.shapes", "the spec knows data source kinds and recipes"),
-])
+@pytest.mark.parametrize(
+    "module, line, contract",
+    [
+        ("platform/nmm/stages/finalize.py", "import nmm.engine.runner", "nmm's layers"),
+        ("platform/nmm/train/loss.py", "import pydantic", "the model and the trainer need torch alone"),
+        ("platform/nmm/evaluate/grid.py", "import mlflow", "only nmm.lineage talks to MLflow"),
+        ("platform/nmm/data/shards.py", "import minio", "only nmm.storage talks to object storage"),
+        ("operators/nmm_operator/status.py", "import nmm.stages.train", "the operator reaches no stage"),
+        ("platform/nmm/spec/data.py", "import nmm.data.shapes", "the spec knows data source kinds and recipes"),
+    ],
+)
 def test_a_forbidden_import_breaks_its_contract(tmp_path, module, line, contract):
     for part in ("platform", "operators"):
         shutil.copytree(ROOT / part, tmp_path / part, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
@@ -56,7 +65,10 @@ def test_no_function_in_train_stages_or_lineage_runs_past_sixty_lines():
         for path in (ROOT / "platform" / "nmm" / pkg).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
-                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+                    long.append(
+                        f"{path.relative_to(ROOT)}:{node.lineno} {node.name} "
+                        f"({node.end_lineno - node.lineno + 1} lines)"
+                    )
     assert not long, long
 
 
@@ -69,7 +81,23 @@ def test_every_torch_load_passes_weights_only_s7():
         for path in (ROOT / root).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text(), str(path))):
                 if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
-                    safe = any(k.arg == "weights_only" and getattr(k.value, "value", None) is True for k in node.keywords)
+                    safe = any(
+                        k.arg == "weights_only" and getattr(k.value, "value", None) is True for k in node.keywords
+                    )
                     calls.append((f"{path.relative_to(ROOT)}:{node.lineno}", safe))
     assert calls, "no torch.load found: the walk is broken"
     assert [where for where, safe in calls if not safe] == []
+
+
+@pytest.mark.parametrize("args", [["check"], ["format", "--check"]], ids=["lint", "format"])
+def test_ruff_finds_nothing_to_lint_or_reformat(args):
+    """`[tool.ruff]` in pyproject.toml: lines of at most 120, imports sorted, bugbear and pyupgrade."""
+    ruff = Path(sys.executable).parent / "ruff"
+    r = subprocess.run(
+        [str(ruff), *args, "platform", "operators", "tests", "benchmarks"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]

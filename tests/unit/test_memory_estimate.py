@@ -59,10 +59,13 @@ def measured_step_bytes(cfg: ModelConfig, seq: int, batch: int, precision: str) 
 def test_memory_estimate_holds_against_a_real_step(dim, layers, heads, vocab, seq, batch, qk_norm, precision):
     cfg = ModelConfig(vocab_size=vocab, dim=dim, layers=layers, heads=heads, max_seq_len=seq, qk_norm=qk_norm)
     measured = measured_step_bytes(cfg, seq, batch, precision)
-    est = memory.estimate(dim, layers, heads, vocab, seq, batch, ffn_dim=cfg.ffn_dim, qk_norm=qk_norm,
-                          precision=precision, device="cpu")
+    est = memory.estimate(
+        dim, layers, heads, vocab, seq, batch, ffn_dim=cfg.ffn_dim, qk_norm=qk_norm, precision=precision, device="cpu"
+    )
     ratio = est.step_gib * memory.GIB / measured
-    assert 0.95 <= ratio <= 1.15, f"estimate {est.step_gib * memory.GIB:,.0f} B vs measured {measured:,} B (×{ratio:.3f})"
+    assert 0.95 <= ratio <= 1.15, (
+        f"estimate {est.step_gib * memory.GIB:,.0f} B vs measured {measured:,} B (×{ratio:.3f})"
+    )
 
 
 def test_the_estimate_counts_what_the_gpu_adds():

@@ -72,7 +72,7 @@ def test_bidirectional_generation_equals_recomputing_with_the_prompt_image_whole
         x = torch.tensor([seq])
         seq.append(20 + int(m(x, spans=image_spans(x, (30, 40), 4))[0, -1, 20:30].argmax()))
     (out,) = generate(m, [prompt], 6, allowed=(20, 30))
-    assert out == seq[len(prompt):]
+    assert out == seq[len(prompt) :]
 
 
 def test_whole_image_targets_leave_the_loss_but_drawn_images_keep_theirs():
@@ -109,7 +109,14 @@ def test_loss_counts_only_masked_targets_and_splits_modalities():
 def test_generation_stays_inside_the_allowed_range():
     torch.manual_seed(0)
     m = tiny().build()
-    outs = generate(m, [[1, 2, 3], [1, 2], [1, 2, 3]], 5, allowed=(20, 30), temperature=1.0, generator=torch.Generator().manual_seed(0))
+    outs = generate(
+        m,
+        [[1, 2, 3], [1, 2], [1, 2, 3]],
+        5,
+        allowed=(20, 30),
+        temperature=1.0,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert all(len(o) == 5 and all(20 <= t < 30 for t in o) for o in outs)
 
 
@@ -135,7 +142,7 @@ def test_cached_greedy_generation_equals_recomputing_the_whole_sequence():
         logits = m(torch.tensor([seq]))[0, -1]
         seq.append(20 + int(logits[20:30].argmax()))
     (out,) = generate(m, [prompt], 8, allowed=(20, 30))
-    assert out == seq[len(prompt):]
+    assert out == seq[len(prompt) :]
 
 
 def test_grid_positions_index_each_image_in_raster_order_and_survive_the_kv_cache():
@@ -169,7 +176,7 @@ def test_grid_positions_index_each_image_in_raster_order_and_survive_the_kv_cach
     for _ in range(4):
         seq.append(30 + int(grid(torch.tensor([seq]))[0, -1, 30:40].argmax()))
     (out,) = generate(grid, [prompt], 4, allowed=(30, 40))
-    assert out == seq[len(prompt):]
+    assert out == seq[len(prompt) :]
 
 
 def test_guidance_one_is_plain_sampling_and_guidance_moves_towards_the_condition():
@@ -179,7 +186,9 @@ def test_guidance_one_is_plain_sampling_and_guidance_moves_towards_the_condition
     plain = generate(m, prompts, 6, allowed=(20, 30))
     assert generate(m, prompts, 6, allowed=(20, 30), guidance=1.0, uncond=blank) == plain
     # guidance 0 samples from the unconditional prompt alone
-    assert generate(m, prompts, 6, allowed=(20, 30), guidance=0.0, uncond=blank) == generate(m, blank, 6, allowed=(20, 30))
+    assert generate(m, prompts, 6, allowed=(20, 30), guidance=0.0, uncond=blank) == generate(
+        m, blank, 6, allowed=(20, 30)
+    )
     with pytest.raises(ValueError, match="length"):
         generate(m, prompts, 6, allowed=(20, 30), guidance=2.0, uncond=[[1, 3]] * 4)
 
@@ -209,12 +218,17 @@ def _data(n=64, length=12, vocab=40):
     return tokens, mask, task
 
 
-def _cfg(steps, interval=1000):  # noqa: D103
+def _cfg(steps, interval=1000):
     return TrainConfig(
         model=tiny(dropout=0.1),
-        phases=(PhaseConfig(mixture=MIX, name="a", steps=steps // 2, batch_size=8, lr=3e-3, warmup_steps=2),
-                PhaseConfig(mixture=MIX, name="b", steps=steps - steps // 2, batch_size=8, lr=1e-3)),
-        seed=3, checkpoint_interval=interval, keep_latest=2, log_every=1,
+        phases=(
+            PhaseConfig(mixture=MIX, name="a", steps=steps // 2, batch_size=8, lr=3e-3, warmup_steps=2),
+            PhaseConfig(mixture=MIX, name="b", steps=steps - steps // 2, batch_size=8, lr=1e-3),
+        ),
+        seed=3,
+        checkpoint_interval=interval,
+        keep_latest=2,
+        log_every=1,
     )
 
 
@@ -371,7 +385,7 @@ def test_factored_codes_draw_a_pair_training_never_showed(factors):
     cfg = ModelConfig(vocab_size=36, dim=32, layers=2, heads=2, max_seq_len=4, image_factors=factors)
     model = cfg.build()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    code = lambda c, s: 11 + 5 * c + s  # noqa: E731  (ids 0..10 are words: colours 0..4, shapes 5..9)
+    code = lambda c, s: 11 + 5 * c + s
     rows = torch.tensor([[c, 5 + s, code(c, s)] for c in range(5) for s in range(5) if (c, s) != (1, 1)])
     for _ in range(100):
         loss = torch.nn.functional.cross_entropy(model(rows[:, :2])[:, -1], rows[:, 2])

@@ -26,8 +26,14 @@ def test_workflow_is_named_per_generation_owned_and_schema_valid():
     assert meta["name"] == "qs-g3" and "generateName" not in meta and meta["namespace"] == "team-a"
     assert meta["labels"]["nmm.dev/owner"] == "qs" and meta["labels"]["nmm.dev/generation"] == "3"
     (owner,) = meta["ownerReferences"]
-    assert owner == {"apiVersion": "nmm.dev/v1alpha1", "kind": "NMMPipeline", "name": "qs", "uid": "u-123",
-                     "controller": True, "blockOwnerDeletion": True}
+    assert owner == {
+        "apiVersion": "nmm.dev/v1alpha1",
+        "kind": "NMMPipeline",
+        "name": "qs",
+        "uid": "u-123",
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
     assert crd_errors(ARGO_WORKFLOW, "v1alpha1", wf) == []
 
 
@@ -55,7 +61,10 @@ def node(name: str, phase: str, kind: str = "Pod", outputs: dict | None = None) 
 
 
 def test_running_workflow_mirrors_phase_stage_and_stage_phases():
-    wf = workflow("Running", {"a": node("curate", "Succeeded"), "b": node("train", "Running", "Retry"), "c": node("train", "Running")})
+    wf = workflow(
+        "Running",
+        {"a": node("curate", "Succeeded"), "b": node("train", "Running", "Retry"), "c": node("train", "Running")},
+    )
     s = status.from_workflow(wf, NOW)
     assert s["phase"] == "Running" and s["stage"] == "train" and s["workflow"] == "qs-g1"
     assert s["stages"] == {"curate": "Succeeded", "train": "Running", "evaluate": "Pending", "rollout": "Pending"}
@@ -87,11 +96,16 @@ def test_a_curate_rayjob_and_its_outputs_step_are_one_curate_stage():
 
 
 def test_succeeded_workflow_reports_champion_and_mlflow_run():
-    wf = workflow("Succeeded", {
-        "a": node("curate", "Succeeded"), "b": node("train", "Succeeded"), "c": node("evaluate", "Succeeded"),
-        "d": node("rollout", "Succeeded", outputs={"decision": "promoted", "version": "4"}),
-        "e": node("finalize", "Succeeded", outputs={"mlflow_run_id": "abc"}),
-    })
+    wf = workflow(
+        "Succeeded",
+        {
+            "a": node("curate", "Succeeded"),
+            "b": node("train", "Succeeded"),
+            "c": node("evaluate", "Succeeded"),
+            "d": node("rollout", "Succeeded", outputs={"decision": "promoted", "version": "4"}),
+            "e": node("finalize", "Succeeded", outputs={"mlflow_run_id": "abc"}),
+        },
+    )
     wf["status"]["finishedAt"] = "t1"
     s = status.from_workflow(wf, NOW)
     assert s["phase"] == "Succeeded" and s["stage"] == "" and s["champion"] == "4" and s["mlflowRunId"] == "abc"
@@ -107,8 +121,13 @@ def test_failed_workflow_sets_failed_condition():
     wf = workflow("Failed", {"a": node("curate", "Failed")})
     wf["status"]["message"] = "child 'curate' failed"
     s = status.from_workflow(wf, NOW)
-    assert s["conditions"][1] == {"type": "Failed", "status": "True", "reason": "WorkflowFailed",
-                                  "message": "child 'curate' failed", "lastTransitionTime": NOW}
+    assert s["conditions"][1] == {
+        "type": "Failed",
+        "status": "True",
+        "reason": "WorkflowFailed",
+        "message": "child 'curate' failed",
+        "lastTransitionTime": NOW,
+    }
 
 
 def test_invalid_spec_and_missing_child_patches():
@@ -121,13 +140,22 @@ def test_invalid_spec_and_missing_child_patches():
 
 def test_events_only_on_transitions():
     assert status.transition({"phase": "Running", "stage": "train"}, {"phase": "Running", "stage": "train"}) is None
-    assert status.transition({"phase": "Running", "stage": "curate"}, {"phase": "Running", "stage": "train"})[0] == "StageStarted"
+    assert (
+        status.transition({"phase": "Running", "stage": "curate"}, {"phase": "Running", "stage": "train"})[0]
+        == "StageStarted"
+    )
     assert status.transition(None, {"phase": "Running", "stage": ""})[0] == "WorkflowRunning"
 
 
 def test_settings_from_the_chart_configmap():
-    s = from_dict({"image": "reg/nmm:1", "gpuPools": {"h100": {"product": "H100", "memoryGiB": 80, "gpusPerNode": 8}},
-                   "onChildDeleted": "recreate", "s3SecretName": "sec"})
+    s = from_dict(
+        {
+            "image": "reg/nmm:1",
+            "gpuPools": {"h100": {"product": "H100", "memoryGiB": 80, "gpusPerNode": 8}},
+            "onChildDeleted": "recreate",
+            "s3SecretName": "sec",
+        }
+    )
     assert s.compile.image == "reg/nmm:1" and s.compile.gpu_pools[0].name == "h100" and s.on_child_deleted == "recreate"
     with pytest.raises(ValueError, match="onChildDeleted"):
         from_dict({"onChildDeleted": "ignore"})
@@ -137,13 +165,24 @@ def test_only_our_older_running_generations_are_superseded():
     from nmm_operator import builders
 
     def wf(name, gen, uid="mine", phase="Running", shutdown=None):
-        return {"metadata": {"name": name, "labels": {builders.LABEL_GENERATION: str(gen)},
-                             "ownerReferences": [{"uid": uid, "controller": True}]},
-                "spec": {"shutdown": shutdown} if shutdown else {}, "status": {"phase": phase}}
+        return {
+            "metadata": {
+                "name": name,
+                "labels": {builders.LABEL_GENERATION: str(gen)},
+                "ownerReferences": [{"uid": uid, "controller": True}],
+            },
+            "spec": {"shutdown": shutdown} if shutdown else {},
+            "status": {"phase": phase},
+        }
 
     pipeline = {"metadata": {"uid": "mine", "generation": 4}}
-    found = [wf("qs-g1", 1, phase="Succeeded"), wf("qs-g2", 2, shutdown="Stop"), wf("qs-g3", 3),
-             wf("qs-g4", 4), wf("x-g1", 1, uid="someone-else")]
+    found = [
+        wf("qs-g1", 1, phase="Succeeded"),
+        wf("qs-g2", 2, shutdown="Stop"),
+        wf("qs-g3", 3),
+        wf("qs-g4", 4),
+        wf("x-g1", 1, uid="someone-else"),
+    ]
     assert [w["metadata"]["name"] for w in builders.superseded(found, pipeline)] == ["qs-g3"]
     assert builders.owned_by(found[0], "mine") and not builders.owned_by(found[4], "mine")
     assert not builders.owned_by({"metadata": {"ownerReferences": [{"uid": "mine"}]}}, "mine")  # not the controller

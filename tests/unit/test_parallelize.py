@@ -24,8 +24,11 @@ def test_packed_rows_give_each_document_the_logits_it_gets_alone():
     rows = [(g.integers(5, 40, n).tolist(), [1] * n) for n in (5, 7, 3, 9, 4)]
     p = pack_documents(rows, 16)
     assert p["tokens"].shape[1] == 16 and len(p["tokens"]) < len(rows)  # fewer rows than documents
-    logits = m(torch.from_numpy(p["tokens"]).long(), docs=torch.from_numpy(p["docs"]).long(),
-               positions=torch.from_numpy(p["positions"]))
+    logits = m(
+        torch.from_numpy(p["tokens"]).long(),
+        docs=torch.from_numpy(p["docs"]).long(),
+        positions=torch.from_numpy(p["positions"]),
+    )
     seen = 0
     for r in range(len(p["tokens"])):
         for d in sorted(set(p["docs"][r].tolist()) - {-1}):
@@ -68,12 +71,21 @@ def test_flops_per_token_follows_torchtitan_and_mfu_needs_a_known_peak():
 def test_a_packed_batch_has_exactly_the_loss_of_the_padded_one(attention):
     from nmm.model.transformer import image_spans
     from nmm.tokenizers.vocab import PAD
-    from nmm.train.loss import next_token_loss
     from nmm.train.batches import pack_batch
+    from nmm.train.loss import next_token_loss
 
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=40, dim=32, layers=2, heads=2, max_seq_len=16, image_lo=30, image_hi=40,
-                      tokens_per_image=3, image_attention=attention)
+    cfg = ModelConfig(
+        vocab_size=40,
+        dim=32,
+        layers=2,
+        heads=2,
+        max_seq_len=16,
+        image_lo=30,
+        image_hi=40,
+        tokens_per_image=3,
+        image_attention=attention,
+    )
     m = cfg.build().eval()
     g = np.random.default_rng(1)
     x = torch.full((6, 12), PAD, dtype=torch.long)
@@ -106,8 +118,12 @@ def test_packing_trains_to_the_padded_weights(tmp_path):
     cpu = DistInfo(0, 0, 1, torch.device("cpu"))
     out = []
     for pack in (False, True):
-        cfg = TrainConfig(model=tiny(), phases=(PhaseConfig(mixture=MIX, name="p", steps=6, batch_size=8, lr=3e-3, recipe="sft"),),
-                          checkpoint_interval=100, parallel=Parallelism(pack=pack))
+        cfg = TrainConfig(
+            model=tiny(),
+            phases=(PhaseConfig(mixture=MIX, name="p", steps=6, batch_size=8, lr=3e-3, recipe="sft"),),
+            checkpoint_interval=100,
+            parallel=Parallelism(pack=pack),
+        )
         model, _ = train(cfg, d, cpu, (tmp_path / str(pack)).as_uri(), lambda *_: None)
         out.append(model.state_dict())
     for k in out[0]:
@@ -125,10 +141,18 @@ def test_micro_batches_train_to_the_whole_batchs_weights(tmp_path):
     cpu = DistInfo(0, 0, 1, torch.device("cpu"))
     out, logged = [], []
     for micro in (None, 3):
-        cfg = TrainConfig(model=tiny(), phases=(PhaseConfig(mixture=MIX, name="p", steps=4, batch_size=8, lr=3e-3),),
-                          checkpoint_interval=100, log_every=2, loss_weights=(1.0, 0.5), micro_batch=micro)
+        cfg = TrainConfig(
+            model=tiny(),
+            phases=(PhaseConfig(mixture=MIX, name="p", steps=4, batch_size=8, lr=3e-3),),
+            checkpoint_interval=100,
+            log_every=2,
+            loss_weights=(1.0, 0.5),
+            micro_batch=micro,
+        )
         metrics = []
-        model, summary = train(cfg, data(), cpu, (tmp_path / str(micro)).as_uri(), lambda m, step: metrics.append(m))
+        model, summary = train(
+            cfg, data(), cpu, (tmp_path / str(micro)).as_uri(), lambda m, step, metrics=metrics: metrics.append(m)
+        )
         out.append(model.state_dict())
         logged.append((metrics[-1], summary["tokens_text"], summary["tokens_image"]))
     for k in out[0]:
@@ -144,7 +168,9 @@ def test_auto_compiles_and_packs_on_gpus_only():
     assert p.resolved(torch.device("cpu"), "early") == Parallelism(compile=False, pack=False)
     assert p.resolved(torch.device("cuda"), "early") == Parallelism(compile=True, pack=True)
     assert p.resolved(torch.device("cuda"), "mid") == Parallelism(compile=True, pack=False)
-    assert Parallelism(compile=False, pack=True).resolved(torch.device("cuda"), "early") == Parallelism(compile=False, pack=True)
+    assert Parallelism(compile=False, pack=True).resolved(torch.device("cuda"), "early") == Parallelism(
+        compile=False, pack=True
+    )
     assert parallelize.micro_batch(tiny(), 8, None, p, torch.device("cpu")) is None  # CPU: the whole batch
     assert parallelize.micro_batch(tiny(), 8, 3, p, torch.device("cpu")) == 3
     assert parallelize.micro_batch(tiny(), 2, 3, p, torch.device("cpu")) == 2

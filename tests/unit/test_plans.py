@@ -7,16 +7,15 @@ import torch
 
 from nmm.data import shapes
 from nmm.data.sequences import Prompts
-from nmm.tokenizers.vocab import blank_text
 from nmm.evaluate import shapes_judge
 from nmm.evaluate.shapes import plan_scores
 from nmm.model.generate import draw_images
-from nmm.tokenizers.vocab import ASSISTANT, BOI, BOS, EOI, PAD, USER, SharedVocab
+from nmm.tokenizers.vocab import ASSISTANT, BOI, BOS, EOI, PAD, USER, SharedVocab, blank_text
 from nmm.train.batches import Batches
+from nmm.train.recipes import GrpoOptions
 from nmm.train.recipes.common import student_samples
 from nmm.train.recipes.grpo import guided_logits, unconditional
 from nmm.train.rewards import Reward, drawn_images
-from nmm.train.recipes import GrpoOptions
 from nmm.train.trainer import PhaseConfig, TrainConfig, TrainData, train
 from tests.unit.test_recipes import CPU, IMAGE, TEXT, model_cfg
 
@@ -33,9 +32,18 @@ def test_a_layout_says_each_object_s_colour_shape_and_cell_and_reads_back_to_the
         assert shapes_judge.placements(shapes.render(back, 32)) == sorted(shapes.placement(o, 32) for o in back)
     scene = shapes.make_scene("color_attr", np.random.default_rng(1), 32)
     a, b = scene.objects
-    assert shapes.layout(scene, 32) == (f"{a.colour} {a.shape} {shapes.coordinate(a, 32, 'x')} {shapes.coordinate(a, 32, 'y')} "
-                                        f"{b.colour} {b.shape} {shapes.coordinate(b, 32, 'x')} {shapes.coordinate(b, 32, 'y')}")
-    for bad in ("", "red triangle x1", "red hexagon x1 y2", "red triangle x8 y2", "red triangle y1 x2", "red triangle xa y1"):
+    assert shapes.layout(scene, 32) == (
+        f"{a.colour} {a.shape} {shapes.coordinate(a, 32, 'x')} {shapes.coordinate(a, 32, 'y')} "
+        f"{b.colour} {b.shape} {shapes.coordinate(b, 32, 'x')} {shapes.coordinate(b, 32, 'y')}"
+    )
+    for bad in (
+        "",
+        "red triangle x1",
+        "red hexagon x1 y2",
+        "red triangle x8 y2",
+        "red triangle y1 x2",
+        "red triangle xa y1",
+    ):
         assert shapes.from_layout(bad, 32) is None, bad
 
 
@@ -69,8 +77,13 @@ def planned_data(n: int = 32) -> TrainData:
         p = 8 if i % 8 == 7 else PLAN_WORDS[i % 3]  # plan 8 in one row of eight: the reward rises by learning it
         tokens.append([BOS, *PROMPT[1:], p, BOI, *[30 + p - 5] * 4, EOI])
         mask.append([0] * 3 + [1] * 7)
-    return TrainData(tokens=np.array(tokens, np.int32), loss_mask=np.array(mask, np.uint8), task=np.ones(n, np.int8),
-                     image_range=IMAGE, text_range=TEXT)
+    return TrainData(
+        tokens=np.array(tokens, np.int32),
+        loss_mask=np.array(mask, np.uint8),
+        task=np.ones(n, np.int8),
+        image_range=IMAGE,
+        text_range=TEXT,
+    )
 
 
 def code_3(rows, tokens, sampled) -> torch.Tensor:
@@ -80,10 +93,24 @@ def code_3(rows, tokens, sampled) -> torch.Tensor:
 def plan_cfg(rl_steps: int = 0, **rl) -> TrainConfig:
     phases = [PhaseConfig(mixture={"m2g": 1.0}, name="pre", steps=60, batch_size=8, lr=1e-2, recipe="sft")]
     if rl_steps:
-        phases.append(PhaseConfig(mixture={"m2g": 1.0}, name="rl", steps=rl_steps, batch_size=4, lr=1e-2, recipe="grpo",
-                                  options=GrpoOptions(reference="pre", reward=(("code_3", 1.0),), group=8, **rl)))
-    return TrainConfig(model=model_cfg(image_lo=IMAGE[0], image_hi=IMAGE[1], tokens_per_image=4), phases=tuple(phases),
-                       seed=0, checkpoint_interval=1000, log_every=1)
+        phases.append(
+            PhaseConfig(
+                mixture={"m2g": 1.0},
+                name="rl",
+                steps=rl_steps,
+                batch_size=4,
+                lr=1e-2,
+                recipe="grpo",
+                options=GrpoOptions(reference="pre", reward=(("code_3", 1.0),), group=8, **rl),
+            )
+        )
+    return TrainConfig(
+        model=model_cfg(image_lo=IMAGE[0], image_hi=IMAGE[1], tokens_per_image=4),
+        phases=tuple(phases),
+        seed=0,
+        checkpoint_interval=1000,
+        log_every=1,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +121,9 @@ def planner(tmp_path_factory):
 
 def test_a_model_trained_on_plans_writes_one_then_draws_what_it_says(planner):
     prompts = [PROMPT] * 16
-    heads, images = draw_images(planner, prompts, 4, IMAGE, plan_range=TEXT, temperature=1.0,
-                                generator=torch.Generator().manual_seed(0))
+    heads, images = draw_images(
+        planner, prompts, 4, IMAGE, plan_range=TEXT, temperature=1.0, generator=torch.Generator().manual_seed(0)
+    )
     assert all(len(h) == 2 and h[0] in PLAN_WORDS and h[1] == BOI for h in heads)  # a plan word, then <boi>
     assert [img for img in images] == [[30 + h[0] - 5] * 4 for h in heads]  # each image is its plan's
     assert len({h[0] for h in heads}) > 1  # sampled: plans vary
@@ -109,7 +137,9 @@ def test_a_model_trained_on_plans_writes_one_then_draws_what_it_says(planner):
 def test_rollouts_sample_the_plan_and_the_image_and_guidance_applies_to_the_image_only(planner):
     data = planned_data(4)
     x, m = torch.from_numpy(data.tokens.astype(np.int64)), torch.from_numpy(data.loss_mask.astype(np.int64))
-    out, sampled = student_samples(planner, x, m, None, IMAGE, TEXT, 1.0, guidance=2.0, drawing=torch.ones(4, dtype=torch.bool))
+    out, sampled = student_samples(
+        planner, x, m, None, IMAGE, TEXT, 1.0, guidance=2.0, drawing=torch.ones(4, dtype=torch.bool)
+    )
     for row, s in zip(out.tolist(), sampled.tolist()):
         assert row[:3] == x[0, :3].tolist()[:1] + row[1:3] and row[4] == BOI and row[9] == EOI
         assert s == [0, 0, 0, 1, 1, 1, 1, 1, 1, 0]  # plan word, <boi> (written), four codes; <eoi> put in
@@ -126,7 +156,9 @@ def test_rollouts_sample_the_plan_and_the_image_and_guidance_applies_to_the_imag
 
 def test_caption_dropout_pads_a_plan_out_and_takes_it_out_of_the_targets():
     data = planned_data(8)
-    phase = PhaseConfig(mixture={"m2g": 1.0}, name="sft", steps=1, batch_size=8, lr=1e-3, recipe="sft", caption_dropout=1.0)
+    phase = PhaseConfig(
+        mixture={"m2g": 1.0}, name="sft", steps=1, batch_size=8, lr=1e-3, recipe="sft", caption_dropout=1.0
+    )
     b = Batches(data, (phase,), reads_pixels=False).batch(phase, 0, 0, CPU)
     assert (b.x[:, 1:4] == PAD).all() and (b.m[:, 1:4] == 0).all()  # words and plan: padding, no target
     assert (b.m[:, 4:] == 1).all()  # <boi>, the codes and <eoi> stay targets: unconditional drawing
@@ -134,9 +166,15 @@ def test_caption_dropout_pads_a_plan_out_and_takes_it_out_of_the_targets():
 
 def test_an_rl_phase_with_plans_raises_its_reward_by_choosing_the_plan(tmp_path):
     seen, samples = {}, {}
-    train(plan_cfg(24, samples_every=100), planned_data(), CPU, tmp_path.as_uri(), lambda m, s: seen.update({s: m}),
-          rewards={"code_3": Reward("code_3", "m2g", code_3)},
-          on_samples=lambda step, phase, x, sampled: samples.update({step: x}))
+    train(
+        plan_cfg(24, samples_every=100),
+        planned_data(),
+        CPU,
+        tmp_path.as_uri(),
+        lambda m, s: seen.update({s: m}),
+        rewards={"code_3": Reward("code_3", "m2g", code_3)},
+        on_samples=lambda step, phase, x, sampled: samples.update({step: x}),
+    )
     rl = [seen[s] for s in range(61, 85)]
     first, last = np.mean([m["train/reward"] for m in rl[:4]]), np.mean([m["train/reward"] for m in rl[-4:]])
     assert first < 0.3 and last > first + 0.4, (first, last)
@@ -176,7 +214,7 @@ def test_a_served_planning_model_writes_its_plan_before_each_image_it_serves(mon
     from nmm.serve.batcher import Job
     from nmm.serve.model_dir import load_from_files, model_files
     from nmm.serve.pyfunc import Predictor
-    from nmm.serve.server import Metrics, Model
+    from nmm.serve.server import DrawKey, Metrics, Model
     from nmm.tokenizers import ColourMaskVQ, TextTokenizer
 
     rng = np.random.default_rng(0)
@@ -185,17 +223,27 @@ def test_a_served_planning_model_writes_its_plan_before_each_image_it_serves(mon
     text = TextTokenizer.train("bpe", [s.prompt for s in scenes] + [shapes.layout(s, 24) for s in scenes], 96)
     vocab = SharedVocab(text_size=text.size, image_size=vq.size)
     net = ModelConfig(vocab_size=vocab.size, dim=32, layers=1, heads=2, max_seq_len=64).build()
-    config = {"model": json.loads(net.cfg.to_json()), "vocab": {"text_size": vocab.text_size, "image_size": vocab.image_size},
-              "tokens_per_image": vq.tokens_per_image, "image_shape": list(vq.image_shape), "source": "shapes",
-              "prompts": "plain", "plans": True}
+    config = {
+        "model": json.loads(net.cfg.to_json()),
+        "vocab": {"text_size": vocab.text_size, "image_size": vocab.image_size},
+        "tokens_per_image": vq.tokens_per_image,
+        "image_shape": list(vq.image_shape),
+        "source": "shapes",
+        "prompts": "plain",
+        "plans": True,
+    }
     loaded = load_from_files(model_files(net, config, text.to_bytes(), vq.to_bytes()))
     assert loaded.prompts.plans and loaded.prompts.draw(text.encode("a photo of a circle"))[-1] != BOI
     import nmm.model.generate as gen
 
     calls, real = [], gen.generate
-    monkeypatch.setattr(gen, "generate", lambda model, prompts, *a, **kw: calls.append((a[1], prompts)) or real(model, prompts, *a, **kw))
+    monkeypatch.setattr(
+        gen,
+        "generate",
+        lambda model, prompts, *a, **kw: calls.append((a[1], prompts)) or real(model, prompts, *a, **kw),
+    )
     served = Model(loaded, Metrics())
-    job = Job(("image", 1.0, 1.0, 0), served.draw_job(SimpleNamespace(prompt="a photo of a red circle", n=2)))
+    job = Job(DrawKey(1.0, 1.0, 0), served.draw_job(SimpleNamespace(prompt="a photo of a red circle", n=2)))
     (pngs,) = served.images([job])
     assert [Image.open(io.BytesIO(base64.b64decode(p))).size for p in pngs] == [(24, 24)] * 2
     (plan_range, asked), (image_range, planned) = calls  # the plan in words, then the image after it and <boi>

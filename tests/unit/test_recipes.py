@@ -13,8 +13,8 @@ from nmm.tokenizers.vocab import BOI, BOS, EOI, EOS, PAD
 from nmm.train.batches import TrainData, rows_by_phase, trim
 from nmm.train.distributed import DistInfo
 from nmm.train.loss import reverse_kl_loss
-from nmm.train.recipes.common import pretrain_mask, student_samples
 from nmm.train.recipes import OpdOptions
+from nmm.train.recipes.common import pretrain_mask, student_samples
 from nmm.train.trainer import PhaseConfig, Preempted, TrainConfig, train
 
 MIX = {"m2t": 0.5, "m2g": 0.5}  # equal shares of M2T and M2G rows
@@ -58,10 +58,19 @@ def test_pretrain_learns_every_token_but_padding_and_pixel_positions():
 def test_pretrain_reads_the_plain_rows_and_sft_and_opd_the_instruction_rows():
     task = np.array([0, 1, 0, 1, 0, 1, 0, 1], np.int8)
     style = np.array([0, 0, 0, 0, 1, 1, 1, 1], np.int8)  # STYLES: plain, instruct
-    phases = (PhaseConfig(mixture=MIX, name="pt", steps=1, batch_size=2, lr=1e-3),
-              PhaseConfig(mixture=MIX, name="sft", steps=1, batch_size=2, lr=1e-3, recipe="sft"),
-              PhaseConfig(name="opd", steps=1, batch_size=2, lr=1e-3, recipe="opd", options=OpdOptions(teacher="sft"),
-                          mixture={"m2t": 1.0}))
+    phases = (
+        PhaseConfig(mixture=MIX, name="pt", steps=1, batch_size=2, lr=1e-3),
+        PhaseConfig(mixture=MIX, name="sft", steps=1, batch_size=2, lr=1e-3, recipe="sft"),
+        PhaseConfig(
+            name="opd",
+            steps=1,
+            batch_size=2,
+            lr=1e-3,
+            recipe="opd",
+            options=OpdOptions(teacher="sft"),
+            mixture={"m2t": 1.0},
+        ),
+    )
     pools = rows_by_phase(task, style, phases)
     assert pools["pt"]["m2t"].tolist() == [0, 2] and pools["pt"]["m2g"].tolist() == [1, 3]
     assert pools["sft"]["m2t"].tolist() == [4, 6] and pools["opd"]["m2g"].tolist() == [5, 7]
@@ -110,9 +119,19 @@ def opd_cfg(**model) -> TrainConfig:
         phases=(
             PhaseConfig(mixture=MIX, name="teach", steps=20, batch_size=8, lr=1e-2, recipe="pretrain"),
             PhaseConfig(name="drift", steps=6, batch_size=8, lr=3e-2, recipe="sft", mixture={"m2t": 1.0}),
-            PhaseConfig(mixture=MIX, name="distil", steps=16, batch_size=8, lr=3e-3, recipe="opd", options=OpdOptions(teacher="teach")),
+            PhaseConfig(
+                mixture=MIX,
+                name="distil",
+                steps=16,
+                batch_size=8,
+                lr=3e-3,
+                recipe="opd",
+                options=OpdOptions(teacher="teach"),
+            ),
         ),
-        seed=1, checkpoint_interval=1000, log_every=1,
+        seed=1,
+        checkpoint_interval=1000,
+        log_every=1,
     )
 
 

@@ -38,17 +38,35 @@ class Dataset:
 
 
 def cfg(reward: str, tokens_per_image: int) -> TrainConfig:
-    return TrainConfig(model=ModelConfig(vocab_size=64, dim=8, layers=1, heads=1, max_seq_len=8, tokens_per_image=tokens_per_image),
-                       phases=(PhaseConfig(name="rl", steps=1, batch_size=1, lr=1e-3, mixture={"m2g": 1.0}, recipe="grpo",
-                                           options=GrpoOptions(reference="pre", reward=((reward, 1.0),))),))
+    return TrainConfig(
+        model=ModelConfig(vocab_size=64, dim=8, layers=1, heads=1, max_seq_len=8, tokens_per_image=tokens_per_image),
+        phases=(
+            PhaseConfig(
+                name="rl",
+                steps=1,
+                batch_size=1,
+                lr=1e-3,
+                mixture={"m2g": 1.0},
+                recipe="grpo",
+                options=GrpoOptions(reference="pre", reward=((reward, 1.0),)),
+            ),
+        ),
+    )
 
 
 def completions(ds: Dataset, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """<bos> <prompt word> then the codes of `images`, then <eoi>; the codes marked as sampled."""
     codes = ds.vocab.image_ids(ds.vq.encode(images.astype(np.float32) / 255.0).astype(np.int64))
     n, t = codes.shape
-    x = torch.cat([torch.full((n, 1), BOS), torch.full((n, 1), ds.vocab.text_offset), torch.from_numpy(codes),
-                   torch.full((n, 1), EOI)], 1)
+    x = torch.cat(
+        [
+            torch.full((n, 1), BOS),
+            torch.full((n, 1), ds.vocab.text_offset),
+            torch.from_numpy(codes),
+            torch.full((n, 1), EOI),
+        ],
+        1,
+    )
     sampled = torch.zeros_like(x)
     sampled[:, 2 : 2 + t] = 1
     return x, sampled

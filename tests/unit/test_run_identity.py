@@ -23,15 +23,22 @@ QUICKSTART = yaml.safe_load((WORKFLOWS / "quickstart.yaml").read_text())
 def _body(namespace: str, uid: str, seed: int = 0) -> dict:
     spec = yaml.safe_load(yaml.safe_dump(QUICKSTART["spec"]))
     spec["training"]["seed"] = seed
-    return {"apiVersion": "nmm.dev/v1alpha1", "kind": "NMMPipeline",
-            "metadata": {"name": "qs", "namespace": namespace, "uid": uid, "generation": 1}, "spec": spec}
+    return {
+        "apiVersion": "nmm.dev/v1alpha1",
+        "kind": "NMMPipeline",
+        "metadata": {"name": "qs", "namespace": namespace, "uid": uid, "generation": 1},
+        "spec": spec,
+    }
 
 
 def _identity_args(wf: dict) -> dict[str, str]:
     curate = next(t for t in wf["spec"]["templates"] if t["name"] == "curate")["container"]["args"]
     model_uri = next(t for t in wf["spec"]["templates"][0]["dag"]["tasks"] if t["name"] == "evaluate")
-    return {"namespace": curate[curate.index("--namespace") + 1], "owner": curate[curate.index("--owner-uid") + 1],
-            "model_uri": next(p["value"] for p in model_uri["arguments"]["parameters"] if p["name"] == "model_uri")}
+    return {
+        "namespace": curate[curate.index("--namespace") + 1],
+        "owner": curate[curate.index("--owner-uid") + 1],
+        "model_uri": next(p["value"] for p in model_uri["arguments"]["parameters"] if p["name"] == "model_uri"),
+    }
 
 
 def test_a_recreated_pipeline_gets_its_own_outputs_though_its_run_has_the_same_name():
@@ -51,7 +58,9 @@ def test_two_namespaces_never_share_outputs_or_cache_entries():
     assert _identity_args(wa)["namespace"] == _identity_args(wb)["namespace"] == "{{workflow.namespace}}"
     ra, rb = RunIdentity("team-a", "qs", "u1", "qs-g1"), RunIdentity("team-b", "qs", "u1", "qs-g1")
     assert layout.stage_uri("s3://nmm", ra, "train") != layout.stage_uri("s3://nmm", rb, "train")
-    assert layout.cache_index_uri("s3://nmm", "team-a", "curate", "k") != layout.cache_index_uri("s3://nmm", "team-b", "curate", "k")
+    assert layout.cache_index_uri("s3://nmm", "team-a", "curate", "k") != layout.cache_index_uri(
+        "s3://nmm", "team-b", "curate", "k"
+    )
     assert ra.key != rb.key and ra.experiment != rb.experiment
 
 
@@ -75,7 +84,9 @@ def _context(tmp_path, spec_seed: int) -> StageContext:
 
     doc = {**QUICKSTART, "spec": _body("ns", "u", spec_seed)["spec"]}
     spec = parse_pipeline_document(doc)
-    return StageContext.create(spec_json(spec), "ns", "u", "qs-g1", (tmp_path / "store").as_uri(), str(tmp_path / "out"))
+    return StageContext.create(
+        spec_json(spec), "ns", "u", "qs-g1", (tmp_path / "store").as_uri(), str(tmp_path / "out")
+    )
 
 
 def test_train_reuses_its_published_model_only_under_the_same_cache_key(tmp_path):
@@ -91,7 +102,11 @@ def test_train_reuses_its_published_model_only_under_the_same_cache_key(tmp_path
     # The same spec and dataset: a retry after publishing reuses the model and trains nothing.
     from nmm.data.dataset import Dataset
 
-    storage.publish(out, {"model.safetensors": b"mine"}, {"kind": "nmm.model", "cache_key": train.train_key(ctx, Dataset.open(dataset))})
+    storage.publish(
+        out,
+        {"model.safetensors": b"mine"},
+        {"kind": "nmm.model", "cache_key": train.train_key(ctx, Dataset.open(dataset))},
+    )
     assert train.run(ctx, dataset) == 0
     assert (tmp_path / "out" / "model_uri").read_text() == out
 

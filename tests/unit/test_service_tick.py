@@ -74,7 +74,9 @@ class World:
         return {"candidate": snap if canary else "no endpoint serves it", "stable": snap}
 
     def judge(self, before, after, stable_quality):
-        return analysis.Verdict(self.verdict, [] if self.verdict else ["error rate 0.5 > maxErrorRate 0.02"]), {"m2t": 0.9}
+        return analysis.Verdict(self.verdict, [] if self.verdict else ["error rate 0.5 > maxErrorRate 0.02"]), {
+            "m2t": 0.9
+        }
 
     def write_status(self, status):
         self._write()
@@ -102,8 +104,16 @@ class World:
     def tick(self, now: float):
         spec = ServiceSpec.model_validate(self.spec)
         try:
-            t = service_tick.tick(spec, copy.deepcopy(self.stored), self.annotation, self, now, ready_timeout=600,
-                                  recheck_seconds=3600, generation=1)
+            t = service_tick.tick(
+                spec,
+                copy.deepcopy(self.stored),
+                self.annotation,
+                self,
+                now,
+                ready_timeout=600,
+                recheck_seconds=3600,
+                generation=1,
+            )
             self._write()  # the handler's status patch
         except (Crash, service_tick.Retry):  # the process died; or kopf's TemporaryError: the next tick tries again
             return None
@@ -196,12 +206,18 @@ def in_canary() -> World:
     return w
 
 
-@pytest.mark.parametrize("break_it, why", [
-    (lambda w: w.spec["canary"].update(steps=[{"weight": 100, "pauseSeconds": 1}]) or w.stored.update(step=2),
-     "canary.steps changed mid-canary"),
-    (lambda w: w.versions.discard(2), "cannot be resolved any more"),
-    (lambda w: setattr(w, "fail_read", ZeroDivisionError("a surprise")), "planning failed: ZeroDivisionError"),
-], ids=["steps-shrunk", "version-deleted", "analysis-raised"])
+@pytest.mark.parametrize(
+    "break_it, why",
+    [
+        (
+            lambda w: w.spec["canary"].update(steps=[{"weight": 100, "pauseSeconds": 1}]) or w.stored.update(step=2),
+            "canary.steps changed mid-canary",
+        ),
+        (lambda w: w.versions.discard(2), "cannot be resolved any more"),
+        (lambda w: setattr(w, "fail_read", ZeroDivisionError("a surprise")), "planning failed: ZeroDivisionError"),
+    ],
+    ids=["steps-shrunk", "version-deleted", "analysis-raised"],
+)
 def test_what_breaks_a_canary_mid_step_fails_it_and_sends_traffic_back_to_stable(break_it, why):
     w = in_canary()
     break_it(w)

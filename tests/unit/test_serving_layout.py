@@ -20,8 +20,17 @@ def small(style: str = "instruct", serves: dict | None = None, max_seq_len: int 
     return load_from_files(small_model_files(max_seq_len, source=source, prompts=style, **extra)), load_digits(1)
 
 
-@pytest.mark.parametrize("text, k", [(None, 0), ("Describe the image.", 0), ("what is shown", 1), ("Caption this image.", 2),
-                                     ("What's in this image?", 0), ("  DESCRIBE   the image!! ", 0)])
+@pytest.mark.parametrize(
+    "text, k",
+    [
+        (None, 0),
+        ("Describe the image.", 0),
+        ("what is shown", 1),
+        ("Caption this image.", 2),
+        ("What's in this image?", 0),
+        ("  DESCRIBE   the image!! ", 0),
+    ],
+)
 def test_a_caption_ask_is_laid_out_as_the_caption_prompt_the_model_trained_on(text, k):
     m, d = small()
     codes = m.vq.encode(d.images[:1])[0]
@@ -74,10 +83,16 @@ def test_the_pyfunc_answers_a_frame_whose_rows_mix_kinds_and_refuses_a_row_alone
     from nmm.rollout.probe import _data_url
 
     url = _data_url((d.images[1] * 255).astype(np.uint8))
-    frame = pd.DataFrame([{"prompt": "a handwritten digit 3"}, {"image": url},
-                          {"image": url, "question": "what digit is this?"},
-                          {"image_codes": " ".join(map(str, m.vq.encode(d.images[:1])[0]))},
-                          {"image": "data:image/png;base64,bm90IGFuIGltYWdl"}, {"image_codes": "1 2"}])
+    frame = pd.DataFrame(
+        [
+            {"prompt": "a handwritten digit 3"},
+            {"image": url},
+            {"image": url, "question": "what digit is this?"},
+            {"image_codes": " ".join(map(str, m.vq.encode(d.images[:1])[0]))},
+            {"image": "data:image/png;base64,bm90IGFuIGltYWdl"},
+            {"image_codes": "1 2"},
+        ]
+    )
     assert frame["prompt"].isna().sum() == 5  # what pandas does to a mixed frame: NaN in the other kinds' cells
     out = pyfunc.Predictor(m).predict(frame, params={"guidance": 2.0, "max_tokens": 3})
     assert np.asarray(out[0]["image"]).shape == (8, 8, 1)
@@ -85,3 +100,11 @@ def test_the_pyfunc_answers_a_frame_whose_rows_mix_kinds_and_refuses_a_row_alone
     assert "answers no questions" in out[2]["error"]
     assert "not a usable image" in out[4]["error"] and "expected 16 codes" in out[5]["error"]  # each bad row alone
     assert calls == [{"plans": False, "temperature": 0.7, "generator": calls[0]["generator"], "guidance": 2.0}]
+
+
+def test_a_chat_batch_key_never_equals_a_draw_batch_key_of_the_same_numbers():
+    """The batcher runs equal keys together: a chat job and a drawing job must never share a batch."""
+    from nmm.serve.server import ChatKey, DrawKey
+
+    assert ChatKey(2, 1.0, None) != DrawKey(2.0, 1.0, None)
+    assert ChatKey(16, 0.7, 3) == ChatKey(16, 0.7, 3) and hash(ChatKey(16, 0.7, 3)) == hash(ChatKey(16, 0.7, 3))

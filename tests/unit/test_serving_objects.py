@@ -13,16 +13,21 @@ from nmm.compile.backends.gateway import gateway_objects
 from nmm.compile.backends.kserve import inference_service
 from nmm.gpu.pools import PlacementError
 from nmm.spec.serving import ServiceSpec
-from nmm_operator import canary
+from nmm_operator import rollout_state
 from tests.conftest import ROOT
 from tests.schemas import HTTP_ROUTE, INFERENCE_SERVICE, crd_errors
 
-SPEC = ServiceSpec.model_validate({
-    "model": {"name": "nmm-quickstart", "alias": "candidate"}, "replicas": 2,
-    "resources": {"cpu": "2", "memory": "4Gi", "gpus": 1, "gpuPool": "l4"},
-    "canary": {"steps": [{"weight": 10, "pauseSeconds": 60}, {"weight": 50, "pauseSeconds": 60}, {"weight": 100}],
-               "analysis": {"minRequests": 5, "qualityProbe": {"cases": 10, "casesUri": "store://probe.jsonl"}}},
-})
+SPEC = ServiceSpec.model_validate(
+    {
+        "model": {"name": "nmm-quickstart", "alias": "candidate"},
+        "replicas": 2,
+        "resources": {"cpu": "2", "memory": "4Gi", "gpus": 1, "gpuPool": "l4"},
+        "canary": {
+            "steps": [{"weight": 10, "pauseSeconds": 60}, {"weight": 50, "pauseSeconds": 60}, {"weight": 100}],
+            "analysis": {"minRequests": 5, "qualityProbe": {"cases": 10, "casesUri": "store://probe.jsonl"}},
+        },
+    }
+)
 S = CompileSettings()
 
 
@@ -40,7 +45,8 @@ def test_the_inference_service_validates_and_runs_nmm_serve_on_the_gpu_pool(weig
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "1" and pred["labels"]["nmm.dev/model-version"] == "7"
     assert pred.get("canaryTrafficPercent") == weight
     assert pred["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0][
-        "matchExpressions"][0]["values"] == ["l4"]
+        "matchExpressions"
+    ][0]["values"] == ["l4"]
     assert pred["securityContext"]["runAsNonRoot"] and c["securityContext"]["readOnlyRootFilesystem"]
     assert not any("value" in e and "SECRET" in e["name"] for e in c["env"])  # secrets by reference only
 
@@ -53,7 +59,10 @@ def test_the_gateway_backend_validates_and_splits_by_weight():
         kubernetes_validate.validate(o, "1.33", strict=True)
     route = objs[-1]
     assert crd_errors(HTTP_ROUTE, "v1", route) == []
-    assert [(b["name"], b["weight"]) for b in route["spec"]["rules"][0]["backendRefs"]] == [("digits-stable", 90), ("digits-canary", 10)]
+    assert [(b["name"], b["weight"]) for b in route["spec"]["rules"][0]["backendRefs"]] == [
+        ("digits-stable", 90),
+        ("digits-canary", 10),
+    ]
     assert objs[0]["spec"]["template"]["spec"]["containers"][0]["args"][1] == v(3).folder
     assert objs[1]["spec"]["replicas"] == 2
     idle = gateway_objects("digits", "team-a", SPEC, v(3), None, 0, S, {"name": "web"})
@@ -67,11 +76,13 @@ def test_model_servers_hold_no_mlflow_credential_and_no_s3_key_that_can_write_s1
     import yaml
 
     objs = [inference_service("digits", "team-a", SPEC, v(7), 10, S)] + gateway_objects(
-        "digits", "team-a", SPEC, v(3), v(4), 10, S, {"name": "web"})
+        "digits", "team-a", SPEC, v(3), v(4), 10, S, {"name": "web"}
+    )
     text = yaml.safe_dump_all(objs)
     assert "MLFLOW" not in text and "models:/" not in text and S.s3_secret_name not in text
     containers = [objs[0]["spec"]["predictor"]["containers"][0]] + [
-        o["spec"]["template"]["spec"]["containers"][0] for o in objs if o["kind"] == "Deployment"]
+        o["spec"]["template"]["spec"]["containers"][0] for o in objs if o["kind"] == "Deployment"
+    ]
     for c in containers:
         secrets = {e["valueFrom"]["secretKeyRef"]["name"] for e in c["env"] if "valueFrom" in e}
         assert secrets == {S.serving_s3_secret_name}, c["env"]
@@ -96,18 +107,20 @@ BASE = {"byStatus": {"200": 10.0}, "latency": [[0.1, 10.0]], "ttft": [[0.1, 10.0
 
 def walk(results):
     """Drive the state machine as the operator does; `results`: each step's verdict (ok?)."""
-    t = canary.plan(SPEC, None, 1, T0)
+    t = rollout_state.plan(SPEC, None, 1, T0)
     assert t.status["phase"] == "Healthy" and t.versions == (1, None, 0)
     st, now, seen = t.status, T0, []
-    t = canary.plan(SPEC, st, 2, now)
+    t = rollout_state.plan(SPEC, st, 2, now)
     assert t.need_baseline and t.status["phase"] == "Progressing" and t.versions == (1, 2, 10)
-    t = canary.after_baseline(t, BASE, SPEC, now, 600)
+    t = rollout_state.after_baseline(t, BASE, SPEC, now, 600)
     st = t.status
     for ok in results:
         now += 61
-        t = canary.plan(SPEC, st, 2, now)
+        t = rollout_state.plan(SPEC, st, 2, now)
         assert t.analyse
-        t = canary.after_analysis(t, SPEC, ok, [] if ok else ["error rate 0.5 > maxErrorRate 0.02"], {"requests": 9}, BASE, now)
+        t = rollout_state.after_analysis(
+            t, SPEC, ok, [] if ok else ["error rate 0.5 > maxErrorRate 0.02"], {"requests": 9}, BASE, now
+        )
         st = t.status
         seen.append((t.status["phase"], t.versions, [e[1] for e in t.events], t.promote, t.rolled_back))
         if not ok:
@@ -127,30 +140,32 @@ def test_a_failed_step_degrades_then_rolls_back_and_is_not_retried():
     phase, versions, events, promote, rolled_back = seen[-1]
     assert phase == "Degraded" and versions == (1, 2, 0) and events == ["AnalysisFailed"] and promote is None
     assert rolled_back[0] == 2 and "step 2 (50%)" in rolled_back[1] and "maxErrorRate" in rolled_back[1]
-    t = canary.plan(SPEC, st, 2, now + 1)
-    assert t.status["phase"] == "RolledBack" and t.versions == (1, None, 0) and [e[1] for e in t.events] == ["RolledBack"]
-    again = canary.plan(SPEC, t.status, 2, now + 2)  # the spec still names version 2: nothing restarts
+    t = rollout_state.plan(SPEC, st, 2, now + 1)
+    assert (
+        t.status["phase"] == "RolledBack" and t.versions == (1, None, 0) and [e[1] for e in t.events] == ["RolledBack"]
+    )
+    again = rollout_state.plan(SPEC, t.status, 2, now + 2)  # the spec still names version 2: nothing restarts
     assert again.status == t.status and not again.events
-    fresh = canary.plan(SPEC, t.status, 3, now + 3)  # a new version is a new canary
+    fresh = rollout_state.plan(SPEC, t.status, 3, now + 3)  # a new version is a new canary
     assert fresh.status["phase"] == "Progressing" and fresh.versions == (1, 3, 10)
 
 
 def test_a_canary_that_never_answers_fails_after_the_ready_timeout():
-    t = canary.plan(SPEC, canary.plan(SPEC, None, 1, T0).status, 2, T0)
-    waiting = canary.after_baseline(t, "connection refused", SPEC, T0 + 10, 600)
+    t = rollout_state.plan(SPEC, rollout_state.plan(SPEC, None, 1, T0).status, 2, T0)
+    waiting = rollout_state.after_baseline(t, "connection refused", SPEC, T0 + 10, 600)
     assert waiting.status["phase"] == "Progressing" and waiting.rolled_back is None
-    t = canary.plan(SPEC, waiting.status, 2, T0 + 700)
-    failed = canary.after_baseline(t, "connection refused", SPEC, T0 + 700, 600)
+    t = rollout_state.plan(SPEC, waiting.status, 2, T0 + 700)
+    failed = rollout_state.after_baseline(t, "connection refused", SPEC, T0 + 700, 600)
     assert failed.status["phase"] == "Degraded" and "not ready after 700 s" in failed.rolled_back[1]
 
 
 def test_the_pause_is_respected_and_going_back_to_stable_aborts_the_canary():
-    t = canary.plan(SPEC, canary.plan(SPEC, None, 1, T0).status, 2, T0)
-    st = canary.after_baseline(t, BASE, SPEC, T0, 600).status
-    assert not canary.plan(SPEC, st, 2, T0 + 30).analyse
-    aborted = canary.plan(SPEC, st, 1, T0 + 31)
+    t = rollout_state.plan(SPEC, rollout_state.plan(SPEC, None, 1, T0).status, 2, T0)
+    st = rollout_state.after_baseline(t, BASE, SPEC, T0, 600).status
+    assert not rollout_state.plan(SPEC, st, 2, T0 + 30).analyse
+    aborted = rollout_state.plan(SPEC, st, 1, T0 + 31)
     assert aborted.status["phase"] == "Healthy" and aborted.versions == (1, None, 0)
-    by_hand = canary.plan(SPEC, st, 2, T0 + 32, promote_now=2)
+    by_hand = rollout_state.plan(SPEC, st, 2, T0 + 32, promote_now=2)
     assert by_hand.versions == (2, None, 0) and by_hand.events[0][1] == "PromotedByHand"
 
 

@@ -101,12 +101,13 @@ def test_grounded_position_answers_place_both_objects_say_the_relation_then_the_
     for s in by_task(scenes, "position")[:30] + by_task(scenes, "color_attr")[:30] + by_task(scenes, "counting")[:5]:
         plain = shapes.vqa_pairs(s, np.random.default_rng(7))
         grounded = shapes.vqa_pairs(s, np.random.default_rng(7), grounded_on=SIZE)
+
         def both_ways(q: str) -> list[str]:
             return [q] + [q.replace(f" {r} ", f" {shapes.INVERSE[r]} ") for r in shapes.RELATIONS if f" {r} " in q]
 
         expected = [(asked, k) for q, _, k in plain for asked in (both_ways(q) if k == "position" else [q])]
         assert [(q, k) for q, _, k in grounded if k != "place"] == expected
-        cell = lambda v: int(v) * shapes.GRID // SIZE  # noqa: E731
+        cell = lambda v: int(v) * shapes.GRID // SIZE
         for q, g, kind in grounded:
             if kind == "place":
                 (o,) = [o for o in s.objects if f" {o.shape}?" in q]
@@ -120,7 +121,8 @@ def test_grounded_position_answers_place_both_objects_say_the_relation_then_the_
             axis, centre = ("x", lambda o: o.cx) if horizontal else ("y", lambda o: o.cy)
             cells = [cell(centre(o)) for o in (first, second)]
             shown = {(True, -1): "left of", (True, 1): "right of", (False, -1): "above", (False, 1): "below"}.get(
-                (horizontal, int(np.sign(cells[0] - cells[1]))), "level")
+                (horizontal, int(np.sign(cells[0] - cells[1]))), "level"
+            )
             verdict = "yes" if shapes.relation_holds(first.box, second.box, rel) else "no"
             assert g == f"{first.shape} {axis}{cells[0]} {second.shape} {axis}{cells[1]} {shown} {verdict}", (q, g)
             assert shapes.verdict(g) == verdict and (verdict == "yes") == (rel == shown)
@@ -133,11 +135,26 @@ def test_grounded_position_answers_place_both_objects_say_the_relation_then_the_
 def test_vqa_scores_a_grounded_answer_by_its_verdict_and_its_places_apart():
     from nmm.evaluate.shapes import score_answers
 
-    truth = [("red", "colour"), ("circle x1 square x6 left of yes", "position"), ("circle x1 square x6 left of yes", "position"),
-             ("square y2 circle y6 above no", "position"), ("yes", "exists"), ("no", "exists"),
-             ("circle x1 y5", "place"), ("square x6 y1", "place")]
-    said = ["red is it", "circle x1 square x6 left of yes", "circle x2 square x6 left of yes", "square y2 circle y6 above yes",
-            "yes", "yes", "circle x1 y5", "square x6 y2"]
+    truth = [
+        ("red", "colour"),
+        ("circle x1 square x6 left of yes", "position"),
+        ("circle x1 square x6 left of yes", "position"),
+        ("square y2 circle y6 above no", "position"),
+        ("yes", "exists"),
+        ("no", "exists"),
+        ("circle x1 y5", "place"),
+        ("square x6 y1", "place"),
+    ]
+    said = [
+        "red is it",
+        "circle x1 square x6 left of yes",
+        "circle x2 square x6 left of yes",
+        "square y2 circle y6 above yes",
+        "yes",
+        "yes",
+        "circle x1 y5",
+        "square x6 y2",
+    ]
     m = score_answers(said, truth)
     assert m["place_accuracy"] == 0.5  # scored apart: not in `accuracy`
     assert m["colour_accuracy"] == 0.0  # not a position answer: exact match only

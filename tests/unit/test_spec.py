@@ -13,7 +13,7 @@ BAD = sorted((Path(__file__).parent.parent / "bad_specs").glob("*.yaml"))
 def expected(path: Path) -> str:
     first = path.read_text().splitlines()[0] if path.read_text() else ""
     assert first.startswith("# expect: "), f"{path.name} must start with '# expect: <text>'"
-    return first[len("# expect: "):]
+    return first[len("# expect: ") :]
 
 
 @pytest.mark.parametrize("path", sorted(WORKFLOWS.glob("*.yaml")), ids=lambda p: p.name)

@@ -2,11 +2,10 @@ import numpy as np
 
 from nmm.data.curate import content_ids, split
 from nmm.data.sequences import INSTRUCTIONS, Prompts, instruction_texts, pack_rows
-from nmm.train.recipes import RECIPES
-from nmm.tokenizers.vocab import blank_text
 from nmm.data.sources import digit_captions, load_digits, parse_digit
 from nmm.tokenizers import ColourMaskVQ, PatchVQ, SharedVocab, TextTokenizer, load_image_tokenizer
-from nmm.tokenizers.vocab import ASSISTANT, BOI, BOS, EOI, EOS, PAD, USER
+from nmm.tokenizers.vocab import ASSISTANT, BOI, BOS, EOI, EOS, PAD, USER, blank_text
+from nmm.train.recipes import RECIPES
 
 
 def test_bpe_round_trips_captions_and_is_smaller_than_bytes():
@@ -41,15 +40,23 @@ def test_patch_vq_bytes_are_the_same_in_every_process_and_old_files_still_load()
     import subprocess
     import sys
 
-    code = ("import hashlib, numpy as np; from nmm.tokenizers import PatchVQ; "
-            "print(hashlib.sha256(PatchVQ(np.arange(48, dtype=np.float32).reshape(4, 12), 2, (8, 8, 3)).to_bytes()).hexdigest())")
-    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout for _ in range(6)}
+    code = (
+        "import hashlib, numpy as np; from nmm.tokenizers import PatchVQ; "
+        "vq = PatchVQ(np.arange(48, dtype=np.float32).reshape(4, 12), 2, (8, 8, 3)); "
+        "print(hashlib.sha256(vq.to_bytes()).hexdigest())"
+    )
+    digests = {
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        for _ in range(6)
+    }
     vq = PatchVQ(np.arange(48, dtype=np.float32).reshape(4, 12), 2, (8, 8, 3))
     assert digests == {hashlib.sha256(vq.to_bytes()).hexdigest() + "\n"}
 
     from safetensors.numpy import save
 
-    old = save({"codebook": vq.codebook}, metadata={"patch": "2", "image_shape": json.dumps([8, 8, 3])})  # nmm 0.1.0's layout
+    old = save(
+        {"codebook": vq.codebook}, metadata={"patch": "2", "image_shape": json.dumps([8, 8, 3])}
+    )  # nmm 0.1.0's layout
     back = PatchVQ.from_bytes(old)
     assert back.patch == 2 and back.image_shape == (8, 8, 3) and np.array_equal(back.codebook, vq.codebook)
 
@@ -146,8 +153,9 @@ def test_colour_mask_vq_draws_a_colour_on_a_shape_it_never_saw_together():
     from nmm.evaluate import shapes_judge
 
     scenes, images = _shape_scenes(600)
-    held = np.array([any((o.colour, o.shape) in {("red", "triangle"), ("blue", "circle")} for o in s.objects)
-                     for s in scenes])
+    held = np.array(
+        [any((o.colour, o.shape) in {("red", "triangle"), ("blue", "circle")} for o in s.objects) for s in scenes]
+    )
     assert 20 < held.sum() < len(scenes) - 100
     vq = ColourMaskVQ.fit(images[~held], 4, 16, 32, seed=0)
     assert vq.factors == (11, len(vq.masks)) and vq.size == 11 * len(vq.masks)  # the ground and ten colours

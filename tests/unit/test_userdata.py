@@ -57,13 +57,26 @@ def test_every_planted_fault_gets_its_reason_and_clean_samples_are_kept():
         ("no-image", {"txt": CAPTION}),
     ]
     shard = _tar(planted)
-    got = {key: userdata.decode(key, parts, channels=3, size=32) for key, parts in userdata.samples(io.BytesIO(shard), "s0")}
+    got = {
+        key: userdata.decode(key, parts, channels=3, size=32)
+        for key, parts in userdata.samples(io.BytesIO(shard), "s0")
+    }
     reasons = {k: (v.reason if isinstance(v, userdata.Rejected) else "keep") for k, v in got.items()}
     assert reasons == {
-        "clean": "keep", "clean-jpeg": "keep", "truncated": "decode_error", "zero-bytes": "decode_error",
-        "not-an-image": "decode_error", "bomb": "decode_error", "latin1-caption": "decode_error",
-        "no-caption": "caption_empty", "empty-caption": "caption_empty", "long-caption": "caption_length",
-        "tiny": "too_small", "banner": "bad_aspect", "blank": "blank_image", "no-image": "decode_error",
+        "clean": "keep",
+        "clean-jpeg": "keep",
+        "truncated": "decode_error",
+        "zero-bytes": "decode_error",
+        "not-an-image": "decode_error",
+        "bomb": "decode_error",
+        "latin1-caption": "decode_error",
+        "no-caption": "caption_empty",
+        "empty-caption": "caption_empty",
+        "long-caption": "caption_length",
+        "tiny": "too_small",
+        "banner": "bad_aspect",
+        "blank": "blank_image",
+        "no-image": "decode_error",
     }
     assert all(r in userdata.REASONS for r in reasons.values() if r != "keep")
     kept = got["clean"]
@@ -87,7 +100,10 @@ def test_a_broken_tar_keeps_what_it_read_and_reports_the_rest():
 def test_exported_shards_decode_back_to_their_source_images(tmp_path):
     data = render_shapes(6, 32, 1, 1)
     (uri,) = export.export_webdataset(data, tmp_path.as_uri(), shard_size=10)
-    decoded = [userdata.decode(k, p, 3, 32) for k, p in userdata.samples(io.BytesIO((tmp_path / "shard-000000.tar").read_bytes()), uri)]
+    decoded = [
+        userdata.decode(k, p, 3, 32)
+        for k, p in userdata.samples(io.BytesIO((tmp_path / "shard-000000.tar").read_bytes()), uri)
+    ]
     assert [d.caption for d in decoded] == [c[0] for c in data.captions]
     for d, image in zip(decoded, data.images):
         assert np.abs(d.image - (image * 255).round() / 255).max() < 1e-6  # same size: no resampling

@@ -1,19 +1,19 @@
 """The `nmm` command line.
 
-    nmm validate FILE        check a pipeline YAML (exit 2 with one line per problem)
-    nmm compile FILE         print the Argo Workflow it compiles to
-    nmm run FILE             compile and run it here with the embedded local engine
-    nmm ui                   the MLflow UI on the local tracking store
-    nmm submit FILE          create/update the pipeline on the cluster (kube context)
-    nmm status NAME          its status on the cluster
-    nmm logs NAME --stage S  a stage's logs (pods, or the copy archived in the store)
-    nmm crd                  the NMMPipeline CustomResourceDefinition
-    nmm serve MODEL          an OpenAI-compatible server for a model
-    nmm promote NAME VER     serve a version at once (champion moves; no canary)
-    nmm rollback NAME        stop a canary, or go back to the version served before
-    nmm data export|ledger   a built-in source as WebDataset shards; a dataset's per-sample ledger
-    nmm gpu inventory        this machine's GPUs (NVML); --label-node labels the node
-    nmm stage NAME …         a stage entrypoint (what Workflow steps run)
+nmm validate FILE        check a pipeline YAML (exit 2 with one line per problem)
+nmm compile FILE         print the Argo Workflow it compiles to
+nmm run FILE             compile and run it here with the embedded local engine
+nmm ui                   the MLflow UI on the local tracking store
+nmm submit FILE          create/update the pipeline on the cluster (kube context)
+nmm status NAME          its status on the cluster
+nmm logs NAME --stage S  a stage's logs (pods, or the copy archived in the store)
+nmm crd                  the NMMPipeline CustomResourceDefinition
+nmm serve MODEL          an OpenAI-compatible server for a model
+nmm promote NAME VER     serve a version at once (champion moves; no canary)
+nmm rollback NAME        stop a canary, or go back to the version served before
+nmm data export|ledger   a built-in source as WebDataset shards; a dataset's per-sample ledger
+nmm gpu inventory        this machine's GPUs (NVML); --label-node labels the node
+nmm stage NAME …         a stage entrypoint (what Workflow steps run)
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -33,7 +32,12 @@ from nmm.cli.serving import promote, rollback
 from nmm.cli.stage import stage_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help=__doc__)
-gpu_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="GPU inventory of this machine or node.")
+gpu_app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="GPU inventory of this machine or node.",
+)
 app.add_typer(stage_app, name="stage")
 app.add_typer(gpu_app, name="gpu")
 app.add_typer(data_app, name="data")
@@ -52,30 +56,36 @@ def _load_spec(path: Path):
         text = raw.decode("utf-8", "replace" if len(raw) > MAX_SPEC_BYTES else "strict")
     except (OSError, UnicodeDecodeError) as exc:
         err.print(f"[red]error[/]: {path}: cannot read: {getattr(exc, 'strerror', None) or exc}")
-        raise typer.Exit(EXIT_BAD_INPUT)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
     try:
         return parse_pipeline(text, str(path))
     except SpecError as exc:
-        err.print(f"[red]error[/]: {path} is not a valid NMMPipeline ({len(exc.problems)} problem{'s' if len(exc.problems) != 1 else ''}):")
+        err.print(
+            f"[red]error[/]: {path} is not a valid NMMPipeline "
+            f"({len(exc.problems)} problem{'s' if len(exc.problems) != 1 else ''}):"
+        )
         for line in exc.problems:
             err.print(f"  {line}", markup=False)
-        raise typer.Exit(EXIT_BAD_INPUT)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
 
 
 @app.command()
 def validate(file: Path = typer.Argument(..., help="Pipeline YAML")) -> None:
     """Validate a pipeline YAML."""
     spec = _load_spec(file)
-    out.print(f"{file}: valid NMMPipeline {spec.metadata.name!r} ({spec.spec.model.category}, fusion {spec.spec.model.fusion})")
+    out.print(
+        f"{file}: valid NMMPipeline {spec.metadata.name!r} "
+        f"({spec.spec.model.category}, fusion {spec.spec.model.fusion})"
+    )
 
 
 @app.command("compile")
 def compile_(
     file: Path = typer.Argument(..., help="Pipeline YAML"),
-    image: Optional[str] = typer.Option(None, help="Platform image for every step"),
-    namespace: Optional[str] = typer.Option(None, help="Namespace of the Workflow"),
-    store: Optional[str] = typer.Option(None, help="Store URI (s3://bucket/prefix)"),
-    service_account: Optional[str] = typer.Option(None, help="Service account of workflow pods"),
+    image: str | None = typer.Option(None, help="Platform image for every step"),
+    namespace: str | None = typer.Option(None, help="Namespace of the Workflow"),
+    store: str | None = typer.Option(None, help="Store URI (s3://bucket/prefix)"),
+    service_account: str | None = typer.Option(None, help="Service account of workflow pods"),
 ) -> None:
     """Print the Argo Workflow (YAML) the pipeline compiles to."""
     from dataclasses import replace
@@ -85,7 +95,11 @@ def compile_(
     spec = _load_spec(file)
     settings = CompileSettings()
     ns = _namespace(spec, namespace, settings.namespace)
-    overrides = {k: v for k, v in {"image": image, "namespace": ns, "store_uri": store, "service_account": service_account}.items() if v}
+    overrides = {
+        k: v
+        for k, v in {"image": image, "namespace": ns, "store_uri": store, "service_account": service_account}.items()
+        if v
+    }
     sys.stdout.write(to_yaml(_compile(spec, replace(settings, **overrides))))
 
 
@@ -98,7 +112,7 @@ def _namespace(spec, flag: str | None, fallback: str) -> str:
         return spec.resolve_namespace(flag, fallback)
     except NamespaceConflict as exc:
         err.print(f"[red]error[/]: {exc}", highlight=False)
-        raise typer.Exit(EXIT_BAD_INPUT)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
 
 
 def _compile(spec, settings) -> dict:
@@ -110,7 +124,7 @@ def _compile(spec, settings) -> dict:
         return compile_pipeline(spec, settings)
     except PlacementError as exc:
         err.print(f"[red]error[/]: {exc}", highlight=False)
-        raise typer.Exit(EXIT_BAD_INPUT)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
 
 
 def _seed_summary(per_run: dict[str, dict[str, float]], groups: dict[str, list[str]], gate: str) -> None:
@@ -149,12 +163,18 @@ def _summary(result, spec) -> None:
     out.print(t)
     from nmm.spec import split_step
 
-    evals = {split_step(n)[1] or "": s for n, s in steps.items()
-             if split_step(n)[0] == "evaluate" and s.outputs.get("metrics")}
+    evals = {
+        split_step(n)[1] or "": s
+        for n, s in steps.items()
+        if split_step(n)[0] == "evaluate" and s.outputs.get("metrics")
+    }
     if evals and spec.seed_groups:
         first = next(iter(evals))
-        _seed_summary({v: json.loads(s.outputs["metrics"]) for v, s in evals.items()}, spec.seed_groups,
-                      f"rollout candidate {first}: gate {evals[first].outputs.get('gate')}")
+        _seed_summary(
+            {v: json.loads(s.outputs["metrics"]) for v, s in evals.items()},
+            spec.seed_groups,
+            f"rollout candidate {first}: gate {evals[first].outputs.get('gate')}",
+        )
     elif evals:
         gates = {g.metric: g for g in spec.spec.evaluation.parsed_gates}
         table = {v: json.loads(s.outputs["metrics"]) for v, s in evals.items()}
@@ -175,10 +195,16 @@ def _summary(result, spec) -> None:
         out.print(m)
     cur = steps.get("curate")
     if cur and cur.outputs:
-        out.print(f"dataset   {cur.outputs.get('dataset_uri')}  ({cur.outputs.get('cache')}, {cur.outputs.get('dataset_digest')})")
+        out.print(
+            f"dataset   {cur.outputs.get('dataset_uri')}  "
+            f"({cur.outputs.get('cache')}, {cur.outputs.get('dataset_digest')})"
+        )
     ro = steps.get("rollout")
     if ro and ro.outputs:
-        out.print(f"model     {spec.spec.rollout.registered_model_name} version {ro.outputs.get('version')}: {ro.outputs.get('decision')}")
+        out.print(
+            f"model     {spec.spec.rollout.registered_model_name} version {ro.outputs.get('version')}: "
+            f"{ro.outputs.get('decision')}"
+        )
     fin = steps.get("finalize")
     from nmm import lineage
 
@@ -190,9 +216,16 @@ def _summary(result, spec) -> None:
 @app.command()
 def run(
     file: Path = typer.Argument(..., help="Pipeline YAML"),
-    store: Optional[str] = typer.Option(None, help="Store URI; default .nmm/store, or s3://$NMM_S3_BUCKET when NMM_S3_ENDPOINT is set"),
-    resume: Optional[str] = typer.Option(None, "--resume", metavar="RUN", help="Resume the local run RUN of this pipeline "
-                                         "(failed or killed): its succeeded steps are kept, the rest runs again"),
+    store: str | None = typer.Option(
+        None, help="Store URI; default .nmm/store, or s3://$NMM_S3_BUCKET when NMM_S3_ENDPOINT is set"
+    ),
+    resume: str | None = typer.Option(
+        None,
+        "--resume",
+        metavar="RUN",
+        help="Resume the local run RUN of this pipeline "
+        "(failed or killed): its succeeded steps are kept, the rest runs again",
+    ),
 ) -> None:
     """Compile the pipeline and run the compiled Workflow here (embedded local engine)."""
     spec = _load_spec(file)
@@ -211,8 +244,10 @@ def run(
 
 
 @app.command()
-def retry(run_name: str = typer.Argument(..., metavar="RUN", help="A local run (see .nmm/runs), or with -n a pipeline"),
-          namespace: Optional[str] = typer.Option(None, "--namespace", "-n", help="Retry the pipeline RUN on the cluster")) -> None:
+def retry(
+    run_name: str = typer.Argument(..., metavar="RUN", help="A local run (see .nmm/runs), or with -n a pipeline"),
+    namespace: str | None = typer.Option(None, "--namespace", "-n", help="Retry the pipeline RUN on the cluster"),
+) -> None:
     """Resume a failed or killed local run with the Workflow it ran (`nmm run FILE --resume RUN`
     without the file): succeeded steps are kept, training resumes from its latest checkpoint.
     With -n: the operator retries the pipeline's failed Workflow the way `argo retry` does."""
@@ -220,8 +255,10 @@ def retry(run_name: str = typer.Argument(..., metavar="RUN", help="A local run (
         from nmm import cluster
 
         value = _cluster_call(cluster.retry, run_name, namespace)
-        out.print(f"nmmpipeline {namespace}/{run_name}: retry asked (nmm.dev/retry={value}); follow it: "
-                  f"nmm status {run_name} -n {namespace}")
+        out.print(
+            f"nmmpipeline {namespace}/{run_name}: retry asked (nmm.dev/retry={value}); follow it: "
+            f"nmm status {run_name} -n {namespace}"
+        )
         return
     from dataclasses import replace
 
@@ -238,8 +275,11 @@ def retry(run_name: str = typer.Argument(..., metavar="RUN", help="A local run (
         err.print(f"[red]error[/]: no local run named {run_name} (looked in {home_dir() / 'runs'})", highlight=False)
         raise typer.Exit(EXIT_BAD_INPUT)
     if not (folder / SPEC_FILE).is_file():
-        err.print(f"[red]error[/]: run {run_name} was made by an older nmm (no {SPEC_FILE}); resume it with "
-                  f"nmm run FILE --resume {run_name}", highlight=False)
+        err.print(
+            f"[red]error[/]: run {run_name} was made by an older nmm (no {SPEC_FILE}); resume it with "
+            f"nmm run FILE --resume {run_name}",
+            highlight=False,
+        )
         raise typer.Exit(EXIT_BAD_INPUT)
     try:  # the Workflow a retry runs is compiled again from the run's spec, then compared with the one it ran
         stored = stored_workflow(folder)
@@ -247,7 +287,7 @@ def retry(run_name: str = typer.Argument(..., metavar="RUN", help="A local run (
     except (NotResumable, SpecError) as exc:
         problems = "\n  ".join(exc.problems) if isinstance(exc, SpecError) else str(exc)
         err.print(f"[red]error[/]: run {run_name} cannot be retried: {problems}", highlight=False)
-        raise typer.Exit(EXIT_BAD_INPUT)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
     local = CompileSettings.local(store_of(stored) or "")
     workflow = _compile(spec, replace(local, namespace=_namespace(spec, None, local.namespace)))
     _run_local(workflow, spec, run_name, True)
@@ -271,12 +311,14 @@ def _run_local(workflow: dict, spec, name: str, resume: bool) -> None:
             prior = resumable(runs / name, workflow)
         except NotResumable as exc:
             err.print(f"[red]error[/]: {exc}", highlight=False)
-            raise typer.Exit(EXIT_BAD_INPUT)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
         if prior["phase"] == "Succeeded":
             out.print(f"run {name} already succeeded; nothing to resume")
             return
-        err.print(f"resuming run {name} (uid {prior['uid']}, attempt {prior.get('attempt', 1) + 1}): steps that "
-                  "succeeded are kept")
+        err.print(
+            f"resuming run {name} (uid {prior['uid']}, attempt {prior.get('attempt', 1) + 1}): steps that "
+            "succeeded are kept"
+        )
     else:
         from nmm.compile.workflow import spec_json
 
@@ -288,7 +330,7 @@ def _run_local(workflow: dict, spec, name: str, resume: bool) -> None:
             result = run_workflow(workflow, runs, progress, name=name, resume=resume)
     except RunBusy as exc:
         err.print(f"[red]error[/]: {exc}", highlight=False)
-        raise typer.Exit(exitcodes.FAILED)
+        raise typer.Exit(exitcodes.FAILED) from None
     _summary(result, spec)
     if result.phase != "Succeeded":
         for s in result.steps.values():
@@ -307,25 +349,28 @@ def _cluster_call(fn, *args):
         return fn(*args)
     except ClusterError as exc:
         err.print(f"[red]error[/]: {exc}", highlight=False)
-        raise typer.Exit(exitcodes.FAILED)
+        raise typer.Exit(exitcodes.FAILED) from None
 
 
 NamespaceOpt = typer.Option(None, "--namespace", "-n", help="Namespace (default: the kube context's)")
 
 
 @app.command()
-def submit(file: Path = typer.Argument(..., help="Pipeline YAML"), namespace: Optional[str] = NamespaceOpt) -> None:
+def submit(file: Path = typer.Argument(..., help="Pipeline YAML"), namespace: str | None = NamespaceOpt) -> None:
     """Create or update the pipeline in the current kube context (the operator runs it)."""
     from nmm import cluster
 
     spec = _load_spec(file)
     ns = _namespace(spec, namespace, cluster.current_namespace())
     action, generation = _cluster_call(cluster.submit, spec, ns)
-    out.print(f"nmmpipeline {ns}/{spec.metadata.name} {action} (generation {generation}); follow it: nmm status {spec.metadata.name} -n {ns}")
+    out.print(
+        f"nmmpipeline {ns}/{spec.metadata.name} {action} (generation {generation}); "
+        f"follow it: nmm status {spec.metadata.name} -n {ns}"
+    )
 
 
 @app.command()
-def status(name: str = typer.Argument(..., help="Pipeline name"), namespace: Optional[str] = NamespaceOpt) -> None:
+def status(name: str = typer.Argument(..., help="Pipeline name"), namespace: str | None = NamespaceOpt) -> None:
     """The pipeline's status: phase, stages, workflow, MLflow run, champion, conditions."""
     from rich.table import Table
 
@@ -350,10 +395,13 @@ def status(name: str = typer.Argument(..., help="Pipeline name"), namespace: Opt
 @app.command()
 def logs(
     name: str = typer.Argument(..., help="Pipeline name"),
-    stage: str = typer.Option(..., "--stage", help="curate, train, evaluate, rollout or finalize "
-                              "(train-<variant>, evaluate-<variant> in an ablation)"),
-    namespace: Optional[str] = NamespaceOpt,
-    store: Optional[str] = typer.Option(None, help="Store URI, when the Workflow is gone too"),
+    stage: str = typer.Option(
+        ...,
+        "--stage",
+        help="curate, train, evaluate, rollout or finalize (train-<variant>, evaluate-<variant> in an ablation)",
+    ),
+    namespace: str | None = NamespaceOpt,
+    store: str | None = typer.Option(None, help="Store URI, when the Workflow is gone too"),
 ) -> None:
     """A stage's logs: from its pods while they exist, else the copy archived in the object store."""
     from nmm import cluster, storage
@@ -365,7 +413,9 @@ def logs(
 
     base, variant = split_step(stage)
     if base not in STAGES or (variant and base not in ("train", "evaluate")) or (variant and not variant.isalnum()):
-        err.print(f"error: --stage must be one of {', '.join(STAGES)} (or train-<variant>, evaluate-<variant>), got {stage!r}")
+        err.print(
+            f"error: --stage must be one of {', '.join(STAGES)} (or train-<variant>, evaluate-<variant>), got {stage!r}"
+        )
         raise typer.Exit(EXIT_BAD_INPUT)
     ns = namespace or cluster.current_namespace()
     obj = _cluster_call(cluster.get_pipeline, name, ns)
@@ -392,7 +442,8 @@ def crd(kind: str = typer.Option("pipeline", help="pipeline (NMMPipeline) or ser
     """Print a CustomResourceDefinition (generated from the spec models)."""
     import yaml
 
-    from nmm.spec.crd import crd as pipeline_crd, service_crd
+    from nmm.spec.crd import crd as pipeline_crd
+    from nmm.spec.crd import service_crd
 
     builds = {"pipeline": pipeline_crd, "service": service_crd}
     if kind not in builds:
@@ -410,21 +461,33 @@ def _batching(key: str):
 
 @app.command()
 def serve(
-    model: str = typer.Argument(..., help="models:/<name>@<alias>, models:/<name>/<version>, or a published model folder"),
-    name: Optional[str] = typer.Option(None, "--name", help="The name clients ask for (default: the registered model's, "
-                                       "or nmm for a folder)"),
-    digest: Optional[str] = typer.Option(None, "--digest", help="A folder's manifest must hold this digest (what the "
-                                         "version was registered with; the operator passes it)"),
+    model: str = typer.Argument(
+        ..., help="models:/<name>@<alias>, models:/<name>/<version>, or a published model folder"
+    ),
+    name: str | None = typer.Option(
+        None, "--name", help="The name clients ask for (default: the registered model's, or nmm for a folder)"
+    ),
+    digest: str | None = typer.Option(
+        None,
+        "--digest",
+        help="A folder's manifest must hold this digest (what the version was registered with; the operator passes it)",
+    ),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 in a pod)"),
     port: int = typer.Option(8000, min=1, max=65535),
-    store: Optional[str] = typer.Option(None, help="Store URI for store:// folders (default: nmm's store)"),
+    store: str | None = typer.Option(None, help="Store URI for store:// folders (default: nmm's store)"),
     max_batch: int = _batching("max_batch"),
     max_wait_ms: float = _batching("max_wait_ms"),
     max_queue: int = _batching("max_queue"),
-    header_timeout: float = typer.Option(10.0, "--header-timeout", min=0.1, max=300.0,
-                                         help="Seconds a request's line and headers may take to arrive (then the connection closes)"),
-    body_timeout: float = typer.Option(30.0, "--body-timeout", min=0.1, max=600.0,
-                                       help="Seconds a request's body may take to arrive (then 408)"),
+    header_timeout: float = typer.Option(
+        10.0,
+        "--header-timeout",
+        min=0.1,
+        max=300.0,
+        help="Seconds a request's line and headers may take to arrive (then the connection closes)",
+    ),
+    body_timeout: float = typer.Option(
+        30.0, "--body-timeout", min=0.1, max=600.0, help="Seconds a request's body may take to arrive (then 408)"
+    ),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (chat with images, image generation)."""
     from nmm import storage
@@ -440,8 +503,10 @@ def serve(
             loaded, name = load_published(model, store or storage.default_store_uri(), name=name, digest=digest)
     except ServeError as exc:
         err.print(f"error: MODEL: {exc}", markup=False)
-        raise typer.Exit(EXIT_BAD_INPUT)
-    app = create_app(loaded, name, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, body_timeout=body_timeout)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    app = create_app(
+        loaded, name, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, body_timeout=body_timeout
+    )
     out.print(f"serving {name} ({model}) on http://{host}:{port}/v1", highlight=False)
     http.serve(app, host, port, header_timeout)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Iterator
+from collections.abc import Iterator
 
 import typer
 from rich.console import Console
@@ -30,10 +30,10 @@ def exits() -> Iterator[None]:
         yield
     except PublishConflict as exc:  # another writer's outputs are there: retrying will not help
         err.print(f"error: {exc}", markup=False)
-        raise typer.Exit(exitcodes.CONFLICT)
+        raise typer.Exit(exitcodes.CONFLICT) from None
     except StorageError as exc:
         err.print(f"error: {exc}", markup=False)
-        raise typer.Exit(exitcodes.STORE_UNAVAILABLE)
+        raise typer.Exit(exitcodes.STORE_UNAVAILABLE) from None
     except TrackingError as exc:
         err.print(f"error: {exc}", markup=False)
-        raise typer.Exit(exc.exit_code)
+        raise typer.Exit(exc.exit_code) from None

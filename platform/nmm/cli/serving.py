@@ -7,15 +7,13 @@ NMMService serves."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
 
 from nmm import exitcodes
 from nmm.cli.output import EXIT_BAD_INPUT, err, exits, out
 
 
-def _service(name: str, namespace: Optional[str]) -> tuple[dict, str]:
+def _service(name: str, namespace: str | None) -> tuple[dict, str]:
     from nmm import cluster
 
     ns = namespace or cluster.current_namespace()
@@ -23,9 +21,11 @@ def _service(name: str, namespace: Optional[str]) -> tuple[dict, str]:
         svc = cluster.get_service(name, ns)
     except cluster.ClusterError as exc:
         err.print(f"error: {exc}", markup=False)
-        raise typer.Exit(exitcodes.FAILED)
+        raise typer.Exit(exitcodes.FAILED) from None
     if svc is None:
-        err.print(f"error: NAME: no NMMService {ns}/{name} (use --model-only to move the registry alias alone)", markup=False)
+        err.print(
+            f"error: NAME: no NMMService {ns}/{name} (use --model-only to move the registry alias alone)", markup=False
+        )
         raise typer.Exit(EXIT_BAD_INPUT)
     return svc, ns
 
@@ -55,16 +55,23 @@ def _serve(name: str, ns: str, version: int) -> None:
         cluster.serve_version(name, ns, version, at_once=True)
     except cluster.ClusterError as exc:
         err.print(f"error: {exc}", markup=False)
-        raise typer.Exit(exitcodes.FAILED)
-    out.print(f"NMMService {ns}/{name}: asked to serve version {version} at once (no canary); the operator moves champion "
-              f"once it serves it; watch: kubectl get nmms {name} -n {ns} -w", highlight=False)
+        raise typer.Exit(exitcodes.FAILED) from None
+    out.print(
+        f"NMMService {ns}/{name}: asked to serve version {version} at once (no canary); the operator moves champion "
+        f"once it serves it; watch: kubectl get nmms {name} -n {ns} -w",
+        highlight=False,
+    )
 
 
 def promote(
     name: str = typer.Argument(..., help="An NMMService (or, with --model-only, a registered model)"),
     version: int = typer.Argument(..., min=1, help="The registered version to promote"),
-    namespace: Optional[str] = typer.Option(None, "--namespace", "-n", help="The NMMService's namespace (default: the kube context's)"),
-    model_only: bool = typer.Option(False, "--model-only", help="NAME is a registered model: move its champion alias only"),
+    namespace: str | None = typer.Option(
+        None, "--namespace", "-n", help="The NMMService's namespace (default: the kube context's)"
+    ),
+    model_only: bool = typer.Option(
+        False, "--model-only", help="NAME is a registered model: move its champion alias only"
+    ),
 ) -> None:
     """Make VERSION the champion and serve it at once, skipping the canary."""
     if model_only:
@@ -77,9 +84,15 @@ def promote(
 
 def rollback(
     name: str = typer.Argument(..., help="An NMMService (or, with --model-only, a registered model)"),
-    to: Optional[int] = typer.Option(None, "--to", min=1, help="The version to go back to (default: the one served before)"),
-    namespace: Optional[str] = typer.Option(None, "--namespace", "-n", help="The NMMService's namespace (default: the kube context's)"),
-    model_only: bool = typer.Option(False, "--model-only", help="NAME is a registered model: move its champion alias to --to"),
+    to: int | None = typer.Option(
+        None, "--to", min=1, help="The version to go back to (default: the one served before)"
+    ),
+    namespace: str | None = typer.Option(
+        None, "--namespace", "-n", help="The NMMService's namespace (default: the kube context's)"
+    ),
+    model_only: bool = typer.Option(
+        False, "--model-only", help="NAME is a registered model: move its champion alias to --to"
+    ),
 ) -> None:
     """Stop a canary in progress, or go back to the version served before (champion moves too)."""
     if model_only:

@@ -43,10 +43,19 @@ def chart_helpers(s: CompileSettings) -> str:
         return f'{{{{/* {what} */}}}}\n{{{{- define "nmm-platform.{name}" -}}}}\n{body}\n{{{{- end -}}}}\n'
 
     head = "{{/* Generated from nmm.compile.pods (chart_helpers): edit there, then `make golden`. */}}\n"
-    return head + "\n" + block("podSecurityContext", 'Pod security context: Pod Security Standards "restricted".',
-                                pod_security_context(s)) + "\n" + block(
-        "containerSecurityContext", "Container security context: restricted + read-only root filesystem.",
-        container_security_context())
+    return (
+        head
+        + "\n"
+        + block(
+            "podSecurityContext", 'Pod security context: Pod Security Standards "restricted".', pod_security_context(s)
+        )
+        + "\n"
+        + block(
+            "containerSecurityContext",
+            "Container security context: restricted + read-only root filesystem.",
+            container_security_context(),
+        )
+    )
 
 
 def tmp_volume() -> dict:
@@ -62,8 +71,10 @@ def _base_env() -> list[dict]:
 
 
 def _s3_keys(secret: str) -> list[dict]:
-    return [{"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
-            for name, key in (("NMM_S3_ACCESS_KEY", "accessKey"), ("NMM_S3_SECRET_KEY", "secretKey"))]
+    return [
+        {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+        for name, key in (("NMM_S3_ACCESS_KEY", "accessKey"), ("NMM_S3_SECRET_KEY", "secretKey"))
+    ]
 
 
 def serving_env(s: CompileSettings) -> list[dict]:
@@ -102,11 +113,18 @@ def owner_uid(s: CompileSettings) -> str:
 def stage_args(stage: str, spec_json: str, s: CompileSettings) -> list[str]:
     """The arguments every `nmm stage <name>` gets: the spec and the run's whole identity."""
     return [
-        "stage", stage,
-        "--spec", spec_json,
-        "--namespace", NAMESPACE,
-        "--owner-uid", owner_uid(s),
-        "--run-id", RUN_ID,
-        "--store", s.store_uri,
-        "--outputs", OUTPUTS_DIR,
+        "stage",
+        stage,
+        "--spec",
+        spec_json,
+        "--namespace",
+        NAMESPACE,
+        "--owner-uid",
+        owner_uid(s),
+        "--run-id",
+        RUN_ID,
+        "--store",
+        s.store_uri,
+        "--outputs",
+        OUTPUTS_DIR,
     ]

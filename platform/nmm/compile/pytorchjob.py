@@ -58,8 +58,10 @@ def queue_labels(spec: PipelineSpec, s: CompileSettings) -> dict[str, str]:
     t = spec.spec.training
     queue = t.queue or s.default_queue
     if t.priority_class and not queue:
-        raise pools.PlacementError("spec.training.priorityClass: a priority orders a Kueue queue; set "
-                                   "spec.training.queue (or the chart's kueue.localQueue)")
+        raise pools.PlacementError(
+            "spec.training.priorityClass: a priority orders a Kueue queue; set "
+            "spec.training.queue (or the chart's kueue.localQueue)"
+        )
     labels = {KUEUE_QUEUE: queue} if queue else {}
     if t.priority_class:
         labels[KUEUE_PRIORITY] = t.priority_class

@@ -71,14 +71,16 @@ def build(spec: PipelineSpec, spec_json: str, s: CompileSettings, out_uri: str) 
                     "rayStartParams": {"num-cpus": "0"},  # the head schedules; the workers curate
                     "template": _pod(spec, s, "ray-head", "1", "4Gi"),
                 },
-                "workerGroupSpecs": [{
-                    "groupName": "curate",
-                    "replicas": r.workers,
-                    "minReplicas": r.workers,
-                    "maxReplicas": r.workers,
-                    "rayStartParams": {},
-                    "template": _pod(spec, s, "ray-worker", r.cpu, r.memory),
-                }],
+                "workerGroupSpecs": [
+                    {
+                        "groupName": "curate",
+                        "replicas": r.workers,
+                        "minReplicas": r.workers,
+                        "maxReplicas": r.workers,
+                        "rayStartParams": {},
+                        "template": _pod(spec, s, "ray-worker", r.cpu, r.memory),
+                    }
+                ],
             },
         },
     }

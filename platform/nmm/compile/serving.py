@@ -33,8 +33,11 @@ def model_uri(spec: ServiceSpec, version: int) -> str:
 
 
 def labels(name: str, extra: dict | None = None) -> dict:
-    return {"app.kubernetes.io/name": "nmm-serve", "app.kubernetes.io/managed-by": "nmm-operator",
-            LABEL_SERVICE: name} | (extra or {})
+    return {
+        "app.kubernetes.io/name": "nmm-serve",
+        "app.kubernetes.io/managed-by": "nmm-operator",
+        LABEL_SERVICE: name,
+    } | (extra or {})
 
 
 def container(spec: ServiceSpec, served: ServedVersion, s: CompileSettings, name: str = "kserve-container") -> dict:
@@ -42,14 +45,25 @@ def container(spec: ServiceSpec, served: ServedVersion, s: CompileSettings, name
     the version was registered with before anything is served."""
     b, r = spec.batching, spec.resources
     limits = {"cpu": r.cpu, "memory": r.memory} | ({"nvidia.com/gpu": str(r.gpus)} if r.gpus else {})
-    probe = lambda path: {"httpGet": {"path": path, "port": PORT}, "periodSeconds": 10}  # noqa: E731
+    probe = lambda path: {"httpGet": {"path": path, "port": PORT}, "periodSeconds": 10}
     return {
         "name": name,
         "image": s.image,
         "imagePullPolicy": s.image_pull_policy,
         "command": ["nmm"],
-        "args": ["serve", served.folder, "--name", spec.model.name, "--digest", served.digest, "--host", "0.0.0.0",
-                 "--port", str(PORT), *(knob.arg(getattr(b, key)) for key, knob in BATCHING.items())],
+        "args": [
+            "serve",
+            served.folder,
+            "--name",
+            spec.model.name,
+            "--digest",
+            served.digest,
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(PORT),
+            *(knob.arg(getattr(b, key)) for key, knob in BATCHING.items()),
+        ],
         "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
         "env": pods.serving_env(s),
         "resources": {"requests": dict(limits), "limits": limits},
@@ -65,10 +79,15 @@ def _placement(spec: ServiceSpec, s: CompileSettings) -> dict:
     r = spec.resources
     if not r.gpus or not s.gpu_pools:
         return {}
-    chosen = [p for p in s.gpu_pools if p.name == r.gpu_pool] if r.gpu_pool else pools.choose(s.gpu_pools, r.gpus, None, None)
+    chosen = (
+        [p for p in s.gpu_pools if p.name == r.gpu_pool]
+        if r.gpu_pool
+        else pools.choose(s.gpu_pools, r.gpus, None, None)
+    )
     if not chosen:
-        raise pools.PlacementError(f"resources.gpuPool {r.gpu_pool!r} is not a declared pool: "
-                                   + ", ".join(p.name for p in s.gpu_pools))
+        raise pools.PlacementError(
+            f"resources.gpuPool {r.gpu_pool!r} is not a declared pool: " + ", ".join(p.name for p in s.gpu_pools)
+        )
     pools.choose(tuple(chosen), r.gpus, None, None)  # it must hold the GPUs asked for
     return {"affinity": pools.affinity(chosen), "tolerations": pools.tolerations(chosen)}
 

@@ -51,9 +51,14 @@ class CompileSettings:
     default_queue: str | None = None
 
     @classmethod
-    def local(cls, store_uri: str) -> "CompileSettings":
+    def local(cls, store_uri: str) -> CompileSettings:
         """Embedded defaults for `nmm run` on a laptop: a local store, MLflow from the env/default."""
         return cls(
-            store_uri=store_uri, mlflow_tracking_uri=None, s3_endpoint=None, s3_secret_name=None, serving_s3_secret_name=None,
-            namespace="default", gpu_pools=None,
+            store_uri=store_uri,
+            mlflow_tracking_uri=None,
+            s3_endpoint=None,
+            s3_secret_name=None,
+            serving_s3_secret_name=None,
+            namespace="default",
+            gpu_pools=None,
         )

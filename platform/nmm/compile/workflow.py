@@ -1,6 +1,7 @@
 """PipelineSpec + CompileSettings → Argo `Workflow` (argoproj.io/v1alpha1). Pure and deterministic.
 
-DAG: curate (a container, or a KubeRay RayJob resource + a `curate-outputs` step with data.ray) → train (a PyTorchJob resource) → evaluate → rollout (only when the gate passed);
+DAG: curate (a container, or a KubeRay RayJob resource + a `curate-outputs` step with data.ray)
+→ train (a PyTorchJob resource) → evaluate → rollout (only when the gate passed);
 onExit: finalize (closes the MLflow parent run). Stages hand each other URIs as parameters.
 With variants (an ablation), curate fans out to train-<v> → evaluate-<v> per variant; rollout
 waits for all of them and considers the first variant.
@@ -55,7 +56,9 @@ def _retry(s: CompileSettings) -> dict:
     }
 
 
-def _container_template(name: str, extra_args: list[str], inputs: list[str], outputs: list[str], sj: str, s: CompileSettings) -> dict:
+def _container_template(
+    name: str, extra_args: list[str], inputs: list[str], outputs: list[str], sj: str, s: CompileSettings
+) -> dict:
     t = {
         "name": name,
         "retryStrategy": _retry(s),
@@ -108,17 +111,20 @@ def _curate_templates(spec: PipelineSpec, sj: str, s: CompileSettings) -> list[d
     reader = _container_template(CURATED, [], [], outputs, sj, s)
     reader["container"]["args"] = ["stage", CURATED, "--from", out_uri, "--outputs", pods.OUTPUTS_DIR]
     reader["container"]["resources"] = {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}
-    return [{
-        "name": "curate",  # no retryStrategy: the RayJob retries itself (backoffLimit), as train does
-        "activeDeadlineSeconds": str(s.step_deadline_seconds),
-        "resource": {
-            "action": "create",
-            "setOwnerReference": True,
-            "successCondition": "status.jobStatus == SUCCEEDED",
-            "failureCondition": "status.jobStatus in (FAILED, STOPPED)",
-            "manifest": yaml.safe_dump(job, sort_keys=False, width=1 << 20),
+    return [
+        {
+            "name": "curate",  # no retryStrategy: the RayJob retries itself (backoffLimit), as train does
+            "activeDeadlineSeconds": str(s.step_deadline_seconds),
+            "resource": {
+                "action": "create",
+                "setOwnerReference": True,
+                "successCondition": "status.jobStatus == SUCCEEDED",
+                "failureCondition": "status.jobStatus in (FAILED, STOPPED)",
+                "manifest": yaml.safe_dump(job, sort_keys=False, width=1 << 20),
+            },
         },
-    }, reader]
+        reader,
+    ]
 
 
 def rayjob_outputs_uri(spec: PipelineSpec, s: CompileSettings) -> str:
@@ -136,36 +142,42 @@ def _dag(spec: PipelineSpec, s: CompileSettings) -> dict:
     if source == CURATED:
         tasks.append({"name": CURATED, "template": CURATED, "dependencies": ["curate"]})
     for v in variants:
-        tasks.append({
-            "name": step_name("train", v),
-            "template": step_name("train", v),
-            "dependencies": [source],
-            "arguments": {"parameters": [_arg("dataset_uri", curate_out)]},
-        })
+        tasks.append(
+            {
+                "name": step_name("train", v),
+                "template": step_name("train", v),
+                "dependencies": [source],
+                "arguments": {"parameters": [_arg("dataset_uri", curate_out)]},
+            }
+        )
         params = [_arg("dataset_uri", curate_out), _arg("model_uri", model_uris[v])]
         if v:
             params.append(_arg("variant", v))
-        tasks.append({
-            "name": step_name("evaluate", v),
-            "template": "evaluate",
-            "dependencies": [step_name("train", v)],
-            "arguments": {"parameters": params},
-        })
+        tasks.append(
+            {
+                "name": step_name("evaluate", v),
+                "template": "evaluate",
+                "dependencies": [step_name("train", v)],
+                "arguments": {"parameters": params},
+            }
+        )
     first = step_name("evaluate", variants[0])
     gate = f"{{{{tasks.{first}.outputs.parameters.gate}}}}"
-    tasks.append({
-        "name": "rollout",
-        "template": "rollout",
-        "dependencies": [step_name("evaluate", v) for v in variants],
-        "when": f"{gate} == pass",
-        "arguments": {
-            "parameters": [
-                _arg("model_uri", model_uris[variants[0]]),
-                _arg("metrics", f"{{{{tasks.{first}.outputs.parameters.metrics}}}}"),
-                _arg("gate", gate),
-            ]
-        },
-    })
+    tasks.append(
+        {
+            "name": "rollout",
+            "template": "rollout",
+            "dependencies": [step_name("evaluate", v) for v in variants],
+            "when": f"{gate} == pass",
+            "arguments": {
+                "parameters": [
+                    _arg("model_uri", model_uris[variants[0]]),
+                    _arg("metrics", f"{{{{tasks.{first}.outputs.parameters.metrics}}}}"),
+                    _arg("gate", gate),
+                ]
+            },
+        }
+    )
     return {"name": DAG, "dag": {"tasks": tasks}}
 
 
@@ -174,7 +186,10 @@ def build(spec: PipelineSpec, s: CompileSettings) -> dict:
     sj = spec_json(spec)
     name = spec.metadata.name
     # The user's labels first, nmm's last: a reserved label always says what nmm means by it.
-    labels = dict(sorted(spec.metadata.labels.items())) | {"app.kubernetes.io/managed-by": "nmm", "nmm.dev/pipeline": name}
+    labels = dict(sorted(spec.metadata.labels.items())) | {
+        "app.kubernetes.io/managed-by": "nmm",
+        "nmm.dev/pipeline": name,
+    }
     variant_in = ["variant"] if spec.variant_names else []
     variant_args = ["--variant", "{{inputs.parameters.variant}}"] if spec.variant_names else []
     templates = [
@@ -183,15 +198,32 @@ def build(spec: PipelineSpec, s: CompileSettings) -> dict:
         *[_train_template(spec, sj, s, v) for v in (spec.variant_names or [None])],
         _container_template(
             "evaluate",
-            ["--dataset-uri", "{{inputs.parameters.dataset_uri}}", "--model-uri", "{{inputs.parameters.model_uri}}",
-             *variant_args],
-            ["dataset_uri", "model_uri", *variant_in], ["gate", "metrics"], sj, s,
+            [
+                "--dataset-uri",
+                "{{inputs.parameters.dataset_uri}}",
+                "--model-uri",
+                "{{inputs.parameters.model_uri}}",
+                *variant_args,
+            ],
+            ["dataset_uri", "model_uri", *variant_in],
+            ["gate", "metrics"],
+            sj,
+            s,
         ),
         _container_template(
             "rollout",
-            ["--model-uri", "{{inputs.parameters.model_uri}}", "--metrics", "{{inputs.parameters.metrics}}",
-             "--gate", "{{inputs.parameters.gate}}"],
-            ["model_uri", "metrics", "gate"], ["decision", "version"], sj, s,
+            [
+                "--model-uri",
+                "{{inputs.parameters.model_uri}}",
+                "--metrics",
+                "{{inputs.parameters.metrics}}",
+                "--gate",
+                "{{inputs.parameters.gate}}",
+            ],
+            ["model_uri", "metrics", "gate"],
+            ["decision", "version"],
+            sj,
+            s,
         ),
         _container_template(EXIT, ["--status", "{{workflow.status}}"], [], ["mlflow_run_id"], sj, s),
     ]

@@ -35,8 +35,14 @@ def _vqa(scene: dict, content_id: str, grounded_on: int | None):
     return shapes.vqa_pairs(shapes.scene_from_dict(scene), rng, grounded_on)
 
 
-def source_data(ex: Examined, rows: np.ndarray, names: list[str], captions_per_image: int,
-                builtin: dict[str, SourceData], grounded_on: int | None = None) -> tuple[SourceData, list[str], np.ndarray]:
+def source_data(
+    ex: Examined,
+    rows: np.ndarray,
+    names: list[str],
+    captions_per_image: int,
+    builtin: dict[str, SourceData],
+    grounded_on: int | None = None,
+) -> tuple[SourceData, list[str], np.ndarray]:
     """(the kept samples, their content ids, each one's source index into `names`). `grounded_on`
     (the images' side): a user's scenes get grounded position answers (nmm.data.shapes.vqa_pairs)."""
     cols = ex.cols

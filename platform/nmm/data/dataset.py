@@ -10,7 +10,6 @@ from nmm import storage
 from nmm.data.shards import decode_shard
 from nmm.tokenizers import ImageTokenizer, SharedVocab, TextTokenizer, load_image_tokenizer
 
-
 ROW_COLUMNS = ("tokens", "loss_mask", "task", "style", "row_image")  # one entry per sequence, not per image
 
 
@@ -26,12 +25,12 @@ class Split:
     scenes: list[dict] | None = None  # shapes: each image's ground-truth scene
     vqa: list[list[list[str]]] | None = None  # shapes: each image's (question, answer, kind)s
 
-    def images_where(self, keep: np.ndarray) -> "Split":
+    def images_where(self, keep: np.ndarray) -> Split:
         """The images (and their per-image columns) where `keep` holds; per-row columns (tokens…)
         are left out. How a suite grades only the samples that carry its ground truth."""
         n = len(self.ids)
         idx = np.flatnonzero(keep)
-        pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
+        pick = lambda xs: None if xs is None else [xs[i] for i in idx]
         arrays = {k: v[idx] for k, v in self.arrays.items() if len(v) == n and k not in ROW_COLUMNS}
         return Split(arrays, pick(self.captions), pick(self.ids), pick(self.scenes), pick(self.vqa))
 
@@ -41,10 +40,12 @@ class Dataset:
     uri: str
     manifest: dict
     _splits: dict = field(default_factory=dict, repr=False)  # read once: evaluation asks often
-    _image_tokenizer: ImageTokenizer | None = field(default=None, repr=False)  # read once: the train stage asks four times
+    _image_tokenizer: ImageTokenizer | None = field(
+        default=None, repr=False
+    )  # read once: the train stage asks four times
 
     @classmethod
-    def open(cls, uri: str) -> "Dataset":
+    def open(cls, uri: str) -> Dataset:
         manifest = storage.read_manifest(uri)
         if manifest is None:
             raise DatasetError(f"no dataset at {uri}: its manifest.json is missing")
@@ -93,6 +94,9 @@ class Dataset:
             for k in extra:
                 extra[k] += meta.get(k, [])
         return Split(
-            {k: np.concatenate(v) for k, v in arrays.items()}, captions, ids,
-            extra["scenes"] or None, extra["vqa"] or None,
+            {k: np.concatenate(v) for k, v in arrays.items()},
+            captions,
+            ids,
+            extra["scenes"] or None,
+            extra["vqa"] or None,
         )

@@ -93,7 +93,7 @@ def image_edges(hashes: np.ndarray, radius: int) -> list[tuple[int, int]]:
     band's buckets compared inside, vectorized."""
     h = hashes.astype(np.uint64)
     cuts = [round(i * 64 / (radius + 1)) for i in range(radius + 2)]
-    close = lambda a, b: np.bitwise_count(h[a] ^ h[b]) <= radius  # noqa: E731
+    close = lambda a, b: np.bitwise_count(h[a] ^ h[b]) <= radius
     edges: set[tuple[int, int]] = set()
     for lo, hi in zip(cuts, cuts[1:]):
         band = (h >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1)
@@ -105,7 +105,7 @@ def caption_edges(sigs: np.ndarray, threshold: float) -> list[tuple[int, int]]:
     """Pairs of distinct MinHash signatures whose estimated Jaccard is at least `threshold`: LSH
     bands (datasketch's choice of bands and rows), candidates checked on the signatures."""
     bands, per = signatures.lsh_shape(threshold)
-    close = lambda a, b: (sigs[a] == sigs[b]).mean(axis=1) >= threshold  # noqa: E731
+    close = lambda a, b: (sigs[a] == sigs[b]).mean(axis=1) >= threshold
     edges: set[tuple[int, int]] = set()
     for b in range(bands):
         _, keys = _unique(np.ascontiguousarray(sigs[:, b * per : (b + 1) * per]))
@@ -150,8 +150,11 @@ def leakage(group: np.ndarray, edges: list[tuple[int, int]], naive: np.ndarray) 
     test = naive == "test"
     leaked = int((test & touches[group]).sum()) if len(group) else 0
     tests = int(test.sum())
-    return {"naive_test_samples": tests, "naive_test_with_train_near_duplicate": leaked,
-            "naive_leakage_fraction": round(leaked / tests, 6) if tests else 0.0}
+    return {
+        "naive_test_samples": tests,
+        "naive_test_with_train_near_duplicate": leaked,
+        "naive_leakage_fraction": round(leaked / tests, 6) if tests else 0.0,
+    }
 
 
 def _mark(d: Decisions, cols: dict, dup: dict[int, int], reason: str) -> None:
@@ -159,19 +162,25 @@ def _mark(d: Decisions, cols: dict, dup: dict[int, int], reason: str) -> None:
         d.reason[later], d.duplicate_of[later] = reason, cols["key"][kept]
 
 
-def decide(cols: dict, mode: str, *, radius: int, caption_dedup: bool, threshold: float,
-           train: float, val: float) -> Decisions:
+def decide(
+    cols: dict, mode: str, *, radius: int, caption_dedup: bool, threshold: float, train: float, val: float
+) -> Decisions:
     """Every row's fate. `cols` are in canonical order (as stream.examine returns them), and
     `cols["reason"]` holds the per-sample filters' verdicts ("" = passed)."""
     if np.any(np.diff(np.asarray(cols["order"])) <= 0):
         raise ValueError("dedup.decide needs the rows in canonical order (stream.examine sorts them)")
     n = len(cols["key"])
     d = Decisions(
-        reason=np.array(cols["reason"], dtype=object, copy=True), duplicate_of=np.full(n, "", object),
-        hamming=np.full(n, -1, np.int16), caption_jaccard=np.full(n, np.nan, np.float32), split=np.full(n, "", object),
+        reason=np.array(cols["reason"], dtype=object, copy=True),
+        duplicate_of=np.full(n, "", object),
+        hamming=np.full(n, -1, np.int16),
+        caption_jaccard=np.full(n, np.nan, np.float32),
+        split=np.full(n, "", object),
     )
     # Each passing sample's split by its content: what a naive split gives it, and what it gets if kept.
-    splits = np.array([split_of(cid, train, val) if not r else "" for cid, r in zip(cols["content_id"], d.reason)], object)
+    splits = np.array(
+        [split_of(cid, train, val) if not r else "" for cid, r in zip(cols["content_id"], d.reason)], object
+    )
     if mode != "none":
         _exact(cols, d)
         alive = np.array([not r for r in d.reason], bool)

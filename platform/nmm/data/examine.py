@@ -30,8 +30,23 @@ class Settings:
     signatures: bool = True  # perceptual hash and MinHash (near dedup, leakage)
 
 
-COLUMNS = ("order", "source", "key", "reason", "detail", "content_id", "pixel_std", "words", "phash",
-           "minhash", "pixels", "has_pixels", "captions", "label", "scene")
+COLUMNS = (
+    "order",
+    "source",
+    "key",
+    "reason",
+    "detail",
+    "content_id",
+    "pixel_std",
+    "words",
+    "phash",
+    "minhash",
+    "pixels",
+    "has_pixels",
+    "captions",
+    "label",
+    "scene",
+)
 
 
 BLOCK = 256  # a unit's batch grows by this many rows (doubling)
@@ -39,33 +54,47 @@ BLOCK = 256  # a unit's batch grows by this many rows (doubling)
 
 def _empty(n: int, s: Settings) -> dict[str, np.ndarray]:
     return {
-        "order": np.zeros(n, np.int64), "source": np.empty(n, object), "key": np.empty(n, object),
-        "reason": np.full(n, "", object), "detail": np.full(n, "", object), "content_id": np.full(n, "", object),
-        "pixel_std": np.full(n, np.nan, np.float32), "words": np.zeros(n, np.int32), "phash": np.zeros(n, np.uint64),
+        "order": np.zeros(n, np.int64),
+        "source": np.empty(n, object),
+        "key": np.empty(n, object),
+        "reason": np.full(n, "", object),
+        "detail": np.full(n, "", object),
+        "content_id": np.full(n, "", object),
+        "pixel_std": np.full(n, np.nan, np.float32),
+        "words": np.zeros(n, np.int32),
+        "phash": np.zeros(n, np.uint64),
         "minhash": np.zeros((n, signatures.NUM_PERM), np.uint64),
-        "pixels": np.zeros((n, s.side, s.side, s.channels), np.uint8), "has_pixels": np.zeros(n, bool),
+        "pixels": np.zeros((n, s.side, s.side, s.channels), np.uint8),
+        "has_pixels": np.zeros(n, bool),
         "captions": np.full(n, "[]", object),
-        "label": np.full(n, -1, np.int64), "scene": np.full(n, "", object),
+        "label": np.full(n, -1, np.int64),
+        "scene": np.full(n, "", object),
     }
 
 
 def _missing_truth(d: userdata.Decoded, truth: str | None) -> str | None:
     if truth == "digits" and not 0 <= d.label <= 9:
-        return "no digit label 0-9 (`.cls`, or \"label\" in the .json)"
+        return 'no digit label 0-9 (`.cls`, or "label" in the .json)'
     if truth == "shapes":
         if d.scene is None:
-            return "no \"scene\" in the .json"
+            return 'no "scene" in the .json'
         from nmm.data import shapes
 
         try:
             shapes.check_scene(d.scene)
         except ValueError as exc:
-            return f"the .json's \"scene\" is not a shapes scene: {str(exc)[:120]}"
+            return f'the .json\'s "scene" is not a shapes scene: {str(exc)[:120]}'
     return None
 
 
-def fill(out: dict[str, np.ndarray], i: int, d: userdata.Decoded | userdata.Rejected, s: Settings, raw: bytes,
-         content_id: str | None = None) -> None:
+def fill(
+    out: dict[str, np.ndarray],
+    i: int,
+    d: userdata.Decoded | userdata.Rejected,
+    s: Settings,
+    raw: bytes,
+    content_id: str | None = None,
+) -> None:
     """Row i of a batch from one decoded (or rejected) sample. Its content id: the hash of its
     decoded 8-bit pixels (of the raw bytes when it did not decode), unless given."""
     if isinstance(d, userdata.Rejected):
@@ -114,8 +143,15 @@ def examine_unit(unit: Unit, s: Settings) -> dict[str, np.ndarray]:
     return {c: v[:n] for c, v in out.items()}
 
 
-def examine_builtin(name: str, index: int, images: np.ndarray, captions: list[list[str]], labels: np.ndarray,
-                    scenes: list[dict] | None, s: Settings) -> dict[str, np.ndarray]:
+def examine_builtin(
+    name: str,
+    index: int,
+    images: np.ndarray,
+    captions: list[list[str]],
+    labels: np.ndarray,
+    scenes: list[dict] | None,
+    s: Settings,
+) -> dict[str, np.ndarray]:
     """A built-in source's samples (already at the model's size), as one batch: no decoding or
     filtering (they are clean by construction), the same hashes and signatures. Their content ids
     stay nmm 0.1's (the hash of their float32 pixels), so their splits are what they were."""
@@ -124,8 +160,14 @@ def examine_builtin(name: str, index: int, images: np.ndarray, captions: list[li
     for i in range(len(images)):
         out["order"][i] = (index << 24) | i
         out["source"][i], out["key"][i] = name, f"{name}-{i:08d}"
-        d = userdata.Decoded(out["key"][i], images[i], captions[i][0], tuple(captions[i]), int(labels[i]),
-                             scenes[i] if scenes is not None else None, {"pixel_std": float(images[i].std()),
-                                                                         "words": len(captions[i][0].split())})
+        d = userdata.Decoded(
+            out["key"][i],
+            images[i],
+            captions[i][0],
+            tuple(captions[i]),
+            int(labels[i]),
+            scenes[i] if scenes is not None else None,
+            {"pixel_std": float(images[i].std()), "words": len(captions[i][0].split())},
+        )
         fill(out, i, d, s, b"", ids[i])
     return out

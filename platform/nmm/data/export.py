@@ -3,7 +3,8 @@ to nmm (`nmm data export`), and the fixtures the curation tests read.
 
 Each shard `shard-000000.tar` holds, per sample, `<key>.png` (8-bit grey or RGB, as the source's
 channels) and `<key>.json` (`{"caption": …, "captions": [...]}`, plus the ground-truth `scene` of a
-shapes sample, or the `label` of a digit). Keys are `<source>-<index>`, members sorted, tar headers fixed (mtime 0, uid 0):
+shapes sample, or the `label` of a digit). Keys are `<source>-<index>`, members sorted, tar headers
+fixed (mtime 0, uid 0):
 the same source and options give byte-identical shards.
 """
 

@@ -41,23 +41,57 @@ class SourceKind:
     check: str = ""  # "module:attribute" (source) -> None, ValueError naming the option: its own options' checks
 
 
-SOURCE_KINDS: dict[str, SourceKind] = {k.name: k for k in (
-    SourceKind("digits", "scikit-learn's 1,797 real 8×8 handwritten digits", built_in=True,
-               load="nmm.data.sources:load_digits_source", side=DIGITS_SIDE, channels=1),
-    SourceKind("shapes", "procedural GenEval-style scenes of coloured shapes, with captions and VQA pairs",
-               built_in=True, load="nmm.data.sources:render_shapes_source", channels=3, min_side=24,
-               check="nmm.data.shapes:check_source"),
-    SourceKind("webdataset", "WebDataset tar shards: <key>.jpg|png|webp + <key>.txt or .json", built_in=False,
-               suffixes=(".tar",), objects=".tar shards", units="nmm.data.readers:grouped_units",
-               read="nmm.data.readers:read_tar",
-               hint=" (write some with `nmm data export --source digits --format webdataset --out …`)"),
-    SourceKind("parquet", "Parquet files of image bytes and captions (`columns`)", built_in=False,
-               suffixes=(".parquet",), objects=".parquet files", units="nmm.data.readers:grouped_units",
-               read="nmm.data.readers:read_parquet"),
-    SourceKind("folder", "a folder of images with captions.jsonl or a .txt beside each", built_in=False,
-               suffixes=(*IMAGE_SUFFIXES, ".txt", ".jsonl"), objects="images", units="nmm.data.readers:folder_units",
-               read="nmm.data.readers:read_folder_image", folder=True),
-)}
+SOURCE_KINDS: dict[str, SourceKind] = {
+    k.name: k
+    for k in (
+        SourceKind(
+            "digits",
+            "scikit-learn's 1,797 real 8×8 handwritten digits",
+            built_in=True,
+            load="nmm.data.sources:load_digits_source",
+            side=DIGITS_SIDE,
+            channels=1,
+        ),
+        SourceKind(
+            "shapes",
+            "procedural GenEval-style scenes of coloured shapes, with captions and VQA pairs",
+            built_in=True,
+            load="nmm.data.sources:render_shapes_source",
+            channels=3,
+            min_side=24,
+            check="nmm.data.shapes:check_source",
+        ),
+        SourceKind(
+            "webdataset",
+            "WebDataset tar shards: <key>.jpg|png|webp + <key>.txt or .json",
+            built_in=False,
+            suffixes=(".tar",),
+            objects=".tar shards",
+            units="nmm.data.readers:grouped_units",
+            read="nmm.data.readers:read_tar",
+            hint=" (write some with `nmm data export --source digits --format webdataset --out …`)",
+        ),
+        SourceKind(
+            "parquet",
+            "Parquet files of image bytes and captions (`columns`)",
+            built_in=False,
+            suffixes=(".parquet",),
+            objects=".parquet files",
+            units="nmm.data.readers:grouped_units",
+            read="nmm.data.readers:read_parquet",
+        ),
+        SourceKind(
+            "folder",
+            "a folder of images with captions.jsonl or a .txt beside each",
+            built_in=False,
+            suffixes=(*IMAGE_SUFFIXES, ".txt", ".jsonl"),
+            objects="images",
+            units="nmm.data.readers:folder_units",
+            read="nmm.data.readers:read_folder_image",
+            folder=True,
+        ),
+    )
+}
 BUILT_IN = tuple(k for k, v in SOURCE_KINDS.items() if v.built_in)
 YOURS = tuple(k for k, v in SOURCE_KINDS.items() if not v.built_in)
 

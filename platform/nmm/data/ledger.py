@@ -10,11 +10,28 @@ from collections import Counter
 
 import numpy as np
 
-REASONS = ("decode_error", "too_large", "too_small", "bad_aspect", "blank_image", "caption_empty", "caption_length",
-           "exact_duplicate", "near_duplicate", "caption_near_duplicate", "low_alignment_score",
-           "over_limit")  # over_limit: past its source's `limit` (kept otherwise)
+REASONS = (
+    "decode_error",
+    "too_large",
+    "too_small",
+    "bad_aspect",
+    "blank_image",
+    "caption_empty",
+    "caption_length",
+    "exact_duplicate",
+    "near_duplicate",
+    "caption_near_duplicate",
+    "low_alignment_score",
+    "over_limit",
+)  # over_limit: past its source's `limit` (kept otherwise)
 FILE = "ledger.parquet"
-SIGNED = ("exact_duplicate", "near_duplicate", "caption_near_duplicate", "low_alignment_score", "over_limit")  # decoded rows
+SIGNED = (
+    "exact_duplicate",
+    "near_duplicate",
+    "caption_near_duplicate",
+    "low_alignment_score",
+    "over_limit",
+)  # decoded rows
 
 
 def table(cols: dict, decisions, alignment: np.ndarray | None = None):
@@ -22,8 +39,8 @@ def table(cols: dict, decisions, alignment: np.ndarray | None = None):
     import pyarrow as pa
 
     reason = list(decisions.reason)
-    optional = lambda xs: [x or None for x in xs]  # noqa: E731  ("" is no value)
-    score = lambda xs: [None if np.isnan(x) else round(float(x), 6) for x in xs]  # noqa: E731
+    optional = lambda xs: [x or None for x in xs]
+    score = lambda xs: [None if np.isnan(x) else round(float(x), 6) for x in xs]
     data = {
         "source": pa.array(list(cols["source"]), pa.string()),
         "key": pa.array(list(cols["key"]), pa.string()),
@@ -35,8 +52,10 @@ def table(cols: dict, decisions, alignment: np.ndarray | None = None):
         "split": pa.array(optional(decisions.split), pa.string()),
         "pixel_std": pa.array(score(cols["pixel_std"]), pa.float64()),
         "caption_words": pa.array([int(x) for x in cols["words"]], pa.int32()),
-        "phash": pa.array([f"{int(h):016x}" if not r or r in SIGNED else None
-                           for h, r in zip(np.asarray(cols["phash"]), reason)], pa.string()),
+        "phash": pa.array(
+            [f"{int(h):016x}" if not r or r in SIGNED else None for h, r in zip(np.asarray(cols["phash"]), reason)],
+            pa.string(),
+        ),
         "hamming": pa.array([None if h < 0 else int(h) for h in decisions.hamming], pa.int16()),
         "caption_jaccard": pa.array(score(decisions.caption_jaccard), pa.float64()),
         "alignment_score": pa.array([None] * len(reason) if alignment is None else score(alignment), pa.float64()),
@@ -63,8 +82,12 @@ def counts(tbl) -> dict:
     reasons = tbl.column("reason").to_pylist()
     sources = tbl.column("source").to_pylist()
     by_reason = Counter(r for r in reasons if r)
-    out = {"kept": sum(1 for r in reasons if not r), "dropped": sum(by_reason.values()),
-           "dropped_by_reason": {r: by_reason.get(r, 0) for r in REASONS}, "sources": {}}
+    out = {
+        "kept": sum(1 for r in reasons if not r),
+        "dropped": sum(by_reason.values()),
+        "dropped_by_reason": {r: by_reason.get(r, 0) for r in REASONS},
+        "sources": {},
+    }
     for name in sorted(set(sources)):
         mine = [r for r, s in zip(reasons, sources) if s == name]
         out["sources"][name] = {"samples": len(mine), "kept": sum(1 for r in mine if not r)}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 from nmm import storage
 from nmm.data import kinds
@@ -123,6 +123,8 @@ def find(kind: str, name: str, uri: str) -> list[ObjectInfo]:
     if not found:
         raise SourceError(f"data.sources[{name}].uri: {uri!r} matches no {info.objects}{info.hint}")
     if missing:  # a brace range names every object it means: one missing is a typo or lost data, not nothing
-        raise SourceError(f"data.sources[{name}].uri: {uri!r} names {missing[0]}, which does not exist"
-                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise SourceError(
+            f"data.sources[{name}].uri: {uri!r} names {missing[0]}, which does not exist"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
     return [found[k] for k in sorted(found)]

@@ -40,21 +40,33 @@ def _transform(batch: dict, vq_bytes: bytes, text_bytes: bytes) -> dict:
     return {"index": batch["index"], "codes": codes, "text": np.asarray(ids)}
 
 
-def tokenize_samples(images: np.ndarray, texts: list[list[str]], vq_bytes: bytes, text_bytes: bytes, *,
-                     engine: str = "ray", batch_size: int = 256):
+def tokenize_samples(
+    images: np.ndarray,
+    texts: list[list[str]],
+    vq_bytes: bytes,
+    text_bytes: bytes,
+    *,
+    engine: str = "ray",
+    batch_size: int = 256,
+):
     """Returns (codes (N, P) int32, per-image list of token-id lists, one per text).
 
     `engine="loop"` runs the same transform over the same batches in this process (for inputs so
     small that Ray's start-up would dominate); both give the same arrays."""
-    items = {"index": np.arange(len(images)), "image": images,
-             "captions": np.asarray([json.dumps(t) for t in texts], dtype=object)}
+    items = {
+        "index": np.arange(len(images)),
+        "image": images,
+        "captions": np.asarray([json.dumps(t) for t in texts], dtype=object),
+    }
     if engine == "loop":
-        out = [_transform({k: v[i:i + batch_size] for k, v in items.items()}, vq_bytes, text_bytes)
-               for i in range(0, len(images), batch_size)]
+        out = [
+            _transform({k: v[i : i + batch_size] for k, v in items.items()}, vq_bytes, text_bytes)
+            for i in range(0, len(images), batch_size)
+        ]
         codes = np.concatenate([b["codes"] for b in out]) if out else np.zeros((0, 0))
         text = [str(t) for b in out for t in b["text"]]
         return codes.astype(np.int32), [json.loads(t) for t in text]
-    ray = init_ray()
+    init_ray()
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -62,8 +74,9 @@ def tokenize_samples(images: np.ndarray, texts: list[list[str]], vq_bytes: bytes
     ctx.enable_progress_bars = False
 
     rows = [{"index": i, "image": images[i], "captions": items["captions"][i]} for i in range(len(images))]
-    ds = ray.data.from_items(rows).map_batches(_transform, fn_args=(vq_bytes, text_bytes), batch_format="numpy",
-                                                batch_size=batch_size)
+    ds = ray.data.from_items(rows).map_batches(
+        _transform, fn_args=(vq_bytes, text_bytes), batch_format="numpy", batch_size=batch_size
+    )
     done = sorted(ds.take_all(), key=lambda r: int(r["index"]))
     codes = np.stack([r["codes"] for r in done]).astype(np.int32)
     return codes, [json.loads(str(r["text"])) for r in done]

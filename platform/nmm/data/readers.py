@@ -18,13 +18,12 @@ symlink) outside its source's root is refused. Each is a ledger row with its rea
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Iterator
 
 from nmm import storage
-from nmm.data import userdata
-from nmm.data import kinds
+from nmm.data import kinds, userdata
 from nmm.data.kinds import IMAGE_SUFFIXES
 from nmm.data.locate import find, source_root
 
@@ -72,8 +71,9 @@ def units(src, start: int = 0) -> tuple[list[Unit], list[tuple[str, int, str]]]:
 def grouped_units(src, objects, start: int, root: str) -> list[Unit]:
     """Consecutive objects (tars, Parquet files), UNIT_BYTES or less a unit."""
     cols = (src.columns.image, src.columns.caption)
-    return [Unit(start + i, src.label, src.kind, group, columns=cols, root=root)
-            for i, group in enumerate(_groups(objects))]
+    return [
+        Unit(start + i, src.label, src.kind, group, columns=cols, root=root) for i, group in enumerate(_groups(objects))
+    ]
 
 
 def folder_units(src, objects, start: int, root: str) -> list[Unit]:
@@ -86,9 +86,10 @@ def folder_units(src, objects, start: int, root: str) -> list[Unit]:
         if u not in records and txt in texts:
             records[u] = txt
     chunks = [tuple(images[i : i + FOLDER_CHUNK]) for i in range(0, len(images), FOLDER_CHUNK)]
-    return [Unit(start + i, src.label, src.kind, c, {u: records[u] for u in c if u in records}, root=root)
-            for i, c in enumerate(chunks)]
-
+    return [
+        Unit(start + i, src.label, src.kind, c, {u: records[u] for u in c if u in records}, root=root)
+        for i, c in enumerate(chunks)
+    ]
 
 
 def _groups(objects) -> list[tuple[str, ...]]:
@@ -111,12 +112,15 @@ def _name(uri: str) -> str:
 def _outside(unit: Unit, uri: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """A refused sample when `uri` resolves (through a symlink) outside the source's root."""
     if unit.root and not storage.resolves_within(uri, unit.root):
-        yield f"{_name(uri)}#outside", userdata.refused("decode_error", f"{_name(uri)} resolves outside the source's folder")
+        yield (
+            f"{_name(uri)}#outside",
+            userdata.refused("decode_error", f"{_name(uri)} resolves outside the source's folder"),
+        )
 
 
 def read_tar(unit: Unit, uri: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """A WebDataset tar's samples, streamed member by member."""
-    if (refused := list(_outside(unit, uri))):
+    if refused := list(_outside(unit, uri)):
         yield from refused
         return
     with storage.open_read(uri) as (shard, _):  # a store that fails here is retryable (StorageError), not bad data
@@ -130,7 +134,7 @@ def read_parquet(unit: Unit, uri: str) -> Iterator[tuple[str, dict[str, bytes]]]
     file's metadata, row by row, unread."""
     import pyarrow.parquet as pq
 
-    if (refused := list(_outside(unit, uri))):
+    if refused := list(_outside(unit, uri)):
         yield from refused
         return
 
@@ -152,10 +156,15 @@ def read_parquet(unit: Unit, uri: str) -> Iterator[tuple[str, dict[str, bytes]]]
         at = 0
         for g in range(pf.metadata.num_row_groups):
             meta = pf.metadata.row_group(g)
-            size = sum(meta.column(c).total_uncompressed_size for c in range(meta.num_columns)
-                       if meta.column(c).path_in_schema.split(".")[0] == image_col)
+            size = sum(
+                meta.column(c).total_uncompressed_size
+                for c in range(meta.num_columns)
+                if meta.column(c).path_in_schema.split(".")[0] == image_col
+            )
             if size > MAX_ROW_GROUP_BYTES:
-                detail = f"row group {g}: its {image_col!r} column is {size} bytes decompressed, over {MAX_ROW_GROUP_BYTES}"
+                detail = (
+                    f"row group {g}: its {image_col!r} column is {size} bytes decompressed, over {MAX_ROW_GROUP_BYTES}"
+                )
                 for i in range(meta.num_rows):
                     yield f"{_name(uri)}/{at + i:08d}", userdata.refused("too_large", detail)
             else:
@@ -176,7 +185,11 @@ def _rows(table, uri: str, image_col: str, caption_col: str, at: int) -> Iterato
     images = table.column(image_col).to_pylist()
     captions = table.column(caption_col).to_pylist()
     labels = table.column("label").to_pylist() if "label" in table.column_names else [None] * len(images)
-    keys = table.column("key").to_pylist() if "key" in table.column_names else [f"{at + i:08d}" for i in range(len(images))]
+    keys = (
+        table.column("key").to_pylist()
+        if "key" in table.column_names
+        else [f"{at + i:08d}" for i in range(len(images))]
+    )
     for key, image, caption, label in zip(keys, images, captions, labels):
         parts: dict[str, bytes] = {}
         if isinstance(image, dict):  # Hugging Face's image struct {bytes, path}
@@ -199,10 +212,16 @@ def read_folder_image(unit: Unit, uri: str) -> Iterator[tuple[str, dict[str, byt
     stem, _, ext = uri.rpartition(".")
     key = "/".join(stem.rsplit("/", 2)[-2:])
     caption = unit.captions.get(uri)
-    outside = [u for u in (uri, caption if isinstance(caption, str) else None)
-               if u is not None and unit.root and not storage.resolves_within(u, unit.root)]
+    outside = [
+        u
+        for u in (uri, caption if isinstance(caption, str) else None)
+        if u is not None and unit.root and not storage.resolves_within(u, unit.root)
+    ]
     if outside:
-        yield key, userdata.refused("decode_error", f"{_name(outside[0])} resolves outside the source's folder (a symlink)")
+        yield (
+            key,
+            userdata.refused("decode_error", f"{_name(outside[0])} resolves outside the source's folder (a symlink)"),
+        )
         return
     try:
         parts = {ext.lower(): storage.read_bytes(uri, max_bytes=userdata.MAX_PART_BYTES)}

@@ -27,8 +27,8 @@ instruction between image and answer); a VQA question comes after the image, as 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -43,8 +43,16 @@ INSTRUCTIONS = {
 
 # What people write to ask for a caption beside the trained paraphrases (OpenAI's vision guide asks
 # "What's in this image?"): each is laid out as the caption prompt, never as a question.
-CAPTION_ASKS = ("describe this image", "what is in this image", "what is in the image", "whats in this image",
-                "what does the image show", "what does this image show", "caption the image", "describe the picture")
+CAPTION_ASKS = (
+    "describe this image",
+    "what is in this image",
+    "what is in the image",
+    "whats in this image",
+    "what does the image show",
+    "what does this image show",
+    "caption the image",
+    "describe the picture",
+)
 
 
 def _plain_words(text: str) -> str:
@@ -68,8 +76,7 @@ def instruction_texts(captions: int = 1) -> list[str]:
     (Weighted higher, the instructions take the merges the captions need: at 4× this weight a
     128-entry BPE over the digits' captions lost " 3", " 7", … as single tokens.)"""
     uses = len(TASKS) * len(STYLES)
-    return [t for texts in INSTRUCTIONS.values() for t in texts
-            for _ in range(max(1, captions // (len(texts) * uses)))]
+    return [t for texts in INSTRUCTIONS.values() for t in texts for _ in range(max(1, captions // (len(texts) * uses)))]
 
 
 @dataclass(frozen=True)
@@ -83,7 +90,7 @@ class Prompts:
     plans: bool = False  # a drawing starts with its plan in words, then <boi> (the model writes both)
 
     @classmethod
-    def of(cls, vocab: SharedVocab, style: str, encode: Callable[[str], list[int]], plans: bool = False) -> "Prompts":
+    def of(cls, vocab: SharedVocab, style: str, encode: Callable[[str], list[int]], plans: bool = False) -> Prompts:
         if style not in STYLES:
             raise ValueError(f"prompt style {style!r}: expected one of {', '.join(STYLES)}")
         instructions = {k: tuple(tuple(encode(t)) for t in texts) for k, texts in INSTRUCTIONS.items()}
@@ -118,8 +125,9 @@ class Prompts:
             return [BOS, *t, *opened]
         return [BOS, USER, *self._instruction("draw", k), *t, ASSISTANT, *opened]
 
-    def row(self, codes: np.ndarray, text_local: list[int], task: str, k: int = 0,
-            plan_local: list[int] = ()) -> tuple[list[int], list[int]]:
+    def row(
+        self, codes: np.ndarray, text_local: list[int], task: str, k: int = 0, plan_local: list[int] = ()
+    ) -> tuple[list[int], list[int]]:
         """A training row of `task` (m2t: caption the image; m2g: draw the caption, after
         `plan_local`, the image's plan, when the prompts have plans)."""
         if task == "m2t":
@@ -130,7 +138,9 @@ class Prompts:
             prompt, target = self.draw(text_local, k), plan + image
         return prompt + target, [0] * len(prompt) + [1] * len(target)
 
-    def vqa_row(self, codes: np.ndarray, question_local: list[int], answer_local: list[int]) -> tuple[list[int], list[int]]:
+    def vqa_row(
+        self, codes: np.ndarray, question_local: list[int], answer_local: list[int]
+    ) -> tuple[list[int], list[int]]:
         prompt = self.question(codes, question_local)
         target = [*self.vocab.text_ids(answer_local), EOS]
         return prompt + target, [0] * len(prompt) + [1] * len(target)

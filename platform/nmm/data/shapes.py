@@ -8,8 +8,8 @@ drives rendering, captions, VQA pairs and the judge's expectations.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -113,14 +113,18 @@ def _article(word: str) -> str:
 def make_scene(task: str, rng: np.random.Generator, image_size: int) -> Scene:
     size = max(6, image_size // 4)
     colours, shapes = list(COLOURS), list(SHAPES)
-    pick = lambda seq: seq[int(rng.integers(len(seq)))]  # noqa: E731
+    pick = lambda seq: seq[int(rng.integers(len(seq)))]
     if task == "single_object":
         s = pick(shapes)
         spec, prompt, rel = [{"shape": s, "count": 1}], f"a photo of {_article(s)} {s}", None
         objs = [(s, pick(colours))]
     elif task == "two_object":
         a, b = rng.choice(shapes, 2, replace=False)
-        spec, prompt, rel = [{"shape": a, "count": 1}, {"shape": b, "count": 1}], f"a photo of {_article(a)} {a} and {_article(b)} {b}", None
+        spec, prompt, rel = (
+            [{"shape": a, "count": 1}, {"shape": b, "count": 1}],
+            f"a photo of {_article(a)} {a} and {_article(b)} {b}",
+            None,
+        )
         objs = [(a, pick(colours)), (b, pick(colours))]
     elif task == "counting":
         s, n = pick(shapes), int(rng.integers(2, 5))
@@ -134,7 +138,10 @@ def make_scene(task: str, rng: np.random.Generator, image_size: int) -> Scene:
     elif task == "position":
         a, b = rng.choice(shapes, 2, replace=False)
         rel = pick(list(RELATIONS))
-        spec, prompt = [{"shape": a, "count": 1}, {"shape": b, "count": 1}], f"a photo of {_article(a)} {a} {rel} {_article(b)} {b}"
+        spec, prompt = (
+            [{"shape": a, "count": 1}, {"shape": b, "count": 1}],
+            f"a photo of {_article(a)} {a} {rel} {_article(b)} {b}",
+        )
         objs = [(a, pick(colours)), (b, pick(colours))]
     elif task == "color_attr":
         a, b = rng.choice(shapes, 2, replace=False)
@@ -230,7 +237,8 @@ def vqa_pairs(scene: Scene, rng: np.random.Generator, grounded_on: int | None = 
             work = ""  # grounded: the places on this axis and the relation that holds there
             if grounded_on is not None:
                 shown = next((r for r in axis if relation_holds(a.box, b.box, r)), "level")
-                work = f"{a.shape} {coordinate(a, grounded_on, name)} {b.shape} {coordinate(b, grounded_on, name)} {shown} "
+                places = f"{a.shape} {coordinate(a, grounded_on, name)} {b.shape} {coordinate(b, grounded_on, name)}"
+                work = f"{places} {shown} "
             for rel in (drawn,) if grounded_on is None else (drawn, INVERSE[drawn]):
                 answer = "yes" if relation_holds(a.box, b.box, rel) else "no"
                 pairs.append((f"is the {a.shape} {rel} the {b.shape}?", work + answer, "position"))
@@ -242,8 +250,15 @@ def vqa_pairs(scene: Scene, rng: np.random.Generator, grounded_on: int | None = 
         pairs.append((f"is there {_article(s)} {s}?", "no", "exists"))
     if grounded_on is not None:
         named = [o.shape for o in objs]
-        pairs += [(f"where is the {o.shape}?", f"{o.shape} {coordinate(o, grounded_on, 'x')} {coordinate(o, grounded_on, 'y')}",
-                   "place") for o in objs if named.count(o.shape) == 1]
+        pairs += [
+            (
+                f"where is the {o.shape}?",
+                f"{o.shape} {coordinate(o, grounded_on, 'x')} {coordinate(o, grounded_on, 'y')}",
+                "place",
+            )
+            for o in objs
+            if named.count(o.shape) == 1
+        ]
     return pairs
 
 
@@ -272,8 +287,10 @@ def check_scene(d) -> None:
             raise ValueError("each object has exactly shape, colour, cx, cy, size")
         if o["shape"] not in SHAPES or o["colour"] not in COLOURS:
             raise ValueError(f"unknown shape or colour {o['shape']!r}, {o['colour']!r}")
-        if not all(isinstance(o[k], (int, float)) and not isinstance(o[k], bool) and 0 <= o[k] <= 4096
-                   for k in ("cx", "cy", "size")):
+        if not all(
+            isinstance(o[k], (int, float)) and not isinstance(o[k], bool) and 0 <= o[k] <= 4096
+            for k in ("cx", "cy", "size")
+        ):
             raise ValueError("cx, cy, size are numbers in 0..4096")
 
 
@@ -291,21 +308,25 @@ INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "belo
 
 
 def parse_colour_shape(text: str) -> tuple[str, str]:
-    """"red circle" → ("red", "circle"); ValueError naming what is known otherwise."""
+    """ "red circle" → ("red", "circle"); ValueError naming what is known otherwise."""
     words = text.split()
     if len(words) != 2 or words[0] not in COLOURS or words[1] not in SHAPES:
-        raise ValueError(f"{text!r}: expected '<colour> <shape>', a colour of {list(COLOURS)} and a shape of {list(SHAPES)}")
+        raise ValueError(
+            f"{text!r}: expected '<colour> <shape>', a colour of {list(COLOURS)} and a shape of {list(SHAPES)}"
+        )
     return words[0], words[1]
 
 
 def parse_position_pair(text: str) -> tuple[str, str, str]:
-    """"circle left of square" → ("circle", "left of", "square")."""
+    """ "circle left of square" → ("circle", "left of", "square")."""
     for rel in RELATIONS:
         a, sep, b = text.partition(f" {rel} ")
         if sep and a in SHAPES and b in SHAPES and a != b:
             return a, rel, b
-    raise ValueError(f"{text!r}: expected '<shape> <relation> <other shape>', shapes of {list(SHAPES)}, "
-                     f"relations of {list(RELATIONS)}")
+    raise ValueError(
+        f"{text!r}: expected '<shape> <relation> <other shape>', shapes of {list(SHAPES)}, "
+        f"relations of {list(RELATIONS)}"
+    )
 
 
 def held_out(scene: dict, colour_shape: set[tuple[str, str]], position_pairs: set[tuple[str, str, str]]) -> bool:
@@ -332,8 +353,10 @@ def check_source(src) -> None:
     colours, shapes and relations the scenes have."""
     if src.held_out is None:
         return
-    for name, alias, parse in (("colour_shape", "colourShape", parse_colour_shape),
-                               ("position_pairs", "positionPairs", parse_position_pair)):
+    for name, alias, parse in (
+        ("colour_shape", "colourShape", parse_colour_shape),
+        ("position_pairs", "positionPairs", parse_position_pair),
+    ):
         for text in getattr(src.held_out, name):
             try:
                 parse(text)

@@ -31,9 +31,9 @@ class SourceData:
     scenes: list[dict] | None = None
     vqa: list[list[tuple[str, str, str]]] | None = None
 
-    def subset(self, idx) -> "SourceData":
+    def subset(self, idx) -> SourceData:
         idx = [int(i) for i in idx]
-        pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
+        pick = lambda xs: None if xs is None else [xs[i] for i in idx]
         return SourceData(
             self.name, self.images[idx], self.labels[idx], pick(self.captions), pick(self.scenes), pick(self.vqa)
         )
@@ -56,10 +56,7 @@ def _pick(key: bytes, n: int, k: int) -> list[int]:
 
 
 def digit_captions(label: int, key: bytes, k: int) -> list[str]:
-    return [
-        DIGIT_TEMPLATES[i].format(d=label, w=DIGIT_WORDS[label])
-        for i in _pick(key, len(DIGIT_TEMPLATES), k)
-    ]
+    return [DIGIT_TEMPLATES[i].format(d=label, w=DIGIT_WORDS[label]) for i in _pick(key, len(DIGIT_TEMPLATES), k)]
 
 
 def digit_prompt(label: int, variant: int = 0) -> str:
@@ -83,14 +80,13 @@ def load_digits(captions_per_image: int) -> SourceData:
     d = sk_digits()
     images = (d.images.astype(np.float32) / 16.0)[..., None]
     labels = d.target.astype(np.int64)
-    caps = [
-        digit_captions(int(y), img.tobytes(), captions_per_image) for img, y in zip(images, labels)
-    ]
+    caps = [digit_captions(int(y), img.tobytes(), captions_per_image) for img, y in zip(images, labels)]
     return SourceData("digits", images, labels, caps)
 
 
-def load(kind: str, captions_per_image: int, samples: int, image_size: int, seed: int,
-         grounded_on: int | None = None) -> SourceData:
+def load(
+    kind: str, captions_per_image: int, samples: int, image_size: int, seed: int, grounded_on: int | None = None
+) -> SourceData:
     """A built-in source by name (nmm.data.kinds): its loader with the source's options."""
     from nmm.data import kinds
 
@@ -100,18 +96,22 @@ def load(kind: str, captions_per_image: int, samples: int, image_size: int, seed
     return kinds.resolve(info.load)(captions_per_image, samples, image_size, seed, grounded_on)
 
 
-def load_digits_source(captions_per_image: int, samples: int, image_size: int, seed: int,
-                       grounded_on: int | None) -> SourceData:
+def load_digits_source(
+    captions_per_image: int, samples: int, image_size: int, seed: int, grounded_on: int | None
+) -> SourceData:
     """`digits`: all of them (samples, size, seed and grounded answers are shapes' own)."""
     return load_digits(captions_per_image)
 
 
-def render_shapes_source(captions_per_image: int, samples: int, image_size: int, seed: int,
-                         grounded_on: int | None) -> SourceData:
+def render_shapes_source(
+    captions_per_image: int, samples: int, image_size: int, seed: int, grounded_on: int | None
+) -> SourceData:
     return render_shapes(samples, image_size, seed, captions_per_image, grounded_on)
 
 
-def render_shapes(samples: int, size: int, seed: int, captions_per_image: int, grounded_on: int | None = None) -> SourceData:
+def render_shapes(
+    samples: int, size: int, seed: int, captions_per_image: int, grounded_on: int | None = None
+) -> SourceData:
     """GenEval-style scenes (nmm.data.shapes): the six tasks in turn, with caption paraphrases,
     VQA pairs (`grounded_on`: grounded position answers, shapes.vqa_pairs) and each scene's ground truth."""
     from nmm.data import shapes

@@ -14,9 +14,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -50,7 +50,7 @@ class Examined:
 
 
 def _ray_batches(units: list[Unit], settings: Settings) -> Iterator[dict]:
-    ray = ray_transforms.init_ray()
+    ray_transforms.init_ray()
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -91,8 +91,14 @@ def _loop_batches(units: list[Unit], settings: Settings) -> Iterator[dict]:
         yield examine_unit(u, settings)
 
 
-def examine(units: list[Unit], settings: Settings, first: Iterable[dict] = (), *, engine: str = "ray",
-            workdir: str | None = None) -> Examined:
+def examine(
+    units: list[Unit],
+    settings: Settings,
+    first: Iterable[dict] = (),
+    *,
+    engine: str = "ray",
+    workdir: str | None = None,
+) -> Examined:
     """Examine every unit (after the `first` batches: built-in sources, examined already)."""
     shape = (settings.side, settings.side, settings.channels)
     spill_dir = Path(tempfile.mkdtemp(prefix="nmm-curate-", dir=workdir))

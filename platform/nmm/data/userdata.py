@@ -11,8 +11,9 @@ import io
 import json
 import tarfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 import numpy as np
 
@@ -85,7 +86,9 @@ def samples(shard: BinaryIO, name: str, max_part: int = MAX_PART_BYTES) -> Itera
                 if "error" in parts:
                     continue  # the sample is refused already: skip the rest of its parts unread
                 if member.issparse():
-                    parts = refused("decode_error", f"{member.name}: a sparse tar member (declares {member.size} bytes)")
+                    parts = refused(
+                        "decode_error", f"{member.name}: a sparse tar member (declares {member.size} bytes)"
+                    )
                     continue
                 if member.size > max_part:
                     parts = refused("too_large", f"{member.name}: {member.size} bytes, over the {max_part}-byte limit")
@@ -137,8 +140,9 @@ def _truth(record: dict) -> tuple[int, dict | None]:
     return (label if 0 <= label < 1_000_000 else -1), (scene if isinstance(scene, dict) else None)
 
 
-def decode_image(data: bytes, channels: int, size: int, limits: Limits,
-                 formats: tuple[str, ...] | None = None) -> np.ndarray | tuple[str, str]:
+def decode_image(
+    data: bytes, channels: int, size: int, limits: Limits, formats: tuple[str, ...] | None = None
+) -> np.ndarray | tuple[str, str]:
     """Image bytes → (size, size, channels) float32 in [0, 1], resized and centre-cropped; or
     (reason, detail) when they are not a usable image. `formats`: the only Pillow formats tried
     (None: any). Never raises for bad bytes."""
@@ -166,7 +170,9 @@ def decode_image(data: bytes, channels: int, size: int, limits: Limits,
     return pixels[..., None] if channels == 1 else pixels
 
 
-def decode(key: str, parts: dict[str, bytes], channels: int, size: int, limits: Limits = Limits()) -> Decoded | Rejected:
+def decode(
+    key: str, parts: dict[str, bytes], channels: int, size: int, limits: Limits = Limits()
+) -> Decoded | Rejected:
     """One sample: its image resized and centre-cropped to `size` (grey for 1 channel, else RGB)
     and its caption, or why it is dropped."""
     record = record_of(parts)

@@ -6,9 +6,9 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 
 @dataclass
@@ -37,7 +37,9 @@ def _kill(group: list[Launched], sig: int) -> None:
                 pass
 
 
-def wait_all(group: list[Launched], deadline_s: float | None, on_tick: Callable[[], None] | None = None) -> dict[str, int]:
+def wait_all(
+    group: list[Launched], deadline_s: float | None, on_tick: Callable[[], None] | None = None
+) -> dict[str, int]:
     """Wait for every process; stop all of them when one fails (a failed replica fails the job)
     or the deadline passes (exit code 124). Returns name → exit code."""
     start = time.monotonic()

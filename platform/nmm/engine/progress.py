@@ -8,7 +8,15 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-STYLE = {"Pending": "dim", "Running": "cyan", "Succeeded": "green", "Failed": "red", "Skipped": "yellow", "Omitted": "dim", "Error": "red"}
+STYLE = {
+    "Pending": "dim",
+    "Running": "cyan",
+    "Succeeded": "green",
+    "Failed": "red",
+    "Skipped": "yellow",
+    "Omitted": "dim",
+    "Error": "red",
+}
 
 
 class Progress:
@@ -16,7 +24,11 @@ class Progress:
         self.console = console or Console(stderr=True)
         self.name = workflow_name
         self.rows = {s: {"phase": "Pending", "attempt": 0, "start": None, "end": None, "note": ""} for s in steps}
-        self.live = Live(self._table(), console=self.console, refresh_per_second=4, transient=False) if self.console.is_terminal else None
+        self.live = (
+            Live(self._table(), console=self.console, refresh_per_second=4, transient=False)
+            if self.console.is_terminal
+            else None
+        )
 
     def __enter__(self):
         if self.live:
@@ -41,7 +53,9 @@ class Progress:
         for col in ("step", "phase", "attempt", "time", "last log line"):
             t.add_column(col)
         for name, r in self.rows.items():
-            t.add_row(name, f"[{STYLE.get(r['phase'], '')}]{r['phase']}", str(r["attempt"] or ""), self._elapsed(r), r["note"])
+            t.add_row(
+                name, f"[{STYLE.get(r['phase'], '')}]{r['phase']}", str(r["attempt"] or ""), self._elapsed(r), r["note"]
+            )
         return t
 
     def update(self, step: str, phase: str | None = None, attempt: int | None = None, note: str | None = None) -> None:

@@ -21,9 +21,26 @@ from nmm.engine.when import evaluate
 
 # Fields the local engine reads but that have no effect on this machine (warned about once).
 NO_LOCAL_EFFECT = (
-    "image", "imagePullPolicy", "resources", "securityContext", "serviceAccountName", "podGC", "ttlStrategy",
-    "podMetadata", "nodeSelector", "affinity", "tolerations", "backoff", "setOwnerReference", "cleanPodPolicy", "ttlSecondsAfterFinished",
-    "automountServiceAccountToken", "secretKeyRef", "namespace", "kueue.x-k8s.io/queue-name", "kueue.x-k8s.io/priority-class",
+    "image",
+    "imagePullPolicy",
+    "resources",
+    "securityContext",
+    "serviceAccountName",
+    "podGC",
+    "ttlStrategy",
+    "podMetadata",
+    "nodeSelector",
+    "affinity",
+    "tolerations",
+    "backoff",
+    "setOwnerReference",
+    "cleanPodPolicy",
+    "ttlSecondsAfterFinished",
+    "automountServiceAccountToken",
+    "secretKeyRef",
+    "namespace",
+    "kueue.x-k8s.io/queue-name",
+    "kueue.x-k8s.io/priority-class",
 )
 
 
@@ -107,8 +124,15 @@ def topo_order(tasks: list[dict]) -> list[dict]:
 
 
 class Engine:
-    def __init__(self, workflow: dict, runs_dir: Path, progress: Progress | None = None, name: str | None = None,
-                 cwd: str | None = None, prior: dict | None = None):
+    def __init__(
+        self,
+        workflow: dict,
+        runs_dir: Path,
+        progress: Progress | None = None,
+        name: str | None = None,
+        cwd: str | None = None,
+        prior: dict | None = None,
+    ):
         """`prior`: the status record of an earlier attempt of this run (`state.read_status`):
         the run keeps its name and UID, and its succeeded steps are reused."""
         self.wf = workflow
@@ -128,15 +152,34 @@ class Engine:
 
     def record(self, phase: str = "Running") -> None:
         """Write the run's status (atomically): after every transition, so a kill leaves it whole."""
-        state.write_status(self.folder, {
-            "name": self.name, "uid": self.uid, "phase": phase, "attempt": self.attempt,
-            "wall_s": round(time.time() - self.t0, 2), "groups": self.groups,
-            "steps": {k: {"phase": v.phase, "attempts": v.attempts, "restarts": v.restarts, "outputs": v.outputs, "message": v.message}
-                      for k, v in self.steps.items()}})
+        state.write_status(
+            self.folder,
+            {
+                "name": self.name,
+                "uid": self.uid,
+                "phase": phase,
+                "attempt": self.attempt,
+                "wall_s": round(time.time() - self.t0, 2),
+                "groups": self.groups,
+                "steps": {
+                    k: {
+                        "phase": v.phase,
+                        "attempts": v.attempts,
+                        "restarts": v.restarts,
+                        "outputs": v.outputs,
+                        "message": v.message,
+                    }
+                    for k, v in self.steps.items()
+                },
+            },
+        )
 
     def _scope(self) -> dict[str, str]:
-        scope = {"workflow.name": self.name, "workflow.uid": self.uid,
-                 "workflow.namespace": self.wf["metadata"].get("namespace", "default")}
+        scope = {
+            "workflow.name": self.name,
+            "workflow.uid": self.uid,
+            "workflow.namespace": self.wf["metadata"].get("namespace", "default"),
+        }
         if self.status:
             scope["workflow.status"] = self.status
         for s in self.steps.values():
@@ -148,7 +191,9 @@ class Engine:
         if self.progress:
             self.progress.update(step, **kw)
 
-    def _attempt(self, task_name: str, template: dict, params: dict[str, str], attempt: int) -> tuple[int, list[Path], dict[str, str]]:
+    def _attempt(
+        self, task_name: str, template: dict, params: dict[str, str], attempt: int
+    ) -> tuple[int, list[Path], dict[str, str]]:
         scope = self._scope() | {f"inputs.parameters.{k}": v for k, v in params.items()} | {"retries": str(attempt)}
         step_dir = self.folder / "steps" / f"{task_name}-{attempt}"
         log_dir = self.folder / "logs"
@@ -159,12 +204,16 @@ class Engine:
             manifest = substitute(template["resource"]["manifest"], scope)
             doc = yaml.safe_load(manifest)
             if doc.get("kind") == "RayJob":
+
                 def start():
                     return rayjob.launch_job(doc, step_dir, log_dir, prefix, self.cwd)
+
                 restart_limit = rayjob.backoff_limit(doc)
             else:
+
                 def start():
                     return pytorchjob.launch_job(manifest, step_dir, log_dir, prefix)[0]
+
                 restart_limit = pytorchjob.backoff_limit(doc)
             sandbox = None
         else:
@@ -175,13 +224,18 @@ class Engine:
 
             def start():
                 return [process.launch(task_name, argv, env, log_dir / f"{prefix}.log", cwd=self.cwd)]
+
         code, logs = self._run_group(task_name, start, deadline, restart_limit)
         outputs = {}
         if code == 0 and sandbox is not None:
             for p in template.get("outputs", {}).get("parameters", []):
                 path = Path(sandbox.map_path(p["valueFrom"]["path"]))
                 if not path.is_file():
-                    return 1, logs, {"_error": f"output parameter {p['name']!r}: {p['valueFrom']['path']} was not written"}
+                    return (
+                        1,
+                        logs,
+                        {"_error": f"output parameter {p['name']!r}: {p['valueFrom']['path']} was not written"},
+                    )
                 outputs[p["name"]] = path.read_text()
         return code, logs, outputs
 
@@ -197,11 +251,15 @@ class Engine:
         while True:
             group = start()
             logs += [p.log_path for p in group if p.log_path not in logs]
-            self.groups = [{"step": task_name, "pgid": p.proc.pid, "start": state.start_time(p.proc.pid)} for p in group]
+            self.groups = [
+                {"step": task_name, "pgid": p.proc.pid, "start": state.start_time(p.proc.pid)} for p in group
+            ]
             self.record()
             left = None if deadline is None else max(0.0, deadline - (time.monotonic() - t0))
             try:
-                codes = process.wait_all(group, left, on_tick=lambda: self._notify(task_name, note=process.last_line(logs[0])))
+                codes = process.wait_all(
+                    group, left, on_tick=lambda logs=logs: self._notify(task_name, note=process.last_line(logs[0]))
+                )
             finally:
                 self.groups = []
             code = next((c for c in codes.values() if c != 0), 0)
@@ -210,7 +268,10 @@ class Engine:
             restarts += 1
             self.steps[task_name].restarts += 1
             failed = ", ".join(f"{k} exit {c}" for k, c in codes.items() if c != 0)
-            line = f"nmm: a replica failed ({failed}); starting the job's processes again (restart {restarts} of backoffLimit {restart_limit})"
+            line = (
+                f"nmm: a replica failed ({failed}); starting the job's processes again "
+                f"(restart {restarts} of backoffLimit {restart_limit})"
+            )
             with open(logs[0], "a") as f:
                 f.write(line + "\n")
             self._notify(task_name, note=line)
@@ -220,7 +281,9 @@ class Engine:
         template = self.templates[task["template"]]
         result = self.steps.setdefault(name, StepResult(name))
         scope = self._scope()
-        params = {p["name"]: substitute(p.get("value", ""), scope) for p in task.get("arguments", {}).get("parameters", [])}
+        params = {
+            p["name"]: substitute(p.get("value", ""), scope) for p in task.get("arguments", {}).get("parameters", [])
+        }
         limit = int(template.get("retryStrategy", {}).get("limit", 0))
         result.started = time.time()
         for attempt in range(limit + 1):
@@ -251,8 +314,13 @@ class Engine:
             if value.startswith(("file://", "s3://")) and storage.read_manifest(value, verify=True) is None:
                 return False
         self.steps[task["name"]] = StepResult(
-            task["name"], "Succeeded", attempts=before["attempts"], outputs=dict(before["outputs"]),
-            restarts=before.get("restarts", 0), message="reused: succeeded in an earlier attempt of this run")
+            task["name"],
+            "Succeeded",
+            attempts=before["attempts"],
+            outputs=dict(before["outputs"]),
+            restarts=before.get("restarts", 0),
+            message="reused: succeeded in an earlier attempt of this run",
+        )
         self._notify(task["name"], phase="Succeeded", note="reused")
         return True
 
@@ -268,7 +336,9 @@ class Engine:
                 self._notify(task["name"], phase="Omitted")
                 continue
             if "when" in task and not evaluate(substitute(task["when"], self._scope())):
-                self.steps[task["name"]] = StepResult(task["name"], phase="Skipped", message=f"when: {substitute(task['when'], self._scope())}")
+                self.steps[task["name"]] = StepResult(
+                    task["name"], phase="Skipped", message=f"when: {substitute(task['when'], self._scope())}"
+                )
                 self._notify(task["name"], phase="Skipped")
                 continue
             if self.reuse(task, ran):
@@ -288,8 +358,14 @@ class Engine:
 WORKFLOW_FILE = "workflow.yaml"
 
 
-def run_workflow(workflow: dict, runs_dir: Path, progress: Progress | None = None, name: str | None = None, cwd: str | None = None,
-                 resume: bool = False) -> RunResult:
+def run_workflow(
+    workflow: dict,
+    runs_dir: Path,
+    progress: Progress | None = None,
+    name: str | None = None,
+    cwd: str | None = None,
+    resume: bool = False,
+) -> RunResult:
     """Run the Workflow as `name` (default: generateName + 5 characters). `resume`: run `name`
     again, the same compiled Workflow under the same UID, reusing the steps that succeeded
     (`Engine.reuse`); what is left of its earlier attempt's processes is stopped first."""
@@ -335,6 +411,8 @@ def resumable(folder: Path, workflow: dict | None = None) -> dict:
     if "uid" not in prior:
         raise NotResumable(f"run {folder.name} was recorded without its UID (by an older nmm); start a new run")
     if workflow is not None and stored_workflow(folder) != workflow:
-        raise NotResumable(f"the pipeline compiles to another Workflow than run {folder.name} ran (its workflow.yaml was "
-                           "edited, or the spec, the store or nmm changed): a resume runs the same one; start a new run")
+        raise NotResumable(
+            f"the pipeline compiles to another Workflow than run {folder.name} ran (its workflow.yaml was "
+            "edited, or the spec, the store or nmm changed): a resume runs the same one; start a new run"
+        )
     return prior

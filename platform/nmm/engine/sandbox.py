@@ -16,7 +16,7 @@ class Sandbox:
     mounts: dict[str, Path] = field(default_factory=dict)
 
     @classmethod
-    def for_container(cls, container: dict, volumes: list[dict], root: Path) -> "Sandbox":
+    def for_container(cls, container: dict, volumes: list[dict], root: Path) -> Sandbox:
         empty = {v["name"] for v in volumes if "emptyDir" in v}
         mounts = {}
         for m in container.get("volumeMounts", []):
@@ -29,7 +29,7 @@ class Sandbox:
     def map_path(self, path: str) -> str:
         for mount, local in sorted(self.mounts.items(), key=lambda kv: -len(kv[0])):
             if path == mount or path.startswith(mount + "/"):
-                return str(local) + path[len(mount):]
+                return str(local) + path[len(mount) :]
         return path
 
     def map_argv(self, argv: list[str]) -> list[str]:

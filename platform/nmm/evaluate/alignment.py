@@ -23,7 +23,9 @@ def caption_scores(m, images: np.ndarray, captions: list[str], batch: int = 128)
         tokens, mask = pack_rows(rows)
         x = torch.from_numpy(tokens.astype(np.int64))
         target = torch.from_numpy(mask[:, 1:].astype(np.float32))
-        patches = torch.from_numpy(m.vq.patches(images[start:end]).astype(np.float32)) if m.model.cfg.reads_pixels else None
+        patches = (
+            torch.from_numpy(m.vq.patches(images[start:end]).astype(np.float32)) if m.model.cfg.reads_pixels else None
+        )
         with torch.no_grad():
             logits = m.model(x[:, :-1], patches=patches).float()
         logp = F.log_softmax(logits, -1).gather(-1, x[:, 1:, None])[..., 0]

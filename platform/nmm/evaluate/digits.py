@@ -16,14 +16,21 @@ from nmm.tokenizers import ImageTokenizer, TextTokenizer
 from nmm.tokenizers.vocab import EOS
 
 
-def m2t_accuracy(model, prompts: Prompts, text: TextTokenizer, codes: np.ndarray, labels: np.ndarray,
-                 patches: np.ndarray | None = None):
+def m2t_accuracy(
+    model,
+    prompts: Prompts,
+    text: TextTokenizer,
+    codes: np.ndarray,
+    labels: np.ndarray,
+    patches: np.ndarray | None = None,
+):
     """`patches`: the images' raw patch pixels, for mid and late fusion (their codes then only
     mark where the image sits). Instruction prompts cycle through the paraphrases."""
     vocab = prompts.vocab
     asked = [prompts.caption(c, k=i) for i, c in enumerate(codes)]
-    outs = generate(model, asked, max_new=24, allowed=vocab.text_range(), stop=EOS, extra_allowed=(EOS,),
-                    patches=patches)
+    outs = generate(
+        model, asked, max_new=24, allowed=vocab.text_range(), stop=EOS, extra_allowed=(EOS,), patches=patches
+    )
     captions = [text.decode(vocab.text_local(o)) for o in outs]
     parsed = [parse_digit(c) for c in captions]
     correct = [p == int(y) for p, y in zip(parsed, labels)]

@@ -12,7 +12,9 @@ import itertools
 import math
 
 
-def aggregate(per_run: dict[str, dict[str, float]], groups: dict[str, list[str]]) -> dict[str, dict[str, tuple[float, float, int]]]:
+def aggregate(
+    per_run: dict[str, dict[str, float]], groups: dict[str, list[str]]
+) -> dict[str, dict[str, tuple[float, float, int]]]:
     """`per_run`: run name → its metrics; `groups`: variant → its runs. Returns variant → metric
     → (mean, sample standard deviation, seeds measured), over the runs that reported it."""
     out: dict[str, dict[str, tuple[float, float, int]]] = {}
@@ -42,5 +44,9 @@ def apart(agg: dict[str, dict[str, tuple[float, float, int]]]) -> list[tuple[str
 
 def as_metrics(agg: dict[str, dict[str, tuple[float, float, int]]]) -> dict[str, float]:
     """MLflow metrics of the aggregate: `<variant>/<metric>.mean` and `.std`."""
-    return {f"{v}/{k}.{stat}": x for v, ms in agg.items() for k, (mean, std, _) in ms.items()
-            for stat, x in (("mean", mean), ("std", std))}
+    return {
+        f"{v}/{k}.{stat}": x
+        for v, ms in agg.items()
+        for k, (mean, std, _) in ms.items()
+        for stat, x in (("mean", mean), ("std", std))
+    }

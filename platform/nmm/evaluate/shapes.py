@@ -36,8 +36,14 @@ def pick_scenes(scenes: list[dict], per_task: int) -> list[int]:
 
 
 def geneval(
-    model, prompts: Prompts, text: TextTokenizer, vq: ImageTokenizer, scenes: list[shapes.Scene],
-    temperature: float, guidance: float, seed: int,
+    model,
+    prompts: Prompts,
+    text: TextTokenizer,
+    vq: ImageTokenizer,
+    scenes: list[shapes.Scene],
+    temperature: float,
+    guidance: float,
+    seed: int,
 ) -> tuple[dict[str, float], np.ndarray, list[str]]:
     """The metrics, the images drawn and the plans written before them ("" without plans)."""
     images, plans = draw_planned(model, prompts, text, vq, [s.prompt for s in scenes], temperature, seed, guidance)
@@ -58,14 +64,22 @@ def plan_scores(scenes: list[shapes.Scene], images: np.ndarray, plans: list[str]
     by_task = {t: [] for t in shapes.TASKS}
     for sc, good, judged in zip(scenes, ok, (shapes_judge.score(sc, r) for sc, r in zip(scenes, rendered))):
         by_task[sc.task].append(bool(good and judged))
-    followed = [objs is not None and shapes_judge.placements(image) == sorted(shapes.placement(o, side) for o in objs)
-                for objs, image in zip(laid, images)]
-    return {"plan_overall": float(np.mean([np.mean(v) for v in by_task.values() if v])),
-            "plan_followed": float(np.mean(followed))}
+    followed = [
+        objs is not None and shapes_judge.placements(image) == sorted(shapes.placement(o, side) for o in objs)
+        for objs, image in zip(laid, images)
+    ]
+    return {
+        "plan_overall": float(np.mean([np.mean(v) for v in by_task.values() if v])),
+        "plan_followed": float(np.mean(followed)),
+    }
 
 
 def vqa(
-    model, prompts: Prompts, text: TextTokenizer, codes: np.ndarray, questions: list[list[list[str]]],
+    model,
+    prompts: Prompts,
+    text: TextTokenizer,
+    codes: np.ndarray,
+    questions: list[list[list[str]]],
     patches: np.ndarray | None = None,
 ) -> tuple[dict[str, float], list[dict]]:
     """`questions[i]`: image i's (question, answer, kind) triples; `patches`: raw pixels for
@@ -75,8 +89,9 @@ def vqa(
     pix = None if patches is None else patches[[i for i, *_ in asked]]
     asks = [prompts.question(codes[i], text.encode(q)) for i, q, _, _ in asked]
     longest = max((len(text.encode(a)) for *_, a, _ in asked), default=0)
-    outs = generate(model, asks, max_new=longest + 4, allowed=vocab.text_range(), stop=EOS, extra_allowed=(EOS,),
-                    patches=pix)
+    outs = generate(
+        model, asks, max_new=longest + 4, allowed=vocab.text_range(), stop=EOS, extra_allowed=(EOS,), patches=pix
+    )
     said = [text.decode(vocab.text_local(o)).strip() for o in outs]
     m = score_answers(said, [(a, kind) for _, _, a, kind in asked])
     examples = [{"question": q, "answer": a, "said": s} for (_, q, a, _), s in zip(asked[:40], said)]

@@ -52,7 +52,11 @@ def detect(image: np.ndarray, min_area: int | None = None) -> list[Detection]:
                 continue
             x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
             fill = len(ys) / float((x1 - x0) * (y1 - y0))
-            out.append(Detection(classify_shape(fill), PALETTE_NAMES[ci], (float(x0), float(y0), float(x1), float(y1)), len(ys)))
+            out.append(
+                Detection(
+                    classify_shape(fill), PALETTE_NAMES[ci], (float(x0), float(y0), float(x1), float(y1)), len(ys)
+                )
+            )
     return out
 
 
@@ -60,8 +64,10 @@ def placements(image: np.ndarray) -> list[tuple[str, str, str, str]]:
     """The objects detected in the image as a layout words them (nmm.data.shapes.placement),
     sorted: colour, shape and the grid cell of the box's centre."""
     side = image.shape[1]
-    return sorted(placement(Obj(d.shape, d.colour, (d.box[0] + d.box[2]) / 2, (d.box[1] + d.box[3]) / 2, 0), side)
-                  for d in detect(image))
+    return sorted(
+        placement(Obj(d.shape, d.colour, (d.box[0] + d.box[2]) / 2, (d.box[1] + d.box[3]) / 2, 0), side)
+        for d in detect(image)
+    )
 
 
 def score(scene: Scene, image: np.ndarray) -> bool:

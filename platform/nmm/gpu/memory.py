@@ -36,8 +36,15 @@ LOSS_CHUNK_TOKENS = 2048  # nmm.train.loss.CHUNK_TOKENS (nmm.gpu sits below nmm.
 def model_shape(cfg, seq_len: int) -> dict:
     """`estimate`'s shape arguments of a model config (nmm.model.ModelConfig's dim, layers,
     heads, vocab_size, ffn_dim, qk_norm: read by name, nmm.gpu sits below nmm.model)."""
-    return dict(dim=cfg.dim, layers=cfg.layers, heads=cfg.heads, vocab=cfg.vocab_size, seq_len=seq_len,
-                ffn_dim=cfg.ffn_dim, qk_norm=cfg.qk_norm)
+    return dict(
+        dim=cfg.dim,
+        layers=cfg.layers,
+        heads=cfg.heads,
+        vocab=cfg.vocab_size,
+        seq_len=seq_len,
+        ffn_dim=cfg.ffn_dim,
+        qk_norm=cfg.qk_norm,
+    )
 
 
 def count_params(dim: int, layers: int, heads: int, vocab: int, ffn_dim: int, qk_norm: bool) -> int:
@@ -60,7 +67,8 @@ def _layer_bytes_per_token(dim: int, heads: int, ffn_dim: int, qk_norm: bool, lo
     composite = device != "cuda"  # CPU's RMSNorm keeps x·rstd as well
     norm = (dim + 1) * FP32 + (dim * FP32 if composite else 0)  # input (+ normalised) and rstd
     compute = (
-        3 * dim + ffn_dim  # inputs of qkv, out, gate/up (shared), down
+        3 * dim
+        + ffn_dim  # inputs of qkv, out, gate/up (shared), down
         + 3 * dim  # the qkv output: v and QK-norm's inputs are views of it
         + 3 * dim  # attention's q, k (after RoPE) and output
         + 3 * ffn_dim  # gate, up and SiLU outputs
@@ -103,15 +111,28 @@ class MemoryEstimate:
         )
 
 
-def estimate(dim: int, layers: int, heads: int, vocab: int, seq_len: int, micro_batch: int, *, ffn_dim: int,
-             qk_norm: bool, precision: str = "bf16", device: str = "cuda") -> MemoryEstimate:
+def estimate(
+    dim: int,
+    layers: int,
+    heads: int,
+    vocab: int,
+    seq_len: int,
+    micro_batch: int,
+    *,
+    ffn_dim: int,
+    qk_norm: bool,
+    precision: str = "bf16",
+    device: str = "cuda",
+) -> MemoryEstimate:
     """The memory of one training step on one rank: `micro_batch` rows of `seq_len` tokens,
     `precision` "bf16" (autocast) or "fp32", on a "cuda" or "cpu" device."""
     p = count_params(dim, layers, heads, vocab, ffn_dim, qk_norm)
     low = 2 if precision == "bf16" else FP32
     tokens = seq_len * micro_batch
-    per_layer = layers * (tokens * _layer_bytes_per_token(dim, heads, ffn_dim, qk_norm, low, device)
-                          + (_layer_matmul_params(dim, ffn_dim) * low if low < FP32 else 0))  # autocast's weight copies
+    per_layer = layers * (
+        tokens * _layer_bytes_per_token(dim, heads, ffn_dim, qk_norm, low, device)
+        + (_layer_matmul_params(dim, ffn_dim) * low if low < FP32 else 0)
+    )  # autocast's weight copies
     final_norm = tokens * ((dim + 1) * FP32 + (dim * FP32 if device != "cuda" else 0))
     loss = tokens * dim * FP32 + vocab * dim * FP32 + tokens * 8  # grad of the states, of the head; token ids
     chunk = min(tokens, LOSS_CHUNK_TOKENS) * vocab * (2 * low + 2 * FP32) + vocab * dim * low

@@ -54,8 +54,15 @@ class PlacementError(ValueError):
 def choose(pools: tuple[GpuPool, ...], gpus: int, min_memory_gib: int | None, product: str | None) -> list[GpuPool]:
     matching = [p for p in pools if p.matches(gpus, min_memory_gib, product)]
     if not matching:
-        want = f"{gpus} GPU(s) per node" + (f" with >= {min_memory_gib} GiB" if min_memory_gib else "") + (f" of product {product!r}" if product else "")
-        have = ", ".join(f"{p.name} ({p.gpus_per_node}x {p.product}, {p.memory_gib} GiB)" for p in pools) or "none declared"
+        want = (
+            f"{gpus} GPU(s) per node"
+            + (f" with >= {min_memory_gib} GiB" if min_memory_gib else "")
+            + (f" of product {product!r}" if product else "")
+        )
+        have = (
+            ", ".join(f"{p.name} ({p.gpus_per_node}x {p.product}, {p.memory_gib} GiB)" for p in pools)
+            or "none declared"
+        )
         raise PlacementError(f"no GPU pool satisfies {want}; pools: {have}")
     return matching
 
@@ -65,7 +72,11 @@ def affinity(pools: list[GpuPool]) -> dict:
         "nodeAffinity": {
             "requiredDuringSchedulingIgnoredDuringExecution": {
                 "nodeSelectorTerms": [
-                    {"matchExpressions": [{"key": LABEL_POOL, "operator": "In", "values": sorted(p.name for p in pools)}]}
+                    {
+                        "matchExpressions": [
+                            {"key": LABEL_POOL, "operator": "In", "values": sorted(p.name for p in pools)}
+                        ]
+                    }
                 ]
             }
         }

@@ -21,8 +21,8 @@ from nmm.lineage.registry import (
 )
 from nmm.lineage.runs import (
     StageRun,
-    finish_pipeline_run,
     find_stage_run,
+    finish_pipeline_run,
     log_pipeline_metrics,
     pipeline_tags,
     stage_run,

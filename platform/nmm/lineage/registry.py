@@ -60,7 +60,9 @@ def _registered_model(client, name: str):
 
 
 @tracked("register the model version")
-def register_version(name: str, model_uri: str, run: RunIdentity, model_digest: str, tags: dict[str, str]) -> ModelVersionInfo:
+def register_version(
+    name: str, model_uri: str, run: RunIdentity, model_digest: str, tags: dict[str, str]
+) -> ModelVersionInfo:
     """Register `model_uri` under `name`, once per run identity (R13: a retry reuses its version,
     but only when it holds the same model: another digest under this run is a RegistryConflict)."""
     from mlflow.exceptions import MlflowException
@@ -78,7 +80,8 @@ def register_version(name: str, model_uri: str, run: RunIdentity, model_digest: 
         if vtags.get(TAG_RUN_KEY) == run.key:
             if vtags.get(TAG_MODEL_DIGEST) != model_digest:
                 raise RegistryConflict(
-                    f"{name} version {v.version} belongs to run {run.key} but holds model {vtags.get(TAG_MODEL_DIGEST)!r}, "
+                    f"{name} version {v.version} belongs to run {run.key} "
+                    f"but holds model {vtags.get(TAG_MODEL_DIGEST)!r}, "
                     f"not {model_digest!r}; refusing to reuse it"
                 )
             return _info(v)
@@ -99,9 +102,11 @@ def _claim(client, name: str, namespace: str) -> None:
         model = client.get_registered_model(name)  # read back: a claimant that wrote after us owns it
         owner = (model.tags or {}).get(TAG_NAMESPACE)
     if owner is not None and owner != namespace:
-        raise ForeignModel(f"registered model {name!r} belongs to namespace {owner!r}, not {namespace!r}: a registered "
-                           "model's name is global in MLflow; give this pipeline or service its own "
-                           "registeredModelName (e.g. prefixed with its namespace)")
+        raise ForeignModel(
+            f"registered model {name!r} belongs to namespace {owner!r}, not {namespace!r}: a registered "
+            "model's name is global in MLflow; give this pipeline or service its own "
+            "registeredModelName (e.g. prefixed with its namespace)"
+        )
 
 
 @tracked("check who owns the registered model")

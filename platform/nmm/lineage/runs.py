@@ -12,9 +12,9 @@ import contextlib
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from nmm.home import home_dir
 from nmm.identity import RunIdentity
@@ -71,8 +71,13 @@ def _experiment_id(client, name: str) -> str:
 
 
 def _identity_tags(run: RunIdentity) -> dict[str, str]:
-    return {TAG_PIPELINE: run.pipeline, TAG_RUN_ID: run.run_id, TAG_RUN_KEY: run.key,
-            TAG_NAMESPACE: run.namespace, TAG_OWNER_UID: run.owner_uid}
+    return {
+        TAG_PIPELINE: run.pipeline,
+        TAG_RUN_ID: run.run_id,
+        TAG_RUN_KEY: run.key,
+        TAG_NAMESPACE: run.namespace,
+        TAG_OWNER_UID: run.owner_uid,
+    }
 
 
 def _find(client, exp_id: str, tags: dict[str, str]):
@@ -114,7 +119,7 @@ class StageRun:
     run: RunIdentity
 
     @tracked("open a nested run")
-    def child(self, name: str, params: dict | None = None) -> "StageRun":
+    def child(self, name: str, params: dict | None = None) -> StageRun:
         """A run nested under this one (one per training phase, say), RUNNING until `finish`.
         A retried step finds the same nested run again."""
         stage = f"{self.stage}/{name}"
@@ -178,13 +183,12 @@ class StageRun:
         dataset = MetaDataset(source=_dataset_source(source_uri), name=name, digest=digest[-32:])
         tags = [InputTag(key="mlflow.data.context", value=context)]
         for run_id in (self.run_id, self.parent_run_id):
-            self.client.log_inputs(
-                run_id, datasets=[mlflow.entities.DatasetInput(dataset._to_mlflow_entity(), tags)]
-            )
+            self.client.log_inputs(run_id, datasets=[mlflow.entities.DatasetInput(dataset._to_mlflow_entity(), tags)])
 
     @tracked("log the model")
-    def log_pyfunc_model(self, model_dir: str, loader_module: str, pip_requirements: list[str],
-                         signature: dict | None = None) -> str:
+    def log_pyfunc_model(
+        self, model_dir: str, loader_module: str, pip_requirements: list[str], signature: dict | None = None
+    ) -> str:
         """Log a folder as an MLflow pyfunc model served by `loader_module`; returns its URI.
         `signature`: {"inputs": {column: type}, "params": {name: (type, default)}}, every column
         optional (made into MLflow's ModelSignature here: only this module talks to MLflow)."""
@@ -207,8 +211,10 @@ def _signature(sig: dict):
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
-    return ModelSignature(inputs=Schema([ColSpec(t, name, required=False) for name, t in sig["inputs"].items()]),
-                          params=ParamSchema([ParamSpec(name, t, default) for name, (t, default) in sig["params"].items()]))
+    return ModelSignature(
+        inputs=Schema([ColSpec(t, name, required=False) for name, t in sig["inputs"].items()]),
+        params=ParamSchema([ParamSpec(name, t, default) for name, (t, default) in sig["params"].items()]),
+    )
 
 
 def _dataset_source(uri: str):

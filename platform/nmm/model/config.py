@@ -49,7 +49,9 @@ class ModelConfig:
     def __post_init__(self):
         object.__setattr__(self, "image_factors", tuple(self.image_factors))  # a list from JSON
         if self.factored_codes > self.vocab_size:
-            raise ValueError(f"image_factors {self.image_factors} make more codes than the vocabulary's {self.vocab_size} ids")
+            raise ValueError(
+                f"image_factors {self.image_factors} make more codes than the vocabulary's {self.vocab_size} ids"
+            )
 
     @property
     def factored_codes(self) -> int:
@@ -87,5 +89,5 @@ class ModelConfig:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelConfig":
+    def from_json(cls, text: str) -> ModelConfig:
         return cls(**json.loads(text))

@@ -8,8 +8,8 @@ in words first when it was trained to write one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -54,9 +54,9 @@ def generate(
     compiled: bool | None = None,
 ) -> list[list[int]]:
     """Continue each prompt by up to `max_new` tokens (or `max_new(len(prompt))`) drawn from
-    [allowed[0], allowed[1]) plus `extra_allowed`; temperature 0 is greedy. Prompts of equal length are batched together, so
-    positions match training exactly (no padding). Generation stops at the model's context
-    length (`max_seq_len`) even when no stop token came.
+    [allowed[0], allowed[1]) plus `extra_allowed`; temperature 0 is greedy. Prompts of equal
+    length are batched together, so positions match training exactly (no padding). Generation
+    stops at the model's context length (`max_seq_len`) even when no stop token came.
 
     Classifier-free guidance: with `uncond` (one prompt per prompt, same length, the condition
     blanked out) and `guidance` ≠ 1, logits are uncond + guidance · (cond − uncond).
@@ -88,8 +88,21 @@ def generate(
             pix = None if pix is None else torch.cat([pix, pix[:1].expand(extra, *pix.shape[1:])])
         step = None if on_step is None else (lambda toks, idx=idx, n=n: on_step(idx, toks[:n]))
         limit = max_new(length) if callable(max_new) else max_new
-        res = _generate_batch(model, batch, blank, pix, guidance, limit, allowed, stop, extra_allowed, temperature, generator,
-                              step, compiled)[:n]
+        res = _generate_batch(
+            model,
+            batch,
+            blank,
+            pix,
+            guidance,
+            limit,
+            allowed,
+            stop,
+            extra_allowed,
+            temperature,
+            generator,
+            step,
+            compiled,
+        )[:n]
         for i, o in zip(idx, res):
             out[i] = o
     return out
@@ -119,20 +132,43 @@ def draw_images(
     limit = draw_prompt_limit(model.cfg.max_seq_len, tokens_per_image, plan_range is not None)
     too_long = [i for i, p in enumerate(prompts) if len(p) > limit]
     if too_long:
-        raise ValueError(f"prompt {too_long[0]}: {len(prompts[too_long[0]])} tokens leave no room for an image "
-                         f"({tokens_per_image} codes) in a context of {model.cfg.max_seq_len}: at most {limit}")
+        raise ValueError(
+            f"prompt {too_long[0]}: {len(prompts[too_long[0]])} tokens leave no room for an image "
+            f"({tokens_per_image} codes) in a context of {model.cfg.max_seq_len}: at most {limit}"
+        )
     heads: list[list[int]] = [[] for _ in prompts]
     if plan_range is not None:
+
         def room(n: int) -> int:  # each prompt's own room: a short prompt may need a long plan
             return max(0, model.cfg.max_seq_len - n - tokens_per_image - 2)  # <boi>, <eoi>
 
-        written = generate(model, prompts, room, plan_range, stop=BOI, extra_allowed=(BOI,), temperature=temperature,
-                           generator=generator, patches=patches, on_step=on_step)
+        written = generate(
+            model,
+            prompts,
+            room,
+            plan_range,
+            stop=BOI,
+            extra_allowed=(BOI,),
+            temperature=temperature,
+            generator=generator,
+            patches=patches,
+            on_step=on_step,
+        )
         heads = [w + [BOI] if len(w) < room(len(p)) else w for p, w in zip(prompts, written)]
         prompts = [p + h + ([] if h[-1:] == [BOI] else [BOI]) for p, h in zip(prompts, heads)]
     uncond = [blank(p) for p in prompts] if blank is not None and guidance != 1.0 else None
-    images = generate(model, prompts, tokens_per_image, image_range, temperature=temperature, generator=generator,
-                      guidance=guidance, uncond=uncond, patches=patches, on_step=on_step)
+    images = generate(
+        model,
+        prompts,
+        tokens_per_image,
+        image_range,
+        temperature=temperature,
+        generator=generator,
+        guidance=guidance,
+        uncond=uncond,
+        patches=patches,
+        on_step=on_step,
+    )
     return heads, images
 
 
@@ -143,15 +179,33 @@ class Drawn:
     plans: list[list[int]]  # what the model wrote before each image: its plan's ids (and <boi>), [] without plans
 
 
-def draw(model, prompts: list[list[int]], vq, vocab: SharedVocab, *, plans: bool, temperature: float = 0.0,
-         generator: torch.Generator | None = None, guidance: float = 1.0, on_step=None) -> Drawn:
+def draw(
+    model,
+    prompts: list[list[int]],
+    vq,
+    vocab: SharedVocab,
+    *,
+    plans: bool,
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+    guidance: float = 1.0,
+    on_step=None,
+) -> Drawn:
     """Prompt → codes → pixels: one image per drawing prompt (`Prompts.draw`'s), its plan written
     first when the model was trained with `plans`, classifier-free guidance against the prompt
     with its text padded out, the codes decoded by the image tokenizer `vq`."""
-    heads, outs = draw_images(model, prompts, vq.tokens_per_image, vocab.image_range(),
-                              plan_range=vocab.text_range() if plans else None,
-                              blank=lambda p: blank_text(p, vocab.text_range()), temperature=temperature,
-                              generator=generator, guidance=guidance, on_step=on_step)
+    heads, outs = draw_images(
+        model,
+        prompts,
+        vq.tokens_per_image,
+        vocab.image_range(),
+        plan_range=vocab.text_range() if plans else None,
+        blank=lambda p: blank_text(p, vocab.text_range()),
+        temperature=temperature,
+        generator=generator,
+        guidance=guidance,
+        on_step=on_step,
+    )
     codes = np.array([[t - vocab.image_offset for t in o] for o in outs], dtype=np.int64).reshape(len(prompts), -1)
     return Drawn(vq.decode(codes), codes, heads)
 
@@ -177,8 +231,21 @@ def decoder(model, compiled: bool):
     return fn
 
 
-def _generate_batch(model, prompts, uncond, patches, guidance, max_new, allowed, stop, extra_allowed, temperature, generator,
-                    on_step=None, compiled=None):
+def _generate_batch(
+    model,
+    prompts,
+    uncond,
+    patches,
+    guidance,
+    max_new,
+    allowed,
+    stop,
+    extra_allowed,
+    temperature,
+    generator,
+    on_step=None,
+    compiled=None,
+):
     """Tokens and `done` flags stay on the device; the host reads them once at the end (and every
     SYNC_EVERY steps, to stop early when every row has stopped), or each step for `on_step`."""
     model.eval()

@@ -54,8 +54,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q.to(v.dtype), k.to(v.dtype), v
 
-    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: "KVCache", layer: int,
-               pos: torch.Tensor) -> torch.Tensor:
+    def decode(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, layer: int, pos: torch.Tensor
+    ) -> torch.Tensor:
         """One new token per row (x: (B, 1, dim)) at position `pos` ((1,), on the device): its
         keys and values are written into the static cache and it attends to the whole cache with
         the positions after `pos` masked. No shape ever changes, so the step compiles once and a
@@ -63,11 +64,20 @@ class Attention(nn.Module):
         q, k, v = self.project(x, cos, sin)
         cache.k[layer].index_copy_(2, pos, k)
         cache.v[layer].index_copy_(2, pos, v)
-        y = F.scaled_dot_product_attention(q, cache.k[layer], cache.v[layer], attn_mask=(cache.positions <= pos).view(1, 1, 1, -1))
+        y = F.scaled_dot_product_attention(
+            q, cache.k[layer], cache.v[layer], attn_mask=(cache.positions <= pos).view(1, 1, 1, -1)
+        )
         return self.out(y.transpose(1, 2).reshape(x.shape[0], 1, self.cfg.dim))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: "KVCache | None" = None,
-                layer: int = 0, mask=None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        mask=None,
+    ) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self.project(x, cos, sin)
         drop = self.cfg.dropout if self.training else 0.0
@@ -89,8 +99,9 @@ class Attention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(b, t, self.cfg.dim))
 
 
-def image_spans(tokens: torch.Tensor, image_range: tuple[int, int], tokens_per_image: int,
-                given: torch.Tensor | None = None) -> torch.Tensor:
+def image_spans(
+    tokens: torch.Tensor, image_range: tuple[int, int], tokens_per_image: int, given: torch.Tensor | None = None
+) -> torch.Tensor:
     """(B, T) ids of the input images whose positions attend to each other both ways: each
     complete run of `tokens_per_image` image positions gets an id (1, 2, … per row), everything
     else 0. `given` (B,) bool picks the rows whose images are inputs (an image being generated
@@ -107,8 +118,9 @@ def image_spans(tokens: torch.Tensor, image_range: tuple[int, int], tokens_per_i
     return torch.where(at & whole, ids, 0)
 
 
-def image_index(tokens: torch.Tensor, image_range: tuple[int, int], tokens_per_image: int,
-                before: torch.Tensor | None = None) -> torch.Tensor:
+def image_index(
+    tokens: torch.Tensor, image_range: tuple[int, int], tokens_per_image: int, before: torch.Tensor | None = None
+) -> torch.Tensor:
     """(B, T) the index of each image position inside its image (0 … tokens_per_image - 1, in
     raster order), -1 elsewhere. `before` (B,): the image positions that directly precede the
     first token (an image continued across a KV-cache boundary)."""
@@ -216,13 +228,21 @@ class Block(nn.Module):
         self.ffn = SwiGLU(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
-                layer: int = 0, mask=None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        mask=None,
+    ) -> torch.Tensor:
         x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, cache, layer, mask))
         return x + self.drop(self.ffn(self.ffn_norm(x)))
 
-    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, layer: int,
-               pos: torch.Tensor) -> torch.Tensor:
+    def decode(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, layer: int, pos: torch.Tensor
+    ) -> torch.Tensor:
         x = x + self.attn.decode(self.attn_norm(x), cos, sin, cache, layer, pos)
         return x + self.ffn(self.ffn_norm(x))
 
@@ -288,13 +308,21 @@ class Transformer(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, patches: torch.Tensor | None = None,
-                docs: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                spans: torch.Tensor | None = None, head=None):
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache | None = None,
+        patches: torch.Tensor | None = None,
+        docs: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        spans: torch.Tensor | None = None,
+        head=None,
+    ):
         """tokens (B, T) → logits (B, T, vocab); or, with `head`, whatever `head(states, weight)`
         makes of the final normed states (B, T, dim) and the output layer's weight (V, dim) —
-        training's fused loss (nmm.train.loss.head_loss), which never holds the logits. With a cache, `tokens` continue the cached
-        prefix (positions start at cache.length) and their keys and values are appended.
+        training's fused loss (nmm.train.loss.head_loss), which never holds the logits. With a
+        cache, `tokens` continue the cached prefix (positions start at cache.length) and their
+        keys and values are appended.
         Mid/late fusion: `patches` (B, tokens_per_image, patch_dim) are the pixels of each row's
         image, whose positions hold image ids in the token sequence.
         Packed rows: `docs` (B, T) document ids and `positions` (B, T) positions inside each
@@ -335,8 +363,14 @@ class Transformer(nn.Module):
             raise ValueError(f"each row needs exactly {patches.shape[1]} image positions")
         return x.masked_scatter(at[..., None], self.stem(patches.to(x.dtype)))
 
-    def hidden(self, x: torch.Tensor, cache: KVCache | None = None, docs: torch.Tensor | None = None,
-               positions: torch.Tensor | None = None, spans: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden(
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        docs: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        spans: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Input embeddings (B, T, dim) → final hidden states, before the output norm."""
         start = cache.length if cache is not None else 0
         t = x.shape[1]

@@ -3,7 +3,7 @@ say about the traffic between them (requests by status, p95 latency and time to 
 from the histograms the way Prometheus' `histogram_quantile` does), and the verdict against the
 policy's limits.
 
-The same code judges a local rollout (nmm.rollout.canary) and one on a cluster (the operator).
+The same code judges a local rollout (nmm.rollout.local_canary) and one on a cluster (the operator).
 It fails closed: a version that could not be scraped, a page with NaN or a negative counter, a pod
 that vanished mid-step (its requests unknown), a request received and never counted, counts that
 disagree with the router's, too few requests to judge, or a quality probe that did not run is a
@@ -66,8 +66,13 @@ class Limits:
     def of(cls, policy) -> Limits:
         """From a canary policy's analysis (nmm.spec.serving.Analysis, a pipeline's or an NMMService's)."""
         probe = policy.quality_probe
-        return cls(policy.max_error_rate, policy.max_p95_latency_ms, policy.max_time_to_first_token_ms,
-                   policy.min_requests, probe.max_quality_drop if probe else None)
+        return cls(
+            policy.max_error_rate,
+            policy.max_p95_latency_ms,
+            policy.max_time_to_first_token_ms,
+            policy.min_requests,
+            probe.max_quality_drop if probe else None,
+        )
 
 
 @dataclass
@@ -82,14 +87,29 @@ Quality = dict[str, tuple[float, float]]  # task → (candidate score, stable sc
 
 def to_dict(scrape: Scrape) -> dict:
     """A scrape as JSON (an NMMService's status keeps its step's baseline there)."""
-    return {"pods": {k: {"byStatus": s.by_status, "latency": [list(b) for b in s.latency], "ttft": [list(b) for b in s.ttft],
-                         "received": s.received, "inFlight": s.in_flight} for k, s in sorted(scrape.items())}}
+    return {
+        "pods": {
+            k: {
+                "byStatus": s.by_status,
+                "latency": [list(b) for b in s.latency],
+                "ttft": [list(b) for b in s.ttft],
+                "received": s.received,
+                "inFlight": s.in_flight,
+            }
+            for k, s in sorted(scrape.items())
+        }
+    }
 
 
 def from_dict(d: dict) -> Scrape:
-    pairs = lambda xs: tuple((float(le), float(c)) for le, c in xs)  # noqa: E731
-    one = lambda p: Snapshot({str(k): float(v) for k, v in p.get("byStatus", {}).items()}, pairs(p.get("latency", [])),  # noqa: E731
-                             pairs(p.get("ttft", [])), float(p.get("received", 0.0)), float(p.get("inFlight", 0.0)))
+    pairs = lambda xs: tuple((float(le), float(c)) for le, c in xs)
+    one = lambda p: Snapshot(
+        {str(k): float(v) for k, v in p.get("byStatus", {}).items()},
+        pairs(p.get("latency", [])),
+        pairs(p.get("ttft", [])),
+        float(p.get("received", 0.0)),
+        float(p.get("inFlight", 0.0)),
+    )
     if "pods" not in d:  # written by an nmm that scraped one endpoint
         return {"": one(d)}
     return {str(k): one(p) for k, p in d["pods"].items()}
@@ -199,8 +219,16 @@ def window(before: Snapshot | Scrape, after: Snapshot | Scrape) -> Observation |
     statuses = {k: int(round(v)) for k, v in counts.items() if round(v)}
     errors = sum(v for k, v in statuses.items() if k.startswith("5") or k == "429")
     refused = sum(v for k, v in statuses.items() if k.startswith("4") and k not in ("429", CLIENT_CLOSED))
-    return Observation(sum(statuses.values()), errors, quantile(0.95, lat) * 1000, quantile(0.95, ttft) * 1000,
-                       refused, statuses.get(CLIENT_CLOSED, 0), int(round(lost)), statuses)
+    return Observation(
+        sum(statuses.values()),
+        errors,
+        quantile(0.95, lat) * 1000,
+        quantile(0.95, ttft) * 1000,
+        refused,
+        statuses.get(CLIENT_CLOSED, 0),
+        int(round(lost)),
+        statuses,
+    )
 
 
 def with_undelivered(o: Observation, n: int) -> Observation:
@@ -222,8 +250,10 @@ def _slos(v: Verdict, limits: Limits, c: Observation) -> None:
     if not c.p95_latency_ms <= limits.max_p95_latency_ms:
         v.reasons.append(f"p95 latency {c.p95_latency_ms:.0f} ms > maxP95LatencyMs {limits.max_p95_latency_ms:g}")
     if not c.p95_ttft_ms <= limits.max_time_to_first_token_ms:
-        v.reasons.append(f"p95 time to first token {c.p95_ttft_ms:.0f} ms > maxTimeToFirstTokenMs "
-                         f"{limits.max_time_to_first_token_ms:g}")
+        v.reasons.append(
+            f"p95 time to first token {c.p95_ttft_ms:.0f} ms > maxTimeToFirstTokenMs "
+            f"{limits.max_time_to_first_token_ms:g}"
+        )
 
 
 def _refusals(v: Verdict, limits: Limits, c: Observation, stable: Observation) -> None:
@@ -233,8 +263,10 @@ def _refusals(v: Verdict, limits: Limits, c: Observation, stable: Observation) -
     if stable.requests >= limits.min_requests and c.requests >= limits.min_requests:
         v.measured["stable_client_error_rate"] = stable.client_error_rate
         if c.client_error_rate - stable.client_error_rate > limits.max_error_rate:
-            v.reasons.append(f"the candidate refused {c.client_error_rate:.3f} of its requests (4xx), stable "
-                             f"{stable.client_error_rate:.3f}: over maxErrorRate {limits.max_error_rate}")
+            v.reasons.append(
+                f"the candidate refused {c.client_error_rate:.3f} of its requests (4xx), stable "
+                f"{stable.client_error_rate:.3f}: over maxErrorRate {limits.max_error_rate}"
+            )
 
 
 def _quality(v: Verdict, limits: Limits, quality: Quality | str | None) -> None:
@@ -244,15 +276,26 @@ def _quality(v: Verdict, limits: Limits, quality: Quality | str | None) -> None:
     for task, (cand, stable) in sorted(quality.items()):
         v.measured |= {f"quality_candidate.{task}": cand, f"quality_stable.{task}": stable}
         if stable - cand > limits.max_quality_drop:
-            v.reasons.append(f"quality probe ({task}) {cand:.3f} vs stable {stable:.3f}: drop {stable - cand:.3f} > "
-                             f"maxQualityDrop {limits.max_quality_drop:g}")
+            v.reasons.append(
+                f"quality probe ({task}) {cand:.3f} vs stable {stable:.3f}: drop {stable - cand:.3f} > "
+                f"maxQualityDrop {limits.max_quality_drop:g}"
+            )
     cands, stables = [c for c, _ in quality.values()], [s for _, s in quality.values()]
-    v.measured |= {"quality_candidate": sum(cands) / len(cands), "quality_stable": sum(stables) / len(stables),
-                   "quality_drop": max(s - c for c, s in quality.values())}
+    v.measured |= {
+        "quality_candidate": sum(cands) / len(cands),
+        "quality_stable": sum(stables) / len(stables),
+        "quality_drop": max(s - c for c, s in quality.values()),
+    }
 
 
-def judge(limits: Limits, candidate: Observation | str, quality: Quality | str | None, *,
-          stable: Observation | str | None = None, router: dict[str, int] | None = None) -> Verdict:
+def judge(
+    limits: Limits,
+    candidate: Observation | str,
+    quality: Quality | str | None,
+    *,
+    stable: Observation | str | None = None,
+    router: dict[str, int] | None = None,
+) -> Verdict:
     """The step's verdict. `candidate`: its observation, or why it could not be observed.
     `quality`: per task (candidate score, stable score), why the probe could not run, or None
     when the policy has no probe. `stable`: the stable version's observation of the same window
@@ -262,15 +305,21 @@ def judge(limits: Limits, candidate: Observation | str, quality: Quality | str |
     if isinstance(candidate, str):
         v.reasons.append(f"candidate not observable: {candidate}")
     else:
-        v.measured |= {"requests": candidate.requests, "error_rate": candidate.error_rate,
-                       "p95_latency_ms": candidate.p95_latency_ms, "p95_ttft_ms": candidate.p95_ttft_ms,
-                       "disconnects": candidate.disconnects}
+        v.measured |= {
+            "requests": candidate.requests,
+            "error_rate": candidate.error_rate,
+            "p95_latency_ms": candidate.p95_latency_ms,
+            "p95_ttft_ms": candidate.p95_ttft_ms,
+            "disconnects": candidate.disconnects,
+        }
         _slos(v, limits, candidate)
         if isinstance(stable, Observation):
             _refusals(v, limits, candidate, stable)
         if router is not None and {k: n for k, n in router.items() if n} != candidate.by_status:
-            v.reasons.append(f"the router saw the candidate answer {dict(sorted(router.items()))}, the candidate counted "
-                             f"{dict(sorted(candidate.by_status.items()))}: requests went uncounted")
+            v.reasons.append(
+                f"the router saw the candidate answer {dict(sorted(router.items()))}, the candidate counted "
+                f"{dict(sorted(candidate.by_status.items()))}: requests went uncounted"
+            )
     if limits.max_quality_drop is not None:
         _quality(v, limits, quality)
     v.ok = not v.reasons

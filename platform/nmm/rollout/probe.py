@@ -80,7 +80,9 @@ def _interleave(groups: list[list[dict]], limit: int) -> list[dict]:
     return mixed[:limit]
 
 
-def cases_from_split(split, suites: list[str], limit: int, train=None, drawing: tuple[float, float] = (0.7, 1.0)) -> Cases:
+def cases_from_split(
+    split, suites: list[str], limit: int, train=None, drawing: tuple[float, float] = (0.7, 1.0)
+) -> Cases:
     """Up to `limit` cases per task from a dataset's test split for the pipeline's suites: chat
     cases for the M2T suites (digits labels, shapes VQA questions) and, with `train` (whose
     labelled pixels fit the digits judge), drawing cases for the M2G suites, sampled with
@@ -89,11 +91,20 @@ def cases_from_split(split, suites: list[str], limit: int, train=None, drawing: 
     labels = split.arrays.get("labels")
     chat = []
     if "m2t.digits" in suites and labels is not None:
-        chat.append([{"image": _data_url(split.arrays["images"][i]), "question": None, "expect": {"digit": int(labels[i])}}
-                     for i in np.flatnonzero(labels >= 0)[:limit]])
+        chat.append(
+            [
+                {"image": _data_url(split.arrays["images"][i]), "question": None, "expect": {"digit": int(labels[i])}}
+                for i in np.flatnonzero(labels >= 0)[:limit]
+            ]
+        )
     if "m2t.shapes_vqa" in suites and split.vqa:
-        chat.append([{"image": _data_url(split.arrays["images"][i]), "question": qs[0][0], "expect": {"answer": qs[0][1]}}
-                     for i, qs in enumerate(split.vqa) if qs][:limit])
+        chat.append(
+            [
+                {"image": _data_url(split.arrays["images"][i]), "question": qs[0][0], "expect": {"answer": qs[0][1]}}
+                for i, qs in enumerate(split.vqa)
+                if qs
+            ][:limit]
+        )
     out.chat = _interleave(chat, limit)
     temperature, guidance = drawing
     draw = []
@@ -120,8 +131,15 @@ def _from_npy(text: str) -> np.ndarray:
 def dumps(cases: Cases) -> bytes:
     lines = [json.dumps(c, sort_keys=True) for c in cases.chat + cases.draw]
     if cases.judge_images is not None:
-        lines.append(json.dumps({"judge": "digits", "images": _npy(cases.judge_images.astype(np.uint8)),
-                                 "labels": [int(v) for v in cases.judge_labels]}))
+        lines.append(
+            json.dumps(
+                {
+                    "judge": "digits",
+                    "images": _npy(cases.judge_images.astype(np.uint8)),
+                    "labels": [int(v) for v in cases.judge_labels],
+                }
+            )
+        )
     return "".join(line + "\n" for line in lines).encode()
 
 
@@ -132,8 +150,11 @@ def _kind(case) -> str | None:
     expect = case.get("expect")
     if isinstance(case.get("image"), str) and isinstance(expect, dict) and ("digit" in expect or "answer" in expect):
         return "chat"
-    if isinstance(case.get("prompt"), str) and isinstance(expect, dict) and (
-            "digit" in expect or isinstance(expect.get("scene"), dict)):
+    if (
+        isinstance(case.get("prompt"), str)
+        and isinstance(expect, dict)
+        and ("digit" in expect or isinstance(expect.get("scene"), dict))
+    ):
         return "draw"
     if case.get("judge") == "digits" and isinstance(case.get("images"), str) and isinstance(case.get("labels"), list):
         return "judge"
@@ -156,8 +177,10 @@ def loads(data: bytes, limit: int) -> Cases:
         except (ValueError, KeyError, TypeError):
             kind = None
         if kind is None:
-            raise ProbeError(f"probe cases line {n}: expected {{image, question, expect: {{digit|answer}}}}, "
-                             "{prompt, expect: {digit|scene}} or the digits judge's {judge, images, labels}")
+            raise ProbeError(
+                f"probe cases line {n}: expected {{image, question, expect: {{digit|answer}}}}, "
+                "{prompt, expect: {digit|scene}} or the digits judge's {judge, images, labels}"
+            )
         if kind != "judge":
             getattr(out, kind).append(case)
     out.chat, out.draw = out.chat[:limit], out.draw[:limit]
@@ -201,18 +224,30 @@ def chat_body(case: dict, model: str, **options) -> dict:
     content = [{"type": "image_url", "image_url": {"url": case["image"]}}]
     if case.get("question"):
         content.insert(0, {"type": "text", "text": case["question"]})
-    return {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": MAX_TOKENS,
-            "temperature": 0} | options
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+    } | options
 
 
 def draw_body(case: dict, model: str, seed: int) -> dict:
-    return {"model": model, "prompt": case["prompt"], "n": 1, "response_format": "b64_json", "seed": seed,
-            "temperature": case.get("temperature", 0.7), "guidance": case.get("guidance", 1.0)}
+    return {
+        "model": model,
+        "prompt": case["prompt"],
+        "n": 1,
+        "response_format": "b64_json",
+        "seed": seed,
+        "temperature": case.get("temperature", 0.7),
+        "guidance": case.get("guidance", 1.0),
+    }
 
 
 def _post(base_url: str, path: str, body: dict, timeout: float) -> dict:
-    req = urllib.request.Request(base_url.rstrip("/") + path, data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        base_url.rstrip("/") + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return json.loads(r.read())
@@ -224,7 +259,9 @@ def _post(base_url: str, path: str, body: dict, timeout: float) -> dict:
 
 def _ask(base_url: str, model: str, case: dict, timeout: float) -> bool:
     try:
-        said = _post(base_url, "/v1/chat/completions", chat_body(case, model), timeout)["choices"][0]["message"]["content"]
+        said = _post(base_url, "/v1/chat/completions", chat_body(case, model), timeout)["choices"][0]["message"][
+            "content"
+        ]
     except (KeyError, IndexError, TypeError) as exc:
         raise ProbeError(f"{base_url}: an answer without choices[0].message.content ({exc})") from None
     return right(case, said)

@@ -118,10 +118,14 @@ class Router:
         await self._admit(track)
         out, status = None, CLIENT_CLOSED  # a handler cancelled by aiohttp: the client left
         try:
-            async with self._session.request(request.method, self.urls[track] + request.rel_url.path_qs,
-                                             data=body, headers=headers) as upstream:
-                out = web.StreamResponse(status=upstream.status, headers={
-                    k: v for k, v in upstream.headers.items() if k.lower() not in HOP_HEADERS} | {"x-nmm-track": track})
+            async with self._session.request(
+                request.method, self.urls[track] + request.rel_url.path_qs, data=body, headers=headers
+            ) as upstream:
+                out = web.StreamResponse(
+                    status=upstream.status,
+                    headers={k: v for k, v in upstream.headers.items() if k.lower() not in HOP_HEADERS}
+                    | {"x-nmm-track": track},
+                )
                 await out.prepare(request)
                 chunks = upstream.content.iter_any().__aiter__()
                 while True:
@@ -129,7 +133,7 @@ class Router:
                         chunk = await chunks.__anext__()
                     except StopAsyncIteration:
                         break
-                    except (ClientError, asyncio.TimeoutError) as exc:  # the backend broke off: cut ours too
+                    except (TimeoutError, ClientError) as exc:  # the backend broke off: cut ours too
                         raise _Cut() from exc
                     await out.write(chunk)  # a client that left raises here: counted as 499
                 await out.write_eof()
@@ -140,12 +144,18 @@ class Router:
             if request.transport is not None:
                 request.transport.close()
             return out
-        except (ClientError, asyncio.TimeoutError, ConnectionError) as exc:
+        except (TimeoutError, ClientError, ConnectionError) as exc:
             if out is not None:  # our client is gone while we wrote to it
                 return out
             status = UNDELIVERED
-            body = {"error": {"message": f"{track} backend unavailable: {type(exc).__name__}", "type": "server_error",
-                              "param": None, "code": "backend_unavailable"}}
+            body = {
+                "error": {
+                    "message": f"{track} backend unavailable: {type(exc).__name__}",
+                    "type": "server_error",
+                    "param": None,
+                    "code": "backend_unavailable",
+                }
+            }
             return web.json_response(body, status=502, headers={"x-nmm-track": track})
         finally:
             self._count(track, request.path, status)

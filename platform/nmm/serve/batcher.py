@@ -15,9 +15,10 @@ import asyncio
 import collections
 import threading
 import time
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, NamedTuple
+from typing import Any, NamedTuple
 
 
 class Knob(NamedTuple):
@@ -61,9 +62,15 @@ class Job:
 
 
 class Batcher:
-    def __init__(self, run: Callable[[list[Job]], list[Any]], *, max_batch: int = BATCHING["max_batch"].default,
-                 max_wait_ms: float = BATCHING["max_wait_ms"].default, max_queue: int = BATCHING["max_queue"].default,
-                 on_batch: Callable[[int], None] | None = None):
+    def __init__(
+        self,
+        run: Callable[[list[Job]], list[Any]],
+        *,
+        max_batch: int = BATCHING["max_batch"].default,
+        max_wait_ms: float = BATCHING["max_wait_ms"].default,
+        max_queue: int = BATCHING["max_queue"].default,
+        on_batch: Callable[[int], None] | None = None,
+    ):
         self.run, self.max_batch, self.max_wait = run, max(1, max_batch), max(0.0, max_wait_ms) / 1000.0
         self.max_queue, self.on_batch = max_queue, on_batch
         self._queue: collections.deque[Job] = collections.deque()
@@ -161,4 +168,3 @@ def _settle(job: Job, result: Any) -> None:
         job.future.set_exception(result)
     else:
         job.future.set_result(result)
-

@@ -92,8 +92,9 @@ class Counted:
         finally:
             if watcher is not None:
                 watcher.cancel()
-            status = scope.get(OUTCOME, {}).get("status") or (seen["status"] if seen["ended"] and not seen["gone"]
-                                                              else CLIENT_CLOSED if seen["gone"] else 500)
+            status = scope.get(OUTCOME, {}).get("status") or (
+                seen["status"] if seen["ended"] and not seen["gone"] else CLIENT_CLOSED if seen["gone"] else 500
+            )
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
             self.metrics.in_flight.dec()
@@ -102,8 +103,13 @@ class Counted:
 async def _answer_500(send, route: str) -> None:
     body = json.dumps(INTERNAL.body()).encode()
     try:
-        await send({"type": "http.response.start", "status": 500,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 500,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
     except OSError:  # the client is gone (ClientDisconnected is an OSError): it is counted as the 500 it was
         log.info("%s: the client left before its 500 was sent", route)
@@ -124,7 +130,9 @@ class BodyBudget:
 
     def take(self, n: int) -> None:
         if self.used + n > self.limit:
-            raise unread(APIError(429, "busy: too many request bodies are being read; retry shortly", kind="rate_limit_error"))
+            raise unread(
+                APIError(429, "busy: too many request bodies are being read; retry shortly", kind="rate_limit_error")
+            )
         self.used += n
 
     def give(self, n: int) -> None:
@@ -205,9 +213,17 @@ def config(app, host: str, port: int, header_timeout: float = HEADER_TIMEOUT_S):
     import uvicorn
 
     protocol = type("HeaderDeadline", (HeaderDeadline,), {"header_timeout": header_timeout})
-    return uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30, http=protocol,
-                          timeout_keep_alive=KEEP_ALIVE_S, limit_concurrency=MAX_CONNECTIONS,
-                          h11_max_incomplete_event_size=16 << 10)
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        timeout_graceful_shutdown=30,
+        http=protocol,
+        timeout_keep_alive=KEEP_ALIVE_S,
+        limit_concurrency=MAX_CONNECTIONS,
+        h11_max_incomplete_event_size=16 << 10,
+    )
 
 
 def serve(app, host: str, port: int, header_timeout: float = HEADER_TIMEOUT_S) -> None:

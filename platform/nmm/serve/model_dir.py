@@ -46,12 +46,18 @@ class LoadedModel:
         elif self.serves["answer"]:
             prompt = self.prompts.question(codes, self.text.encode(text))
         else:
-            raise Refused("messages", "this model captions images and answers no questions: send the image alone or "
-                          f"with {INSTRUCTIONS['caption'][0]!r} (got {text[:60]!r})")
+            raise Refused(
+                "messages",
+                "this model captions images and answers no questions: send the image alone or "
+                f"with {INSTRUCTIONS['caption'][0]!r} (got {text[:60]!r})",
+            )
         limit = chat_prompt_limit(self.model.cfg.max_seq_len)
         if len(prompt) > limit:
-            raise Refused("messages", f"the prompt is {len(prompt)} tokens; this model reads at most {limit} "
-                          f"(its context is {self.model.cfg.max_seq_len} tokens)")
+            raise Refused(
+                "messages",
+                f"the prompt is {len(prompt)} tokens; this model reads at most {limit} "
+                f"(its context is {self.model.cfg.max_seq_len} tokens)",
+            )
         return prompt
 
     def draw_prompt(self, text: str) -> list[int]:
@@ -62,8 +68,11 @@ class LoadedModel:
         prompt = self.prompts.draw(self.text.encode(text))
         limit = draw_prompt_limit(self.model.cfg.max_seq_len, self.vq.tokens_per_image, self.prompts.plans)
         if len(prompt) > limit:
-            raise Refused("prompt", f"the prompt is {len(prompt)} tokens; this model draws after at most {limit} "
-                          f"(its context is {self.model.cfg.max_seq_len} tokens, an image {self.vq.tokens_per_image})")
+            raise Refused(
+                "prompt",
+                f"the prompt is {len(prompt)} tokens; this model draws after at most {limit} "
+                f"(its context is {self.model.cfg.max_seq_len} tokens, an image {self.vq.tokens_per_image})",
+            )
         return prompt
 
 
@@ -119,12 +128,14 @@ class ServeError(RuntimeError):
     """A published model that cannot be found or does not match its manifest (user input: exit 2)."""
 
 
-def load_published(source: str, store: str, *, name: str | None = None, digest: str | None = None) -> tuple[LoadedModel, str]:
-    """(the model, the name it is served under) — for `nmm serve` and curation's model filter — from `models:/<name>@<alias>`,
-    `models:/<name>/<version>` or a published model folder (a store URI or path; served as `name`,
-    and holding `digest` when given: what the operator passes a model server, which asks no
-    registry). Every file is checked against the folder's manifest; a registered version's
-    manifest digest must be the one it was registered with."""
+def load_published(
+    source: str, store: str, *, name: str | None = None, digest: str | None = None
+) -> tuple[LoadedModel, str]:
+    """(the model, the name it is served under) — for `nmm serve` and curation's model filter —
+    from `models:/<name>@<alias>`, `models:/<name>/<version>` or a published model folder (a
+    store URI or path; served as `name`, and holding `digest` when given: what the operator
+    passes a model server, which asks no registry). Every file is checked against the folder's
+    manifest; a registered version's manifest digest must be the one it was registered with."""
     from nmm import lineage, storage
 
     if not source.startswith("models:/"):
@@ -144,8 +155,10 @@ def load_published(source: str, store: str, *, name: str | None = None, digest: 
             raise ServeError(f"{source}: no such registered model, version or alias")
         folder, digest = info.folder, info.digest
         if not folder:
-            raise ServeError(f"{source}: version {info.version} records no model folder (registered by an older nmm); "
-                             "serve its folder in the store instead")
+            raise ServeError(
+                f"{source}: version {info.version} records no model folder (registered by an older nmm); "
+                "serve its folder in the store instead"
+            )
     manifest = storage.read_manifest(folder, verify=True)
     if manifest is None or manifest.get("kind") != "nmm.model":
         raise ServeError(f"{folder}: no published nmm model (manifest.json missing or not a model)")

@@ -53,12 +53,14 @@ def _at_most(items: int, chars: int | None = None):
     """Refuse a list over `items` items (a string over `chars` characters) before anything in it
     is validated: pydantic checks `max_length` only after validating every item (690k empty
     content parts took seconds)."""
+
     def check(v):
         if isinstance(v, list) and len(v) > items:
             raise ValueError(f"at most {items} items, got {len(v)}")
         if isinstance(v, str) and len(v) > (chars if chars is not None else items):
             raise ValueError(f"at most {chars if chars is not None else items} characters, got {len(v)}")
         return v
+
     return BeforeValidator(check)
 
 
@@ -79,9 +81,11 @@ class Part(_Open):
 class Message(_Open):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     # A string or a list of parts: only the branch the value's type picks is validated (its errors alone reported).
-    content: Annotated[Annotated[str, Tag("str")] | Annotated[list[Part], Tag("parts")] | Annotated[None, Tag("none")],
-                       Discriminator(lambda v: "none" if v is None else "str" if isinstance(v, str) else "parts"),
-                       _at_most(MAX_PARTS, MAX_TEXT_CHARS)] = None
+    content: Annotated[
+        Annotated[str, Tag("str")] | Annotated[list[Part], Tag("parts")] | Annotated[None, Tag("none")],
+        Discriminator(lambda v: "none" if v is None else "str" if isinstance(v, str) else "parts"),
+        _at_most(MAX_PARTS, MAX_TEXT_CHARS),
+    ] = None
 
 
 class ChatBody(_Open):
@@ -168,23 +172,26 @@ def parse_chat(raw: bytes, served: str) -> Chat:
     """The request's checked fields; the image is decoded later (`decode_image`), off the event loop."""
     req = _validated(ChatBody, _json(raw))
     if req.model != served:
-        raise APIError(404, f"model {req.model!r} is not served here (this server serves {served!r})", "model",
-                       "not_found_error")
+        raise APIError(
+            404, f"model {req.model!r} is not served here (this server serves {served!r})", "model", "not_found_error"
+        )
     messages = [_message(i, m) for i, m in enumerate(req.messages)]
     turns = [m for m in messages if m.role not in ("system", "developer")]
     if not turns or turns[-1].role != "user":
         raise APIError(400, "messages: the last message must be the user's", "messages")
     if len(turns) > 1:
-        raise APIError(400, "messages: this model answers one user turn about one image; send the last turn alone",
-                       "messages")
+        raise APIError(
+            400, "messages: this model answers one user turn about one image; send the last turn alone", "messages"
+        )
     parts = turns[-1].content
     if isinstance(parts, str):
         parts = [Part(type="text", text=parts)]
     images = [p.image_url.url for p in parts or [] if p.type == "image_url" and p.image_url is not None]
     texts = [p.text for p in parts or [] if p.type == "text" and p.text]
     if len(images) != 1:
-        raise APIError(400, f"messages: the last user message needs exactly one image_url part, got {len(images)}",
-                       "messages")
+        raise APIError(
+            400, f"messages: the last user message needs exactly one image_url part, got {len(images)}", "messages"
+        )
     image, fmt = image_url_bytes(images[0])
     question = " ".join(texts).strip() or None
     max_tokens = req.max_completion_tokens or req.max_tokens or CHAT_MAX_TOKENS

@@ -26,14 +26,22 @@ from nmm.serve import openai_api
 from nmm.serve.model_dir import LoadedModel, Refused, load_from_dir
 from nmm.tokenizers.vocab import EOS
 
-DEFAULTS = {"max_tokens": openai_api.CHAT_MAX_TOKENS, "temperature": openai_api.DRAW_TEMPERATURE,
-            "guidance": openai_api.DRAW_GUIDANCE, "seed": 0}
+DEFAULTS = {
+    "max_tokens": openai_api.CHAT_MAX_TOKENS,
+    "temperature": openai_api.DRAW_TEMPERATURE,
+    "guidance": openai_api.DRAW_GUIDANCE,
+    "seed": 0,
+}
 # The MLflow signature (nmm.lineage makes MLflow's objects of it): every column optional, strings
 # only — an array column's NaN (another kind's row) fails MLflow's own schema check.
 SIGNATURE = {
     "inputs": {"prompt": "string", "question": "string", "image": "string", "image_codes": "string"},
-    "params": {"max_tokens": ("long", DEFAULTS["max_tokens"]), "temperature": ("double", DEFAULTS["temperature"]),
-               "guidance": ("double", DEFAULTS["guidance"]), "seed": ("long", DEFAULTS["seed"])},
+    "params": {
+        "max_tokens": ("long", DEFAULTS["max_tokens"]),
+        "temperature": ("double", DEFAULTS["temperature"]),
+        "guidance": ("double", DEFAULTS["guidance"]),
+        "seed": ("long", DEFAULTS["seed"]),
+    },
 }
 
 
@@ -64,9 +72,16 @@ class Predictor:
     def _draw(self, prompt: str, p: dict) -> dict:
         m = self.m
         g = torch.Generator().manual_seed(int(p["seed"]))
-        drawn = draw(m.model, [m.draw_prompt(str(prompt))], m.vq, m.vocab, plans=m.prompts.plans,
-                     temperature=openai_api.greedy_below_floor(float(p["temperature"])), generator=g,
-                     guidance=float(p["guidance"]))
+        drawn = draw(
+            m.model,
+            [m.draw_prompt(str(prompt))],
+            m.vq,
+            m.vocab,
+            plans=m.prompts.plans,
+            temperature=openai_api.greedy_below_floor(float(p["temperature"])),
+            generator=g,
+            guidance=float(p["guidance"]),
+        )
         return {"image": drawn.pixels[0].tolist()}
 
     def _read(self, row: dict, p: dict) -> dict:
@@ -81,10 +96,16 @@ class Predictor:
         else:
             raise Refused("image", "a row needs a prompt (to draw), an image or image_codes (to read)")
         question = str(row["question"]) if present(row.get("question")) else None
-        ids = generate(m.model, [m.read_prompt(codes, question)], int(p["max_tokens"]), v.text_range(), stop=EOS,
-                       extra_allowed=(EOS,), patches=patches)[0]
+        ids = generate(
+            m.model,
+            [m.read_prompt(codes, question)],
+            int(p["max_tokens"]),
+            v.text_range(),
+            stop=EOS,
+            extra_allowed=(EOS,),
+            patches=patches,
+        )[0]
         return {"text": m.text.decode(v.text_local(ids)).strip()}
-
 
     def _pixels(self, image) -> np.ndarray:
         """A data URL (or bare base64) of a PNG/JPEG/WebP/GIF, checked as the server checks it; or pixels."""

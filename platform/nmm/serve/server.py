@@ -53,16 +53,23 @@ class Metrics:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("nmm_requests_total", "HTTP requests by route and the status the client got", ["route", "status"],
-                                registry=r)
-        self.received = Counter("nmm_requests_received_total", "HTTP requests by route, counted as they arrive", ["route"],
-                                registry=r)
+        self.requests = Counter(
+            "nmm_requests_total",
+            "HTTP requests by route and the status the client got",
+            ["route", "status"],
+            registry=r,
+        )
+        self.received = Counter(
+            "nmm_requests_received_total", "HTTP requests by route, counted as they arrive", ["route"], registry=r
+        )
         self.in_flight = Gauge("nmm_requests_in_flight", "Requests received and not yet answered", registry=r)
         self.latency = Histogram("nmm_request_seconds", "Request latency by route", ["route"], registry=r)
         self.first_token = Histogram("nmm_time_to_first_token_seconds", "Time until the first answer token", registry=r)
         self.tokens = Counter("nmm_generated_tokens_total", "Tokens generated", ["kind"], registry=r)
         self.queue = Gauge("nmm_queue_depth", "Requests waiting or running", registry=r)
-        self.batch = Histogram("nmm_batch_size", "Requests per model batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.batch = Histogram(
+            "nmm_batch_size", "Requests per model batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
+        )
 
 
 @dataclass(frozen=True)
@@ -87,7 +94,9 @@ class Model:
 
     def chat_job(self, req: openai_api.Chat) -> ChatJob:
         pixels = openai_api.decode_image(req.image, req.image_format, self.channels, self.side)
-        return ChatJob(self._laid_out(lambda: self.m.read_prompt(self.m.vq.encode(pixels[None])[0], req.question)), pixels)
+        return ChatJob(
+            self._laid_out(lambda: self.m.read_prompt(self.m.vq.encode(pixels[None])[0], req.question)), pixels
+        )
 
     def draw_job(self, req: openai_api.ImageBody) -> DrawJob:
         return DrawJob(self._laid_out(lambda: self.m.draw_prompt(req.prompt)), req.n)
@@ -101,17 +110,38 @@ class Model:
 
     def chat(self, jobs) -> list[dict]:
         m, v = self.m, self.m.vocab
-        _, max_tokens, temperature, seed = jobs[0].key
+        key: ChatKey = jobs[0].key
+        max_tokens, temperature, seed = key.max_tokens, key.temperature, key.seed
         if FAILPOINT == "chat":
             raise RuntimeError("NMM_SERVE_FAILPOINT=chat")
         prompts = [j.payload.prompt for j in jobs]
-        patches = torch.from_numpy(m.vq.patches(np.stack([j.payload.pixels for j in jobs]))) if m.model.cfg.reads_pixels else None
-        outs = generate(m.model, prompts, max_tokens, v.text_range(), stop=EOS, extra_allowed=(EOS,),
-                        temperature=temperature, generator=_generator(seed), patches=patches,
-                        on_step=_on_step(jobs, fail_streams=FAILPOINT == "stream"))
+        patches = (
+            torch.from_numpy(m.vq.patches(np.stack([j.payload.pixels for j in jobs])))
+            if m.model.cfg.reads_pixels
+            else None
+        )
+        outs = generate(
+            m.model,
+            prompts,
+            max_tokens,
+            v.text_range(),
+            stop=EOS,
+            extra_allowed=(EOS,),
+            temperature=temperature,
+            generator=_generator(seed),
+            patches=patches,
+            on_step=_on_step(jobs, fail_streams=FAILPOINT == "stream"),
+        )
         self.metrics.tokens.labels("text").inc(sum(len(o) for o in outs))
-        return [{"text": self.text_of(o), "prompt_tokens": len(p), "completion_tokens": len(o),
-                 "finish_reason": "stop" if EOS in o else "length"} for o, p in zip(outs, prompts)]
+        return [
+            {
+                "text": self.text_of(o),
+                "prompt_tokens": len(p),
+                "completion_tokens": len(o),
+                "finish_reason": "stop" if EOS in o else "length",
+            }
+            for o, p in zip(outs, prompts)
+        ]
 
     def text_of(self, tokens: list[int]) -> str:
         return self.m.text.decode(self.m.vocab.text_local(t for t in tokens if t != EOS)).strip()
@@ -120,19 +150,48 @@ class Model:
         if FAILPOINT == "draw":
             raise RuntimeError("NMM_SERVE_FAILPOINT=draw")
         m = self.m
-        _, guidance, temperature, seed = jobs[0].key
+        key: DrawKey = jobs[0].key
+        guidance, temperature, seed = key.guidance, key.temperature, key.seed
         per_job = [j for j in jobs for _ in range(j.payload.n)]
-        drawn = draw(m.model, [j.payload.prompt for j in per_job], m.vq, m.vocab, plans=m.prompts.plans,
-                     temperature=temperature, generator=_generator(seed), guidance=guidance, on_step=_on_step(per_job))
+        drawn = draw(
+            m.model,
+            [j.payload.prompt for j in per_job],
+            m.vq,
+            m.vocab,
+            plans=m.prompts.plans,
+            temperature=temperature,
+            generator=_generator(seed),
+            guidance=guidance,
+            on_step=_on_step(per_job),
+        )
         self.metrics.tokens.labels("image").inc(drawn.codes.size)
         out, at = [], 0
         for j in jobs:
-            out.append(_answer(lambda: [_png(p) for p in drawn.pixels[at: at + j.payload.n]]))
+            out.append(_answer(lambda at=at, n=j.payload.n: [_png(p) for p in drawn.pixels[at : at + n]]))
             at += j.payload.n
         return out
 
     def run(self, jobs) -> list:
-        return self.chat(jobs) if jobs[0].key[0] == "chat" else self.images(jobs)
+        return self.chat(jobs) if isinstance(jobs[0].key, ChatKey) else self.images(jobs)
+
+
+@dataclass(frozen=True)
+class ChatKey:
+    """What chat requests must share to run in one batch (the batcher groups equal keys; a
+    dataclass, so a chat key never equals a draw key of the same numbers)."""
+
+    max_tokens: int
+    temperature: float
+    seed: int | None
+
+
+@dataclass(frozen=True)
+class DrawKey:
+    """What image requests must share to run in one batch."""
+
+    guidance: float
+    temperature: float
+    seed: int | None
 
 
 def _answer(fn):
@@ -145,6 +204,7 @@ def _answer(fn):
 
 def _on_step(jobs, fail_streams: bool = False):
     """Per decoding step: stamp each job's first token, hand streamed jobs their new token."""
+
     def on_step(indices: list[int], tokens: list[int | None]) -> None:
         now = time.perf_counter()
         for i, tok in zip(indices, tokens):
@@ -157,6 +217,7 @@ def _on_step(jobs, fail_streams: bool = False):
                 job.stream(tok)
                 if fail_streams:
                     raise RuntimeError("NMM_SERVE_FAILPOINT=stream")
+
     return on_step
 
 
@@ -177,10 +238,22 @@ def _png(pixels: np.ndarray) -> str:
 
 def _completion(name: str, out: dict) -> dict:
     return {
-        "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()), "model": name,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": out["text"]}, "finish_reason": out["finish_reason"]}],
-        "usage": {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
-                  "total_tokens": out["prompt_tokens"] + out["completion_tokens"]},
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": name,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": out["text"]},
+                "finish_reason": out["finish_reason"],
+            }
+        ],
+        "usage": {
+            "prompt_tokens": out["prompt_tokens"],
+            "completion_tokens": out["completion_tokens"],
+            "total_tokens": out["prompt_tokens"] + out["completion_tokens"],
+        },
     }
 
 
@@ -194,7 +267,12 @@ async def _stream(name: str, model: Model, job, tokens: asyncio.Queue, scope: di
     word follows), so the chunks add up to exactly the non-streamed answer. A generation that
     fails after the stream began says so in the stream and is counted as the 500 it is. `done`
     runs however the stream ends (a client that hung up included)."""
-    base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()), "model": name}
+    base = {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": name,
+    }
     fut = asyncio.wrap_future(job.future)
     try:
         yield _chunk(base, {"role": "assistant", "content": ""})
@@ -209,16 +287,17 @@ async def _stream(name: str, model: Model, job, tokens: asyncio.Queue, scope: di
             got.append(nxt.result())
             text = model.text_of(got)
             if text.startswith(sent) and len(text) > len(sent):
-                yield _chunk(base, {"content": text[len(sent):]})
+                yield _chunk(base, {"content": text[len(sent) :]})
                 sent = text
         try:
             out = fut.result()
         except Exception as exc:
             mark(scope, 500)
-            yield f"data: {json.dumps({'error': {'message': f'generation failed: {type(exc).__name__}', 'type': 'server_error'}})}\n\n"
+            error = {"message": f"generation failed: {type(exc).__name__}", "type": "server_error"}
+            yield f"data: {json.dumps({'error': error})}\n\n"
             return
         if out["text"].startswith(sent) and len(out["text"]) > len(sent):
-            yield _chunk(base, {"content": out["text"][len(sent):]})
+            yield _chunk(base, {"content": out["text"][len(sent) :]})
         yield _chunk(base, {}, out["finish_reason"])
         yield "data: [DONE]\n\n"
     finally:
@@ -238,15 +317,22 @@ def _error(exc: Exception) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=close)
 
 
-def create_app(loaded: LoadedModel, name: str, *, max_batch: int = BATCHING["max_batch"].default,
-               max_wait_ms: float = BATCHING["max_wait_ms"].default, max_queue: int = BATCHING["max_queue"].default,
-               body_timeout: float = BODY_TIMEOUT_S):
+def create_app(
+    loaded: LoadedModel,
+    name: str,
+    *,
+    max_batch: int = BATCHING["max_batch"].default,
+    max_wait_ms: float = BATCHING["max_wait_ms"].default,
+    max_queue: int = BATCHING["max_queue"].default,
+    body_timeout: float = BODY_TIMEOUT_S,
+):
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     metrics = Metrics()
     model = Model(loaded, metrics)
-    batcher = Batcher(model.run, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
-                      on_batch=metrics.batch.observe)
+    batcher = Batcher(
+        model.run, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, on_batch=metrics.batch.observe
+    )
     pool = ThreadPoolExecutor(PREPARE_WORKERS, thread_name_prefix="nmm-prepare")
     budget = BodyBudget()
 
@@ -275,18 +361,22 @@ def create_app(loaded: LoadedModel, name: str, *, max_batch: int = BATCHING["max
         t0 = time.perf_counter()
         try:
             req, payload = await prepared(request, openai_api.MAX_BODY_BYTES, openai_api.parse_chat, model.chat_job)
-            key = ("chat", req.max_tokens, req.temperature, req.seed if req.temperature > 0 else None)
+            key = ChatKey(req.max_tokens, req.temperature, req.seed if req.temperature > 0 else None)
             metrics.queue.set(batcher.depth + 1)
             if req.stream:
                 loop, tokens = asyncio.get_running_loop(), asyncio.Queue()
-                job = batcher.enqueue(key, payload, stream=lambda tok: loop.call_soon_threadsafe(tokens.put_nowait, tok))
+                job = batcher.enqueue(
+                    key, payload, stream=lambda tok: loop.call_soon_threadsafe(tokens.put_nowait, tok)
+                )
             else:
                 out, job = await batcher.submit(key, payload)
         except Exception as exc:
             return _error(exc)
         if req.stream:
-            return StreamingResponse(_stream(name, model, job, tokens, request.scope, lambda: first_token(t0, job)),
-                                     media_type="text/event-stream")
+            return StreamingResponse(
+                _stream(name, model, job, tokens, request.scope, lambda: first_token(t0, job)),
+                media_type="text/event-stream",
+            )
         first_token(t0, job)
         return _completion(name, out)
 
@@ -295,7 +385,7 @@ def create_app(loaded: LoadedModel, name: str, *, max_batch: int = BATCHING["max
         t0 = time.perf_counter()
         try:
             req, payload = await prepared(request, IMAGE_BODY_BYTES, openai_api.parse_images, model.draw_job)
-            pngs, job = await batcher.submit(("image", req.guidance, req.temperature, req.seed), payload)
+            pngs, job = await batcher.submit(DrawKey(req.guidance, req.temperature, req.seed), payload)
         except Exception as exc:
             return _error(exc)
         first_token(t0, job)

@@ -3,9 +3,9 @@
 from nmm.spec.models import (
     API_VERSION,
     KIND,
-    NamespaceConflict,
     SUITES,
     Gate,
+    NamespaceConflict,
     PipelineSpec,
     parse_gate,
 )

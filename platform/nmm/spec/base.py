@@ -9,6 +9,4 @@ from pydantic.alias_generators import to_camel
 class Model(BaseModel):
     """Base: camelCase aliases, unknown fields rejected, names usable from Python too."""
 
-    model_config = ConfigDict(
-        extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True
-    )
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True)

@@ -13,7 +13,9 @@ from nmm.spec.serving import ServiceBody
 
 GROUP, VERSION = API_VERSION.split("/")
 PLURAL = "nmmpipelines"
-ANNOTATION_RETRY = "nmm.dev/retry"  # `nmm retry NAME -n NS`: any new value asks the operator to retry the failed Workflow
+ANNOTATION_RETRY = (
+    "nmm.dev/retry"  # `nmm retry NAME -n NS`: any new value asks the operator to retry the failed Workflow
+)
 SERVICE_PLURAL = "nmmservices"
 # Not allowed in a structural schema. propertyNames (the allowed keys of a map such as
 # lossWeights) is enforced by the operator's pydantic validation instead.
@@ -84,7 +86,9 @@ def status_schema() -> dict:
     }
 
 
-def _definition(kind: str, plural: str, short: str, description: str, spec: dict, status: dict, columns: list[dict]) -> dict:
+def _definition(
+    kind: str, plural: str, short: str, description: str, spec: dict, status: dict, columns: list[dict]
+) -> dict:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -106,8 +110,8 @@ def _definition(kind: str, plural: str, short: str, description: str, spec: dict
                     "served": True,
                     "storage": True,
                     "subresources": {"status": {}},
-                    "additionalPrinterColumns": columns + [
-                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}],
+                    "additionalPrinterColumns": columns
+                    + [{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}],
                     "schema": {
                         "openAPIV3Schema": {
                             "type": "object",
@@ -130,12 +134,19 @@ def _definition(kind: str, plural: str, short: str, description: str, spec: dict
 
 def crd() -> dict:
     """The NMMPipeline CRD."""
-    return _definition("NMMPipeline", PLURAL, "nmmp", "A native-multimodal-model pipeline: curate, train, evaluate, roll out.",
-                       spec_schema(), status_schema(), [
-                           {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-                           {"name": "Stage", "type": "string", "jsonPath": ".status.stage"},
-                           {"name": "Champion", "type": "string", "jsonPath": ".status.champion"},
-                       ])
+    return _definition(
+        "NMMPipeline",
+        PLURAL,
+        "nmmp",
+        "A native-multimodal-model pipeline: curate, train, evaluate, roll out.",
+        spec_schema(),
+        status_schema(),
+        [
+            {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+            {"name": "Stage", "type": "string", "jsonPath": ".status.stage"},
+            {"name": "Champion", "type": "string", "jsonPath": ".status.champion"},
+        ],
+    )
 
 
 def service_status_schema() -> dict:
@@ -151,10 +162,12 @@ def service_status_schema() -> dict:
             "message": {"type": "string"},
             "observedGeneration": {"type": "integer"},
             "pending": {
-                "type": "object", "nullable": True, "x-kubernetes-preserve-unknown-fields": True,
+                "type": "object",
+                "nullable": True,
+                "x-kubernetes-preserve-unknown-fields": True,
                 "description": "What the operator decided and has not finished doing (champion to move, a version to "
-                               "tag rolled back, the nmm.dev/promote annotation to consume): written before any child "
-                               "changes, cleared once done; a restarted operator finishes it first.",
+                "tag rolled back, the nmm.dev/promote annotation to consume): written before any child "
+                "changes, cleared once done; a restarted operator finishes it first.",
             },
         },
     }
@@ -162,11 +175,18 @@ def service_status_schema() -> dict:
 
 def service_crd() -> dict:
     """The NMMService CRD: a served model and its canary rollouts."""
-    return _definition("NMMService", SERVICE_PLURAL, "nmms", "A served native multimodal model, rolled out progressively.",
-                       _schema_of(ServiceBody)["properties"]["spec"], service_status_schema(), [
-                           {"name": "Model", "type": "string", "jsonPath": ".spec.model.name"},
-                           {"name": "Stable", "type": "integer", "jsonPath": ".status.stableVersion"},
-                           {"name": "Canary", "type": "integer", "jsonPath": ".status.canaryVersion"},
-                           {"name": "Weight", "type": "integer", "jsonPath": ".status.weight"},
-                           {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-                       ])
+    return _definition(
+        "NMMService",
+        SERVICE_PLURAL,
+        "nmms",
+        "A served native multimodal model, rolled out progressively.",
+        _schema_of(ServiceBody)["properties"]["spec"],
+        service_status_schema(),
+        [
+            {"name": "Model", "type": "string", "jsonPath": ".spec.model.name"},
+            {"name": "Stable", "type": "integer", "jsonPath": ".status.stableVersion"},
+            {"name": "Canary", "type": "integer", "jsonPath": ".status.canaryVersion"},
+            {"name": "Weight", "type": "integer", "jsonPath": ".status.weight"},
+            {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+        ],
+    )

@@ -40,14 +40,24 @@ SUITES: dict[str, dict] = {
     # GenEval's rules on held-out shapes prompts: overall = mean of the six task columns.
     # With held-out compositions (data.sources[].heldOut) the seen scenes give these and the
     # held-out ones the same names prefixed heldout_.
-    "m2g.shapes_geneval": {"metrics": ["overall", *GENEVAL_TASKS,
-                                       "plan_overall", "plan_followed"],  # data.drawPlans: layout only
-                           "source": "shapes", "task": "m2g"},
+    "m2g.shapes_geneval": {
+        "metrics": ["overall", *GENEVAL_TASKS, "plan_overall", "plan_followed"],  # data.drawPlans: layout only
+        "source": "shapes",
+        "task": "m2g",
+    },
     # VQA exact match on held-out scenes; POPE: yes/no existence probes, F1 with "yes" positive.
     "m2t.shapes_vqa": {
-        "metrics": ["accuracy", "colour_accuracy", "count_accuracy", "position_accuracy",
-                    "position_grounding_accuracy", "place_accuracy",  # data.positionAnswers: grounded only
-                    "pope_accuracy", "pope_f1", "pope_yes_ratio"],
+        "metrics": [
+            "accuracy",
+            "colour_accuracy",
+            "count_accuracy",
+            "position_accuracy",
+            "position_grounding_accuracy",
+            "place_accuracy",  # data.positionAnswers: grounded only
+            "pope_accuracy",
+            "pope_f1",
+            "pope_yes_ratio",
+        ],
         "source": "shapes",
         "task": "m2t",
     },
@@ -89,7 +99,7 @@ class ImageTokenizer(Model):
     masks: Annotated[int, Field(ge=2, le=4096)] | None = None
 
     @model_validator(mode="after")
-    def _settings_of_kind(self) -> "ImageTokenizer":
+    def _settings_of_kind(self) -> ImageTokenizer:
         for kind, defaults in IMAGE_TOKENIZER_DEFAULTS.items():
             for name, default in defaults.items():
                 if kind != self.kind and getattr(self, name) is not None:
@@ -111,7 +121,7 @@ class Size(Model):
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
 
     @model_validator(mode="after")
-    def _heads_divide_dim(self) -> "Size":
+    def _heads_divide_dim(self) -> Size:
         if self.dim % self.heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
         if (self.dim // self.heads) % 2:
@@ -128,7 +138,7 @@ class Encoder(Model):
     steps: Annotated[int, Field(ge=1, le=1_000_000)] = 300
 
     @model_validator(mode="after")
-    def _heads_divide_dim(self) -> "Encoder":
+    def _heads_divide_dim(self) -> Encoder:
         if self.dim % 4:
             raise ValueError(f"dim ({self.dim}) must be divisible by 4 (the encoder's heads)")
         return self
@@ -171,7 +181,7 @@ class ModelSpec(Model):
     encoder: Encoder = Encoder()
 
     @model_validator(mode="after")
-    def _fusion_tasks(self) -> "ModelSpec":
+    def _fusion_tasks(self) -> ModelSpec:
         if self.fusion != "early" and self.tasks != ["m2t"]:
             raise ValueError(
                 f"fusion {self.fusion!r} reads images through a stem and generates text only: "
@@ -210,8 +220,7 @@ def parse_gate(text: str) -> Gate:
     m = GATE_PATTERN.match(text)
     if not m:
         raise ValueError(
-            f"gate {text!r} must read '<suite>.<dataset>.<metric> <op> <number>', "
-            "e.g. 'm2t.digits.accuracy >= 0.9'"
+            f"gate {text!r} must read '<suite>.<dataset>.<metric> <op> <number>', e.g. 'm2t.digits.accuracy >= 0.9'"
         )
     return Gate(metric=m.group(1), op=m.group(2), threshold=float(m.group(3)))
 
@@ -261,7 +270,8 @@ class Evaluation(Model):
 class Rollout(Model):
     registered_model_name: Annotated[str, Field(pattern=MODEL_NAME)]
     serving: Serving | None = Field(
-        default=None, description="Serve the model and roll a promoted version out as a canary (judged by "
+        default=None,
+        description="Serve the model and roll a promoted version out as a canary (judged by "
         "SLOs and a quality probe); unset, promotion only moves the registry alias.",
     )
 
@@ -276,8 +286,9 @@ class Metadata(Model):
     )
     namespace: Annotated[str, Field(max_length=names.MAX_LABEL, pattern=names.DNS1123_LABEL)] | None = None
     labels: Annotated[dict[str, str], Field(max_length=64)] = Field(
-        default={}, description="Kubernetes labels for the Workflow; nmm.dev/*, kubernetes.io/*, k8s.io/* "
-        "and app.kubernetes.io/managed-by are reserved."
+        default={},
+        description="Kubernetes labels for the Workflow; nmm.dev/*, kubernetes.io/*, k8s.io/* "
+        "and app.kubernetes.io/managed-by are reserved.",
     )
 
     @field_validator("labels")
@@ -286,13 +297,17 @@ class Metadata(Model):
         for key, value in labels.items():
             prefix, _, name = key.rpartition("/")
             if not LABEL_KEY.match(key) or len(prefix) > 253 or len(name) > names.MAX_LABEL:
-                raise ValueError(f"{key!r} is not a Kubernetes label key ([prefix/]name, name ≤ 63 characters "
-                                 "of letters, digits, '-', '_', '.')")
+                raise ValueError(
+                    f"{key!r} is not a Kubernetes label key ([prefix/]name, name ≤ 63 characters "
+                    "of letters, digits, '-', '_', '.')"
+                )
             if key in RESERVED_LABELS or key.startswith(RESERVED_LABEL_PREFIXES):
                 raise ValueError(f"{key!r} is reserved (nmm sets it); choose another key")
             if len(value) > names.MAX_LABEL or not LABEL_VALUE.match(value):
-                raise ValueError(f"value of {key!r} must be ≤ 63 letters, digits, '-', '_', '.', "
-                                 f"starting and ending alphanumeric (got {value[:70]!r})")
+                raise ValueError(
+                    f"value of {key!r} must be ≤ 63 letters, digits, '-', '_', '.', "
+                    f"starting and ending alphanumeric (got {value[:70]!r})"
+                )
         return labels
 
 
@@ -304,15 +319,18 @@ class Variant(Model):
         default={}, description="Overrides of spec.model for this variant (merged key by key)."
     )
     seeds: Annotated[int, Field(ge=1, le=10)] = Field(
-        default=1, description="Run the variant on this many seeds (training.seed, +1, …): steps "
+        default=1,
+        description="Run the variant on this many seeds (training.seed, +1, …): steps "
         "train-<name>s<k> / evaluate-<name>s<k>, and the metrics' mean and standard deviation.",
     )
 
     @model_validator(mode="after")
-    def _seeded_names_fit(self) -> "Variant":
+    def _seeded_names_fit(self) -> Variant:
         if self.seeds > 1 and len(self.runs[-1][0]) > names.MAX_VARIANT_NAME:
-            raise ValueError(f"name: {self.name!r} with {self.seeds} seeds makes step names like "
-                             f"{self.runs[-1][0]!r}, over {names.MAX_VARIANT_NAME} characters; shorten it")
+            raise ValueError(
+                f"name: {self.name!r} with {self.seeds} seeds makes step names like "
+                f"{self.runs[-1][0]!r}, over {names.MAX_VARIANT_NAME} characters; shorten it"
+            )
         return self
 
     @property
@@ -346,7 +364,7 @@ class PipelineBody(Model):
         "back: report it (status Error) or recreate it. Unset: the operator's default.",
     )
 
-    def for_variant(self, name: str) -> "PipelineBody":
+    def for_variant(self, name: str) -> PipelineBody:
         """This body with a variant's model overrides applied (and no variants); `name` is one of
         its runs (<name>s<k> on seed training.seed + k when it has several seeds)."""
         found = next(((v, k) for v in self.variants for run, k in v.runs if run == name), None)
@@ -359,7 +377,7 @@ class PipelineBody(Model):
         return PipelineBody.model_validate(body)
 
     @model_validator(mode="after")
-    def _variants_valid(self) -> "PipelineBody":
+    def _variants_valid(self) -> PipelineBody:
         names = [v.name for v in self.variants]
         runs = [r for v in self.variants for r, _ in v.runs]
         if len(set(names)) != len(names) or len(set(runs)) != len(runs):
@@ -375,7 +393,7 @@ class PipelineBody(Model):
         return self
 
     @model_validator(mode="after")
-    def _consistent(self) -> "PipelineBody":
+    def _consistent(self) -> PipelineBody:
         truths = {s.truth for s in self.data.sources}
         for suite in self.evaluation.suites:
             need = SUITES[suite]
@@ -392,8 +410,12 @@ class PipelineBody(Model):
         held = any(s.held_out is not None for s in self.data.sources)
         measured = {f"{s}.{m}" for s in self.evaluation.suites for m in SUITES[s]["metrics"]}
         if held:  # the shapes suites score held-out compositions apart
-            measured |= {f"{s}.heldout_{m}" for s in self.evaluation.suites if SUITES[s]["source"] == "shapes"
-                         for m in SUITES[s]["metrics"]}
+            measured |= {
+                f"{s}.heldout_{m}"
+                for s in self.evaluation.suites
+                if SUITES[s]["source"] == "shapes"
+                for m in SUITES[s]["metrics"]
+            }
         grounded_only = ("position_grounding_accuracy", "place_accuracy")
         if self.data.position_answers != "grounded":
             measured = {m for m in measured if not m.endswith(grounded_only)}
@@ -467,7 +489,7 @@ class PipelineSpec(Model):
     spec: PipelineBody
 
     @model_validator(mode="after")
-    def _derived_names_fit(self) -> "PipelineSpec":
+    def _derived_names_fit(self) -> PipelineSpec:
         longest = names.longest_derived_name(self.metadata.name, self.variant_names)
         if len(longest) > names.MAX_LABEL:
             over = len(longest) - names.MAX_LABEL
@@ -478,7 +500,7 @@ class PipelineSpec(Model):
             )
         return self
 
-    def for_variant(self, name: str | None) -> "PipelineSpec":
+    def for_variant(self, name: str | None) -> PipelineSpec:
         """The spec one variant's steps run (itself when `name` is None)."""
         if name is None:
             return self

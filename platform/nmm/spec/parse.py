@@ -40,7 +40,10 @@ class _StrictLoader(yaml.SafeLoader):
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
             raise yaml.composer.ComposerError(
-                None, None, "aliases (*name) are not allowed in a pipeline; write the value out", self.peek_event().start_mark
+                None,
+                None,
+                "aliases (*name) are not allowed in a pipeline; write the value out",
+                self.peek_event().start_mark,
             )
         self._depth += 1
         try:
@@ -59,7 +62,10 @@ def _bounded_number(kind: str):
     def construct(loader: _StrictLoader, node: yaml.ScalarNode):
         if len(node.value) > MAX_NUMBER_CHARS:
             raise yaml.constructor.ConstructorError(
-                None, None, f"number of {len(node.value)} characters; at most {MAX_NUMBER_CHARS} allowed", node.start_mark
+                None,
+                None,
+                f"number of {len(node.value)} characters; at most {MAX_NUMBER_CHARS} allowed",
+                node.start_mark,
             )
         return parent(loader, node)
 
@@ -75,20 +81,17 @@ def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode, d
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
         if not isinstance(key, Hashable):  # `{{}}`: a mapping as a key; `key in seen` would raise TypeError
-            raise yaml.constructor.ConstructorError(None, None, "a mapping key must be a scalar, found a "
-                                                    f"{type(key).__name__}", key_node.start_mark)
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a mapping key must be a scalar, found a {type(key).__name__}", key_node.start_mark
+            )
         if key in seen:
             mark = key_node.start_mark
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", mark
-            )
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", mark)
         seen[key] = True
     return loader.construct_mapping(node, deep=deep)
 
 
-_StrictLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates
-)
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
 
 
 _PLAIN_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$")
@@ -114,7 +117,11 @@ def _describe(err: dict) -> tuple[str, str]:
     """One pydantic error → (field path, message)."""
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
     # Literal/union errors append the member tag to the loc; keep the field path only.
-    loc = tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p in {"constrained-int", "int", "float", "str", "none"})))
+    loc = tuple(
+        p
+        for p in loc
+        if not (isinstance(p, str) and ("[" in p or p in {"constrained-int", "int", "float", "str", "none"}))
+    )
     path = format_loc(loc)
     kind = err["type"]
     msg = err["msg"]
@@ -123,7 +130,7 @@ def _describe(err: dict) -> tuple[str, str]:
     if kind == "missing":
         return path, "required field is missing"
     if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
+        msg = msg[len("Value error, ") :]
         rel = _RELATIVE_PATH.match(msg)
         if rel:
             path = f"{path}.{rel.group(1)}" if path != "<document>" else rel.group(1)
@@ -136,9 +143,9 @@ def _describe(err: dict) -> tuple[str, str]:
     else:
         msg = f"{msg[0].lower()}{msg[1:]}"
     if msg.startswith("input should be "):
-        msg = "expected " + msg[len("input should be "):]
+        msg = "expected " + msg[len("input should be ") :]
     elif msg.startswith("string should match pattern"):
-        msg = "expected a string matching" + msg[len("string should match"):]
+        msg = "expected a string matching" + msg[len("string should match") :]
     return path, msg
 
 

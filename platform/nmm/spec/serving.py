@@ -31,7 +31,8 @@ class QualityProbe(Model):
     cases: Annotated[int, Field(ge=1, le=2_000)] = 40
     max_quality_drop: Annotated[float, Field(ge=0.0, le=1.0)] = 0.05
     cases_uri: Annotated[str, Field(max_length=2048, pattern=r"^(s3|store|file)://[^\s$`{}]+$")] | None = Field(
-        default=None, description="The probe's cases (JSON lines); a pipeline's rollout writes them from the "
+        default=None,
+        description="The probe's cases (JSON lines); a pipeline's rollout writes them from the "
         "evaluation split and fills this in.",
     )
 
@@ -41,7 +42,8 @@ class Analysis(Model):
     max_p95_latency_ms: Annotated[float, Field(gt=0, le=600_000)] = 5_000
     max_time_to_first_token_ms: Annotated[float, Field(gt=0, le=600_000)] = 5_000
     min_requests: Annotated[int, Field(ge=1, le=1_000_000)] = Field(
-        default=10, description="Fewer candidate requests than this in a step is no evidence: the step fails.",
+        default=10,
+        description="Fewer candidate requests than this in a step is no evidence: the step fails.",
     )
     quality_probe: QualityProbe | None = QualityProbe()
 
@@ -70,7 +72,8 @@ class ServingResources(Model):
     memory: Annotated[str, Field(pattern=r"^[0-9]+(Ki|Mi|Gi|Ti)?$")] = "2Gi"
     gpus: Annotated[int, Field(ge=0, le=16)] = 0
     gpu_pool: Annotated[str, Field(pattern=names.DNS1123_LABEL, max_length=names.MAX_LABEL)] | None = Field(
-        default=None, description="A chart gpuPools entry: its nodeSelector and tolerations, as for training.",
+        default=None,
+        description="A chart gpuPools entry: its nodeSelector and tolerations, as for training.",
     )
 
 
@@ -127,8 +130,10 @@ class ServiceAnalysis(Analysis):
     @model_validator(mode="after")
     def _probe_has_cases(self) -> ServiceAnalysis:
         if self.quality_probe is not None and not self.quality_probe.cases_uri:
-            raise ValueError("qualityProbe.casesUri: an NMMService's probe needs its cases (JSON lines of "
-                             "{image, question, expect}; a pipeline's rollout writes them)")
+            raise ValueError(
+                "qualityProbe.casesUri: an NMMService's probe needs its cases (JSON lines of "
+                "{image, question, expect}; a pipeline's rollout writes them)"
+            )
         return self
 
 

@@ -9,7 +9,8 @@ from pydantic import Field, field_validator, model_validator
 
 from nmm.spec import names
 from nmm.spec.base import Model
-from nmm.train.recipes import RECIPES, option_owners, recipe as recipe_info
+from nmm.train.recipes import RECIPES, option_owners
+from nmm.train.recipes import recipe as recipe_info
 
 # The rewards a grpo phase can score completions with: the task whose rows each scores, and the
 # ground truth it reads (None: the row's own reference answer).
@@ -25,7 +26,8 @@ PhaseName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,30}$")]
 class Phase(Model):
     name: PhaseName = "pretrain"
     recipe: Literal[tuple(RECIPES)] = Field(
-        default="pretrain", description="; ".join(f"{r.name}: {r.summary}" for r in RECIPES.values()) + ".",
+        default="pretrain",
+        description="; ".join(f"{r.name}: {r.summary}" for r in RECIPES.values()) + ".",
     )
     teacher: PhaseName | None = Field(
         default=None, description="opd only: the earlier phase whose final weights teach."
@@ -34,25 +36,37 @@ class Phase(Model):
         default=1.0, description="opd and grpo: the sampling temperature."
     )
     reference: PhaseName | None = Field(
-        default=None, description="grpo only: the earlier phase whose final weights the KL penalty keeps the policy near."
+        default=None,
+        description="grpo only: the earlier phase whose final weights the KL penalty keeps the policy near.",
     )
     reward: dict[RewardName, Annotated[float, Field(gt=0.0, le=100.0)]] | None = Field(
-        default=None, description="grpo only: a reward's name, or {name: weight, …} summed: vqa_exact (M2T rows), "
+        default=None,
+        description="grpo only: a reward's name, or {name: weight, …} summed: vqa_exact (M2T rows), "
         "digits_judge and shapes_geneval (M2G rows).",
     )
     group: Annotated[int, Field(ge=2, le=64)] = Field(default=4, description="grpo: completions sampled per prompt.")
-    clip: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(default=0.2, description="grpo: the ratio's clip range, 1 ± clip.")
-    kl_weight: Annotated[float, Field(ge=0.0, le=10.0)] = Field(default=0.04, description="grpo: the KL penalty's weight.")
+    clip: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
+        default=0.2, description="grpo: the ratio's clip range, 1 ± clip."
+    )
+    kl_weight: Annotated[float, Field(ge=0.0, le=10.0)] = Field(
+        default=0.04, description="grpo: the KL penalty's weight."
+    )
     guidance: Annotated[float, Field(ge=1.0, le=10.0)] = Field(
-        default=1.0, description="grpo: classifier-free guidance while the phase draws (its M2G samples, and the "
+        default=1.0,
+        description="grpo: classifier-free guidance while the phase draws (its M2G samples, and the "
         "probabilities its ratio and KL penalty compare), as evaluation.guidance draws; 1: none. Needs a model "
-        "that learned unconditional drawing (captionDropout in an earlier phase).")
+        "that learned unconditional drawing (captionDropout in an earlier phase).",
+    )
     updates: Annotated[int, Field(ge=1, le=8)] = Field(
-        default=1, description="grpo: optimizer steps on each sampled batch; above 1 the ratio to the sampling "
-        "policy moves off 1 and the clip can bind.")
+        default=1,
+        description="grpo: optimizer steps on each sampled batch; above 1 the ratio to the sampling "
+        "policy moves off 1 and the clip can bind.",
+    )
     samples_every: Annotated[int, Field(ge=1, le=10_000_000)] = Field(
-        default=50, description="grpo: a grid of the phase's sampled images (and its sampled answers) goes to "
-        "its MLflow run every this many steps, and at its last step.")
+        default=50,
+        description="grpo: a grid of the phase's sampled images (and its sampled answers) goes to "
+        "its MLflow run every this many steps, and at its last step.",
+    )
     steps: Annotated[int, Field(ge=1, le=10_000_000)]
     batch_size: Annotated[int, Field(ge=1, le=65_536)] = 32
     lr: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-3
@@ -71,15 +85,13 @@ class Phase(Model):
         return {v: 1.0} if isinstance(v, str) else v
 
     @model_validator(mode="after")
-    def _warmup_fits(self) -> "Phase":
+    def _warmup_fits(self) -> Phase:
         if self.warmup_steps >= self.steps:
-            raise ValueError(
-                f"warmupSteps ({self.warmup_steps}) must be smaller than steps ({self.steps})"
-            )
+            raise ValueError(f"warmupSteps ({self.warmup_steps}) must be smaller than steps ({self.steps})")
         return self
 
     @model_validator(mode="after")
-    def _options_of_its_recipe(self) -> "Phase":
+    def _options_of_its_recipe(self) -> Phase:
         """A recipe's own options (nmm.train.recipes) are set on its phases only, and the ones
         it needs are set."""
         info = recipe_info(self.recipe)
@@ -90,7 +102,9 @@ class Phase(Model):
         for name in info.required():
             if not getattr(self, name):
                 alias = type(self).model_fields[name].alias or name
-                raise ValueError(f"{alias}: every {self.recipe} phase needs it ({type(self).model_fields[name].description})")
+                raise ValueError(
+                    f"{alias}: every {self.recipe} phase needs it ({type(self).model_fields[name].description})"
+                )
         return self
 
 
@@ -107,7 +121,7 @@ class Resources(Model):
     memory: Annotated[str, Field(pattern=r"^[0-9]+(Ki|Mi|Gi|Ti)?$")] = "4Gi"
 
     @model_validator(mode="after")
-    def _one_way_to_count(self) -> "Resources":
+    def _one_way_to_count(self) -> Resources:
         if self.processes_per_node and self.gpus_per_node:
             raise ValueError("set processesPerNode (CPU) or gpusPerNode (GPU), not both")
         if (self.gpu_product or self.gpu_memory_gib) and not self.gpus_per_node:
@@ -171,15 +185,17 @@ class Training(Model):
         return phases
 
     @model_validator(mode="after")
-    def _fsdp_without_opd(self) -> "Training":
+    def _fsdp_without_opd(self) -> Training:
         sampling = [p.name for p in self.phases if recipe_info(p.recipe).samples]
         if self.parallelism.fsdp and sampling:
-            raise ValueError(f"parallelism.fsdp: phases that sample while training ({sampling}) sample per rank and "
-                             "run with DDP; turn fsdp off or drop them")
+            raise ValueError(
+                f"parallelism.fsdp: phases that sample while training ({sampling}) sample per rank and "
+                "run with DDP; turn fsdp off or drop them"
+            )
         return self
 
     @model_validator(mode="after")
-    def _teachers_come_first(self) -> "Training":
+    def _teachers_come_first(self) -> Training:
         names = [p.name for p in self.phases]
         for i, p in enumerate(self.phases):
             field = recipe_info(p.recipe).frozen

@@ -16,7 +16,6 @@ from nmm.spec.parse import parse_json
 from nmm.storage import layout
 from nmm.version import code_version
 
-
 STAGES = names.STAGES + (names.EXIT_STAGE,)
 
 
@@ -43,8 +42,17 @@ class StageContext:
     outputs_uri: str | None = None  # also write the output parameters here, as JSON (a RayJob's driver)
 
     @classmethod
-    def create(cls, spec_json: str, namespace: str, owner_uid: str, run_id: str, store: str, outputs: str,
-               variant: str | None = None, outputs_uri: str | None = None) -> "StageContext":
+    def create(
+        cls,
+        spec_json: str,
+        namespace: str,
+        owner_uid: str,
+        run_id: str,
+        store: str,
+        outputs: str,
+        variant: str | None = None,
+        outputs_uri: str | None = None,
+    ) -> StageContext:
         spec = parse_json(spec_json, "--spec")
         if variant is not None:
             if variant not in spec.variant_names:

@@ -20,11 +20,11 @@ import numpy as np
 from nmm import lineage, storage
 from nmm.data import assemble, datacard, dedup, ledger, ray_transforms, readers, shapes, sources, stream, userdata
 from nmm.data.examine import Settings, examine_builtin
+from nmm.data.kinds import BUILT_IN as BUILT_IN_SOURCES
 from nmm.data.locate import SourceError
 from nmm.data.sequences import STYLES, TASKS, Prompts, instruction_texts, pack_rows
 from nmm.data.shards import encode_shard
 from nmm.data.sources import SourceData
-from nmm.data.kinds import BUILT_IN as BUILT_IN_SOURCES
 from nmm.stages.context import ModelMissing, StageContext, cache_key, setup_logging
 from nmm.tokenizers import ColourMaskVQ, PatchVQ, SharedVocab, TextTokenizer
 from nmm.version import code_version
@@ -50,8 +50,13 @@ class Curated:
 def _settings(data) -> Settings:
     c = data.curation
     side, channels = data.image_shape
-    limits = userdata.Limits(min_side=c.min_side, max_aspect=c.max_aspect, blank_std=c.blank_std,
-                             min_words=c.min_words, max_words=c.max_words)
+    limits = userdata.Limits(
+        min_side=c.min_side,
+        max_aspect=c.max_aspect,
+        blank_std=c.blank_std,
+        min_words=c.min_words,
+        max_words=c.max_words,
+    )
     return Settings(side, channels, limits, {s.label: s.truth for s in data.sources}, signatures=data.dedup != "none")
 
 
@@ -64,7 +69,9 @@ def _units(data, store: str) -> tuple[list, dict[str, list], dict[str, int]]:
             builtin[src.label] = index
             index += 1
             continue
-        mine, listing[src.label] = readers.units(src.model_copy(update={"uri": storage.in_store(src.uri, store)}), index)
+        mine, listing[src.label] = readers.units(
+            src.model_copy(update={"uri": storage.in_store(src.uri, store)}), index
+        )
         units += mine
         index += len(mine)
     return units, listing, builtin
@@ -75,15 +82,30 @@ def _builtins(data, settings: Settings, builtin: dict[str, int]) -> tuple[list[d
     batches, loaded = [], {}
     for src in data.sources:
         if src.label in builtin:
-            raw = sources.load(src.kind, data.captions_per_image, src.samples, src.image_size, src.seed, data.grounded_on)
+            raw = sources.load(
+                src.kind, data.captions_per_image, src.samples, src.image_size, src.seed, data.grounded_on
+            )
             loaded[src.label] = raw
-            batches.append(examine_builtin(src.label, builtin[src.label], raw.images, raw.captions, raw.labels,
-                                           raw.scenes, settings))
+            batches.append(
+                examine_builtin(
+                    src.label, builtin[src.label], raw.images, raw.captions, raw.labels, raw.scenes, settings
+                )
+            )
     return batches, loaded
 
 
-def _shards(split: str, data: SourceData, ids: list[str], idx: np.ndarray, codes, drawn, text_ids,
-            styles: list[Prompts], source_index: np.ndarray, plans: list[list[int]] | None = None) -> list[tuple[str, bytes, int]]:
+def _shards(
+    split: str,
+    data: SourceData,
+    ids: list[str],
+    idx: np.ndarray,
+    codes,
+    drawn,
+    text_ids,
+    styles: list[Prompts],
+    source_index: np.ndarray,
+    plans: list[list[int]] | None = None,
+) -> list[tuple[str, bytes, int]]:
     """Shards of one split. Rows per image and per prompt style: each caption as M2T and as
     M2G, and each VQA pair as an M2T row (`text_ids[i]` holds the captions' ids, then question,
     answer, question, …). `style[r]` is row r's index in STYLES, `task[r]` its index in TASKS.
@@ -101,8 +123,8 @@ def _shards(split: str, data: SourceData, ids: list[str], idx: np.ndarray, codes
                 n_caps = len(data.captions[i])
                 for c, cap in enumerate(text_ids[i][:n_caps]):
                     for t, name in enumerate(TASKS):
-                        rows.append(prompts.row((codes if name == "m2t" else drawn)[i], cap, name, k=start + j + c,
-                                                plan_local=plans[i] if plans is not None else ()))
+                        image, plan = (codes if name == "m2t" else drawn)[i], plans[i] if plans is not None else ()
+                        rows.append(prompts.row(image, cap, name, k=start + j + c, plan_local=plan))
                         task.append(t)
                         style.append(s)
                         row_image.append(j)
@@ -144,7 +166,9 @@ def _cached(key: str, index_uri: str, log) -> tuple[str, dict] | None:
         log.info("cache entry %s points at a dataset that is gone; curating again", key)
         return None
     if manifest.get("cache_key") != key:
-        log.warning("cache entry %s points at %s, made from cache key %s: not reused", key, prior, manifest.get("cache_key"))
+        log.warning(
+            "cache entry %s points at %s, made from cache key %s: not reused", key, prior, manifest.get("cache_key")
+        )
         return None
     return prior, manifest
 
@@ -160,10 +184,19 @@ def _key(ctx: StageContext, listing: dict[str, list], version) -> str:
         "curate",
         spec.data.model_dump(mode="json"),
         spec.model.tokenizers.model_dump(mode="json"),
-        {"dedup": spec.data.dedup, "listing": listing,
-         "filter_model": None if version is None else [version.name, version.version, version.tags.get("nmm.model_digest")]},
-        {"sklearn": installed("scikit-learn"), "pillow": installed("pillow"), "imagehash": installed("ImageHash"),
-         "datasketch": installed("datasketch")},
+        {
+            "dedup": spec.data.dedup,
+            "listing": listing,
+            "filter_model": None
+            if version is None
+            else [version.name, version.version, version.tags.get("nmm.model_digest")],
+        },
+        {
+            "sklearn": installed("scikit-learn"),
+            "pillow": installed("pillow"),
+            "imagehash": installed("ImageHash"),
+            "datasketch": installed("datasketch"),
+        },
     )
 
 
@@ -206,8 +239,10 @@ def _align(ctx: StageContext, ex, d: dedup.Decisions, version, log) -> np.ndarra
     except ServeError as exc:
         raise ModelMissing(f"data.curation.modelFilter.model: {exc}") from None
     if tuple(loaded.vq.image_shape) != (side, side, channels):
-        raise SourceError(f"data.curation.modelFilter.model: {version.name} v{version.version} reads "
-                          f"{tuple(loaded.vq.image_shape)} images; the sources give {(side, side, channels)}")
+        raise SourceError(
+            f"data.curation.modelFilter.model: {version.name} v{version.version} reads "
+            f"{tuple(loaded.vq.image_shape)} images; the sources give {(side, side, channels)}"
+        )
     rows = assemble.kept(d.reason)
     captions = [json.loads(ex.cols["captions"][i])[0] for i in rows]
     scores = caption_scores(loaded, ex.pixels(rows).astype(np.float32) / 255.0, captions)
@@ -215,16 +250,28 @@ def _align(ctx: StageContext, ex, d: dedup.Decisions, version, log) -> np.ndarra
     d.reason[rows[~keep]] = "low_alignment_score"
     alignment = np.full(len(d.reason), np.nan)
     alignment[rows] = scores
-    log.info("model filter (%s v%s): kept %d of %d by caption likelihood", version.name, version.version,
-             int(keep.sum()), len(rows))
+    log.info(
+        "model filter (%s v%s): kept %d of %d by caption likelihood",
+        version.name,
+        version.version,
+        int(keep.sum()),
+        len(rows),
+    )
     return alignment
 
 
 def _decide(ctx: StageContext, ex, version, log) -> tuple[dedup.Decisions, np.ndarray | None]:
     data = ctx.spec.spec.data
     c = data.curation
-    d = dedup.decide(ex.cols, data.dedup, radius=c.image_radius, caption_dedup=c.caption_dedup,
-                     threshold=c.caption_threshold, train=data.split.train, val=data.split.val)
+    d = dedup.decide(
+        ex.cols,
+        data.dedup,
+        radius=c.image_radius,
+        caption_dedup=c.caption_dedup,
+        threshold=c.caption_threshold,
+        train=data.split.train,
+        val=data.split.val,
+    )
     alignment = _align(ctx, ex, d, version, log) if version is not None else None
     assemble.apply_limits(ex.cols, d.reason, {s.label: s.limit for s in data.sources})
     d.split[[bool(r) for r in d.reason]] = ""
@@ -270,8 +317,9 @@ def _curate(ctx: StageContext, units: list, builtin: dict[str, int], version, lo
             dropped = {r: n for r, n in counts["dropped_by_reason"].items() if n}
             raise SourceError(f"data.sources: {empty} kept no samples (dropped: {dropped})")
         rows = assemble.kept(d.reason)
-        raw, ids, source_index = assemble.source_data(ex, rows, [s.label for s in data.sources], data.captions_per_image, loaded,
-                                                      data.grounded_on)
+        raw, ids, source_index = assemble.source_data(
+            ex, rows, [s.label for s in data.sources], data.captions_per_image, loaded, data.grounded_on
+        )
         names = np.array([d.split[i] for i in rows])
         splits = {s: np.flatnonzero(names == s) for s in ("train", "val", "test")}
         return Curated(raw, ids, source_index, splits, table, counts, d.leakage, _examples(ex, d))
@@ -284,11 +332,18 @@ def _tokenized(ctx: StageContext, cur: Curated, engine: str, log):
     process for a small input, as `_examine` does)."""
     spec = ctx.spec.spec
     raw, splits = cur.raw, cur.splits
-    log.info("kept %d of %d samples; split %s; dropped %s", cur.counts["kept"], cur.counts["kept"] + cur.counts["dropped"],
-             {k: len(v) for k, v in splits.items()}, {k: v for k, v in cur.counts["dropped_by_reason"].items() if v})
+    log.info(
+        "kept %d of %d samples; split %s; dropped %s",
+        cur.counts["kept"],
+        cur.counts["kept"] + cur.counts["dropped"],
+        {k: len(v) for k, v in splits.items()},
+        {k: v for k, v in cur.counts["dropped_by_reason"].items() if v},
+    )
     if not len(splits["train"]) or not len(splits["test"]):
-        raise SourceError(f"data: {len(raw.images)} kept samples leave the train or test split empty "
-                                  f"({ {k: len(v) for k, v in splits.items()} }): add data or loosen data.curation")
+        raise SourceError(
+            f"data: {len(raw.images)} kept samples leave the train or test split empty "
+            f"({ {k: len(v) for k, v in splits.items()} }): add data or loosen data.curation"
+        )
     tok = spec.model.tokenizers
     train_idx = splits["train"]
     img = tok.image
@@ -301,11 +356,17 @@ def _tokenized(ctx: StageContext, cur: Curated, engine: str, log):
     captions = sum(len(raw.captions[i]) for i in train_idx)
     layouts = _layouts(ctx, raw)
     planned = [layouts[i] for i in train_idx] if layouts is not None else []
-    text = TextTokenizer.train(tok.text.kind, raw.texts(train_idx) + instruction_texts(captions) + planned,
-                               tok.text.vocab_size)
+    text = TextTokenizer.train(
+        tok.text.kind, raw.texts(train_idx) + instruction_texts(captions) + planned, tok.text.vocab_size
+    )
     vocab = SharedVocab(text_size=text.size, image_size=vq.size)
-    log.info("tokenizers: text %d, image codebook %d%s (fitted on train only); shared vocab %d", text.size, vq.size,
-             f" ({' × '.join(map(str, vq.factors))} colours × masks)" if vq.factors else "", vocab.size)
+    log.info(
+        "tokenizers: text %d, image codebook %d%s (fitted on train only); shared vocab %d",
+        text.size,
+        vq.size,
+        f" ({' × '.join(map(str, vq.factors))} colours × masks)" if vq.factors else "",
+        vocab.size,
+    )
     texts = [raw.sample_texts(i) for i in range(len(raw.images))]
     codes, text_ids = ray_transforms.tokenize_samples(raw.images, texts, vq.to_bytes(), text.to_bytes(), engine=engine)
     plans = None if layouts is None else [text.encode(t) for t in layouts]
@@ -319,14 +380,21 @@ def _layouts(ctx: StageContext, raw: SourceData) -> list[str] | None:
     if data.draw_plans == "none":
         return None
     side = data.image_shape[0]
-    return [shapes.layout(shapes.scene_from_dict(sc), side) if sc else "" for sc in (raw.scenes or [None] * len(raw.images))]
+    return [
+        shapes.layout(shapes.scene_from_dict(sc), side) if sc else "" for sc in (raw.scenes or [None] * len(raw.images))
+    ]
 
 
 def _stats(cur: Curated) -> dict:
     c = cur.counts
-    return {"samples": c["kept"] + c["dropped"], "kept": c["kept"], "duplicates_dropped": sum(
-        c["dropped_by_reason"][r] for r in ("exact_duplicate", "near_duplicate", "caption_near_duplicate")),
-        **{f"{k}_images": int(len(v)) for k, v in cur.splits.items()}}
+    return {
+        "samples": c["kept"] + c["dropped"],
+        "kept": c["kept"],
+        "duplicates_dropped": sum(
+            c["dropped_by_reason"][r] for r in ("exact_duplicate", "near_duplicate", "caption_near_duplicate")
+        ),
+        **{f"{k}_images": int(len(v)) for k, v in cur.splits.items()},
+    }
 
 
 def _mixture(ctx: StageContext, cur: Curated) -> dict:
@@ -337,40 +405,59 @@ def _mixture(ctx: StageContext, cur: Curated) -> dict:
     return {s.label: (s.weight / total if i in present else 0.0) for i, s in enumerate(data.sources)}
 
 
-def _publish(ctx: StageContext, key: str, units: list, builtin: dict[str, int], listing: dict, version,
-             log) -> tuple[str, dict, Curated]:
+def _publish(
+    ctx: StageContext, key: str, units: list, builtin: dict[str, int], listing: dict, version, log
+) -> tuple[str, dict, Curated]:
     """Curate and publish the dataset (shards, tokenizers, ledger, data card; manifest last)."""
     cur = _curate(ctx, units, builtin, version, log)
     vq, text, vocab, codes, text_ids, plans = _tokenized(ctx, cur, _engine(units), log)
     mixture = _mixture(ctx, cur)
     card = datacard.markdown(ctx.spec.spec.data, listing, cur.counts, cur.leakage, mixture, key)
-    files = {"text_tokenizer.json": text.to_bytes(), "image_tokenizer.safetensors": vq.to_bytes(),
-             ledger.FILE: ledger.to_bytes(cur.ledger), datacard.FILE: card.encode()}
+    files = {
+        "text_tokenizer.json": text.to_bytes(),
+        "image_tokenizer.safetensors": vq.to_bytes(),
+        ledger.FILE: ledger.to_bytes(cur.ledger),
+        datacard.FILE: card.encode(),
+    }
     styles = [Prompts.of(vocab, s, text.encode, plans=plans is not None) for s in STYLES]
     shard_list, drawn = [], vq.drawing_codes(codes)
     for name, idx in cur.splits.items():
-        for fname, blob, count in _shards(name, cur.raw, cur.ids, idx, codes, drawn, text_ids, styles, cur.source_index,
-                                          plans):
+        for fname, blob, count in _shards(
+            name, cur.raw, cur.ids, idx, codes, drawn, text_ids, styles, cur.source_index, plans
+        ):
             files[fname] = blob
             shard_list.append({"file": fname, "split": name, "images": count})
     truths = {s.truth for s in ctx.spec.spec.data.sources} - {None}
     out_uri = ctx.stage_uri("curate")
-    manifest = storage.publish(out_uri, files, {
-        "kind": "nmm.dataset",
-        "source": cur.raw.name,
-        "ground_truth": truths.pop() if len(truths) == 1 else None,
-        "sources": [{"name": s.label, "kind": s.kind, "uri": s.uri, "weight": s.weight,
-                     "objects": len(listing.get(s.label, []))} for s in ctx.spec.spec.data.sources],
-        "mixture": mixture,
-        "cache_key": key,
-        "vocab": {"text_size": vocab.text_size, "image_size": vocab.image_size},
-        "tokens_per_image": vq.tokens_per_image,
-        "draw_plans": ctx.spec.spec.data.draw_plans,
-        "image_shape": list(vq.image_shape),
-        "shards": shard_list,
-        "stats": _stats(cur),
-        "curation": {"counts": cur.counts, "leakage": cur.leakage, "dedup": ctx.spec.spec.data.dedup},
-    }, exclusive=True)  # of two attempts racing on this run's folder exactly one commits (R21)
+    manifest = storage.publish(
+        out_uri,
+        files,
+        {
+            "kind": "nmm.dataset",
+            "source": cur.raw.name,
+            "ground_truth": truths.pop() if len(truths) == 1 else None,
+            "sources": [
+                {
+                    "name": s.label,
+                    "kind": s.kind,
+                    "uri": s.uri,
+                    "weight": s.weight,
+                    "objects": len(listing.get(s.label, [])),
+                }
+                for s in ctx.spec.spec.data.sources
+            ],
+            "mixture": mixture,
+            "cache_key": key,
+            "vocab": {"text_size": vocab.text_size, "image_size": vocab.image_size},
+            "tokens_per_image": vq.tokens_per_image,
+            "draw_plans": ctx.spec.spec.data.draw_plans,
+            "image_shape": list(vq.image_shape),
+            "shards": shard_list,
+            "stats": _stats(cur),
+            "curation": {"counts": cur.counts, "leakage": cur.leakage, "dedup": ctx.spec.spec.data.dedup},
+        },
+        exclusive=True,
+    )  # of two attempts racing on this run's folder exactly one commits (R21)
     return out_uri, manifest, cur
 
 
@@ -379,12 +466,15 @@ def _log_curation(run, cur: Curated, manifest: dict) -> None:
     from nmm.evaluate.grid import png_grid
 
     c = cur.counts
-    metrics = {"curate.kept": c["kept"], "curate.dropped": c["dropped"],
-               **{f"curate.dropped.{r}": n for r, n in c["dropped_by_reason"].items()},
-               **{f"curate.source.{s}.samples": v["samples"] for s, v in c["sources"].items()},
-               **{f"curate.source.{s}.kept": v["kept"] for s, v in c["sources"].items()},
-               **{f"curate.leakage.{k}": v for k, v in cur.leakage.items()},
-               **{f"curate.mixture.{s}": w for s, w in manifest["mixture"].items()}}
+    metrics = {
+        "curate.kept": c["kept"],
+        "curate.dropped": c["dropped"],
+        **{f"curate.dropped.{r}": n for r, n in c["dropped_by_reason"].items()},
+        **{f"curate.source.{s}.samples": v["samples"] for s, v in c["sources"].items()},
+        **{f"curate.source.{s}.kept": v["kept"] for s, v in c["sources"].items()},
+        **{f"curate.leakage.{k}": v for k, v in cur.leakage.items()},
+        **{f"curate.mixture.{s}": w for s, w in manifest["mixture"].items()},
+    }
     run.log_metrics(metrics | {f"data/{k}": v for k, v in manifest["stats"].items()})
     for name, images in cur.grids.items():
         cols = 8
@@ -409,8 +499,13 @@ def run(ctx: StageContext) -> None:
             finally:
                 ray_transforms.shutdown()
             storage.write_json(index_uri, {"dataset_uri": uri, "digest": manifest["digest"]})
-            run.log_params({"data.source": manifest["source"], "data.dedup": ctx.spec.spec.data.dedup,
-                            "vocab.size": SharedVocab(**manifest["vocab"]).size})
+            run.log_params(
+                {
+                    "data.source": manifest["source"],
+                    "data.dedup": ctx.spec.spec.data.dedup,
+                    "vocab.size": SharedVocab(**manifest["vocab"]).size,
+                }
+            )
             _log_curation(run, cur, manifest)
             run.log_bytes(storage.read_file(uri, manifest, datacard.FILE), datacard.FILE, "curate")
             log.info("published %s (%s) in %.1fs", uri, manifest["digest"], time.perf_counter() - t0)

@@ -17,8 +17,8 @@ import time
 import numpy as np
 
 from nmm import lineage, storage
-from nmm.data.dataset import Dataset, DatasetError
 from nmm.data import shapes as shapes_data
+from nmm.data.dataset import Dataset, DatasetError
 from nmm.data.sequences import Prompts
 from nmm.evaluate import digits, gates, seesaw, shapes, shapes_judge
 from nmm.evaluate.grid import png_grid
@@ -59,8 +59,14 @@ def _suite_digits(suites, loaded, ds: Dataset, ev, seed: int, run_) -> dict[str,
     test = _labelled(ds.split("test"))
     labels = test.arrays["labels"]
     if "m2t.digits" in suites:
-        acc, captions = digits.m2t_accuracy(loaded.model, loaded.prompts, loaded.text, test.arrays["codes"], labels,
-                                            _patches(loaded, test.arrays["images"]))
+        acc, captions = digits.m2t_accuracy(
+            loaded.model,
+            loaded.prompts,
+            loaded.text,
+            test.arrays["codes"],
+            labels,
+            _patches(loaded, test.arrays["images"]),
+        )
         metrics["m2t.digits.accuracy"] = acc
         examples = [{"label": int(y), "caption": c} for y, c in zip(labels[:20], captions[:20])]
         run_.log_bytes(json.dumps(examples, indent=2).encode(), "m2t_digits_examples.json", "eval")
@@ -95,8 +101,14 @@ def _suite_shapes(suites, loaded, ds: Dataset, ev, seed: int, run_, held=None) -
             metrics |= _geneval(loaded, test, rows, prefix, ev, seed, run_)
         if "m2t.shapes_vqa" in suites:
             n = rows[: ev.vqa_images]
-            m, examples = shapes.vqa(loaded.model, loaded.prompts, loaded.text, test.arrays["codes"][n], [test.vqa[i] for i in n],
-                                     _patches(loaded, test.arrays["images"][n]))
+            m, examples = shapes.vqa(
+                loaded.model,
+                loaded.prompts,
+                loaded.text,
+                test.arrays["codes"][n],
+                [test.vqa[i] for i in n],
+                _patches(loaded, test.arrays["images"][n]),
+            )
             metrics |= {k.replace("m2t.shapes_vqa.", f"m2t.shapes_vqa.{prefix}"): v for k, v in m.items()}
             run_.log_bytes(json.dumps(examples, indent=2).encode(), f"m2t_shapes_vqa_{prefix}examples.json", "eval")
     return metrics
@@ -106,14 +118,16 @@ def _geneval(loaded, test, rows: np.ndarray, prefix: str, ev, seed: int, run_) -
     """GenEval on the first `promptsPerTask` scenes of each task among `rows` of the test split."""
     idx = rows[shapes.pick_scenes([test.scenes[i] for i in rows], ev.prompts_per_task)]
     scenes = [shapes_data.scene_from_dict(test.scenes[i]) for i in idx]
-    m, images, plans = shapes.geneval(loaded.model, loaded.prompts, loaded.text, loaded.vq, scenes,
-                               ev.temperature, ev.guidance, seed)
+    m, images, plans = shapes.geneval(
+        loaded.model, loaded.prompts, loaded.text, loaded.vq, scenes, ev.temperature, ev.guidance, seed
+    )
     metrics = {k.replace("m2g.shapes_geneval.", f"m2g.shapes_geneval.{prefix}"): v for k, v in m.items()}
     # The judge's ceiling on the same prompts: their VQ reconstructions (what a model drawing with
     # this codebook can reach at best; on held-out compositions the codebook, fitted on the train
     # split, may lack their patches) and, on seen scenes, the real renders.
     metrics[f"m2g.shapes_geneval.{prefix}judge_tokenized"] = shapes_judge.evaluate(
-        scenes, loaded.vq.decode(test.arrays["codes"][idx]))["overall"]
+        scenes, loaded.vq.decode(test.arrays["codes"][idx])
+    )["overall"]
     if prefix:
         return metrics
     real = test.arrays["images"][idx].astype(np.float32) / 255.0
@@ -138,19 +152,25 @@ def _seesaw(loaded, manifest: dict, model_uri: str, suite, ds: Dataset, ev, seed
     plots their history) and a PNG of understanding against generation."""
     from safetensors.torch import load
 
-    small = ev.model_copy(update={
-        "generations_per_class": max(1, ev.generations_per_class // 5),
-        "prompts_per_task": max(1, ev.prompts_per_task // 5),
-        "vqa_images": max(1, ev.vqa_images // 5),
-    })
+    small = ev.model_copy(
+        update={
+            "generations_per_class": max(1, ev.generations_per_class // 5),
+            "prompts_per_task": max(1, ev.prompts_per_task // 5),
+            "vqa_images": max(1, ev.vqa_images // 5),
+        }
+    )
     keys = seesaw.headlines(ev.suites)
     final_weights = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     points: dict[int, dict[str, float]] = {}
     for snap in manifest["snapshots"]:
         loaded.model.load_state_dict(load(storage.read_file(model_uri, manifest, snap["file"])))
         # a snapshot answers the prompts of the phase it was taken in
-        at = dataclasses.replace(loaded, prompts=Prompts.of(loaded.vocab, snap.get("prompts", "plain"), loaded.text.encode,
-                                                            plans=loaded.prompts.plans))
+        at = dataclasses.replace(
+            loaded,
+            prompts=Prompts.of(
+                loaded.vocab, snap.get("prompts", "plain"), loaded.text.encode, plans=loaded.prompts.plans
+            ),
+        )
         m = suite(set(ev.suites), at, ds, small, seed, _NoArtifacts())
         points[snap["step"]] = {k: m[k] for k in keys}
         log.info("see-saw step %d: %s", snap["step"], ", ".join(f"{k} {m[k]:.3f}" for k in keys))
@@ -191,9 +211,14 @@ def run(ctx: StageContext, dataset_uri: str, model_uri: str) -> int:
         run_.set_tags({"nmm.gate": "pass" if ok else "fail", "nmm.gate_reasons": "; ".join(reasons)})
         prefix = f"nmm.metric.{ctx.variant}." if ctx.variant else "nmm.metric."
         run_.set_parent_tags({f"{prefix}{k}": f"{v:.4f}" for k, v in metrics.items()})
-        run_.log_params({"variant": ctx.variant or "", "model.fusion": spec.model.fusion, "model.category": spec.model.category})
+        run_.log_params(
+            {"variant": ctx.variant or "", "model.fusion": spec.model.fusion, "model.category": spec.model.category}
+        )
         report = {"metrics": metrics, "gate": "pass" if ok else "fail", "reasons": reasons, "model_uri": model_uri}
-        storage.publish(ctx.stage_uri(ctx.step("evaluate")), {"report.json": json.dumps(report, indent=2, sort_keys=True).encode()},
-                        {"kind": "nmm.evaluation", "model_digest": manifest["digest"], "dataset_digest": ds.digest})
+        storage.publish(
+            ctx.stage_uri(ctx.step("evaluate")),
+            {"report.json": json.dumps(report, indent=2, sort_keys=True).encode()},
+            {"kind": "nmm.evaluation", "model_digest": manifest["digest"], "dataset_digest": ds.digest},
+        )
         ctx.write_outputs({"gate": "pass" if ok else "fail", "metrics": json.dumps(metrics, sort_keys=True)})
     return 0

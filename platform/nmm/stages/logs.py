@@ -38,7 +38,7 @@ class Archive:
         self.uri = storage.join(stage_uri, "logs", f"{socket.gethostname()}-{os.getpid()}.log")
         self.copy = io.StringIO()
 
-    def __enter__(self) -> "Archive":
+    def __enter__(self) -> Archive:
         self.saved = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = Tee(sys.stdout, self.copy), Tee(sys.stderr, self.copy)
         return self
@@ -54,4 +54,6 @@ class Archive:
 def read_archived(stage_uri: str) -> list[tuple[str, str]]:
     """(file name, text) of every archived log of a stage."""
     folder = storage.join(stage_uri, "logs")
-    return [(n, storage.read_bytes(storage.join(folder, n)).decode(errors="replace")) for n in storage.list_names(folder)]
+    return [
+        (n, storage.read_bytes(storage.join(folder, n)).decode(errors="replace")) for n in storage.list_names(folder)
+    ]

@@ -6,7 +6,7 @@ Usage:
         --model-uri URI --metrics '<JSON>' --gate pass --outputs DIR
 
 With `spec.rollout.serving`, a promoted version is first rolled out as a canary against the
-champion (nmm.stages.canary): locally here, on a cluster by the operator through the NMMService.
+champion (nmm.stages.rollout_serving): locally here, on a cluster by the operator through the NMMService.
 
 Output parameters: `decision` (promoted | kept | rolled_back | rolling_out), `version`.
 """
@@ -19,7 +19,7 @@ import math
 from nmm import lineage, storage
 from nmm.lineage.registry import TAG_MODEL_FOLDER
 from nmm.spec import Gate
-from nmm.stages import canary
+from nmm.stages import rollout_serving
 from nmm.stages.context import ModelMissing, StageContext, cache_key, setup_logging
 from nmm.version import code_version
 
@@ -36,8 +36,9 @@ def worse(gate: Gate, candidate: float, champion: float) -> bool:
     return abs(candidate - gate.threshold) > abs(champion - gate.threshold)
 
 
-def decide(gate_ok: bool, candidate: dict[str, float], champion: dict[str, float] | None,
-           gates: list[Gate]) -> tuple[bool, str]:
+def decide(
+    gate_ok: bool, candidate: dict[str, float], champion: dict[str, float] | None, gates: list[Gate]
+) -> tuple[bool, str]:
     """(promote?, reason). Fails closed: no gates, or a gated metric missing (or not a finite
     number) on either side, is no comparison and so no promotion. Pure: tested without MLflow."""
     if not gate_ok:
@@ -70,15 +71,20 @@ def run(ctx: StageContext, model_uri: str, metrics_json: str, gate: str) -> int:
     key = cache_key("rollout", name, manifest["digest"], metrics)
     with lineage.stage_run(ctx.run, "rollout", cache_key=key, code_version=code_version()) as run_:
         mv = lineage.register_version(
-            name, manifest["mlflow_model_uri"], ctx.run, manifest["digest"],
-            {METRIC_TAG + k: f"{v:.6f}" for k, v in metrics.items()} | {"nmm.pipeline": ctx.pipeline,
-                                                                        TAG_MODEL_FOLDER: model_uri},
+            name,
+            manifest["mlflow_model_uri"],
+            ctx.run,
+            manifest["digest"],
+            {METRIC_TAG + k: f"{v:.6f}" for k, v in metrics.items()}
+            | {"nmm.pipeline": ctx.pipeline, TAG_MODEL_FOLDER: model_uri},
         )
         lineage.promote(name, mv.version, "candidate")
         champ = lineage.alias_version(name, "champion")  # None only when MLflow says there is none
         champion_metrics = None  # none yet, or this very version already holds it (a retried rollout)
         if champ is not None and champ.version != mv.version:
-            champion_metrics = {k[len(METRIC_TAG):]: float(v) for k, v in champ.tags.items() if k.startswith(METRIC_TAG)}
+            champion_metrics = {
+                k[len(METRIC_TAG) :]: float(v) for k, v in champ.tags.items() if k.startswith(METRIC_TAG)
+            }
         promote, reason = decide(gate == "pass", metrics, champion_metrics, ctx.spec.spec.evaluation.parsed_gates)
         if champ is not None and champ.version == mv.version:
             promote, reason = True, "already champion (a retried rollout)"
@@ -96,24 +102,34 @@ def run(ctx: StageContext, model_uri: str, metrics_json: str, gate: str) -> int:
     return 0
 
 
-def _serve(ctx: StageContext, run_, name: str, version: str, champ, manifest: dict, reason: str, log) -> tuple[str, str]:
+def _serve(
+    ctx: StageContext, run_, name: str, version: str, champ, manifest: dict, reason: str, log
+) -> tuple[str, str]:
     """(decision, reason) once the version passed the offline comparison: locally a canary
     against the champion, run here (promoted | rolled_back); on a cluster the NMMService is
     pointed at the version and the operator rolls it out (rolling_out)."""
     serving = ctx.spec.spec.rollout.serving
-    ds = canary.held_out(manifest)
-    cases_uri, cases = canary.write_probe(ctx, serving, ds)
-    if not canary.local_engine():
-        how = canary.apply_service(canary.service_body(ctx, serving, name, version, cases_uri))
-        return "rolling_out", (f"{reason}; NMMService {ctx.pipeline} {how}: the operator rolls version {version} out "
-                               "as a canary and moves champion when every step passes")
+    ds = rollout_serving.held_out(manifest)
+    cases_uri, cases = rollout_serving.write_probe(ctx, serving, ds)
+    if not rollout_serving.local_engine():
+        how = rollout_serving.apply_service(rollout_serving.service_body(ctx, serving, name, version, cases_uri))
+        return "rolling_out", (
+            f"{reason}; NMMService {ctx.pipeline} {how}: the operator rolls version {version} out "
+            "as a canary and moves champion when every step passes"
+        )
     if champ is None or champ.version == version:
         return "promoted", f"{reason}; no other version served to compare against: no canary"
-    chat, drawn = canary.traffic(ctx, cases, ds)
-    outcome = canary.run_local(ctx, run_, serving, f"models:/{name}/{champ.version}", f"models:/{name}/{version}", cases,
-                               chat, drawn, log)
-    run_.set_tags({"nmm.canary.result": "promoted" if outcome.promoted else "rolled_back", "nmm.canary.reason": outcome.reason,
-                   "nmm.canary.stable": champ.version})
+    chat, drawn = rollout_serving.traffic(ctx, cases, ds)
+    outcome = rollout_serving.run_local(
+        ctx, run_, serving, f"models:/{name}/{champ.version}", f"models:/{name}/{version}", cases, chat, drawn, log
+    )
+    run_.set_tags(
+        {
+            "nmm.rollout_serving.result": "promoted" if outcome.promoted else "rolled_back",
+            "nmm.rollout_serving.reason": outcome.reason,
+            "nmm.rollout_serving.stable": champ.version,
+        }
+    )
     if outcome.promoted:
         return "promoted", f"{reason}; canary against version {champ.version}: {outcome.reason}"
     return "rolled_back", f"canary against version {champ.version} rolled back: {outcome.reason}"

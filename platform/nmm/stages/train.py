@@ -32,9 +32,9 @@ from nmm.serve import pyfunc
 from nmm.serve.model_dir import model_files
 from nmm.stages.context import StageContext, cache_key, setup_logging
 from nmm.train import distributed
+from nmm.train.batches import Batches, TrainData, batch_indices
 from nmm.train.parallelize import Parallelism
 from nmm.train.recipes import recipe
-from nmm.train.batches import Batches, TrainData, batch_indices
 from nmm.train.rewards import Reward, answer_exact, drawn_images
 from nmm.train.trainer import PhaseConfig, Preempted, TrainConfig, phase_at, phase_bounds, train
 from nmm.version import code_version
@@ -45,8 +45,13 @@ def phase_configs(spec) -> tuple[PhaseConfig, ...]:
     object (an unset mixture: equal shares of the model's tasks)."""
     names = {f.name for f in dataclasses.fields(PhaseConfig)} - {"options"}
     return tuple(
-        PhaseConfig(**{**p.model_dump(include=names), "mixture": dict(p.mixture or {t: 1.0 for t in spec.model.tasks}),
-                       "options": (info := recipe(p.recipe)).options(**p.model_dump(include=set(info.option_names())))})
+        PhaseConfig(
+            **{
+                **p.model_dump(include=names),
+                "mixture": dict(p.mixture or {t: 1.0 for t in spec.model.tasks}),
+                "options": (info := recipe(p.recipe)).options(**p.model_dump(include=set(info.option_names()))),
+            }
+        )
         for p in spec.training.phases
     )
 
@@ -58,11 +63,22 @@ def train_config(ctx: StageContext, ds: Dataset, seq_len: int) -> TrainConfig:
     m, size, patch = spec.model, spec.model.size, spec.model.tokenizers.image.patch_size
     lo, hi = ds.vocab.image_range()
     model = ModelConfig(
-        vocab_size=ds.vocab.size, dim=size.dim, layers=size.layers, heads=size.heads, max_seq_len=seq_len,
-        dropout=size.dropout, qk_norm=m.qk_norm, fusion=m.fusion, image_attention=m.image_attention,
+        vocab_size=ds.vocab.size,
+        dim=size.dim,
+        layers=size.layers,
+        heads=size.heads,
+        max_seq_len=seq_len,
+        dropout=size.dropout,
+        qk_norm=m.qk_norm,
+        fusion=m.fusion,
+        image_attention=m.image_attention,
         image_positions=m.image_positions,
-        image_lo=lo, image_hi=hi, patch_dim=patch * patch * ds.manifest["image_shape"][2],
-        tokens_per_image=ds.manifest["tokens_per_image"], encoder_dim=m.encoder.dim, encoder_layers=m.encoder.layers,
+        image_lo=lo,
+        image_hi=hi,
+        patch_dim=patch * patch * ds.manifest["image_shape"][2],
+        tokens_per_image=ds.manifest["tokens_per_image"],
+        encoder_dim=m.encoder.dim,
+        encoder_layers=m.encoder.layers,
         image_factors=ds.image_tokenizer().factors,
     )
     t = spec.training
@@ -98,8 +114,12 @@ def flatten(value, prefix: str = "") -> dict[str, object]:
 def _params(ctx: StageContext, cfg: TrainConfig, world_size: int) -> dict:
     """The spec's model and training sections, flattened, and what only the run knows."""
     spec = ctx.spec.spec
-    params = flatten({"model": spec.model.model_dump(mode="json", by_alias=True),
-                      "training": spec.training.model_dump(mode="json", by_alias=True)})
+    params = flatten(
+        {
+            "model": spec.model.model_dump(mode="json", by_alias=True),
+            "training": spec.training.model_dump(mode="json", by_alias=True),
+        }
+    )
     return params | {
         "variant": ctx.variant or "",
         "model.category": spec.model.category,
@@ -156,8 +176,15 @@ class _PhaseRuns:
         """The MLflow run of the phase that trains `step` (opened on first use)."""
         start, _, p = next(b for b in self.bounds if b[0] < step <= b[1])
         if p.name not in self.runs:
-            params = {"recipe": p.recipe, "steps": p.steps, "first_step": start + 1, "lr": p.lr,
-                      "batch_size": p.batch_size, "mixture": p.mixture, "caption_dropout": p.caption_dropout}
+            params = {
+                "recipe": p.recipe,
+                "steps": p.steps,
+                "first_step": start + 1,
+                "lr": p.lr,
+                "batch_size": p.batch_size,
+                "mixture": p.mixture,
+                "caption_dropout": p.caption_dropout,
+            }
             params |= {k: dict(v) if k == "reward" else v for k, v in dataclasses.asdict(p.options).items()}
             self.runs[p.name] = self.stage_run.child(p.name, params)
         return self.runs[p.name]
@@ -195,25 +222,36 @@ def _publish(ctx: StageContext, run_, ds: Dataset, cfg: TrainConfig, model, summ
         model_uri = run_.log_pyfunc_model(tmp, "nmm.serve.pyfunc", [f"nmm-platform=={__version__}"], pyfunc.SIGNATURE)
     run_.set_tags({"nmm.model_uri": model_uri})
     snapshots = _snapshots(out_uri, summary["steps"])
-    storage.publish(out_uri, files, {
-        "snapshots": [{"step": _snapshot_step(n), "file": n, "prompts": prompt_style_at(cfg, _snapshot_step(n))}
-                      for n in sorted(snapshots)],
-        "kind": "nmm.model",
-        "dataset_uri": ds.uri,
-        "dataset_digest": ds.digest,
-        "mlflow_model_uri": model_uri,
-        "steps": summary["steps"],
-        "final_loss": summary.get("final_loss"),
-        "cache_key": key,
-    }, written=snapshots, exclusive=True)  # of two attempts racing on this run's folder exactly one commits (R21)
+    storage.publish(
+        out_uri,
+        files,
+        {
+            "snapshots": [
+                {"step": _snapshot_step(n), "file": n, "prompts": prompt_style_at(cfg, _snapshot_step(n))}
+                for n in sorted(snapshots)
+            ],
+            "kind": "nmm.model",
+            "dataset_uri": ds.uri,
+            "dataset_digest": ds.digest,
+            "mlflow_model_uri": model_uri,
+            "steps": summary["steps"],
+            "final_loss": summary.get("final_loss"),
+            "cache_key": key,
+        },
+        written=snapshots,
+        exclusive=True,
+    )  # of two attempts racing on this run's folder exactly one commits (R21)
     return out_uri
 
 
 def _serves(ctx: StageContext, ds: Dataset) -> dict[str, bool]:
     """What the model was trained to do (what `nmm serve` lays requests out for, or refuses)."""
     tasks = ctx.spec.spec.model.tasks
-    return {"caption": "m2t" in tasks, "answer": "m2t" in tasks and ds.split("train").vqa is not None,
-            "draw": "m2g" in tasks}
+    return {
+        "caption": "m2t" in tasks,
+        "answer": "m2t" in tasks and ds.split("train").vqa is not None,
+        "draw": "m2g" in tasks,
+    }
 
 
 def train_key(ctx: StageContext, ds: Dataset) -> str:
@@ -221,8 +259,13 @@ def train_key(ctx: StageContext, ds: Dataset) -> str:
     the dataset's digest and the code version. Checkpoints live under it, so a run never resumes
     from another key's checkpoint."""
     spec = ctx.spec.spec
-    return cache_key("train", spec.model.model_dump(mode="json"), spec.training.model_dump(mode="json"),
-                     {"seesaw": spec.evaluation.seesaw}, ds.digest)
+    return cache_key(
+        "train",
+        spec.model.model_dump(mode="json"),
+        spec.training.model_dump(mode="json"),
+        {"seesaw": spec.evaluation.seesaw},
+        ds.digest,
+    )
 
 
 def run(ctx: StageContext, dataset_uri: str) -> int:
@@ -249,22 +292,40 @@ def _train(ctx: StageContext, ds: Dataset, key: str, out_uri: str, info, run_, l
     cfg = train_config(ctx, ds, a["tokens"].shape[1])
     pixels = {}
     if cfg.model.reads_pixels:
-        pixels = {"patches": ds.image_tokenizer().patches(a["images"].astype("float32") / 255.0), "row_image": a["row_image"]}
-    log.info("rank %d/%d on %s: %d sequences, vocab %d, %d steps",
-             info.rank, info.world_size, info.device, len(a["tokens"]), ds.vocab.size, cfg.total_steps)
+        pixels = {
+            "patches": ds.image_tokenizer().patches(a["images"].astype("float32") / 255.0),
+            "row_image": a["row_image"],
+        }
+    what = (info.rank, info.world_size, info.device, len(a["tokens"]), ds.vocab.size, cfg.total_steps)
+    log.info("rank %d/%d on %s: %d sequences, vocab %d, %d steps", *what)
     phases = _PhaseRuns(run_, cfg) if run_ else None
     if run_:
         run_.log_dataset(ctx.pipeline, ds.digest, ds.uri)
         run_.log_params(_params(ctx, cfg, info.world_size))
     t0 = time.perf_counter()
     try:
-        data = TrainData(tokens=a["tokens"], loss_mask=a["loss_mask"], task=a["task"], style=a["style"],
-                         image_range=ds.vocab.image_range(), text_range=ds.vocab.text_range(), **pixels, **_mixture(ds, a))
+        data = TrainData(
+            tokens=a["tokens"],
+            loss_mask=a["loss_mask"],
+            task=a["task"],
+            style=a["style"],
+            image_range=ds.vocab.image_range(),
+            text_range=ds.vocab.text_range(),
+            **pixels,
+            **_mixture(ds, a),
+        )
         if run_ and data.source_weights:
             run_.log_metrics(_realised_mixture(ds, data, cfg))
-        model, summary = train(cfg, data, info, storage.join(out_uri, "checkpoints", key), _emitter(cfg, info, run_, phases, log),
-                               on_checkpoint=_snapshotter(out_uri) if ctx.spec.spec.evaluation.seesaw else None,
-                               rewards=rewards(cfg, ds, a), on_samples=_sample_logger(ds, cfg, phases))
+        model, summary = train(
+            cfg,
+            data,
+            info,
+            storage.join(out_uri, "checkpoints", key),
+            _emitter(cfg, info, run_, phases, log),
+            on_checkpoint=_snapshotter(out_uri) if ctx.spec.spec.evaluation.seesaw else None,
+            rewards=rewards(cfg, ds, a),
+            on_samples=_sample_logger(ds, cfg, phases),
+        )
     except Preempted as exc:
         log.warning("%s; exiting %d so the job restarts and resumes", exc, exitcodes.PREEMPTED)
         return exitcodes.PREEMPTED
@@ -329,6 +390,7 @@ def rewards(cfg: TrainConfig, ds: Dataset, a: dict) -> dict[str, Reward]:
 
         def drawn(tokens, sampled) -> np.ndarray:
             return vq.decode(drawn_images(tokens, sampled, image_range, cfg.model.tokens_per_image))
+
     if "digits_judge" in wanted:
         from nmm.evaluate.judge import DigitJudge
 
@@ -350,7 +412,9 @@ def rewards(cfg: TrainConfig, ds: Dataset, a: dict) -> dict[str, Reward]:
             scores = []
             for r, image in zip(rows, images):
                 scene = split.scenes[a["row_image"][r]] if split.scenes else None
-                scores.append(float(scene is not None and shapes_judge.score(shapes_data.scene_from_dict(scene), image)))
+                scores.append(
+                    float(scene is not None and shapes_judge.score(shapes_data.scene_from_dict(scene), image))
+                )
             return torch.tensor(scores)
 
         out["shapes_geneval"] = Reward("shapes_geneval", "m2g", scene_drawn)
@@ -363,8 +427,10 @@ def _mixture(ds: Dataset, a: dict) -> dict:
     if "source" not in a or sum(1 for w in mixture.values() if w > 0) < 2:
         return {}
     names = [s["name"] for s in ds.manifest["sources"]]
-    return {"row_source": a["source"][a["row_image"]].astype(np.int64),
-            "source_weights": {names.index(n): w for n, w in mixture.items()}}
+    return {
+        "row_source": a["source"][a["row_image"]].astype(np.int64),
+        "source_weights": {names.index(n): w for n, w in mixture.items()},
+    }
 
 
 def _realised_mixture(ds: Dataset, data, cfg: TrainConfig) -> dict[str, float]:
@@ -387,12 +453,25 @@ def _emitter(cfg: TrainConfig, info, run_, phases, log):
         if info.device.type == "cuda":
             metrics = metrics | inventory.telemetry()  # NVML utilisation and memory
         if "train/reward" in metrics:  # a grpo phase
-            log.info("step %d/%d reward %.3f (±%.3f in a group) kl %.4f %.0f tok/s", step, cfg.total_steps,
-                     metrics["train/reward"], metrics["train/reward_std"], metrics["train/kl"], metrics["train/tokens_per_s"])
+            log.info(
+                "step %d/%d reward %.3f (±%.3f in a group) kl %.4f %.0f tok/s",
+                step,
+                cfg.total_steps,
+                metrics["train/reward"],
+                metrics["train/reward_std"],
+                metrics["train/kl"],
+                metrics["train/tokens_per_s"],
+            )
         else:
-            log.info("step %d/%d loss %.4f (text %.4f, image %.4f) %.0f tok/s", step, cfg.total_steps,
-                     metrics["train/loss"], metrics["train/loss_text"], metrics["train/loss_image"],
-                     metrics["train/tokens_per_s"])
+            log.info(
+                "step %d/%d loss %.4f (text %.4f, image %.4f) %.0f tok/s",
+                step,
+                cfg.total_steps,
+                metrics["train/loss"],
+                metrics["train/loss_text"],
+                metrics["train/loss_image"],
+                metrics["train/tokens_per_s"],
+            )
         run_.log_metrics(metrics, step)
         phases.log(metrics, step)
 

@@ -24,9 +24,9 @@ from nmm.storage.objects import (
     open_read,
     open_seekable,
     read_bytes,
+    read_json,
     resolves_within,
     stat,
-    read_json,
     uri_of,
     write_bytes,
     write_json,
@@ -34,6 +34,10 @@ from nmm.storage.objects import (
 from nmm.storage.publish import MANIFEST, IntegrityError, PublishConflict, publish, read_file, read_manifest, sha256_hex
 
 __all__ = [
+    "TooLarge",
+    "open_read",
+    "open_seekable",
+    "resolves_within",
     "AlreadyExists",
     "IntegrityError",
     "PublishConflict",

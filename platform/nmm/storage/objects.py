@@ -61,7 +61,7 @@ def uri_of(location: str) -> str:
 
 def in_store(uri: str, store: str) -> str:
     """`store://key` as the URI of `key` in the given store; any other URI as it is."""
-    return join(store, uri[len("store://"):]) if uri.startswith("store://") else uri
+    return join(store, uri[len("store://") :]) if uri.startswith("store://") else uri
 
 
 def join(uri: str, *parts: str) -> str:
@@ -87,10 +87,13 @@ def _minio(endpoint: str, access: str, secret: str, secure: bool, region: str):
     from minio import Minio
 
     http = urllib3.PoolManager(
-        timeout=urllib3.Timeout(connect=min(S3_TIMEOUT_S, 10.0), read=S3_TIMEOUT_S), maxsize=10,
-        cert_reqs="CERT_REQUIRED", ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
-        retries=urllib3.Retry(total=S3_RETRIES, backoff_factor=S3_BACKOFF_S, status_forcelist=[500, 502, 503, 504],
-                              allowed_methods=None),  # every S3 call nmm makes is idempotent (create-only puts too)
+        timeout=urllib3.Timeout(connect=min(S3_TIMEOUT_S, 10.0), read=S3_TIMEOUT_S),
+        maxsize=10,
+        cert_reqs="CERT_REQUIRED",
+        ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+        retries=urllib3.Retry(
+            total=S3_RETRIES, backoff_factor=S3_BACKOFF_S, status_forcelist=[500, 502, 503, 504], allowed_methods=None
+        ),  # every S3 call nmm makes is idempotent (create-only puts too)
     )
     return Minio(endpoint, access_key=access, secret_key=secret, secure=secure, region=region, http_client=http)
 
@@ -120,7 +123,9 @@ def write_bytes(uri: str, data: bytes, *, create_only: bool = False) -> None:
 
     try:
         if create_only:  # (put_object would send the condition as user metadata)
-            client._put_object(bucket, key, data, headers={"If-None-Match": "*", "Content-Type": "application/octet-stream"})
+            client._put_object(
+                bucket, key, data, headers={"If-None-Match": "*", "Content-Type": "application/octet-stream"}
+            )
         else:
             client.put_object(bucket, key, io.BytesIO(data), len(data))
     except S3Error as exc:
@@ -307,10 +312,16 @@ def list_names(folder_uri: str) -> list[str]:
     scheme, bucket, key = _split(folder_uri)
     if scheme == "file":
         path = Path(key)
-        return sorted(p.name for p in path.iterdir() if p.is_file() and not p.name.startswith(".")) if path.is_dir() else []
+        return (
+            sorted(p.name for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+            if path.is_dir()
+            else []
+        )
     prefix = key.rstrip("/") + "/"
     try:
-        return sorted(o.object_name[len(prefix):] for o in s3_client().list_objects(bucket, prefix=prefix) if not o.is_dir)
+        return sorted(
+            o.object_name[len(prefix) :] for o in s3_client().list_objects(bucket, prefix=prefix) if not o.is_dir
+        )
     except Exception as exc:
         raise StorageError(f"cannot list {folder_uri}: {exc}") from exc
 
@@ -330,7 +341,11 @@ def list_objects(prefix_uri: str) -> list[ObjectInfo]:
             return [_file_info(root)]
         if not root.is_dir():
             return []
-        found = [p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+        found = [
+            p
+            for p in root.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        ]
         return sorted((_file_info(p) for p in found), key=lambda o: o.uri)
     prefix = key.rstrip("/") + "/" if key and not key.endswith("/") else key
     try:
@@ -338,7 +353,11 @@ def list_objects(prefix_uri: str) -> list[ObjectInfo]:
     except Exception as exc:
         raise StorageError(f"cannot list s3://{bucket}/{prefix}: {exc}") from exc
     return sorted(
-        (ObjectInfo(f"s3://{bucket}/{o.object_name}", int(o.size or 0), (o.etag or "").strip('"')) for o in objs if not o.is_dir),
+        (
+            ObjectInfo(f"s3://{bucket}/{o.object_name}", int(o.size or 0), (o.etag or "").strip('"'))
+            for o in objs
+            if not o.is_dir
+        ),
         key=lambda o: o.uri,
     )
 

@@ -22,8 +22,14 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def publish(folder_uri: str, files: dict[str, bytes], manifest: dict, written: dict[str, bytes] | None = None, *,
-            exclusive: bool = False) -> dict:
+def publish(
+    folder_uri: str,
+    files: dict[str, bytes],
+    manifest: dict,
+    written: dict[str, bytes] | None = None,
+    *,
+    exclusive: bool = False,
+) -> dict:
     """Write `files` under `folder_uri`, then the manifest listing each with its sha256.
     `written`: files already in the folder (their bytes as written), listed but not rewritten.
 
@@ -46,12 +52,16 @@ def publish(folder_uri: str, files: dict[str, bytes], manifest: dict, written: d
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
     body["digest"] = "sha256:" + sha256_hex(canonical)
     try:
-        write_bytes(join(folder_uri, MANIFEST), json.dumps(body, indent=2, sort_keys=True).encode(), create_only=exclusive)
+        write_bytes(
+            join(folder_uri, MANIFEST), json.dumps(body, indent=2, sort_keys=True).encode(), create_only=exclusive
+        )
     except AlreadyExists:
         winner = json.loads(read_bytes(join(folder_uri, MANIFEST)))
         if winner.get("digest") != body["digest"]:
-            raise PublishConflict(f"{folder_uri} was published by another writer with other contents "
-                                  f"({winner.get('digest')}, not {body['digest']}); refusing to replace it") from None
+            raise PublishConflict(
+                f"{folder_uri} was published by another writer with other contents "
+                f"({winner.get('digest')}, not {body['digest']}); refusing to replace it"
+            ) from None
         return winner
     return body
 

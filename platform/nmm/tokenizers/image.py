@@ -41,7 +41,7 @@ class PatchVQ:
         return (h // self.patch) * (w // self.patch)
 
     @classmethod
-    def fit(cls, images: np.ndarray, patch: int, codebook_size: int, seed: int = 0) -> "PatchVQ":
+    def fit(cls, images: np.ndarray, patch: int, codebook_size: int, seed: int = 0) -> PatchVQ:
         from sklearn.cluster import KMeans
 
         n, h, w, c = images.shape
@@ -68,11 +68,7 @@ class PatchVQ:
 
     def encode(self, images: np.ndarray) -> np.ndarray:
         flat = _patches(images.astype(np.float32), self.patch)
-        d = (
-            (flat**2).sum(-1, keepdims=True)
-            - 2 * flat @ self.codebook.T
-            + (self.codebook**2).sum(-1)[None, None, :]
-        )
+        d = (flat**2).sum(-1, keepdims=True) - 2 * flat @ self.codebook.T + (self.codebook**2).sum(-1)[None, None, :]
         return d.argmin(-1).astype(np.int32)
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
@@ -93,7 +89,7 @@ class PatchVQ:
         return save({"codebook": self.codebook}, metadata=meta)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "PatchVQ":
+    def from_bytes(cls, data: bytes) -> PatchVQ:
         from safetensors.numpy import load
 
         arrays = load(data)
@@ -127,8 +123,9 @@ class ColourMaskVQ:
     KEY = "colourmask"
     FOREGROUND = 0.1  # a pixel farther than this (Euclidean, in [0, 1] units) from the ground is foreground
 
-    def __init__(self, ground: np.ndarray, palette: np.ndarray, masks: np.ndarray, patch: int,
-                 image_shape: tuple[int, int, int]):
+    def __init__(
+        self, ground: np.ndarray, palette: np.ndarray, masks: np.ndarray, patch: int, image_shape: tuple[int, int, int]
+    ):
         self.ground = ground.astype(np.float32)  # (C,)
         self.palette = palette.astype(np.float32)  # (K, C): the object colours, 1..K in codes
         self.masks = masks.astype(bool)  # (masks, patch * patch); row 0 the empty mask
@@ -155,7 +152,7 @@ class ColourMaskVQ:
         return px, np.linalg.norm(px - self.ground, axis=-1) > self.FOREGROUND
 
     @classmethod
-    def fit(cls, images: np.ndarray, patch: int, colours: int, masks: int, seed: int = 0) -> "ColourMaskVQ":
+    def fit(cls, images: np.ndarray, patch: int, colours: int, masks: int, seed: int = 0) -> ColourMaskVQ:
         from sklearn.cluster import KMeans
 
         n, h, w, c = images.shape
@@ -212,10 +209,12 @@ class ColourMaskVQ:
         from safetensors.numpy import save
 
         meta = {self.KEY: json.dumps({"patch": self.patch, "image_shape": list(self.image_shape)}, sort_keys=True)}
-        return save({"ground": self.ground, "palette": self.palette, "masks": self.masks.astype(np.uint8)}, metadata=meta)
+        return save(
+            {"ground": self.ground, "palette": self.palette, "masks": self.masks.astype(np.uint8)}, metadata=meta
+        )
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "ColourMaskVQ":
+    def from_bytes(cls, data: bytes) -> ColourMaskVQ:
         from safetensors.numpy import load
 
         cfg = json.loads(_metadata(data)[cls.KEY])

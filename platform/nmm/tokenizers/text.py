@@ -13,7 +13,7 @@ class TextTokenizer:
         self._tok = tokenizer
 
     @classmethod
-    def train(cls, kind: str, texts: list[str], vocab_size: int) -> "TextTokenizer":
+    def train(cls, kind: str, texts: list[str], vocab_size: int) -> TextTokenizer:
         if kind == "byte":
             return cls("byte")
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -23,9 +23,7 @@ class TextTokenizer:
         tok = Tokenizer(models.BPE(unk_token="<unk>"))
         tok.pre_tokenizer = pre_tokenizers.Metaspace()
         tok.decoder = decoders.Metaspace()
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=["<unk>"], show_progress=False
-        )
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>"], show_progress=False)
         tok.train_from_iterator(sorted(texts), trainer=trainer)
         return cls("bpe", tok)
 
@@ -49,7 +47,7 @@ class TextTokenizer:
         return json.dumps(body, sort_keys=True).encode()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "TextTokenizer":
+    def from_bytes(cls, data: bytes) -> TextTokenizer:
         body = json.loads(data)
         if body["kind"] == "byte":
             return cls("byte")

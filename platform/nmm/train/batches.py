@@ -9,16 +9,17 @@ import numpy as np
 import torch
 
 from nmm.data.sequences import STYLES, TASKS, pack_documents
-from nmm.train.recipes import recipe
 from nmm.tokenizers.vocab import PAD
 from nmm.train.distributed import DistInfo
+from nmm.train.recipes import recipe
 
 SEED_STRIDE = 1_000_003  # seeds of consecutive steps: seed * SEED_STRIDE + step
 CAPTION_DROPOUT_SALT = 7_919  # keeps caption dropout's draws apart from the batch's
 
 
-def batch_indices(rows_by_task: dict[str, np.ndarray], phase, seed: int, step: int,
-                  probs: dict[str, torch.Tensor] | None = None) -> np.ndarray:
+def batch_indices(
+    rows_by_task: dict[str, np.ndarray], phase, seed: int, step: int, probs: dict[str, torch.Tensor] | None = None
+) -> np.ndarray:
     """The global batch of row indices at `step`: a pure function of (seed, step). With `probs`
     (each task pool's sampling probabilities: the sources' mixture) rows are drawn by them,
     else uniformly."""
@@ -37,7 +38,9 @@ def batch_indices(rows_by_task: dict[str, np.ndarray], phase, seed: int, step: i
     return np.concatenate(picks)
 
 
-def source_probs(pools: dict[str, np.ndarray], row_source: np.ndarray, weights: dict[int, float]) -> dict[str, torch.Tensor]:
+def source_probs(
+    pools: dict[str, np.ndarray], row_source: np.ndarray, weights: dict[int, float]
+) -> dict[str, torch.Tensor]:
     """Per task pool, each row's probability of being drawn so that source s gives a share
     weights[s] / (sum of the weights of the pool's sources) of the rows, evenly over its own rows."""
     out = {}
@@ -61,8 +64,10 @@ def rows_by_phase(task: np.ndarray, style: np.ndarray | None, phases) -> dict[st
         keep = np.ones(len(task), bool) if style is None else style == STYLES.index(recipe(phase.recipe).style)
         pools = {t: np.flatnonzero(keep & (task == i)) for i, t in enumerate(TASKS)}
         if not any(len(pools.get(t, ())) for t in phase.mixture if phase.mixture[t] > 0):
-            raise ValueError(f"phase {phase.name}: no {recipe(phase.recipe).style} rows for its mixture "
-                             f"{phase.mixture}; was the dataset curated by this version?")
+            raise ValueError(
+                f"phase {phase.name}: no {recipe(phase.recipe).style} rows for its mixture "
+                f"{phase.mixture}; was the dataset curated by this version?"
+            )
         out[phase.name] = pools
     return out
 
@@ -80,8 +85,9 @@ def trim(x: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[:, :width], m[:, :width]
 
 
-def blank_captions(tokens: torch.Tensor, is_m2g: torch.Tensor, p: float, text_range: tuple[int, int],
-                   seed: int, step: int) -> torch.Tensor:
+def blank_captions(
+    tokens: torch.Tensor, is_m2g: torch.Tensor, p: float, text_range: tuple[int, int], seed: int, step: int
+) -> torch.Tensor:
     """Caption dropout for classifier-free guidance: in a share `p` of the M2G rows (chosen by a
     pure function of (seed, step)) the text tokens (caption, instruction, and a drawing plan)
     become padding. Positions do not move, so the unconditional prompt at sampling time is the
@@ -92,8 +98,9 @@ def blank_captions(tokens: torch.Tensor, is_m2g: torch.Tensor, p: float, text_ra
     return torch.where(drop[:, None] & text, torch.zeros_like(tokens), tokens)
 
 
-def pack_batch(x: torch.Tensor, m: torch.Tensor, length: int,
-               spans: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def pack_batch(
+    x: torch.Tensor, m: torch.Tensor, length: int, spans: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """The batch's rows, padding stripped, packed end to end into fewer rows of `length` tokens
     (nmm.data.sequences.pack_documents). A target whose predecessor is another document's last
     token is masked out, so the loss has exactly the targets of the unpacked batch. `spans`
@@ -127,14 +134,19 @@ class Batch:
     given: torch.Tensor  # rows whose image is an input (M2T), not a target (M2G)
     rows: np.ndarray | None = None  # each row's index in the training data (what a reward looks up)
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         return Batch(*(to_device(t, device) for t in (self.x, self.m, self.patches, self.given)), self.rows)
 
-    def repeat(self, n: int) -> "Batch":
+    def repeat(self, n: int) -> Batch:
         """Each row `n` times in a row (GRPO's group of completions per prompt)."""
-        rep = lambda t: None if t is None else t.repeat_interleave(n, 0)  # noqa: E731
-        return Batch(rep(self.x), rep(self.m), rep(self.patches), rep(self.given),
-                     None if self.rows is None else np.repeat(self.rows, n))
+        rep = lambda t: None if t is None else t.repeat_interleave(n, 0)
+        return Batch(
+            rep(self.x),
+            rep(self.m),
+            rep(self.patches),
+            rep(self.given),
+            None if self.rows is None else np.repeat(self.rows, n),
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,8 +173,11 @@ class Batches:
         self.mask = torch.from_numpy(data.loss_mask.astype(np.int64))
         self.is_m2g = torch.from_numpy(data.task == TASKS.index("m2g"))
         self.pools = rows_by_phase(data.task, data.style, phases)
-        self.probs = {name: source_probs(pools, data.row_source, data.source_weights) for name, pools in self.pools.items()} \
-            if data.source_weights and data.row_source is not None else {}
+        self.probs = (
+            {name: source_probs(pools, data.row_source, data.source_weights) for name, pools in self.pools.items()}
+            if data.source_weights and data.row_source is not None
+            else {}
+        )
         self.text_range = data.text_range
         self.patches = torch.from_numpy(data.patches.astype(np.float32)) if reads_pixels else None
         self.row_image = torch.from_numpy(data.row_image.astype(np.int64)) if reads_pixels else None

@@ -12,8 +12,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 
-def pretrain(encoder, patches: np.ndarray, steps: int, seed: int, batch_size: int = 64, lr: float = 2e-3,
-             hide_ratio: float = 0.4) -> float:
+def pretrain(
+    encoder, patches: np.ndarray, steps: int, seed: int, batch_size: int = 64, lr: float = 2e-3, hide_ratio: float = 0.4
+) -> float:
     """Train `encoder` (nmm.model.fusion.PatchEncoder) in place; a pure function of the seed.
     Returns the last reconstruction loss (MSE over all patches)."""
     pix = torch.from_numpy(patches.astype(np.float32))

@@ -36,8 +36,15 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     return F.pad(picked, (1, 0))
 
 
-def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, advantages: torch.Tensor,
-                sampled: torch.Tensor, clip: float, kl_weight: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    sampled: torch.Tensor,
+    clip: float,
+    kl_weight: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The GRPO loss over the sampled tokens. `logp` (B, T): the policy's log-probabilities
     (with gradient); `old_logp`: the policy's when it sampled; `ref_logp`: the reference's;
     `advantages` (B,): one per completion; `sampled` (B, T): 1 where the policy chose the token.

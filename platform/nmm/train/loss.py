@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,12 +27,14 @@ def _modality(targets: torch.Tensor, mask: torch.Tensor, image_range: tuple[int,
     return (mask > 0).float() - is_image, is_image
 
 
-def _parts(per_token: torch.Tensor, norms: torch.Tensor | None, mask: torch.Tensor, is_text, is_image) -> dict[str, torch.Tensor]:
+def _parts(
+    per_token: torch.Tensor, norms: torch.Tensor | None, mask: torch.Tensor, is_text, is_image
+) -> dict[str, torch.Tensor]:
     """Detached summaries, on the device: mean of `per_token` overall and per modality, mean
     logit norm per modality (Chameleon's divergence signal; when `norms` were computed) and
     target counts per modality."""
     on = (mask > 0).float()
-    mean = lambda v, w: ((v.detach() * w).sum() / w.sum().clamp(min=1.0)).detach()  # noqa: E731
+    mean = lambda v, w: ((v.detach() * w).sum() / w.sum().clamp(min=1.0)).detach()
     out = {
         "ce": mean(per_token, on),
         "ce_text": mean(per_token, is_text),
@@ -61,8 +63,12 @@ def _targets(tokens: torch.Tensor, loss_mask: torch.Tensor, image_range, weights
     return targets, mask, is_text, is_image, w / (w.sum() if total is None else total).clamp(min=1e-9)
 
 
-def target_weight(tokens: torch.Tensor, loss_mask: torch.Tensor, image_range: tuple[int, int],
-                  weights: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
+def target_weight(
+    tokens: torch.Tensor,
+    loss_mask: torch.Tensor,
+    image_range: tuple[int, int],
+    weights: tuple[float, float] = (1.0, 1.0),
+) -> torch.Tensor:
     """The summed weight of a batch's targets: the `total` that makes the losses of its
     micro-batches add up to the loss of the whole batch."""
     return _weighted(tokens, loss_mask, image_range, weights)[-1].sum()
@@ -76,9 +82,15 @@ def merge_parts(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]
         return parts[0]
     text = torch.stack([p["tokens_text"] for p in parts])
     image = torch.stack([p["tokens_image"] for p in parts])
-    weighted = lambda k, n: (torch.stack([p[k] for p in parts]) * n).sum() / n.sum().clamp(min=1.0)  # noqa: E731
-    out = {"ce": weighted("ce", text + image), "ce_text": weighted("ce_text", text), "ce_image": weighted("ce_image", image),
-           "tokens_text": text.sum(), "tokens_image": image.sum(), "z": torch.stack([p["z"] for p in parts]).sum()}
+    weighted = lambda k, n: (torch.stack([p[k] for p in parts]) * n).sum() / n.sum().clamp(min=1.0)
+    out = {
+        "ce": weighted("ce", text + image),
+        "ce_text": weighted("ce_text", text),
+        "ce_image": weighted("ce_image", image),
+        "tokens_text": text.sum(),
+        "tokens_image": image.sum(),
+        "z": torch.stack([p["z"] for p in parts]).sum(),
+    }
     if "logit_norm_text" in parts[0]:
         out["logit_norm_text"] = weighted("logit_norm_text", text)
         out["logit_norm_image"] = weighted("logit_norm_image", image)
@@ -136,7 +148,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         w = weight.to(dtype)
         with torch.autocast(hidden.device.type, enabled=False):
             for i in range(0, n, CHUNK_TOKENS):
-                h, t, s = hidden[i : i + CHUNK_TOKENS].to(dtype), targets[i : i + CHUNK_TOKENS], scale[i : i + CHUNK_TOKENS]
+                h, t, s = (
+                    hidden[i : i + CHUNK_TOKENS].to(dtype),
+                    targets[i : i + CHUNK_TOKENS],
+                    scale[i : i + CHUNK_TOKENS],
+                )
                 lf = (h @ w.t()).float()
                 lz = torch.logsumexp(lf, dim=-1)
                 ce[i : i + len(t)] = lz - lf.gather(-1, t[:, None]).squeeze(-1)
@@ -180,21 +196,31 @@ def fused_next_token_loss(
     b, t, d = hidden.shape
     targets, mask, is_text, is_image, scale = _targets(tokens, loss_mask, image_range, weights, total)
     # Every position, so the hidden states are a view and not a copy; the last one weighs 0.
-    pad = lambda v: torch.cat([v, torch.zeros_like(v[:, :1])], dim=1).reshape(-1)  # noqa: E731
-    loss, ce, logz, norm = _LinearCrossEntropy.apply(hidden.reshape(-1, d), weight, pad(targets), pad(scale), z_loss, norms)
-    per_row = lambda v: None if v is None else v.view(b, t)[:, :-1]  # noqa: E731
+    pad = lambda v: torch.cat([v, torch.zeros_like(v[:, :1])], dim=1).reshape(-1)
+    loss, ce, logz, norm = _LinearCrossEntropy.apply(
+        hidden.reshape(-1, d), weight, pad(targets), pad(scale), z_loss, norms
+    )
+    per_row = lambda v: None if v is None else v.view(b, t)[:, :-1]
     parts = _parts(per_row(ce), per_row(norm), mask, is_text, is_image)
     parts["z"] = (per_row(logz).pow(2) * scale).sum().detach()
     return loss, parts
 
 
-def head_loss(tokens: torch.Tensor, loss_mask: torch.Tensor, image_range: tuple[int, int], z_loss: float,
-              weights: tuple[float, float] = (1.0, 1.0), *, norms: bool = True,
-              total: torch.Tensor | None = None) -> Callable:
+def head_loss(
+    tokens: torch.Tensor,
+    loss_mask: torch.Tensor,
+    image_range: tuple[int, int],
+    z_loss: float,
+    weights: tuple[float, float] = (1.0, 1.0),
+    *,
+    norms: bool = True,
+    total: torch.Tensor | None = None,
+) -> Callable:
     """The `head` a model's forward applies in place of its output layer: (hidden, weight) →
     (loss, parts) of `fused_next_token_loss`."""
-    return lambda hidden, weight: fused_next_token_loss(hidden, weight, tokens, loss_mask, image_range, z_loss, weights,
-                                                        norms=norms, total=total)
+    return lambda hidden, weight: fused_next_token_loss(
+        hidden, weight, tokens, loss_mask, image_range, z_loss, weights, norms=norms, total=total
+    )
 
 
 def reverse_kl_loss(

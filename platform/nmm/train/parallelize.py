@@ -33,11 +33,14 @@ class Parallelism:
     fsdp: bool = False
     pack: bool | str = "auto"  # pack each batch's rows end to end with document masks; auto: on CUDA, early fusion
 
-    def resolved(self, device: torch.device, fusion: str) -> "Parallelism":
+    def resolved(self, device: torch.device, fusion: str) -> Parallelism:
         """The same with every "auto" decided for `device` and the model's fusion."""
         cuda = device.type == "cuda"
-        return dataclasses.replace(self, compile=cuda if self.compile == "auto" else bool(self.compile),
-                                   pack=(cuda and fusion == "early") if self.pack == "auto" else bool(self.pack))
+        return dataclasses.replace(
+            self,
+            compile=cuda if self.compile == "auto" else bool(self.compile),
+            pack=(cuda and fusion == "early") if self.pack == "auto" else bool(self.pack),
+        )
 
     def dtype(self, device: torch.device) -> torch.dtype | None:
         """The autocast dtype, or None for full fp32."""
@@ -73,7 +76,9 @@ def apply(model: torch.nn.Module, p: Parallelism, world_size: int) -> torch.nn.M
     return model
 
 
-def micro_batch(model: ModelConfig, rows: int, requested: int | None, p: Parallelism, device: torch.device) -> int | None:
+def micro_batch(
+    model: ModelConfig, rows: int, requested: int | None, p: Parallelism, device: torch.device
+) -> int | None:
     """Rows per forward on one rank: `requested` when set; on CUDA the most rows (of `rows`)
     whose memory estimate (nmm.gpu.memory, at the model's full context) fits the device, the
     rest made up by gradient accumulation; elsewhere None, the whole batch at once."""
@@ -85,8 +90,11 @@ def micro_batch(model: ModelConfig, rows: int, requested: int | None, p: Paralle
     shape = memory.model_shape(model, model.max_seq_len) | {"precision": "bf16" if p.dtype(device) else "fp32"}
     n = memory.largest_micro_batch(rows, gib, **shape)
     if n is None:
-        logger.warning("one row is estimated not to fit this %.0f GiB GPU (%s); trying one row per forward", gib,
-                       memory.estimate(micro_batch=1, **shape).describe())
+        logger.warning(
+            "one row is estimated not to fit this %.0f GiB GPU (%s); trying one row per forward",
+            gib,
+            memory.estimate(micro_batch=1, **shape).describe(),
+        )
         return 1
     if n < rows:
         logger.info("%d rows per rank do not fit at once: %d micro-batches of up to %d rows", rows, -(-rows // n), n)

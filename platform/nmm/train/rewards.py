@@ -12,8 +12,8 @@ train stage from nmm.evaluate and handed in; `answer_exact` needs only the data'
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ def answer_exact(data_tokens: np.ndarray, data_mask: np.ndarray) -> RewardFn:
     """`vqa_exact`: 1 when the written answer is exactly the row's reference answer (the data's
     targets: the VQA answer, or the caption), else 0. Tokens are compared, so the match is
     exact-string (the tokenizer is lossless) and costs nothing."""
+
     def score(rows: np.ndarray, tokens: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(len(rows))
         for i, r in enumerate(rows):
@@ -45,15 +46,22 @@ def answer_exact(data_tokens: np.ndarray, data_mask: np.ndarray) -> RewardFn:
             got = _answer(tokens[i][sampled[i] == 1].tolist())
             out[i] = float(got == want)
         return out
+
     return score
 
 
-def drawn_images(tokens: torch.Tensor, sampled: torch.Tensor, image_range: tuple[int, int], tokens_per_image: int) -> np.ndarray:
+def drawn_images(
+    tokens: torch.Tensor, sampled: torch.Tensor, image_range: tuple[int, int], tokens_per_image: int
+) -> np.ndarray:
     """The image codes each completion drew, (N, tokens_per_image), shifted to 0-based codes;
     a completion cut short by the context is padded with code 0."""
     out = np.zeros((len(tokens), tokens_per_image), np.int64)
     for i in range(len(tokens)):
-        codes = [int(t) - image_range[0] for t in tokens[i][sampled[i] == 1].tolist() if image_range[0] <= int(t) < image_range[1]]
+        codes = [
+            int(t) - image_range[0]
+            for t in tokens[i][sampled[i] == 1].tolist()
+            if image_range[0] <= int(t) < image_range[1]
+        ]
         codes = codes[:tokens_per_image]
         out[i, : len(codes)] = codes
     return out

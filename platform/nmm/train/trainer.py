@@ -18,18 +18,18 @@ import dataclasses
 import logging
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
 
 from nmm.model import ModelConfig
 from nmm.train import checkpoint, encoder, parallelize, recipes, schedule
-from nmm.train.recipes import NoOptions
-from nmm.train.recipes.base import StepInputs
 from nmm.train.batches import SEED_STRIDE, Batch, Batches, TrainData
 from nmm.train.distributed import DistInfo, all_reduce_mean, any_rank, barrier
+from nmm.train.recipes import NoOptions
+from nmm.train.recipes.base import StepInputs
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +59,9 @@ class PhaseConfig:
     def __post_init__(self) -> None:
         want = recipes.recipe(self.recipe).options
         if type(self.options) is not want:
-            raise ValueError(f"phase {self.name}: a {self.recipe} phase takes {want.__name__}, "
-                             f"got {type(self.options).__name__}")
+            raise ValueError(
+                f"phase {self.name}: a {self.recipe} phase takes {want.__name__}, got {type(self.options).__name__}"
+            )
 
     @property
     def info(self) -> recipes.RecipeInfo:
@@ -84,7 +85,9 @@ class TrainConfig:
     log_every: int = 20
     encoder_steps: int = 300  # late fusion: masked-patch pretraining of the image encoder
     loss_weights: tuple[float, float] = (1.0, 1.0)  # (text, image) targets
-    micro_batch: int | None = None  # rows per forward on each rank; None: from the memory estimate (parallelize.micro_batch)
+    micro_batch: int | None = (
+        None  # rows per forward on each rank; None: from the memory estimate (parallelize.micro_batch)
+    )
     parallel: parallelize.Parallelism = field(default_factory=parallelize.Parallelism)
 
     @property
@@ -130,7 +133,7 @@ def _optimizer(model: torch.nn.Module, phase: PhaseConfig) -> torch.optim.Optimi
 
 
 @dataclass
-class _Run:
+class TrainingRun:
     """What one call of `train` carries from step to step and phase to phase."""
 
     cfg: TrainConfig
@@ -150,7 +153,9 @@ class _Run:
     samples: tuple | None = None  # grpo: the last step's (sequences, sampled mask), for on_samples
     stop: bool = False  # SIGTERM arrived
     t0: float = field(default_factory=time.perf_counter)
-    counts: torch.Tensor | None = None  # target tokens (text, image) trained on, all ranks: on the device, read when logging
+    counts: torch.Tensor | None = (
+        None  # target tokens (text, image) trained on, all ranks: on the device, read when logging
+    )
     processed: int = 0
     micro: int | None = None  # rows per forward in this phase (None: the whole batch)
     summary: dict = field(default_factory=lambda: {"tokens_text": 0.0, "tokens_image": 0.0})
@@ -163,9 +168,16 @@ class _Run:
         return parallelize.autocast(self.cfg.parallel, self.info.device)
 
 
-def train(cfg: TrainConfig, data: TrainData, info: DistInfo, checkpoint_root: str, log: Callable[[dict, int], None],
-          on_checkpoint: Callable[[int, dict], None] | None = None, rewards: dict | None = None,
-          on_samples: Callable[[int, str, torch.Tensor, torch.Tensor], None] | None = None) -> tuple[torch.nn.Module, dict]:
+def train(
+    cfg: TrainConfig,
+    data: TrainData,
+    info: DistInfo,
+    checkpoint_root: str,
+    log: Callable[[dict, int], None],
+    on_checkpoint: Callable[[int, dict], None] | None = None,
+    rewards: dict | None = None,
+    on_samples: Callable[[int, str, torch.Tensor, torch.Tensor], None] | None = None,
+) -> tuple[torch.nn.Module, dict]:
     """Train through every phase; returns the unwrapped model and a summary.
 
     Pretrain phases draw from the plain rows, sft and opd phases from the instruction rows (the
@@ -179,8 +191,19 @@ def train(cfg: TrainConfig, data: TrainData, info: DistInfo, checkpoint_root: st
     cfg = dataclasses.replace(cfg, parallel=cfg.parallel.resolved(info.device, cfg.model.fusion))
     torch.manual_seed(cfg.seed)
     model = cfg.model.build().to(info.device)
-    run = _Run(cfg, info, model, model, data, Batches(data, cfg.phases, cfg.model.reads_pixels), checkpoint_root, log,
-               on_checkpoint, rewards=rewards or {}, on_samples=on_samples)
+    run = TrainingRun(
+        cfg,
+        info,
+        model,
+        model,
+        data,
+        Batches(data, cfg.phases, cfg.model.reads_pixels),
+        checkpoint_root,
+        log,
+        on_checkpoint,
+        rewards=rewards or {},
+        on_samples=on_samples,
+    )
     resumed = _resume(run)
     if cfg.model.fusion == "late":
         if not resumed:  # (a checkpoint already holds the trained encoder and its statistics)
@@ -225,7 +248,7 @@ def _check(cfg: TrainConfig, data: TrainData, rewards: dict) -> None:
             raise ValueError(f"phase {p.name}: its rewards must be passed in; missing {missing}")
 
 
-def _resume(run: _Run) -> bool:
+def _resume(run: TrainingRun) -> bool:
     """Load the newest committed checkpoint, if any: weights now, optimizer state for later."""
     resumed = checkpoint.load_latest(run.checkpoint_root)
     if resumed is None:
@@ -238,19 +261,26 @@ def _resume(run: _Run) -> bool:
     return True
 
 
-def _train_phase(run: _Run, phase: PhaseConfig, first: int, end: int) -> None:
+def _train_phase(run: TrainingRun, phase: PhaseConfig, first: int, end: int) -> None:
     cfg, info = run.cfg, run.info
     opt = _optimizer(run.model, phase)
     if run.opt_state is not None:
         parallelize.load_optimizer(run.model, opt, run.opt_state, cfg.parallel, info.world_size)
         run.opt_state = None
     frozen = _frozen_model(cfg, run.teachers[phase.scores_against], info) if phase.scores_against else None
-    logger.info("phase %s (%s) steps %d-%d%s", phase.name, phase.recipe, first + 1, end,
-                f", {phase.info.frozen}: phase {phase.scores_against}" if frozen is not None else "")
+    logger.info(
+        "phase %s (%s) steps %d-%d%s",
+        phase.name,
+        phase.recipe,
+        first + 1,
+        end,
+        f", {phase.info.frozen}: phase {phase.scores_against}" if frozen is not None else "",
+    )
     begin = max(run.start, first)
     lr = schedule.scheduler(opt, phase, begin - first)
-    run.micro = parallelize.micro_batch(cfg.model, phase.batch_size // info.world_size, cfg.micro_batch, cfg.parallel,
-                                        info.device)
+    run.micro = parallelize.micro_batch(
+        cfg.model, phase.batch_size // info.world_size, cfg.micro_batch, cfg.parallel, info.device
+    )
     run.ddp.train()
     every = log_interval(cfg, phase)
     for s in range(begin, end):
@@ -266,15 +296,20 @@ def _train_phase(run: _Run, phase: PhaseConfig, first: int, end: int) -> None:
         if logs:
             _log_metrics(run, parts, rate, grad_norm, seq_len, done)
         sample_every = getattr(phase.options, "samples_every", None)  # (a sampling recipe's)
-        if run.samples is not None and run.on_samples and info.is_main and (
-                sample_every and (done - first) % sample_every == 0 or done == end):
+        if (
+            run.samples is not None
+            and run.on_samples
+            and info.is_main
+            and (sample_every and (done - first) % sample_every == 0 or done == end)
+        ):
             run.on_samples(done, phase.name, *run.samples)
         run.samples = None
         _checkpoint_policy(run, opt, done)
 
 
-def train_step(run: _Run, phase: PhaseConfig, batch: Batch, opt, frozen, *,
-               norms: bool = True) -> tuple[int, dict, torch.Tensor]:
+def train_step(
+    run: TrainingRun, phase: PhaseConfig, batch: Batch, opt, frozen, *, norms: bool = True
+) -> tuple[int, dict, torch.Tensor]:
     """Forward, backward and optimizer step of one (host) batch, by the phase's recipe:
     (sequence length, loss parts, grad norm). Nothing here reads the device: parts, norm and
     token counts stay tensors until a logging step reads them (a sampling recipe excepted: its
@@ -287,10 +322,24 @@ def train_step(run: _Run, phase: PhaseConfig, batch: Batch, opt, frozen, *,
         _clip_and_step(run, opt)
         opt.zero_grad(set_to_none=True)
 
-    out = recipes.implementation(phase.recipe).step(StepInputs(
-        phase=phase, batch=batch, model=run.model, ddp=run.ddp, frozen=frozen, cfg=run.cfg,
-        image_range=run.data.image_range, text_range=run.data.text_range, amp=run.amp, device=run.info.device,
-        micro=run.micro, norms=norms, rewards=run.rewards, update=update))
+    out = recipes.implementation(phase.recipe).step(
+        StepInputs(
+            phase=phase,
+            batch=batch,
+            model=run.model,
+            ddp=run.ddp,
+            frozen=frozen,
+            cfg=run.cfg,
+            image_range=run.data.image_range,
+            text_range=run.data.text_range,
+            amp=run.amp,
+            device=run.info.device,
+            micro=run.micro,
+            norms=norms,
+            rewards=run.rewards,
+            update=update,
+        )
+    )
     parts, x, run.samples = out.parts, out.x, out.samples
     grad_norm = _clip_and_step(run, opt)
     world = run.info.world_size
@@ -300,21 +349,23 @@ def train_step(run: _Run, phase: PhaseConfig, batch: Batch, opt, frozen, *,
     return x.shape[1], parts, grad_norm
 
 
-def _clip_and_step(run: _Run, opt) -> torch.Tensor:
+def _clip_and_step(run: TrainingRun, opt) -> torch.Tensor:
     """Clip the gradients to CLIP_NORM and take the optimizer step; returns the norm before clipping."""
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), CLIP_NORM)
     opt.step()
     return grad_norm
 
 
-def _log_metrics(run: _Run, parts: dict, lr: float, grad_norm: torch.Tensor, seq_len: int, step: int) -> None:
+def _log_metrics(run: TrainingRun, parts: dict, lr: float, grad_norm: torch.Tensor, seq_len: int, step: int) -> None:
     """Loss parts averaged over ranks, rates and token counts; the main rank hands them to `log`."""
     vals = {k: float(all_reduce_mean(v, run.info)) for k, v in parts.items() if not k.startswith("tokens")}
     text, image = run.tokens()
     run.summary.update(tokens_text=text, tokens_image=image)
     elapsed = max(time.perf_counter() - run.t0, 1e-9)
     names = {"ce": "loss", "ce_text": "loss_text", "ce_image": "loss_image", "z": "z_loss"}
-    metrics = {f"train/{names.get(k, k)}": v for k, v in vals.items() if v == v}  # (NaN: a reward no row of this step had)
+    metrics = {
+        f"train/{names.get(k, k)}": v for k, v in vals.items() if v == v
+    }  # (NaN: a reward no row of this step had)
     metrics |= {
         "train/lr": lr,
         "train/grad_norm": float(grad_norm),
@@ -330,7 +381,7 @@ def _log_metrics(run: _Run, parts: dict, lr: float, grad_norm: torch.Tensor, seq
         run.log(metrics, step)
 
 
-def _checkpoint_policy(run: _Run, opt, step: int) -> None:
+def _checkpoint_policy(run: TrainingRun, opt, step: int) -> None:
     """A checkpoint every interval, and on SIGTERM (every rank stops at the same step), after
     which the run ends with Preempted."""
     term = any_rank(run.stop, run.info)
@@ -344,7 +395,7 @@ def _checkpoint_policy(run: _Run, opt, step: int) -> None:
         raise Preempted(f"SIGTERM at step {step}: checkpoint written")
 
 
-def _unsharded(run: _Run) -> torch.nn.Module:
+def _unsharded(run: TrainingRun) -> torch.nn.Module:
     """Rank 0 gets a whole, unsharded model."""
     if not parallelize.sharded(run.cfg.parallel, run.info.world_size):
         return run.model

@@ -33,8 +33,17 @@ class Backend(Protocol):
     custom_kinds: dict[str, tuple[str, str, str]]
     rbac: tuple[dict, ...]
 
-    def children(self, name: str, namespace: str, spec: ServiceSpec, stable: ServedVersion,
-                 canary: ServedVersion | None, weight: int, s: CompileSettings, serving: dict) -> list[dict]: ...
+    def children(
+        self,
+        name: str,
+        namespace: str,
+        spec: ServiceSpec,
+        stable: ServedVersion,
+        canary: ServedVersion | None,
+        weight: int,
+        s: CompileSettings,
+        serving: dict,
+    ) -> list[dict]: ...
 
     def endpoints(self, name: str, namespace: str) -> dict[str, str]: ...
 

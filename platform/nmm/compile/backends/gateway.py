@@ -13,8 +13,15 @@ ROUTE_GROUP, ROUTE_VERSION, ROUTE_PLURAL = "gateway.networking.k8s.io", "v1", "h
 DEFAULT_GATEWAY = {"name": "nmm-gateway"}
 
 
-def deployment(name: str, namespace: str, track: str, spec: ServiceSpec, served: ServedVersion | None,
-               s: CompileSettings, template: ServedVersion) -> dict:
+def deployment(
+    name: str,
+    namespace: str,
+    track: str,
+    spec: ServiceSpec,
+    served: ServedVersion | None,
+    s: CompileSettings,
+    template: ServedVersion,
+) -> dict:
     """A track's Deployment: `served` at `replicas`, or scaled to zero (the canary between
     rollouts, whose pod template then shows `template`'s container so that it stays valid)."""
     full = serving_backend_name(name, track)
@@ -23,7 +30,8 @@ def deployment(name: str, namespace: str, track: str, spec: ServiceSpec, served:
     track_labels = labels(name, {LABEL_TRACK: track} | ({LABEL_VERSION: str(version)} if version else {}))
     shown = served or template
     return {
-        "apiVersion": "apps/v1", "kind": "Deployment",
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
         "metadata": {"name": full, "namespace": namespace, "labels": track_labels},
         "spec": {
             "replicas": spec.replicas if version else 0,
@@ -37,33 +45,47 @@ def deployment(name: str, namespace: str, track: str, spec: ServiceSpec, served:
 def service(name: str, namespace: str, track: str) -> dict:
     full = serving_backend_name(name, track)
     return {
-        "apiVersion": "v1", "kind": "Service",
+        "apiVersion": "v1",
+        "kind": "Service",
         "metadata": {"name": full, "namespace": namespace, "labels": labels(name, {LABEL_TRACK: track})},
-        "spec": {"selector": {LABEL_SERVICE: name, LABEL_TRACK: track},
-                 "ports": [{"name": "http", "port": 80, "targetPort": PORT, "protocol": "TCP"}]},
+        "spec": {
+            "selector": {LABEL_SERVICE: name, LABEL_TRACK: track},
+            "ports": [{"name": "http", "port": 80, "targetPort": PORT, "protocol": "TCP"}],
+        },
     }
 
 
 def http_route(name: str, namespace: str, weight: int, parent: dict) -> dict:
     """The route splitting traffic: `weight` percent to the canary, the rest to stable."""
     return {
-        "apiVersion": f"{ROUTE_GROUP}/{ROUTE_VERSION}", "kind": "HTTPRoute",
+        "apiVersion": f"{ROUTE_GROUP}/{ROUTE_VERSION}",
+        "kind": "HTTPRoute",
         "metadata": {"name": name, "namespace": namespace, "labels": labels(name)},
         "spec": {
             "parentRefs": [parent],
-            "rules": [{
-                "matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
-                "backendRefs": [
-                    {"name": serving_backend_name(name, "stable"), "port": 80, "weight": 100 - weight},
-                    {"name": serving_backend_name(name, "canary"), "port": 80, "weight": weight},
-                ],
-            }],
+            "rules": [
+                {
+                    "matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
+                    "backendRefs": [
+                        {"name": serving_backend_name(name, "stable"), "port": 80, "weight": 100 - weight},
+                        {"name": serving_backend_name(name, "canary"), "port": 80, "weight": weight},
+                    ],
+                }
+            ],
         },
     }
 
 
-def gateway_objects(name: str, namespace: str, spec: ServiceSpec, stable: ServedVersion, canary: ServedVersion | None,
-                    weight: int, s: CompileSettings, parent: dict) -> list[dict]:
+def gateway_objects(
+    name: str,
+    namespace: str,
+    spec: ServiceSpec,
+    stable: ServedVersion,
+    canary: ServedVersion | None,
+    weight: int,
+    s: CompileSettings,
+    parent: dict,
+) -> list[dict]:
     return [
         deployment(name, namespace, "stable", spec, stable, s, stable),
         deployment(name, namespace, "canary", spec, canary, s, stable),
@@ -82,13 +104,24 @@ class Gateway:
         {"apiGroups": [ROUTE_GROUP], "resources": [ROUTE_PLURAL], "verbs": ["get", "create", "patch"]},
     )
 
-    def children(self, name: str, namespace: str, spec: ServiceSpec, stable: ServedVersion,
-                 canary: ServedVersion | None, weight: int, s: CompileSettings, serving: dict) -> list[dict]:
+    def children(
+        self,
+        name: str,
+        namespace: str,
+        spec: ServiceSpec,
+        stable: ServedVersion,
+        canary: ServedVersion | None,
+        weight: int,
+        s: CompileSettings,
+        serving: dict,
+    ) -> list[dict]:
         return gateway_objects(name, namespace, spec, stable, canary, weight, s, parent_ref(serving.get("gateway")))
 
     def endpoints(self, name: str, namespace: str) -> dict[str, str]:
-        return {"stable": f"http://{serving_backend_name(name, 'stable')}.{namespace}.svc.cluster.local",
-                "candidate": f"http://{serving_backend_name(name, 'canary')}.{namespace}.svc.cluster.local"}
+        return {
+            "stable": f"http://{serving_backend_name(name, 'stable')}.{namespace}.svc.cluster.local",
+            "candidate": f"http://{serving_backend_name(name, 'canary')}.{namespace}.svc.cluster.local",
+        }
 
 
 def parent_ref(gateway: dict | None) -> dict:

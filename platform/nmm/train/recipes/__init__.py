@@ -63,22 +63,50 @@ class RecipeInfo:
 
     def required(self) -> tuple[str, ...]:
         """The options a phase of this recipe must set (those without a default)."""
-        return tuple(f.name for f in dataclasses.fields(self.options)
-                     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+        return tuple(
+            f.name
+            for f in dataclasses.fields(self.options)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        )
 
 
-RECIPES: dict[str, RecipeInfo] = {r.name: r for r in (
-    RecipeInfo("pretrain", "nmm.train.recipes.next_token:PRETRAIN", "plain",
-               "next-token loss on every token of the data's plain layout (text and image alike)"),
-    RecipeInfo("sft", "nmm.train.recipes.next_token:SFT", "instruct",
-               "instruction turns, loss on the answers only (caption, VQA answer, image to draw)"),
-    RecipeInfo("opd", "nmm.train.recipes.opd:OPD", "instruct",
-               "on-policy distillation: the student samples, the teacher phase's final weights score every sampled "
-               "token (reverse KL)", OpdOptions, frozen="teacher", samples=True),
-    RecipeInfo("grpo", "nmm.train.recipes.grpo:GRPO", "instruct",
-               "reinforcement learning with verifiable rewards: group-normalised advantages, clipped objective, KL "
-               "penalty to the reference phase's final weights", GrpoOptions, frozen="reference", samples=True),
-)}
+RECIPES: dict[str, RecipeInfo] = {
+    r.name: r
+    for r in (
+        RecipeInfo(
+            "pretrain",
+            "nmm.train.recipes.next_token:PRETRAIN",
+            "plain",
+            "next-token loss on every token of the data's plain layout (text and image alike)",
+        ),
+        RecipeInfo(
+            "sft",
+            "nmm.train.recipes.next_token:SFT",
+            "instruct",
+            "instruction turns, loss on the answers only (caption, VQA answer, image to draw)",
+        ),
+        RecipeInfo(
+            "opd",
+            "nmm.train.recipes.opd:OPD",
+            "instruct",
+            "on-policy distillation: the student samples, the teacher phase's final weights score every sampled "
+            "token (reverse KL)",
+            OpdOptions,
+            frozen="teacher",
+            samples=True,
+        ),
+        RecipeInfo(
+            "grpo",
+            "nmm.train.recipes.grpo:GRPO",
+            "instruct",
+            "reinforcement learning with verifiable rewards: group-normalised advantages, clipped objective, KL "
+            "penalty to the reference phase's final weights",
+            GrpoOptions,
+            frozen="reference",
+            samples=True,
+        ),
+    )
+}
 
 
 def recipe(name: str) -> RecipeInfo:

@@ -8,8 +8,9 @@ reads nothing from the device: parts and token counts stay tensors until a loggi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 

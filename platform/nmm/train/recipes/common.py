@@ -42,9 +42,17 @@ def hide_seen_targets(m: torch.Tensor, spans: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def student_samples(model, x: torch.Tensor, m: torch.Tensor, patches: torch.Tensor | None, image_range, text_range,
-                    temperature: float, guidance: float = 1.0,
-                    drawing: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def student_samples(
+    model,
+    x: torch.Tensor,
+    m: torch.Tensor,
+    patches: torch.Tensor | None,
+    image_range,
+    text_range,
+    temperature: float,
+    guidance: float = 1.0,
+    drawing: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """On-policy rollouts: each row's prompt (the tokens before its first target) continued by
     the student, text rows until <eos>, drawing rows for a whole image then <eoi> (with
     classifier-free `guidance` against the prompt with its text padded out). `drawing`: the rows
@@ -67,23 +75,41 @@ def student_samples(model, x: torch.Tensor, m: torch.Tensor, patches: torch.Tens
         pix = None if patches is None else patches[idx].cpu().numpy()
         if want_image:
             plans = not all(opens_image[i] for i in idx)
-            heads, outs = draw_images(model, prompts, int(max(per_image[i] for i in idx)), image_range,
-                                      plan_range=text_range if plans else None, blank=lambda p: blank_text(p, text_range),
-                                      temperature=temperature, guidance=guidance, patches=pix)
-            tails = [[(h, 1), ([BOI] if plans and h[-1:] != [BOI] else [], 0), (o, 1), ([EOI], 0)]
-                     for h, o in zip(heads, outs)]
+            heads, outs = draw_images(
+                model,
+                prompts,
+                int(max(per_image[i] for i in idx)),
+                image_range,
+                plan_range=text_range if plans else None,
+                blank=lambda p: blank_text(p, text_range),
+                temperature=temperature,
+                guidance=guidance,
+                patches=pix,
+            )
+            tails = [
+                [(h, 1), ([BOI] if plans and h[-1:] != [BOI] else [], 0), (o, 1), ([EOI], 0)]
+                for h, o in zip(heads, outs)
+            ]
         else:
             n = int(max(lengths[i] for i in idx))
-            outs = generate(model, prompts, n, text_range, stop=EOS, extra_allowed=(EOS,), temperature=temperature, patches=pix)
+            outs = generate(
+                model, prompts, n, text_range, stop=EOS, extra_allowed=(EOS,), temperature=temperature, patches=pix
+            )
             tails = [[(o + [EOS], 1)] if len(o) < n else [(o, 1)] for o in outs]
         for i, p, tail in zip(idx, prompts, tails):
             pieces[i] = [(p, 0), *tail]
+    return _right_padded(pieces, model.cfg.max_seq_len, x.device)
+
+
+def _right_padded(pieces: list[list[tuple[list[int], int]]], max_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of (tokens, sampled or not) pieces → the right-padded sequences (cut at `max_len`)
+    and the mask of the sampled positions."""
     seqs = [[t for toks, _ in row for t in toks] for row in pieces]
     sampled = [[s for toks, s in row for _ in toks] for row in pieces]
-    width = min(max(len(q) for q in seqs), model.cfg.max_seq_len)
-    out = torch.full((len(x), width), PAD, dtype=torch.long)
-    mask = torch.zeros((len(x), width), dtype=torch.long)
+    width = min(max(len(q) for q in seqs), max_len)
+    out = torch.full((len(pieces), width), PAD, dtype=torch.long)
+    mask = torch.zeros((len(pieces), width), dtype=torch.long)
     for i, (q, sm) in enumerate(zip(seqs, sampled)):
         out[i, : len(q[:width])] = torch.tensor(q[:width])
         mask[i, : len(sm[:width])] = torch.tensor(sm[:width])
-    return out.to(x.device), mask.to(x.device)
+    return out.to(device), mask.to(device)

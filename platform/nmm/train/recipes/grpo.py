@@ -20,7 +20,9 @@ from nmm.train.recipes.common import input_image_spans, student_samples
 from nmm.train.rewards import Reward
 
 
-def score(opts: GrpoOptions, rewards: dict[str, Reward], b: Batch, x: torch.Tensor, sampled: torch.Tensor) -> tuple[torch.Tensor, dict]:
+def score(
+    opts: GrpoOptions, rewards: dict[str, Reward], b: Batch, x: torch.Tensor, sampled: torch.Tensor
+) -> tuple[torch.Tensor, dict]:
     """Each completion's reward: the phase's weighted sum of the rewards of its row's task (on
     the host). Also each component's scores, NaN on the rows it does not score."""
     xs, ss, given = x.cpu(), sampled.cpu(), b.given.cpu()
@@ -48,8 +50,9 @@ def unconditional(x: torch.Tensor, sampled: torch.Tensor, image_range, text_rang
     return torch.where((at < first) & text, torch.full_like(x, PAD), x)
 
 
-def guided_logits(net, x: torch.Tensor, blank: torch.Tensor | None, guidance: float, patches, spans,
-                  image_range=None) -> torch.Tensor:
+def guided_logits(
+    net, x: torch.Tensor, blank: torch.Tensor | None, guidance: float, patches, spans, image_range=None
+) -> torch.Tensor:
     """`net`'s logits for `x`; with `blank` (the rows' unconditional twins) those of
     classifier-free guidance, uncond + guidance · (cond − uncond), as generation samples them:
     where the next token is an image code of a row that has a twin (with `image_range`; else
@@ -57,14 +60,13 @@ def guided_logits(net, x: torch.Tensor, blank: torch.Tensor | None, guidance: fl
     both halves: DDP allows one forward per backward."""
     if blank is None:
         return net(x, patches=patches, spans=spans)
-    twice = (lambda t: None if t is None else torch.cat([t, t]))  # noqa: E731
+    twice = lambda t: None if t is None else torch.cat([t, t])
     cond, uncond = net(torch.cat([x, blank]), patches=twice(patches), spans=twice(spans)).chunk(2)
     guided = uncond + guidance * (cond - uncond)
     if image_range is None:
         return guided
     code_next = F.pad((x[:, 1:] >= image_range[0]) & (x[:, 1:] < image_range[1]), (0, 1))
     return torch.where(code_next[..., None], guided, cond)
-
 
 
 class PolicyOptimisation:
@@ -80,8 +82,17 @@ class PolicyOptimisation:
     def step(self, s: StepInputs) -> StepOutput:
         opts: GrpoOptions = s.phase.options
         group = s.batch.to(s.device).repeat(opts.group)
-        x, sampled = student_samples(s.model, group.x, group.m, group.patches, s.image_range, s.text_range,
-                                     opts.temperature, opts.guidance, drawing=~group.given)
+        x, sampled = student_samples(
+            s.model,
+            group.x,
+            group.m,
+            group.patches,
+            s.image_range,
+            s.text_range,
+            opts.temperature,
+            opts.guidance,
+            drawing=~group.given,
+        )
         total, components = score(opts, s.rewards, group, x, sampled)
         advantages = grpo.group_advantages(total, opts.group).to(x.device)
         s.model.train()
@@ -127,8 +138,10 @@ def _reward_parts(total: torch.Tensor, components: dict, group: int, device) -> 
 
 def _sampled_tokens(x: torch.Tensor, sampled: torch.Tensor, image_range) -> dict:
     is_image = (x >= image_range[0]) & (x < image_range[1])
-    return {"tokens_text": (sampled.bool() & ~is_image).sum().float(),
-            "tokens_image": (sampled.bool() & is_image).sum().float()}
+    return {
+        "tokens_text": (sampled.bool() & ~is_image).sum().float(),
+        "tokens_image": (sampled.bool() & is_image).sum().float(),
+    }
 
 
 GRPO = PolicyOptimisation()

@@ -12,8 +12,8 @@ loss is scaled by the whole batch's target weight, so the gradients are the whol
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -34,18 +34,27 @@ class LaidOutBatch:
     patches: torch.Tensor | None
     extra: dict
 
-    def to(self, device) -> "LaidOutBatch":
-        return LaidOutBatch(*(to_device(t, device) for t in (self.x, self.targets, self.patches)),
-                            {k: to_device(v, device) for k, v in self.extra.items()})
+    def to(self, device) -> LaidOutBatch:
+        return LaidOutBatch(
+            *(to_device(t, device) for t in (self.x, self.targets, self.patches)),
+            {k: to_device(v, device) for k, v in self.extra.items()},
+        )
 
-    def split(self, rows: int) -> list["LaidOutBatch"]:
+    def split(self, rows: int) -> list[LaidOutBatch]:
         """Micro-batches of `rows` rows each (the last may be smaller)."""
+
         def cut(t, i):
             return None if t is None else t[i : i + rows]
 
-        return [LaidOutBatch(cut(self.x, i), cut(self.targets, i), cut(self.patches, i),
-                             {k: cut(v, i) for k, v in self.extra.items()})
-                for i in range(0, len(self.x), rows)]
+        return [
+            LaidOutBatch(
+                cut(self.x, i),
+                cut(self.targets, i),
+                cut(self.patches, i),
+                {k: cut(v, i) for k, v in self.extra.items()},
+            )
+            for i in range(0, len(self.x), rows)
+        ]
 
 
 def lay_out(b: Batch, cfg, every_token: bool) -> LaidOutBatch:
@@ -64,8 +73,9 @@ def lay_out(b: Batch, cfg, every_token: bool) -> LaidOutBatch:
     return LaidOutBatch(x, targets, b.patches, extra)
 
 
-def next_token_step(laid: LaidOutBatch, ddp, cfg, image_range, amp: Callable, *, norms: bool = True,
-                    total: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+def next_token_step(
+    laid: LaidOutBatch, ddp, cfg, image_range, amp: Callable, *, norms: bool = True, total: torch.Tensor | None = None
+) -> tuple[torch.Tensor, dict]:
     """(loss, its parts) of a laid-out batch (or micro-batch: `total`, the whole batch's target
     weight, makes the micro-batches' losses add up to the batch's). The loss is fused with the
     output layer (nmm.train.loss.head_loss); `norms`: the logit norms too."""

@@ -15,8 +15,9 @@ from nmm.train.recipes.common import input_image_spans, student_samples
 class Distillation:
     def step(self, s: StepInputs) -> StepOutput:
         b, opts = s.batch.to(s.device), s.phase.options
-        x, sampled = student_samples(s.model, b.x, b.m, b.patches, s.image_range, s.text_range, opts.temperature,
-                                     drawing=~b.given)
+        x, sampled = student_samples(
+            s.model, b.x, b.m, b.patches, s.image_range, s.text_range, opts.temperature, drawing=~b.given
+        )
         s.model.train()
         spans = input_image_spans(x, s.cfg.model, b.given)
         with torch.no_grad(), s.amp():

@@ -18,7 +18,7 @@ from pathlib import Path
 from nmm import storage
 from nmm.data.dataset import Dataset
 from nmm.rollout import analysis, probe
-from nmm.rollout.canary import LocalCanary, Outcome, Step, StepResult
+from nmm.rollout.local_canary import LocalCanary, Outcome, Step, StepResult
 from nmm.spec.crd import GROUP, SERVICE_PLURAL, VERSION
 from nmm.spec.serving import SERVICE_KIND, Serving
 from nmm.stages.context import StageContext
@@ -45,12 +45,15 @@ def write_probe(ctx: StageContext, serving: Serving, ds: Dataset) -> tuple[str |
     if qp.cases_uri:
         return qp.cases_uri, probe.loads(storage.read_bytes(storage.in_store(qp.cases_uri, ctx.store)), qp.cases)
     ev = ctx.spec.spec.evaluation
-    cases = probe.cases_from_split(ds.split("test"), ev.suites, qp.cases, train=ds.split("train"),
-                                   drawing=(ev.temperature, ev.guidance))
+    cases = probe.cases_from_split(
+        ds.split("test"), ev.suites, qp.cases, train=ds.split("train"), drawing=(ev.temperature, ev.guidance)
+    )
     missing = sorted(set(ctx.spec.spec.model.tasks) - set(cases.tasks))
     if missing:
-        raise probe.ProbeError(f"the quality probe found no held-out {missing[0]} cases in {ds.uri}; set "
-                               "analysis.qualityProbe: null to roll out on SLOs alone")
+        raise probe.ProbeError(
+            f"the quality probe found no held-out {missing[0]} cases in {ds.uri}; set "
+            "analysis.qualityProbe: null to roll out on SLOs alone"
+        )
     uri = storage.join(ctx.stage_uri(ctx.step("rollout")), PROBE_FILE)
     storage.write_bytes(uri, probe.dumps(cases))
     return uri, cases
@@ -67,20 +70,49 @@ def traffic(ctx: StageContext, cases: probe.Cases | None, ds: Dataset, limit: in
     return chat, drawn
 
 
-def run_local(ctx: StageContext, run_, serving: Serving, stable: str, candidate: str, cases: probe.Cases | None,
-              chat: list[dict], drawn: list[str], log) -> Outcome:
+def run_local(
+    ctx: StageContext,
+    run_,
+    serving: Serving,
+    stable: str,
+    candidate: str,
+    cases: probe.Cases | None,
+    chat: list[dict],
+    drawn: list[str],
+    log,
+) -> Outcome:
     steps = [Step(s.weight, s.pause_seconds) for s in serving.canary.steps]
-    batching = {"max_batch": serving.batching.max_batch, "max_wait_ms": serving.batching.max_wait_ms,
-                "max_queue": serving.batching.max_queue}
+    batching = {
+        "max_batch": serving.batching.max_batch,
+        "max_wait_ms": serving.batching.max_wait_ms,
+        "max_queue": serving.batching.max_queue,
+    }
     with tempfile.TemporaryDirectory(prefix="nmm-canary-") as tmp:
-        canary = LocalCanary(stable, candidate, steps, analysis.Limits.of(serving.canary.analysis), cases, Path(tmp),
-                             chat=chat, prompts=drawn, store=ctx.store, batching=batching)
+        canary = LocalCanary(
+            stable,
+            candidate,
+            steps,
+            analysis.Limits.of(serving.canary.analysis),
+            cases,
+            Path(tmp),
+            chat=chat,
+            prompts=drawn,
+            store=ctx.store,
+            batching=batching,
+        )
         results: list[StepResult] = []
 
         def on_step(r: StepResult) -> None:
             results.append(r)
-            run_.log_metrics({"canary.weight": r.weight, "canary.ok": float(r.ok), "canary.stable_requests": r.stable_requests,
-                              **{f"canary.{k}": v for k, v in r.measured.items()}}, step=r.index + 1)
+            run_.log_metrics(
+                {
+                    "canary.weight": r.weight,
+                    "canary.ok": float(r.ok),
+                    "canary.stable_requests": r.stable_requests,
+                    **{f"canary.{k}": v for k, v in r.measured.items()},
+                },
+                step=r.index + 1,
+            )
 
         outcome = canary.run(on_step, log=log.info)
         for track in ("stable", "candidate"):
@@ -100,7 +132,7 @@ def plot(results: list[StepResult]) -> bytes:
     import matplotlib.pyplot as plt
 
     x = [r.index + 1 for r in results]
-    series = lambda k: [r.measured.get(k, float("nan")) for r in results]  # noqa: E731
+    series = lambda k: [r.measured.get(k, float("nan")) for r in results]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     axes[0].step(x, [r.weight for r in results], where="post", color="tab:blue")
     axes[0].set(title="candidate weight (%)", xlabel="step", ylim=(0, 105))
@@ -129,9 +161,13 @@ def service_body(ctx: StageContext, serving: Serving, name: str, version: str, c
         spec["canary"]["analysis"]["qualityProbe"]["casesUri"] = cases_uri
     spec["model"] = {"name": name, "version": int(version)}
     return {
-        "apiVersion": f"{GROUP}/{VERSION}", "kind": SERVICE_KIND,
-        "metadata": {"name": ctx.pipeline, "namespace": ctx.run.namespace,
-                     "labels": {"nmm.dev/pipeline": ctx.pipeline, "app.kubernetes.io/managed-by": "nmm"}},
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": SERVICE_KIND,
+        "metadata": {
+            "name": ctx.pipeline,
+            "namespace": ctx.run.namespace,
+            "labels": {"nmm.dev/pipeline": ctx.pipeline, "app.kubernetes.io/managed-by": "nmm"},
+        },
         "spec": spec,
     }
 
@@ -164,12 +200,16 @@ def apply_service(body: dict) -> str:
         except ApiException as exc:
             if exc.status != 409:
                 raise
-        api.patch_namespaced_custom_object(*args, meta["name"], [{"op": "replace", "path": "/spec", "value": body["spec"]}])
+        api.patch_namespaced_custom_object(
+            *args, meta["name"], [{"op": "replace", "path": "/spec", "value": body["spec"]}]
+        )
         return "updated"
     except kubeclient.KubeConfigError as exc:
         raise ClusterRefused(f"{where}: {exc}", retryable=False) from None
     except ApiException as exc:
-        raise ClusterRefused(f"{where}: the API server answered {exc.status} {exc.reason}",
-                             retryable=exc.status == 0 or exc.status == 429 or exc.status >= 500) from None
+        raise ClusterRefused(
+            f"{where}: the API server answered {exc.status} {exc.reason}",
+            retryable=exc.status == 0 or exc.status == 429 or exc.status >= 500,
+        ) from None
     except (OSError, HTTPError) as exc:  # connection refused, DNS: the API server is not there right now
         raise ClusterRefused(f"{where}: {exc}", retryable=True) from None

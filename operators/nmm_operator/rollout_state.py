@@ -52,13 +52,20 @@ def _condition(status: dict, ready: bool, reason: str, message: str, now: float)
     old = next((c for c in status.get("conditions", []) if c.get("type") == "Ready"), {})
     value = "True" if ready else "False"
     since = old.get("lastTransitionTime") if old.get("status") == value else iso(now)
-    status["conditions"] = conds + [{"type": "Ready", "status": value, "reason": reason, "message": message[:1000],
-                                     "lastTransitionTime": since}]
+    status["conditions"] = conds + [
+        {"type": "Ready", "status": value, "reason": reason, "message": message[:1000], "lastTransitionTime": since}
+    ]
     status["message"] = message[:1000]
 
 
-def plan(spec: ServiceSpec, status: dict | None, desired: int | str, now: float, promote_now: int | None = None,
-         champion: int | None = None) -> Tick:
+def plan(
+    spec: ServiceSpec,
+    status: dict | None,
+    desired: int | str,
+    now: float,
+    promote_now: int | None = None,
+    champion: int | None = None,
+) -> Tick:
     """`desired`: the version the spec asks for, or why the registry cannot say (a canary in
     progress then fails: nothing judges it). `promote_now`: a version `nmm promote`/`nmm rollback`
     asked to serve at once (no canary). `champion`: the registry's champion, the stable of a
@@ -66,9 +73,17 @@ def plan(spec: ServiceSpec, status: dict | None, desired: int | str, now: float,
     st = copy.deepcopy(status or {})
     stable, canary, phase = st.get("stableVersion"), st.get("canaryVersion"), st.get("phase")
     t = Tick(st)
-    if stable is not None and canary is not None and phase == "Degraded":  # the last tick sent every request back to stable
+    if (
+        stable is not None and canary is not None and phase == "Degraded"
+    ):  # the last tick sent every request back to stable
         st.update(canaryVersion=None, weight=0, phase="RolledBack", step=None, baseline=None)
-        _condition(st, True, "RolledBack", f"version {canary} rolled back; serving version {stable}: {st.get('reason', '')}", now)
+        _condition(
+            st,
+            True,
+            "RolledBack",
+            f"version {canary} rolled back; serving version {stable}: {st.get('reason', '')}",
+            now,
+        )
         t.events.append(("Warning", "RolledBack", f"version {canary} rolled back, version {stable} serves all traffic"))
         return t
     if isinstance(desired, str):
@@ -77,9 +92,18 @@ def plan(spec: ServiceSpec, status: dict | None, desired: int | str, now: float,
         t.retry = desired
         return t
     if stable is not None and promote_now == desired and desired != stable:
-        st.update(stableVersion=desired, previousStableVersion=stable, canaryVersion=None, weight=0, phase="Healthy",
-                  step=None, baseline=None)
-        _condition(st, True, "PromotedByHand", f"version {desired} serves all traffic (promoted by hand, no canary)", now)
+        st.update(
+            stableVersion=desired,
+            previousStableVersion=stable,
+            canaryVersion=None,
+            weight=0,
+            phase="Healthy",
+            step=None,
+            baseline=None,
+        )
+        _condition(
+            st, True, "PromotedByHand", f"version {desired} serves all traffic (promoted by hand, no canary)", now
+        )
         t.events.append(("Normal", "PromotedByHand", f"version {desired} replaces version {stable} without a canary"))
         t.promote = desired
         return t
@@ -90,7 +114,9 @@ def plan(spec: ServiceSpec, status: dict | None, desired: int | str, now: float,
             t.events.append(("Normal", "Deployed", f"serving {spec.model.name} version {desired}"))
             t.promote = desired  # the registry's champion is what is served
             return t
-        st.update(stableVersion=champion, weight=0, phase="Healthy")  # the champion serves; the asked version is a canary
+        st.update(
+            stableVersion=champion, weight=0, phase="Healthy"
+        )  # the champion serves; the asked version is a canary
         t.events.append(("Normal", "ChampionServed", f"serving champion version {champion} as stable"))
         stable = champion
     if desired == stable:
@@ -103,15 +129,38 @@ def plan(spec: ServiceSpec, status: dict | None, desired: int | str, now: float,
         if canary is None and desired == st.get("rolledBackVersion"):
             return t  # stays rolled back until the spec names another version (or nmm promote)
         first = spec.canary.steps[0]
-        st.update(canaryVersion=desired, step=1, weight=first.weight, phase="Progressing", baseline=None,
-                  stepStartedAt=None, canaryStartedAt=iso(now), stableQuality=None, reason=None)
+        st.update(
+            canaryVersion=desired,
+            step=1,
+            weight=first.weight,
+            phase="Progressing",
+            baseline=None,
+            stepStartedAt=None,
+            canaryStartedAt=iso(now),
+            stableQuality=None,
+            reason=None,
+        )
         _condition(st, False, "CanaryStarted", f"rolling version {desired} out: step 1 at {first.weight}%", now)
-        t.events.append(("Normal", "CanaryStarted", f"version {desired} canary against version {stable}: {first.weight}% of traffic"))
+        t.events.append(
+            (
+                "Normal",
+                "CanaryStarted",
+                f"version {desired} canary against version {stable}: {first.weight}% of traffic",
+            )
+        )
         t.need_baseline = True
         return t
     if not 1 <= int(st.get("step") or 0) <= len(spec.canary.steps):
-        return _fail(t, spec, [f"canary.steps changed mid-canary: it was at step {st.get('step')}, the spec now has "
-                               f"{len(spec.canary.steps)}"], {}, now)
+        return _fail(
+            t,
+            spec,
+            [
+                f"canary.steps changed mid-canary: it was at step {st.get('step')}, the spec now has "
+                f"{len(spec.canary.steps)}"
+            ],
+            {},
+            now,
+        )
     if st.get("baseline") is None:
         t.need_baseline = True
         return t
@@ -138,32 +187,52 @@ def after_baseline(t: Tick, baseline: dict | str, spec: ServiceSpec, now: float,
         return t
     waited = now - (epoch(st.get("canaryStartedAt")) or now)
     if waited < ready_timeout:
-        _condition(st, False, "WaitingForCanary", f"waiting for version {st['canaryVersion']} to answer: {baseline}", now)
+        _condition(
+            st, False, "WaitingForCanary", f"waiting for version {st['canaryVersion']} to answer: {baseline}", now
+        )
         return t
     return _fail(t, spec, [f"canary not ready after {waited:.0f} s: {baseline}"], {}, now)
 
 
-def after_analysis(t: Tick, spec: ServiceSpec, ok: bool, reasons: list[str], measured: dict, after: dict | None,
-                   now: float) -> Tick:
+def after_analysis(
+    t: Tick, spec: ServiceSpec, ok: bool, reasons: list[str], measured: dict, after: dict | None, now: float
+) -> Tick:
     st = t.status
     step, weight = st["step"], st["weight"]
-    st["analysis"] = (st.get("analysis") or [])[-(MAX_RESULTS - 1):] + [{
-        "version": st["canaryVersion"], "step": step, "weight": weight, "ok": ok, "reasons": reasons,
-        "measured": {k: round(float(v), 6) for k, v in measured.items() if v == v}, "at": iso(now)}]
+    st["analysis"] = (st.get("analysis") or [])[-(MAX_RESULTS - 1) :] + [
+        {
+            "version": st["canaryVersion"],
+            "step": step,
+            "weight": weight,
+            "ok": ok,
+            "reasons": reasons,
+            "measured": {k: round(float(v), 6) for k, v in measured.items() if v == v},
+            "at": iso(now),
+        }
+    ]
     if not ok:
         return _fail(t, spec, reasons, measured, now)
     if step == len(spec.canary.steps):
         version = st["canaryVersion"]
         t.promote = version
-        st.update(stableVersion=version, previousStableVersion=st["stableVersion"], canaryVersion=None, weight=0,
-                  phase="Healthy", step=None, baseline=None)
+        st.update(
+            stableVersion=version,
+            previousStableVersion=st["stableVersion"],
+            canaryVersion=None,
+            weight=0,
+            phase="Healthy",
+            step=None,
+            baseline=None,
+        )
         _condition(st, True, "Promoted", f"version {version} passed every step and serves all traffic", now)
         t.events.append(("Normal", "Promoted", f"version {version} promoted: champion moved, stable replaced"))
         return t
     nxt = spec.canary.steps[step]
     st.update(step=step + 1, weight=nxt.weight, baseline=after, stepStartedAt=iso(now))
     _condition(st, False, "StepPassed", f"step {step} passed; step {step + 1} at {nxt.weight}%", now)
-    t.events.append(("Normal", "StepPassed", f"step {step} ({weight}%) passed; now {nxt.weight}% to version {st['canaryVersion']}"))
+    t.events.append(
+        ("Normal", "StepPassed", f"step {step} ({weight}%) passed; now {nxt.weight}% to version {st['canaryVersion']}")
+    )
     return t
 
 
@@ -173,6 +242,8 @@ def _fail(t: Tick, spec: ServiceSpec, reasons: list[str], measured: dict, now: f
     reason = f"step {step} ({st.get('weight')}%): " + "; ".join(reasons)
     st.update(weight=0, phase="Degraded", reason=reason, rolledBackVersion=version)
     _condition(st, False, "AnalysisFailed", reason, now)
-    t.events.append(("Warning", "AnalysisFailed", f"version {version} {reason}; all traffic back to version {st['stableVersion']}"))
+    t.events.append(
+        ("Warning", "AnalysisFailed", f"version {version} {reason}; all traffic back to version {st['stableVersion']}")
+    )
     t.rolled_back = (version, reason)
     return t

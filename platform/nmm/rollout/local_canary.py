@@ -1,7 +1,7 @@
 """A canary rollout on this machine, for real: the stable and the candidate version each run as an
 `nmm serve` process on loopback, a router (nmm.rollout.router) splits traffic between them by the
-step's weight, traffic flows through it for the step's pause, and `judge_step` — the one step
-judge, which the operator drives too — reads both versions' /metrics and the router's counts at
+step's weight, traffic flows through it for the step's pause, and `judge_step`
+(nmm.rollout.judge, which the operator drives too) reads both versions' /metrics and the router's counts at
 each end of the step (the candidate's traffic held for that moment, so they must agree exactly),
 runs the quality probe against both, and decides (nmm.rollout.analysis). A failed step sends all
 traffic back to stable (weight 0) and ends the rollout.
@@ -23,13 +23,14 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from nmm.ports import free_port
 from nmm.rollout import analysis, probe
-from nmm.rollout.router import UNDELIVERED, Router
+from nmm.rollout.judge import Reading, judge_step, scrape
+from nmm.rollout.router import Router
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,14 @@ class Server:
         if store:
             argv += ["--store", store]
         self._log = open(log, "wb")
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env if env is not None else dict(os.environ), start_new_session=True)
+        self.proc = subprocess.Popen(
+            argv,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env if env is not None else dict(os.environ),
+            start_new_session=True,
+        )
 
     @property
     def url(self) -> str:
@@ -107,68 +114,6 @@ class Server:
         self._log.close()
 
 
-def scrape(url: str) -> analysis.Snapshot | str:
-    """One server's metrics now, or why they could not be read."""
-    try:
-        with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
-            return analysis.parse(r.read().decode())
-    except (OSError, http.client.HTTPException, UnicodeDecodeError, analysis.MetricsError) as exc:
-        return f"{url}/metrics: {exc}"
-
-
-def read(endpoints: dict[str, str]) -> analysis.Scrape | str:
-    """Every endpoint of a version now (name → URL: a pod each), or why one could not be read."""
-    if not endpoints:
-        return "no endpoint serves it"
-    out: analysis.Scrape = {}
-    for name, url in sorted(endpoints.items()):
-        snap = scrape(url)
-        if isinstance(snap, str):
-            return snap
-        out[name] = snap
-    return out
-
-
-Reading = dict[str, "analysis.Scrape | str"]  # track → its scrape, or why it could not be read
-
-
-def probe_quality(urls: dict[str, str], cases: probe.Cases | None,
-                  stable: dict[str, float] | None) -> tuple[analysis.Quality | str, dict[str, float] | None]:
-    """The probe against the candidate (every step) and the stable (once: pass its scores back
-    in): (per task (candidate, stable), or why it could not run; the stable's scores)."""
-    try:
-        if cases is None or not len(cases):
-            raise probe.ProbeError("no probe cases (qualityProbe.casesUri)")
-        if not isinstance(stable, dict) or set(stable) != set(cases.tasks):  # not measured yet, or by an older nmm
-            stable = None
-        if stable is None:
-            stable = probe.score(urls["stable"], cases)
-        candidate = probe.score(urls["candidate"], cases)
-        return {t: (candidate[t], stable[t]) for t in candidate}, stable
-    except probe.ProbeError as exc:
-        return str(exc), stable
-
-
-def judge_step(limits: analysis.Limits, before: Reading, after: Reading, urls: dict[str, str], cases: probe.Cases | None,
-               stable_quality: dict[str, float] | None,
-               router: dict[str, int] | None = None) -> tuple[analysis.Verdict, dict[str, float] | None]:
-    """The one step judge, of the local canary and of the operator: the candidate's (and the
-    stable's) traffic between two readings, the quality probe against both (the stable measured
-    once: pass its scores back in), the router's counts when a router split the traffic. Any
-    exception on the way is a failed step with its reason, never a stuck one."""
-    try:
-        observed = {t: (before[t] if isinstance(before[t], str) else after[t] if isinstance(after[t], str)
-                        else analysis.window(before[t], after[t])) for t in ("candidate", "stable")}
-        if router is not None and isinstance(observed["candidate"], analysis.Observation):
-            observed["candidate"] = analysis.with_undelivered(observed["candidate"], router.get(UNDELIVERED, 0))
-        quality = None
-        if limits.max_quality_drop is not None:
-            quality, stable_quality = probe_quality(urls, cases, stable_quality)
-        return analysis.judge(limits, observed["candidate"], quality, stable=observed["stable"], router=router), stable_quality
-    except Exception as exc:  # a bug or a surprise in the analysis: the step fails, traffic goes back to stable
-        return analysis.Verdict(False, [f"analysis failed: {type(exc).__name__}: {exc}"]), stable_quality
-
-
 class Traffic:
     """Client threads sending requests through the router until stopped: the probe's cases as chat
     requests (a quarter of all streamed, sampled with a seed), and captions as image generations."""
@@ -184,17 +129,25 @@ class Traffic:
         round robin is periodic too, and a periodic mix would send every drawing to one track."""
         u = random.Random(n).random()
         if self.cases and (not self.prompts or u >= 0.25):
-            body = probe.chat_body(self.cases[n % len(self.cases)], self.model, temperature=0.7, seed=n, stream=u >= 0.75)
+            body = probe.chat_body(
+                self.cases[n % len(self.cases)], self.model, temperature=0.7, seed=n, stream=u >= 0.75
+            )
             return "/v1/chat/completions", body
-        return "/v1/images/generations", {"model": self.model, "prompt": self.prompts[n % len(self.prompts)], "n": 1,
-                                          "response_format": "b64_json", "seed": n}
+        return "/v1/images/generations", {
+            "model": self.model,
+            "prompt": self.prompts[n % len(self.prompts)],
+            "n": 1,
+            "response_format": "b64_json",
+            "seed": n,
+        }
 
     def _loop(self, worker: int) -> None:
         n = worker
         while not self._stop.is_set():
             path, body = self._request(n)
-            req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
+            req = urllib.request.Request(
+                self.url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+            )
             try:
                 with urllib.request.urlopen(req, timeout=60) as r:
                     r.read()
@@ -219,10 +172,24 @@ class Traffic:
 class LocalCanary:
     """`run()` once: starts both servers and the router, steps through, stops everything."""
 
-    def __init__(self, stable: str, candidate: str, steps: list[Step], limits: analysis.Limits, cases: probe.Cases | None,
-                 workdir: Path, *, chat: list[dict] | None = None, prompts: list[str] = (), store: str | None = None,
-                 batching: dict | None = None, env: dict[str, dict[str, str]] | None = None,
-                 traffic_threads: int = 2, ready_timeout: float = 180.0, max_extra_wait: float = 60.0):
+    def __init__(
+        self,
+        stable: str,
+        candidate: str,
+        steps: list[Step],
+        limits: analysis.Limits,
+        cases: probe.Cases | None,
+        workdir: Path,
+        *,
+        chat: list[dict] | None = None,
+        prompts: list[str] = (),
+        store: str | None = None,
+        batching: dict | None = None,
+        env: dict[str, dict[str, str]] | None = None,
+        traffic_threads: int = 2,
+        ready_timeout: float = 180.0,
+        max_extra_wait: float = 60.0,
+    ):
         self.sources = {"stable": stable, "candidate": candidate}
         self.steps, self.limits, self.cases, self.prompts = steps, limits, cases, list(prompts)
         self.chat = chat if chat is not None else (cases.chat if cases is not None else [])
@@ -237,19 +204,30 @@ class LocalCanary:
     def urls(self) -> dict[str, str]:
         return {t: s.url for t, s in self.servers.items()}
 
-    def run(self, on_step: Callable[[StepResult], None] = lambda r: None, log: Callable[[str], None] = print) -> Outcome:
+    def run(
+        self, on_step: Callable[[StepResult], None] = lambda r: None, log: Callable[[str], None] = print
+    ) -> Outcome:
         self.workdir.mkdir(parents=True, exist_ok=True)
         traffic = None
         try:
             for track, source in self.sources.items():
-                self.servers[track] = Server(track, source, self.workdir / f"{track}.log", self.store, self.batching,
-                                             dict(os.environ, **self.env.get(track, {})))
+                self.servers[track] = Server(
+                    track,
+                    source,
+                    self.workdir / f"{track}.log",
+                    self.store,
+                    self.batching,
+                    dict(os.environ, **self.env.get(track, {})),
+                )
             for s in self.servers.values():
                 why = s.wait_ready(self.ready_timeout)
                 if why:
                     return Outcome(False, why)
             self.router = Router(self.servers["stable"].url, self.servers["candidate"].url, free_port()).start()
-            log(f"canary router on {self.router.url}: stable {self.sources['stable']}, candidate {self.sources['candidate']}")
+            log(
+                f"canary router on {self.router.url}: stable {self.sources['stable']}, "
+                f"candidate {self.sources['candidate']}"
+            )
             try:
                 traffic = Traffic(self.router.url, self.chat, self.prompts, self.traffic_threads).start()
             except probe.ProbeError as exc:
@@ -258,9 +236,11 @@ class LocalCanary:
             for i, step in enumerate(self.steps):
                 result = self._step(i, step)
                 outcome.steps.append(result)
-                log(f"step {i + 1}/{len(self.steps)} weight {step.weight}%: {'ok' if result.ok else 'FAILED'} "
+                log(
+                    f"step {i + 1}/{len(self.steps)} weight {step.weight}%: {'ok' if result.ok else 'FAILED'} "
                     + json.dumps({k: round(v, 4) for k, v in result.measured.items()})
-                    + ("" if result.ok else " — " + "; ".join(result.reasons)))
+                    + ("" if result.ok else " — " + "; ".join(result.reasons))
+                )
                 on_step(result)
                 if not result.ok:
                     self.router.set_weight(0)  # abort: every request to stable from now on
@@ -292,8 +272,10 @@ class LocalCanary:
         finally:
             self.router.release("candidate")
         stable = scrape(self.servers["stable"].url)
-        return {"candidate": {"": candidate} if not isinstance(candidate, str) else candidate,
-                "stable": {"": stable} if not isinstance(stable, str) else stable}, counts
+        return {
+            "candidate": {"": candidate} if not isinstance(candidate, str) else candidate,
+            "stable": {"": stable} if not isinstance(stable, str) else stable,
+        }, counts
 
     def _step(self, index: int, step: Step) -> StepResult:
         t0 = time.monotonic()
@@ -307,7 +289,8 @@ class LocalCanary:
         # minRequests: requests still in flight are not in its metrics yet.
         while time.monotonic() < deadline or (
             self.router.finished_counts()["candidate"] - done0 < self.limits.min_requests
-            and time.monotonic() < deadline + self.max_extra_wait and candidate.proc.poll() is None
+            and time.monotonic() < deadline + self.max_extra_wait
+            and candidate.proc.poll() is None
         ):
             time.sleep(0.1)
         after, routed1 = self._reading()
@@ -315,7 +298,15 @@ class LocalCanary:
         if candidate.proc.poll() is not None:
             after["candidate"] = f"candidate server exited with {candidate.proc.returncode}: {candidate.log_tail(300)}"
         routed = {k: n - routed0.get(k, 0) for k, n in routed1.items() if n - routed0.get(k, 0)}
-        verdict, self.stable_quality = judge_step(self.limits, before, after, self.urls, self.cases, self.stable_quality,
-                                                  router=routed)
-        return StepResult(index, step.weight, verdict.ok, verdict.reasons, verdict.measured,
-                          sent1["stable"] - sent0["stable"], time.monotonic() - t0)
+        verdict, self.stable_quality = judge_step(
+            self.limits, before, after, self.urls, self.cases, self.stable_quality, router=routed
+        )
+        return StepResult(
+            index,
+            step.weight,
+            verdict.ok,
+            verdict.reasons,
+            verdict.measured,
+            sent1["stable"] - sent0["stable"],
+            time.monotonic() - t0,
+        )
