@@ -89,3 +89,14 @@ def test_the_readme_s_command_table_names_every_command():
     commands = set(get_command(app).commands)
     table = set(re.findall(r"^\| `nmm (\w+)", README.read_text(), flags=re.M))
     assert commands == table, commands ^ table
+
+
+def test_every_test_the_docs_name_exists():
+    """`tests/…py::test_name` in a page names a test that is there (a renamed test fails here)."""
+    missing = []
+    for page in [README, *_pages()]:
+        for path, name in re.findall(r"`(tests/[\w/]+\.py)(?:::(\w+))?`", page.read_text()):
+            file = ROOT / path
+            if not file.exists() or (name and f"def {name}(" not in file.read_text()):
+                missing.append(f"{page.name}: {path}::{name}")
+    assert missing == []
