@@ -32,6 +32,9 @@ import numpy as np
 import torch
 from fastapi import FastAPI, Request  # at module level: FastAPI reads the routes' annotations by name
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from openai.types import Image, ImagesResponse, chat
+from openai.types import Model as OpenAIModel
+from openai.types.completion_usage import CompletionUsage
 
 from nmm.model.generate import draw, generate
 from nmm.serve import openai_api
@@ -237,28 +240,29 @@ def _png(pixels: np.ndarray) -> str:
 
 
 def _completion(name: str, out: dict) -> dict:
-    return {
-        "id": f"chatcmpl-{uuid.uuid4().hex}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": name,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": out["text"]},
-                "finish_reason": out["finish_reason"],
-            }
-        ],
-        "usage": {
-            "prompt_tokens": out["prompt_tokens"],
-            "completion_tokens": out["completion_tokens"],
-            "total_tokens": out["prompt_tokens"] + out["completion_tokens"],
-        },
-    }
+    """The answer as the `openai` package's own `ChatCompletion` (validated as its clients read it)."""
+    message = chat.chat_completion_message.ChatCompletionMessage(role="assistant", content=out["text"])
+    usage = CompletionUsage(
+        prompt_tokens=out["prompt_tokens"],
+        completion_tokens=out["completion_tokens"],
+        total_tokens=out["prompt_tokens"] + out["completion_tokens"],
+    )
+    return chat.ChatCompletion(
+        id=f"chatcmpl-{uuid.uuid4().hex}",
+        object="chat.completion",
+        created=int(time.time()),
+        model=name,
+        choices=[chat.chat_completion.Choice(index=0, message=message, finish_reason=out["finish_reason"])],
+        usage=usage,
+    ).model_dump(exclude_unset=True)
 
 
 def _chunk(base: dict, delta: dict, finish: str | None = None) -> str:
-    return f"data: {json.dumps(base | {'choices': [{'index': 0, 'delta': delta, 'finish_reason': finish}]})}\n\n"
+    """One server-sent event: a `ChatCompletionChunk` of the `openai` package."""
+    choice = chat.chat_completion_chunk.Choice(
+        index=0, delta=chat.chat_completion_chunk.ChoiceDelta(**delta), finish_reason=finish
+    )
+    return f"data: {chat.ChatCompletionChunk(**base, choices=[choice]).model_dump_json(exclude_unset=True)}\n\n"
 
 
 async def _stream(name: str, model: Model, job, tokens: asyncio.Queue, scope: dict, done):
@@ -389,11 +393,16 @@ def create_app(
         except Exception as exc:
             return _error(exc)
         first_token(t0, job)
-        return {"created": int(time.time()), "data": [{"b64_json": p} for p in pngs]}
+        return ImagesResponse(created=int(time.time()), data=[Image(b64_json=p) for p in pngs]).model_dump(
+            exclude_unset=True
+        )
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "nmm"}]}
+        return {
+            "object": "list",
+            "data": [OpenAIModel(id=name, object="model", created=0, owned_by="nmm").model_dump()],
+        }
 
     @app.get("/healthz")
     async def healthz():
