@@ -20,6 +20,7 @@ import subprocess
 import pytest
 import yaml
 
+from nmm.data import shapes as shapes_data
 from nmm.data.dataset import Dataset
 from nmm.spec.data import HeldOut
 from nmm.tokenizers import ColourMaskVQ
@@ -97,7 +98,7 @@ def test_held_out_scenes_are_only_in_test_and_scored_apart(tmp_path):
     (status_file,) = (tmp_path / ".nmm" / "runs").glob("*/status.json")
     steps = json.loads(status_file.read_text())["steps"]
 
-    held = HeldOut.model_validate(HELD).predicate()
+    held = shapes_data.held_out_predicate(HeldOut.model_validate(HELD))
     ds = Dataset.open(steps["curate"]["outputs"]["dataset_uri"])
     vq = ds.image_tokenizer()
     assert isinstance(vq, ColourMaskVQ) and vq.factors[1] <= 24 and ds.vocab.image_size == vq.size

@@ -125,9 +125,9 @@ def _serve(
     )
     run_.set_tags(
         {
-            "nmm.rollout_serving.result": "promoted" if outcome.promoted else "rolled_back",
-            "nmm.rollout_serving.reason": outcome.reason,
-            "nmm.rollout_serving.stable": champ.version,
+            "nmm.canary.result": "promoted" if outcome.promoted else "rolled_back",
+            "nmm.canary.reason": outcome.reason,
+            "nmm.canary.stable": champ.version,
         }
     )
     if outcome.promoted:
