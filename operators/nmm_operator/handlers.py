@@ -34,7 +34,7 @@ def _now() -> str:
 @kopf.on.startup(id="nmm-configure")
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     memo.settings = SETTINGS
-    logging.getLogger().setLevel(SETTINGS.log_level)
+    logging.getLogger().setLevel(SETTINGS.operator.log_level)
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="nmm.dev")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix="nmm.dev", key="last-handled-configuration"
@@ -113,8 +113,8 @@ def _observed(wf: dict) -> dict:
     GROUP,
     VERSION,
     PLURAL,
-    interval=SETTINGS.recheck_seconds,
-    initial_delay=SETTINGS.recheck_seconds,
+    interval=SETTINGS.operator.recheck_seconds,
+    initial_delay=SETTINGS.operator.recheck_seconds,
     id="nmm-recheck-child",
 )
 def recheck(body, meta, memo: kopf.Memo, patch: kopf.Patch, **_) -> None:
@@ -133,7 +133,7 @@ def recheck(body, meta, memo: kopf.Memo, patch: kopf.Patch, **_) -> None:
     if wf is not None:
         patch.status.update(status.not_owned(name, _now()))
         return
-    recreate = (body["spec"].get("onWorkflowDeleted") or memo.settings.on_child_deleted) == "recreate"
+    recreate = (body["spec"].get("onWorkflowDeleted") or memo.settings.operator.on_child_deleted) == "recreate"
     try:
         if recreate:
             kube.create_workflow(builders.build_workflow(body, memo.settings.compile), meta["uid"])

@@ -70,29 +70,31 @@ def plan(
     progress then fails: nothing judges it). `promote_now`: a version `nmm promote`/`nmm rollback`
     asked to serve at once (no canary). `champion`: the registry's champion, the stable of a
     service that serves nothing yet."""
-    st = copy.deepcopy(status or {})
-    stable, canary, phase = st.get("stableVersion"), st.get("canaryVersion"), st.get("phase")
-    t = Tick(st)
+    status = copy.deepcopy(status or {})
+    stable, canary, phase = status.get("stableVersion"), status.get("canaryVersion"), status.get("phase")
+    decision = Tick(status)
     if (
         stable is not None and canary is not None and phase == "Degraded"
     ):  # the last tick sent every request back to stable
-        st.update(canaryVersion=None, weight=0, phase="RolledBack", step=None, baseline=None)
+        status.update(canaryVersion=None, weight=0, phase="RolledBack", step=None, baseline=None)
         _condition(
-            st,
+            status,
             True,
             "RolledBack",
-            f"version {canary} rolled back; serving version {stable}: {st.get('reason', '')}",
+            f"version {canary} rolled back; serving version {stable}: {status.get('reason', '')}",
             now,
         )
-        t.events.append(("Warning", "RolledBack", f"version {canary} rolled back, version {stable} serves all traffic"))
-        return t
+        decision.events.append(
+            ("Warning", "RolledBack", f"version {canary} rolled back, version {stable} serves all traffic")
+        )
+        return decision
     if isinstance(desired, str):
         if canary is not None and phase == "Progressing":
-            return _fail(t, spec, [f"the version it rolls out cannot be resolved any more: {desired}"], {}, now)
-        t.retry = desired
-        return t
+            return _fail(decision, spec, [f"the version it rolls out cannot be resolved any more: {desired}"], {}, now)
+        decision.retry = desired
+        return decision
     if stable is not None and promote_now == desired and desired != stable:
-        st.update(
+        status.update(
             stableVersion=desired,
             previousStableVersion=stable,
             canaryVersion=None,
@@ -102,34 +104,38 @@ def plan(
             baseline=None,
         )
         _condition(
-            st, True, "PromotedByHand", f"version {desired} serves all traffic (promoted by hand, no canary)", now
+            status, True, "PromotedByHand", f"version {desired} serves all traffic (promoted by hand, no canary)", now
         )
-        t.events.append(("Normal", "PromotedByHand", f"version {desired} replaces version {stable} without a canary"))
-        t.promote = desired
-        return t
+        decision.events.append(
+            ("Normal", "PromotedByHand", f"version {desired} replaces version {stable} without a canary")
+        )
+        decision.promote = desired
+        return decision
     if stable is None:
         if champion is None or champion == desired or promote_now == desired:
-            st.update(stableVersion=desired, canaryVersion=None, weight=0, phase="Healthy")
-            _condition(st, True, "Deployed", f"serving version {desired}", now)
-            t.events.append(("Normal", "Deployed", f"serving {spec.model.name} version {desired}"))
-            t.promote = desired  # the registry's champion is what is served
-            return t
-        st.update(
+            status.update(stableVersion=desired, canaryVersion=None, weight=0, phase="Healthy")
+            _condition(status, True, "Deployed", f"serving version {desired}", now)
+            decision.events.append(("Normal", "Deployed", f"serving {spec.model.name} version {desired}"))
+            decision.promote = desired  # the registry's champion is what is served
+            return decision
+        status.update(
             stableVersion=champion, weight=0, phase="Healthy"
         )  # the champion serves; the asked version is a canary
-        t.events.append(("Normal", "ChampionServed", f"serving champion version {champion} as stable"))
+        decision.events.append(("Normal", "ChampionServed", f"serving champion version {champion} as stable"))
         stable = champion
     if desired == stable:
         if canary is not None:
-            st.update(canaryVersion=None, weight=0, phase="Healthy", step=None, baseline=None)
-            _condition(st, True, "CanaryAborted", f"the spec asks for the stable version {stable} again", now)
-            t.events.append(("Normal", "CanaryAborted", f"canary {canary} stopped: the spec asks for version {stable}"))
-        return t
+            status.update(canaryVersion=None, weight=0, phase="Healthy", step=None, baseline=None)
+            _condition(status, True, "CanaryAborted", f"the spec asks for the stable version {stable} again", now)
+            decision.events.append(
+                ("Normal", "CanaryAborted", f"canary {canary} stopped: the spec asks for version {stable}")
+            )
+        return decision
     if canary != desired:
-        if canary is None and desired == st.get("rolledBackVersion"):
-            return t  # stays rolled back until the spec names another version (or nmm promote)
+        if canary is None and desired == status.get("rolledBackVersion"):
+            return decision  # stays rolled back until the spec names another version (or nmm promote)
         first = spec.canary.steps[0]
-        st.update(
+        status.update(
             canaryVersion=desired,
             step=1,
             weight=first.weight,
@@ -140,68 +146,72 @@ def plan(
             stableQuality=None,
             reason=None,
         )
-        _condition(st, False, "CanaryStarted", f"rolling version {desired} out: step 1 at {first.weight}%", now)
-        t.events.append(
+        _condition(status, False, "CanaryStarted", f"rolling version {desired} out: step 1 at {first.weight}%", now)
+        decision.events.append(
             (
                 "Normal",
                 "CanaryStarted",
                 f"version {desired} canary against version {stable}: {first.weight}% of traffic",
             )
         )
-        t.need_baseline = True
-        return t
-    if not 1 <= int(st.get("step") or 0) <= len(spec.canary.steps):
+        decision.need_baseline = True
+        return decision
+    if not 1 <= int(status.get("step") or 0) <= len(spec.canary.steps):
         return _fail(
-            t,
+            decision,
             spec,
             [
-                f"canary.steps changed mid-canary: it was at step {st.get('step')}, the spec now has "
+                f"canary.steps changed mid-canary: it was at step {status.get('step')}, the spec now has "
                 f"{len(spec.canary.steps)}"
             ],
             {},
             now,
         )
-    if st.get("baseline") is None:
-        t.need_baseline = True
-        return t
-    pause = spec.canary.steps[st["step"] - 1].pause_seconds
-    t.analyse = now - (epoch(st.get("stepStartedAt")) or now) >= pause
-    return t
+    if status.get("baseline") is None:
+        decision.need_baseline = True
+        return decision
+    pause = spec.canary.steps[status["step"] - 1].pause_seconds
+    decision.analyse = now - (epoch(status.get("stepStartedAt")) or now) >= pause
+    return decision
 
 
 def failed(spec: ServiceSpec, status: dict, reason: str, now: float) -> Tick | None:
     """The tick of a canary whose planning or analysis raised: a failed step (traffic back to
     stable), never a stuck canary. Without a canary in progress there is nothing to fail: None."""
-    t = Tick(copy.deepcopy(status or {}))
-    if t.status.get("canaryVersion") is None or t.status.get("phase") != "Progressing":
+    decision = Tick(copy.deepcopy(status or {}))
+    if decision.status.get("canaryVersion") is None or decision.status.get("phase") != "Progressing":
         return None
-    return _fail(t, spec, [reason], {}, now)
+    return _fail(decision, spec, [reason], {}, now)
 
 
-def after_baseline(t: Tick, baseline: dict | str, spec: ServiceSpec, now: float, ready_timeout: float) -> Tick:
+def after_baseline(decision: Tick, baseline: dict | str, spec: ServiceSpec, now: float, ready_timeout: float) -> Tick:
     """The canary's metrics at the start of its step; a canary not reachable for `ready_timeout`
     fails the rollout."""
-    st = t.status
+    status = decision.status
     if isinstance(baseline, dict):
-        st.update(baseline=baseline, stepStartedAt=iso(now))
-        return t
-    waited = now - (epoch(st.get("canaryStartedAt")) or now)
+        status.update(baseline=baseline, stepStartedAt=iso(now))
+        return decision
+    waited = now - (epoch(status.get("canaryStartedAt")) or now)
     if waited < ready_timeout:
         _condition(
-            st, False, "WaitingForCanary", f"waiting for version {st['canaryVersion']} to answer: {baseline}", now
+            status,
+            False,
+            "WaitingForCanary",
+            f"waiting for version {status['canaryVersion']} to answer: {baseline}",
+            now,
         )
-        return t
-    return _fail(t, spec, [f"canary not ready after {waited:.0f} s: {baseline}"], {}, now)
+        return decision
+    return _fail(decision, spec, [f"canary not ready after {waited:.0f} s: {baseline}"], {}, now)
 
 
 def after_analysis(
-    t: Tick, spec: ServiceSpec, ok: bool, reasons: list[str], measured: dict, after: dict | None, now: float
+    decision: Tick, spec: ServiceSpec, ok: bool, reasons: list[str], measured: dict, after: dict | None, now: float
 ) -> Tick:
-    st = t.status
-    step, weight = st["step"], st["weight"]
-    st["analysis"] = (st.get("analysis") or [])[-(MAX_RESULTS - 1) :] + [
+    status = decision.status
+    step, weight = status["step"], status["weight"]
+    status["analysis"] = (status.get("analysis") or [])[-(MAX_RESULTS - 1) :] + [
         {
-            "version": st["canaryVersion"],
+            "version": status["canaryVersion"],
             "step": step,
             "weight": weight,
             "ok": ok,
@@ -211,39 +221,47 @@ def after_analysis(
         }
     ]
     if not ok:
-        return _fail(t, spec, reasons, measured, now)
+        return _fail(decision, spec, reasons, measured, now)
     if step == len(spec.canary.steps):
-        version = st["canaryVersion"]
-        t.promote = version
-        st.update(
+        version = status["canaryVersion"]
+        decision.promote = version
+        status.update(
             stableVersion=version,
-            previousStableVersion=st["stableVersion"],
+            previousStableVersion=status["stableVersion"],
             canaryVersion=None,
             weight=0,
             phase="Healthy",
             step=None,
             baseline=None,
         )
-        _condition(st, True, "Promoted", f"version {version} passed every step and serves all traffic", now)
-        t.events.append(("Normal", "Promoted", f"version {version} promoted: champion moved, stable replaced"))
-        return t
+        _condition(status, True, "Promoted", f"version {version} passed every step and serves all traffic", now)
+        decision.events.append(("Normal", "Promoted", f"version {version} promoted: champion moved, stable replaced"))
+        return decision
     nxt = spec.canary.steps[step]
-    st.update(step=step + 1, weight=nxt.weight, baseline=after, stepStartedAt=iso(now))
-    _condition(st, False, "StepPassed", f"step {step} passed; step {step + 1} at {nxt.weight}%", now)
-    t.events.append(
-        ("Normal", "StepPassed", f"step {step} ({weight}%) passed; now {nxt.weight}% to version {st['canaryVersion']}")
+    status.update(step=step + 1, weight=nxt.weight, baseline=after, stepStartedAt=iso(now))
+    _condition(status, False, "StepPassed", f"step {step} passed; step {step + 1} at {nxt.weight}%", now)
+    decision.events.append(
+        (
+            "Normal",
+            "StepPassed",
+            f"step {step} ({weight}%) passed; now {nxt.weight}% to version {status['canaryVersion']}",
+        )
     )
-    return t
+    return decision
 
 
-def _fail(t: Tick, spec: ServiceSpec, reasons: list[str], measured: dict, now: float) -> Tick:
-    st = t.status
-    version, step = st["canaryVersion"], st.get("step")
-    reason = f"step {step} ({st.get('weight')}%): " + "; ".join(reasons)
-    st.update(weight=0, phase="Degraded", reason=reason, rolledBackVersion=version)
-    _condition(st, False, "AnalysisFailed", reason, now)
-    t.events.append(
-        ("Warning", "AnalysisFailed", f"version {version} {reason}; all traffic back to version {st['stableVersion']}")
+def _fail(decision: Tick, spec: ServiceSpec, reasons: list[str], measured: dict, now: float) -> Tick:
+    status = decision.status
+    version, step = status["canaryVersion"], status.get("step")
+    reason = f"step {step} ({status.get('weight')}%): " + "; ".join(reasons)
+    status.update(weight=0, phase="Degraded", reason=reason, rolledBackVersion=version)
+    _condition(status, False, "AnalysisFailed", reason, now)
+    decision.events.append(
+        (
+            "Warning",
+            "AnalysisFailed",
+            f"version {version} {reason}; all traffic back to version {status['stableVersion']}",
+        )
     )
-    t.rolled_back = (version, reason)
-    return t
+    decision.rolled_back = (version, reason)
+    return decision

@@ -34,15 +34,15 @@ STEPS = Counter("nmm_canary_steps", "Canary steps analysed, by result", LABELS +
 
 @kopf.on.startup(id="nmm-operator-metrics")
 def serve_metrics(**_) -> None:
-    if SETTINGS.metrics_port:
-        start_http_server(SETTINGS.metrics_port)
+    if SETTINGS.operator.metrics_port:
+        start_http_server(SETTINGS.operator.metrics_port)
 
 
-def _export(meta: dict, t: rollout_state.Tick) -> None:
+def _export(meta: dict, decision: rollout_state.Tick) -> None:
     ids = (meta["namespace"], meta["name"])
-    WEIGHT.labels(*ids).set(t.versions[2] if t.versions[1] else 0)
-    results = t.status.get("analysis") or []
-    if t.analyse and results:
+    WEIGHT.labels(*ids).set(decision.versions[2] if decision.versions[1] else 0)
+    results = decision.status.get("analysis") or []
+    if decision.analyse and results:
         last = results[-1]
         STEPS.labels(*ids, "passed" if last["ok"] else "failed").inc()
         for track, key, version in (
@@ -50,7 +50,9 @@ def _export(meta: dict, t: rollout_state.Tick) -> None:
             (
                 "stable",
                 "quality_stable",
-                t.status.get("previousStableVersion") if t.promote else t.status.get("stableVersion"),
+                decision.status.get("previousStableVersion")
+                if decision.promote
+                else decision.status.get("stableVersion"),
             ),
         ):
             if key in last["measured"] and version is not None:
@@ -217,14 +219,14 @@ def rollout(body, meta, spec, status, patch: kopf.Patch, **_) -> None:
     delay = SETTINGS.serving.tick_seconds
     try:
         lineage.check_owner(svc.model.name, meta["namespace"])
-        t = service_tick.tick(
+        decision = service_tick.tick(
             svc,
             dict(status or {}),
             (meta.get("annotations") or {}).get(ANNOTATION_PROMOTE),
             KubeWorld(body, svc),
             now,
             ready_timeout=SETTINGS.serving.ready_timeout_seconds,
-            recheck_seconds=SETTINGS.recheck_seconds,
+            recheck_seconds=SETTINGS.operator.recheck_seconds,
             generation=meta.get("generation"),
         )
     except lineage.ForeignModel as exc:
@@ -240,7 +242,7 @@ def rollout(body, meta, spec, status, patch: kopf.Patch, **_) -> None:
         return
     except ApiException as exc:
         raise kopf.TemporaryError(f"serving objects: {exc.status} {exc.reason}", delay=10) from None
-    patch.status.update(t.status | {"observedGeneration": meta.get("generation")})
-    _export(meta, t)
-    for kind, reason, message in t.events:
+    patch.status.update(decision.status | {"observedGeneration": meta.get("generation")})
+    _export(meta, decision)
+    for kind, reason, message in decision.events:
         kopf.event(body, type=kind, reason=reason, message=message)

@@ -75,71 +75,74 @@ def tick(
     generation=None,
 ) -> rollout_state.Tick:
     """Decide, record, act. Returns the tick (its status is what the handler patches last)."""
-    st = dict(status or {})
-    if st.get("pending"):  # an earlier tick recorded its intent and did not finish: finish it, decide nothing
-        t = rollout_state.Tick(st)
-        settle(world, t, generation, now)
-        return t
+    status = dict(status or {})
+    if status.get("pending"):  # an earlier tick recorded its intent and did not finish: finish it, decide nothing
+        decision = rollout_state.Tick(status)
+        settle(world, decision, generation, now)
+        return decision
     promote_now, bad = asked_version(annotation)
-    t = decide(spec, st, promote_now, world, now, ready_timeout)
+    decision = decide(spec, status, promote_now, world, now, ready_timeout)
     if bad:
-        t.events.append(("Warning", "PromoteIgnored", bad))
-    elif annotation and promote_now not in (t.versions[0], None) and not t.promote:
-        t.events.append(
+        decision.events.append(("Warning", "PromoteIgnored", bad))
+    elif annotation and promote_now not in (decision.versions[0], None) and not decision.promote:
+        decision.events.append(
             ("Warning", "PromoteIgnored", f"nmm.dev/promote={annotation} is not the version the spec asks for")
         )
-    stable, canary_v, weight = t.versions
-    state = _state(t, generation)
+    stable, canary_v, weight = decision.versions
+    state = _state(decision, generation)
     changed = (
-        state != (st.get("applied") or {}).get("state")
-        or t.promote is not None
-        or t.rolled_back is not None
+        state != (status.get("applied") or {}).get("state")
+        or decision.promote is not None
+        or decision.rolled_back is not None
         or annotation
     )
     if changed and stable is not None:
-        rolled = {"version": t.rolled_back[0], "reason": t.rolled_back[1]} if t.rolled_back else None
+        rolled = (
+            {"version": decision.rolled_back[0], "reason": decision.rolled_back[1]} if decision.rolled_back else None
+        )
         # Never empty: a merge patch drops null members, and an empty `pending` would read as "nothing to do".
-        t.status["pending"] = {"state": state} | {
+        decision.status["pending"] = {"state": state} | {
             k: v
-            for k, v in (("champion", t.promote), ("rolledBack", rolled), ("annotation", annotation))
+            for k, v in (("champion", decision.promote), ("rolledBack", rolled), ("annotation", annotation))
             if v is not None
         }
-        world.write_status(t.status)  # 1: the intent, before anything it decides is done
+        world.write_status(decision.status)  # 1: the intent, before anything it decides is done
         failpoint("after-intent")
-        settle(world, t, generation, now)
+        settle(world, decision, generation, now)
     elif (
-        stable is not None and now - (rollout_state.epoch((st.get("applied") or {}).get("at")) or 0) >= recheck_seconds
+        stable is not None
+        and now - (rollout_state.epoch((status.get("applied") or {}).get("at")) or 0) >= recheck_seconds
     ):
         # Unchanged children are re-asserted (recreated if deleted, taken back if edited) every recheckSeconds.
         world.apply(stable, canary_v, weight)
-        t.status["applied"] = {"state": state, "at": rollout_state.iso(now)}
-    return t
+        decision.status["applied"] = {"state": state, "at": rollout_state.iso(now)}
+    return decision
 
 
 def decide(
-    spec: ServiceSpec, st: dict, promote_now: int | None, world: World, now: float, ready_timeout: float
+    spec: ServiceSpec, status: dict, promote_now: int | None, world: World, now: float, ready_timeout: float
 ) -> rollout_state.Tick:
     """The plan and the I/O it asks for. A raise on a canary in progress is its failed step."""
     try:
         desired = world.resolve()
-        champion = world.champion() if st.get("stableVersion") is None else None
-        t = rollout_state.plan(spec, st, desired, now, promote_now, champion)
-        if t.retry:
-            raise Retry(t.retry)
-        if t.need_baseline:
-            reading = world.read(*t.versions[:2])
+        champion = world.champion() if status.get("stableVersion") is None else None
+        decision = rollout_state.plan(spec, status, desired, now, promote_now, champion)
+        if decision.retry:
+            raise Retry(decision.retry)
+        if decision.need_baseline:
+            reading = world.read(*decision.versions[:2])
             baseline = reading["candidate"] if isinstance(reading["candidate"], str) else _baseline(reading)
-            t = rollout_state.after_baseline(t, baseline, spec, now, ready_timeout)
-        elif t.analyse:
-            t = _analyse(t, spec, world, now)
-        return t
+            decision = rollout_state.after_baseline(decision, baseline, spec, now, ready_timeout)
+        elif decision.analyse:
+            decision = _analyse(decision, spec, world, now)
+        return decision
     except Retry:
         raise
     except Exception as exc:
-        t = rollout_state.failed(spec, st, f"planning failed: {type(exc).__name__}: {exc}", now)
-        if t is None:
+        decision = rollout_state.failed(spec, status, f"planning failed: {type(exc).__name__}: {exc}", now)
+        if decision is None:
             raise Retry(f"{type(exc).__name__}: {exc}") from exc
-        return t
+        return decision
 
 
 def _baseline(reading: dict) -> dict:
@@ -152,14 +155,16 @@ def _from_baseline(b: dict) -> dict:
     return {track: (s["error"] if "error" in s else analysis.from_dict(s)) for track, s in b.items()}
 
 
-def _analyse(t: rollout_state.Tick, spec: ServiceSpec, world: World, now: float) -> rollout_state.Tick:
-    st = t.status
-    after = world.read(*t.versions[:2])
-    verdict, stable_q = world.judge(_from_baseline(st["baseline"]), after, st.get("stableQuality"))
-    st["stableQuality"] = stable_q
-    nxt = world.read(*t.versions[:2])  # the next step's baseline: after the probe, whose requests are not traffic
+def _analyse(decision: rollout_state.Tick, spec: ServiceSpec, world: World, now: float) -> rollout_state.Tick:
+    status = decision.status
+    after = world.read(*decision.versions[:2])
+    verdict, stable_q = world.judge(_from_baseline(status["baseline"]), after, status.get("stableQuality"))
+    status["stableQuality"] = stable_q
+    nxt = world.read(
+        *decision.versions[:2]
+    )  # the next step's baseline: after the probe, whose requests are not traffic
     return rollout_state.after_analysis(
-        t,
+        decision,
         spec,
         verdict.ok,
         verdict.reasons,
@@ -169,17 +174,17 @@ def _analyse(t: rollout_state.Tick, spec: ServiceSpec, world: World, now: float)
     )
 
 
-def _state(t: rollout_state.Tick, generation) -> str:
-    stable, canary_v, weight = t.versions
+def _state(decision: rollout_state.Tick, generation) -> str:
+    stable, canary_v, weight = decision.versions
     return f"{stable}/{canary_v}/{weight}/{generation}"
 
 
-def settle(world: World, t: rollout_state.Tick, generation, now: float) -> None:
+def settle(world: World, decision: rollout_state.Tick, generation, now: float) -> None:
     """Writes 2–4 for the status's state and intents, then `pending` cleared (write 5 is the
     handler's status patch). Each is idempotent: a replay after a crash does them again."""
-    st = t.status
-    pending = st.get("pending") or {}
-    stable, canary_v, weight = t.versions
+    status = decision.status
+    pending = status.get("pending") or {}
+    stable, canary_v, weight = decision.versions
     world.apply(stable, canary_v, weight)
     failpoint("after-children")
     if pending.get("champion") is not None:
@@ -191,6 +196,6 @@ def settle(world: World, t: rollout_state.Tick, generation, now: float) -> None:
         world.consume(pending["annotation"])
     failpoint("after-annotation")
     if pending.get("champion") is not None:
-        t.promote = int(pending["champion"])
-    st["pending"] = None
-    st["applied"] = {"state": _state(t, generation), "at": rollout_state.iso(now)}
+        decision.promote = int(pending["champion"])
+    status["pending"] = None
+    status["applied"] = {"state": _state(decision, generation), "at": rollout_state.iso(now)}

@@ -1,6 +1,8 @@
 """The operator's settings: the chart's ConfigMap (`settings.json`, read once from the file that
-NMM_OPERATOR_SETTINGS names), validated into one pydantic model whose keys are the ConfigMap's.
-What the compiler needs besides each pipeline (image, store, MLflow, GPU pools) becomes its
+NMM_OPERATOR_SETTINGS names), validated into one pydantic model. Its keys are the chart's values
+keys (`operator.recheckSeconds`, `serving.backend`, `gpuPools`, …: no renaming), plus `resolved`,
+what the chart's helpers compute from several values (the image reference, the store, MLflow's
+address, the Secrets' names). What the compiler needs besides each pipeline becomes its
 `CompileSettings`; a key that is not a setting, a value of the wrong type or out of range fails
 the operator's start with the key named."""
 
@@ -25,13 +27,31 @@ _COMPILE = CompileSettings()  # the compiler's defaults, where the ConfigMap is 
 
 
 class GpuPool(Model):
-    product: str | None = None
-    memory_gi_b: Annotated[int, Field(ge=1, le=1024)] | None = Field(default=None, alias="memoryGiB")
-    gpus_per_node: Annotated[int, Field(ge=1, le=64)] | None = None
+    product: str
+    memory_gi_b: Annotated[int, Field(ge=1, le=1024)] = Field(alias="memoryGiB")
+    gpus_per_node: Annotated[int, Field(ge=1, le=64)]
+
+
+class Operator(Model):
+    """The chart's `operator` values the operator reads."""
+
+    log_level: Literal[LOG_LEVELS] = "INFO"
+    on_child_deleted: Literal["recreate", "report"] = "report"
+    recheck_seconds: Annotated[float, Field(ge=1, le=86_400)] = Field(
+        default=60.0, description="The recheck timer's interval."
+    )
+    metrics_port: Annotated[int, Field(ge=0, le=65_535)] = Field(
+        default=9090, description="The operator's Prometheus metrics (canary weight, quality probe); 0: off."
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, v):
+        return v.upper() if isinstance(v, str) else v
 
 
 class Serving(Model):
-    """How NMMServices are served (the chart's `serving` values)."""
+    """The chart's `serving` values the operator reads: how NMMServices are served."""
 
     backend: Literal[tuple(BACKENDS)] = "kserve"
     gateway: dict[str, str] | None = Field(
@@ -43,6 +63,7 @@ class Serving(Model):
     ready_timeout_seconds: Annotated[float, Field(gt=0, le=86_400)] = Field(
         default=600.0, description="A canary that does not answer for this long fails."
     )
+    service_account_name: str = _COMPILE.serving_service_account
     # {"<namespace>/<service>": {"stable": URL, "candidate": URL}}: for an operator running outside
     # the cluster (kubectl port-forward); in the cluster the Services' DNS names are used.
     endpoints: dict[str, dict[str, str]] = {}
@@ -53,57 +74,65 @@ class Serving(Model):
         return None if v is None else parent_ref(v)
 
 
-class OperatorSettings(Model):
+class Workflow(Model):
+    service_account_name: str = _COMPILE.service_account
+
+
+class Image(Model):
+    pull_policy: str = _COMPILE.image_pull_policy
+
+
+class Kueue(Model):
+    enabled: bool = False
+    local_queue: str | None = None
+
+
+class Resolved(Model):
+    """What the chart's helpers compute from several values (no values key of its own)."""
+
     image: str = _COMPILE.image
-    image_pull_policy: str = _COMPILE.image_pull_policy
-    service_account: str = _COMPILE.service_account
     store_uri: str = _COMPILE.store_uri
     mlflow_tracking_uri: str | None = _COMPILE.mlflow_tracking_uri
     s3_endpoint: str | None = _COMPILE.s3_endpoint
     s3_secret_name: str | None = _COMPILE.s3_secret_name
-    gpu_pools: dict[str, GpuPool] = {}
-    serving_service_account: str = _COMPILE.serving_service_account
     serving_s3_secret_name: str | None = _COMPILE.serving_s3_secret_name
-    default_queue: str | None = _COMPILE.default_queue
     mlflow_secret_name: str | None = _COMPILE.mlflow_secret_name
-    on_child_deleted: Literal["recreate", "report"] = "report"
-    recheck_seconds: Annotated[float, Field(ge=1, le=86_400)] = Field(
-        default=60.0, description="The recheck timer's interval (chart: operator.recheckSeconds)."
-    )
-    log_level: Literal[LOG_LEVELS] = "INFO"
-    serving: Serving = Serving()
-    metrics_port: Annotated[int, Field(ge=0, le=65_535)] = Field(
-        default=9090, description="The operator's Prometheus metrics (canary weight, quality probe); 0: off."
-    )
 
-    @field_validator("log_level", mode="before")
-    @classmethod
-    def _upper(cls, v):
-        return v.upper() if isinstance(v, str) else v
-
-    @field_validator("default_queue", "mlflow_secret_name", mode="before")
+    @field_validator("mlflow_secret_name", mode="before")
     @classmethod
     def _empty_is_none(cls, v):
         return v or None  # the chart renders an unset one as ""
 
+
+class OperatorSettings(Model):
+    """The ConfigMap's `settings.json`: the chart's values under their own keys, and what its
+    helpers resolve."""
+
+    operator: Operator = Operator()
+    serving: Serving = Serving()
+    workflow: Workflow = Workflow()
+    image: Image = Image()
+    kueue: Kueue = Kueue()
+    gpu_pools: dict[str, GpuPool] = {}
+    resolved: Resolved = Resolved()
+
     @functools.cached_property
     def compile(self) -> CompileSettings:
-        pools = pools_from_values(
-            {name: p.model_dump(by_alias=True, exclude_none=True) for name, p in self.gpu_pools.items()}
-        )
+        pools = pools_from_values({name: p.model_dump(by_alias=True) for name, p in self.gpu_pools.items()})
+        r = self.resolved
         return CompileSettings(
-            image=self.image,
-            image_pull_policy=self.image_pull_policy,
-            service_account=self.service_account,
-            store_uri=self.store_uri,
-            mlflow_tracking_uri=self.mlflow_tracking_uri,
-            s3_endpoint=self.s3_endpoint,
-            s3_secret_name=self.s3_secret_name,
+            image=r.image,
+            image_pull_policy=self.image.pull_policy,
+            service_account=self.workflow.service_account_name,
+            store_uri=r.store_uri,
+            mlflow_tracking_uri=r.mlflow_tracking_uri,
+            s3_endpoint=r.s3_endpoint,
+            s3_secret_name=r.s3_secret_name,
             gpu_pools=pools or _COMPILE.gpu_pools,
-            serving_service_account=self.serving_service_account,
-            serving_s3_secret_name=self.serving_s3_secret_name,
-            default_queue=self.default_queue,
-            mlflow_secret_name=self.mlflow_secret_name,
+            serving_service_account=self.serving.service_account_name,
+            serving_s3_secret_name=r.serving_s3_secret_name,
+            default_queue=(self.kueue.local_queue or None) if self.kueue.enabled else None,
+            mlflow_secret_name=r.mlflow_secret_name,
         )
 
 

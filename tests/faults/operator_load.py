@@ -24,7 +24,9 @@ def run(n: int, workdir: Path, kill_halfway: bool = False, timeout: float = 300.
         cfg.host = emu.url
         api = client.CustomObjectsApi(client.ApiClient(cfg))
         settings = workdir / "settings.json"
-        settings.write_text(json.dumps({"image": "ghcr.io/nmm-dev/nmm:0.1.0", "recheckSeconds": 30}))
+        settings.write_text(
+            json.dumps({"resolved": {"image": "ghcr.io/nmm-dev/nmm:0.1.0"}, "operator": {"recheckSeconds": 30}})
+        )
         op = Operator(emu.url, workdir / "operator.log", settings, verbose=False).start()
         kills = 0
         try:

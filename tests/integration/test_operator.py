@@ -80,7 +80,12 @@ class Operator:
 def operator(emu, tmp_path):
     settings = tmp_path / "settings.json"
     settings.write_text(
-        json.dumps({"image": "ghcr.io/nmm-dev/nmm:0.1.0", "onChildDeleted": "report", "recheckSeconds": 1})
+        json.dumps(
+            {
+                "resolved": {"image": "ghcr.io/nmm-dev/nmm:0.1.0"},
+                "operator": {"onChildDeleted": "report", "recheckSeconds": 1},
+            }
+        )
     )
     op = Operator(emu.url, tmp_path / "operator.log", settings).start()
     yield op
@@ -361,7 +366,7 @@ def test_deleting_the_pipeline_garbage_collects_its_workflow_r5(api, operator):
 
 def test_killed_between_create_and_status_patch_restart_leaves_one_workflow_r1(api, emu, tmp_path):
     settings = tmp_path / "settings.json"
-    settings.write_text(json.dumps({"recheckSeconds": 1}))
+    settings.write_text(json.dumps({"operator": {"recheckSeconds": 1}}))
     emu.call(emu.emulator.hold, "nmmpipelines")  # the operator's status/progress patches will hang
     first = Operator(emu.url, tmp_path / "first.log", settings).start()
     try:

@@ -201,9 +201,8 @@ def service(cases_uri: str, ns: str) -> dict:
 
 def settings(world, backend: str, ns: str, urls: dict, metrics_port: int = 0) -> dict:
     return {
-        "storeUri": (world["tmp"] / "store").as_uri(),
-        "recheckSeconds": 60,
-        "metricsPort": metrics_port,
+        "resolved": {"storeUri": (world["tmp"] / "store").as_uri()},
+        "operator": {"recheckSeconds": 60, "metricsPort": metrics_port},
         "serving": {
             "backend": backend,
             "tickSeconds": 0.5,

@@ -166,7 +166,7 @@ def test_operator_settings_carry_the_gpu_pools():
     (cm,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-operator")]
     settings = json.loads(cm["data"]["settings.json"])
     assert settings["gpuPools"]["h100"] == {"product": "NVIDIA-H100-80GB-HBM3", "memoryGiB": 80, "gpusPerNode": 8}
-    assert settings["s3SecretName"] == "nmm-s3" and "secretKey" not in json.dumps(settings)
+    assert settings["resolved"]["s3SecretName"] == "nmm-s3" and "secretKey" not in json.dumps(settings)
     assert (
         _operator_settings(docs).compile.serving_s3_secret_name == "nmm-s3-serving-readonly"
     )  # the servers' read-only key
@@ -253,6 +253,46 @@ def _operator_settings(docs: list[dict]):
     return settings.from_dict(json.loads(cm["data"]["settings.json"]))
 
 
+def test_the_operator_s_settings_keep_the_values_keys():
+    """No renaming between values.yaml, its schema and the ConfigMap: every setting outside
+    `resolved` (what the helpers compute) sits under the key it has in the values, with its value,
+    and the schema declares that key."""
+    base = values(CHART / "ci" / "minimal-values.yaml")
+    docs = render(base)
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-operator")]
+    settings = json.loads(cm["data"]["settings.json"])
+    merged = yaml.safe_load((CHART / "values.yaml").read_text())
+    _deep_update(merged, base)
+    schema = json.loads((CHART / "values.schema.json").read_text())
+
+    def walk(node, path):
+        for key, value in node.items():
+            if isinstance(value, dict) and path[:1] != ("gpuPools",) and not (path and path[-1] == "gateway"):
+                walk(value, (*path, key))
+                continue
+            there, declared = merged, schema
+            for part in (*path, key):
+                assert part in there, f"{'.'.join((*path, key))} is not a values key"
+                there = there[part]
+                declared = declared.get("properties", {}).get(part) or declared.get("additionalProperties") or {}
+            expected = {k: v for k, v in there.items() if v} if isinstance(there, dict) else there
+            assert value == expected, (path, key)
+            assert declared, f"{'.'.join((*path, key))} is not in values.schema.json"
+
+    walk({k: v for k, v in settings.items() if k != "resolved"}, ())
+    from nmm_operator.settings import Resolved
+
+    assert set(settings["resolved"]) == {f.alias for f in Resolved.model_fields.values()}
+
+
+def _deep_update(base: dict, over: dict) -> None:
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_update(base[k], v)
+        else:
+            base[k] = v
+
+
 def test_operator_values_take_effect_in_the_operator_s_settings():
     # On main operator.recheckSeconds reached a field nothing read and logLevel an env var nothing read.
     base = values(CHART / "ci" / "minimal-values.yaml")
@@ -260,8 +300,12 @@ def test_operator_values_take_effect_in_the_operator_s_settings():
     changed = json.loads(json.dumps(base))
     changed.setdefault("operator", {}).update(recheckSeconds=17, logLevel="DEBUG", onChildDeleted="recreate")
     s = _operator_settings(render(changed))
-    assert (s.recheck_seconds, s.log_level, s.on_child_deleted) == (17.0, "DEBUG", "recreate")
-    assert (default.recheck_seconds, default.log_level) == (60.0, "INFO")
+    assert (s.operator.recheck_seconds, s.operator.log_level, s.operator.on_child_deleted) == (
+        17.0,
+        "DEBUG",
+        "recreate",
+    )
+    assert (default.operator.recheck_seconds, default.operator.log_level) == (60.0, "INFO")
     # ... and the handlers use them: the timer's interval is the settings' (read once at import).
     import ast
 
@@ -269,7 +313,7 @@ def test_operator_values_take_effect_in_the_operator_s_settings():
     timer = next(
         d for d in ast.walk(ast.parse(handlers)) if isinstance(d, ast.Call) and ast.unparse(d.func) == "kopf.timer"
     )
-    assert {k.arg: ast.unparse(k.value) for k in timer.keywords}["interval"] == "SETTINGS.recheck_seconds"
+    assert {k.arg: ast.unparse(k.value) for k in timer.keywords}["interval"] == "SETTINGS.operator.recheck_seconds"
     assert "NMM_RECHECK_SECONDS" not in handlers and "NMM_LOG_LEVEL" not in "".join(
         p.read_text() for p in (CHART / "templates").rglob("*.yaml")
     )

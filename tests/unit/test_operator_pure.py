@@ -150,15 +150,22 @@ def test_events_only_on_transitions():
 def test_settings_from_the_chart_configmap():
     s = from_dict(
         {
-            "image": "reg/nmm:1",
+            "resolved": {"image": "reg/nmm:1", "s3SecretName": "sec"},
             "gpuPools": {"h100": {"product": "H100", "memoryGiB": 80, "gpusPerNode": 8}},
-            "onChildDeleted": "recreate",
-            "s3SecretName": "sec",
+            "operator": {"onChildDeleted": "recreate"},
+            "kueue": {"enabled": True, "localQueue": "nmm"},
         }
     )
-    assert s.compile.image == "reg/nmm:1" and s.compile.gpu_pools[0].name == "h100" and s.on_child_deleted == "recreate"
-    with pytest.raises(ValueError, match="onChildDeleted"):
-        from_dict({"onChildDeleted": "ignore"})
+    assert s.compile.image == "reg/nmm:1" and s.compile.gpu_pools[0].name == "h100"
+    assert s.operator.on_child_deleted == "recreate" and s.compile.default_queue == "nmm"
+    for bad, key in (
+        ({"operator": {"onChildDeleted": "ignore"}}, "operator.onChildDeleted"),
+        ({"operator": {"recheckSeconds": 0}}, "operator.recheckSeconds"),
+        ({"recheckSeconds": 1}, "recheckSeconds"),  # a setting under another key than the values'
+        ({"gpuPools": {"h100": {"product": "H100"}}}, "gpuPools.h100.memoryGiB"),
+    ):
+        with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+            from_dict(bad)
 
 
 def test_only_our_older_running_generations_are_superseded():

@@ -91,18 +91,19 @@ class Model:
     """The loaded model: what a request becomes before it queues (`chat_job`, `draw_job`: worker
     pool), and what each batch does with it (`run`: the batcher's thread)."""
 
-    def __init__(self, m: LoadedModel, metrics: Metrics):
-        self.m, self.metrics = m, metrics
-        self.side, _, self.channels = m.vq.image_shape
+    def __init__(self, loaded: LoadedModel, metrics: Metrics):
+        self.loaded, self.metrics = loaded, metrics
+        self.side, _, self.channels = loaded.vq.image_shape
 
     def chat_job(self, req: openai_api.Chat) -> ChatJob:
         pixels = openai_api.decode_image(req.image, req.image_format, self.channels, self.side)
         return ChatJob(
-            self._laid_out(lambda: self.m.read_prompt(self.m.vq.encode(pixels[None])[0], req.question)), pixels
+            self._laid_out(lambda: self.loaded.read_prompt(self.loaded.vq.encode(pixels[None])[0], req.question)),
+            pixels,
         )
 
     def draw_job(self, req: openai_api.ImageBody) -> DrawJob:
-        return DrawJob(self._laid_out(lambda: self.m.draw_prompt(req.prompt)), req.n)
+        return DrawJob(self._laid_out(lambda: self.loaded.draw_prompt(req.prompt)), req.n)
 
     @staticmethod
     def _laid_out(prompt) -> list[int]:
@@ -112,19 +113,19 @@ class Model:
             raise openai_api.APIError(400, str(exc), exc.param) from None
 
     def chat(self, jobs) -> list[dict]:
-        m, v = self.m, self.m.vocab
+        loaded, v = self.loaded, self.loaded.vocab
         key: ChatKey = jobs[0].key
         max_tokens, temperature, seed = key.max_tokens, key.temperature, key.seed
         if FAILPOINT == "chat":
             raise RuntimeError("NMM_SERVE_FAILPOINT=chat")
         prompts = [j.payload.prompt for j in jobs]
         patches = (
-            torch.from_numpy(m.vq.patches(np.stack([j.payload.pixels for j in jobs])))
-            if m.model.cfg.reads_pixels
+            torch.from_numpy(loaded.vq.patches(np.stack([j.payload.pixels for j in jobs])))
+            if loaded.model.cfg.reads_pixels
             else None
         )
         outs = generate(
-            m.model,
+            loaded.model,
             prompts,
             max_tokens,
             v.text_range(),
@@ -147,21 +148,21 @@ class Model:
         ]
 
     def text_of(self, tokens: list[int]) -> str:
-        return self.m.text.decode(self.m.vocab.text_local(t for t in tokens if t != EOS)).strip()
+        return self.loaded.text.decode(self.loaded.vocab.text_local(t for t in tokens if t != EOS)).strip()
 
     def images(self, jobs) -> list[list[str] | Exception]:
         if FAILPOINT == "draw":
             raise RuntimeError("NMM_SERVE_FAILPOINT=draw")
-        m = self.m
+        loaded = self.loaded
         key: DrawKey = jobs[0].key
         guidance, temperature, seed = key.guidance, key.temperature, key.seed
         per_job = [j for j in jobs for _ in range(j.payload.n)]
         drawn = draw(
-            m.model,
+            loaded.model,
             [j.payload.prompt for j in per_job],
-            m.vq,
-            m.vocab,
-            plans=m.prompts.plans,
+            loaded.vq,
+            loaded.vocab,
+            plans=loaded.prompts.plans,
             temperature=temperature,
             generator=_generator(seed),
             guidance=guidance,

@@ -60,7 +60,7 @@ def train_config(ctx: StageContext, ds: Dataset, seq_len: int) -> TrainConfig:
     """The trainer's config, derived from the spec (and from the dataset what only it knows:
     vocabulary, image layout, sequence length)."""
     spec = ctx.spec.spec
-    m, size, patch = spec.model, spec.model.size, spec.model.tokenizers.image.patch_size
+    model_spec, size, patch = spec.model, spec.model.size, spec.model.tokenizers.image.patch_size
     lo, hi = ds.vocab.image_range()
     model = ModelConfig(
         vocab_size=ds.vocab.size,
@@ -69,16 +69,16 @@ def train_config(ctx: StageContext, ds: Dataset, seq_len: int) -> TrainConfig:
         heads=size.heads,
         max_seq_len=seq_len,
         dropout=size.dropout,
-        qk_norm=m.qk_norm,
-        fusion=m.fusion,
-        image_attention=m.image_attention,
-        image_positions=m.image_positions,
+        qk_norm=model_spec.qk_norm,
+        fusion=model_spec.fusion,
+        image_attention=model_spec.image_attention,
+        image_positions=model_spec.image_positions,
         image_lo=lo,
         image_hi=hi,
         patch_dim=patch * patch * ds.manifest["image_shape"][2],
         tokens_per_image=ds.manifest["tokens_per_image"],
-        encoder_dim=m.encoder.dim,
-        encoder_layers=m.encoder.layers,
+        encoder_dim=model_spec.encoder.dim,
+        encoder_layers=model_spec.encoder.layers,
         image_factors=ds.image_tokenizer().factors,
     )
     t = spec.training
@@ -86,12 +86,12 @@ def train_config(ctx: StageContext, ds: Dataset, seq_len: int) -> TrainConfig:
         model=model,
         phases=phase_configs(spec),
         seed=t.seed,
-        z_loss=m.z_loss,
+        z_loss=model_spec.z_loss,
         checkpoint_interval=t.checkpoint.interval_steps,
         keep_latest=t.checkpoint.keep_latest,
         log_every=max(1, min(50, sum(p.steps for p in t.phases) // 20)),
-        encoder_steps=m.encoder.steps,
-        loss_weights=(m.loss_weights.get("text", 1.0), m.loss_weights.get("image", 1.0)),
+        encoder_steps=model_spec.encoder.steps,
+        loss_weights=(model_spec.loss_weights.get("text", 1.0), model_spec.loss_weights.get("image", 1.0)),
         parallel=Parallelism(**t.parallelism.model_dump()),
     )
 
