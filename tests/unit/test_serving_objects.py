@@ -198,3 +198,22 @@ def test_every_backend_is_registered_in_the_chart_and_its_objects_validate():
             else:
                 kubernetes_validate.validate(obj, "1.33", strict=True)
         assert set(backend.endpoints("digits", "team-a")) == {"stable", "candidate"}
+
+
+@pytest.mark.parametrize("weight", [0, 10, 50, 100])
+def test_every_backend_and_the_local_router_split_traffic_alike(weight):
+    """One traffic-split contract: for a canary at `weight`, each backend's objects ask for the
+    same percentages per track as the local router's, which sends exactly that share."""
+    from nmm.compile.backends import BACKENDS
+    from nmm.rollout.router import TRACKS, Router
+
+    router = Router("http://stable", "http://candidate", port=0)
+    router.set_weight(weight)
+    want = {"stable": 100 - weight, "candidate": weight}
+    assert router.split() == want and set(TRACKS) == set(want)
+    picks = [router.pick() for _ in range(100)]
+    assert {t: picks.count(t) for t in TRACKS} == want
+    for name, backend in BACKENDS.items():
+        objs = backend.children("digits", "team-a", SPEC, v(3), v(4) if weight else None, weight, S, {})
+        assert backend.split(objs) == want, name
+        assert set(backend.endpoints("digits", "team-a")) == set(TRACKS), name

@@ -51,6 +51,12 @@ class Router:
             self._weight = max(0, min(100, int(weight)))
             self._current = {t: 0 for t in TRACKS}
 
+    def split(self) -> dict[str, int]:
+        """The traffic split now, percent per track (the serving backends' contract:
+        nmm.compile.backends)."""
+        with self._lock:
+            return {"stable": 100 - self._weight, "candidate": self._weight}
+
     def pick(self) -> str:
         with self._lock:
             weights = {"candidate": self._weight, "stable": 100 - self._weight}

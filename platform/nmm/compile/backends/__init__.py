@@ -10,10 +10,12 @@ A backend is an object with
 - `children(name, namespace, spec, stable, canary, weight, settings, serving)`: the objects for the
   current state, pure (`serving`: the chart's `serving` values, for a backend's own settings);
 - `endpoints(name, namespace)`: the in-cluster URL of each track (`stable`, `candidate`), what the
-  canary analysis reads.
+  canary analysis reads;
+- `split(children)`: the traffic split those objects ask for, percent per track.
 
-The local rollout (nmm.rollout.router) honours the same contract on loopback: two tracks, an exact
-weight. Adding a backend: its module here, its entry in `BACKENDS`, and a test that what it emits
+The local rollout's router (nmm.rollout.router.Router) meets the same traffic-split contract on
+loopback: the same two tracks, `split()` the same percentages for a weight (a test holds the
+three to one another). Adding a backend: its module here, its entry in `BACKENDS`, and a test that what it emits
 validates against the upstream CRD schemas.
 """
 
@@ -46,6 +48,8 @@ class Backend(Protocol):
     ) -> list[dict]: ...
 
     def endpoints(self, name: str, namespace: str) -> dict[str, str]: ...
+
+    def split(self, children: list[dict]) -> dict[str, int]: ...
 
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (KSERVE, GATEWAY)}

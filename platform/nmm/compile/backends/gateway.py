@@ -117,6 +117,14 @@ class Gateway:
     ) -> list[dict]:
         return gateway_objects(name, namespace, spec, stable, canary, weight, s, parent_ref(serving.get("gateway")))
 
+    def split(self, children: list[dict]) -> dict[str, int]:
+        """The HTTPRoute's backend weights, by track."""
+        (route,) = [c for c in children if c["kind"] == "HTTPRoute"]
+        refs = route["spec"]["rules"][0]["backendRefs"]
+        track = {serving_backend_name(route["metadata"]["name"], t): t for t in ("stable", "canary")}
+        weights = {track[r["name"]]: r["weight"] for r in refs}
+        return {"stable": weights["stable"], "candidate": weights["canary"]}
+
     def endpoints(self, name: str, namespace: str) -> dict[str, str]:
         return {
             "stable": f"http://{serving_backend_name(name, 'stable')}.{namespace}.svc.cluster.local",

@@ -65,6 +65,12 @@ class KServe:
         isvc["spec"]["predictor"].setdefault("canaryTrafficPercent", None)  # a merge patch removes it
         return [isvc]
 
+    def split(self, children: list[dict]) -> dict[str, int]:
+        """KServe sends `canaryTrafficPercent` to the latest revision, the rest to the previous."""
+        (isvc,) = [c for c in children if c["kind"] == "InferenceService"]
+        canary = isvc["spec"]["predictor"].get("canaryTrafficPercent")
+        return {"stable": 100 - (canary or 0), "candidate": canary or 0}
+
     def endpoints(self, name: str, namespace: str) -> dict[str, str]:
         return {
             "stable": f"http://prev-{name}-predictor.{namespace}.svc.cluster.local",
