@@ -221,3 +221,32 @@ def test_local_traffic_mixes_chat_and_image_requests_for_a_model_that_does_both(
     assert {only_images._request(n)[0] for n in range(4)} == {"/v1/images/generations"}
     with pytest.raises(Exception, match="nothing to send"):
         Traffic("http://router", [], []).start()
+
+
+def test_the_rollout_client_returns_every_status_and_names_an_unreachable_server():
+    """One client for the probe, the scrapes and the traffic: a 4xx/5xx is an answer the caller
+    judges (the probe refuses it, the traffic counts it), no answer at all is `Unreachable`."""
+    import http.server
+    import threading
+
+    from nmm.ports import free_port
+    from nmm.rollout import client
+
+    class Busy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(503)
+            self.send_header("Content-Length", "4")
+            self.end_headers()
+            self.wfile.write(b"busy")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Busy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert client.get(f"http://127.0.0.1:{server.server_port}/metrics", timeout=5) == (503, b"busy")
+    finally:
+        server.shutdown()
+    with pytest.raises(client.Unreachable):
+        client.get(f"http://127.0.0.1:{free_port()}/metrics", timeout=2)

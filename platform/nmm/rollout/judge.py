@@ -6,19 +6,18 @@ nmm.rollout.analysis. Any exception on the way is a failed step with its reason,
 
 from __future__ import annotations
 
-import http.client
-import urllib.request
-
-from nmm.rollout import analysis, probe
+from nmm.rollout import analysis, client, probe
 from nmm.rollout.router import UNDELIVERED
 
 
 def scrape(url: str) -> analysis.Snapshot | str:
     """One server's metrics now, or why they could not be read."""
     try:
-        with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
-            return analysis.parse(r.read().decode())
-    except (OSError, http.client.HTTPException, UnicodeDecodeError, analysis.MetricsError) as exc:
+        answer = client.get(url + "/metrics", timeout=10)
+        if answer.status != 200:
+            return f"{url}/metrics: HTTP {answer.status}"
+        return analysis.parse(answer.body.decode())
+    except (client.Unreachable, UnicodeDecodeError, analysis.MetricsError) as exc:
         return f"{url}/metrics: {exc}"
 
 

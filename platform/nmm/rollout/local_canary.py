@@ -13,7 +13,6 @@ each step lasts.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import random
@@ -22,13 +21,12 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from nmm.ports import free_port
-from nmm.rollout import analysis, probe
+from nmm.rollout import analysis, client, probe
 from nmm.rollout.judge import Reading, judge_step, scrape
 from nmm.rollout.router import Router
 
@@ -94,10 +92,9 @@ class Server:
             if self.proc.poll() is not None:
                 return f"{self.track} server ({self.source}) exited with {self.proc.returncode}: {self.log_tail()}"
             try:
-                with urllib.request.urlopen(self.url + "/readyz", timeout=2) as r:
-                    if r.status == 200:
-                        return None
-            except (OSError, http.client.HTTPException):
+                if client.get(self.url + "/readyz", timeout=2).status == 200:
+                    return None
+            except client.Unreachable:
                 pass
             time.sleep(0.2)
         return f"{self.track} server ({self.source}) not ready after {timeout:.0f} s"
@@ -145,13 +142,11 @@ class Traffic:
         n = worker
         while not self._stop.is_set():
             path, body = self._request(n)
-            req = urllib.request.Request(
-                self.url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-            )
             try:
-                with urllib.request.urlopen(req, timeout=60) as r:
-                    r.read()
-            except (OSError, http.client.HTTPException):  # URLError is an OSError; a cut stream an HTTPException
+                failed = client.post_json(self.url + path, body, timeout=60).status >= 400
+            except client.Unreachable:  # refused, or a stream cut off
+                failed = True
+            if failed:
                 time.sleep(0.05)  # the router answered an error (counted there): keep the pace sane
             n += self.threads
 

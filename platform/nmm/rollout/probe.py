@@ -21,17 +21,15 @@ from __future__ import annotations
 
 import base64
 import functools
-import http.client
 import io
 import json
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from nmm.data.sources import digit_prompt, parse_digit
+from nmm.rollout import client
 
 MAX_TOKENS = 24
 JUDGE_IMAGES = 2000  # the digits judge's training pixels carried in a probe file at most
@@ -213,9 +211,11 @@ def drawn_right(cases: Cases, case: dict, b64_png: str) -> bool:
 def served_model(base_url: str, timeout: float = 10.0) -> str:
     """The name the server at `base_url` serves its model under (its /v1/models)."""
     try:
-        with urllib.request.urlopen(base_url.rstrip("/") + "/v1/models", timeout=timeout) as r:
-            return json.loads(r.read())["data"][0]["id"]
-    except (OSError, http.client.HTTPException, ValueError, KeyError, IndexError) as exc:
+        answer = client.get(base_url.rstrip("/") + "/v1/models", timeout=timeout)
+        if answer.status != 200:
+            raise ProbeError(f"{base_url}/v1/models: HTTP {answer.status}")
+        return answer.json()["data"][0]["id"]
+    except (client.Unreachable, ValueError, KeyError, IndexError, TypeError) as exc:
         raise ProbeError(f"{base_url}/v1/models: {exc}") from None
 
 
@@ -245,15 +245,12 @@ def draw_body(case: dict, model: str, seed: int) -> dict:
 
 
 def _post(base_url: str, path: str, body: dict, timeout: float) -> dict:
-    req = urllib.request.Request(
-        base_url.rstrip("/") + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return json.loads(r.read())
-    except urllib.error.HTTPError as exc:
-        raise ProbeError(f"{base_url} answered {exc.code} to a probe case ({path})") from None
-    except (OSError, http.client.HTTPException, ValueError) as exc:
+        answer = client.post_json(base_url.rstrip("/") + path, body, timeout=timeout)
+        if answer.status >= 400:
+            raise ProbeError(f"{base_url} answered {answer.status} to a probe case ({path})")
+        return answer.json()
+    except (client.Unreachable, ValueError) as exc:
         raise ProbeError(f"{base_url}{path}: {exc}") from None
 
 
