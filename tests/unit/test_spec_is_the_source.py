@@ -75,3 +75,26 @@ def test_mlflow_params_are_a_flattening_of_the_spec():
     params = flatten({"training": spec.training.model_dump(mode="json", by_alias=True)})
     assert params["training.phases.sft.batchSize"] == 64 and params["training.phases.pretrain.warmupSteps"] == 50
     assert params["training.resources.processesPerNode"] == 2 and params["training.checkpoint.intervalSteps"] == 400
+
+
+def test_the_run_s_and_the_model_s_twins_default_as_the_spec_does():
+    """TrainConfig and ModelConfig are the spec's too (torch-only twins the contracts force): the
+    train stage passes every field, and what they default to must be what the spec defaults to."""
+    from nmm.model import ModelConfig
+    from nmm.spec.models import Encoder, ModelSpec, Size
+    from nmm.spec.training import Checkpoint, Training
+    from nmm.train.trainer import TrainConfig
+
+    twins = [
+        (TrainConfig, "z_loss", ModelSpec, "z_loss"),
+        (TrainConfig, "checkpoint_interval", Checkpoint, "interval_steps"),
+        (TrainConfig, "keep_latest", Checkpoint, "keep_latest"),
+        (TrainConfig, "encoder_steps", Encoder, "steps"),
+        (TrainConfig, "seed", Training, "seed"),
+        *((ModelConfig, name, Size, name) for name in ("dim", "layers", "heads", "dropout")),
+        *((ModelConfig, name, ModelSpec, name) for name in ("qk_norm", "fusion", "image_attention", "image_positions")),
+        (ModelConfig, "encoder_dim", Encoder, "dim"),
+        (ModelConfig, "encoder_layers", Encoder, "layers"),
+    ]
+    for twin, name, model, field in twins:
+        assert _defaults(twin)[name] == model.model_fields[field].default, (twin.__name__, name)
