@@ -44,14 +44,11 @@ class Tick:
         return s.get("stableVersion"), s.get("canaryVersion"), int(s.get("weight") or 0)
 
 
-iso = rfc3339
-
-
 def _condition(status: dict, ready: bool, reason: str, message: str, now: float) -> None:
     conds = [c for c in status.get("conditions", []) if c.get("type") != "Ready"]
     old = next((c for c in status.get("conditions", []) if c.get("type") == "Ready"), {})
     value = "True" if ready else "False"
-    since = old.get("lastTransitionTime") if old.get("status") == value else iso(now)
+    since = old.get("lastTransitionTime") if old.get("status") == value else rfc3339(now)
     status["conditions"] = conds + [
         {"type": "Ready", "status": value, "reason": reason, "message": message[:1000], "lastTransitionTime": since}
     ]
@@ -142,7 +139,7 @@ def plan(
             phase="Progressing",
             baseline=None,
             stepStartedAt=None,
-            canaryStartedAt=iso(now),
+            canaryStartedAt=rfc3339(now),
             stableQuality=None,
             reason=None,
         )
@@ -189,7 +186,7 @@ def after_baseline(decision: Tick, baseline: dict | str, spec: ServiceSpec, now:
     fails the rollout."""
     status = decision.status
     if isinstance(baseline, dict):
-        status.update(baseline=baseline, stepStartedAt=iso(now))
+        status.update(baseline=baseline, stepStartedAt=rfc3339(now))
         return decision
     waited = now - (epoch(status.get("canaryStartedAt")) or now)
     if waited < ready_timeout:
@@ -217,7 +214,7 @@ def after_analysis(
             "ok": ok,
             "reasons": reasons,
             "measured": {k: round(float(v), 6) for k, v in measured.items() if v == v},
-            "at": iso(now),
+            "at": rfc3339(now),
         }
     ]
     if not ok:
@@ -238,7 +235,7 @@ def after_analysis(
         decision.events.append(("Normal", "Promoted", f"version {version} promoted: champion moved, stable replaced"))
         return decision
     nxt = spec.canary.steps[step]
-    status.update(step=step + 1, weight=nxt.weight, baseline=after, stepStartedAt=iso(now))
+    status.update(step=step + 1, weight=nxt.weight, baseline=after, stepStartedAt=rfc3339(now))
     _condition(status, False, "StepPassed", f"step {step} passed; step {step + 1} at {nxt.weight}%", now)
     decision.events.append(
         (

@@ -25,6 +25,7 @@ from typing import Protocol
 
 from nmm.rollout import analysis
 from nmm.spec.serving import ServiceSpec
+from nmm.timestamps import epoch, rfc3339
 from nmm_operator import rollout_state
 
 FAILPOINT_ENV = "NMM_OPERATOR_FAILPOINT"  # tests: the operator dies (exit 137) at this point of a tick
@@ -109,13 +110,10 @@ def tick(
         world.write_status(decision.status)  # 1: the intent, before anything it decides is done
         failpoint("after-intent")
         settle(world, decision, generation, now)
-    elif (
-        stable is not None
-        and now - (rollout_state.epoch((status.get("applied") or {}).get("at")) or 0) >= recheck_seconds
-    ):
+    elif stable is not None and now - (epoch((status.get("applied") or {}).get("at")) or 0) >= recheck_seconds:
         # Unchanged children are re-asserted (recreated if deleted, taken back if edited) every recheckSeconds.
         world.apply(stable, canary_v, weight)
-        decision.status["applied"] = {"state": state, "at": rollout_state.iso(now)}
+        decision.status["applied"] = {"state": state, "at": rfc3339(now)}
     return decision
 
 
@@ -198,4 +196,4 @@ def settle(world: World, decision: rollout_state.Tick, generation, now: float) -
     if pending.get("champion") is not None:
         decision.promote = int(pending["champion"])
     status["pending"] = None
-    status["applied"] = {"state": _state(decision, generation), "at": rollout_state.iso(now)}
+    status["applied"] = {"state": _state(decision, generation), "at": rfc3339(now)}

@@ -12,10 +12,10 @@ Adding a kind: its reader (or loader) module, and its entry here.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 
 from nmm.data.sources import DIGITS_SIDE
+from nmm.plugins import entry
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -97,13 +97,4 @@ YOURS = tuple(k for k, v in SOURCE_KINDS.items() if not v.built_in)
 
 
 def kind(name: str) -> SourceKind:
-    try:
-        return SOURCE_KINDS[name]
-    except KeyError:
-        raise ValueError(f"kind: expected one of {sorted(SOURCE_KINDS)}, got {name!r}") from None
-
-
-def resolve(target: str):
-    """The function a "module:attribute" names."""
-    module, attribute = target.split(":")
-    return getattr(importlib.import_module(module), attribute)
+    return entry(SOURCE_KINDS, name, "kind")

@@ -26,6 +26,7 @@ from nmm import storage
 from nmm.data import kinds, userdata
 from nmm.data.kinds import IMAGE_SUFFIXES
 from nmm.data.locate import find, source_root
+from nmm.plugins import resolve
 
 FOLDER_CHUNK = 256  # images per unit of a folder source
 UNIT_BYTES = 8 << 20  # small tars or Parquet files are read together, up to this much a unit
@@ -65,7 +66,7 @@ def units(src, start: int = 0) -> tuple[list[Unit], list[tuple[str, int, str]]]:
     (nmm.data.kinds), and its objects (URI, size, ETag: what the cache key covers)."""
     objects = find(src.kind, src.label, src.uri)
     listing = [(o.uri, o.size, o.etag) for o in objects]
-    return kinds.resolve(kinds.kind(src.kind).units)(src, objects, start, source_root(src.uri)), listing
+    return resolve(kinds.kind(src.kind).units)(src, objects, start, source_root(src.uri)), listing
 
 
 def grouped_units(src, objects, start: int, root: str) -> list[Unit]:
@@ -238,6 +239,6 @@ def read_folder_image(unit: Unit, uri: str) -> Iterator[tuple[str, dict[str, byt
 def read(unit: Unit) -> Iterator[tuple[str, dict[str, bytes]]]:
     """The raw samples of one unit, in order. Never raises for bad data: an unreadable or refused
     object is one sample with an `error` part (and its `reason`: a ledger row)."""
-    reader = kinds.resolve(kinds.kind(unit.kind).read)
+    reader = resolve(kinds.kind(unit.kind).read)
     for uri in unit.uris:
         yield from reader(unit, uri)

@@ -89,11 +89,12 @@ def load(
 ) -> SourceData:
     """A built-in source by name (nmm.data.kinds): its loader with the source's options."""
     from nmm.data import kinds
+    from nmm.plugins import resolve
 
     info = kinds.kind(kind)
     if not info.built_in:
         raise ValueError(f"kind: {kind} is not a built-in source; expected one of {list(kinds.BUILT_IN)}")
-    return kinds.resolve(info.load)(captions_per_image, samples, image_size, seed, grounded_on)
+    return resolve(info.load)(captions_per_image, samples, image_size, seed, grounded_on)
 
 
 def load_digits_source(

@@ -7,12 +7,12 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from nmm.data import kinds
 from nmm.data.kinds import BUILT_IN as BUILT_IN_SOURCES
 from nmm.data.kinds import SOURCE_KINDS
 from nmm.data.kinds import YOURS as USER_SOURCES
 from nmm.data.kinds import kind as source_kind
 from nmm.data.locate import brace_count
+from nmm.plugins import resolve
 from nmm.spec.base import Model
 
 # A source URI: store://key (in the run's store), s3://bucket/key, file:///abs/path, /abs/path, or
@@ -103,12 +103,11 @@ class Source(Model):
                 raise ValueError(f"groundTruth: the built-in {self.kind} source brings its own")
         if self.held_out is not None and self.kind != "shapes":
             raise ValueError(f"heldOut: only a shapes source holds compositions out, not {self.kind}")
-        if source_kind(self.kind).check:  # the kind's own options
-            kinds.resolve(source_kind(self.kind).check)(self)
-        if self.image_size < source_kind(self.kind).min_side:
-            raise ValueError(
-                f"imageSize: {self.kind} takes {source_kind(self.kind).min_side} pixels or more, got {self.image_size}"
-            )
+        kind = source_kind(self.kind)
+        if kind.check:  # the kind's own options
+            resolve(kind.check)(self)
+        if self.image_size < kind.min_side:
+            raise ValueError(f"imageSize: {self.kind} takes {kind.min_side} pixels or more, got {self.image_size}")
         return self
 
     @property

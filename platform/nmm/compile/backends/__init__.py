@@ -27,6 +27,7 @@ from nmm.compile.backends.gateway import GATEWAY
 from nmm.compile.backends.kserve import KSERVE
 from nmm.compile.serving import ServedVersion
 from nmm.compile.settings import CompileSettings
+from nmm.plugins import entry
 from nmm.spec.serving import ServiceSpec
 
 
@@ -56,10 +57,7 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (KSERVE, GATEWAY)}
 
 
 def backend(name: str) -> Backend:
-    try:
-        return BACKENDS[name]
-    except KeyError:
-        raise ValueError(f"serving.backend: expected one of {sorted(BACKENDS)}, got {name!r}") from None
+    return entry(BACKENDS, name, "serving.backend")
 
 
 def rbac_by_backend() -> dict[str, list[dict]]:

@@ -15,9 +15,10 @@ options' fields in `nmm.spec.training.Phase`.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from dataclasses import dataclass
 from typing import Literal
+
+from nmm.plugins import entry, resolve
 
 
 @dataclass(frozen=True)
@@ -110,16 +111,12 @@ RECIPES: dict[str, RecipeInfo] = {
 
 
 def recipe(name: str) -> RecipeInfo:
-    try:
-        return RECIPES[name]
-    except KeyError:
-        raise ValueError(f"recipe: expected one of {sorted(RECIPES)}, got {name!r}") from None
+    return entry(RECIPES, name, "recipe")
 
 
 def implementation(name: str):
     """The recipe's step object (imports torch)."""
-    module, attribute = recipe(name).step.split(":")
-    return getattr(importlib.import_module(module), attribute)
+    return resolve(recipe(name).step)
 
 
 def option_owners() -> dict[str, tuple[str, ...]]:
