@@ -4,6 +4,7 @@ implementation named "module:attribute" only when it is used."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Mapping
 from typing import TypeVar
@@ -20,6 +21,7 @@ def entry(registry: Mapping[str, T], name: str, field: str) -> T:
 
 
 def resolve(target: str):
-    """The object a "module:attribute" names (its module imported now)."""
+    """The object a "module:attribute" names (its module imported now); the attribute may be a
+    dotted path ("module:Class.method")."""
     module, attribute = target.split(":")
-    return getattr(importlib.import_module(module), attribute)
+    return functools.reduce(getattr, attribute.split("."), importlib.import_module(module))

@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from nmm import storage
+from nmm import modalities, storage
 from nmm.data.shards import decode_shard
-from nmm.tokenizers import ImageTokenizer, SharedVocab, TextTokenizer, load_image_tokenizer
+from nmm.plugins import resolve
+from nmm.tokenizers import ImageTokenizer, SharedVocab, TextTokenizer
 
 ROW_COLUMNS = ("tokens", "loss_mask", "task", "style", "row_image")  # one entry per sequence, not per image
 
@@ -57,16 +58,19 @@ class Dataset:
 
     @property
     def vocab(self) -> SharedVocab:
-        v = self.manifest["vocab"]
-        return SharedVocab(text_size=v["text_size"], image_size=v["image_size"])
+        return SharedVocab(**self.manifest["vocab"])
+
+    def tokenizer(self, modality: str):
+        """The dataset's fitted tokenizer of `modality` (nmm.modalities: its file and its loader)."""
+        m = modalities.modality(modality)
+        return resolve(m.tokenizer)(storage.read_file(self.uri, self.manifest, m.tokenizer_file))
 
     def text_tokenizer(self) -> TextTokenizer:
-        return TextTokenizer.from_bytes(storage.read_file(self.uri, self.manifest, "text_tokenizer.json"))
+        return self.tokenizer("text")
 
     def image_tokenizer(self) -> ImageTokenizer:
         if self._image_tokenizer is None:
-            data = storage.read_file(self.uri, self.manifest, "image_tokenizer.safetensors")
-            self._image_tokenizer = load_image_tokenizer(data)
+            self._image_tokenizer = self.tokenizer("image")
         return self._image_tokenizer
 
     def split(self, name: str) -> Split:

@@ -22,6 +22,13 @@ The caption instruction comes before the image, so the image ends right before t
 the plain layout (measured on the quickstart, seed 0: m2t 0.942 this way, 0.924 with the
 instruction between image and answer); a VQA question comes after the image, as it does in plain.
 
+Audio (a vocabulary with an audio block): a recording's codes sit inside <boa> … <eoa>, its
+length the recording's; when speaking, the model writes <eoa> itself.
+    M2T:  <bos> <boa> a1 … aK <eoa> t1 … tn <eos>                               loss on t1 … <eos>
+    M2G:  <bos> t1 … tn <boa> a1 … aK <eoa>                                     loss on a1 … <eoa>
+    M2T:  <bos> <user> "Transcribe:" <boa> a1 … aK <eoa> <assistant> t1 … tn <eos>
+    M2G:  <bos> <user> "Say:" t1 … tn <assistant> <boa> a1 … aK <eoa>
+
 `loss_mask[i] = 1` means token i is a training target (predicted from tokens < i).
 """
 
@@ -39,6 +46,13 @@ STYLES = ("plain", "instruct")
 INSTRUCTIONS = {
     "caption": ("Describe the image.", "What is shown?", "Caption this image."),
     "draw": ("Draw:", "Draw an image of", "Show me"),
+}
+
+# Audio's instructions (spoken-digits and other audio sources): kept apart from INSTRUCTIONS so a
+# pipeline without audio trains its text tokenizer on exactly the texts it did before audio existed.
+AUDIO_INSTRUCTIONS = {
+    "transcribe": ("Transcribe:", "What is said?", "Write down what you hear."),
+    "say": ("Say:", "Speak:", "Read aloud:"),
 }
 
 # What people write to ask for a caption beside the trained paraphrases (OpenAI's vision guide asks
@@ -69,14 +83,15 @@ def caption_ask(text: str) -> int | None:
     return 0 if words in CAPTION_ASKS else None
 
 
-def instruction_texts(captions: int = 1) -> list[str]:
+def instruction_texts(captions: int = 1, audio: bool = False) -> list[str]:
     """The instruction texts to add to a text tokenizer's corpus holding `captions` captions once
     each, in the proportion the rows use them: a caption is in len(TASKS) × len(STYLES) rows,
     a paraphrase of an instruction in one of every len(paraphrases) instruct rows of its task.
     (Weighted higher, the instructions take the merges the captions need: at 4× this weight a
     128-entry BPE over the digits' captions lost " 3", " 7", … as single tokens.)"""
     uses = len(TASKS) * len(STYLES)
-    return [t for texts in INSTRUCTIONS.values() for t in texts for _ in range(max(1, captions // (len(texts) * uses)))]
+    kinds = {**INSTRUCTIONS, **(AUDIO_INSTRUCTIONS if audio else {})}
+    return [t for texts in kinds.values() for t in texts for _ in range(max(1, captions // (len(texts) * uses)))]
 
 
 @dataclass(frozen=True)
@@ -93,7 +108,8 @@ class Prompts:
     def of(cls, vocab: SharedVocab, style: str, encode: Callable[[str], list[int]], plans: bool = False) -> Prompts:
         if style not in STYLES:
             raise ValueError(f"prompt style {style!r}: expected one of {', '.join(STYLES)}")
-        instructions = {k: tuple(tuple(encode(t)) for t in texts) for k, texts in INSTRUCTIONS.items()}
+        kinds = {**INSTRUCTIONS, **(AUDIO_INSTRUCTIONS if vocab.audio_size else {})}
+        instructions = {k: tuple(tuple(encode(t)) for t in texts) for k, texts in kinds.items()}
         return cls(vocab, style, instructions if style == "instruct" else {}, plans)
 
     def _instruction(self, kind: str, k: int) -> list[int]:
@@ -136,6 +152,34 @@ class Prompts:
             image = [*self.vocab.image_ids(np.asarray(codes)).tolist(), EOI]
             plan = [*self.vocab.text_ids(list(plan_local)), BOI] if self.plans else []
             prompt, target = self.draw(text_local, k), plan + image
+        return prompt + target, [0] * len(prompt) + [1] * len(target)
+
+    def _audio(self, codes) -> list[int]:
+        boa, eoa = self.vocab.markers("audio")
+        return [boa, *self.vocab.ids("audio", list(codes)), eoa]
+
+    def listen(self, codes, k: int = 0) -> list[int]:
+        """The prompt asking what a recording says (M2T audio): its codes inside <boa> … <eoa>."""
+        if self.style == "plain":
+            return [BOS, *self._audio(codes)]
+        return [BOS, USER, *self._instruction("transcribe", k), *self._audio(codes), ASSISTANT]
+
+    def say(self, text_local: list[int], k: int = 0) -> list[int]:
+        """The prompt asking for speech of the text (M2G audio), ending with <boa>: the model writes
+        the codes and <eoa> (a recording's length is the model's to choose)."""
+        t = self.vocab.text_ids(text_local)
+        boa = self.vocab.markers("audio")[0]
+        if self.style == "plain":
+            return [BOS, *t, boa]
+        return [BOS, USER, *self._instruction("say", k), *t, ASSISTANT, boa]
+
+    def audio_row(self, codes, text_local: list[int], task: str, k: int = 0) -> tuple[list[int], list[int]]:
+        """A training row over a recording: m2t (say what it says) or m2g (speak the text)."""
+        if task == "m2t":
+            prompt, target = self.listen(codes, k), [*self.vocab.text_ids(text_local), EOS]
+        else:
+            prompt = self.say(text_local, k)
+            target = [*self.vocab.ids("audio", list(codes)), self.vocab.markers("audio")[1]]
         return prompt + target, [0] * len(prompt) + [1] * len(target)
 
     def vqa_row(

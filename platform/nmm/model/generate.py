@@ -3,6 +3,7 @@ tokens of one range (text ids while captioning, image codes while drawing), opti
 classifier-free guidance against an unconditional prompt; and drawing, with the model's plan
 in words first when it was trained to write one.
 
+`speak` is the audio twin of drawing: codes until the model writes <eoa>.
 `draw` is the one prompt → codes → pixels path: evaluation, `nmm serve`, the MLflow pyfunc and
 (through `draw_images`, its codes half) the grpo/opd rollouts all draw with it."""
 
@@ -208,6 +209,33 @@ def draw(
     )
     codes = np.array([[t - vocab.image_offset for t in o] for o in outs], dtype=np.int64).reshape(len(prompts), -1)
     return Drawn(vq.decode(codes), codes, heads)
+
+
+def speak(
+    model,
+    prompts: list[list[int]],
+    vocab: SharedVocab,
+    *,
+    max_codes: int,
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> list[np.ndarray]:
+    """Prompt → audio codes (`Prompts.say`'s prompts, ending with <boa>): each step may emit an
+    audio code or <eoa>, and the model's <eoa> ends the recording (at most `max_codes` codes; a
+    recording the model did not end is cut there). Returns each prompt's local codes, for the
+    audio tokenizer's `decode`."""
+    eoa = vocab.markers("audio")[1]
+    outs = generate(
+        model,
+        prompts,
+        max_codes,
+        vocab.range("audio"),
+        stop=eoa,
+        extra_allowed=(eoa,),
+        temperature=temperature,
+        generator=generator,
+    )
+    return [np.asarray(vocab.local("audio", [t for t in o if t != eoa]), np.int64) for o in outs]
 
 
 SYNC_EVERY = 16  # without a streaming callback, the host looks at the device's `done` flags this often

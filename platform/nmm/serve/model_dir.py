@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from nmm import modalities
 from nmm.data.sequences import INSTRUCTIONS, Prompts, caption_ask
 from nmm.model import ModelConfig
 from nmm.model.generate import chat_prompt_limit, draw_prompt_limit
@@ -17,8 +18,8 @@ from nmm.tokenizers import ImageTokenizer, SharedVocab, TextTokenizer, load_imag
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-TEXT_TOKENIZER = "text_tokenizer.json"
-IMAGE_TOKENIZER = "image_tokenizer.safetensors"
+TEXT_TOKENIZER = modalities.modality("text").tokenizer_file
+IMAGE_TOKENIZER = modalities.modality("image").tokenizer_file
 FILES = (WEIGHTS, CONFIG, TEXT_TOKENIZER, IMAGE_TOKENIZER)
 
 

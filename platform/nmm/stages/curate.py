@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nmm import lineage, storage
+from nmm import lineage, modalities, storage
 from nmm.data import assemble, datacard, dedup, ledger, ray_transforms, readers, shapes, sources, stream, userdata
 from nmm.data.examine import Settings, examine_builtin
 from nmm.data.kinds import BUILT_IN as BUILT_IN_SOURCES
@@ -414,8 +414,8 @@ def _publish(
     mixture = _mixture(ctx, cur)
     card = datacard.markdown(ctx.spec.spec.data, listing, cur.counts, cur.leakage, mixture, key)
     files = {
-        "text_tokenizer.json": text.to_bytes(),
-        "image_tokenizer.safetensors": vq.to_bytes(),
+        modalities.modality("text").tokenizer_file: text.to_bytes(),
+        modalities.modality("image").tokenizer_file: vq.to_bytes(),
         ledger.FILE: ledger.to_bytes(cur.ledger),
         datacard.FILE: card.encode(),
     }
@@ -448,7 +448,7 @@ def _publish(
             ],
             "mixture": mixture,
             "cache_key": key,
-            "vocab": {"text_size": vocab.text_size, "image_size": vocab.image_size},
+            "vocab": vocab.manifest(),
             "tokens_per_image": vq.tokens_per_image,
             "draw_plans": ctx.spec.spec.data.draw_plans,
             "image_shape": list(vq.image_shape),

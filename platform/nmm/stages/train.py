@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nmm import __version__, exitcodes, lineage, storage
+from nmm import __version__, exitcodes, lineage, modalities, storage
 from nmm.data.dataset import Dataset
 from nmm.evaluate.grid import png_grid
 from nmm.gpu import inventory
@@ -213,8 +213,8 @@ def _publish(ctx: StageContext, run_, ds: Dataset, cfg: TrainConfig, model, summ
     files = model_files(
         model,
         config,
-        storage.read_file(ds.uri, ds.manifest, "text_tokenizer.json"),
-        storage.read_file(ds.uri, ds.manifest, "image_tokenizer.safetensors"),
+        storage.read_file(ds.uri, ds.manifest, modalities.modality("text").tokenizer_file),
+        storage.read_file(ds.uri, ds.manifest, modalities.modality("image").tokenizer_file),
     )
     with tempfile.TemporaryDirectory() as tmp:
         for name, data in files.items():
