@@ -203,3 +203,9 @@ def test_audio_rows_and_an_image_only_pipelines_texts_unchanged():
     assert mask == [0, 0, 0, 0, 1, 1, 1]  # the model writes the codes and <eoa>
     said = Prompts.of(v, "instruct", enc).say([1])
     assert said[:2] == [BOS, USER] and said[-2:] == [ASSISTANT, boa]
+
+
+def test_a_recording_shorter_than_a_frame_still_encodes(fitted):
+    vq = fitted[0]
+    codes = vq.encode(np.full(100, 0.1, np.float32))
+    assert len(codes) == vq.frames_for(100 / 8000) == 1 + 512 // 128

@@ -50,8 +50,9 @@ class LogMelVQ:
         }
 
     def frames_for(self, seconds: float) -> int:
-        """How many codes a recording of `seconds` becomes (librosa's centred frames)."""
-        return 1 + int(seconds * self.rate) // self.hop
+        """How many codes a recording of `seconds` becomes (librosa's centred frames; a recording
+        shorter than one frame is padded to one)."""
+        return 1 + max(int(seconds * self.rate), self.n_fft) // self.hop
 
     def log_mel(self, samples: np.ndarray) -> np.ndarray:
         """(frames, mels) log-mel energies of one recording."""
@@ -141,7 +142,8 @@ class LogMelVQ:
 def _log_mel(samples: np.ndarray, rate: int, n_fft: int, hop: int, mels: int) -> np.ndarray:
     import librosa
 
-    m = librosa.feature.melspectrogram(
-        y=np.asarray(samples, np.float32), sr=rate, n_fft=n_fft, hop_length=hop, n_mels=mels
-    )
+    x = np.asarray(samples, np.float32)
+    if len(x) < n_fft:  # shorter than one frame: padded with silence (librosa warns otherwise)
+        x = np.pad(x, (0, n_fft - len(x)))
+    m = librosa.feature.melspectrogram(y=x, sr=rate, n_fft=n_fft, hop_length=hop, n_mels=mels)
     return np.log(m + 1e-6).T.astype(np.float32)
