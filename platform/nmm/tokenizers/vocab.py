@@ -13,6 +13,7 @@ span markers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<boi>", "<eoi>", "<user>", "<assistant>")
 PAD, BOS, EOS, BOI, EOI, USER, ASSISTANT = range(len(SPECIALS))  # <user>/<assistant>: instruction turns
@@ -31,8 +32,10 @@ class SharedVocab:
         sizes = {"text": self.text_size, "audio": self.audio_size, "image": self.image_size}
         return {m: sizes[m] for m in ORDER if sizes[m] or m == "text"}
 
+    @cached_property
     def _blocks(self) -> dict[str, tuple[int, int, int]]:
-        """name -> (block start: its markers, codes start, codes end)."""
+        """name -> (block start: its markers, codes start, codes end); computed once per vocabulary
+        (text_ids and image_ids run for every row curate builds)."""
         at, out = len(SPECIALS), {}
         for m, n in self.sizes().items():
             own = len(OWN_MARKERS.get(m, ()))
@@ -42,7 +45,7 @@ class SharedVocab:
 
     def ranges(self) -> dict[str, tuple[int, int]]:
         """Each present modality's codes as [lo, hi) of the shared ids, in vocabulary order."""
-        return {m: (lo, hi) for m, (_, lo, hi) in self._blocks().items()}
+        return {m: (lo, hi) for m, (_, lo, hi) in self._blocks.items()}
 
     def range(self, modality: str) -> tuple[int, int]:
         ranges = self.ranges()
@@ -56,7 +59,7 @@ class SharedVocab:
             return BOI, EOI
         if modality not in OWN_MARKERS:
             raise KeyError(f"modality {modality!r} has no span markers")
-        start = self._blocks()[modality][0]
+        start = self._blocks[modality][0]
         return start, start + 1
 
     def ids(self, modality: str, codes):
@@ -79,7 +82,7 @@ class SharedVocab:
 
     @property
     def size(self) -> int:
-        return max(hi for _, _, hi in self._blocks().values())
+        return max(hi for _, _, hi in self._blocks.values())
 
     def text_ids(self, local: list[int]) -> list[int]:
         return [self.text_offset + i for i in local]
