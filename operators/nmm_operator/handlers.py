@@ -117,9 +117,14 @@ def _observed(wf: dict) -> dict:
     initial_delay=SETTINGS.operator.recheck_seconds,
     id="nmm-recheck-child",
 )
-def recheck(body, meta, memo: kopf.Memo, patch: kopf.Patch, **_) -> None:
+def recheck(body, memo: kopf.Memo, patch: kopf.Patch, **_) -> None:
     """Level-triggered: the child still exists and is ours (else recreate or report, R9), and
     status is true."""
+    try:
+        body = kube.one_version(body)  # a live view otherwise: spec and status could be two versions'
+    except kube.Changing as exc:
+        raise kopf.TemporaryError(str(exc), delay=5) from None
+    meta = body["metadata"]
     name = (body.get("status") or {}).get("workflow")
     if not name or (body.get("status") or {}).get("conditions", [{}])[-1].get("reason") in (
         "InvalidSpec",

@@ -3,6 +3,9 @@ sync handlers in its thread pool). Connection: nmm.kubeclient (one bootstrap for
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
+
 from kubernetes.client.exceptions import ApiException
 
 from nmm import kubeclient
@@ -34,6 +37,24 @@ def create_workflow(wf: dict, owner_uid: str) -> bool:
     if not builders.owned_by(existing, owner_uid):
         raise NotOwned(f"workflow {ns}/{name} exists and is not owned by this pipeline (uid {owner_uid})")
     return False
+
+
+class Changing(RuntimeError):
+    """The object changed during every copy a timer took of it."""
+
+
+def one_version(body: Mapping, tries: int = 50) -> dict:
+    """A copy of a timer's `body` that is one version of the object. kopf gives timers a live
+    view that its event loop replaces whenever a watch event arrives, while the handler runs in
+    kopf's thread pool: reading `spec`, then (after a registry call) `metadata`, could pair the
+    spec before `nmm promote` with the annotation it wrote. Copied until the resourceVersion read
+    before and after the copy agree (each version has its own)."""
+    for _ in range(tries):
+        before = body["metadata"].get("resourceVersion")
+        snap = copy.deepcopy(dict(body))
+        if before == snap["metadata"].get("resourceVersion") == body["metadata"].get("resourceVersion"):
+            return snap
+    raise Changing(f"{body['metadata'].get('name')}: the object changed during each of {tries} copies")
 
 
 def _get(group: str, version: str, plural: str, namespace: str, name: str) -> dict | None:

@@ -20,7 +20,7 @@ from nmm.compile import serving as build
 from nmm.gpu.pools import PlacementError
 from nmm.rollout import analysis, judge, probe
 from nmm.spec.serving import ANNOTATION_PROMOTE, ServiceSpec
-from nmm_operator import rollout_state, service_tick, serving_kube
+from nmm_operator import kube, rollout_state, service_tick, serving_kube
 from nmm_operator import settings as operator_settings
 
 SETTINGS = operator_settings.load()
@@ -207,8 +207,13 @@ class KubeWorld:
     interval=SETTINGS.serving.tick_seconds,
     id="nmm-service-rollout",
 )
-def rollout(body, meta, spec, status, patch: kopf.Patch, **_) -> None:
+def rollout(body, patch: kopf.Patch, **_) -> None:
     now = time.time()
+    try:
+        body = kube.one_version(body)  # spec, annotations and status of one version, not a live view
+    except kube.Changing as exc:
+        raise kopf.TemporaryError(str(exc), delay=SETTINGS.serving.tick_seconds) from None
+    meta, spec, status = body["metadata"], body.get("spec") or {}, body.get("status")
     try:
         svc = ServiceSpec.model_validate(dict(spec))
     except ValidationError as exc:

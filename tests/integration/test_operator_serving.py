@@ -436,7 +436,7 @@ def test_nmm_promote_and_rollback_move_champion_and_what_is_served_without_a_can
         wait_for(lambda: at_rest(world, ns, 1), what="serving version 1")
         r = run_nmm(world, "promote", "digits", "2", "-n", ns)
         assert r.returncode == 0, r.stderr
-        st = wait_for(lambda: at_rest(world, ns, 2), what="version 2 by hand")
+        st = wait_for(lambda: at_rest(world, ns, 2), what=lambda: f"version 2 by hand; the service: {get(world, ns)}")
         assert st["phase"] == "Healthy" and st.get("canaryVersion") is None and st["previousStableVersion"] == 1
         assert next(c for c in st["conditions"] if c["type"] == "Ready")["reason"] == "PromotedByHand"
         wait_for(
