@@ -54,7 +54,8 @@ def publish_model(folder: Path) -> None:
         "source": "digits",
         "prompts": "plain",
     }
-    storage.publish(folder.as_uri(), model_files(model, config, text.to_bytes(), vq.to_bytes()), {"kind": "nmm.model"})
+    files = model_files(model, config, {"text": text.to_bytes(), "image": vq.to_bytes()})
+    storage.publish(folder.as_uri(), files, {"kind": "nmm.model"})
 
 
 def image_url() -> str:

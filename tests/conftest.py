@@ -69,6 +69,14 @@ def clean_env(monkeypatch, tmp_path):
 
 
 @pytest.fixture(scope="session")
+def hearing(tmp_path_factory):
+    """The small model that hears and speaks spoken digits (tests.audio_fixture), trained once."""
+    from tests.audio_fixture import train_small_audio_model
+
+    return train_small_audio_model(tmp_path_factory.mktemp("hearing").as_uri())
+
+
+@pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server on loopback, reached with the minio client as production reaches MinIO."""
     port = free_port()

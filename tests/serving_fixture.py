@@ -16,12 +16,14 @@ import io
 import json
 import os
 import subprocess
+import threading
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from tests.conftest import NMM
+from nmm.ports import free_port
+from tests.conftest import NMM, wait_for
 
 SPEC = """\
 apiVersion: nmm.dev/v1alpha1
@@ -122,16 +124,15 @@ def early_model(folder: str, out: str) -> int:
     """Publish the earliest interval checkpoint of the model at `folder` as a model folder at
     `out` (same tokenizers, its own prompt style); returns its step."""
     from nmm import storage
-    from nmm.serve.model_dir import CONFIG, IMAGE_TOKENIZER, TEXT_TOKENIZER, WEIGHTS
+    from nmm.serve.model_dir import CONFIG, WEIGHTS, read_files
 
     manifest = storage.read_manifest(folder, verify=True)
     snap = min(manifest["snapshots"], key=lambda s: s["step"])
-    config = json.loads(storage.read_file(folder, manifest, CONFIG)) | {"prompts": snap["prompts"]}
-    files = {
+    files = read_files(lambda name: storage.read_file(folder, manifest, name))
+    config = json.loads(files[CONFIG]) | {"prompts": snap["prompts"]}
+    files |= {
         WEIGHTS: storage.read_file(folder, manifest, snap["file"]),
         CONFIG: json.dumps(config, indent=2, sort_keys=True).encode(),
-        TEXT_TOKENIZER: storage.read_file(folder, manifest, TEXT_TOKENIZER),
-        IMAGE_TOKENIZER: storage.read_file(folder, manifest, IMAGE_TOKENIZER),
     }
     storage.publish(out, files, {"kind": "nmm.model", "steps": snap["step"]})
     return snap["step"]
@@ -158,7 +159,7 @@ def small_model_files(max_seq_len: int = 96, **config) -> dict[str, bytes]:
         "source": "digits",
         "prompts": "plain",
     }
-    return model_files(torch_model, base | config, text.to_bytes(), vq.to_bytes())
+    return model_files(torch_model, base | config, {"text": text.to_bytes(), "image": vq.to_bytes()})
 
 
 def publish_small_model(folder: str, max_seq_len: int = 96) -> None:
@@ -172,3 +173,32 @@ def png_url(side: int = 8) -> str:
     buf = io.BytesIO()
     Image.fromarray(pixels, "L").save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+class InProcess:
+    """`create_app` under uvicorn in a thread of this process, so a test can break its model."""
+
+    def __init__(self, model_dir, **app_options):
+        import uvicorn
+
+        from nmm.serve import http as serve_http
+        from nmm.serve.model_dir import load_from_dir
+        from nmm.serve.server import create_app
+
+        self.port = free_port()
+        app = create_app(load_from_dir(model_dir), "nmm", max_wait_ms=20, **app_options)
+        self.server = uvicorn.Server(serve_http.config(app, "127.0.0.1", self.port))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self):
+        self.thread.start()
+        wait_for(lambda: self.server.started, 30, "uvicorn started")
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(30)

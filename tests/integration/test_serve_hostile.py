@@ -32,7 +32,7 @@ from PIL import Image
 
 from nmm.ports import free_port
 from tests.conftest import NMM, wait_for, wait_http
-from tests.serving_fixture import png_url, publish_small_model
+from tests.serving_fixture import InProcess, png_url, publish_small_model
 
 pytestmark = pytest.mark.integration
 
@@ -76,35 +76,6 @@ def model_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("model")
     publish_small_model(folder.as_uri())
     return folder
-
-
-class InProcess:
-    """`create_app` under uvicorn in a thread of this process, so a test can break its model."""
-
-    def __init__(self, model_dir, **app_options):
-        import uvicorn
-
-        from nmm.serve import http as serve_http
-        from nmm.serve.model_dir import load_from_dir
-        from nmm.serve.server import create_app
-
-        self.port = free_port()
-        app = create_app(load_from_dir(model_dir), "nmm", max_wait_ms=20, **app_options)
-        self.server = uvicorn.Server(serve_http.config(app, "127.0.0.1", self.port))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self):
-        self.thread.start()
-        wait_for(lambda: self.server.started, 30, "uvicorn started")
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 def test_a_500_is_counted_as_a_500_with_openai_s_error_body(model_dir, monkeypatch):

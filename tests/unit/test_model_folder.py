@@ -21,7 +21,7 @@ def test_published_model_folder_serves_through_the_pyfunc_loader(tmp_path, kind)
     cfg = ModelConfig(vocab_size=vocab.size, dim=32, layers=1, heads=2, max_seq_len=40, image_factors=vq.factors)
     config = {"model": json.loads(cfg.to_json()), "vocab": {"text_size": text.size, "image_size": vq.size}}
     model = cfg.build()
-    for name, data in model_files(model, config, text.to_bytes(), vq.to_bytes()).items():
+    for name, data in model_files(model, config, {"text": text.to_bytes(), "image": vq.to_bytes()}).items():
         (tmp_path / name).write_bytes(data)
     predictor = _load_pyfunc(str(tmp_path))
     drawn, captioned = predictor.predict([{"prompt": "a handwritten digit 3"}, {"image_codes": [0] * 16}])

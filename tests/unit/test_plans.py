@@ -232,7 +232,7 @@ def test_a_served_planning_model_writes_its_plan_before_each_image_it_serves(mon
         "prompts": "plain",
         "plans": True,
     }
-    loaded = load_from_files(model_files(net, config, text.to_bytes(), vq.to_bytes()))
+    loaded = load_from_files(model_files(net, config, {"text": text.to_bytes(), "image": vq.to_bytes()}))
     assert loaded.prompts.plans and loaded.prompts.draw(text.encode("a photo of a circle"))[-1] != BOI
     import nmm.model.generate as gen
 

@@ -56,7 +56,7 @@ def test_a_question_to_a_model_that_answers_is_laid_out_as_vqa():
 def test_folders_published_before_serves_was_recorded_answer_as_they_were_trained():
     digits, _ = small(source="digits")
     shapes, _ = small(source="shapes")
-    assert digits.serves == {"caption": True, "answer": False, "draw": True}
+    assert digits.serves == {"caption": True, "answer": False, "draw": True, "transcribe": False, "speak": False}
     assert shapes.serves["answer"]
 
 

@@ -119,12 +119,13 @@ def check(samples: np.ndarray, limits: AudioLimits) -> None:
         )
 
 
-def to_wav(samples: np.ndarray, rate: int) -> bytes:
-    """16-bit PCM WAV bytes (what `/v1/audio/speech` answers and MLflow stores)."""
+def to_wav(samples: np.ndarray, rate: int, fmt: str = "WAV") -> bytes:
+    """16-bit PCM WAV bytes (what `/v1/audio/speech` answers and MLflow stores); `fmt="FLAC"`:
+    the same samples, losslessly compressed."""
     import soundfile as sf
 
     buf = io.BytesIO()
-    sf.write(buf, np.clip(samples, -1.0, 1.0), rate, format="WAV", subtype="PCM_16")
+    sf.write(buf, np.clip(samples, -1.0, 1.0), rate, format=fmt, subtype="PCM_16")
     return buf.getvalue()
 
 

@@ -14,13 +14,29 @@ from nmm import modalities
 from nmm.data.sequences import INSTRUCTIONS, Prompts, caption_ask
 from nmm.model import ModelConfig
 from nmm.model.generate import chat_prompt_limit, draw_prompt_limit
-from nmm.tokenizers import ImageTokenizer, SharedVocab, TextTokenizer, load_image_tokenizer
+from nmm.plugins import resolve
+from nmm.tokenizers import ImageTokenizer, SharedVocab, TextTokenizer
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TEXT_TOKENIZER = modalities.modality("text").tokenizer_file
 IMAGE_TOKENIZER = modalities.modality("image").tokenizer_file
-FILES = (WEIGHTS, CONFIG, TEXT_TOKENIZER, IMAGE_TOKENIZER)
+TASKS = ("caption", "answer", "draw", "transcribe", "speak")  # what config.json's "serves" may say
+MAX_SPEECH_CODES = 256  # a spoken answer's codes at most (the model's context bounds it further)
+
+
+def tokenizer_files(vocab: SharedVocab) -> dict[str, str]:
+    """Each modality of the vocabulary → its tokenizer's file (nmm.modalities): what a model
+    folder holds beside its weights and config."""
+    return {m: modalities.modality(m).tokenizer_file for m in vocab.sizes()}
+
+
+def read_files(read) -> dict[str, bytes]:
+    """A model folder's files through `read(name) -> bytes`: the config, then the weights and the
+    tokenizers of the modalities its vocabulary has."""
+    config = read(CONFIG)
+    names = [WEIGHTS, *tokenizer_files(SharedVocab(**json.loads(config)["vocab"])).values()]
+    return {CONFIG: config} | {name: read(name) for name in names}
 
 
 @dataclass
@@ -28,14 +44,53 @@ class LoadedModel:
     model: torch.nn.Module
     vocab: SharedVocab
     text: TextTokenizer
-    vq: ImageTokenizer
+    tokenizers: dict  # modality → its fitted tokenizer (text's too)
     config: dict
     prompts: Prompts  # the prompt style the model was trained to answer (config "prompts"; "plans": plan first)
 
     @property
+    def vq(self) -> ImageTokenizer | None:
+        """The image tokenizer; None for a model without images."""
+        return self.tokenizers.get("image")
+
+    @property
+    def audio(self):
+        """The audio tokenizer (nmm.tokenizers.audio.LogMelVQ); None for a model without audio."""
+        return self.tokenizers.get("audio")
+
+    @property
     def serves(self) -> dict[str, bool]:
-        """What the model was trained to do: caption an image, answer a question about one, draw."""
+        """What the model was trained to do: caption an image, answer a question about one, draw,
+        transcribe speech, speak."""
         return served_tasks(self.config)
+
+    def listen_prompt(self, codes) -> list[int]:
+        """The prompt asking what a recording (its audio codes) says, or Refused."""
+        if not self.serves["transcribe"]:
+            raise Refused("file", "this model does not transcribe speech")
+        prompt = self.prompts.listen(codes)
+        limit = chat_prompt_limit(self.model.cfg.max_seq_len)
+        if len(prompt) > limit:
+            raise Refused(
+                "file",
+                f"the recording is {len(codes)} audio codes; this model reads prompts of at most {limit} tokens "
+                f"(its context is {self.model.cfg.max_seq_len})",
+            )
+        return prompt
+
+    def say_prompt(self, text: str) -> tuple[list[int], int]:
+        """(the prompt asking for speech of `text`, the most codes its answer may have), or Refused."""
+        if not self.serves["speak"]:
+            raise Refused("model", "this model does not speak")
+        prompt = self.prompts.say(self.text.encode(text))
+        room = min(MAX_SPEECH_CODES, self.model.cfg.max_seq_len - len(prompt) - 1)
+        if room < 1:
+            raise Refused(
+                "input",
+                f"the prompt is {len(prompt)} tokens; this model's context ({self.model.cfg.max_seq_len}) "
+                "leaves no room for speech after it",
+            )
+        return prompt, room
 
     def read_prompt(self, codes, text: str | None) -> list[int]:
         """The prompt for an image and the user's text, laid out as the model was trained: no text
@@ -86,24 +141,29 @@ class Refused(ValueError):
 
 
 def served_tasks(config: dict) -> dict[str, bool]:
-    """config.json's "serves"; a folder published before nmm wrote it was trained on every task
-    of its data: captions, answers unless it is digits, drawings unless it reads pixels."""
+    """config.json's "serves" (a task it does not name is not served); a folder published before
+    nmm wrote it was trained on every task of its data: captions, answers unless it is digits,
+    drawings unless it reads pixels."""
     if "serves" in config:
-        return {k: bool(config["serves"].get(k)) for k in ("caption", "answer", "draw")}
+        return {k: bool(config["serves"].get(k)) for k in TASKS}
     reads_pixels = config["model"].get("fusion", "early") != "early"
-    return {"caption": True, "answer": config.get("source") != "digits", "draw": not reads_pixels}
+    old = {"caption": True, "answer": config.get("source") != "digits", "draw": not reads_pixels}
+    return {k: old.get(k, False) for k in TASKS}
 
 
-def model_files(model: torch.nn.Module, config: dict, text_bytes: bytes, vq_bytes: bytes) -> dict[str, bytes]:
+def model_files(model: torch.nn.Module, config: dict, tokenizers: dict[str, bytes]) -> dict[str, bytes]:
+    """A model folder's files: the weights, config.json and each modality's tokenizer (`tokenizers`:
+    modality → its bytes; exactly the modalities of the config's vocabulary)."""
     from safetensors.torch import save
 
+    files = tokenizer_files(SharedVocab(**config["vocab"]))
+    if set(tokenizers) != set(files):
+        raise ValueError(f"a model of {sorted(files)} needs those tokenizers, got {sorted(tokenizers)}")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     return {
         WEIGHTS: save(state),
         CONFIG: json.dumps(config, indent=2, sort_keys=True).encode(),
-        TEXT_TOKENIZER: text_bytes,
-        IMAGE_TOKENIZER: vq_bytes,
-    }
+    } | {files[m]: data for m, data in tokenizers.items()}
 
 
 def load_from_files(files: dict[str, bytes], device: str | torch.device = "cpu") -> LoadedModel:
@@ -115,14 +175,17 @@ def load_from_files(files: dict[str, bytes], device: str | torch.device = "cpu")
     model.load_state_dict(load(files[WEIGHTS]))
     model.to(device).eval()
     vocab = SharedVocab(**config["vocab"])
-    text = TextTokenizer.from_bytes(files[TEXT_TOKENIZER])
+    tokenizers = {
+        m: resolve(modalities.modality(m).tokenizer)(files[name]) for m, name in tokenizer_files(vocab).items()
+    }
+    text = tokenizers["text"]
     prompts = Prompts.of(vocab, config.get("prompts", "plain"), text.encode, plans=bool(config.get("plans", False)))
-    return LoadedModel(model, vocab, text, load_image_tokenizer(files[IMAGE_TOKENIZER]), config, prompts)
+    return LoadedModel(model, vocab, text, tokenizers, config, prompts)
 
 
 def load_from_dir(path: str | Path) -> LoadedModel:
     path = Path(path)
-    return load_from_files({name: (path / name).read_bytes() for name in FILES})
+    return load_from_files(read_files(lambda name: (path / name).read_bytes()))
 
 
 class ServeError(RuntimeError):
@@ -166,7 +229,7 @@ def load_published(
     if digest is not None and manifest["digest"] != digest:
         raise ServeError(f"{folder}: holds {manifest['digest']}, but {source} was registered as {digest}")
     try:
-        files = {n: storage.read_file(folder, manifest, n) for n in FILES}
+        files = read_files(lambda n: storage.read_file(folder, manifest, n))
     except storage.IntegrityError as exc:
         raise ServeError(f"refusing to serve: {exc}") from None
     return load_from_files(files), name

@@ -1,15 +1,20 @@
 """OpenAI-compatible requests, checked: what `nmm serve` accepts and the 4xx it answers otherwise.
 
-`POST /v1/chat/completions`: the last user message's parts (`text`, and exactly one `image_url`
-holding `data:image/<png|jpeg|webp|gif>;base64,…`; http(s) URLs are refused: the server fetches
-nothing). System and developer messages are accepted and not read; earlier turns are refused (the
-model answers one turn). `POST /v1/images/generations`: a prompt drawn `n` times, returned as
-base64 PNGs. Every fault is an `APIError` with OpenAI's error body.
+`POST /v1/chat/completions`: the last user message's parts (`text`, and exactly one medium: an
+`image_url` holding `data:image/<png|jpeg|webp|gif>;base64,…` — http(s) URLs are refused: the
+server fetches nothing — or an `input_audio` holding base64 WAV, FLAC, OGG or MP3). System and
+developer messages are accepted and not read; earlier turns are refused (the model answers one
+turn). `POST /v1/images/generations`: a prompt drawn `n` times, returned as base64 PNGs.
+`POST /v1/audio/transcriptions`: a recording uploaded as multipart form data (`file`, `model`),
+answered with its text. `POST /v1/audio/speech`: text (`input`) → a WAV or FLAC recording. Every
+fault is an `APIError` with OpenAI's error body.
 
 Everything a request may cost is bounded before it is spent: the body (on `Content-Length`, and
 while reading a chunked one), the number of messages and parts (checked before any part is
 validated), every text, the image's bytes, its format (the one the data URL declares, nothing
-else is decoded) and its pixels (from the header, before decoding).
+else is decoded) and its pixels (from the header, before decoding), a recording's bytes and the
+duration its header claims (nmm.data.audio.decode: before any sample is read), a form's fields
+and files (counted as they are parsed).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError
 
-from nmm.data import userdata
+from nmm.data import audio, userdata
 from nmm.model.generate import sampled
 
 MAX_BODY_BYTES = 8 << 20  # a chat body: a 4 MiB image as base64 (5.4 MiB) and the rest
@@ -38,6 +43,11 @@ CHAT_MAX_TOKENS = 32  # an answer's tokens when the request does not say (the py
 DRAW_TEMPERATURE, DRAW_GUIDANCE = 0.7, 1.0  # a drawing's sampling when the request does not say
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP", "gif": "GIF"}  # data URL type → Pillow's
 DATA_URL = re.compile(r"^data:image/([a-z]+);base64,(.*)$", re.S)
+MAX_AUDIO_BYTES = 4 << 20  # an uploaded recording (a transcription's body may hold it and a few fields)
+MAX_AUDIO_SECONDS = 10.0  # refused from the header beyond this: nmm's models hear short utterances
+MAX_FORM_FIELDS = 16
+SPEECH_FORMATS = {"wav": "WAV", "flac": "FLAC"}  # response_format → soundfile's format
+SPEECH_BODY_BYTES = 64 << 10
 
 
 class APIError(Exception):
@@ -72,10 +82,16 @@ class ImageURL(_Open):
     url: Annotated[str, _at_most(MAX_BODY_BYTES)]
 
 
+class InputAudio(_Open):
+    data: Annotated[str, _at_most(MAX_BODY_BYTES)]
+    format: Literal["wav", "mp3", "flac", "ogg"] = "wav"
+
+
 class Part(_Open):
-    type: Literal["text", "image_url"]
+    type: Literal["text", "image_url", "input_audio"]
     text: Annotated[str | None, _at_most(MAX_TEXT_CHARS)] = None
     image_url: ImageURL | None = None
+    input_audio: InputAudio | None = None
 
 
 class Message(_Open):
@@ -109,15 +125,33 @@ class ImageBody(_Open):
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
 
 
+class SpeechBody(_Open):
+    model: Annotated[str, Field(max_length=256)]
+    input: Annotated[str, _at_most(MAX_TEXT_CHARS), Field(min_length=1)]
+    voice: Annotated[str, Field(max_length=64)] | dict  # nmm's models have one voice: any is accepted
+    response_format: Literal["wav", "flac"] = "wav"
+    speed: float = Field(default=1.0, ge=1.0, le=1.0)  # spoken as the model speaks
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+
+
 @dataclass(frozen=True)
 class Chat:
-    image: bytes  # the image's bytes, not yet decoded
+    image: bytes | None  # the image's bytes, not yet decoded (None: the medium is a recording)
     image_format: str  # Pillow's name of the format the data URL declares
     question: str | None  # the user's text, None without
     max_tokens: int
     temperature: float  # 0 (greedy) below the sampling floor
     seed: int | None
     stream: bool
+    audio: bytes | None = None  # an input_audio part's recording, not yet decoded
+
+
+@dataclass(frozen=True)
+class Transcription:
+    audio: bytes
+    response_format: str
+    temperature: float
 
 
 def _json(raw: bytes) -> Any:
@@ -187,15 +221,103 @@ def parse_chat(raw: bytes, served: str) -> Chat:
     if isinstance(parts, str):
         parts = [Part(type="text", text=parts)]
     images = [p.image_url.url for p in parts or [] if p.type == "image_url" and p.image_url is not None]
+    recordings = [p.input_audio.data for p in parts or [] if p.type == "input_audio" and p.input_audio is not None]
     texts = [p.text for p in parts or [] if p.type == "text" and p.text]
-    if len(images) != 1:
+    if len(images) + len(recordings) != 1:
         raise APIError(
-            400, f"messages: the last user message needs exactly one image_url part, got {len(images)}", "messages"
+            400,
+            "messages: the last user message needs exactly one image_url or input_audio part, "
+            f"got {len(images)} images and {len(recordings)} recordings",
+            "messages",
         )
-    image, fmt = image_url_bytes(images[0])
     question = " ".join(texts).strip() or None
     max_tokens = req.max_completion_tokens or req.max_tokens or CHAT_MAX_TOKENS
-    return Chat(image, fmt, question, max_tokens, greedy_below_floor(req.temperature), req.seed, req.stream)
+    temperature = greedy_below_floor(req.temperature)
+    if recordings:
+        if question is not None:
+            raise APIError(
+                400, "messages: a recording is transcribed; send the input_audio part without text", "messages"
+            )
+        recording = _base64(recordings[0], "input_audio", MAX_AUDIO_BYTES)
+        return Chat(None, "", None, max_tokens, temperature, req.seed, req.stream, audio=recording)
+    image, fmt = image_url_bytes(images[0])
+    return Chat(image, fmt, question, max_tokens, temperature, req.seed, req.stream)
+
+
+def _base64(data: str, param: str, limit: int) -> bytes:
+    if len(data) > limit * 4 // 3 + 4:
+        raise APIError(413, f"{param}: the data is over {limit} bytes", param)
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise APIError(400, f"{param}: the data is not valid base64", param) from None
+
+
+async def parse_transcription(raw: bytes, content_type: str | None, served: str) -> Transcription:
+    """A transcription request's form (what `client.audio.transcriptions.create` sends): `file`
+    (the recording), `model`, and optionally `response_format` (json or text), `temperature`,
+    `language` and `prompt` (accepted, not read). Parsed from the already bounded body; the form's
+    fields and files are counted as they are read."""
+    from starlette.datastructures import Headers, UploadFile
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    if not (content_type or "").lower().startswith("multipart/form-data"):
+        raise APIError(400, "expected multipart/form-data with the recording as `file`", "file")
+
+    async def body():
+        yield raw
+        yield b""
+
+    try:
+        form = await MultiPartParser(
+            Headers({"content-type": content_type}),
+            body(),
+            max_files=1,
+            max_fields=MAX_FORM_FIELDS,
+            max_part_size=MAX_TEXT_CHARS,
+        ).parse()
+    except (MultiPartException, ValueError) as exc:
+        raise APIError(400, f"the form is not valid multipart data: {str(exc)[:200]}") from None
+    try:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise APIError(400, "file: the form needs the recording as a file field named `file`", "file")
+        data = await upload.read()
+        fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+    finally:
+        await form.close()
+    if fields.get("model") != served:
+        model = fields.get("model")
+        raise APIError(404, f"model {model!r} is not served here (this server serves {served!r})", "model")
+    fmt = fields.get("response_format", "json")
+    if fmt not in ("json", "text"):
+        raise APIError(400, f"response_format: {fmt[:20]!r} is not one of json, text", "response_format")
+    try:
+        temperature = float(fields.get("temperature", 0.0))
+    except ValueError:
+        raise APIError(400, "temperature: expected a number", "temperature") from None
+    if not 0.0 <= temperature <= 2.0:
+        raise APIError(400, "temperature: expected 0 to 2", "temperature")
+    return Transcription(data, fmt, greedy_below_floor(temperature))
+
+
+def parse_speech(raw: bytes, served: str) -> SpeechBody:
+    req = _validated(SpeechBody, _json(raw))
+    if req.model != served:
+        raise APIError(404, f"model {req.model!r} is not served here", "model", "not_found_error")
+    return req.model_copy(update={"temperature": greedy_below_floor(req.temperature)})
+
+
+def decode_audio(data: bytes, rate: int, param: str = "file") -> np.ndarray:
+    """The recording as mono samples at the model's `rate`, or a 400 naming why it is not usable
+    (nmm.data.audio's reasons: decode_error, too_long, too_short, silence, clipping)."""
+    limits = audio.AudioLimits(
+        rate=rate, max_seconds=MAX_AUDIO_SECONDS, max_bytes=MAX_AUDIO_BYTES, silence_rms=0.0, clipping_share=1.0
+    )
+    try:
+        return audio.decode(data, limits).samples
+    except audio.AudioRejected as exc:
+        raise APIError(400, f"{param}: not usable audio ({exc})", param) from None
 
 
 def parse_images(raw: bytes, served: str) -> ImageBody:

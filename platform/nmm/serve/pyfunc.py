@@ -2,7 +2,9 @@
 
 `mlflow.pyfunc.load_model(uri).predict(frame)` with rows of `{"prompt": "a handwritten digit 3"}`
 (draw; returns the image's pixels), `{"image": "data:image/png;base64,…"}` (caption it, or answer
-`"question"` when given; returns text) or `{"image_codes": "3 17 5 …"}` (early fusion's codes).
+`"question"` when given; returns text), `{"image_codes": "3 17 5 …"}` (early fusion's codes),
+`{"audio": "<base64 WAV, FLAC, OGG or MP3>"}` (transcribe it; returns text) or
+`{"speech": "seven"}` (say it, greedily; returns `{"audio": <base64 WAV>}`).
 Rows of different kinds may share one frame (pandas fills the other kinds' columns with NaN: a
 missing cell is missing). A row the model cannot serve gets `{"error": …}` in its place, the other
 rows their answers. `params`: `max_tokens`, `temperature`, `guidance`, `seed` (the server's
@@ -16,12 +18,15 @@ and tasks (`LoadedModel.read_prompt` / `draw_prompt`), the one drawing path
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 
 import numpy as np
 import torch
 
-from nmm.model.generate import draw, generate
+from nmm.data.audio import to_wav
+from nmm.model.generate import draw, generate, speak
 from nmm.serve import openai_api
 from nmm.serve.model_dir import LoadedModel, Refused, load_from_dir
 from nmm.tokenizers.vocab import EOS
@@ -35,7 +40,14 @@ DEFAULTS = {
 # The MLflow signature (nmm.lineage makes MLflow's objects of it): every column optional, strings
 # only — an array column's NaN (another kind's row) fails MLflow's own schema check.
 SIGNATURE = {
-    "inputs": {"prompt": "string", "question": "string", "image": "string", "image_codes": "string"},
+    "inputs": {
+        "prompt": "string",
+        "question": "string",
+        "image": "string",
+        "image_codes": "string",
+        "audio": "string",
+        "speech": "string",
+    },
     "params": {
         "max_tokens": ("long", DEFAULTS["max_tokens"]),
         "temperature": ("double", DEFAULTS["temperature"]),
@@ -64,13 +76,22 @@ class Predictor:
         out = []
         for row in rows:
             try:
-                out.append(self._draw(row["prompt"], p) if present(row.get("prompt")) else self._read(row, p))
+                if present(row.get("prompt")):
+                    out.append(self._draw(row["prompt"], p))
+                elif present(row.get("speech")):
+                    out.append(self._say(str(row["speech"])))
+                elif present(row.get("audio")):
+                    out.append(self._listen(row["audio"], p))
+                else:
+                    out.append(self._read(row, p))
             except Refused as exc:
                 out.append({"error": str(exc)})
         return out
 
     def _draw(self, prompt: str, p: dict) -> dict:
         m = self.m
+        if m.vq is None:
+            raise Refused("prompt", "this model has no images (its vocabulary holds none)")
         g = torch.Generator().manual_seed(int(p["seed"]))
         drawn = draw(
             m.model,
@@ -86,6 +107,8 @@ class Predictor:
 
     def _read(self, row: dict, p: dict) -> dict:
         m, v = self.m, self.m.vocab
+        if m.vq is None:
+            raise Refused("image", "this model has no images (its vocabulary holds none)")
         patches = None
         if present(row.get("image")):
             pixels = self._pixels(row["image"])[None]
@@ -106,6 +129,38 @@ class Predictor:
             patches=patches,
         )[0]
         return {"text": m.text.decode(v.text_local(ids)).strip()}
+
+    def _audio(self):
+        if self.m.audio is None:
+            raise Refused("audio", "this model has no speech (its vocabulary holds none)")
+        return self.m.audio
+
+    def _listen(self, recording, p: dict) -> dict:
+        """A recording (base64, or a data: URL of one) → the model's transcription."""
+        tok, m = self._audio(), self.m
+        text = str(recording)
+        try:
+            data = base64.b64decode(text.split(",", 1)[1] if text.startswith("data:") else text, validate=True)
+            samples = openai_api.decode_audio(data, tok.rate, "audio")
+        except (binascii.Error, ValueError):
+            raise Refused("audio", "expected a recording as base64 (or a data: URL)") from None
+        except openai_api.APIError as exc:
+            raise Refused("audio", exc.message) from None
+        ids = generate(
+            m.model,
+            [m.listen_prompt(tok.encode(samples))],
+            int(p["max_tokens"]),
+            m.vocab.text_range(),
+            stop=EOS,
+            extra_allowed=(EOS,),
+        )[0]
+        return {"text": m.text.decode(m.vocab.text_local(t for t in ids if t != EOS)).strip()}
+
+    def _say(self, text: str) -> dict:
+        tok, m = self._audio(), self.m
+        prompt, room = m.say_prompt(text)
+        codes = speak(m.model, [prompt], m.vocab, max_codes=room)[0]
+        return {"audio": base64.b64encode(to_wav(tok.decode(codes), tok.rate)).decode()}
 
     def _pixels(self, image) -> np.ndarray:
         """A data URL (or bare base64) of a PNG/JPEG/WebP/GIF, checked as the server checks it; or pixels."""

@@ -1,7 +1,10 @@
 """`nmm serve`: an OpenAI-compatible HTTP server for an nmm model (FastAPI + uvicorn).
 
-    POST /v1/chat/completions    image (+ a caption ask or a question) → text; `stream: true` as server-sent events
+    POST /v1/chat/completions    image (+ a caption ask or a question), or a recording → text;
+                                 `stream: true` as server-sent events
     POST /v1/images/generations  prompt → `n` base64 PNGs (`guidance`: classifier-free guidance)
+    POST /v1/audio/transcriptions  a recording (multipart upload) → its text
+    POST /v1/audio/speech        text → a WAV (or FLAC) recording of the model's speech
     GET  /v1/models, /healthz, /readyz, /metrics (Prometheus)
 
 A request is checked whole before it queues: its body bounded (nmm.serve.http), parsed, its image
@@ -31,19 +34,27 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from fastapi import FastAPI, Request  # at module level: FastAPI reads the routes' annotations by name
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from openai.types import Image, ImagesResponse, chat
 from openai.types import Model as OpenAIModel
+from openai.types.audio import Transcription
 from openai.types.completion_usage import CompletionUsage
 
-from nmm.model.generate import draw, generate
+from nmm.data.audio import to_wav
+from nmm.model.generate import draw, generate, speak
 from nmm.serve import openai_api
 from nmm.serve.batcher import BATCHING, Batcher, Draining, QueueFull
 from nmm.serve.http import BODY_TIMEOUT_S, INTERNAL, BodyBudget, Counted, mark, read_body
 from nmm.serve.model_dir import LoadedModel, Refused
 from nmm.tokenizers.vocab import EOS
 
-ROUTES = ("/v1/chat/completions", "/v1/images/generations", "/v1/models")
+ROUTES = (
+    "/v1/chat/completions",
+    "/v1/images/generations",
+    "/v1/audio/transcriptions",
+    "/v1/audio/speech",
+    "/v1/models",
+)
 PREPARE_WORKERS = 2  # parse, decode and tokenize off the event loop (Pillow's decoders release the GIL)
 # Testing a rollout: NMM_SERVE_FAILPOINT=chat|draw|stream makes this server fail that kind of work
 # (a stream after its first token), as a broken candidate would; the canary tests roll such servers out.
@@ -78,7 +89,7 @@ class Metrics:
 @dataclass(frozen=True)
 class ChatJob:
     prompt: list[int]
-    pixels: np.ndarray  # (H, W, C) in [0, 1], at the model's shape
+    pixels: np.ndarray | None  # (H, W, C) in [0, 1], at the model's shape; None: a recording was read
 
 
 @dataclass(frozen=True)
@@ -87,23 +98,53 @@ class DrawJob:
     n: int
 
 
+@dataclass(frozen=True)
+class SpeakJob:
+    prompt: list[int]
+    room: int  # the most codes its speech may have
+    fmt: str  # soundfile's format of the answer
+
+
 class Model:
     """The loaded model: what a request becomes before it queues (`chat_job`, `draw_job`: worker
     pool), and what each batch does with it (`run`: the batcher's thread)."""
 
     def __init__(self, loaded: LoadedModel, metrics: Metrics):
         self.loaded, self.metrics = loaded, metrics
-        self.side, _, self.channels = loaded.vq.image_shape
 
     def chat_job(self, req: openai_api.Chat) -> ChatJob:
-        pixels = openai_api.decode_image(req.image, req.image_format, self.channels, self.side)
+        if req.audio is not None:
+            return self.listen_job(req.audio, "input_audio")
+        vq = self._needs(self.loaded.vq, "image_url", "images")
+        side, _, channels = vq.image_shape
+        pixels = openai_api.decode_image(req.image, req.image_format, channels, side)
         return ChatJob(
-            self._laid_out(lambda: self.loaded.read_prompt(self.loaded.vq.encode(pixels[None])[0], req.question)),
+            self._laid_out(lambda: self.loaded.read_prompt(vq.encode(pixels[None])[0], req.question)),
             pixels,
         )
 
+    def listen_job(self, recording: bytes, param: str = "file") -> ChatJob:
+        """A recording → the prompt asking what it says (decoded off the event loop, refused with
+        its reason when it is not usable audio)."""
+        tok = self._needs(self.loaded.audio, param, "speech")
+        samples = openai_api.decode_audio(recording, tok.rate, param)
+        return ChatJob(self._laid_out(lambda: self.loaded.listen_prompt(tok.encode(samples))), None)
+
     def draw_job(self, req: openai_api.ImageBody) -> DrawJob:
+        self._needs(self.loaded.vq, "prompt", "images")
         return DrawJob(self._laid_out(lambda: self.loaded.draw_prompt(req.prompt)), req.n)
+
+    def speak_job(self, req: openai_api.SpeechBody) -> SpeakJob:
+        self._needs(self.loaded.audio, "model", "speech")
+        prompt, room = self._laid_out(lambda: self.loaded.say_prompt(req.input))
+        return SpeakJob(prompt, room, openai_api.SPEECH_FORMATS[req.response_format])
+
+    @staticmethod
+    def _needs(tokenizer, param: str, what: str):
+        """The model's tokenizer of a medium, or a 400: the model has no such modality."""
+        if tokenizer is None:
+            raise openai_api.APIError(400, f"{param}: this model has no {what} (its vocabulary holds none)", param)
+        return tokenizer
 
     @staticmethod
     def _laid_out(prompt) -> list[int]:
@@ -121,7 +162,7 @@ class Model:
         prompts = [j.payload.prompt for j in jobs]
         patches = (
             torch.from_numpy(loaded.vq.patches(np.stack([j.payload.pixels for j in jobs])))
-            if loaded.model.cfg.reads_pixels
+            if loaded.model.cfg.reads_pixels and all(j.payload.pixels is not None for j in jobs)
             else None
         )
         outs = generate(
@@ -175,8 +216,32 @@ class Model:
             at += j.payload.n
         return out
 
+    def speech(self, jobs) -> list[bytes | Exception]:
+        """Each job's speech: codes until the model writes <eoa> (or its room is spent), decoded by
+        the audio tokenizer (Griffin-Lim) into a recording."""
+        loaded = self.loaded
+        key: SpeakKey = jobs[0].key
+        codes = speak(
+            loaded.model,
+            [j.payload.prompt for j in jobs],
+            loaded.vocab,
+            max_codes=min(j.payload.room for j in jobs),
+            temperature=key.temperature,
+            generator=_generator(key.seed),
+        )
+        self.metrics.tokens.labels("audio").inc(sum(len(c) for c in codes))
+        tok = loaded.audio
+        return [_answer(lambda c=c, j=j: to_wav(tok.decode(c), tok.rate, j.payload.fmt)) for c, j in zip(codes, jobs)]
+
     def run(self, jobs) -> list:
-        return self.chat(jobs) if isinstance(jobs[0].key, ChatKey) else self.images(jobs)
+        key = jobs[0].key
+        return (
+            self.chat(jobs)
+            if isinstance(key, ChatKey)
+            else self.speech(jobs)
+            if isinstance(key, SpeakKey)
+            else self.images(jobs)
+        )
 
 
 @dataclass(frozen=True)
@@ -194,6 +259,14 @@ class DrawKey:
     """What image requests must share to run in one batch."""
 
     guidance: float
+    temperature: float
+    seed: int | None
+
+
+@dataclass(frozen=True)
+class SpeakKey:
+    """What speech requests must share to run in one batch."""
+
     temperature: float
     seed: int | None
 
@@ -397,6 +470,37 @@ def create_app(
         return ImagesResponse(created=int(time.time()), data=[Image(b64_json=p) for p in pngs]).model_dump(
             exclude_unset=True
         )
+
+    @app.post("/v1/audio/transcriptions")
+    async def transcriptions(request: Request):
+        t0 = time.perf_counter()
+        try:
+            raw = await read_body(request, openai_api.MAX_AUDIO_BYTES + (64 << 10), budget, body_timeout)
+            req = await openai_api.parse_transcription(raw, request.headers.get("content-type"), name)
+            payload = await asyncio.get_running_loop().run_in_executor(pool, model.listen_job, req.audio)
+            key = ChatKey(openai_api.CHAT_MAX_TOKENS, req.temperature, None)
+            metrics.queue.set(batcher.depth + 1)
+            out, job = await batcher.submit(key, payload)
+        except Exception as exc:
+            return _error(exc)
+        first_token(t0, job)
+        if req.response_format == "text":
+            return PlainTextResponse(out["text"])
+        return Transcription(text=out["text"]).model_dump(exclude_unset=True)
+
+    @app.post("/v1/audio/speech")
+    async def speech(request: Request):
+        t0 = time.perf_counter()
+        try:
+            req, payload = await prepared(
+                request, openai_api.SPEECH_BODY_BYTES, openai_api.parse_speech, model.speak_job
+            )
+            metrics.queue.set(batcher.depth + 1)
+            recording, job = await batcher.submit(SpeakKey(req.temperature, req.seed), payload)
+        except Exception as exc:
+            return _error(exc)
+        first_token(t0, job)
+        return Response(recording, media_type=f"audio/{req.response_format}")
 
     @app.get("/v1/models")
     async def models():

@@ -23,7 +23,7 @@ from nmm.data.sequences import Prompts
 from nmm.evaluate import digits, gates, seesaw, shapes, shapes_judge
 from nmm.evaluate.grid import png_grid
 from nmm.evaluate.judge import DigitJudge
-from nmm.serve.model_dir import FILES, load_from_files
+from nmm.serve.model_dir import load_from_files, read_files
 from nmm.stages.context import ModelMissing, StageContext, cache_key, setup_logging
 from nmm.version import code_version
 
@@ -192,7 +192,7 @@ def run(ctx: StageContext, dataset_uri: str, model_uri: str) -> int:
     key = cache_key("evaluate", ev.model_dump(mode="json"), manifest["digest"], ds.digest)
     with lineage.stage_run(ctx.run, ctx.step("evaluate"), cache_key=key, code_version=code_version()) as run_:
         t0 = time.perf_counter()
-        loaded = load_from_files({name: storage.read_file(model_uri, manifest, name) for name in FILES})
+        loaded = load_from_files(read_files(lambda name: storage.read_file(model_uri, manifest, name)))
         run_.log_dataset(ctx.pipeline, ds.digest, dataset_uri, context="evaluation")
         truth = ds.manifest.get("ground_truth") or ds.manifest["source"]  # datasets of 0.1.0 name only the source
         helds = [shapes_data.held_out_predicate(src.held_out) for src in spec.data.sources if src.held_out is not None]

@@ -23,13 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nmm import __version__, exitcodes, lineage, modalities, storage
+from nmm import __version__, exitcodes, lineage, storage
 from nmm.data.dataset import Dataset
 from nmm.evaluate.grid import png_grid
 from nmm.gpu import inventory
 from nmm.model import ModelConfig
 from nmm.serve import pyfunc
-from nmm.serve.model_dir import model_files
+from nmm.serve.model_dir import model_files, tokenizer_files
 from nmm.stages.context import StageContext, cache_key, setup_logging
 from nmm.train import distributed
 from nmm.train.batches import Batches, TrainData, batch_indices
@@ -202,7 +202,7 @@ def _publish(ctx: StageContext, run_, ds: Dataset, cfg: TrainConfig, model, summ
     out_uri = ctx.stage_uri(ctx.step("train"))
     config = {
         "model": json.loads(cfg.model.to_json()),
-        "vocab": {"text_size": ds.vocab.text_size, "image_size": ds.vocab.image_size},
+        "vocab": ds.vocab.manifest(),
         "tokens_per_image": ds.manifest["tokens_per_image"],
         "image_shape": ds.manifest["image_shape"],
         "source": ds.manifest["source"],
@@ -213,8 +213,7 @@ def _publish(ctx: StageContext, run_, ds: Dataset, cfg: TrainConfig, model, summ
     files = model_files(
         model,
         config,
-        storage.read_file(ds.uri, ds.manifest, modalities.modality("text").tokenizer_file),
-        storage.read_file(ds.uri, ds.manifest, modalities.modality("image").tokenizer_file),
+        {m: storage.read_file(ds.uri, ds.manifest, name) for m, name in tokenizer_files(ds.vocab).items()},
     )
     with tempfile.TemporaryDirectory() as tmp:
         for name, data in files.items():
