@@ -65,7 +65,7 @@ def measure(name, model, tokens, steps, warmup, device, amp, compile_blocks=Fals
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     mask = torch.ones_like(tokens)
     vocab = model.cfg.vocab_size if name == "nmm" else 0
-    head = head_loss(tokens, mask, (vocab, vocab), 1e-4, norms=False) if name == "nmm" else None
+    head = head_loss(tokens, mask, {"image": (vocab, vocab)}, 1e-4, norms=False) if name == "nmm" else None
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):

@@ -39,6 +39,7 @@ class Hearing:
     labels: np.ndarray
     codes: list[np.ndarray]  # each recording's codes, as trained
     judge: DigitJudge  # fitted on the speaker's real recordings (never on the model's)
+    summary: dict  # the trainer's
 
 
 def train_small_audio_model(checkpoints_uri: str) -> Hearing:
@@ -67,11 +68,15 @@ def train_small_audio_model(checkpoints_uri: str) -> Hearing:
         checkpoint_interval=10_000,
     )
     data = TrainData(
-        tokens=tokens, loss_mask=mask, task=np.tile([0, 1], len(pick)).astype(np.int8), image_range=vocab.image_range()
+        tokens=tokens,
+        loss_mask=mask,
+        task=np.tile([0, 1], len(pick)).astype(np.int8),
+        image_range=vocab.image_range(),
+        code_ranges=vocab.code_ranges(),
     )
-    model, _ = train(cfg, data, CPU, checkpoints_uri, lambda *_: None)
+    model, summary = train(cfg, data, CPU, checkpoints_uri, lambda *_: None)
     model.eval()
-    return Hearing(model, vq, text, vocab, prompts, waves, labels, codes, judge)
+    return Hearing(model, vq, text, vocab, prompts, waves, labels, codes, judge, summary)
 
 
 def audio_model_files(h: Hearing) -> dict[str, bytes]:

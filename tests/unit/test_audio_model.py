@@ -17,6 +17,8 @@ from tests.audio_fixture import MAX_CODES
 def test_one_model_hears_and_speaks_spoken_digits(hearing):
     h = hearing
     model, vocab, prompts, text, vq = h.model, h.vocab, h.prompts, h.text, h.vq
+    # the trainer counted audio targets as audio, by name (M2G rows' codes and <eoa> are targets)
+    assert h.summary["tokens_audio"] > 0 and h.summary["tokens_text"] > 0 and "tokens_image" not in h.summary
 
     # hear: each recording's prompt, answered in text
     heard = generate(model, [prompts.listen(c) for c in h.codes], 8, vocab.text_range(), stop=EOS, extra_allowed=(EOS,))

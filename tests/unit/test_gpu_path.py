@@ -132,7 +132,7 @@ def test_the_compiled_model_gives_the_eager_logits_and_gradients():
     mask = torch.ones_like(x)
     losses = []
     for m in (eager, compiled):
-        loss, _ = m(x, head=head_loss(x, mask, (30, 40), 1e-4))
+        loss, _ = m(x, head=head_loss(x, mask, {"image": (30, 40)}, 1e-4))
         loss.backward()
         losses.append(loss)
     assert torch.allclose(losses[0], losses[1], atol=1e-5)

@@ -28,15 +28,15 @@ def test_loss_counts_only_masked_targets_and_splits_modalities():
     logits = torch.zeros(1, 4, 10)
     tokens = torch.tensor([[1, 2, 8, 9]])
     mask = torch.tensor([[0, 0, 1, 1]])
-    loss, parts = next_token_loss(logits, tokens, mask, image_range=(8, 10), z_loss=0.0)
+    loss, parts = next_token_loss(logits, tokens, mask, ranges={"image": (8, 10)}, z_loss=0.0)
     assert loss.item() == pytest.approx(np.log(10), rel=1e-5)
     assert parts["tokens_image"].item() == 2 and parts["tokens_text"].item() == 0
     assert parts["logit_norm_image"].item() == 0.0  # all-zero logits
     loud = torch.zeros(1, 4, 10)
     loud[0, 0] = 3.0  # position 0 predicts token 2, a text target (the image range is 8..9)
-    _, parts = next_token_loss(loud, tokens, torch.tensor([[0, 1, 1, 1]]), image_range=(8, 10), z_loss=0.0)
+    _, parts = next_token_loss(loud, tokens, torch.tensor([[0, 1, 1, 1]]), ranges={"image": (8, 10)}, z_loss=0.0)
     assert parts["logit_norm_text"].item() == pytest.approx(3.0 * 10**0.5)
-    z_loss, parts = next_token_loss(logits, tokens, mask, image_range=(8, 10), z_loss=1.0)
+    z_loss, parts = next_token_loss(logits, tokens, mask, ranges={"image": (8, 10)}, z_loss=1.0)
     assert z_loss.item() == pytest.approx(np.log(10) + np.log(10) ** 2, rel=1e-5)
 
 
@@ -71,7 +71,7 @@ def test_fused_loss_equals_the_reference_loss_and_gradients(batch, seq, chunk, z
     mask = (torch.rand(batch, seq, generator=g) > 0.3).to(torch.uint8)
     h1, w1 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     h2, w2 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-    got, parts = loss_mod.fused_next_token_loss(h1, w1, tokens, mask, (30, 40), z, (1.0, 0.5))
+    got, parts = loss_mod.fused_next_token_loss(h1, w1, tokens, mask, {"image": (30, 40)}, z, {"image": 0.5})
     want, norms = _reference_next_token_loss(h2 @ w2.t(), tokens, mask, (30, 40), z, (1.0, 0.5))
     (got * 1.7).backward()  # a scaled upstream gradient reaches both inputs
     (want * 1.7).backward()
@@ -82,11 +82,11 @@ def test_fused_loss_equals_the_reference_loss_and_gradients(batch, seq, chunk, z
     is_image = ((tokens[:, 1:] >= 30) & (tokens[:, 1:] < 40)).float() * on
     text_norm = (norms * (on - is_image)).sum() / (on - is_image).sum()
     assert torch.allclose(parts["logit_norm_text"], text_norm, atol=1e-5)
-    plain, plain_parts = next_token_loss(hidden @ weight.t(), tokens, mask, (30, 40), z, (1.0, 0.5))
+    plain, plain_parts = next_token_loss(hidden @ weight.t(), tokens, mask, {"image": (30, 40)}, z, {"image": 0.5})
     assert torch.allclose(plain, want.detach(), atol=1e-5)
     for k in ("ce", "ce_text", "ce_image", "z", "tokens_text", "tokens_image"):
         assert torch.allclose(parts[k], plain_parts[k], atol=1e-5), k
-    _, quiet = loss_mod.fused_next_token_loss(hidden, weight, tokens, mask, (30, 40), z, norms=False)
+    _, quiet = loss_mod.fused_next_token_loss(hidden, weight, tokens, mask, {"image": (30, 40)}, z, norms=False)
     assert "logit_norm_text" not in quiet and torch.allclose(quiet["ce"], parts["ce"], atol=1e-6)
 
 
@@ -100,10 +100,32 @@ def test_a_model_with_the_fused_head_trains_like_one_with_logits():
     b.load_state_dict(a.state_dict())
     x = torch.randint(0, 48, (3, 16))
     mask = torch.ones_like(x)
-    la, _ = a(x, head=head_loss(x, mask, (40, 48), 1e-4))
-    lb, _ = next_token_loss(b(x), x, mask, (40, 48), 1e-4)
+    la, _ = a(x, head=head_loss(x, mask, {"image": (40, 48)}, 1e-4))
+    lb, _ = next_token_loss(b(x), x, mask, {"image": (40, 48)}, 1e-4)
     la.backward()
     lb.backward()
     assert torch.allclose(la, lb, atol=1e-5)
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         assert torch.allclose(pa.grad, pb.grad, atol=1e-5), name
+
+
+def test_targets_are_split_and_weighted_by_modality_name():
+    """Text, audio and image targets in one batch: each modality's count and cross-entropy apart,
+    and its loss weight taken by name (a modality the weights do not name weighs 1)."""
+    g = torch.Generator().manual_seed(0)
+    ranges = {"audio": (30, 40), "image": (40, 50)}
+    logits = torch.randn(2, 6, 50, generator=g)
+    tokens = torch.tensor([[1, 7, 31, 35, 42, 2], [1, 44, 45, 8, 39, 2]])
+    mask = torch.ones_like(tokens)
+    loss, parts = next_token_loss(logits, tokens, mask, ranges, 0.0, {"audio": 2.0, "image": 0.0})
+    targets = tokens[:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 50), targets.reshape(-1), reduction="none")
+    is_audio = ((targets >= 30) & (targets < 40)).reshape(-1)
+    is_image = ((targets >= 40) & (targets < 50)).reshape(-1)
+    is_text = ~(is_audio | is_image)
+    assert [parts[f"tokens_{m}"].item() for m in ("text", "audio", "image")] == [4, 3, 3]
+    assert torch.allclose(parts["ce_audio"], ce[is_audio].mean()) and torch.allclose(
+        parts["ce_text"], ce[is_text].mean()
+    )
+    w = is_text.float() + 2.0 * is_audio.float()  # image weighs 0
+    assert torch.allclose(loss, (ce * w).sum() / w.sum())

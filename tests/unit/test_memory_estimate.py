@@ -44,7 +44,7 @@ def measured_step_bytes(cfg: ModelConfig, seq: int, batch: int, precision: str) 
     x = torch.randint(0, cfg.vocab_size, (batch, seq))
     amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), amp:
-        loss, _ = model(x, head=head_loss(x, torch.ones_like(x), (cfg.vocab_size - 8, cfg.vocab_size), 1e-4))
+        loss, _ = model(x, head=head_loss(x, torch.ones_like(x), {"image": (cfg.vocab_size - 8, cfg.vocab_size)}, 1e-4))
     activations = sum(saved.values())
     loss.backward()
     opt = torch.optim.AdamW(model.parameters(), fused=True)

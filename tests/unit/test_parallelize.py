@@ -98,10 +98,10 @@ def test_a_packed_batch_has_exactly_the_loss_of_the_padded_one(attention):
     x[2, 5:6], mask[2, 5:6] = PAD, 0  # caption dropout pads inside a row: the row is still 7 long
     spans = image_spans(x, (30, 40), 3) if attention == "bidirectional" else None
     assert spans is None or int((spans > 0).sum()) == 3 * 4
-    padded, _ = next_token_loss(m(x, spans=spans), x, mask, (30, 40), 1e-4)
+    padded, _ = next_token_loss(m(x, spans=spans), x, mask, {"image": (30, 40)}, 1e-4)
     px, pm, extra = pack_batch(x, mask, 16, spans)
     assert len(px) < len(x)
-    packed, parts = next_token_loss(m(px, **extra), px, pm, (30, 40), 1e-4)
+    packed, parts = next_token_loss(m(px, **extra), px, pm, {"image": (30, 40)}, 1e-4)
     assert torch.allclose(packed, padded, atol=1e-5)
     assert parts["tokens_text"] + parts["tokens_image"] == mask[:, 1:].sum()
 
@@ -146,7 +146,7 @@ def test_micro_batches_train_to_the_whole_batchs_weights(tmp_path):
             phases=(PhaseConfig(mixture=MIX, name="p", steps=4, batch_size=8, lr=3e-3),),
             checkpoint_interval=100,
             log_every=2,
-            loss_weights=(1.0, 0.5),
+            loss_weights={"image": 0.5},
             micro_batch=micro,
         )
         metrics = []

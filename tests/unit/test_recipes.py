@@ -107,8 +107,8 @@ def test_reverse_kl_is_zero_against_itself_and_positive_otherwise():
     logits = torch.randn(2, 6, 40)
     tokens = torch.randint(5, 40, (2, 6))
     sampled = torch.tensor([[0, 0, 1, 1, 1, 0]] * 2)
-    same, _ = reverse_kl_loss(logits, logits, tokens, sampled, IMAGE)
-    other, parts = reverse_kl_loss(logits, torch.randn(2, 6, 40), tokens, sampled, IMAGE)
+    same, _ = reverse_kl_loss(logits, logits, tokens, sampled, {"image": IMAGE})
+    other, parts = reverse_kl_loss(logits, torch.randn(2, 6, 40), tokens, sampled, {"image": IMAGE})
     assert same.item() == pytest.approx(0.0, abs=1e-6) and other.item() > 0.1
     assert parts["tokens_text"] + parts["tokens_image"] == 6
 

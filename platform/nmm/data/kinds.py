@@ -39,6 +39,7 @@ class SourceKind:
     folder: bool = False  # its URI names a folder read file by file (a plain path is a prefix to list)
     hint: str = ""  # added to "matches nothing"
     check: str = ""  # "module:attribute" (source) -> None, ValueError naming the option: its own options' checks
+    modalities: tuple[str, ...] = ("text", "image")  # what its samples hold (nmm.modalities' names)
 
 
 SOURCE_KINDS: dict[str, SourceKind] = {

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from nmm.data.kinds import kind as source_kind
+from nmm.modalities import MODALITIES
 from nmm.spec import names
 from nmm.spec.base import Model
 from nmm.spec.data import Data
@@ -175,8 +177,9 @@ class ModelSpec(Model):
         "embeddings of its patch in the image, so the model need not work out where a patch sits "
         "from its sequence position (relations such as 'left of' read off directly).",
     )
-    loss_weights: dict[Literal["text", "image"], Annotated[float, Field(ge=0.0, le=100.0)]] = Field(
-        default={"text": 1.0, "image": 1.0}, description="Per-modality weights of the target tokens' loss."
+    loss_weights: dict[Literal[tuple(MODALITIES)], Annotated[float, Field(ge=0.0, le=100.0)]] = Field(
+        default={"text": 1.0, "image": 1.0},
+        description="Per-modality weights of the target tokens' loss, by modality name (one not named weighs 1).",
     )
     encoder: Encoder = Encoder()
 
@@ -407,6 +410,10 @@ class PipelineBody(Model):
                     f"evaluation.suites: {suite!r} evaluates task {need['task']!r} "
                     f"but model.tasks is {self.model.tasks}"
                 )
+        given = sorted({m for s in self.data.sources for m in source_kind(s.kind).modalities})
+        for m in self.model.loss_weights:
+            if m not in given:
+                raise ValueError(f"model.lossWeights.{m}: no source gives {m} (the sources give {', '.join(given)})")
         held = any(s.held_out is not None for s in self.data.sources)
         measured = {f"{s}.{m}" for s in self.evaluation.suites for m in SUITES[s]["metrics"]}
         if held:  # the shapes suites score held-out compositions apart

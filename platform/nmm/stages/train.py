@@ -91,7 +91,7 @@ def train_config(ctx: StageContext, ds: Dataset, seq_len: int) -> TrainConfig:
         keep_latest=t.checkpoint.keep_latest,
         log_every=max(1, min(50, sum(p.steps for p in t.phases) // 20)),
         encoder_steps=model_spec.encoder.steps,
-        loss_weights=(model_spec.loss_weights.get("text", 1.0), model_spec.loss_weights.get("image", 1.0)),
+        loss_weights=dict(model_spec.loss_weights),
         parallel=Parallelism(**t.parallelism.model_dump()),
     )
 
@@ -285,16 +285,32 @@ def run(ctx: StageContext, dataset_uri: str) -> int:
         distributed.shutdown(info)
 
 
-def _train(ctx: StageContext, ds: Dataset, key: str, out_uri: str, info, run_, log) -> int:
-    """Train on every rank; the main rank (the one holding the MLflow run) logs and publishes."""
-    a = ds.split("train").arrays
-    cfg = train_config(ctx, ds, a["tokens"].shape[1])
+def train_data(ds: Dataset, a: dict, cfg: TrainConfig) -> TrainData:
+    """The train split's rows as the trainer takes them: the vocabulary's ranges by modality, the
+    pixels when the model reads them, the sources' mixture."""
     pixels = {}
     if cfg.model.reads_pixels:
         pixels = {
             "patches": ds.image_tokenizer().patches(a["images"].astype("float32") / 255.0),
             "row_image": a["row_image"],
         }
+    return TrainData(
+        tokens=a["tokens"],
+        loss_mask=a["loss_mask"],
+        task=a["task"],
+        style=a["style"],
+        image_range=ds.vocab.image_range(),
+        text_range=ds.vocab.text_range(),
+        code_ranges=ds.vocab.code_ranges(),
+        **pixels,
+        **_mixture(ds, a),
+    )
+
+
+def _train(ctx: StageContext, ds: Dataset, key: str, out_uri: str, info, run_, log) -> int:
+    """Train on every rank; the main rank (the one holding the MLflow run) logs and publishes."""
+    a = ds.split("train").arrays
+    cfg = train_config(ctx, ds, a["tokens"].shape[1])
     what = (info.rank, info.world_size, info.device, len(a["tokens"]), ds.vocab.size, cfg.total_steps)
     log.info("rank %d/%d on %s: %d sequences, vocab %d, %d steps", *what)
     phases = _PhaseRuns(run_, cfg) if run_ else None
@@ -303,16 +319,7 @@ def _train(ctx: StageContext, ds: Dataset, key: str, out_uri: str, info, run_, l
         run_.log_params(_params(ctx, cfg, info.world_size))
     t0 = time.perf_counter()
     try:
-        data = TrainData(
-            tokens=a["tokens"],
-            loss_mask=a["loss_mask"],
-            task=a["task"],
-            style=a["style"],
-            image_range=ds.vocab.image_range(),
-            text_range=ds.vocab.text_range(),
-            **pixels,
-            **_mixture(ds, a),
-        )
+        data = train_data(ds, a, cfg)
         if run_ and data.source_weights:
             run_.log_metrics(_realised_mixture(ds, data, cfg))
         model, summary = train(

@@ -47,6 +47,10 @@ class SharedVocab:
         """Each present modality's codes as [lo, hi) of the shared ids, in vocabulary order."""
         return {m: (lo, hi) for m, (_, lo, hi) in self._blocks.items()}
 
+    def code_ranges(self) -> dict[str, tuple[int, int]]:
+        """`ranges()` without text: each other modality's codes (what the loss splits targets by)."""
+        return {m: r for m, r in self.ranges().items() if m != "text"}
+
     def range(self, modality: str) -> tuple[int, int]:
         ranges = self.ranges()
         if modality not in ranges:

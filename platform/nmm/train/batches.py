@@ -158,11 +158,17 @@ class TrainData:
     task: np.ndarray  # (rows,) index in TASKS
     image_range: tuple[int, int]  # the image codes' ids
     text_range: tuple[int, int] | None = None  # the text ids (caption dropout, on-policy sampling)
+    code_ranges: dict[str, tuple[int, int]] | None = None  # each non-text modality's codes; None: images alone
     style: np.ndarray | None = None  # (rows,) prompt style, index in STYLES; None: one layout
     patches: np.ndarray | None = None  # mid/late fusion: (images, tokens_per_image, patch_dim)
     row_image: np.ndarray | None = None  # mid/late fusion: each row's image
     row_source: np.ndarray | None = None  # each row's source (index), with source_weights: the mixture
     source_weights: dict[int, float] | None = None  # a source's share of each epoch ∝ its weight; None: uniform rows
+
+    @property
+    def ranges(self) -> dict[str, tuple[int, int]]:
+        """Each non-text modality's code ids, by name: what the loss splits its targets by."""
+        return dict(self.code_ranges) if self.code_ranges is not None else {"image": self.image_range}
 
 
 class Batches:

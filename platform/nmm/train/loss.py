@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -22,56 +22,62 @@ import torch.nn.functional as F
 CHUNK_TOKENS = 2048  # rows of logits made, upcast to fp32 and differentiated at once
 
 
-def _modality(targets: torch.Tensor, mask: torch.Tensor, image_range: tuple[int, int]):
-    is_image = ((targets >= image_range[0]) & (targets < image_range[1])).float() * (mask > 0).float()
-    return (mask > 0).float() - is_image, is_image
+Ranges = Mapping[str, tuple[int, int]]  # each non-text modality → its codes' ids [lo, hi), e.g. {"image": (lo, hi)}
+Weights = Mapping[str, float]  # modality → its targets' loss weight; a modality it does not name weighs 1
+
+
+def _modality(targets: torch.Tensor, mask: torch.Tensor, ranges: Ranges) -> dict[str, torch.Tensor]:
+    """Each modality's targets (0/1 per position, within the mask): a code of a modality's range
+    is that modality's; every other target (words, markers, <eos>) is text's."""
+    on = (mask > 0).float()
+    codes = {m: ((targets >= lo) & (targets < hi)).float() * on for m, (lo, hi) in ranges.items()}
+    text = on
+    for is_m in codes.values():
+        text = text - is_m
+    return {"text": text, **codes}
 
 
 def _parts(
-    per_token: torch.Tensor, norms: torch.Tensor | None, mask: torch.Tensor, is_text, is_image
+    per_token: torch.Tensor, norms: torch.Tensor | None, mask: torch.Tensor, which: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """Detached summaries, on the device: mean of `per_token` overall and per modality, mean
-    logit norm per modality (Chameleon's divergence signal; when `norms` were computed) and
-    target counts per modality."""
+    """Detached summaries, on the device: mean of `per_token` overall and per modality
+    (`ce_<modality>`), mean logit norm per modality (Chameleon's divergence signal; when `norms`
+    were computed) and target counts per modality (`tokens_<modality>`)."""
     on = (mask > 0).float()
     mean = lambda v, w: ((v.detach() * w).sum() / w.sum().clamp(min=1.0)).detach()
-    out = {
-        "ce": mean(per_token, on),
-        "ce_text": mean(per_token, is_text),
-        "ce_image": mean(per_token, is_image),
-        "tokens_text": is_text.sum().detach(),
-        "tokens_image": is_image.sum().detach(),
-    }
+    out = {"ce": mean(per_token, on)}
+    out |= {f"ce_{m}": mean(per_token, is_m) for m, is_m in which.items()}
+    out |= {f"tokens_{m}": is_m.sum().detach() for m, is_m in which.items()}
     if norms is not None:
-        out["logit_norm_text"] = mean(norms, is_text)
-        out["logit_norm_image"] = mean(norms, is_image)
+        out |= {f"logit_norm_{m}": mean(norms, is_m) for m, is_m in which.items()}
     return out
 
 
-def _weighted(tokens: torch.Tensor, loss_mask: torch.Tensor, image_range, weights):
-    """(targets, mask, is_text, is_image, per-target weight) for positions 0…T-2."""
+def _weighted(tokens: torch.Tensor, loss_mask: torch.Tensor, ranges: Ranges, weights: Weights | None):
+    """(targets, mask, each modality's targets, per-target weight) for positions 0…T-2."""
     targets = tokens[:, 1:].long()
     mask = loss_mask[:, 1:].float()
-    is_text, is_image = _modality(targets, mask, image_range)
-    return targets, mask, is_text, is_image, weights[0] * is_text + weights[1] * is_image
+    which = _modality(targets, mask, ranges)
+    w = None
+    for m, is_m in which.items():
+        term = (weights or {}).get(m, 1.0) * is_m
+        w = term if w is None else w + term
+    return targets, mask, which, w
 
 
-def _targets(tokens: torch.Tensor, loss_mask: torch.Tensor, image_range, weights, total: torch.Tensor | None = None):
+def _targets(tokens: torch.Tensor, loss_mask: torch.Tensor, ranges: Ranges, weights, total: torch.Tensor | None = None):
     """`_weighted` with the weights divided by the total weight; `total` defaults to these
     targets' own."""
-    targets, mask, is_text, is_image, w = _weighted(tokens, loss_mask, image_range, weights)
-    return targets, mask, is_text, is_image, w / (w.sum() if total is None else total).clamp(min=1e-9)
+    targets, mask, which, w = _weighted(tokens, loss_mask, ranges, weights)
+    return targets, mask, which, w / (w.sum() if total is None else total).clamp(min=1e-9)
 
 
 def target_weight(
-    tokens: torch.Tensor,
-    loss_mask: torch.Tensor,
-    image_range: tuple[int, int],
-    weights: tuple[float, float] = (1.0, 1.0),
+    tokens: torch.Tensor, loss_mask: torch.Tensor, ranges: Ranges, weights: Weights | None = None
 ) -> torch.Tensor:
     """The summed weight of a batch's targets: the `total` that makes the losses of its
     micro-batches add up to the loss of the whole batch."""
-    return _weighted(tokens, loss_mask, image_range, weights)[-1].sum()
+    return _weighted(tokens, loss_mask, ranges, weights)[-1].sum()
 
 
 def merge_parts(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -80,20 +86,18 @@ def merge_parts(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]
     share of the batch's)."""
     if len(parts) == 1:
         return parts[0]
-    text = torch.stack([p["tokens_text"] for p in parts])
-    image = torch.stack([p["tokens_image"] for p in parts])
+    names = [k.removeprefix("tokens_") for k in parts[0] if k.startswith("tokens_")]
+    counts = {m: torch.stack([p[f"tokens_{m}"] for p in parts]) for m in names}
     weighted = lambda k, n: (torch.stack([p[k] for p in parts]) * n).sum() / n.sum().clamp(min=1.0)
-    out = {
-        "ce": weighted("ce", text + image),
-        "ce_text": weighted("ce_text", text),
-        "ce_image": weighted("ce_image", image),
-        "tokens_text": text.sum(),
-        "tokens_image": image.sum(),
-        "z": torch.stack([p["z"] for p in parts]).sum(),
-    }
-    if "logit_norm_text" in parts[0]:
-        out["logit_norm_text"] = weighted("logit_norm_text", text)
-        out["logit_norm_image"] = weighted("logit_norm_image", image)
+    everything = None
+    for n in counts.values():
+        everything = n if everything is None else everything + n
+    out = {"ce": weighted("ce", everything)}
+    out |= {f"ce_{m}": weighted(f"ce_{m}", n) for m, n in counts.items()}
+    out |= {f"tokens_{m}": n.sum() for m, n in counts.items()}
+    out["z"] = torch.stack([p["z"] for p in parts]).sum()
+    if f"logit_norm_{names[0]}" in parts[0]:
+        out |= {f"logit_norm_{m}": weighted(f"logit_norm_{m}", n) for m, n in counts.items()}
     return out
 
 
@@ -101,23 +105,24 @@ def next_token_loss(
     logits: torch.Tensor,
     tokens: torch.Tensor,
     loss_mask: torch.Tensor,
-    image_range: tuple[int, int],
+    ranges: Ranges,
     z_loss: float,
-    weights: tuple[float, float] = (1.0, 1.0),
+    weights: Weights | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """logits (B, T, V) predict tokens[:, 1:]; only targets with loss_mask > 0 count.
 
-    `weights` = (text, image): per-modality loss weights on the targets. z-loss (PaLM/Chameleon)
+    `ranges`: each non-text modality's code ids (its targets are that modality's, the rest are
+    text's); `weights`: per-modality loss weights on the targets, by name. z-loss (PaLM/Chameleon)
     penalises log(Z)^2 to keep the softmax normaliser near 1. Returns the scalar to minimise and
-    detached parts: ce (unweighted), z, ce on text and on image targets, mean logit norm per
-    modality and target token counts per modality. In fp32 over all the logits: for logits
-    already held; training uses `fused_next_token_loss`."""
-    targets, mask, is_text, is_image, scale = _targets(tokens, loss_mask, image_range, weights)
+    detached parts: ce (unweighted), z, and per modality its ce, mean logit norm and target token
+    count. In fp32 over all the logits: for logits already held; training uses
+    `fused_next_token_loss`."""
+    targets, mask, which, scale = _targets(tokens, loss_mask, ranges, weights)
     lf = logits[:, :-1].float()
     logz = torch.logsumexp(lf, dim=-1)
     ce = logz - lf.gather(-1, targets[..., None]).squeeze(-1)
     z_mean = (logz.pow(2) * scale).sum()
-    parts = _parts(ce, lf.detach().norm(dim=-1), mask, is_text, is_image)
+    parts = _parts(ce, lf.detach().norm(dim=-1), mask, which)
     parts["z"] = z_mean.detach()
     return (ce * scale).sum() + z_loss * z_mean, parts
 
@@ -182,9 +187,9 @@ def fused_next_token_loss(
     weight: torch.Tensor,
     tokens: torch.Tensor,
     loss_mask: torch.Tensor,
-    image_range: tuple[int, int],
+    ranges: Ranges,
     z_loss: float,
-    weights: tuple[float, float] = (1.0, 1.0),
+    weights: Weights | None = None,
     *,
     norms: bool = True,
     total: torch.Tensor | None = None,
@@ -194,14 +199,14 @@ def fused_next_token_loss(
     `_LinearCrossEntropy`. `norms=False` skips the logit norms (a full-vocabulary reduction
     the trainer needs only at logging steps). `total`: see `target_weight`."""
     b, t, d = hidden.shape
-    targets, mask, is_text, is_image, scale = _targets(tokens, loss_mask, image_range, weights, total)
+    targets, mask, which, scale = _targets(tokens, loss_mask, ranges, weights, total)
     # Every position, so the hidden states are a view and not a copy; the last one weighs 0.
     pad = lambda v: torch.cat([v, torch.zeros_like(v[:, :1])], dim=1).reshape(-1)
     loss, ce, logz, norm = _LinearCrossEntropy.apply(
         hidden.reshape(-1, d), weight, pad(targets), pad(scale), z_loss, norms
     )
     per_row = lambda v: None if v is None else v.view(b, t)[:, :-1]
-    parts = _parts(per_row(ce), per_row(norm), mask, is_text, is_image)
+    parts = _parts(per_row(ce), per_row(norm), mask, which)
     parts["z"] = (per_row(logz).pow(2) * scale).sum().detach()
     return loss, parts
 
@@ -209,9 +214,9 @@ def fused_next_token_loss(
 def head_loss(
     tokens: torch.Tensor,
     loss_mask: torch.Tensor,
-    image_range: tuple[int, int],
+    ranges: Ranges,
     z_loss: float,
-    weights: tuple[float, float] = (1.0, 1.0),
+    weights: Weights | None = None,
     *,
     norms: bool = True,
     total: torch.Tensor | None = None,
@@ -219,7 +224,7 @@ def head_loss(
     """The `head` a model's forward applies in place of its output layer: (hidden, weight) →
     (loss, parts) of `fused_next_token_loss`."""
     return lambda hidden, weight: fused_next_token_loss(
-        hidden, weight, tokens, loss_mask, image_range, z_loss, weights, norms=norms, total=total
+        hidden, weight, tokens, loss_mask, ranges, z_loss, weights, norms=norms, total=total
     )
 
 
@@ -228,7 +233,7 @@ def reverse_kl_loss(
     teacher_logits: torch.Tensor,
     tokens: torch.Tensor,
     sampled: torch.Tensor,
-    image_range: tuple[int, int],
+    ranges: Ranges,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """On-policy distillation: at every position predicting a sampled token (`sampled[:, 1:]`),
     the exact reverse KL(student ‖ teacher) over the vocabulary. Mode-seeking: the student is
@@ -237,7 +242,8 @@ def reverse_kl_loss(
     t = F.log_softmax(teacher_logits[:, :-1].float(), dim=-1)
     kl = (s.exp() * (s - t)).sum(-1)
     mask = sampled[:, 1:].float()
-    is_text, is_image = _modality(tokens[:, 1:], mask, image_range)
-    parts = _parts(kl, student_logits[:, :-1].detach().float().norm(dim=-1), mask, is_text, is_image)
+    parts = _parts(
+        kl, student_logits[:, :-1].detach().float().norm(dim=-1), mask, _modality(tokens[:, 1:], mask, ranges)
+    )
     parts["z"] = torch.zeros(())
     return (kl * mask).sum() / mask.sum().clamp(min=1.0), parts

@@ -84,7 +84,7 @@ class TrainConfig:
     keep_latest: int = 2
     log_every: int = 20
     encoder_steps: int = 300  # late fusion: masked-patch pretraining of the image encoder
-    loss_weights: tuple[float, float] = (1.0, 1.0)  # (text, image) targets
+    loss_weights: dict[str, float] = field(default_factory=dict)  # modality → its targets' weight (absent: 1)
     micro_batch: int | None = (
         None  # rows per forward on each rank; None: from the memory estimate (parallelize.micro_batch)
     )
@@ -154,15 +154,21 @@ class TrainingRun:
     stop: bool = False  # SIGTERM arrived
     t0: float = field(default_factory=time.perf_counter)
     counts: torch.Tensor | None = (
-        None  # target tokens (text, image) trained on, all ranks: on the device, read when logging
+        None  # target tokens trained on per modality (`modalities`), all ranks: on the device, read when logging
     )
     processed: int = 0
     micro: int | None = None  # rows per forward in this phase (None: the whole batch)
-    summary: dict = field(default_factory=lambda: {"tokens_text": 0.0, "tokens_image": 0.0})
+    summary: dict = field(default_factory=dict)
 
-    def tokens(self) -> tuple[float, float]:
-        """(text, image) target tokens so far: one read of the device."""
-        return (0.0, 0.0) if self.counts is None else tuple(self.counts.tolist())
+    @property
+    def modalities(self) -> list[str]:
+        """The loss's modalities, in the order its token counts are kept: text, then the data's others."""
+        return ["text", *self.data.ranges]
+
+    def tokens(self) -> dict[str, float]:
+        """Target tokens so far, per modality: one read of the device."""
+        counts = [0.0] * len(self.modalities) if self.counts is None else self.counts.tolist()
+        return dict(zip(self.modalities, counts))
 
     def amp(self):
         return parallelize.autocast(self.cfg.parallel, self.info.device)
@@ -221,7 +227,7 @@ def train(
     finally:
         signal.signal(signal.SIGTERM, previous)
     run.summary["steps"] = cfg.total_steps
-    run.summary["tokens_text"], run.summary["tokens_image"] = run.tokens()
+    run.summary.update({f"tokens_{m}": n for m, n in run.tokens().items()})
     return _unsharded(run), run.summary
 
 
@@ -332,6 +338,7 @@ def train_step(
             cfg=run.cfg,
             image_range=run.data.image_range,
             text_range=run.data.text_range,
+            ranges=run.data.ranges,
             amp=run.amp,
             device=run.info.device,
             micro=run.micro,
@@ -343,7 +350,7 @@ def train_step(
     parts, x, run.samples = out.parts, out.x, out.samples
     grad_norm = _clip_and_step(run, opt)
     world = run.info.world_size
-    counts = torch.stack([parts["tokens_text"], parts["tokens_image"]]).detach() * world
+    counts = torch.stack([parts[f"tokens_{m}"] for m in run.modalities]).detach() * world
     run.counts = counts if run.counts is None else run.counts + counts
     run.processed += x.numel() * world
     return x.shape[1], parts, grad_norm
@@ -359,19 +366,18 @@ def _clip_and_step(run: TrainingRun, opt) -> torch.Tensor:
 def _log_metrics(run: TrainingRun, parts: dict, lr: float, grad_norm: torch.Tensor, seq_len: int, step: int) -> None:
     """Loss parts averaged over ranks, rates and token counts; the main rank hands them to `log`."""
     vals = {k: float(all_reduce_mean(v, run.info)) for k, v in parts.items() if not k.startswith("tokens")}
-    text, image = run.tokens()
-    run.summary.update(tokens_text=text, tokens_image=image)
+    tokens = run.tokens()
+    run.summary.update({f"tokens_{m}": n for m, n in tokens.items()})
     elapsed = max(time.perf_counter() - run.t0, 1e-9)
-    names = {"ce": "loss", "ce_text": "loss_text", "ce_image": "loss_image", "z": "z_loss"}
+    names = {"ce": "loss", "z": "z_loss"} | {f"ce_{m}": f"loss_{m}" for m in tokens}
     metrics = {
         f"train/{names.get(k, k)}": v for k, v in vals.items() if v == v
     }  # (NaN: a reward no row of this step had)
     metrics |= {
         "train/lr": lr,
         "train/grad_norm": float(grad_norm),
-        "train/tokens_per_s": (text + image) / elapsed,
-        "train/tokens_text_total": run.summary["tokens_text"],
-        "train/tokens_image_total": run.summary["tokens_image"],
+        "train/tokens_per_s": sum(tokens.values()) / elapsed,
+        **{f"train/tokens_{m}_total": n for m, n in tokens.items()},
     }
     mfu = parallelize.mfu(run.processed / elapsed, run.cfg.model, seq_len, run.info.device)
     if mfu is not None:

@@ -8,7 +8,7 @@ reads nothing from the device: parts and token counts stay tensors until a loggi
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,6 +27,7 @@ class StepInputs:
     cfg: object  # nmm.train.trainer.TrainConfig
     image_range: tuple[int, int]
     text_range: tuple[int, int] | None
+    ranges: Mapping[str, tuple[int, int]]  # each non-text modality's codes (the loss's modalities, by name)
     amp: Callable  # the autocast context of the run
     device: torch.device
     micro: int | None  # rows per forward (None: the whole batch)
@@ -37,7 +38,7 @@ class StepInputs:
 
 @dataclass(frozen=True)
 class StepOutput:
-    parts: dict  # loss parts (tensors), with `tokens_text` and `tokens_image` the target tokens trained on
+    parts: dict  # loss parts (tensors), with `tokens_<modality>` the target tokens trained on, per modality
     x: torch.Tensor  # the sequences trained on (B, T)
     samples: tuple[torch.Tensor, torch.Tensor] | None = None  # a sampling recipe's (sequences, sampled mask)
 

@@ -116,7 +116,7 @@ class PolicyOptimisation:
         loss.backward()
         parts |= _reward_parts(total, components, opts.group, x.device) | {
             "ce": loss.detach(),
-            **_sampled_tokens(x, sampled, s.image_range),
+            **_sampled_tokens(x, sampled, s.ranges),
         }
         return StepOutput(parts, x, samples=(x.detach(), sampled))
 
@@ -136,12 +136,14 @@ def _reward_parts(total: torch.Tensor, components: dict, group: int, device) -> 
     return {k: v.to(device) for k, v in on_host.items()}
 
 
-def _sampled_tokens(x: torch.Tensor, sampled: torch.Tensor, image_range) -> dict:
-    is_image = (x >= image_range[0]) & (x < image_range[1])
-    return {
-        "tokens_text": (sampled.bool() & ~is_image).sum().float(),
-        "tokens_image": (sampled.bool() & is_image).sum().float(),
-    }
+def _sampled_tokens(x: torch.Tensor, sampled: torch.Tensor, ranges) -> dict:
+    """The sampled tokens per modality (`tokens_<modality>`: a code of its range; text: the rest)."""
+    on = sampled.bool()
+    codes = {m: on & (x >= lo) & (x < hi) for m, (lo, hi) in ranges.items()}
+    text = on
+    for is_m in codes.values():
+        text = text & ~is_m
+    return {f"tokens_{m}": v.sum().float() for m, v in {"text": text, **codes}.items()}
 
 
 GRPO = PolicyOptimisation()

@@ -74,12 +74,12 @@ def lay_out(b: Batch, cfg, every_token: bool) -> LaidOutBatch:
 
 
 def next_token_step(
-    laid: LaidOutBatch, ddp, cfg, image_range, amp: Callable, *, norms: bool = True, total: torch.Tensor | None = None
+    laid: LaidOutBatch, ddp, cfg, ranges, amp: Callable, *, norms: bool = True, total: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, dict]:
     """(loss, its parts) of a laid-out batch (or micro-batch: `total`, the whole batch's target
     weight, makes the micro-batches' losses add up to the batch's). The loss is fused with the
     output layer (nmm.train.loss.head_loss); `norms`: the logit norms too."""
-    head = head_loss(laid.x, laid.targets, image_range, cfg.z_loss, cfg.loss_weights, norms=norms, total=total)
+    head = head_loss(laid.x, laid.targets, ranges, cfg.z_loss, cfg.loss_weights, norms=norms, total=total)
     with amp():
         return ddp(laid.x, patches=laid.patches, head=head, **laid.extra)
 
@@ -91,11 +91,11 @@ class NextToken:
     def step(self, s: StepInputs) -> StepOutput:
         laid = lay_out(s.batch, s.cfg, self.every_token).to(s.device)
         chunks = laid.split(s.micro) if s.micro and s.micro < len(laid.x) else [laid]
-        total = target_weight(laid.x, laid.targets, s.image_range, s.cfg.loss_weights) if len(chunks) > 1 else None
+        total = target_weight(laid.x, laid.targets, s.ranges, s.cfg.loss_weights) if len(chunks) > 1 else None
         parts = []
         for i, chunk in enumerate(chunks):
             with parallelize.gradient_sync(s.ddp, i == len(chunks) - 1):
-                loss, p = next_token_step(chunk, s.ddp, s.cfg, s.image_range, s.amp, norms=s.norms, total=total)
+                loss, p = next_token_step(chunk, s.ddp, s.cfg, s.ranges, s.amp, norms=s.norms, total=total)
                 loss.backward()
             parts.append(p)
         return StepOutput(merge_parts(parts), laid.x)

@@ -23,7 +23,7 @@ class Distillation:
         with torch.no_grad(), s.amp():
             scores = s.frozen(x, patches=b.patches, spans=spans)
         with s.amp():
-            loss, parts = reverse_kl_loss(s.ddp(x, patches=b.patches, spans=spans), scores, x, sampled, s.image_range)
+            loss, parts = reverse_kl_loss(s.ddp(x, patches=b.patches, spans=spans), scores, x, sampled, s.ranges)
         loss.backward()
         return StepOutput(parts, x)
 
