@@ -202,3 +202,18 @@ class InProcess:
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(30)
+
+
+def counts(base: str) -> dict[tuple[str, str], float]:
+    """`nmm_requests_total` by (route, status), read from the server's /metrics."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(base + "/metrics", timeout=10).read().decode()
+    return {
+        (s.labels["route"], s.labels["status"]): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "nmm_requests_total"
+    }

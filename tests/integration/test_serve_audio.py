@@ -24,7 +24,7 @@ from nmm.model.generate import generate, speak
 from nmm.serve.model_dir import MAX_SPEECH_CODES
 from nmm.tokenizers.vocab import EOS
 from tests.audio_fixture import audio_model_files
-from tests.serving_fixture import InProcess, png_url, publish_small_model
+from tests.serving_fixture import InProcess, counts, png_url, publish_small_model
 
 pytestmark = pytest.mark.integration
 
@@ -40,18 +40,6 @@ def served(hearing, tmp_path_factory):
 
 def wav(h, i: int) -> bytes:
     return to_wav(h.waves[i], h.vq.rate)
-
-
-def counts(base: str) -> dict[tuple[str, str], float]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urllib.request.urlopen(base + "/metrics", timeout=10).read().decode()
-    return {
-        (s.labels["route"], s.labels["status"]): s.value
-        for f in text_string_to_metric_families(text)
-        for s in f.samples
-        if s.name == "nmm_requests_total"
-    }
 
 
 def test_transcriptions_with_the_openai_client_are_the_model_s_own_answers(served):

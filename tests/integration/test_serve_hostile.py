@@ -32,7 +32,7 @@ from PIL import Image
 
 from nmm.ports import free_port
 from tests.conftest import NMM, wait_for, wait_http
-from tests.serving_fixture import InProcess, png_url, publish_small_model
+from tests.serving_fixture import InProcess, counts, png_url, publish_small_model
 
 pytestmark = pytest.mark.integration
 
@@ -52,18 +52,6 @@ def chat(text: str | None = "Describe the image.", **kw) -> dict:
     if text is not None:
         content.insert(0, {"type": "text", "text": text})
     return {"model": "nmm", "messages": [{"role": "user", "content": content}], "max_tokens": 4} | kw
-
-
-def counts(base: str) -> dict[tuple[str, str], float]:
-    text = urllib.request.urlopen(base + "/metrics", timeout=10).read().decode()
-    from prometheus_client.parser import text_string_to_metric_families
-
-    return {
-        (s.labels["route"], s.labels["status"]): s.value
-        for f in text_string_to_metric_families(text)
-        for s in f.samples
-        if s.name == "nmm_requests_total"
-    }
 
 
 def received(base: str) -> float:

@@ -68,15 +68,7 @@ class LoadedModel:
         """The prompt asking what a recording (its audio codes) says, or Refused."""
         if not self.serves["transcribe"]:
             raise Refused("file", "this model does not transcribe speech")
-        prompt = self.prompts.listen(codes)
-        limit = chat_prompt_limit(self.model.cfg.max_seq_len)
-        if len(prompt) > limit:
-            raise Refused(
-                "file",
-                f"the recording is {len(codes)} audio codes; this model reads prompts of at most {limit} tokens "
-                f"(its context is {self.model.cfg.max_seq_len})",
-            )
-        return prompt
+        return self._answerable(self.prompts.listen(codes), "file")
 
     def say_prompt(self, text: str) -> tuple[list[int], int]:
         """(the prompt asking for speech of `text`, the most codes its answer may have), or Refused."""
@@ -107,10 +99,14 @@ class LoadedModel:
                 "this model captions images and answers no questions: send the image alone or "
                 f"with {INSTRUCTIONS['caption'][0]!r} (got {text[:60]!r})",
             )
+        return self._answerable(prompt, "messages")
+
+    def _answerable(self, prompt: list[int], param: str) -> list[int]:
+        """The prompt, or Refused when it leaves the model no room to answer in its context."""
         limit = chat_prompt_limit(self.model.cfg.max_seq_len)
         if len(prompt) > limit:
             raise Refused(
-                "messages",
+                param,
                 f"the prompt is {len(prompt)} tokens; this model reads at most {limit} "
                 f"(its context is {self.model.cfg.max_seq_len} tokens)",
             )
