@@ -104,7 +104,9 @@ def test_the_pyfunc_answers_a_frame_whose_rows_mix_kinds_and_refuses_a_row_alone
 
 def test_a_chat_batch_key_never_equals_a_draw_batch_key_of_the_same_numbers():
     """The batcher runs equal keys together: a chat job and a drawing job must never share a batch."""
-    from nmm.serve.server import ChatKey, DrawKey
+    from nmm.serve.server import ChatKey, DrawKey, SpeakKey
 
     assert ChatKey(2, 1.0, None) != DrawKey(2.0, 1.0, None)
     assert ChatKey(16, 0.7, 3) == ChatKey(16, 0.7, 3) and hash(ChatKey(16, 0.7, 3)) == hash(ChatKey(16, 0.7, 3))
+    # a recording's prompt and an image's never share a batch (a model reading pixels needs them for every row)
+    assert ChatKey(16, 0.7, 3, "audio") != ChatKey(16, 0.7, 3) and SpeakKey(0.7, 3) != DrawKey(0.7, 0.7, 3)

@@ -288,7 +288,9 @@ async def parse_transcription(raw: bytes, content_type: str | None, served: str)
         await form.close()
     if fields.get("model") != served:
         model = fields.get("model")
-        raise APIError(404, f"model {model!r} is not served here (this server serves {served!r})", "model")
+        raise APIError(
+            404, f"model {model!r} is not served here (this server serves {served!r})", "model", "not_found_error"
+        )
     fmt = fields.get("response_format", "json")
     if fmt not in ("json", "text"):
         raise APIError(400, f"response_format: {fmt[:20]!r} is not one of json, text", "response_format")

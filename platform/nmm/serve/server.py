@@ -162,7 +162,7 @@ class Model:
         prompts = [j.payload.prompt for j in jobs]
         patches = (
             torch.from_numpy(loaded.vq.patches(np.stack([j.payload.pixels for j in jobs])))
-            if loaded.model.cfg.reads_pixels and all(j.payload.pixels is not None for j in jobs)
+            if loaded.model.cfg.reads_pixels and key.reads == "image"
             else None
         )
         outs = generate(
@@ -252,6 +252,7 @@ class ChatKey:
     max_tokens: int
     temperature: float
     seed: int | None
+    reads: str = "image"  # what the prompts read: "image" or "audio" (a model reading pixels batches one kind)
 
 
 @dataclass(frozen=True)
@@ -439,7 +440,8 @@ def create_app(
         t0 = time.perf_counter()
         try:
             req, payload = await prepared(request, openai_api.MAX_BODY_BYTES, openai_api.parse_chat, model.chat_job)
-            key = ChatKey(req.max_tokens, req.temperature, req.seed if req.temperature > 0 else None)
+            reads = "audio" if req.audio is not None else "image"
+            key = ChatKey(req.max_tokens, req.temperature, req.seed if req.temperature > 0 else None, reads)
             metrics.queue.set(batcher.depth + 1)
             if req.stream:
                 loop, tokens = asyncio.get_running_loop(), asyncio.Queue()
@@ -478,7 +480,7 @@ def create_app(
             raw = await read_body(request, openai_api.MAX_AUDIO_BYTES + (64 << 10), budget, body_timeout)
             req = await openai_api.parse_transcription(raw, request.headers.get("content-type"), name)
             payload = await asyncio.get_running_loop().run_in_executor(pool, model.listen_job, req.audio)
-            key = ChatKey(openai_api.CHAT_MAX_TOKENS, req.temperature, None)
+            key = ChatKey(openai_api.CHAT_MAX_TOKENS, req.temperature, None, "audio")
             metrics.queue.set(batcher.depth + 1)
             out, job = await batcher.submit(key, payload)
         except Exception as exc:
