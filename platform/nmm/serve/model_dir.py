@@ -19,8 +19,6 @@ from nmm.tokenizers import ImageTokenizer, SharedVocab, TextTokenizer
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-TEXT_TOKENIZER = modalities.modality("text").tokenizer_file
-IMAGE_TOKENIZER = modalities.modality("image").tokenizer_file
 TASKS = ("caption", "answer", "draw", "transcribe", "speak")  # what config.json's "serves" may say
 MAX_SPEECH_CODES = 256  # a spoken answer's codes at most (the model's context bounds it further)
 
