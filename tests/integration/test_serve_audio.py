@@ -174,6 +174,10 @@ def test_a_model_without_audio_says_so(tmp_path):
             client.audio.transcriptions.create(model="nmm", file=("x.wav", to_wav(np.full(800, 0.2, np.float32), 8000)))
         with pytest.raises(openai.BadRequestError, match="this model has no speech"):
             client.audio.speech.create(model="nmm", voice="alloy", input="one", response_format="wav")
+        with pytest.raises(openai.BadRequestError, match="model: this model has no speech"):
+            client.chat.completions.create(
+                model="nmm", modalities=["text", "audio"], messages=[{"role": "user", "content": "one"}]
+            )
         data = base64.b64encode(b"RIFF").decode()
         with pytest.raises(openai.BadRequestError, match="input_audio: this model has no speech"):
             client.chat.completions.create(
@@ -212,3 +216,38 @@ def test_the_pyfunc_takes_audio_rows_beside_the_others_and_answers_as_the_server
     assert base64.b64decode(out[1]["audio"]) == spoken
     assert out[2] == {"error": "expected a recording as base64 (or a data: URL)"}
     assert out[3] == out[4] == {"error": "this model has no images (its vocabulary holds none)"}
+
+
+def test_a_chat_asking_for_a_spoken_answer_gets_the_model_s_speech_and_what_it_hears_in_it(served):
+    h, _, client, _ = served
+    reply = client.chat.completions.create(
+        model="nmm",
+        modalities=["text", "audio"],
+        audio={"voice": "alloy", "format": "wav"},
+        messages=[{"role": "user", "content": "seven"}],
+    )
+    msg, choice = reply.choices[0].message, reply.choices[0]
+    spoken = base64.b64decode(msg.audio.data)
+    assert spoken == client.audio.speech.create(model="nmm", voice="alloy", input="seven", response_format="wav").read()
+    assert msg.audio.transcript == client.audio.transcriptions.create(model="nmm", file=("7.wav", spoken)).text
+    assert msg.content is None and choice.finish_reason == "stop" and reply.usage.completion_tokens > 0
+    with pytest.raises(openai.BadRequestError, match="stream"):
+        client.chat.completions.create(
+            model="nmm", modalities=["text", "audio"], stream=True, messages=[{"role": "user", "content": "one"}]
+        )
+    with pytest.raises(openai.BadRequestError, match="send one text part alone"):
+        data = base64.b64encode(wav(h, 0)).decode()
+        client.chat.completions.create(
+            model="nmm",
+            modalities=["text", "audio"],
+            messages=[
+                {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": data, "format": "wav"}}]}
+            ],
+        )
+    with pytest.raises(openai.BadRequestError, match="audio.format"):
+        client.chat.completions.create(
+            model="nmm",
+            modalities=["text", "audio"],
+            audio={"voice": "alloy", "format": "mp3"},
+            messages=[{"role": "user", "content": "one"}],
+        )

@@ -104,6 +104,13 @@ class Message(_Open):
     ] = None
 
 
+class SpokenAnswer(_Open):
+    """`audio` of a chat request asking for a spoken answer (`modalities: ["text", "audio"]`)."""
+
+    format: Literal["wav", "flac"] = "wav"
+    voice: Annotated[str, Field(max_length=64)] | dict | None = None  # accepted, not read: the model has one voice
+
+
 class ChatBody(_Open):
     model: Annotated[str, Field(max_length=256)]
     messages: Annotated[list[dict], _at_most(MAX_MESSAGES), Field(min_length=1)]
@@ -113,6 +120,8 @@ class ChatBody(_Open):
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1)
+    modalities: list[Literal["text", "audio"]] | None = Field(default=None, max_length=2)
+    audio: SpokenAnswer | None = None
 
 
 class ImageBody(_Open):
@@ -145,6 +154,7 @@ class Chat:
     seed: int | None
     stream: bool
     audio: bytes | None = None  # an input_audio part's recording, not yet decoded
+    speech_format: str | None = None  # a spoken answer's soundfile format (`modalities` has "audio"); None: text
 
 
 @dataclass(frozen=True)
@@ -223,6 +233,8 @@ def parse_chat(raw: bytes, served: str) -> Chat:
     images = [p.image_url.url for p in parts or [] if p.type == "image_url" and p.image_url is not None]
     recordings = [p.input_audio.data for p in parts or [] if p.type == "input_audio" and p.input_audio is not None]
     texts = [p.text for p in parts or [] if p.type == "text" and p.text]
+    if req.modalities and "audio" in req.modalities:
+        return _spoken(req, images + recordings, " ".join(texts).strip())
     if len(images) + len(recordings) != 1:
         raise APIError(
             400,
@@ -242,6 +254,19 @@ def parse_chat(raw: bytes, served: str) -> Chat:
         return Chat(None, "", None, max_tokens, temperature, req.seed, req.stream, audio=recording)
     image, fmt = image_url_bytes(images[0])
     return Chat(image, fmt, question, max_tokens, temperature, req.seed, req.stream)
+
+
+def _spoken(req: ChatBody, media: list, text: str) -> Chat:
+    """A chat asking for a spoken answer: the model says the user's text (what it was trained to
+    do when asked to speak); images and recordings are refused, and so is streaming."""
+    if req.stream:
+        raise APIError(400, "stream: a spoken answer is sent whole; leave stream out", "stream")
+    if media or not text:
+        raise APIError(400, "messages: a spoken answer says the user's text: send one text part alone", "messages")
+    fmt = SPEECH_FORMATS[req.audio.format if req.audio else "wav"]
+    max_tokens = req.max_completion_tokens or req.max_tokens or CHAT_MAX_TOKENS
+    temperature = greedy_below_floor(req.temperature)
+    return Chat(None, "", text, max_tokens, temperature, req.seed, False, speech_format=fmt)
 
 
 def _base64(data: str, param: str, limit: int) -> bytes:

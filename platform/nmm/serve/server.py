@@ -112,7 +112,9 @@ class Model:
     def __init__(self, loaded: LoadedModel, metrics: Metrics):
         self.loaded, self.metrics = loaded, metrics
 
-    def chat_job(self, req: openai_api.Chat) -> ChatJob:
+    def chat_job(self, req: openai_api.Chat) -> ChatJob | SpeakJob:
+        if req.speech_format is not None:
+            return self.speak_job(req.question, req.speech_format)
         if req.audio is not None:
             return self.listen_job(req.audio, "input_audio")
         vq = self._needs(self.loaded.vq, "image_url", "images")
@@ -134,10 +136,11 @@ class Model:
         self._needs(self.loaded.vq, "prompt", "images")
         return DrawJob(self._laid_out(lambda: self.loaded.draw_prompt(req.prompt)), req.n)
 
-    def speak_job(self, req: openai_api.SpeechBody) -> SpeakJob:
+    def speak_job(self, text: str, fmt: str) -> SpeakJob:
+        """Text → the prompt asking the model to say it, and the recording's format (soundfile's)."""
         self._needs(self.loaded.audio, "model", "speech")
-        prompt, room = self._laid_out(lambda: self.loaded.say_prompt(req.input))
-        return SpeakJob(prompt, room, openai_api.SPEECH_FORMATS[req.response_format])
+        prompt, room = self._laid_out(lambda: self.loaded.say_prompt(text))
+        return SpeakJob(prompt, room, fmt)
 
     @staticmethod
     def _needs(tokenizer, param: str, what: str):
@@ -216,22 +219,32 @@ class Model:
             at += j.payload.n
         return out
 
-    def speech(self, jobs) -> list[bytes | Exception]:
+    def speech(self, jobs) -> list[dict | Exception]:
         """Each job's speech: codes until the model writes <eoa> (or its room is spent), decoded by
-        the audio tokenizer (Griffin-Lim) into a recording."""
+        the audio tokenizer (Griffin-Lim) into a recording (`recording`: its bytes)."""
         loaded = self.loaded
         key: SpeakKey = jobs[0].key
+        room = min(j.payload.room for j in jobs)
         codes = speak(
             loaded.model,
             [j.payload.prompt for j in jobs],
             loaded.vocab,
-            max_codes=min(j.payload.room for j in jobs),
+            max_codes=room,
             temperature=key.temperature,
             generator=_generator(key.seed),
         )
         self.metrics.tokens.labels("audio").inc(sum(len(c) for c in codes))
         tok = loaded.audio
-        return [_answer(lambda c=c, j=j: to_wav(tok.decode(c), tok.rate, j.payload.fmt)) for c, j in zip(codes, jobs)]
+
+        def spoken(c, j) -> dict:
+            return {
+                "recording": to_wav(tok.decode(c), tok.rate, j.payload.fmt),
+                "prompt_tokens": len(j.payload.prompt),
+                "completion_tokens": len(c),
+                "finish_reason": "length" if len(c) >= room else "stop",
+            }
+
+        return [_answer(lambda c=c, j=j: spoken(c, j)) for c, j in zip(codes, jobs)]
 
     def run(self, jobs) -> list:
         key = jobs[0].key
@@ -315,8 +328,18 @@ def _png(pixels: np.ndarray) -> str:
 
 
 def _completion(name: str, out: dict) -> dict:
-    """The answer as the `openai` package's own `ChatCompletion` (validated as its clients read it)."""
-    message = chat.chat_completion_message.ChatCompletionMessage(role="assistant", content=out["text"])
+    """The answer as the `openai` package's own `ChatCompletion` (validated as its clients read it):
+    text in `content`, or a spoken answer in `audio` (base64, with the model's own transcript)."""
+    if "recording" in out:
+        audio = chat.ChatCompletionAudio(
+            id=f"audio_{uuid.uuid4().hex}",
+            data=base64.b64encode(out["recording"]).decode(),
+            expires_at=int(time.time()),  # nothing is kept for a later turn: the model answers one turn
+            transcript=out["transcript"],
+        )
+        message = chat.chat_completion_message.ChatCompletionMessage(role="assistant", content=None, audio=audio)
+    else:
+        message = chat.chat_completion_message.ChatCompletionMessage(role="assistant", content=out["text"])
     usage = CompletionUsage(
         prompt_tokens=out["prompt_tokens"],
         completion_tokens=out["completion_tokens"],
@@ -442,6 +465,8 @@ def create_app(
             req, payload = await prepared(request, openai_api.MAX_BODY_BYTES, openai_api.parse_chat, model.chat_job)
             reads = "audio" if req.audio is not None else "image"
             key = ChatKey(req.max_tokens, req.temperature, req.seed if req.temperature > 0 else None, reads)
+            if req.speech_format is not None:
+                key = SpeakKey(req.temperature, req.seed)
             metrics.queue.set(batcher.depth + 1)
             if req.stream:
                 loop, tokens = asyncio.get_running_loop(), asyncio.Queue()
@@ -458,7 +483,21 @@ def create_app(
                 media_type="text/event-stream",
             )
         first_token(t0, job)
+        if req.speech_format is not None:
+            out["transcript"] = await heard(out["recording"])
         return _completion(name, out)
+
+    async def heard(recording: bytes) -> str:
+        """What the model hears in its own speech (the transcript of a spoken answer); "" when it
+        does not transcribe, or its speech is not a usable recording (too short, silent)."""
+        if not loaded.serves["transcribe"]:
+            return ""
+        try:
+            payload = await asyncio.get_running_loop().run_in_executor(pool, model.listen_job, recording)
+            out, _ = await batcher.submit(ChatKey(openai_api.CHAT_MAX_TOKENS, 0.0, None, "audio"), payload)
+        except openai_api.APIError:
+            return ""
+        return out["text"]
 
     @app.post("/v1/images/generations")
     async def images(request: Request):
@@ -495,14 +534,17 @@ def create_app(
         t0 = time.perf_counter()
         try:
             req, payload = await prepared(
-                request, openai_api.SPEECH_BODY_BYTES, openai_api.parse_speech, model.speak_job
+                request,
+                openai_api.SPEECH_BODY_BYTES,
+                openai_api.parse_speech,
+                lambda r: model.speak_job(r.input, openai_api.SPEECH_FORMATS[r.response_format]),
             )
             metrics.queue.set(batcher.depth + 1)
-            recording, job = await batcher.submit(SpeakKey(req.temperature, req.seed), payload)
+            out, job = await batcher.submit(SpeakKey(req.temperature, req.seed), payload)
         except Exception as exc:
             return _error(exc)
         first_token(t0, job)
-        return Response(recording, media_type=f"audio/{req.response_format}")
+        return Response(out["recording"], media_type=f"audio/{req.response_format}")
 
     @app.get("/v1/models")
     async def models():
