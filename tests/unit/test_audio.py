@@ -11,6 +11,7 @@ import struct
 import numpy as np
 import pytest
 import soundfile as sf
+from PIL import Image
 
 from nmm import modalities
 from nmm.data import audio
@@ -209,3 +210,44 @@ def test_a_recording_shorter_than_a_frame_still_encodes(fitted):
     vq = fitted[0]
     codes = vq.encode(np.full(100, 0.1, np.float32))
     assert len(codes) == vq.frames_for(100 / 8000) == 1 + 512 // 128
+
+
+def test_the_listening_page_holds_each_clip_its_spectrogram_and_its_escaped_caption():
+    import base64
+    import html.parser
+
+    from nmm.evaluate.listening import MAX_SECONDS, Clip, page
+
+    rate = 8000
+    t = np.arange(rate, dtype=np.float32) / rate
+    tone = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    long = np.tile(tone, 10)  # ten seconds: cut to MAX_SECONDS on the page
+    doc = page(
+        "Spoken digits <b>",
+        {"7": [Clip(tone, "real: the judge hears 7"), Clip(long, "generated: <script>alert(1)</script>")]},
+        rate,
+    )
+
+    class Tags(html.parser.HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.found, self.text = [], []
+
+        def handle_starttag(self, tag, attrs):
+            self.found.append((tag, dict(attrs)))
+
+        def handle_data(self, data):
+            self.text.append(data)
+
+    tags = Tags()
+    tags.feed(doc)
+    audio = [a["src"] for tag, a in tags.found if tag == "audio"]
+    images = [a["src"] for tag, a in tags.found if tag == "img"]
+    assert len(audio) == len(images) == 2 and "script" not in [tag for tag, _ in tags.found]
+    assert "generated: <script>alert(1)</script>" in tags.text and "Spoken digits <b>" in tags.text
+    first, _ = sf.read(io.BytesIO(base64.b64decode(audio[0].split(",", 1)[1])), dtype="float32")
+    assert np.abs(first - tone).max() < 1e-4  # 16-bit PCM of the same samples
+    second, _ = sf.read(io.BytesIO(base64.b64decode(audio[1].split(",", 1)[1])), dtype="float32")
+    assert len(second) == int(MAX_SECONDS * rate)
+    png = Image.open(io.BytesIO(base64.b64decode(images[0].split(",", 1)[1])))
+    assert png.mode == "L" and png.size == (2 * (1 + rate // 128), 80)  # frames × 2, 40 mel bands × 2
