@@ -475,6 +475,8 @@ def create_app(
                 )
             else:
                 out, job = await batcher.submit(key, payload)
+                if req.speech_format is not None:  # (a full queue here is this request's 429)
+                    out["transcript"] = await heard(out["recording"])
         except Exception as exc:
             return _error(exc)
         if req.stream:
@@ -483,8 +485,6 @@ def create_app(
                 media_type="text/event-stream",
             )
         first_token(t0, job)
-        if req.speech_format is not None:
-            out["transcript"] = await heard(out["recording"])
         return _completion(name, out)
 
     async def heard(recording: bytes) -> str:
