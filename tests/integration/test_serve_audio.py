@@ -142,6 +142,14 @@ def test_hostile_recordings_get_a_400_naming_the_problem_and_every_response_is_c
     assert err.value.status_code == 413
     with pytest.raises(openai.NotFoundError):
         client.audio.transcriptions.create(model="whisper-1", file=("x.wav", good))
+    with pytest.raises(openai.BadRequestError, match="model: the form needs the model's name"):
+        client.post(  # the form `transcriptions.create` sends, without its model field
+            "/audio/transcriptions",
+            body={},
+            files=[("file", ("x.wav", good))],
+            options={"headers": {"Content-Type": "multipart/form-data"}},
+            cast_to=object,
+        )
     with pytest.raises(openai.BadRequestError, match="response_format"):
         client.audio.speech.create(model="nmm", voice="alloy", input="one", response_format="mp3")
     with pytest.raises(openai.BadRequestError, match="file"):  # a form without the recording
@@ -156,7 +164,7 @@ def test_hostile_recordings_get_a_400_naming_the_problem_and_every_response_is_c
     after = counts(server.url)
     grew = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
     assert grew == {
-        ("/v1/audio/transcriptions", "400"): len(cases) + 1,
+        ("/v1/audio/transcriptions", "400"): len(cases) + 2,
         ("/v1/audio/transcriptions", "404"): 1,
         ("/v1/audio/transcriptions", "413"): 1,
         ("/v1/chat/completions", "400"): 1,

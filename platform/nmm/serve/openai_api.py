@@ -311,8 +311,10 @@ async def parse_transcription(raw: bytes, content_type: str | None, served: str)
         fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
     finally:
         await form.close()
-    if fields.get("model") != served:
-        model = fields.get("model")
+    if not fields.get("model"):
+        raise APIError(400, "model: the form needs the model's name", "model")
+    if fields["model"] != served:
+        model = fields["model"]
         raise APIError(
             404, f"model {model!r} is not served here (this server serves {served!r})", "model", "not_found_error"
         )
