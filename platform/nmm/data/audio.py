@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
 REASONS = ("decode_error", "too_long", "too_short", "silence", "clipping")
 
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nmm.data.sources import DIGITS_SIDE
+from nmm.modalities import modality
 from nmm.plugins import entry
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+IMAGE_SUFFIXES = modality("image").suffixes  # the image files a folder source reads
 
 
 @dataclass(frozen=True)

@@ -204,12 +204,7 @@ def image_url_bytes(url: str) -> tuple[bytes, str]:
         raise APIError(400, "image_url: expected data:image/<png|jpeg|webp|gif>;base64,<data>", "image_url")
     if m[1] not in FORMATS:
         raise APIError(400, f"image_url: image/{m[1][:16]} is not accepted (png, jpeg, webp, gif)", "image_url")
-    if len(m[2]) > MAX_IMAGE_BYTES * 4 // 3 + 4:
-        raise APIError(413, f"image_url: the image is over {MAX_IMAGE_BYTES} bytes", "image_url")
-    try:
-        return base64.b64decode(m[2], validate=True), FORMATS[m[1]]
-    except (binascii.Error, ValueError):
-        raise APIError(400, "image_url: the data is not valid base64", "image_url") from None
+    return _base64(m[2], "image_url", MAX_IMAGE_BYTES, "the image"), FORMATS[m[1]]
 
 
 def parse_chat(raw: bytes, served: str) -> Chat:
@@ -269,9 +264,11 @@ def _spoken(req: ChatBody, media: list, text: str) -> Chat:
     return Chat(None, "", text, max_tokens, temperature, req.seed, False, speech_format=fmt)
 
 
-def _base64(data: str, param: str, limit: int) -> bytes:
+def _base64(data: str, param: str, limit: int, what: str = "the data") -> bytes:
+    """The decoded bytes of `param`'s base64: a 413 when they would be over `limit` (judged from
+    the text's length, before decoding), a 400 when it is not base64."""
     if len(data) > limit * 4 // 3 + 4:
-        raise APIError(413, f"{param}: the data is over {limit} bytes", param)
+        raise APIError(413, f"{param}: {what} is over {limit} bytes", param)
     try:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
